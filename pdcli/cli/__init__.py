@@ -1,0 +1,29 @@
+"""The `pdcli` Typer app: one module per subcommand, heavy imports inside the commands."""
+from __future__ import annotations
+
+import typer
+
+from pdcli import __version__
+from pdcli.cli import generate
+
+app = typer.Typer(name="pdcli", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="LLM serving with prefill/decode disaggregation.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"pdcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the version and exit.")) -> None:
+    pass
+
+
+app.command("generate")(generate.generate)
+
+
+def run() -> None:
+    app()

@@ -1,0 +1,181 @@
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from pdcli.config import EngineConfig
+from pdcli.engine.block_manager import BlockManager
+from pdcli.engine.detokenizer import detokenize_step, find_stop
+from pdcli.engine.model_runner import ModelRunner
+from pdcli.engine.scheduler import Scheduler
+from pdcli.engine.sequence import Sequence
+from pdcli.models.arch import ModelArch
+from pdcli.models.loader import build_model, resolve
+from pdcli.outputs import CompletionOutput, RequestOutput, StepDelta
+from pdcli.sampling_params import SamplingParams
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device, arch: ModelArch) -> torch.dtype:
+    if dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.float16 if arch.torch_dtype in ("float16", "fp16") else torch.bfloat16
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, bfloat16, float16 or float32")
+    return DTYPES[dtype]
+
+
+class PromptError(ValueError):
+    pass
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence] = field(default_factory=list)
+    finished_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+    def output(self) -> RequestOutput:
+        seqs = sorted(self.seqs, key=lambda s: s.index)
+        first = [s.first_token_time for s in seqs if s.first_token_time is not None]
+        return RequestOutput(
+            request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
+            outputs=[CompletionOutput(s.index, s.text, s.output_token_ids, s.finish_reason) for s in seqs],
+            finished=self.finished, num_cached_tokens=seqs[0].num_cached_tokens,
+            metrics={"arrival_time": seqs[0].arrival_time, "first_token_time": min(first) if first else None,
+                     "finished_time": self.finished_time})
+
+
+class LLMEngine:
+    """schedule -> execute -> update, one step at a time."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = resolve_device(config.device)
+        source = resolve(config.model)
+        arch = ModelArch.from_hf_config(source.hf_config)
+        self.arch = arch
+        self.dtype = resolve_dtype(config.dtype, self.device, arch)
+        self.tokenizer = source.tokenizer
+        max_len = config.scheduler.max_model_len or arch.max_position_embeddings
+        torch.manual_seed(config.seed)
+        model = build_model(source, self.device, self.dtype, max_len, config.seed)
+        self.runner = ModelRunner(model, config.cache, config.scheduler, max_len)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
+                                          config.cache.enable_prefix_caching)
+        self.cache_capacity = self.runner.num_blocks * config.cache.block_size  # tokens
+        self.max_model_len = min(max_len, self.cache_capacity)
+        eos = set(arch.eos_token_ids) | set(getattr(self.tokenizer, "eos_token_ids", ()))
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len, eos)
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self._rng = random.Random(config.seed)
+
+    # ---- requests ----
+    def encode(self, prompt: str | list[int], chat: bool = False) -> list[int]:
+        if isinstance(prompt, str):
+            if chat:
+                return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, chat: bool = False) -> str:
+        params = params or SamplingParams()
+        ids = self.encode(prompt, chat)
+        self.validate_prompt(ids)
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.requests:
+            raise PromptError(f"request id {request_id!r} is already in use")
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        seq = Sequence(request_id, ids, params, seed)
+        self.requests[request_id] = Request(request_id, prompt if isinstance(prompt, str) else None, ids, params, [seq])
+        self.scheduler.add(seq)
+        return request_id
+
+    def validate_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise PromptError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            where = ("the KV cache" if self.max_model_len == self.cache_capacity else "max_model_len")
+            raise PromptError(f"the prompt has {len(ids)} tokens; {where} allows at most {self.max_model_len - 1}")
+        bad = next((t for t in ids if not 0 <= t < self.arch.vocab_size), None)
+        if bad is not None:
+            raise PromptError(f"token id {bad} is outside the vocabulary (size {self.arch.vocab_size})")
+
+    def abort_request(self, request_id: str) -> None:
+        self.scheduler.abort(request_id)
+        req = self.requests.pop(request_id, None)
+        if req is not None and req.finished_time is None:
+            req.finished_time = time.perf_counter()
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the loop ----
+    def step(self) -> list[StepDelta]:
+        out = self.scheduler.schedule()
+        if not out.seqs:
+            return []
+        sampled = self.runner.execute(out)
+        touched = self.scheduler.update(out, sampled)
+        now = time.perf_counter()
+        deltas = []
+        for seq in touched:
+            req = self.requests[seq.request_id]
+            if seq not in req.seqs:
+                req.seqs.append(seq)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            delta = self._detokenize(seq)
+            deltas.append(StepDelta(seq.request_id, seq.index, [seq.token_ids[-1]], delta, seq.is_finished,
+                                    seq.finish_reason))
+        for d in deltas:
+            req = self.requests.get(d.request_id)
+            if req is not None and req.finished and req.finished_time is None:
+                req.finished_time = now
+        return deltas
+
+    def _detokenize(self, seq: Sequence) -> str:
+        delta = detokenize_step(self.tokenizer, seq)
+        if seq.finish_reason == "stop" and seq.token_ids[-1] in self.scheduler.eos_token_ids | set(seq.params.stop_token_ids):
+            delta = ""  # the stop token itself is not shown
+        seq.text += delta
+        stops = seq.params.stop
+        if stops and delta:
+            i = find_stop(seq.text, delta, stops)
+            if i >= 0:
+                end = i + len(next(s for s in stops if seq.text.startswith(s, i))) if seq.params.include_stop_str_in_output else i
+                delta = delta[:max(0, len(delta) - (len(seq.text) - end))]
+                seq.text = seq.text[:end]
+                self.scheduler.finish(seq, "stop")
+        return delta
+
+    def pop_finished(self, request_id: str) -> RequestOutput:
+        return self.requests.pop(request_id).output()
+
+    def num_free_blocks(self) -> int:
+        return self.block_manager.num_free_blocks

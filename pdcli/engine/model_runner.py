@@ -1,0 +1,166 @@
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pdcli.config import CacheConfig, SchedulerConfig
+from pdcli.engine.sampler import Sampler, SamplingTensors, sample_key
+from pdcli.engine.scheduler import SchedulerOutput
+from pdcli.engine.sequence import Sequence
+from pdcli.models.context import Context, set_context
+from pdcli.models.decoder import CausalLM
+
+
+class ModelRunner:
+    """Owns the model and its KV pool; turns a scheduled batch into one flat forward pass."""
+
+    def __init__(self, model: CausalLM, cache: CacheConfig, sched: SchedulerConfig, max_model_len: int):
+        self.model = model
+        self.arch = model.arch
+        self.block_size = cache.block_size
+        self.max_model_len = max_model_len
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.sampler = Sampler(self.arch.vocab_size, self.device)
+        self.num_blocks = self._num_kv_blocks(cache, sched)
+        a = self.arch
+        # [layers, k|v, num_blocks, block_size, kv_heads, head_dim]; zeroed so masked slots hold no NaN
+        self.kv_cache = torch.zeros(a.num_hidden_layers, 2, self.num_blocks, self.block_size, a.num_key_value_heads,
+                                    a.head_dim, dtype=self.dtype, device=self.device)
+        for i, attn in enumerate(model.kv_layers()):
+            attn.k_cache, attn.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
+
+    @property
+    def block_bytes(self) -> int:
+        return self.arch.kv_bytes_per_token * self.block_size * self.dtype.itemsize
+
+    def _num_kv_blocks(self, cache: CacheConfig, sched: SchedulerConfig) -> int:
+        if cache.num_kv_blocks is not None:
+            return cache.num_kv_blocks
+        if self.device.type != "cuda":
+            return max(1, int(cache.cpu_kv_cache_gib * 2**30) // self.block_bytes)
+        peak = self._profile_peak_memory(sched)
+        total = torch.cuda.mem_get_info(self.device)[1]
+        num = int(total * cache.gpu_memory_utilization - peak) // self.block_bytes
+        if num < 1:
+            raise RuntimeError(f"no GPU memory left for the KV cache: weights and activations take "
+                               f"{peak / 2**30:.1f} GiB of {total / 2**30:.1f} GiB; raise gpu_memory_utilization")
+        return num
+
+    @torch.inference_mode()
+    def _profile_peak_memory(self, sched: SchedulerConfig) -> int:
+        """Peak bytes of weights + activations for a full prefill step (with a throwaway cache)."""
+        num_tokens = sched.max_num_batched_tokens
+        seq_len = min(num_tokens, self.max_model_len)
+        lens = [seq_len] * (num_tokens // seq_len) + ([num_tokens % seq_len] if num_tokens % seq_len else [])
+        num_blocks = sum(-(-n // self.block_size) for n in lens)
+        a = self.arch
+        tmp = torch.zeros(a.num_hidden_layers, 2, num_blocks, self.block_size, a.num_key_value_heads, a.head_dim,
+                          dtype=self.dtype, device=self.device)
+        for i, attn in enumerate(self.model.kv_layers()):
+            attn.k_cache, attn.v_cache = tmp[i, 0], tmp[i, 1]
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        seqs, first = [], 0
+        for n in lens:
+            nb = -(-n // self.block_size)
+            seqs.append((list(range(first, first + nb)), n))
+            first += nb
+        input_ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
+        set_context(self._context([bt for bt, _ in seqs], [0] * len(lens), lens, [sum(lens) - 1]))
+        try:
+            self.model.compute_logits(self.model(input_ids, positions)[-1:])
+        finally:
+            set_context(None)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - tmp.numel() * tmp.element_size()
+        del tmp
+        torch.cuda.empty_cache()
+        return peak
+
+    def _context(self, block_tables: list[list[int]], starts: list[int], lens: list[int],
+                 logits_indices: list[int]) -> Context:
+        bs = self.block_size
+        slots = []
+        for bt, start, n in zip(block_tables, starts, lens):
+            pos = np.arange(start, start + n)
+            slots.append(np.asarray(bt, dtype=np.int64)[pos // bs] * bs + pos % bs)
+        width = max(len(bt) for bt in block_tables)
+        tables = np.zeros((len(block_tables), width), dtype=np.int32)
+        for i, bt in enumerate(block_tables):
+            tables[i, :len(bt)] = bt
+        ctx_lens = [s + n for s, n in zip(starts, lens)]
+        dev = self.device
+        return Context(
+            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev, non_blocking=True),
+            block_tables=torch.from_numpy(tables).to(dev, non_blocking=True),
+            context_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=dev),
+            query_start_loc=torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32, device=dev),
+            max_query_len=max(lens),
+            max_context_len=max(ctx_lens),
+            logits_indices=torch.tensor(logits_indices, dtype=torch.long, device=dev),
+        )
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if copies:
+            src, dst = (torch.tensor(x, device=self.device) for x in zip(*copies))
+            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> list[list[int]]:
+        """Run one step; returns the sampled tokens per scheduled seq (empty mid-prefill)."""
+        self.copy_blocks(out.block_copies)
+        input_ids, positions, logits_indices, rows, starts = [], [], [], [], []
+        offset = 0
+        for seq, n in zip(out.seqs, out.num_new_tokens):
+            start = seq.num_computed_tokens
+            starts.append(start)
+            input_ids.extend(seq.token_ids[start:start + n])
+            positions.append(np.arange(start, start + n))
+            offset += n
+            if start + n == len(seq):
+                logits_indices.append(offset - 1)
+                rows.append(seq)
+        ctx = self._context([s.block_table for s in out.seqs], starts, out.num_new_tokens, logits_indices)
+        set_context(ctx)
+        try:
+            hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=self.device),
+                                torch.from_numpy(np.concatenate(positions)).to(self.device, non_blocking=True))
+            if not rows:
+                return [[] for _ in out.seqs]
+            logits = self.model.compute_logits(hidden[ctx.logits_indices])
+        finally:
+            set_context(None)
+        counts = [s.num_samples for s in rows]
+        if any(c > 1 for c in counts):
+            logits = logits.repeat_interleave(torch.tensor(counts, device=self.device), dim=0)
+        tokens = self.sampler(logits, self._sampling_tensors(rows, counts)).tolist()
+        result, it = {}, iter(tokens)
+        for seq, c in zip(rows, counts):
+            result[seq.seq_id] = [next(it) for _ in range(c)]
+        return [result.get(s.seq_id, []) for s in out.seqs]
+
+    def _sampling_tensors(self, rows: list[Sequence], counts: list[int]) -> SamplingTensors:
+        temps, top_k, top_p, min_p, keys = [], [], [], [], []
+        vocab = self.arch.vocab_size
+        for seq, c in zip(rows, counts):
+            p = seq.params
+            for k in range(c):
+                temps.append(p.temperature)
+                top_k.append(vocab if p.top_k < 0 else min(p.top_k, vocab))
+                top_p.append(p.top_p)
+                min_p.append(p.min_p)
+                keys.append(sample_key(seq.seed, seq.index if c == 1 else k, len(seq)))
+        dev = self.device
+        return SamplingTensors(
+            temperatures=torch.tensor(temps, dtype=torch.float32, device=dev),
+            top_k=torch.tensor(top_k, dtype=torch.int64, device=dev),
+            top_p=torch.tensor(top_p, dtype=torch.float32, device=dev),
+            min_p=torch.tensor(min_p, dtype=torch.float32, device=dev),
+            keys=torch.tensor(keys, dtype=torch.int64, device=dev),
+            all_greedy=all(t == 0 for t in temps),
+            any_top_k=any(k < vocab for k in top_k),
+            any_top_p=any(p < 1 for p in top_p),
+            any_min_p=any(p > 0 for p in min_p),
+        )

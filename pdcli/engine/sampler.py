@@ -1,0 +1,72 @@
+"""Batched sampling on the device with counter-based noise.
+
+Each sampled token draws its randomness from a hash of (request seed, completion index, position,
+vocab id), so a seeded request gets the same tokens whatever else is in the batch, on CPU or GPU,
+and no per-request generator or host sync is needed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_M32 = 0xFFFFFFFF
+
+
+def mix32(x):
+    """lowbias32 integer hash; works on Python ints and int64 tensors holding values < 2**32."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def sample_key(seed: int, index: int, position: int) -> int:
+    return mix32(mix32(mix32(mix32(seed & _M32) ^ ((seed >> 32) & _M32)) ^ (index & _M32)) ^ (position & _M32))
+
+
+@dataclass
+class SamplingTensors:
+    temperatures: torch.Tensor  # [N] fp32, 0 = greedy
+    top_k: torch.Tensor  # [N] int64, vocab size = off
+    top_p: torch.Tensor  # [N] fp32
+    min_p: torch.Tensor  # [N] fp32
+    keys: torch.Tensor  # [N] int64 < 2**32, from sample_key
+    all_greedy: bool
+    any_top_k: bool
+    any_top_p: bool
+    any_min_p: bool
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, device: torch.device):
+        self.vocab_hash = mix32(torch.arange(vocab_size, dtype=torch.int64, device=device) + 0x9E3779B9)
+
+    def __call__(self, logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+        # logits [N, V] -> token ids [N] int64
+        logits = logits.float()
+        greedy = logits.argmax(dim=-1)
+        if t.all_greedy:
+            return greedy
+        logits = logits / t.temperatures.clamp_min(1e-5)[:, None]
+        if t.any_top_k or t.any_top_p:
+            logits = self._top_k_top_p(logits, t)
+        if t.any_min_p:
+            probs = logits.softmax(dim=-1)
+            logits = logits.masked_fill(probs < t.min_p[:, None] * probs.amax(dim=-1, keepdim=True), float("-inf"))
+        h = mix32(t.keys[:, None] ^ self.vocab_hash[None, : logits.shape[1]])
+        u = (h.float() + 0.5) * (1.0 / 4294967296.0)  # uniform in (0, 1)
+        sampled = (logits - torch.log(-torch.log(u))).argmax(dim=-1)  # Gumbel-max
+        return torch.where(t.temperatures == 0, greedy, sampled)
+
+    @staticmethod
+    def _top_k_top_p(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        ranks = torch.arange(logits.shape[1], device=logits.device)[None]
+        drop = ranks >= t.top_k[:, None]
+        if t.any_top_p:
+            probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+            drop |= (probs.cumsum(dim=-1) - probs) > t.top_p[:, None]
+        drop[:, 0] = False
+        return logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))

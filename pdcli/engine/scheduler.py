@@ -1,0 +1,137 @@
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from pdcli.config import SchedulerConfig
+from pdcli.engine.block_manager import BlockManager
+from pdcli.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerOutput:
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)  # per seq: prefill chunk length or 1
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) copy-on-write
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(n == 1 for n in self.num_new_tokens)
+
+
+class Scheduler:
+    """Continuous batching with chunked prefill: each step takes every running sequence's next
+    tokens (a decode token or a prefill chunk), then admits waiting sequences FCFS, all under
+    `max_num_batched_tokens`. When blocks run out, the latest-admitted running sequence is
+    preempted: its blocks are freed and it is recomputed later (same tokens, same output)."""
+
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, max_model_len: int, eos_token_ids: set[int]):
+        self.config = config
+        self.block_manager = block_manager
+        self.max_model_len = max_model_len
+        self.eos_token_ids = eos_token_ids
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        bm = self.block_manager
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed_tokens, budget)
+            while not bm.allocate(seq, n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                out.seqs.append(seq)
+                out.num_new_tokens.append(n)
+                budget -= n
+                i += 1
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            cached = bm.match_prefix(seq)
+            n = min(len(seq) - len(cached) * bm.block_size, budget)
+            if not bm.allocate(seq, n, cached):
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.seqs.append(seq)
+            out.num_new_tokens.append(n)
+            budget -= n
+        out.block_copies, bm.pending_copies = bm.pending_copies, []
+        return out
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free_seq(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def update(self, out: SchedulerOutput, sampled: list[list[int]]) -> list[Sequence]:
+        """Account the computed tokens and append sampled ones (one list per seq, empty while a
+        prompt is still being prefilled). Returns the sequences that got new tokens, forks included."""
+        touched = []
+        for seq, n, tokens in zip(out.seqs, out.num_new_tokens, sampled):
+            if seq.is_finished:
+                continue
+            seq.num_computed_tokens += n
+            self.block_manager.cache_full_blocks(seq)
+            if not tokens:
+                continue
+            children = [self._fork(seq, k) for k in range(1, len(tokens))]
+            for s, t in zip([seq, *children], tokens):
+                s.append_token(t)
+                self._check_stop(s)
+                touched.append(s)
+        return touched
+
+    def _fork(self, parent: Sequence, index: int) -> Sequence:
+        child = parent.fork(index)
+        self.block_manager.fork(parent, child)
+        self.running.insert(self.running.index(parent) + 1, child)
+        return child
+
+    def _check_stop(self, seq: Sequence) -> None:
+        p, token = seq.params, seq.token_ids[-1]
+        if not p.ignore_eos and token in self.eos_token_ids:
+            self.finish(seq, "stop")
+        elif token in p.stop_token_ids:
+            self.finish(seq, "stop")
+        elif p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
+            self.finish(seq, "length")
+        elif len(seq) >= self.max_model_len:
+            self.finish(seq, "length")
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        if seq.is_finished:
+            return
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.block_manager.free_seq(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def abort(self, request_id: str) -> list[Sequence]:
+        seqs = [s for s in [*self.running, *self.waiting] if s.request_id == request_id]
+        for seq in seqs:
+            self.finish(seq, "abort")
+        return seqs

@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import copy
+import enum
+import itertools
+import time
+
+from pdcli.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+
+
+class Sequence:
+    """One token stream. A request with n > 1 forks into n sequences after its prompt."""
+
+    counter = itertools.count()
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, seed: int):
+        self.seq_id = next(Sequence.counter)
+        self.request_id = request_id
+        self.index = 0  # which of the request's n completions
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.num_computed_tokens = 0  # tokens whose KV is in the cache
+        self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at admission
+        self.block_table: list[int] = []
+        self.status = SequenceStatus.WAITING
+        self.params = params
+        self.seed = seed
+        self.finish_reason: str | None = None
+        self.arrival_time = time.perf_counter()
+        self.first_token_time: float | None = None
+        self.num_preemptions = 0
+        self.text = ""  # detokenized output, stop strings removed
+        self.detok_state: object = None
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    @property
+    def num_samples(self) -> int:
+        """Tokens to sample when this step completes the prompt: n for a request not yet forked."""
+        return self.params.n if self.index == 0 and self.num_output_tokens == 0 else 1
+
+    def fork(self, index: int) -> "Sequence":
+        child = copy.copy(self)
+        child.seq_id = next(Sequence.counter)
+        child.index = index
+        child.token_ids = list(self.token_ids)
+        child.block_table = list(self.block_table)
+        return child
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)

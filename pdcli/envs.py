@@ -1,0 +1,18 @@
+"""Environment knobs (PDCLI_*), read in one place."""
+import os
+
+
+def _bool(name: str, default: bool = False) -> bool:
+    return os.environ.get(name, str(int(default))).strip().lower() in ("1", "true", "yes", "on")
+
+
+def require_kernel() -> bool:
+    return _bool("PDCLI_REQUIRE_KERNEL")
+
+
+def disable_kernel() -> bool:
+    return _bool("PDCLI_DISABLE_KERNEL")
+
+
+def cache_dir() -> str:
+    return os.environ.get("PDCLI_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "pdcli"))

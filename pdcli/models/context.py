@@ -1,0 +1,34 @@
+"""Per-step attention metadata, set by the model runner around each forward pass."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Context:
+    slot_mapping: torch.Tensor  # [num_tokens] int64, flat cache slot (block * block_size + offset) per new token
+    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32, padded with 0
+    context_lens: torch.Tensor  # [num_seqs] int32, tokens in the cache after this step
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32, offsets of each sequence's new tokens
+    max_query_len: int
+    max_context_len: int
+    logits_indices: torch.Tensor  # [num_samples] int64, rows of the hidden states to turn into logits
+
+    @property
+    def is_decode(self) -> bool:
+        return self.max_query_len == 1
+
+
+_CONTEXT: Context | None = None
+
+
+def set_context(ctx: Context | None) -> None:
+    global _CONTEXT
+    _CONTEXT = ctx
+
+
+def get_context() -> Context:
+    assert _CONTEXT is not None, "attention called outside a model-runner step"
+    return _CONTEXT

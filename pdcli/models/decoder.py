@@ -1,0 +1,110 @@
+"""One decoder-only transformer for the Llama, Qwen2 (q/k/v bias) and Qwen3 (q/k RMSNorm) families.
+
+Module names mirror the HF checkpoints so weights load by name; q/k/v and gate/up are packed.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pdcli.kernels import ops
+from pdcli.models.arch import ModelArch
+from pdcli.models.context import get_context
+from pdcli.models.layers import Embedding, PackedLinear, RMSNorm, SiluAndMul
+from pdcli.models.rotary import RotaryEmbedding
+
+
+class Attention(nn.Module):
+    def __init__(self, arch: ModelArch, rotary: RotaryEmbedding):
+        super().__init__()
+        d = arch.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = arch.num_attention_heads, arch.num_key_value_heads, d
+        self.scale = d ** -0.5
+        self.qkv_proj = PackedLinear(arch.hidden_size, {"q": self.num_heads * d, "k": self.num_kv_heads * d,
+                                                        "v": self.num_kv_heads * d}, bias=arch.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * d, arch.hidden_size, bias=False)
+        if arch.qk_norm:
+            self.q_norm = RMSNorm(d, arch.rms_norm_eps)
+            self.k_norm = RMSNorm(d, arch.rms_norm_eps)
+        self.qk_norm = arch.qk_norm
+        self.rotary = rotary
+        self.k_cache = self.v_cache = torch.empty(0)  # [num_blocks, block_size, Hk, D], set by the runner
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        # x [T, hidden]
+        ctx = get_context()
+        n = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
+                                          self.num_kv_heads * self.head_dim], dim=-1)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        ops.store_kvcache(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        o = ops.attention(q, self.k_cache, self.v_cache, ctx, self.scale)
+        return self.o_proj(o.reshape(n, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, arch: ModelArch):
+        super().__init__()
+        i = arch.intermediate_size
+        self.gate_up_proj = PackedLinear(arch.hidden_size, {"gate": i, "up": i}, bias=False)
+        self.down_proj = nn.Linear(i, arch.hidden_size, bias=False)
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, arch: ModelArch, rotary: RotaryEmbedding):
+        super().__init__()
+        self.self_attn = Attention(arch, rotary)
+        self.mlp = MLP(arch)
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(positions, self.input_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Model(nn.Module):
+    def __init__(self, arch: ModelArch, max_model_len: int):
+        super().__init__()
+        self.rotary = RotaryEmbedding(arch.head_dim, arch.rope_theta, arch.rope_scaling,
+                                      max(max_model_len, arch.max_position_embeddings))
+        self.embed_tokens = Embedding(arch.vocab_size, arch.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(arch, self.rotary) for _ in range(arch.num_hidden_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(positions, x)
+        return self.norm(x)
+
+
+class CausalLM(nn.Module):
+    packed = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+              "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up")}
+
+    def __init__(self, arch: ModelArch, max_model_len: int):
+        super().__init__()
+        self.arch = arch
+        self.model = Model(arch, max_model_len)
+        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        if arch.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def kv_layers(self) -> list[Attention]:
+        return [layer.self_attn for layer in self.model.layers]
