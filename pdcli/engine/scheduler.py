@@ -37,6 +37,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_block_copies = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -75,6 +76,7 @@ class Scheduler:
             out.num_new_tokens.append(n)
             budget -= n
         out.block_copies, bm.pending_copies = bm.pending_copies, []
+        self.num_block_copies += len(out.block_copies)
         return out
 
     def _preempt(self, seq: Sequence) -> None:

@@ -1,0 +1,3 @@
+from pdcli.cli import run
+
+run()

@@ -1,0 +1,90 @@
+import pytest
+
+from pdcli.config import SchedulerConfig
+from pdcli.engine.block_manager import BlockManager
+from pdcli.engine.scheduler import Scheduler
+from pdcli.engine.sequence import Sequence
+from pdcli.sampling_params import SamplingParams
+
+
+def make(num_blocks=64, block_size=4, **kw):
+    bm = BlockManager(num_blocks, block_size)
+    return Scheduler(SchedulerConfig(**kw), bm, max_model_len=1000, eos_token_ids={2}), bm
+
+
+def seq(n, rid="r", max_tokens=100, start=3):
+    return Sequence(rid, list(range(start, start + n)), SamplingParams(max_tokens=max_tokens, ignore_eos=False), seed=0)
+
+
+def run_step(s, token=7):
+    out = s.schedule()
+    sampled = [[token] if seq.num_computed_tokens + n == len(seq) else [] for seq, n in zip(out.seqs, out.num_new_tokens)]
+    s.update(out, sampled)
+    return out
+
+
+def test_chunked_prefill_respects_budget_and_mixes_decodes():
+    s, _ = make(max_num_batched_tokens=8)
+    a, b = seq(3, "a"), seq(20, "b")
+    s.add(a)
+    s.add(b)
+    out = run_step(s)
+    assert out.num_new_tokens == [3, 5]  # a whole, b's first chunk
+    out = run_step(s)
+    assert [x.request_id for x in out.seqs] == ["a", "b"] and out.num_new_tokens == [1, 7]  # a decodes beside b's chunk
+    out = run_step(s)
+    assert out.num_new_tokens == [1, 7]
+    out = run_step(s)
+    assert out.num_new_tokens == [1, 1]  # b's last token (1) + a's decode; b sampled
+    assert b.num_output_tokens == 1
+
+
+def test_max_num_seqs_caps_admission():
+    s, _ = make(max_num_seqs=2)
+    for i in range(3):
+        s.add(seq(4, str(i)))
+    out = s.schedule()
+    assert len(out.seqs) == 2 and len(s.waiting) == 1
+
+
+def test_preempts_latest_and_resumes_first():
+    s, bm = make(num_blocks=4, block_size=4, max_num_batched_tokens=64)
+    a, b = seq(7, "a"), seq(7, "b", start=50)  # no shared prefix
+    s.add(a)
+    s.add(b)
+    run_step(s)  # both prefilled: 2 blocks each, pool empty
+    run_step(s)  # both decode position 7, the last slot of their 2nd block
+    assert bm.num_free_blocks == 0
+    out = run_step(s)  # a needs a 3rd block for position 8: b (latest) is preempted
+    assert [x.request_id for x in out.seqs] == ["a"]
+    assert s.waiting[0] is b and b.num_computed_tokens == 0 and b.block_table == []
+    assert s.num_preemptions == 1
+
+
+def test_finish_reasons_and_blocks_returned():
+    s, bm = make()
+    a = seq(4, "a", max_tokens=2)
+    s.add(a)
+    run_step(s)
+    run_step(s)
+    assert a.is_finished and a.finish_reason == "length" and a.num_output_tokens == 2
+    b = seq(4, "b")
+    s.add(b)
+    run_step(s, token=2)  # EOS
+    assert b.finish_reason == "stop"
+    assert bm.num_free_blocks == 64 and not s.has_unfinished()
+
+
+def test_abort_frees_blocks():
+    s, bm = make()
+    a = seq(10, "a")
+    s.add(a)
+    run_step(s)
+    s.abort("a")
+    assert a.finish_reason == "abort" and bm.num_free_blocks == 64
+
+
+@pytest.mark.parametrize("bad", [dict(max_num_seqs=0), dict(max_num_batched_tokens=0), dict(max_model_len=0)])
+def test_config_validation(bad):
+    with pytest.raises(ValueError):
+        SchedulerConfig(**bad)
