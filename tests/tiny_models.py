@@ -25,6 +25,8 @@ VARIANTS = {
                                                      "original_max_position_embeddings": 32})),
     "qwen3-gqa": ("Qwen3Config", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                                       tie_word_embeddings=False)),
+    "qwen3-gqa64": ("Qwen3Config", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                        tie_word_embeddings=False)),
     "qwen3-mha-tied": ("Qwen3Config", dict(num_attention_heads=4, num_key_value_heads=4, head_dim=16,
                                            tie_word_embeddings=True)),
 }
@@ -103,3 +105,31 @@ def pdcli_logits(llm, prompt: list[int]) -> torch.Tensor:
     finally:
         set_context(None)
         engine.block_manager.free_seq(seq)
+
+
+def pdcli_decode_logits(llm, prompt: list[int], forced: list[int]) -> torch.Tensor:
+    """Prefill prompt, then decode the forced tokens one step at a time (the decode path);
+    returns the logits of each decode step [len(forced), vocab]."""
+    from pdcli.engine.sequence import Sequence
+    from pdcli.models.context import set_context
+    from pdcli.sampling_params import SamplingParams
+
+    engine, runner = llm.engine, llm.engine.runner
+    seq = Sequence("logits", prompt + forced, SamplingParams(), seed=0)
+    assert engine.block_manager.allocate(seq, len(seq))
+    dev = runner.device
+    rows = []
+    try:
+        with torch.inference_mode():
+            n = len(prompt)
+            set_context(runner._context([seq.block_table], [0], [n], [n - 1]))
+            runner.model(torch.tensor(prompt, device=dev), torch.arange(n, device=dev))
+            for i, tok in enumerate(forced):
+                pos = n + i
+                set_context(runner._context([seq.block_table], [pos], [1], [0]))
+                hidden = runner.model(torch.tensor([tok], device=dev), torch.tensor([pos], device=dev))
+                rows.append(runner.model.compute_logits(hidden).float()[0])
+    finally:
+        set_context(None)
+        engine.block_manager.free_seq(seq)
+    return torch.stack(rows)

@@ -15,6 +15,7 @@ class Context:
     max_query_len: int
     max_context_len: int
     logits_indices: torch.Tensor  # [num_samples] int64, rows of the hidden states to turn into logits
+    num_splits: int = 0  # decode split-KV factor; 0 = chosen by the kernel from the grid size
 
     @property
     def is_decode(self) -> bool:

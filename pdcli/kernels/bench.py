@@ -1,0 +1,186 @@
+"""Kernel benchmark: check each kernel against the reference on fresh inputs, then time it with CUDA
+events against PyTorch (SDPA on a contiguous cache). Writes results/kernels_<device>.json.
+
+    python -m pdcli.kernels.bench [--out results]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from pdcli import __version__
+from pdcli.kernels import build, reference
+
+
+def device_slug() -> str:
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+
+
+def time_us(fn, iters: int = 30, warmup: int = 5) -> float:
+    """Median of CUDA-event timings, in microseconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    x = torch.randn(2**29 // 2, device="cuda", dtype=torch.bfloat16)  # 0.5 GiB... x2 below
+    x = torch.cat([x, x])
+    y = torch.empty_like(x)
+    us = time_us(lambda: y.copy_(x), iters=20)
+    return 2 * x.numel() * x.element_size() / (us * 1e-6)
+
+
+def matmul_rate() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    us = time_us(lambda: a @ b, iters=10)
+    return 2 * 8192**3 / (us * 1e-6)
+
+
+def rel_err(x, ref) -> float:
+    return ((x.float() - ref).norm() / ref.norm()).item()
+
+
+def make_paged(batch: int, ctx: int, hk: int, d: int, block_size: int, dtype, gen):
+    """Random K/V of `batch` sequences of `ctx` tokens, in a paged cache with shuffled blocks, and contiguous."""
+    nb = -(-ctx // block_size)
+    k = torch.randn(batch, hk, nb * block_size, d, generator=gen, device="cuda", dtype=dtype)
+    v = torch.randn(batch, hk, nb * block_size, d, generator=gen, device="cuda", dtype=dtype)
+    perm = torch.randperm(batch * nb, generator=gen, device="cuda")
+    kc = torch.empty(batch * nb, block_size, hk, d, device="cuda", dtype=dtype)
+    vc = torch.empty_like(kc)
+    kc[perm] = k.view(batch, hk, nb, block_size, d).permute(0, 2, 3, 1, 4).reshape(batch * nb, block_size, hk, d)
+    vc[perm] = v.view(batch, hk, nb, block_size, d).permute(0, 2, 3, 1, 4).reshape(batch * nb, block_size, hk, d)
+    tables = perm.view(batch, nb).int()
+    return kc, vc, tables, k[:, :, :ctx], v[:, :, :ctx]
+
+
+def bench_decode(mod, batch, ctx, hq=32, hk=8, d=128, block_size=16, dtype=torch.bfloat16, copy_bw=None):
+    gen = torch.Generator(device="cuda").manual_seed(batch * 7919 + ctx)
+    kc, vc, tables, k, v = make_paged(batch, ctx, hk, d, block_size, dtype, gen)
+    q = torch.randn(batch, hq, d, generator=gen, device="cuda", dtype=dtype)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    scale = d ** -0.5
+    out = torch.full_like(q, float("nan"))
+    mod.decode_attention(out, q, kc, vc, tables, lens, scale, 0)
+    sdpa = lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale, enable_gqa=True)  # noqa: E731
+    ref32 = F.scaled_dot_product_attention(q[:, :, None].float(), k.float(), v.float(), scale=scale, enable_gqa=True)[:, :, 0]
+    err, sdpa_err = rel_err(out, ref32), rel_err(sdpa()[:, :, 0], ref32)
+    us = time_us(lambda: mod.decode_attention(out, q, kc, vc, tables, lens, scale, 0))
+    sdpa_us = time_us(sdpa)
+    nbytes = 2 * batch * ctx * hk * d * dtype.itemsize + 2 * q.numel() * q.element_size()
+    row = dict(batch=batch, ctx=ctx, hq=hq, hk=hk, head_dim=d, block_size=block_size, dtype=str(dtype), us=us,
+               gb_s=nbytes / us / 1e3, sdpa_contiguous_us=sdpa_us, rel_err=err, sdpa_rel_err=sdpa_err,
+               correct=bool(err <= 2 * sdpa_err + 1e-3 and not out.isnan().any()))
+    if copy_bw:
+        row["frac_copy_bw"] = nbytes / (us * 1e-6) / copy_bw
+    return row
+
+
+def bench_store(mod, num_tokens, hk=8, d=128, dtype=torch.bfloat16):
+    gen = torch.Generator(device="cuda").manual_seed(num_tokens)
+    k = torch.randn(num_tokens, hk, d, generator=gen, device="cuda", dtype=dtype)
+    v = torch.randn_like(k)
+    kc = torch.zeros(num_tokens // 16 + 64, 16, hk, d, device="cuda", dtype=dtype)
+    vc = torch.zeros_like(kc)
+    slots = torch.randperm(kc.shape[0] * 16, generator=gen, device="cuda")[:num_tokens]
+    mod.store_kvcache(k, v, kc, vc, slots)
+    rk, rv = torch.zeros_like(kc), torch.zeros_like(vc)
+    reference.store_kvcache(k, v, rk, rv, slots)
+    correct = bool(torch.equal(kc, rk) and torch.equal(vc, rv))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        mod.store_kvcache(k, v, kc, vc, slots)
+    us = time_us(graph.replay)
+    nbytes = 4 * k.numel() * k.element_size()
+    return dict(num_tokens=num_tokens, us=us, gb_s=nbytes / us / 1e3, correct=correct)
+
+
+def bench_prefill(mod, seq_len, hq=32, hk=8, d=128, block_size=16, dtype=torch.bfloat16):
+    gen = torch.Generator(device="cuda").manual_seed(seq_len)
+    kc, vc, tables, k, v = make_paged(1, seq_len, hk, d, block_size, dtype, gen)
+    q = torch.randn(seq_len, hq, d, generator=gen, device="cuda", dtype=dtype)
+    lens = torch.tensor([seq_len], dtype=torch.int32, device="cuda")
+    qsl = torch.tensor([0, seq_len], dtype=torch.int32, device="cuda")
+    scale = d ** -0.5
+    flops = 4 * hq * d * seq_len * (seq_len + 1) / 2  # causal: QK^T and PV over the lower triangle
+    sdpa = lambda: F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, is_causal=True, scale=scale,  # noqa: E731
+                                                  enable_gqa=True)
+    row = dict(seq_len=seq_len, hq=hq, hk=hk, head_dim=d, sdpa_us=time_us(sdpa, iters=10))
+    row["sdpa_tflops"] = flops / row["sdpa_us"] / 1e6
+    if hasattr(mod, "prefill_attention"):
+        out = torch.full_like(q, float("nan"))
+        mod.prefill_attention(out, q, kc, vc, tables, lens, qsl, seq_len, scale)
+        ref = sdpa()[0].transpose(0, 1)
+        ref32 = F.scaled_dot_product_attention(q.transpose(0, 1)[None].float(), k.float(), v.float(), is_causal=True,
+                                               scale=scale, enable_gqa=True)[0].transpose(0, 1)
+        row.update(rel_err=rel_err(out, ref32), sdpa_rel_err=rel_err(ref, ref32))
+        row["correct"] = bool(row["rel_err"] <= 2 * row["sdpa_rel_err"] + 1e-3 and not out.isnan().any())
+        row["us"] = time_us(lambda: mod.prefill_attention(out, q, kc, vc, tables, lens, qsl, seq_len, scale), iters=10)
+        row["tflops"] = flops / row["us"] / 1e6
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="results")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: the kernel benchmark needs a CUDA GPU", file=sys.stderr)
+        return 2
+    mod = build.load()
+    copy_bw, mm = copy_bandwidth(), matmul_rate()
+    print(f"{torch.cuda.get_device_name()}: copy {copy_bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s")
+    decode = [bench_decode(mod, b, c, copy_bw=copy_bw) for b, c in
+              [(64, 4096), (1, 32768), (1, 4096), (8, 4096), (32, 4096), (128, 2048), (256, 1024)]]
+    decode.append(bench_decode(mod, 64, 4096, dtype=torch.float16, copy_bw=copy_bw))
+    store = [bench_store(mod, n) for n in (64, 512, 4096, 16384)]
+    prefill = [bench_prefill(mod, n) for n in (2048, 8192)]
+    for r in decode:
+        print(f"decode B={r['batch']:>3} ctx={r['ctx']:>5} {r['dtype']:>14}: {r['us']:8.1f} us  {r['gb_s']:7.0f} GB/s "
+              f"({r.get('frac_copy_bw', 0):.0%} of copy)  sdpa {r['sdpa_contiguous_us']:8.1f} us  correct={r['correct']}")
+    for r in store:
+        print(f"store {r['num_tokens']:>6} tokens: {r['us']:7.1f} us {r['gb_s']:7.0f} GB/s correct={r['correct']}")
+    for r in prefill:
+        print(f"prefill {r['seq_len']:>5}: ours {r.get('tflops', float('nan')):6.1f} TFLOP/s  sdpa {r['sdpa_tflops']:6.1f} "
+              f"TFLOP/s correct={r.get('correct')}")
+    d64 = next(r for r in decode if r["batch"] == 64 and r["ctx"] == 4096)
+    d1 = next(r for r in decode if r["batch"] == 1 and r["ctx"] == 32768)
+    p8 = next(r for r in prefill if r["seq_len"] == 8192)
+    result = dict(
+        summary=dict(device=torch.cuda.get_device_name(), kernel_path="cuda",
+                     decode_attn_b64_ctx4k_us=d64["us"], decode_attn_b64_ctx4k_sdpa_us=d64["sdpa_contiguous_us"],
+                     decode_attn_b1_ctx32k_bw_frac=d1["frac_copy_bw"], prefill_attn_8k_tflops=p8.get("tflops")),
+        copy_bw_bytes_s=copy_bw, matmul_bf16_flop_s=mm, decode=decode, store=store, prefill=prefill,
+        provenance=dict(pdcli=__version__, torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
+                        command=" ".join(["python -m pdcli.kernels.bench", *(argv or sys.argv[1:])]),
+                        date=time.strftime("%Y-%m-%dT%H:%M:%S"), source_hash=build.source_hash()[:16]))
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"kernels_{device_slug()}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {path}")
+    return 0 if all(r["correct"] for r in decode + store) and all(r.get("correct", True) for r in prefill) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""JIT build of pdcli/csrc with torch.utils.cpp_extension.load, once per process.
+
+The build directory is keyed by source hash + torch + CUDA + arch, so a stale build is never
+loaded and a warm one loads in a second. Without a GPU or nvcc the engine falls back to the
+pure-torch reference path and says so once; PDCLI_REQUIRE_KERNEL=1 makes that an error.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import sys
+import time
+
+import torch
+
+from pdcli import envs
+
+CSRC = os.path.join(os.path.dirname(os.path.dirname(__file__)), "csrc")
+SOURCES = ("bindings.cpp", "store_kvcache.cu", "decode_attention.cu", "prefill_attention.cu")
+
+
+class KernelUnavailable(RuntimeError):
+    pass
+
+
+def source_hash() -> str:
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(CSRC)):
+        if name.endswith((".cu", ".cuh", ".cpp", ".h")):
+            h.update(name.encode())
+            with open(os.path.join(CSRC, name), "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()
+
+
+def build_key(arch: str) -> str:
+    raw = f"{source_hash()}|torch={torch.__version__}|cuda={torch.version.cuda}|arch={arch}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def build_root() -> str:
+    """A git-ignored folder of the checkout when run from one, else the user cache."""
+    if os.environ.get("PDCLI_KERNEL_BUILD_DIR"):
+        return os.environ["PDCLI_KERNEL_BUILD_DIR"]
+    repo = os.path.dirname(os.path.dirname(CSRC))
+    if os.path.isdir(os.path.join(repo, ".git")) and os.access(repo, os.W_OK):
+        return os.path.join(repo, ".kernel_build")
+    return os.path.join(envs.cache_dir(), "kernels")
+
+
+def unavailable_reason() -> str | None:
+    if envs.disable_kernel():
+        return "PDCLI_DISABLE_KERNEL is set"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None:
+        return "no CUDA toolkit (nvcc) found"
+    return None
+
+
+@functools.cache
+def load():
+    """The compiled extension module; raises KernelUnavailable if it cannot be had."""
+    reason = unavailable_reason()
+    if reason:
+        raise KernelUnavailable(reason)
+    from torch.utils.cpp_extension import load as cpp_load
+
+    major, minor = torch.cuda.get_device_capability()
+    arch = f"{major}.{minor}"
+    key = build_key(arch)
+    build_dir = os.path.join(build_root(), key)
+    os.makedirs(build_dir, exist_ok=True)
+    cold = not any(f.endswith(".so") for f in os.listdir(build_dir))
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+    sources = [os.path.join(CSRC, s) for s in SOURCES if os.path.isfile(os.path.join(CSRC, s))]
+    defines = ["-DPDCLI_HAS_PREFILL"] if any(s.endswith("prefill_attention.cu") for s in sources) else []
+    kwargs = dict(name=f"pdcli_kernels_{key}", sources=sources,
+                  build_directory=build_dir, extra_cflags=["-O3", "-std=c++17", *defines],
+                  extra_cuda_cflags=["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+                                     "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__",
+                                     "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF_CONVERSIONS__"],
+                  verbose=False)
+    start = time.perf_counter()
+    try:
+        if cold:
+            from rich.console import Console
+
+            console = Console(stderr=True)
+            with console.status(f"building pdcli CUDA kernels for sm_{major}{minor} (first run only)"):
+                module = cpp_load(**kwargs)
+            console.print(f"built pdcli CUDA kernels in {time.perf_counter() - start:.0f} s -> {build_dir}")
+        else:
+            module = cpp_load(**kwargs)
+    except Exception as e:  # a compiler error is reported, then the reference path takes over
+        raise KernelUnavailable(f"kernel build failed: {str(e).splitlines()[-1] if str(e) else e!r}") from e
+    return module
+
+
+_warned = False
+
+
+def get():
+    """The extension, or None (reference path) after one warning; PDCLI_REQUIRE_KERNEL=1 raises."""
+    global _warned
+    try:
+        return load()
+    except KernelUnavailable as e:
+        if envs.require_kernel():
+            raise KernelUnavailable(f"PDCLI_REQUIRE_KERNEL=1 but the CUDA kernels are unavailable: {e}") from e
+        if not _warned:
+            _warned = True
+            print(f"pdcli: using the pure-torch attention path ({e})", file=sys.stderr)
+        return None
