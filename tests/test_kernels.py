@@ -77,7 +77,7 @@ def test_decode_attention_matches_reference(mod, dtype, d, hq, hk, ctx_lens, blo
     ref16 = reference.paged_attention(q, kc, vc, *args)
     for splits in (0, 1, 3):
         out = torch.full_like(q, float("nan"))
-        mod.decode_attention(out, q, kc, vc, tables, lens, scale, splits)
+        mod.decode_attention(out, q, kc, vc, tables, lens, scale, splits, max(ctx_lens))
         torch.cuda.synchronize()
         assert not out.isnan().any(), "unwritten or NaN output"
         assert rel_err(out, ref32) <= 2 * rel_err(ref16, ref32) + 1e-3, (splits, rel_err(out, ref32), rel_err(ref16, ref32))
@@ -109,3 +109,18 @@ def test_engine_decode_logits_kernel_vs_reference(dtype, tiny_model_dir, prompts
     err = ((ours - theirs).norm() / theirs.norm()).item()
     print(f"{dtype}: decode logits rel err kernel vs reference {err:.2e}")
     assert err < (2e-2 if dtype == "bfloat16" else 3e-3)
+
+
+def test_cuda_graph_decode_equals_eager(tiny_model_dir, prompts):
+    from pdcli import LLM, SamplingParams
+
+    path = tiny_model_dir("qwen3-gqa64")
+    p = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    graphed = LLM(path, device="cuda", dtype="float16", num_kv_blocks=128, max_num_seqs=8)
+    assert graphed.engine.runner.graphs is not None
+    eager = LLM(path, device="cuda", dtype="float16", num_kv_blocks=128, max_num_seqs=8, enforce_eager=True)
+    assert eager.engine.runner.graphs is None
+    a = [o.token_ids for o in graphed.generate(prompts, p)]
+    b = [o.token_ids for o in eager.generate(prompts, p)]
+    assert a == b
+    assert graphed.engine.num_free_blocks() == graphed.engine.runner.num_blocks

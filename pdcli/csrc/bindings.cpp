@@ -7,9 +7,10 @@ void store_kvcache(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torc
                    torch::Tensor slot_mapping);
 
 // One query token per sequence. out, q [B, Hq, D]; block_tables [B, W] int32; context_lens [B] int32.
-// num_splits <= 0: chosen from the grid size. Returns nothing; writes out.
+// num_splits <= 0: chosen from the grid size and max_context_len (an upper bound of context_lens).
 void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                      torch::Tensor block_tables, torch::Tensor context_lens, double scale, int64_t num_splits);
+                      torch::Tensor block_tables, torch::Tensor context_lens, double scale, int64_t num_splits,
+                      int64_t max_context_len);
 
 // Varlen chunked prefill: sequence b's new tokens q[query_start_loc[b]:query_start_loc[b+1]] attend causally
 // (bottom-right aligned) to its context_lens[b] cached tokens, which include themselves.

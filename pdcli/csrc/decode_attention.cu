@@ -17,7 +17,7 @@ namespace {
 using namespace pdcli;
 
 constexpr int kWarps = 4;
-constexpr int kUnroll = 8;
+constexpr int kUnroll = 4;  // rows per lane per tile; two tiles in flight
 
 template <typename T, int D, int G>
 __global__ void __launch_bounds__(kWarps * 32)
@@ -62,9 +62,9 @@ decode_attention_kernel(T* __restrict__ out,              // [B, Hq, D]
   const int64_t row_stride = int64_t(num_kv_heads) * D;
   const int64_t head_off = int64_t(kvh) * D + c * 8;
 
-  for (int base = start; base < end; base += ROWS * kUnroll) {
-    uint4 kr[kUnroll], vr[kUnroll];
-    float s[kUnroll][G];
+  // software pipeline: the loads of tile i + 1 are in flight while tile i is computed
+  uint4 kr[kUnroll], vr[kUnroll];
+  auto load_tile = [&](int base) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int key = base + u * ROWS + group;
@@ -77,10 +77,21 @@ decode_attention_kernel(T* __restrict__ out,              // [B, Hq, D]
         vr[u] = make_uint4(0, 0, 0, 0);
       }
     }
+  };
+  load_tile(start);
+  for (int base = start; base < end; base += ROWS * kUnroll) {
+    uint4 kc[kUnroll], vc[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      kc[u] = kr[u];
+      vc[u] = vr[u];
+    }
+    if (base + ROWS * kUnroll < end) load_tile(base + ROWS * kUnroll);
+    float s[kUnroll][G];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       float kf[8];
-      to_float8<T>(kr[u], kf);
+      to_float8<T>(kc[u], kf);
 #pragma unroll
       for (int h = 0; h < G; ++h) {
         float acc = 0.f;
@@ -108,7 +119,7 @@ decode_attention_kernel(T* __restrict__ out,              // [B, Hq, D]
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       float vf[8];
-      to_float8<T>(vr[u], vf);
+      to_float8<T>(vc[u], vf);
 #pragma unroll
       for (int h = 0; h < G; ++h) {
         l[h] += s[u][h];
@@ -216,10 +227,44 @@ void dispatch_group(int G, torch::Tensor& out, torch::Tensor& q, torch::Tensor& 
   }
 }
 
+
+// CTAs of the decode kernel that fit on the GPU at once.
+int resident_ctas(int D, int G) {
+  int per_sm = 0;
+  const void* fn = nullptr;
+#define PDCLI_FN(DD, GG) if (D == DD && G == GG) fn = (const void*)decode_attention_kernel<__nv_bfloat16, DD, GG>;
+  PDCLI_FN(64, 1) PDCLI_FN(64, 2) PDCLI_FN(64, 4) PDCLI_FN(64, 8)
+  PDCLI_FN(128, 1) PDCLI_FN(128, 2) PDCLI_FN(128, 4) PDCLI_FN(128, 8)
+#undef PDCLI_FN
+  if (fn) C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, kWarps * 32, 0));
+  return std::max(1, per_sm) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+}
+
+// Splits per (sequence, kv head): enough CTAs to fill the GPU, with the last wave as full as possible,
+// and at least kMinSplitKeys keys per split.
+int choose_num_splits(int64_t num_items, int64_t max_context_len, int resident) {
+  constexpr int64_t kMinSplitKeys = 256;
+  const int64_t max_splits = std::max<int64_t>(1, std::min<int64_t>(256, max_context_len / kMinSplitKeys));
+  int best = 1;
+  double best_eff = 0.0;
+  for (int64_t s = 1; s <= max_splits; ++s) {
+    const int64_t ctas = num_items * s;
+    const int64_t waves = (ctas + resident - 1) / resident;
+    const double eff = double(ctas) / double(waves * resident);
+    if (eff > best_eff + 0.02) {  // prefer fewer splits unless clearly better filled
+      best_eff = eff;
+      best = int(s);
+    }
+    if (ctas >= 4 * resident) break;
+  }
+  return best;
+}
+
 }  // namespace
 
 void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                      torch::Tensor block_tables, torch::Tensor context_lens, double scale, int64_t num_splits) {
+                      torch::Tensor block_tables, torch::Tensor context_lens, double scale, int64_t num_splits,
+                      int64_t max_context_len) {
   TORCH_CHECK(q.is_cuda() && out.is_cuda() && k_cache.is_cuda() && v_cache.is_cuda() && block_tables.is_cuda() &&
                   context_lens.is_cuda(), "decode_attention: all tensors must be on the GPU");
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "decode_attention: q must be [B, Hq, D] with contiguous heads");
@@ -235,11 +280,7 @@ void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
   const int D = q.size(2), Hq = q.size(1), Hk = k_cache.size(2);
   TORCH_CHECK(k_cache.size(3) == D && Hq % Hk == 0, "decode_attention: head shape mismatch");
   if (q.size(0) == 0) return;
-  int splits = num_splits;
-  if (splits <= 0) {  // fill ~4 CTAs per SM
-    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    splits = std::max<int>(1, (4 * sms + q.size(0) * Hk - 1) / (q.size(0) * Hk));
-  }
+  int splits = num_splits > 0 ? num_splits : choose_num_splits(q.size(0) * Hk, max_context_len, resident_ctas(D, Hq / Hk));
   splits = std::min(splits, 256);
   const float scale_log2 = float(scale) * 1.4426950408889634f;
   const int G = Hq / Hk;

@@ -83,7 +83,7 @@ class LLMEngine:
         max_len = config.scheduler.max_model_len or arch.max_position_embeddings
         torch.manual_seed(config.seed)
         model = build_model(source, self.device, self.dtype, max_len, config.seed)
-        self.runner = ModelRunner(model, config.cache, config.scheduler, max_len)
+        self.runner = ModelRunner(model, config.cache, config.scheduler, max_len, config.enforce_eager)
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
                                           config.cache.enable_prefix_caching)
         self.cache_capacity = self.runner.num_blocks * config.cache.block_size  # tokens

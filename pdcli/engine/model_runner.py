@@ -4,17 +4,20 @@ import numpy as np
 import torch
 
 from pdcli.config import CacheConfig, SchedulerConfig
+from pdcli.engine.cuda_graph import DecodeGraphs
 from pdcli.engine.sampler import Sampler, SamplingTensors, sample_key
 from pdcli.engine.scheduler import SchedulerOutput
 from pdcli.engine.sequence import Sequence
 from pdcli.models.context import Context, set_context
+from pdcli.kernels import ops
 from pdcli.models.decoder import CausalLM
 
 
 class ModelRunner:
     """Owns the model and its KV pool; turns a scheduled batch into one flat forward pass."""
 
-    def __init__(self, model: CausalLM, cache: CacheConfig, sched: SchedulerConfig, max_model_len: int):
+    def __init__(self, model: CausalLM, cache: CacheConfig, sched: SchedulerConfig, max_model_len: int,
+                 enforce_eager: bool = False):
         self.model = model
         self.arch = model.arch
         self.block_size = cache.block_size
@@ -29,6 +32,12 @@ class ModelRunner:
                                     a.head_dim, dtype=self.dtype, device=self.device)
         for i, attn in enumerate(model.kv_layers()):
             attn.k_cache, attn.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
+        self.kernel_path = ops.kernel_path(self.device, self.dtype, a.head_dim,
+                                           a.num_attention_heads // a.num_key_value_heads)
+        self.graphs = None
+        if self.kernel_path == "cuda" and not enforce_eager:
+            self.graphs = DecodeGraphs(model, self.device, sched.max_num_seqs, max_model_len, self.block_size)
+            self.graphs.capture()
 
     @property
     def block_bytes(self) -> int:
@@ -122,16 +131,24 @@ class ModelRunner:
             if start + n == len(seq):
                 logits_indices.append(offset - 1)
                 rows.append(seq)
-        ctx = self._context([s.block_table for s in out.seqs], starts, out.num_new_tokens, logits_indices)
-        set_context(ctx)
-        try:
-            hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=self.device),
-                                torch.from_numpy(np.concatenate(positions)).to(self.device, non_blocking=True))
-            if not rows:
-                return [[] for _ in out.seqs]
-            logits = self.model.compute_logits(hidden[ctx.logits_indices])
-        finally:
-            set_context(None)
+        if self.graphs is not None and out.is_decode_only and self.graphs.bucket(len(out.seqs)):
+            bs = self.block_size
+            pos = np.asarray(starts, dtype=np.int64)
+            slots = np.fromiter((s.block_table[p // bs] * bs + p % bs for s, p in zip(out.seqs, starts)),
+                                dtype=np.int64, count=len(starts))
+            hidden = self.graphs.run(input_ids, pos, slots, [p + 1 for p in starts], [s.block_table for s in out.seqs])
+            logits = self.model.compute_logits(hidden)
+        else:
+            ctx = self._context([s.block_table for s in out.seqs], starts, out.num_new_tokens, logits_indices)
+            set_context(ctx)
+            try:
+                hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=self.device),
+                                    torch.from_numpy(np.concatenate(positions)).to(self.device, non_blocking=True))
+                if not rows:
+                    return [[] for _ in out.seqs]
+                logits = self.model.compute_logits(hidden[ctx.logits_indices])
+            finally:
+                set_context(None)
         counts = [s.num_samples for s in rows]
         if any(c > 1 for c in counts):
             logits = logits.repeat_interleave(torch.tensor(counts, device=self.device), dim=0)

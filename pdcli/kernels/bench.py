@@ -81,11 +81,11 @@ def bench_decode(mod, batch, ctx, hq=32, hk=8, d=128, block_size=16, dtype=torch
     lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
     scale = d ** -0.5
     out = torch.full_like(q, float("nan"))
-    mod.decode_attention(out, q, kc, vc, tables, lens, scale, 0)
+    mod.decode_attention(out, q, kc, vc, tables, lens, scale, 0, ctx)
     sdpa = lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale, enable_gqa=True)  # noqa: E731
     ref32 = F.scaled_dot_product_attention(q[:, :, None].float(), k.float(), v.float(), scale=scale, enable_gqa=True)[:, :, 0]
     err, sdpa_err = rel_err(out, ref32), rel_err(sdpa()[:, :, 0], ref32)
-    us = time_us(lambda: mod.decode_attention(out, q, kc, vc, tables, lens, scale, 0))
+    us = time_us(lambda: mod.decode_attention(out, q, kc, vc, tables, lens, scale, 0, ctx))
     sdpa_us = time_us(sdpa)
     nbytes = 2 * batch * ctx * hk * d * dtype.itemsize + 2 * q.numel() * q.element_size()
     row = dict(batch=batch, ctx=ctx, hq=hq, hk=hk, head_dim=d, block_size=block_size, dtype=str(dtype), us=us,

@@ -40,7 +40,8 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx
     mod = kernel_module(q, k_cache)
     if mod is not None and ctx.is_decode:
         out = torch.empty_like(q)
-        mod.decode_attention(out, q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale, ctx.num_splits)
+        mod.decode_attention(out, q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale, ctx.num_splits,
+                             ctx.max_context_len)
         return out
     if mod is not None and hasattr(mod, "prefill_attention"):
         out = torch.empty_like(q)
