@@ -48,17 +48,22 @@ class ModelRunner:
             return cache.num_kv_blocks
         if self.device.type != "cuda":
             return max(1, int(cache.cpu_kv_cache_gib * 2**30) // self.block_bytes)
-        peak = self._profile_peak_memory(sched)
-        total = torch.cuda.mem_get_info(self.device)[1]
-        num = int(total * cache.gpu_memory_utilization - peak) // self.block_bytes
+        torch.cuda.empty_cache()  # memory cached by torch but unused counts as free
+        free, total = torch.cuda.mem_get_info(self.device)
+        weights = sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers()))
+        activations = self._profile_peak_memory(sched)
+        # this engine may use gpu_memory_utilization of the card, and never more than is free now
+        budget = min(total * cache.gpu_memory_utilization - weights, free - 2**29) - activations
+        num = int(budget) // self.block_bytes
         if num < 1:
-            raise RuntimeError(f"no GPU memory left for the KV cache: weights and activations take "
-                               f"{peak / 2**30:.1f} GiB of {total / 2**30:.1f} GiB; raise gpu_memory_utilization")
+            raise RuntimeError(f"no GPU memory left for the KV cache: weights {weights / 2**30:.1f} GiB, activations "
+                               f"{activations / 2**30:.1f} GiB, free {free / 2**30:.1f} of {total / 2**30:.1f} GiB; "
+                               f"raise gpu_memory_utilization or free the GPU")
         return num
 
     @torch.inference_mode()
     def _profile_peak_memory(self, sched: SchedulerConfig) -> int:
-        """Peak bytes of weights + activations for a full prefill step (with a throwaway cache)."""
+        """Peak bytes of activations for a full prefill step (run with a throwaway cache)."""
         num_tokens = sched.max_num_batched_tokens
         seq_len = min(num_tokens, self.max_model_len)
         lens = [seq_len] * (num_tokens // seq_len) + ([num_tokens % seq_len] if num_tokens % seq_len else [])
@@ -70,6 +75,7 @@ class ModelRunner:
             attn.k_cache, attn.v_cache = tmp[i, 0], tmp[i, 1]
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
         seqs, first = [], 0
         for n in lens:
             nb = -(-n // self.block_size)
@@ -83,7 +89,7 @@ class ModelRunner:
         finally:
             set_context(None)
         torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) - tmp.numel() * tmp.element_size()
+        peak = torch.cuda.max_memory_allocated(self.device) - base
         del tmp
         torch.cuda.empty_cache()
         return peak

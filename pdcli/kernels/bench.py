@@ -143,11 +143,17 @@ def bench_prefill(mod, seq_len, hq=32, hk=8, d=128, block_size=16, dtype=torch.b
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="results")
+    ap.add_argument("--prefill-only", action="store_true", help="time the prefill kernel alone (no JSON)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: the kernel benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
     mod = build.load()
+    if args.prefill_only:
+        for r in [bench_prefill(mod, n) for n in (2048, 8192)]:
+            print(f"prefill {r['seq_len']:>5}: ours {r.get('tflops', float('nan')):6.1f} TFLOP/s  sdpa "
+                  f"{r['sdpa_tflops']:6.1f} TFLOP/s correct={r.get('correct')}")
+        return 0
     copy_bw, mm = copy_bandwidth(), matmul_rate()
     print(f"{torch.cuda.get_device_name()}: copy {copy_bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s")
     decode = [bench_decode(mod, b, c, copy_bw=copy_bw) for b, c in

@@ -1,0 +1,483 @@
+// Varlen paged causal prefill attention (FlashAttention-2 style, sm_80 instructions only).
+//
+// One CTA = (one q head, one sequence, one tile of kBlockM new query rows). Each warp owns
+// kBlockM / kWarps query rows (kMTiles m16 tiles). Per K/V tile of kBlockN keys:
+//   S = Q K^T (mma.sync m16n8k16, fp32 accumulators, Q and K via ldmatrix from shared memory),
+//   online softmax in the exp2 domain, O += P V (P re-packed from the S accumulators as the A
+//   operand, V via ldmatrix.trans). K/V rows are gathered through the block table with 16-byte
+//   cp.async into a 2-stage (double-buffered) shared-memory ring: tile n+1 loads while tile n computes.
+// Shared memory rows are 16-byte chunks XOR-swizzled by (row & 7): ldmatrix and the cp.async
+// writes are bank-conflict free.
+#include <torch/extension.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include <cstdlib>
+#include <string>
+#include <type_traits>
+
+namespace {
+
+template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_>
+struct Traits {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = kBlockM_;  // query rows per CTA
+  static constexpr int kBlockN = kBlockN_;  // keys per K/V tile
+  static constexpr int kWarps = kWarps_;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kRowsPerWarp = kBlockM / kWarps;
+  static constexpr int kMTiles = kRowsPerWarp / 16;  // m16 tiles per warp
+  static constexpr int kNTiles = kBlockN / 8;        // n8 tiles of S per warp
+  static constexpr int kDTiles = kHeadDim / 8;       // n8 tiles of O per warp
+  static constexpr int kChunks = kHeadDim / 8;       // 16-byte chunks per row
+  static constexpr int kRowsPerPass = kThreads / kChunks;  // rows one cp.async sweep of the CTA covers
+  static constexpr int kQPasses = kBlockM / kRowsPerPass;
+  // K/V: 8 adjacent threads share a row, thread t taking chunks (t % 8) + 8h; rows t / 8 + j * kKVRowStep
+  static constexpr int kKVRowStep = kThreads / 8;
+  static constexpr int kKVRowPasses = kBlockN / kKVRowStep;
+  static constexpr int kKVChunkHi = kChunks / 8;
+  static constexpr int kSmemQ = kBlockM * kHeadDim;   // elements
+  static constexpr int kSmemKV = kBlockN * kHeadDim;  // elements per K (or V) stage
+  static constexpr int kSmemBytes = (kSmemQ + 4 * kSmemKV) * 2 + 2 * kBlockN * 4;  // Q, 2 x (K, V), 2 x slots
+  static_assert(kRowsPerWarp % 16 == 0 && kBlockN % 16 == 0 && kHeadDim % 16 == 0, "tile shape");
+  static_assert(kChunks >= 8, "the (row & 7) swizzle needs >= 8 chunks per row");
+  static_assert(kThreads % kChunks == 0 && kBlockM % kRowsPerPass == 0, "Q loads");
+  static_assert(kKVRowStep % 8 == 0 && kBlockN % kKVRowStep == 0 && kThreads >= kBlockN, "K/V loads");
+};
+
+struct Params {
+  void* out;            // [T, Hq, D]
+  const void* q;        // [T, Hq, D]
+  const void* k_cache;  // [num_blocks, block_size, Hk, D]
+  const void* v_cache;
+  const int* block_tables;     // [B, W]
+  const int* context_lens;     // [B], includes the new tokens
+  const int* query_start_loc;  // [B + 1]
+  int num_heads;     // Hq
+  int num_kv_heads;  // Hk
+  int group;         // Hq / Hk
+  int table_width;   // W
+  int block_shift;   // log2(block_size)
+  float scale_log2;  // softmax scale * log2(e)
+};
+
+// Element offset of (row, 16-byte chunk) in a swizzled [rows, kChunks * 8] shared tile.
+template <int kChunks>
+__device__ __forceinline__ int swz(int row, int chunk) {
+  return row * (kChunks * 8) + ((chunk ^ (row & 7)) << 3);
+}
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte async copy global -> shared; valid == false writes 16 zero bytes and reads nothing.
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
+// c[16x8 fp32] += a[16x16] * b[16x8]
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Two floats -> packed pair, lo in the low 16 bits (the lower column index).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  } else {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+}
+
+template <typename T, typename Tr>
+__global__ void __launch_bounds__(Tr::kThreads, 2) prefill_attention_kernel(const Params p) {
+  constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, kChunks = Tr::kChunks;
+  constexpr int MT = Tr::kMTiles, NT = Tr::kNTiles, DT = Tr::kDTiles;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);  // [BM, D]; reused to stage O
+  const uint32_t sQ_u = smem_u32(sQ);
+  const uint32_t sK_u = sQ_u + Tr::kSmemQ * 2;      // [2][BN, D]
+  const uint32_t sV_u = sK_u + 2 * Tr::kSmemKV * 2;  // [2][BN, D]
+  int* sSlot = reinterpret_cast<int*>(smem + (Tr::kSmemQ + 4 * Tr::kSmemKV) * 2);  // [2][BN], see below
+
+  const int head = blockIdx.x;
+  const int b = blockIdx.y;
+  const int m_block = gridDim.z - 1 - blockIdx.z;  // last (longest) query tiles are scheduled first
+  const int q_begin = p.query_start_loc[b];
+  const int q_len = p.query_start_loc[b + 1] - q_begin;
+  const int m0 = m_block * BM;  // first query row (within the sequence) of this tile
+  if (m0 >= q_len) return;
+  const int ctx = p.context_lens[b];
+  const int ctx_off = ctx - q_len;  // query row i sees keys [0, ctx_off + i]
+  const int rows_here = min(BM, q_len - m0);
+  const int key_end = ctx_off + m0 + rows_here;  // keys [0, key_end) are seen by some row here (<= ctx)
+  const int n_tiles = key_end > 0 ? (key_end + BN - 1) / BN : 0;
+  const int n_unmasked = max(ctx_off + m0 + 1, 0) / BN;  // tiles [0, n_unmasked) are visible to every row
+  const int kv_head = head / p.group;
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int warp_row0 = warp * Tr::kRowsPerWarp;  // first row of this warp within the tile
+
+  // ---- Q tile: rows past q_len are zero-filled ----
+  const int64_t q_row_stride = (int64_t)p.num_heads * D;  // elements between consecutive tokens
+  const int q_chunk = tid % kChunks;
+  const int q_row0 = tid / kChunks;
+  {
+    const T* q_base = reinterpret_cast<const T*>(p.q) + ((int64_t)(q_begin + m0) * p.num_heads + head) * D;
+#pragma unroll
+    for (int i = 0; i < Tr::kQPasses; ++i) {
+      const int row = q_row0 + i * Tr::kRowsPerPass;
+      const bool valid = row < rows_here;
+      const T* src = valid ? q_base + row * q_row_stride + q_chunk * 8 : reinterpret_cast<const T*>(p.q);
+      cp_async_16(sQ_u + swz<kChunks>(row, q_chunk) * 2, src, valid);
+    }
+  }
+
+  // ---- K/V gather. Key j of this kv head is D contiguous elements at slot * Hk * D + kv_head * D, where
+  //      slot = block_tables[b][j / block_size] * block_size + j % block_size. Tile t's slots (-1: key >= key_end,
+  //      zero-filled) sit in sSlot[t & 1]; threads < BN write them one tile ahead of their use.
+  //      Thread tid loads rows kv_row + j * kKVRowStep (all with the same row & 7), chunks c_lo + 8h: its
+  //      shared-memory destinations are one base plus immediates; 8 lanes read one 128-byte row segment. ----
+  const int* table = p.block_tables + (int64_t)b * p.table_width;
+  const int block_mask = (1 << p.block_shift) - 1;
+  const int64_t kv_slot_stride = (int64_t)p.num_kv_heads * D;
+  const int kv_row = tid >> 3;
+  const int c_lo = tid & 7;
+  const T* k_head = reinterpret_cast<const T*>(p.k_cache) + (int64_t)kv_head * D + c_lo * 8;
+  const T* v_head = reinterpret_cast<const T*>(p.v_cache) + (int64_t)kv_head * D + c_lo * 8;
+  const uint32_t kv_dst = (kv_row * D + ((c_lo ^ (kv_row & 7)) << 3)) * 2;  // bytes, within one stage
+
+  auto slot_of = [&](int tile) {  // slot of key tile * BN + tid (threads < BN)
+    const int key = tile * BN + tid;
+    return key < key_end ? (__ldg(table + (key >> p.block_shift)) << p.block_shift) + (key & block_mask) : -1;
+  };
+  auto issue_kv = [&](int tile, int stage) {
+    const int* slots = sSlot + (tile & 1) * BN;
+#pragma unroll
+    for (int j = 0; j < Tr::kKVRowPasses; ++j) {
+      const int slot = slots[kv_row + j * Tr::kKVRowStep];
+      const bool valid = slot >= 0;
+      const int64_t off = valid ? slot * kv_slot_stride : 0;
+      const uint32_t dst = stage * Tr::kSmemKV * 2 + kv_dst + j * Tr::kKVRowStep * D * 2;
+#pragma unroll
+      for (int h = 0; h < Tr::kKVChunkHi; ++h) {
+        cp_async_16(sK_u + dst + h * 128, k_head + off + h * 64, valid);
+        cp_async_16(sV_u + dst + h * 128, v_head + off + h * 64, valid);
+      }
+    }
+  };
+
+  if (tid < BN) {
+    sSlot[tid] = slot_of(0);
+    sSlot[BN + tid] = slot_of(1);
+  }
+  __syncthreads();
+  if (n_tiles > 0) issue_kv(0, 0);
+  cp_async_commit();  // group: Q + tile 0
+
+  float o[MT][DT][4];  // O accumulator: rows (lane/4, +8) x cols (dt*8 + (lane%4)*2, +1) of each m16 tile
+  float row_max[MT][2];  // running max of raw scores for rows lane/4 and lane/4 + 8
+  float row_sum[MT][2];  // this thread's partial sum of exp2 (quad-reduced at the end)
+#pragma unroll
+  for (int mi = 0; mi < MT; ++mi) {
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[mi][dt][e] = 0.f;
+    row_max[mi][0] = row_max[mi][1] = -INFINITY;
+    row_sum[mi][0] = row_sum[mi][1] = 0.f;
+  }
+  const float sl2 = p.scale_log2;
+
+  // ---- per-lane ldmatrix offsets, shared by Q, K and V. Lane l addresses row (l % 8) + 8 * ((l / 8) % 2) and
+  //      chunk bit l / 16 of a 16x16 block (matrices: rows 0-7 | rows 8-15) x (chunks 2c | 2c + 1). Every such
+  //      row r has r & 7 == l & 7, so chunk c = 8h + 2i + bit sits at 8h + ((2i) ^ (bit ^ (l & 7))):
+  //      frag[i] covers chunk pairs with (2c) % 8 == 2i; the 8h part and the row step are immediates. ----
+  constexpr int kRowBytes = D * 2;
+  uint32_t frag[4];
+  {
+    const int r7 = lane & 7;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      frag[i] = (r7 + (((lane >> 3) & 1) << 3)) * kRowBytes + ((((lane >> 4) ^ r7) ^ (2 * i)) << 4);
+  }
+  const uint32_t q_warp = sQ_u + warp_row0 * kRowBytes;
+
+  for (int n = 0; n < n_tiles; ++n) {
+    const int slot_ahead = tid < BN ? slot_of(n + 2) : 0;  // stored after this tile's math (hides the load)
+    if (n + 1 < n_tiles) issue_kv(n + 1, (n + 1) & 1);
+    cp_async_commit();  // possibly empty group, keeps the wait count uniform
+    cp_async_wait<1>();  // all groups but the newest are done: Q and tile n have landed
+    __syncthreads();
+
+    const uint32_t stage_off = (n & 1) * Tr::kSmemKV * 2;
+
+    // ---- S = Q K^T, [MT x 16 rows, BN keys] per warp ----
+    float s[MT][NT][4];
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mi][nt][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t qa[MT][4];
+#pragma unroll
+      for (int mi = 0; mi < MT; ++mi)
+        ldmatrix_x4(qa[mi], q_warp + frag[kk & 3] + mi * 16 * kRowBytes + (kk >> 2) * 128);
+#pragma unroll
+      for (int nj = 0; nj < BN / 16; ++nj) {
+        uint32_t kb[4];  // b0 of key tile 2nj, b0 of key tile 2nj+1, b1 of 2nj, b1 of 2nj+1
+        ldmatrix_x4(kb, sK_u + stage_off + frag[kk & 3] + nj * 16 * kRowBytes + (kk >> 2) * 128);
+#pragma unroll
+        for (int mi = 0; mi < MT; ++mi) {
+          mma_16816<T>(s[mi][2 * nj], qa[mi], kb[0], kb[2]);
+          mma_16816<T>(s[mi][2 * nj + 1], qa[mi], kb[1], kb[3]);
+        }
+      }
+    }
+
+    // ---- causal mask (bottom-right): key col > ctx_off + row is -inf; only tiles crossing the diagonal ----
+    if (n >= n_unmasked) {
+      // element (mi, nt, e) has row m0 + warp_row0 + mi*16 + lane/4 + 8*(e/2), col n*BN + nt*8 + (lane%4)*2 + e%2
+      const int limit = ctx_off + m0 + warp_row0 + (lane >> 2) - n * BN - (lane & 3) * 2;
+#pragma unroll
+      for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (nt * 8 + (e & 1) > limit + mi * 16 + (e >> 1) * 8) s[mi][nt][e] = -INFINITY;
+    }
+
+    // ---- online softmax (exp2 domain); a row with no visible key so far keeps max -inf and sum 0 ----
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        float mx = row_max[mi][hh];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[mi][nt][2 * hh], s[mi][nt][2 * hh + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_scaled = mx == -INFINITY ? 0.f : mx * sl2;  // avoids (-inf) - (-inf)
+        const float corr = exp2f(row_max[mi][hh] * sl2 - m_scaled);
+        row_max[mi][hh] = mx;
+        row_sum[mi][hh] *= corr;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+          o[mi][dt][2 * hh] *= corr;
+          o[mi][dt][2 * hh + 1] *= corr;
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int e = 2 * hh; e < 2 * hh + 2; ++e) {
+            const float pr = exp2f(fmaf(s[mi][nt][e], sl2, -m_scaled));
+            row_sum[mi][hh] += pr;
+            s[mi][nt][e] = pr;
+          }
+      }
+
+    // ---- O += P V; P's A fragment for keys [16kk, 16kk+16) is S tiles 2kk, 2kk+1 (packed up front: S dies) ----
+    uint32_t pa[BN / 16][MT][4];
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk)
+#pragma unroll
+      for (int mi = 0; mi < MT; ++mi) {
+        pa[kk][mi][0] = pack2<T>(s[mi][2 * kk][0], s[mi][2 * kk][1]);
+        pa[kk][mi][1] = pack2<T>(s[mi][2 * kk][2], s[mi][2 * kk][3]);
+        pa[kk][mi][2] = pack2<T>(s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);
+        pa[kk][mi][3] = pack2<T>(s[mi][2 * kk + 1][2], s[mi][2 * kk + 1][3]);
+      }
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+#pragma unroll
+      for (int dj = 0; dj < D / 16; ++dj) {
+        uint32_t vb[4];  // b0, b1 of dim tile 2dj; b0, b1 of dim tile 2dj+1
+        ldmatrix_x4_trans(vb, sV_u + stage_off + frag[dj & 3] + kk * 16 * kRowBytes + (dj >> 2) * 128);
+#pragma unroll
+        for (int mi = 0; mi < MT; ++mi) {
+          mma_16816<T>(o[mi][2 * dj], pa[kk][mi], vb[0], vb[1]);
+          mma_16816<T>(o[mi][2 * dj + 1], pa[kk][mi], vb[2], vb[3]);
+        }
+      }
+    }
+    // tile n + 2 reuses sSlot[n & 1]: its last reader, issue_kv(n), ran before this iteration's first barrier
+    if (tid < BN) sSlot[(n & 1) * BN + tid] = slot_ahead;
+    __syncthreads();  // every warp is done with stage n & 1 before it is refilled; slots of n + 2 visible
+  }
+  cp_async_wait<0>();  // Q is still in flight when n_tiles == 0 (then other threads' copies land in our rows)
+  __syncthreads();
+
+  // ---- epilogue: O / l -> this warp's own rows of sQ (no other warp reads them) -> 16-byte stores ----
+#pragma unroll
+  for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      float l = row_sum[mi][hh];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const int row = warp_row0 + mi * 16 + (lane >> 2) + hh * 8;
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt) {
+        const uint32_t v = pack2<T>(o[mi][dt][2 * hh] * inv, o[mi][dt][2 * hh + 1] * inv);
+        *reinterpret_cast<uint32_t*>(sQ + row * D + ((dt ^ (row & 7)) << 3) + (lane & 3) * 2) = v;
+      }
+    }
+  __syncwarp();
+  T* out_base = reinterpret_cast<T*>(p.out) + ((int64_t)(q_begin + m0) * p.num_heads + head) * D;
+  static_assert(Tr::kRowsPerWarp * kChunks % 32 == 0, "epilogue chunks per lane");
+#pragma unroll
+  for (int i = 0; i < Tr::kRowsPerWarp * kChunks / 32; ++i) {
+    const int idx = lane + i * 32;
+    const int row = warp_row0 + idx / kChunks;
+    const int chunk = idx % kChunks;
+    if (row < rows_here)
+      *reinterpret_cast<uint4*>(out_base + row * q_row_stride + chunk * 8) =
+          *reinterpret_cast<const uint4*>(sQ + swz<kChunks>(row, chunk));
+  }
+}
+
+template <typename T, typename Tr>
+void launch(const Params& p, int batch, int max_query_len, cudaStream_t stream) {
+  auto kernel = prefill_attention_kernel<T, Tr>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes));
+  const dim3 grid(p.num_heads, batch, (max_query_len + Tr::kBlockM - 1) / Tr::kBlockM);
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Tile shape of the D = 128 kernel, read once from PDCLI_PREFILL_TILE (for benchmarking):
+//   "128x64"   (default) 128 query rows x 64-key tiles, 4 warps x 32 rows: FA2's shape, 255 registers
+//   "128x32"   32-key tiles, 4 warps x 32 rows: fewer registers, twice the barriers per key
+//   "128x64w8" 8 warps x 16 rows: 128 registers, more shared-memory traffic per flop
+int d128_tile() {
+  static const int tile = [] {
+    const char* env = std::getenv("PDCLI_PREFILL_TILE");
+    const std::string v = env ? env : "";
+    if (v.empty() || v == "128x64") return 0;
+    if (v == "128x32") return 1;
+    if (v == "128x64w8") return 2;
+    TORCH_CHECK(false, "PDCLI_PREFILL_TILE must be 128x64, 128x32 or 128x64w8, got ", v);
+  }();
+  return tile;
+}
+
+template <typename T>
+void dispatch_head_dim(const Params& p, int head_dim, int batch, int max_query_len, cudaStream_t stream) {
+  if (head_dim == 64) {
+    launch<T, Traits<64, 128, 64, 4>>(p, batch, max_query_len, stream);
+    return;
+  }
+  switch (d128_tile()) {
+    case 1: launch<T, Traits<128, 128, 32, 4>>(p, batch, max_query_len, stream); break;
+    case 2: launch<T, Traits<128, 128, 64, 8>>(p, batch, max_query_len, stream); break;
+    default: launch<T, Traits<128, 128, 64, 4>>(p, batch, max_query_len, stream); break;
+  }
+}
+
+}  // namespace
+
+void prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                       torch::Tensor block_tables, torch::Tensor context_lens, torch::Tensor query_start_loc,
+                       int64_t max_query_len, double scale) {
+  TORCH_CHECK(q.is_cuda(), "prefill_attention: q must be a CUDA tensor");
+  for (const auto* t : {&out, &k_cache, &v_cache, &block_tables, &context_lens, &query_start_loc})
+    TORCH_CHECK(t->device() == q.device(), "prefill_attention: all tensors must be on ", q.device());
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
+              "prefill_attention: q must be bfloat16 or float16, got ", q.scalar_type());
+  TORCH_CHECK(out.scalar_type() == q.scalar_type() && k_cache.scalar_type() == q.scalar_type() &&
+                  v_cache.scalar_type() == q.scalar_type(),
+              "prefill_attention: out, q, k_cache, v_cache must share one dtype");
+  TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes(), "prefill_attention: q and out must be [T, Hq, D] alike");
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
+              "prefill_attention: k_cache and v_cache must be [num_blocks, block_size, Hk, D] alike");
+  TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "prefill_attention: q, out, k_cache, v_cache must be contiguous");
+  const int64_t num_tokens = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+  const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
+  TORCH_CHECK(head_dim == 64 || head_dim == 128, "prefill_attention: head_dim must be 64 or 128, got ", head_dim);
+  TORCH_CHECK(k_cache.size(3) == head_dim, "prefill_attention: cache head_dim ", k_cache.size(3), " != ", head_dim);
+  TORCH_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0,
+              "prefill_attention: num_heads ", num_heads, " not a multiple of num_kv_heads ", num_kv_heads);
+  TORCH_CHECK(block_size > 0 && (block_size & (block_size - 1)) == 0,
+              "prefill_attention: block_size must be a power of two, got ", block_size);
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.scalar_type() == at::kInt && block_tables.is_contiguous(),
+              "prefill_attention: block_tables must be a contiguous [B, W] int32 tensor");
+  const int64_t batch = block_tables.size(0);
+  TORCH_CHECK(context_lens.dim() == 1 && context_lens.size(0) == batch && context_lens.scalar_type() == at::kInt &&
+                  context_lens.is_contiguous(),
+              "prefill_attention: context_lens must be a contiguous [B] int32 tensor");
+  TORCH_CHECK(query_start_loc.dim() == 1 && query_start_loc.size(0) == batch + 1 &&
+                  query_start_loc.scalar_type() == at::kInt && query_start_loc.is_contiguous(),
+              "prefill_attention: query_start_loc must be a contiguous [B + 1] int32 tensor");
+  TORCH_CHECK(batch <= 65535, "prefill_attention: at most 65535 sequences, got ", batch);
+  TORCH_CHECK(k_cache.size(0) * block_size <= INT32_MAX, "prefill_attention: more than 2^31 cache slots");
+  TORCH_CHECK(num_tokens * num_heads * head_dim < (int64_t(1) << 62) && num_heads <= INT32_MAX,
+              "prefill_attention: q too large");
+  if (num_tokens == 0 || batch == 0 || max_query_len <= 0) return;
+  TORCH_CHECK(max_query_len <= num_tokens && max_query_len <= 65535LL * 128, "prefill_attention: max_query_len ",
+              max_query_len, " exceeds the number of tokens ", num_tokens, " or 65535 * 128");
+
+  const at::cuda::OptionalCUDAGuard device_guard(q.device());
+  Params p;
+  p.out = out.data_ptr();
+  p.q = q.data_ptr();
+  p.k_cache = k_cache.data_ptr();
+  p.v_cache = v_cache.data_ptr();
+  p.block_tables = block_tables.data_ptr<int>();
+  p.context_lens = context_lens.data_ptr<int>();
+  p.query_start_loc = query_start_loc.data_ptr<int>();
+  p.num_heads = static_cast<int>(num_heads);
+  p.num_kv_heads = static_cast<int>(num_kv_heads);
+  p.group = static_cast<int>(num_heads / num_kv_heads);
+  p.table_width = static_cast<int>(block_tables.size(1));
+  int shift = 0;
+  while ((int64_t(1) << shift) < block_size) ++shift;
+  p.block_shift = shift;
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);  // log2(e)
+
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (q.scalar_type() == at::kBFloat16) {
+    dispatch_head_dim<__nv_bfloat16>(p, static_cast<int>(head_dim), static_cast<int>(batch),
+                                     static_cast<int>(max_query_len), stream);
+  } else {
+    dispatch_head_dim<__half>(p, static_cast<int>(head_dim), static_cast<int>(batch),
+                              static_cast<int>(max_query_len), stream);
+  }
+}

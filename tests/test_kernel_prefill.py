@@ -1,0 +1,107 @@
+"""CUDA prefill_attention kernel vs the pure-torch reference (pdcli.kernels.reference.paged_attention).
+
+Criterion: the kernel's max abs error against a float64 reference is at most twice PyTorch's own error
+(the same reference run in bf16/fp16) plus 1e-3.
+"""
+import pytest
+import torch
+
+from pdcli.kernels import build, reference
+
+pytestmark = pytest.mark.cuda
+
+POISON = 20.0  # K/V value of every cache slot outside all contexts: unmasked, it would dominate the softmax
+
+
+@pytest.fixture(scope="module")
+def mod():
+    return build.load()
+
+
+def make_case(q_lens, prefixes, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=0):
+    """Random paged inputs: sequence b has prefixes[b] cached tokens then q_lens[b] new ones."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    ctx = [p + n for p, n in zip(prefixes, q_lens)]
+    blocks = [-(-c // block_size) for c in ctx]
+    num_blocks = sum(blocks) + 7  # spare blocks stay poisoned
+    perm = torch.randperm(num_blocks, generator=gen, device="cuda").int()
+    width = max(blocks) + 3  # table padded with 0 past each sequence's blocks
+    tables = torch.zeros(len(ctx), width, dtype=torch.int32, device="cuda")
+    k_cache = torch.full((num_blocks, block_size, num_kv_heads, head_dim), POISON, dtype=dtype, device="cuda")
+    v_cache = torch.full_like(k_cache, POISON)
+    start = 0
+    for b, (c, nb) in enumerate(zip(ctx, blocks)):
+        tables[b, :nb] = perm[start:start + nb]
+        start += nb
+        slots = (tables[b, :nb].long()[:, None] * block_size + torch.arange(block_size, device="cuda")).flatten()[:c]
+        k_cache.view(-1, num_kv_heads, head_dim)[slots] = torch.randn(
+            c, num_kv_heads, head_dim, generator=gen, device="cuda").to(dtype)
+        v_cache.view(-1, num_kv_heads, head_dim)[slots] = torch.randn(
+            c, num_kv_heads, head_dim, generator=gen, device="cuda").to(dtype)
+    q = torch.randn(sum(q_lens), num_heads, head_dim, generator=gen, device="cuda").to(dtype)
+    qsl = torch.tensor([0] + q_lens, dtype=torch.int64).cumsum(0).int().cuda()
+    context_lens = torch.tensor(ctx, dtype=torch.int32, device="cuda")
+    return q, k_cache, v_cache, tables, context_lens, qsl
+
+
+def check(mod, q_lens, prefixes, num_heads, num_kv_heads, head_dim, block_size, dtype, max_query_len=None,
+          seed=0):
+    q, k_cache, v_cache, tables, context_lens, qsl = make_case(q_lens, prefixes, num_heads, num_kv_heads, head_dim,
+                                                               block_size, dtype, seed)
+    max_query_len = max_query_len or max(q_lens)
+    max_context_len = int(context_lens.max())
+    scale = head_dim ** -0.5
+    out = torch.full_like(q, float("nan"))
+    mod.prefill_attention(out, q, k_cache, v_cache, tables, context_lens, qsl, max_query_len, scale)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all(), "some output elements were not written (or are inf/nan)"
+
+    ref64 = reference.paged_attention(q.double(), k_cache.double(), v_cache.double(), tables, context_lens, qsl,
+                                      max_query_len, max_context_len, scale)
+    ref16 = reference.paged_attention(q, k_cache, v_cache, tables, context_lens, qsl, max_query_len,
+                                      max_context_len, scale)
+    err = (out.double() - ref64).abs().max().item()
+    torch_err = (ref16.double() - ref64).abs().max().item()
+    rms = (out.double() - ref64).pow(2).mean().sqrt().item()
+    torch_rms = (ref16.double() - ref64).pow(2).mean().sqrt().item()
+    print(f"{dtype} D={head_dim} Hq={num_heads} Hk={num_kv_heads} bs={block_size}: max err {err:.2e} "
+          f"(torch {torch_err:.2e}), rms {rms:.2e} (torch {torch_rms:.2e})")
+    assert err <= 2 * torch_err + 1e-3
+    assert rms <= 2 * torch_rms + 1e-4
+
+
+# ragged, not multiples of the block size; cached prefixes; decode rows (q_len 1) mixed in; >1 query tile of 128
+Q_LENS = [1, 77, 300, 1, 130, 5, 1, 64]
+PREFIXES = [37, 0, 45, 0, 200, 3, 513, 64]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_prefill_matches_reference(mod, dtype, head_dim, group, block_size):
+    num_kv_heads = 2
+    check(mod, Q_LENS, PREFIXES, num_kv_heads * group, num_kv_heads, head_dim, block_size, dtype)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_prefill_long_sequence(mod, head_dim):
+    # many key tiles, chunked prefill after a long cached prefix next to a fresh prompt
+    check(mod, [1000, 777], [1500, 0], 8, 2, head_dim, 16, torch.bfloat16, seed=1)
+
+
+def test_prefill_max_query_len_padded(mod):
+    # a max_query_len larger than any q_len only adds CTAs that exit at once
+    check(mod, [3, 129, 1], [10, 0, 5], 4, 4, 128, 16, torch.bfloat16, max_query_len=300, seed=2)
+
+
+def test_prefill_block_size_8_and_64(mod):
+    check(mod, Q_LENS, PREFIXES, 4, 1, 128, 8, torch.float16, seed=3)
+    check(mod, Q_LENS, PREFIXES, 4, 1, 64, 64, torch.bfloat16, seed=4)
+
+
+def test_prefill_rejects_bad_head_dim(mod):
+    q, k_cache, v_cache, tables, context_lens, qsl = make_case([4], [0], 2, 2, 64, 16, torch.bfloat16)
+    q = torch.randn(4, 2, 96, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(RuntimeError):
+        mod.prefill_attention(torch.empty_like(q), q, k_cache, v_cache, tables, context_lens, qsl, 4, 0.1)
