@@ -56,8 +56,9 @@ def check(mod, q_lens, prefixes, num_heads, num_kv_heads, head_dim, block_size, 
     torch.cuda.synchronize()
     assert torch.isfinite(out).all(), "some output elements were not written (or are inf/nan)"
 
-    ref64 = reference.paged_attention(q.double(), k_cache.double(), v_cache.double(), tables, context_lens, qsl,
-                                      max_query_len, max_context_len, scale)
+    cpu = [t.cpu() for t in (tables, context_lens, qsl)]  # float64 reference on the CPU
+    ref64 = reference.paged_attention(q.double().cpu(), k_cache.double().cpu(), v_cache.double().cpu(), *cpu,
+                                      max_query_len, max_context_len, scale).cuda()
     ref16 = reference.paged_attention(q, k_cache, v_cache, tables, context_lens, qsl, max_query_len,
                                       max_context_len, scale)
     err = (out.double() - ref64).abs().max().item()

@@ -1,0 +1,181 @@
+"""Engine benchmark on the GPU: decode step time, prefill time / TTFT, offline throughput, each against its
+roofline, plus transformers' own generate on the same model. Writes results/engine_<device>.json.
+
+    python -m pdcli.benchmarks.engine [--out results] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+
+import torch
+
+from pdcli import LLM, SamplingParams, __version__
+from pdcli.kernels.bench import copy_bandwidth, device_slug, matmul_rate
+from pdcli.models.arch import ModelArch
+from pdcli.models.presets import PRESETS
+
+
+def free_gpu():
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def weight_bytes(preset: str) -> int:
+    return ModelArch.from_hf_config(PRESETS[preset]).num_params() * 2
+
+
+def decode_steps(llm: LLM, batch: int, prompt_len: int, steps: int) -> float:
+    """Median wall time of pure decode steps (ms) with `batch` running sequences."""
+    eng = llm.engine
+    p = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True)
+    rng = random.Random(batch)
+    ids = [eng.add_request([rng.randrange(1000, 30000) for _ in range(prompt_len)], p) for _ in range(batch)]
+    times = []
+    while eng.has_unfinished_requests():
+        out_decode = all(s.num_computed_tokens >= s.num_prompt_tokens for s in eng.scheduler.running) and \
+            not eng.scheduler.waiting
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        eng.step()
+        torch.cuda.synchronize()
+        if out_decode and len(eng.scheduler.running) == batch:
+            times.append((time.perf_counter() - t) * 1e3)
+    for rid in ids:
+        eng.pop_finished(rid)
+    return statistics.median(times)
+
+
+def ttft_ms(llm: LLM, prompt_len: int, reps: int = 5) -> float:
+    rng = random.Random(prompt_len)
+    times = []
+    for _ in range(reps + 1):
+        prompt = [rng.randrange(1000, 30000) for _ in range(prompt_len)]  # fresh tokens: no prefix-cache hit
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1))
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times[1:])
+
+
+def hf_decode_ms(preset: str, prompt_len: int = 256, new_tokens: int = 64) -> float:
+    """transformers' own generate (bf16, sdpa, random weights in the same shapes), ms per new token at batch 1."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(model_type={"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}[
+        PRESETS[preset]["architectures"][0]], **{k: v for k, v in PRESETS[preset].items() if k != "architectures"})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
+    model = model.to_empty(device="cuda")
+    for prm in model.parameters():
+        prm.data.uniform_(-0.05, 0.05)
+    model.eval()
+    ids = torch.randint(1000, 30000, (1, prompt_len), device="cuda")
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        model.generate(ids, **kw)
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+    del model
+    free_gpu()
+    return ((t2 - t1) - (t1 - t0)) / (new_tokens - 1) * 1e3
+
+
+def offline(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> dict:
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t
+    n_out = sum(len(o.token_ids) for o in outs)
+    return dict(num_prompts=len(prompts), output_tokens=n_out, input_tokens=sum(map(len, prompts)), seconds=dt,
+                output_tok_s=n_out / dt, preemptions=llm.engine.scheduler.num_preemptions)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="results")
+    ap.add_argument("--quick", action="store_true", help="smaller offline runs (for a smoke test)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: the engine benchmark needs a CUDA GPU", file=sys.stderr)
+        return 2
+    bw, mm = copy_bandwidth(), matmul_rate()
+    res: dict = dict(copy_bw_bytes_s=bw, matmul_bf16_flop_s=mm)
+    log = lambda *a: print(*a, flush=True)  # noqa: E731
+
+    hf_ms = hf_decode_ms("llama3-8b")
+    log(f"transformers generate llama3-8b bs1: {hf_ms:.2f} ms/token")
+    llm = LLM("dummy:llama3-8b", device="cuda", max_model_len=8192 + 64)
+    res["kernel_path"] = llm.engine.runner.kernel_path
+    wbytes = weight_bytes("llama3-8b")
+    arch = llm.engine.arch
+    kv_tok = arch.kv_bytes_per_token * 2
+    decode = []
+    for b in (1, 8, 64, 256):
+        ms = decode_steps(llm, b, 256, 24)
+        floor = (wbytes + b * 270 * kv_tok) / bw * 1e3
+        decode.append(dict(batch=b, context=256, step_ms=ms, roofline_ms=floor, out_tok_s=b / ms * 1e3))
+        log(f"decode llama3-8b bs{b}: {ms:.2f} ms/step (floor {floor:.2f} ms)")
+    prefill = []
+    for n in (1024, 2048, 4096, 8192):
+        ms = ttft_ms(llm, n)
+        flops = 2 * wbytes / 2 * n + 4 * arch.num_hidden_layers * arch.num_attention_heads * arch.head_dim * n * n / 2
+        prefill.append(dict(prompt_len=n, ttft_ms=ms, roofline_ms=flops / mm * 1e3, tflops=flops / ms / 1e9))
+        log(f"prefill/TTFT llama3-8b {n}: {ms:.1f} ms (floor {flops / mm * 1e3:.1f} ms)")
+    del llm
+    free_gpu()
+
+    llm = LLM("dummy:qwen3-8b", device="cuda", max_model_len=2048 + 16, max_num_seqs=256)
+    n = 64 if args.quick else 512
+    rng = random.Random(0)
+    prompts = [[rng.randrange(1000, 100000) for _ in range(1024)] for _ in range(n)]
+    q8 = offline(llm, prompts, SamplingParams(temperature=0, max_tokens=1024, ignore_eos=True))
+    log(f"offline qwen3-8b {n}x1024->1024: {q8['output_tok_s']:.0f} out tok/s ({q8['seconds']:.1f} s)")
+    del llm
+    free_gpu()
+
+    llm = LLM("dummy:qwen3-0.6b", device="cuda", max_model_len=4096, max_num_seqs=256)
+    random.seed(0)
+    n = 64 if args.quick else 256
+    lens_in = [random.randint(100, 1024) for _ in range(n)]
+    lens_out = [random.randint(100, 1024) for _ in range(n)]
+    prompts = [[random.randint(0, 10000) for _ in range(li)] for li in lens_in]
+    nv = offline(llm, prompts, [SamplingParams(temperature=0.6, max_tokens=lo, ignore_eos=True) for lo in lens_out])
+    log(f"offline nano-vllm protocol qwen3-0.6b: {nv['output_tok_s']:.0f} out tok/s ({nv['seconds']:.1f} s)")
+    del llm
+    free_gpu()
+
+    bs1 = decode[0]["step_ms"]
+    res.update(
+        summary=dict(device=torch.cuda.get_device_name(), kernel_path=res["kernel_path"],
+                     decode_step_llama3_8b_bs1_ms=bs1, hf_generate_llama3_8b_bs1_ms=hf_ms,
+                     ttft_llama3_8b_2k_ms=next(p["ttft_ms"] for p in prefill if p["prompt_len"] == 2048),
+                     offline_qwen3_8b_out_tok_s=q8["output_tok_s"], offline_nanovllm_protocol_out_tok_s=nv["output_tok_s"]),
+        decode_llama3_8b=decode, prefill_llama3_8b=prefill, offline_qwen3_8b=q8, offline_nanovllm_protocol=nv,
+        provenance=dict(pdcli=__version__, torch=torch.__version__, cuda=torch.version.cuda,
+                        python=platform.python_version(), quick=args.quick, date=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                        command=" ".join(["python -m pdcli.benchmarks.engine", *(argv or sys.argv[1:])])))
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"engine_{device_slug()}.json")
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+    log(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
