@@ -71,12 +71,14 @@ def hf_decode_ms(preset: str, prompt_len: int = 256, new_tokens: int = 64) -> fl
 
     cfg = AutoConfig.for_model(model_type={"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}[
         PRESETS[preset]["architectures"][0]], **{k: v for k, v in PRESETS[preset].items() if k != "architectures"})
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
-    model = model.to_empty(device="cuda")
-    for prm in model.parameters():
-        prm.data.uniform_(-0.05, 0.05)
-    model.eval()
+    cfg.dtype = torch.bfloat16
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    finally:
+        torch.set_default_dtype(prev)
     ids = torch.randint(1000, 30000, (1, prompt_len), device="cuda")
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     with torch.no_grad():
