@@ -1,28 +1,147 @@
-// Python bindings of the pdcli CUDA kernels. Every op runs on the current CUDA stream
-// (so it can be captured in a CUDA graph) and checks its inputs with TORCH_CHECK.
+// Python bindings of the pdcli CUDA kernels. All input checks live here (compiled by the host
+// compiler); the .cu files only launch kernels on validated inputs. Every op runs on the current
+// CUDA stream, so it can be captured in a CUDA graph.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
-// k, v [T, Hk, D]; k_cache, v_cache [num_blocks, block_size, Hk, D]; slot_mapping [T] int64 (< 0: skip)
+void launch_store_kvcache(const void* k, const void* v, void* k_cache, void* v_cache, const int64_t* slot_mapping,
+                          int64_t num_tokens, int64_t k_token_bytes, int64_t v_token_bytes, int64_t row_bytes,
+                          cudaStream_t stream);
+int decode_attention_num_splits(int64_t num_items, int64_t max_context_len, int head_dim, int group);
+void launch_decode_attention(void* out, float* part_o, float* part_lse, const void* q, const void* k_cache,
+                             const void* v_cache, const int* block_tables, const int* context_lens, int batch,
+                             int num_heads, int num_kv_heads, int head_dim, int table_width, int block_size,
+                             int splits, int64_t q_stride, float scale, bool bf16, cudaStream_t stream);
+void launch_prefill_attention(void* out, const void* q, const void* k_cache, const void* v_cache,
+                              const int* block_tables, const int* context_lens, const int* query_start_loc,
+                              int num_heads, int num_kv_heads, int head_dim, int table_width, int block_size,
+                              int batch, int max_query_len, float scale, bool bf16, cudaStream_t stream);
+
+namespace {
+
+void check_cache(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache, const char* op) {
+  TORCH_CHECK(q.is_cuda(), op, ": tensors must be on the GPU");
+  TORCH_CHECK(k_cache.device() == q.device() && v_cache.device() == q.device(), op, ": tensors on different devices");
+  TORCH_CHECK(q.scalar_type() == torch::kBFloat16 || q.scalar_type() == torch::kFloat16, op,
+              ": dtype must be bfloat16 or float16, got ", q.scalar_type());
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(), op,
+              ": dtype mismatch");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  v_cache.sizes() == k_cache.sizes(), op, ": caches must be contiguous [num_blocks, block_size, Hk, D]");
+  const int64_t block_size = k_cache.size(1);
+  TORCH_CHECK(block_size > 0 && (block_size & (block_size - 1)) == 0, op, ": block_size must be a power of two");
+  TORCH_CHECK(k_cache.size(0) * block_size <= INT32_MAX, op, ": more than 2^31 cache slots");
+}
+
+void check_heads(const torch::Tensor& q, const torch::Tensor& k_cache, const char* op) {
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), op, ": q must be [T, Hq, D], heads contiguous");
+  const int64_t D = q.size(2), Hq = q.size(1), Hk = k_cache.size(2);
+  TORCH_CHECK(D == 64 || D == 128, op, ": head_dim must be 64 or 128, got ", D);
+  TORCH_CHECK(k_cache.size(3) == D, op, ": cache head_dim ", k_cache.size(3), " != ", D);
+  TORCH_CHECK(Hk > 0 && Hq % Hk == 0, op, ": ", Hq, " query heads are not a multiple of ", Hk, " kv heads");
+}
+
+void check_table(const torch::Tensor& q, const torch::Tensor& block_tables, const torch::Tensor& context_lens,
+                 int64_t batch, const char* op) {
+  TORCH_CHECK(block_tables.device() == q.device() && context_lens.device() == q.device(), op,
+              ": tensors on different devices");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.scalar_type() == torch::kInt32 && block_tables.is_contiguous() &&
+                  block_tables.size(0) == batch, op, ": block_tables must be contiguous int32 [B, W]");
+  TORCH_CHECK(context_lens.dim() == 1 && context_lens.scalar_type() == torch::kInt32 && context_lens.is_contiguous() &&
+                  context_lens.size(0) == batch, op, ": context_lens must be contiguous int32 [B]");
+  TORCH_CHECK(batch <= 65535, op, ": at most 65535 sequences, got ", batch);
+}
+
+}  // namespace
+
+// k, v [T, Hk, D] (each token's [Hk, D] contiguous); caches [num_blocks, block_size, Hk, D]; slot_mapping [T] int64
+// (< 0: skip the token).
 void store_kvcache(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache,
-                   torch::Tensor slot_mapping);
+                   torch::Tensor slot_mapping) {
+  const char* op = "store_kvcache";
+  TORCH_CHECK(k.is_cuda() && v.device() == k.device() && k_cache.device() == k.device() &&
+                  v_cache.device() == k.device() && slot_mapping.device() == k.device(), op, ": tensors must share one GPU");
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes(), op, ": k, v must be [T, Hk, D]");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes(),
+              op, ": caches must be contiguous [N, bs, Hk, D]");
+  TORCH_CHECK(k.size(1) == k_cache.size(2) && k.size(2) == k_cache.size(3), op, ": head shape mismatch");
+  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == k.scalar_type() &&
+                  v_cache.scalar_type() == k.scalar_type(), op, ": dtype mismatch");
+  TORCH_CHECK(slot_mapping.scalar_type() == torch::kInt64 && slot_mapping.dim() == 1 && slot_mapping.is_contiguous() &&
+                  slot_mapping.numel() == k.size(0), op, ": slot_mapping must be contiguous int64 [T]");
+  for (auto* t : {&k, &v})
+    TORCH_CHECK(t->stride(2) == 1 && t->stride(1) == t->size(2), op, ": each token's [Hk, D] must be contiguous");
+  const int64_t es = k.element_size();
+  const int64_t row_bytes = k.size(1) * k.size(2) * es;
+  TORCH_CHECK(row_bytes % 16 == 0 && (k.stride(0) * es) % 16 == 0 && (v.stride(0) * es) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(k.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(v.data_ptr()) % 16 == 0,
+              op, ": rows must be 16-byte aligned");
+  const c10::cuda::CUDAGuard guard(k.device());
+  launch_store_kvcache(k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr<int64_t>(),
+                       k.size(0), k.stride(0) * es, v.stride(0) * es, row_bytes, at::cuda::getCurrentCUDAStream());
+}
 
 // One query token per sequence. out, q [B, Hq, D]; block_tables [B, W] int32; context_lens [B] int32.
 // num_splits <= 0: chosen from the grid size and max_context_len (an upper bound of context_lens).
 void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                       torch::Tensor block_tables, torch::Tensor context_lens, double scale, int64_t num_splits,
-                      int64_t max_context_len);
+                      int64_t max_context_len) {
+  const char* op = "decode_attention";
+  check_cache(q, k_cache, v_cache, op);
+  check_heads(q, k_cache, op);
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type() &&
+                  out.device() == q.device(), op, ": out must be contiguous, shaped like q");
+  const int64_t B = q.size(0), Hq = q.size(1), Hk = k_cache.size(2), D = q.size(2);
+  check_table(q, block_tables, context_lens, B, op);
+  const int64_t G = Hq / Hk;
+  TORCH_CHECK(G == 1 || G == 2 || G == 4 || G == 8, op, ": query heads per kv head must be 1, 2, 4 or 8, got ", G);
+  if (B == 0) return;
+  const c10::cuda::CUDAGuard guard(q.device());
+  int64_t splits = num_splits > 0 ? num_splits : decode_attention_num_splits(B * Hk, max_context_len, D, G);
+  splits = std::min<int64_t>(splits, 256);
+  torch::Tensor part_o, part_lse;
+  if (splits > 1) {
+    part_o = torch::empty({B, Hq, splits, D}, q.options().dtype(torch::kFloat32));
+    part_lse = torch::empty({B, Hq, splits}, q.options().dtype(torch::kFloat32));
+  }
+  launch_decode_attention(out.data_ptr(), splits > 1 ? part_o.data_ptr<float>() : nullptr,
+                          splits > 1 ? part_lse.data_ptr<float>() : nullptr, q.data_ptr(), k_cache.data_ptr(),
+                          v_cache.data_ptr(), block_tables.data_ptr<int>(), context_lens.data_ptr<int>(), B, Hq, Hk, D,
+                          block_tables.size(1), k_cache.size(1), splits, q.stride(0), float(scale),
+                          q.scalar_type() == torch::kBFloat16, at::cuda::getCurrentCUDAStream());
+}
 
 // Varlen chunked prefill: sequence b's new tokens q[query_start_loc[b]:query_start_loc[b+1]] attend causally
 // (bottom-right aligned) to its context_lens[b] cached tokens, which include themselves.
-// out, q [T, Hq, D]; query_start_loc [B + 1] int32.
+// out, q [T, Hq, D] contiguous; query_start_loc [B + 1] int32; max_query_len >= every q_len, <= T.
 void prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                        torch::Tensor block_tables, torch::Tensor context_lens, torch::Tensor query_start_loc,
-                       int64_t max_query_len, double scale);
+                       int64_t max_query_len, double scale) {
+  const char* op = "prefill_attention";
+  check_cache(q, k_cache, v_cache, op);
+  check_heads(q, k_cache, op);
+  TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && out.sizes() == q.sizes() &&
+                  out.scalar_type() == q.scalar_type() && out.device() == q.device(), op,
+              ": q and out must be contiguous [T, Hq, D] alike");
+  const int64_t T = q.size(0), B = block_tables.size(0);
+  check_table(q, block_tables, context_lens, B, op);
+  TORCH_CHECK(query_start_loc.device() == q.device() && query_start_loc.dim() == 1 && query_start_loc.size(0) == B + 1 &&
+                  query_start_loc.scalar_type() == torch::kInt32 && query_start_loc.is_contiguous(), op,
+              ": query_start_loc must be contiguous int32 [B + 1]");
+  TORCH_CHECK(T * q.size(1) * q.size(2) < (int64_t(1) << 62), op, ": q too large");
+  if (T == 0 || B == 0 || max_query_len <= 0) return;
+  TORCH_CHECK(max_query_len <= T && max_query_len <= 65535LL * 128, op, ": max_query_len ", max_query_len,
+              " exceeds the number of tokens ", T, " or 65535 * 128");
+  const c10::cuda::CUDAGuard guard(q.device());
+  launch_prefill_attention(out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr<int>(),
+                           context_lens.data_ptr<int>(), query_start_loc.data_ptr<int>(), q.size(1), k_cache.size(2),
+                           q.size(2), block_tables.size(1), k_cache.size(1), B, max_query_len, float(scale),
+                           q.scalar_type() == torch::kBFloat16, at::cuda::getCurrentCUDAStream());
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("store_kvcache", &store_kvcache, "write new K/V rows into their cache slots");
   m.def("decode_attention", &decode_attention, "paged GQA decode attention, split-KV");
-#ifdef PDCLI_HAS_PREFILL
   m.def("prefill_attention", &prefill_attention, "paged varlen causal prefill attention");
-#endif
 }

@@ -6,9 +6,9 @@
 // 8-element slice of the G query vectors and of the G output accumulators in registers, loads
 // K/V with 16-byte streaming loads (UNROLL rows in flight per lane), reduces q.k across its LPR
 // lanes with shuffles and runs an online softmax in the exp2 domain with fp32 state.
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <torch/extension.h>
+
+#include <algorithm>
 
 #include "common.cuh"
 
@@ -190,43 +190,45 @@ __global__ void merge_splits_kernel(T* __restrict__ out, const float* __restrict
   }
 }
 
+struct DecodeArgs {
+  void* out;
+  float* part_o;    // [B, Hq, splits, D], when splits > 1
+  float* part_lse;  // [B, Hq, splits]
+  const void* q;
+  const void* k_cache;
+  const void* v_cache;
+  const int* block_tables;
+  const int* context_lens;
+  int batch, num_heads, num_kv_heads, table_width, block_size, splits;
+  int64_t q_stride;
+  float scale_log2;
+  cudaStream_t stream;
+};
+
 template <typename T, int D, int G>
-void launch(torch::Tensor& out, torch::Tensor& q, torch::Tensor& k_cache, torch::Tensor& v_cache,
-            torch::Tensor& block_tables, torch::Tensor& context_lens, float scale_log2, int num_splits) {
-  const int B = q.size(0), Hq = q.size(1), Hk = k_cache.size(2);
-  auto stream = at::cuda::getCurrentCUDAStream();
-  torch::Tensor part_o, part_lse;
-  if (num_splits > 1) {
-    part_o = torch::empty({B, Hq, num_splits, D}, q.options().dtype(torch::kFloat32));
-    part_lse = torch::empty({B, Hq, num_splits}, q.options().dtype(torch::kFloat32));
-  }
-  dim3 grid(num_splits, Hk, B);
-  decode_attention_kernel<T, D, G><<<grid, kWarps * 32, 0, stream>>>(
-      reinterpret_cast<T*>(out.data_ptr()), num_splits > 1 ? part_o.data_ptr<float>() : nullptr,
-      num_splits > 1 ? part_lse.data_ptr<float>() : nullptr, reinterpret_cast<const T*>(q.data_ptr()),
-      reinterpret_cast<const T*>(k_cache.data_ptr()), reinterpret_cast<const T*>(v_cache.data_ptr()),
-      block_tables.data_ptr<int>(), context_lens.data_ptr<int>(), block_tables.size(1), k_cache.size(1), Hk,
-      q.stride(0), scale_log2);
+void launch(const DecodeArgs& a) {
+  dim3 grid(a.splits, a.num_kv_heads, a.batch);
+  decode_attention_kernel<T, D, G><<<grid, kWarps * 32, 0, a.stream>>>(
+      static_cast<T*>(a.out), a.part_o, a.part_lse, static_cast<const T*>(a.q), static_cast<const T*>(a.k_cache),
+      static_cast<const T*>(a.v_cache), a.block_tables, a.context_lens, a.table_width, a.block_size, a.num_kv_heads,
+      a.q_stride, a.scale_log2);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (num_splits > 1) {
-    merge_splits_kernel<T, D><<<B * Hq, D, 0, stream>>>(reinterpret_cast<T*>(out.data_ptr()), part_o.data_ptr<float>(),
-                                                        part_lse.data_ptr<float>(), num_splits);
+  if (a.splits > 1) {
+    merge_splits_kernel<T, D><<<a.batch * a.num_heads, D, 0, a.stream>>>(static_cast<T*>(a.out), a.part_o,
+                                                                          a.part_lse, a.splits);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
 template <typename T, int D>
-void dispatch_group(int G, torch::Tensor& out, torch::Tensor& q, torch::Tensor& k_cache, torch::Tensor& v_cache,
-                    torch::Tensor& block_tables, torch::Tensor& context_lens, float scale_log2, int num_splits) {
+void dispatch_group(int G, const DecodeArgs& a) {
   switch (G) {
-    case 1: return launch<T, D, 1>(out, q, k_cache, v_cache, block_tables, context_lens, scale_log2, num_splits);
-    case 2: return launch<T, D, 2>(out, q, k_cache, v_cache, block_tables, context_lens, scale_log2, num_splits);
-    case 4: return launch<T, D, 4>(out, q, k_cache, v_cache, block_tables, context_lens, scale_log2, num_splits);
-    case 8: return launch<T, D, 8>(out, q, k_cache, v_cache, block_tables, context_lens, scale_log2, num_splits);
-    default: TORCH_CHECK(false, "decode_attention: query heads per kv head must be 1, 2, 4 or 8, got ", G);
+    case 1: return launch<T, D, 1>(a);
+    case 2: return launch<T, D, 2>(a);
+    case 4: return launch<T, D, 4>(a);
+    default: return launch<T, D, 8>(a);
   }
 }
-
 
 // CTAs of the decode kernel that fit on the GPU at once.
 int resident_ctas(int D, int G) {
@@ -237,7 +239,10 @@ int resident_ctas(int D, int G) {
   PDCLI_FN(128, 1) PDCLI_FN(128, 2) PDCLI_FN(128, 4) PDCLI_FN(128, 8)
 #undef PDCLI_FN
   if (fn) C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, kWarps * 32, 0));
-  return std::max(1, per_sm) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int device = 0, sms = 1;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return std::max(1, per_sm) * sms;
 }
 
 // Splits per (sequence, kv head): enough CTAs to fill the GPU, with the last wave as full as possible,
@@ -262,38 +267,21 @@ int choose_num_splits(int64_t num_items, int64_t max_context_len, int resident) 
 
 }  // namespace
 
-void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                      torch::Tensor block_tables, torch::Tensor context_lens, double scale, int64_t num_splits,
-                      int64_t max_context_len) {
-  TORCH_CHECK(q.is_cuda() && out.is_cuda() && k_cache.is_cuda() && v_cache.is_cuda() && block_tables.is_cuda() &&
-                  context_lens.is_cuda(), "decode_attention: all tensors must be on the GPU");
-  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "decode_attention: q must be [B, Hq, D] with contiguous heads");
-  TORCH_CHECK(out.is_contiguous() && out.sizes() == q.sizes(), "decode_attention: out must be contiguous like q");
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes(),
-              "decode_attention: caches must be contiguous [N, bs, Hk, D]");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && v_cache.scalar_type() == q.scalar_type() &&
-                  out.scalar_type() == q.scalar_type(), "decode_attention: dtype mismatch");
-  TORCH_CHECK(block_tables.scalar_type() == torch::kInt32 && block_tables.is_contiguous() && block_tables.size(0) == q.size(0),
-              "decode_attention: block_tables must be contiguous int32 [B, W]");
-  TORCH_CHECK(context_lens.scalar_type() == torch::kInt32 && context_lens.numel() == q.size(0),
-              "decode_attention: context_lens must be int32 [B]");
-  const int D = q.size(2), Hq = q.size(1), Hk = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == D && Hq % Hk == 0, "decode_attention: head shape mismatch");
-  if (q.size(0) == 0) return;
-  int splits = num_splits > 0 ? num_splits : choose_num_splits(q.size(0) * Hk, max_context_len, resident_ctas(D, Hq / Hk));
-  splits = std::min(splits, 256);
-  const float scale_log2 = float(scale) * 1.4426950408889634f;
-  const int G = Hq / Hk;
-#define PDCLI_DISPATCH_D(T)                                                                                      \
-  if (D == 128) dispatch_group<T, 128>(G, out, q, k_cache, v_cache, block_tables, context_lens, scale_log2, splits); \
-  else if (D == 64) dispatch_group<T, 64>(G, out, q, k_cache, v_cache, block_tables, context_lens, scale_log2, splits); \
-  else TORCH_CHECK(false, "decode_attention: head_dim must be 64 or 128, got ", D);
-  if (q.scalar_type() == torch::kBFloat16) {
-    PDCLI_DISPATCH_D(__nv_bfloat16)
-  } else if (q.scalar_type() == torch::kFloat16) {
-    PDCLI_DISPATCH_D(__half)
+int decode_attention_num_splits(int64_t num_items, int64_t max_context_len, int head_dim, int group) {
+  return choose_num_splits(num_items, max_context_len, resident_ctas(head_dim, group));
+}
+
+// Inputs are validated by the caller (bindings.cpp): head_dim 64 | 128, group 1 | 2 | 4 | 8.
+void launch_decode_attention(void* out, float* part_o, float* part_lse, const void* q, const void* k_cache,
+                             const void* v_cache, const int* block_tables, const int* context_lens, int batch,
+                             int num_heads, int num_kv_heads, int head_dim, int table_width, int block_size,
+                             int splits, int64_t q_stride, float scale, bool bf16, cudaStream_t stream) {
+  const DecodeArgs a{out, part_o, part_lse, q, k_cache, v_cache, block_tables, context_lens, batch, num_heads,
+                     num_kv_heads, table_width, block_size, splits, q_stride, scale * 1.4426950408889634f, stream};
+  const int G = num_heads / num_kv_heads;
+  if (bf16) {
+    if (head_dim == 128) dispatch_group<__nv_bfloat16, 128>(G, a); else dispatch_group<__nv_bfloat16, 64>(G, a);
   } else {
-    TORCH_CHECK(false, "decode_attention: dtype must be bfloat16 or float16");
+    if (head_dim == 128) dispatch_group<__half, 128>(G, a); else dispatch_group<__half, 64>(G, a);
   }
-#undef PDCLI_DISPATCH_D
 }

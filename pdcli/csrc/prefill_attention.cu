@@ -8,9 +8,7 @@
 //   cp.async into a 2-stage (double-buffered) shared-memory ring: tile n+1 loads while tile n computes.
 // Shared memory rows are 16-byte chunks XOR-swizzled by (row & 7): ldmatrix and the cp.async
 // writes are bank-conflict free.
-#include <torch/extension.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -382,7 +380,8 @@ void launch(const Params& p, int batch, int max_query_len, cudaStream_t stream) 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Tile shape of the D = 128 kernel, read once from PDCLI_PREFILL_TILE (for benchmarking):
+// Tile shape of the D = 128 kernel, read once from PDCLI_PREFILL_TILE (for benchmarking; unknown values
+// fall back to the default):
 //   "128x32"   (default) 32-key tiles, 4 warps x 32 rows: no spills; fastest on H100 (329 TFLOP/s at 8k)
 //   "128x64"   128 query rows x 64-key tiles, 4 warps x 32 rows: FA2's shape, 255 registers, spills a little
 //   "128x64w8" 8 warps x 16 rows: 128 registers, more shared-memory traffic per flop
@@ -390,10 +389,9 @@ int d128_tile() {
   static const int tile = [] {
     const char* env = std::getenv("PDCLI_PREFILL_TILE");
     const std::string v = env ? env : "";
-    if (v.empty() || v == "128x32") return 1;
     if (v == "128x64") return 0;
     if (v == "128x64w8") return 2;
-    TORCH_CHECK(false, "PDCLI_PREFILL_TILE must be 128x64, 128x32 or 128x64w8, got ", v);
+    return 1;
   }();
   return tile;
 }
@@ -413,71 +411,29 @@ void dispatch_head_dim(const Params& p, int head_dim, int batch, int max_query_l
 
 }  // namespace
 
-void prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                       torch::Tensor block_tables, torch::Tensor context_lens, torch::Tensor query_start_loc,
-                       int64_t max_query_len, double scale) {
-  TORCH_CHECK(q.is_cuda(), "prefill_attention: q must be a CUDA tensor");
-  for (const auto* t : {&out, &k_cache, &v_cache, &block_tables, &context_lens, &query_start_loc})
-    TORCH_CHECK(t->device() == q.device(), "prefill_attention: all tensors must be on ", q.device());
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
-              "prefill_attention: q must be bfloat16 or float16, got ", q.scalar_type());
-  TORCH_CHECK(out.scalar_type() == q.scalar_type() && k_cache.scalar_type() == q.scalar_type() &&
-                  v_cache.scalar_type() == q.scalar_type(),
-              "prefill_attention: out, q, k_cache, v_cache must share one dtype");
-  TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes(), "prefill_attention: q and out must be [T, Hq, D] alike");
-  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
-              "prefill_attention: k_cache and v_cache must be [num_blocks, block_size, Hk, D] alike");
-  TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(),
-              "prefill_attention: q, out, k_cache, v_cache must be contiguous");
-  const int64_t num_tokens = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
-  const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
-  TORCH_CHECK(head_dim == 64 || head_dim == 128, "prefill_attention: head_dim must be 64 or 128, got ", head_dim);
-  TORCH_CHECK(k_cache.size(3) == head_dim, "prefill_attention: cache head_dim ", k_cache.size(3), " != ", head_dim);
-  TORCH_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0,
-              "prefill_attention: num_heads ", num_heads, " not a multiple of num_kv_heads ", num_kv_heads);
-  TORCH_CHECK(block_size > 0 && (block_size & (block_size - 1)) == 0,
-              "prefill_attention: block_size must be a power of two, got ", block_size);
-  TORCH_CHECK(block_tables.dim() == 2 && block_tables.scalar_type() == at::kInt && block_tables.is_contiguous(),
-              "prefill_attention: block_tables must be a contiguous [B, W] int32 tensor");
-  const int64_t batch = block_tables.size(0);
-  TORCH_CHECK(context_lens.dim() == 1 && context_lens.size(0) == batch && context_lens.scalar_type() == at::kInt &&
-                  context_lens.is_contiguous(),
-              "prefill_attention: context_lens must be a contiguous [B] int32 tensor");
-  TORCH_CHECK(query_start_loc.dim() == 1 && query_start_loc.size(0) == batch + 1 &&
-                  query_start_loc.scalar_type() == at::kInt && query_start_loc.is_contiguous(),
-              "prefill_attention: query_start_loc must be a contiguous [B + 1] int32 tensor");
-  TORCH_CHECK(batch <= 65535, "prefill_attention: at most 65535 sequences, got ", batch);
-  TORCH_CHECK(k_cache.size(0) * block_size <= INT32_MAX, "prefill_attention: more than 2^31 cache slots");
-  TORCH_CHECK(num_tokens * num_heads * head_dim < (int64_t(1) << 62) && num_heads <= INT32_MAX,
-              "prefill_attention: q too large");
-  if (num_tokens == 0 || batch == 0 || max_query_len <= 0) return;
-  TORCH_CHECK(max_query_len <= num_tokens && max_query_len <= 65535LL * 128, "prefill_attention: max_query_len ",
-              max_query_len, " exceeds the number of tokens ", num_tokens, " or 65535 * 128");
-
-  const at::cuda::OptionalCUDAGuard device_guard(q.device());
+// Inputs are validated by the caller (bindings.cpp); errors here come only from the CUDA runtime.
+void launch_prefill_attention(void* out, const void* q, const void* k_cache, const void* v_cache,
+                              const int* block_tables, const int* context_lens, const int* query_start_loc,
+                              int num_heads, int num_kv_heads, int head_dim, int table_width, int block_size,
+                              int batch, int max_query_len, float scale, bool bf16, cudaStream_t stream) {
   Params p;
-  p.out = out.data_ptr();
-  p.q = q.data_ptr();
-  p.k_cache = k_cache.data_ptr();
-  p.v_cache = v_cache.data_ptr();
-  p.block_tables = block_tables.data_ptr<int>();
-  p.context_lens = context_lens.data_ptr<int>();
-  p.query_start_loc = query_start_loc.data_ptr<int>();
-  p.num_heads = static_cast<int>(num_heads);
-  p.num_kv_heads = static_cast<int>(num_kv_heads);
-  p.group = static_cast<int>(num_heads / num_kv_heads);
-  p.table_width = static_cast<int>(block_tables.size(1));
+  p.out = out;
+  p.q = q;
+  p.k_cache = k_cache;
+  p.v_cache = v_cache;
+  p.block_tables = block_tables;
+  p.context_lens = context_lens;
+  p.query_start_loc = query_start_loc;
+  p.num_heads = num_heads;
+  p.num_kv_heads = num_kv_heads;
+  p.group = num_heads / num_kv_heads;
+  p.table_width = table_width;
   int shift = 0;
-  while ((int64_t(1) << shift) < block_size) ++shift;
+  while ((1 << shift) < block_size) ++shift;
   p.block_shift = shift;
-  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);  // log2(e)
-
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  if (q.scalar_type() == at::kBFloat16) {
-    dispatch_head_dim<__nv_bfloat16>(p, static_cast<int>(head_dim), static_cast<int>(batch),
-                                     static_cast<int>(max_query_len), stream);
-  } else {
-    dispatch_head_dim<__half>(p, static_cast<int>(head_dim), static_cast<int>(batch),
-                              static_cast<int>(max_query_len), stream);
-  }
+  p.scale_log2 = scale * 1.4426950408889634f;  // log2(e)
+  if (bf16)
+    dispatch_head_dim<__nv_bfloat16>(p, head_dim, batch, max_query_len, stream);
+  else
+    dispatch_head_dim<__half>(p, head_dim, batch, max_query_len, stream);
 }

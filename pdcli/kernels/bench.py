@@ -127,16 +127,15 @@ def bench_prefill(mod, seq_len, hq=32, hk=8, d=128, block_size=16, dtype=torch.b
                                                   enable_gqa=True)
     row = dict(seq_len=seq_len, hq=hq, hk=hk, head_dim=d, sdpa_us=time_us(sdpa, iters=10))
     row["sdpa_tflops"] = flops / row["sdpa_us"] / 1e6
-    if hasattr(mod, "prefill_attention"):
-        out = torch.full_like(q, float("nan"))
-        mod.prefill_attention(out, q, kc, vc, tables, lens, qsl, seq_len, scale)
-        ref = sdpa()[0].transpose(0, 1)
-        ref32 = F.scaled_dot_product_attention(q.transpose(0, 1)[None].float(), k.float(), v.float(), is_causal=True,
-                                               scale=scale, enable_gqa=True)[0].transpose(0, 1)
-        row.update(rel_err=rel_err(out, ref32), sdpa_rel_err=rel_err(ref, ref32))
-        row["correct"] = bool(row["rel_err"] <= 2 * row["sdpa_rel_err"] + 1e-3 and not out.isnan().any())
-        row["us"] = time_us(lambda: mod.prefill_attention(out, q, kc, vc, tables, lens, qsl, seq_len, scale), iters=10)
-        row["tflops"] = flops / row["us"] / 1e6
+    out = torch.full_like(q, float("nan"))
+    mod.prefill_attention(out, q, kc, vc, tables, lens, qsl, seq_len, scale)
+    ref = sdpa()[0].transpose(0, 1)
+    ref32 = F.scaled_dot_product_attention(q.transpose(0, 1)[None].float(), k.float(), v.float(), is_causal=True,
+                                           scale=scale, enable_gqa=True)[0].transpose(0, 1)
+    row.update(rel_err=rel_err(out, ref32), sdpa_rel_err=rel_err(ref, ref32))
+    row["correct"] = bool(row["rel_err"] <= 2 * row["sdpa_rel_err"] + 1e-3 and not out.isnan().any())
+    row["us"] = time_us(lambda: mod.prefill_attention(out, q, kc, vc, tables, lens, qsl, seq_len, scale), iters=10)
+    row["tflops"] = flops / row["us"] / 1e6
     return row
 
 
@@ -151,8 +150,8 @@ def main(argv=None) -> int:
     mod = build.load()
     if args.prefill_only:
         for r in [bench_prefill(mod, n) for n in (2048, 8192)]:
-            print(f"prefill {r['seq_len']:>5}: ours {r.get('tflops', float('nan')):6.1f} TFLOP/s  sdpa "
-                  f"{r['sdpa_tflops']:6.1f} TFLOP/s correct={r.get('correct')}")
+            print(f"prefill {r['seq_len']:>5}: ours {r['tflops']:6.1f} TFLOP/s  sdpa "
+                  f"{r['sdpa_tflops']:6.1f} TFLOP/s correct={r['correct']}")
         return 0
     copy_bw, mm = copy_bandwidth(), matmul_rate()
     print(f"{torch.cuda.get_device_name()}: copy {copy_bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s")
@@ -167,15 +166,15 @@ def main(argv=None) -> int:
     for r in store:
         print(f"store {r['num_tokens']:>6} tokens: {r['us']:7.1f} us {r['gb_s']:7.0f} GB/s correct={r['correct']}")
     for r in prefill:
-        print(f"prefill {r['seq_len']:>5}: ours {r.get('tflops', float('nan')):6.1f} TFLOP/s  sdpa {r['sdpa_tflops']:6.1f} "
-              f"TFLOP/s correct={r.get('correct')}")
+        print(f"prefill {r['seq_len']:>5}: ours {r['tflops']:6.1f} TFLOP/s  sdpa {r['sdpa_tflops']:6.1f} "
+              f"TFLOP/s correct={r['correct']}")
     d64 = next(r for r in decode if r["batch"] == 64 and r["ctx"] == 4096)
     d1 = next(r for r in decode if r["batch"] == 1 and r["ctx"] == 32768)
     p8 = next(r for r in prefill if r["seq_len"] == 8192)
     result = dict(
         summary=dict(device=torch.cuda.get_device_name(), kernel_path="cuda",
                      decode_attn_b64_ctx4k_us=d64["us"], decode_attn_b64_ctx4k_sdpa_us=d64["sdpa_contiguous_us"],
-                     decode_attn_b1_ctx32k_bw_frac=d1["frac_copy_bw"], prefill_attn_8k_tflops=p8.get("tflops")),
+                     decode_attn_b1_ctx32k_bw_frac=d1["frac_copy_bw"], prefill_attn_8k_tflops=p8["tflops"]),
         copy_bw_bytes_s=copy_bw, matmul_bf16_flop_s=mm, decode=decode, store=store, prefill=prefill,
         provenance=dict(pdcli=__version__, torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
                         command=" ".join(["python -m pdcli.kernels.bench", *(argv or sys.argv[1:])]),
@@ -185,7 +184,7 @@ def main(argv=None) -> int:
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {path}")
-    return 0 if all(r["correct"] for r in decode + store) and all(r.get("correct", True) for r in prefill) else 1
+    return 0 if all(r["correct"] for r in decode + store) and all(r["correct"] for r in prefill) else 1
 
 
 if __name__ == "__main__":

@@ -76,10 +76,8 @@ def load():
     os.makedirs(build_dir, exist_ok=True)
     cold = not any(f.endswith(".so") for f in os.listdir(build_dir))
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch
-    sources = [os.path.join(CSRC, s) for s in SOURCES if os.path.isfile(os.path.join(CSRC, s))]
-    defines = ["-DPDCLI_HAS_PREFILL"] if any(s.endswith("prefill_attention.cu") for s in sources) else []
-    kwargs = dict(name=f"pdcli_kernels_{key}", sources=sources,
-                  build_directory=build_dir, extra_cflags=["-O3", "-std=c++17", *defines],
+    kwargs = dict(name=f"pdcli_kernels_{key}", sources=[os.path.join(CSRC, s) for s in SOURCES],
+                  build_directory=build_dir, extra_cflags=["-O3", "-std=c++17"],
                   extra_cuda_cflags=["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
                                      "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__",
                                      "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF_CONVERSIONS__"],

@@ -43,7 +43,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx
         mod.decode_attention(out, q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale, ctx.num_splits,
                              ctx.max_context_len)
         return out
-    if mod is not None and hasattr(mod, "prefill_attention"):
+    if mod is not None:
         out = torch.empty_like(q)
         mod.prefill_attention(out, q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, ctx.query_start_loc,
                               ctx.max_query_len, scale)
