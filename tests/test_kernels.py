@@ -124,3 +124,15 @@ def test_cuda_graph_decode_equals_eager(tiny_model_dir, prompts):
     b = [o.token_ids for o in eager.generate(prompts, p)]
     assert a == b
     assert graphed.engine.num_free_blocks() == graphed.engine.runner.num_blocks
+
+
+def test_bad_inputs_raise_not_crash(mod):
+    q = torch.randn(2, 8, 96, device="cuda", dtype=torch.bfloat16)
+    kc = torch.zeros(4, 16, 2, 96, device="cuda", dtype=torch.bfloat16)
+    tables = torch.zeros(2, 1, dtype=torch.int32, device="cuda")
+    lens = torch.ones(2, dtype=torch.int32, device="cuda")
+    with pytest.raises(RuntimeError, match="head_dim must be 64 or 128, got 96"):
+        mod.decode_attention(torch.empty_like(q), q, kc, kc, tables, lens, 0.1, 0, 1)
+    k = torch.randn(2, 2, 96, device="cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="dtype mismatch"):
+        mod.store_kvcache(k, k, kc, kc, torch.zeros(2, dtype=torch.long, device="cuda"))
