@@ -5,6 +5,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include <string>
+
 void launch_store_kvcache(const void* k, const void* v, void* k_cache, void* v_cache, const int64_t* slot_mapping,
                           int64_t num_tokens, int64_t k_token_bytes, int64_t v_token_bytes, int64_t row_bytes,
                           cudaStream_t stream);
@@ -20,11 +22,15 @@ void launch_prefill_attention(void* out, const void* q, const void* k_cache, con
 
 namespace {
 
+// Numbers go into messages as strings: streaming integers into c10::str from this extension crashed the
+// process on the device image (a libstdc++ locale-facet mismatch, seen with torch 2.11), strings did not.
+std::string num(int64_t x) { return std::to_string(x); }
+
 void check_cache(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache, const char* op) {
   TORCH_CHECK(q.is_cuda(), op, ": tensors must be on the GPU");
   TORCH_CHECK(k_cache.device() == q.device() && v_cache.device() == q.device(), op, ": tensors on different devices");
   TORCH_CHECK(q.scalar_type() == torch::kBFloat16 || q.scalar_type() == torch::kFloat16, op,
-              ": dtype must be bfloat16 or float16, got ", q.scalar_type());
+              ": dtype must be bfloat16 or float16, got ", c10::toString(q.scalar_type()));
   TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(), op,
               ": dtype mismatch");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
@@ -37,9 +43,9 @@ void check_cache(const torch::Tensor& q, const torch::Tensor& k_cache, const tor
 void check_heads(const torch::Tensor& q, const torch::Tensor& k_cache, const char* op) {
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), op, ": q must be [T, Hq, D], heads contiguous");
   const int64_t D = q.size(2), Hq = q.size(1), Hk = k_cache.size(2);
-  TORCH_CHECK(D == 64 || D == 128, op, ": head_dim must be 64 or 128, got ", D);
-  TORCH_CHECK(k_cache.size(3) == D, op, ": cache head_dim ", k_cache.size(3), " != ", D);
-  TORCH_CHECK(Hk > 0 && Hq % Hk == 0, op, ": ", Hq, " query heads are not a multiple of ", Hk, " kv heads");
+  TORCH_CHECK(D == 64 || D == 128, op, ": head_dim must be 64 or 128, got ", num(D));
+  TORCH_CHECK(k_cache.size(3) == D, op, ": cache head_dim ", num(k_cache.size(3)), " != ", num(D));
+  TORCH_CHECK(Hk > 0 && Hq % Hk == 0, op, ": ", num(Hq), " query heads are not a multiple of ", num(Hk), " kv heads");
 }
 
 void check_table(const torch::Tensor& q, const torch::Tensor& block_tables, const torch::Tensor& context_lens,
@@ -50,7 +56,7 @@ void check_table(const torch::Tensor& q, const torch::Tensor& block_tables, cons
                   block_tables.size(0) == batch, op, ": block_tables must be contiguous int32 [B, W]");
   TORCH_CHECK(context_lens.dim() == 1 && context_lens.scalar_type() == torch::kInt32 && context_lens.is_contiguous() &&
                   context_lens.size(0) == batch, op, ": context_lens must be contiguous int32 [B]");
-  TORCH_CHECK(batch <= 65535, op, ": at most 65535 sequences, got ", batch);
+  TORCH_CHECK(batch <= 65535, op, ": at most 65535 sequences, got ", num(batch));
 }
 
 }  // namespace
@@ -95,7 +101,7 @@ void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
   const int64_t B = q.size(0), Hq = q.size(1), Hk = k_cache.size(2), D = q.size(2);
   check_table(q, block_tables, context_lens, B, op);
   const int64_t G = Hq / Hk;
-  TORCH_CHECK(G == 1 || G == 2 || G == 4 || G == 8, op, ": query heads per kv head must be 1, 2, 4 or 8, got ", G);
+  TORCH_CHECK(G == 1 || G == 2 || G == 4 || G == 8, op, ": query heads per kv head must be 1, 2, 4 or 8, got ", num(G));
   if (B == 0) return;
   const c10::cuda::CUDAGuard guard(q.device());
   int64_t splits = num_splits > 0 ? num_splits : decode_attention_num_splits(B * Hk, max_context_len, D, G);
@@ -131,8 +137,8 @@ void prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache
               ": query_start_loc must be contiguous int32 [B + 1]");
   TORCH_CHECK(T * q.size(1) * q.size(2) < (int64_t(1) << 62), op, ": q too large");
   if (T == 0 || B == 0 || max_query_len <= 0) return;
-  TORCH_CHECK(max_query_len <= T && max_query_len <= 65535LL * 128, op, ": max_query_len ", max_query_len,
-              " exceeds the number of tokens ", T, " or 65535 * 128");
+  TORCH_CHECK(max_query_len <= T && max_query_len <= 65535LL * 128, op, ": max_query_len ", num(max_query_len),
+              " exceeds the number of tokens ", num(T), " or 65535 * 128");
   const c10::cuda::CUDAGuard guard(q.device());
   launch_prefill_attention(out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr<int>(),
                            context_lens.data_ptr<int>(), query_start_loc.data_ptr<int>(), q.size(1), k_cache.size(2),
