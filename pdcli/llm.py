@@ -23,7 +23,10 @@ class LLM:
     def stream(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                chat: bool = False) -> Iterator[StepDelta]:
         """Yield every new token of every request as it is generated; all requests run batched."""
-        ids = self.request_ids = self._add(prompts, sampling_params, chat)
+        return self._run(prompts, sampling_params, chat, stream=True)
+
+    def _run(self, prompts, sampling_params, chat: bool, stream: bool) -> Iterator[StepDelta]:
+        ids = self.request_ids = self._add(prompts, sampling_params, chat, stream)
         try:
             while self.engine.has_unfinished_requests():
                 yield from self.engine.step()
@@ -35,11 +38,11 @@ class LLM:
 
     def generate(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  chat: bool = False) -> list[RequestOutput]:
-        for _ in self.stream(prompts, sampling_params, chat):
+        for _ in self._run(prompts, sampling_params, chat, stream=False):
             pass
         return self._outputs
 
-    def _add(self, prompts, sampling_params, chat: bool) -> list[str]:
+    def _add(self, prompts, sampling_params, chat: bool, stream: bool) -> list[str]:
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -49,4 +52,4 @@ class LLM:
             raise ValueError(f"{len(prompts)} prompts but {len(sampling_params)} sampling params")
         for p in prompts:  # validate all before admitting any
             self.engine.validate_prompt(self.engine.encode(p, chat))
-        return [self.engine.add_request(p, sp, chat=chat) for p, sp in zip(prompts, sampling_params)]
+        return [self.engine.add_request(p, sp, chat=chat, stream=stream) for p, sp in zip(prompts, sampling_params)]

@@ -92,6 +92,10 @@ class BlockManager:
     def allocate(self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] = ()) -> bool:
         """Grow seq's block table to hold its computed tokens plus num_new_tokens, copying a shared
         block it will write into (the copy goes to `pending_copies`). False if the pool is full."""
+        table = seq.block_table
+        if (not cached_blocks and seq.num_computed_tokens + num_new_tokens <= len(table) * self.block_size
+                and self.ref_count[table[seq.num_computed_tokens // self.block_size]] == 1):
+            return True  # fits in blocks it owns alone: the common decode step
         if not self.can_allocate(seq, num_new_tokens, cached_blocks):
             return False
         if cached_blocks:
@@ -135,6 +139,8 @@ class BlockManager:
             return
         hashes = self.seq_hashes.setdefault(seq.seq_id, [])
         num_full = seq.num_computed_tokens // self.block_size
+        if num_full <= len(hashes):
+            return
         for i in range(len(hashes), num_full):
             h = block_hash(hashes[-1] if hashes else None,
                            seq.token_ids[i * self.block_size:(i + 1) * self.block_size])

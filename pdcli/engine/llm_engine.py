@@ -51,6 +51,7 @@ class Request:
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
+    stream: bool = False  # detokenize every step (else once, when a completion finishes)
     seqs: list[Sequence] = field(default_factory=list)
     finished_time: float | None = None
 
@@ -103,7 +104,7 @@ class LLMEngine:
         return list(prompt)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, chat: bool = False) -> str:
+                    request_id: str | None = None, chat: bool = False, stream: bool = False) -> str:
         params = params or SamplingParams()
         ids = self.encode(prompt, chat)
         self.validate_prompt(ids)
@@ -112,7 +113,8 @@ class LLMEngine:
             raise PromptError(f"request id {request_id!r} is already in use")
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         seq = Sequence(request_id, ids, params, seed)
-        self.requests[request_id] = Request(request_id, prompt if isinstance(prompt, str) else None, ids, params, [seq])
+        self.requests[request_id] = Request(request_id, prompt if isinstance(prompt, str) else None, ids, params,
+                                            stream, [seq])
         self.scheduler.add(seq)
         return request_id
 
@@ -146,22 +148,36 @@ class LLMEngine:
         deltas = []
         for seq in touched:
             req = self.requests[seq.request_id]
-            if seq not in req.seqs:
+            if seq.index and seq not in req.seqs:  # a fork
                 req.seqs.append(seq)
             if seq.first_token_time is None:
                 seq.first_token_time = now
-            delta = self._detokenize(seq)
+            if req.stream or seq.params.stop:
+                delta = self._detokenize(seq)
+            else:
+                delta = ""
+                if seq.is_finished:
+                    seq.text = self.tokenizer.decode(self._visible_output(seq))
             deltas.append(StepDelta(seq.request_id, seq.index, [seq.token_ids[-1]], delta, seq.is_finished,
                                     seq.finish_reason))
         for d in deltas:
-            req = self.requests.get(d.request_id)
+            req = self.requests.get(d.request_id) if d.finished else None
             if req is not None and req.finished and req.finished_time is None:
                 req.finished_time = now
         return deltas
 
+    def _stopped_on_token(self, seq: Sequence) -> bool:
+        return seq.finish_reason == "stop" and (seq.token_ids[-1] in self.scheduler.eos_token_ids
+                                                or seq.token_ids[-1] in seq.params.stop_token_ids)
+
+    def _visible_output(self, seq: Sequence) -> list[int]:
+        """Output tokens shown as text: all but a final stop token."""
+        ids = seq.output_token_ids
+        return ids[:-1] if self._stopped_on_token(seq) else ids
+
     def _detokenize(self, seq: Sequence) -> str:
         delta = detokenize_step(self.tokenizer, seq)
-        if seq.finish_reason == "stop" and seq.token_ids[-1] in self.scheduler.eos_token_ids | set(seq.params.stop_token_ids):
+        if self._stopped_on_token(seq):
             delta = ""  # the stop token itself is not shown
         seq.text += delta
         stops = seq.params.stop

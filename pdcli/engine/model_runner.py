@@ -96,26 +96,34 @@ class ModelRunner:
 
     def _context(self, block_tables: list[list[int]], starts: list[int], lens: list[int],
                  logits_indices: list[int]) -> Context:
+        return self._prepare(block_tables, starts, lens, logits_indices)[1]
+
+    def _prepare(self, block_tables: list[list[int]], starts: list[int], lens: list[int],
+                 logits_indices: list[int]) -> tuple[np.ndarray, Context]:
+        """Positions [num_tokens] and metadata for sequences whose tokens starts[i] .. starts[i] + lens[i] - 1
+        are computed this step."""
         bs = self.block_size
-        slots = []
-        for bt, start, n in zip(block_tables, starts, lens):
-            pos = np.arange(start, start + n)
-            slots.append(np.asarray(bt, dtype=np.int64)[pos // bs] * bs + pos % bs)
         width = max(len(bt) for bt in block_tables)
         tables = np.zeros((len(block_tables), width), dtype=np.int32)
         for i, bt in enumerate(block_tables):
             tables[i, :len(bt)] = bt
-        ctx_lens = [s + n for s, n in zip(starts, lens)]
+        starts_np, lens_np = np.asarray(starts, dtype=np.int64), np.asarray(lens, dtype=np.int64)
+        seq_of_token = np.repeat(np.arange(len(lens)), lens_np)
+        qsl = np.concatenate([[0], np.cumsum(lens_np)])
+        positions = np.arange(qsl[-1]) - qsl[seq_of_token] + starts_np[seq_of_token]
+        slots = tables[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
         dev = self.device
-        return Context(
-            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev, non_blocking=True),
+        ctx_lens = starts_np + lens_np
+        ctx = Context(
+            slot_mapping=torch.from_numpy(slots).to(dev, non_blocking=True),
             block_tables=torch.from_numpy(tables).to(dev, non_blocking=True),
-            context_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=dev),
-            query_start_loc=torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32, device=dev),
-            max_query_len=max(lens),
-            max_context_len=max(ctx_lens),
+            context_lens=torch.from_numpy(ctx_lens.astype(np.int32)).to(dev, non_blocking=True),
+            query_start_loc=torch.from_numpy(qsl.astype(np.int32)).to(dev, non_blocking=True),
+            max_query_len=int(lens_np.max()),
+            max_context_len=int(ctx_lens.max()),
             logits_indices=torch.tensor(logits_indices, dtype=torch.long, device=dev),
         )
+        return positions, ctx
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if copies:
@@ -126,13 +134,15 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> list[list[int]]:
         """Run one step; returns the sampled tokens per scheduled seq (empty mid-prefill)."""
         self.copy_blocks(out.block_copies)
-        input_ids, positions, logits_indices, rows, starts = [], [], [], [], []
+        input_ids, logits_indices, rows, starts = [], [], [], []
         offset = 0
         for seq, n in zip(out.seqs, out.num_new_tokens):
             start = seq.num_computed_tokens
             starts.append(start)
-            input_ids.extend(seq.token_ids[start:start + n])
-            positions.append(np.arange(start, start + n))
+            if n == 1:
+                input_ids.append(seq.token_ids[start])
+            else:
+                input_ids.extend(seq.token_ids[start:start + n])
             offset += n
             if start + n == len(seq):
                 logits_indices.append(offset - 1)
@@ -145,11 +155,12 @@ class ModelRunner:
             hidden = self.graphs.run(input_ids, pos, slots, [p + 1 for p in starts], [s.block_table for s in out.seqs])
             logits = self.model.compute_logits(hidden)
         else:
-            ctx = self._context([s.block_table for s in out.seqs], starts, out.num_new_tokens, logits_indices)
+            positions, ctx = self._prepare([s.block_table for s in out.seqs], starts, out.num_new_tokens,
+                                           logits_indices)
             set_context(ctx)
             try:
                 hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=self.device),
-                                    torch.from_numpy(np.concatenate(positions)).to(self.device, non_blocking=True))
+                                    torch.from_numpy(positions).to(self.device, non_blocking=True))
                 if not rows:
                     return [[] for _ in out.seqs]
                 logits = self.model.compute_logits(hidden[ctx.logits_indices])
@@ -164,7 +175,9 @@ class ModelRunner:
             result[seq.seq_id] = [next(it) for _ in range(c)]
         return [result.get(s.seq_id, []) for s in out.seqs]
 
-    def _sampling_tensors(self, rows: list[Sequence], counts: list[int]) -> SamplingTensors:
+    def _sampling_tensors(self, rows: list[Sequence], counts: list[int]) -> SamplingTensors | None:
+        if all(s.params.temperature == 0 for s in rows):
+            return None  # greedy: argmax only
         temps, top_k, top_p, min_p, keys = [], [], [], [], []
         vocab = self.arch.vocab_size
         for seq, c in zip(rows, counts):

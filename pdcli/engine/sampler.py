@@ -43,12 +43,12 @@ class Sampler:
     def __init__(self, vocab_size: int, device: torch.device):
         self.vocab_hash = mix32(torch.arange(vocab_size, dtype=torch.int64, device=device) + 0x9E3779B9)
 
-    def __call__(self, logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
-        # logits [N, V] -> token ids [N] int64
+    def __call__(self, logits: torch.Tensor, t: SamplingTensors | None) -> torch.Tensor:
+        # logits [N, V] -> token ids [N] int64; t None: all rows greedy
+        if t is None or t.all_greedy:
+            return logits.argmax(dim=-1)
         logits = logits.float()
         greedy = logits.argmax(dim=-1)
-        if t.all_greedy:
-            return greedy
         logits = logits / t.temperatures.clamp_min(1e-5)[:, None]
         if t.any_top_k or t.any_top_p:
             logits = self._top_k_top_p(logits, t)
