@@ -19,6 +19,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+    error: str | None = None  # why the request ended without output (finish_reason "error")
     metrics: dict = field(default_factory=dict)  # arrival_time, first_token_time, finished_time (perf_counter s)
 
     @property

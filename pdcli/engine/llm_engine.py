@@ -12,7 +12,7 @@ from pdcli.engine.block_manager import BlockManager
 from pdcli.engine.detokenizer import detokenize_step, find_stop
 from pdcli.engine.model_runner import ModelRunner
 from pdcli.engine.scheduler import Scheduler
-from pdcli.engine.sequence import Sequence
+from pdcli.engine.sequence import Sequence, SequenceStatus
 from pdcli.models.arch import ModelArch
 from pdcli.models.loader import build_model, resolve
 from pdcli.outputs import CompletionOutput, RequestOutput, StepDelta
@@ -92,6 +92,7 @@ class LLMEngine:
         eos = set(arch.eos_token_ids) | set(getattr(self.tokenizer, "eos_token_ids", ()))
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len, eos)
         self.requests: dict[str, Request] = {}
+        self.handoff: dict[str, Sequence] = {}  # request id -> sequence whose KV is being handed over
         self._ids = itertools.count()
         self._rng = random.Random(config.seed)
 
@@ -104,14 +105,16 @@ class LLMEngine:
         return list(prompt)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, chat: bool = False, stream: bool = False) -> str:
+                    request_id: str | None = None, chat: bool = False, stream: bool = False,
+                    seed: int | None = None) -> str:
         params = params or SamplingParams()
         ids = self.encode(prompt, chat)
         self.validate_prompt(ids)
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise PromptError(f"request id {request_id!r} is already in use")
-        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        if seed is None:
+            seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         seq = Sequence(request_id, ids, params, seed)
         self.requests[request_id] = Request(request_id, prompt if isinstance(prompt, str) else None, ids, params,
                                             stream, [seq])
@@ -189,6 +192,48 @@ class LLMEngine:
                 seq.text = seq.text[:end]
                 self.scheduler.finish(seq, "stop")
         return delta
+
+    # ---- P/D handoff: a prefill engine keeps a sequence's blocks after its first token; a decode engine
+    # ---- reserves blocks, receives the KV into them, then admits the sequence into its batch.
+    def detach_prefilled(self) -> list[Sequence]:
+        """Running sequences that have their first token (and are not finished) leave the batch, keeping
+        their blocks until release()."""
+        ready = [s for s in self.scheduler.running if s.num_output_tokens >= 1 and not s.is_finished]
+        for seq in ready:
+            self.scheduler.running.remove(seq)
+            seq.status = SequenceStatus.HANDOFF
+            self.handoff[seq.request_id] = seq
+        return ready
+
+    def release(self, request_id: str) -> None:
+        """Free the blocks of a handed-off (or reserved) sequence and forget the request."""
+        seq = self.handoff.pop(request_id, None)
+        if seq is not None:
+            self.block_manager.free_seq(seq)
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason = seq.finish_reason or "handoff"
+        self.requests.pop(request_id, None)
+
+    def reserve(self, request_id: str, prompt_ids: list[int], first_token: int, params: SamplingParams,
+                seed: int) -> list[int] | None:
+        """Blocks for a prefilled sequence's prompt KV, or None while the pool is too full."""
+        seq = Sequence(request_id, prompt_ids, params, seed)
+        if not self.block_manager.allocate(seq, len(prompt_ids)):
+            return None
+        seq.append_token(first_token)
+        seq.status = SequenceStatus.HANDOFF
+        self.handoff[request_id] = seq
+        self.requests[request_id] = Request(request_id, None, list(prompt_ids), params, False, [seq])
+        return seq.block_table
+
+    def admit(self, request_id: str) -> None:
+        """The reserved blocks hold the prompt's KV: the sequence joins the decode batch."""
+        seq = self.handoff.pop(request_id)
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        seq.first_token_time = time.perf_counter()
+        self.block_manager.cache_full_blocks(seq)
+        seq.status = SequenceStatus.RUNNING
+        self.scheduler.running.append(seq)
 
     def pop_finished(self, request_id: str) -> RequestOutput:
         return self.requests.pop(request_id).output()

@@ -11,6 +11,7 @@ from pdcli.sampling_params import SamplingParams
 class SequenceStatus(enum.Enum):
     WAITING = enum.auto()
     RUNNING = enum.auto()
+    HANDOFF = enum.auto()  # KV held for a transfer between prefill and decode workers, not scheduled
     FINISHED = enum.auto()
 
 

@@ -1,0 +1,329 @@
+"""CentralScheduler: the coordinator in the main process. It starts one worker process per (device, role),
+routes each request to a path, drives the prefill -> decode handoff, streams tokens back and keeps
+per-path accounting. A router thread owns all worker pipes."""
+from __future__ import annotations
+
+import itertools
+import multiprocessing as mp
+import queue
+import random
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+
+from pdcli.coordinator.policy import RouteInput, make_policy
+from pdcli.outputs import CompletionOutput, RequestOutput
+from pdcli.sampling_params import SamplingParams
+from pdcli.workers.layout import WorkerSpec
+from pdcli.workers.worker import worker_main
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class WorkerHandle:
+    spec: WorkerSpec
+    proc: mp.Process
+    conn: object
+    alive: bool = True
+    info: dict = field(default_factory=dict)
+    inflight: set = field(default_factory=set)  # request ids this worker holds
+
+
+@dataclass
+class Tracked:
+    rid: str
+    tag: int  # KV-transfer tag
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    path: str  # collocated | disaggregated
+    arrival: float
+    first: int | None = None  # collocated worker or prefill worker rank
+    second: int | None = None  # decode worker rank
+    stage: str = "queued"  # collocated | prefill | handoff | decode | done
+    tokens: dict = field(default_factory=dict)  # completion index -> token ids
+    finish: dict = field(default_factory=dict)  # completion index -> finish reason
+    error: str | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    transfer_bytes: int = 0
+    transfer_s: float = 0.0
+    events: queue.Queue = field(default_factory=queue.Queue)  # (index, new token ids, finish reason | None)
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class CentralScheduler:
+    def __init__(self, model: str, layout: list[WorkerSpec], mode: str = "collocated", seed: int = 0,
+                 startup_timeout: float = 600.0, **engine_kwargs):
+        from pdcli.models.loader import resolve
+
+        self.policy = make_policy(mode)
+        self.tokenizer = resolve(model).tokenizer
+        self.lock = threading.RLock()
+        self.requests: dict[str, Tracked] = {}
+        self.ids = itertools.count()
+        self.rng = random.Random(seed)
+        self.stats_replies: queue.Queue = queue.Queue()
+        self.accounting = {p: dict(requests=0, output_tokens=0, failed=0, transfer_bytes=0, transfer_s=0.0)
+                           for p in ("collocated", "disaggregated")}
+        ctx = mp.get_context("spawn")
+        init = f"tcp://127.0.0.1:{free_port()}"
+        self.workers: list[WorkerHandle] = []
+        for spec in layout:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=worker_main, args=(spec, model, engine_kwargs, child, init, len(layout)),
+                               daemon=True, name=f"pdcli-{spec.role}-{spec.rank}")
+            proc.start()
+            child.close()
+            self.workers.append(WorkerHandle(spec, proc, parent))
+        self._closed = False
+        try:
+            self._wait_ready(startup_timeout)
+        except BaseException:
+            self.shutdown()
+            raise
+        self.thread = threading.Thread(target=self._route_loop, name="pdcli-router", daemon=True)
+        self.thread.start()
+
+    # ---- startup / shutdown ----
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for w in self.workers:
+            while not w.conn.poll(0.1):
+                if not w.proc.is_alive():
+                    raise RuntimeError(f"worker {w.spec.role} on {w.spec.device} exited during startup")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"worker {w.spec.role} on {w.spec.device} did not start in {timeout:.0f} s")
+            msg = w.conn.recv()
+            if msg[0] != "ready":
+                raise RuntimeError(f"worker {w.spec.role} on {w.spec.device} failed to start:\n{msg[-1]}")
+            w.info = msg[1]
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop every worker; requests still running end with an error."""
+        if self._closed:
+            return
+        self._closed = True
+        for w in self.workers:
+            try:
+                w.conn.send(("shutdown",))
+            except (BrokenPipeError, OSError):
+                pass
+        deadline = time.monotonic() + timeout
+        for w in self.workers:
+            w.proc.join(max(0.0, deadline - time.monotonic()))
+            if w.proc.is_alive():
+                w.proc.kill()
+                w.proc.join(5)
+        with self.lock:
+            for t in list(self.requests.values()):
+                if not t.done.is_set():
+                    self._fail(t, "the server shut down")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+    # ---- requests ----
+    def live(self, role: str) -> list[WorkerHandle]:
+        return [w for w in self.workers if w.alive and w.spec.role == role]
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, mode: str | None = None,
+               request_id: str | None = None) -> Tracked:
+        with self.lock:
+            rid = request_id or f"r{next(self.ids)}"
+            seed = params.seed if params.seed is not None else self.rng.getrandbits(63)
+            t = Tracked(rid, len(self.requests) + 1, list(prompt_ids), params, seed, "", time.perf_counter())
+            self.requests[rid] = t
+            path = self._route(t, mode)
+            if path is None:
+                self._fail(t, "no live worker can serve this request")
+                return t
+            t.path = path
+            self.accounting[path]["requests"] += 1
+            if path == "collocated":
+                w = min(self.live("collocated"), key=lambda w: len(w.inflight))
+                t.first, t.stage = w.spec.rank, "collocated"
+            else:
+                p = min(self.live("prefill"), key=lambda w: len(w.inflight))
+                d = min(self.live("decode"), key=lambda w: len(w.inflight))
+                t.first, t.second, t.stage = p.spec.rank, d.spec.rank, "prefill"
+                d.inflight.add(rid)
+                w = p
+            w.inflight.add(rid)
+            self._send(w, ("add", rid, t.prompt_ids, params, seed))
+            return t
+
+    def _route(self, t: Tracked, mode: str | None) -> str | None:
+        can_coll, can_disagg = bool(self.live("collocated")), bool(self.live("prefill") and self.live("decode"))
+        if t.params.n > 1:  # forks share KV inside one engine
+            return "collocated" if can_coll else None
+        policy = make_policy(mode) if mode else self.policy
+        r = RouteInput(len(t.prompt_ids), t.params,
+                       prefill_queue=min((len(w.inflight) for w in self.live("prefill")), default=0),
+                       collocated_load=min((len(w.inflight) for w in self.live("collocated")), default=0))
+        want = policy.choose(r)
+        if want == "disaggregated" and can_disagg or want == "collocated" and not can_coll and can_disagg:
+            return "disaggregated"
+        return "collocated" if can_coll else None
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 mode: str | None = None, timeout: float | None = None) -> list[RequestOutput]:
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        tracked = [self.submit(p, sp, mode) for p, sp in zip(prompts, params)]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in tracked:
+            if not t.done.wait(None if deadline is None else max(0.0, deadline - time.monotonic())):
+                self.abort(t.rid, "timed out")
+        return [self.output(t) for t in tracked]
+
+    def abort(self, rid: str, reason: str = "aborted") -> None:
+        with self.lock:
+            t = self.requests.get(rid)
+            if t is None or t.done.is_set():
+                return
+            for rank in (t.first, t.second):
+                if rank is not None and self.workers[rank].alive:
+                    self._send(self.workers[rank], ("abort", rid))
+            self._fail(t, reason, finish="abort")
+
+    def output(self, t: Tracked) -> RequestOutput:
+        n = max(1, t.params.n)
+        outs = []
+        for i in range(n):
+            ids = t.tokens.get(i, [])
+            reason = t.finish.get(i, "error" if t.error else None)
+            visible = ids[:-1] if reason == "stop" and ids and (ids[-1] in self.tokenizer.eos_token_ids or
+                                                                ids[-1] in t.params.stop_token_ids) else ids
+            outs.append(CompletionOutput(i, self.tokenizer.decode(visible), ids, reason))
+        return RequestOutput(t.rid, None, t.prompt_ids, outs, t.done.is_set(), error=t.error,
+                             metrics=dict(arrival_time=t.arrival, first_token_time=t.first_token_time,
+                                          finished_time=t.finish_time, path=t.path,
+                                          transfer_bytes=t.transfer_bytes, transfer_s=t.transfer_s))
+
+    def worker_stats(self, timeout: float = 10.0) -> list[dict]:
+        """Per-worker pool and queue state (block pools must be full again when idle)."""
+        live = [w for w in self.workers if w.alive]
+        for w in live:
+            self._send(w, ("stats",))
+        out = []
+        for _ in live:
+            out.append(self.stats_replies.get(timeout=timeout))
+        return sorted(out, key=lambda s: s["rank"])
+
+    # ---- the router thread ----
+    def _send(self, w: WorkerHandle, msg) -> None:
+        try:
+            w.conn.send(msg)
+        except (BrokenPipeError, OSError, EOFError):
+            self._worker_died(w, "its pipe closed")
+
+    def _route_loop(self) -> None:
+        conns = {w.conn: w for w in self.workers}
+        last_check = time.monotonic()
+        while not self._closed:
+            ready = wait([c for c, w in conns.items() if w.alive], timeout=0.2)
+            for c in ready:
+                w = conns[c]
+                try:
+                    while c.poll():
+                        self._on_message(w, c.recv())
+                except (EOFError, OSError):
+                    if not self._closed:
+                        self._worker_died(w, "it exited")
+            if time.monotonic() - last_check > 0.5:
+                last_check = time.monotonic()
+                for w in self.workers:
+                    if w.alive and not w.proc.is_alive() and not self._closed:
+                        self._worker_died(w, f"it exited with code {w.proc.exitcode}")
+
+    def _on_message(self, w: WorkerHandle, msg) -> None:
+        kind = msg[0]
+        if kind == "stats":
+            self.stats_replies.put(msg[1])
+            return
+        if kind == "fatal":
+            self._worker_died(w, msg[1].strip().splitlines()[-1])
+            return
+        with self.lock:
+            t = self.requests.get(msg[1])
+            if t is None or t.done.is_set():
+                if kind == "prefilled":
+                    self._send(w, ("drop", msg[1]))  # nobody will take this KV any more
+                elif kind == "reserved":
+                    self._send(w, ("abort", msg[1]))
+                return
+            if kind == "tokens":
+                _, rid, index, ids, reason = msg
+                now = time.perf_counter()
+                t.first_token_time = t.first_token_time or now
+                t.tokens.setdefault(index, []).extend(ids)
+                self.accounting[t.path]["output_tokens"] += len(ids)
+                t.events.put((index, ids, reason))
+                if reason is not None:
+                    t.finish[index] = reason
+                    if len(t.finish) == max(1, t.params.n):
+                        self._complete(t)
+            elif kind == "prefilled":
+                d = self.workers[t.second]
+                t.stage = "handoff"
+                self.workers[t.first].inflight.discard(t.rid)
+                if not d.alive:
+                    self._send(w, ("drop", t.rid))
+                    self._fail(t, f"decode worker rank {d.spec.rank} is not alive")
+                    return
+                self._send(d, ("reserve", t.rid, t.prompt_ids, msg[2], t.params, t.seed, t.first, t.tag))
+            elif kind == "reserved":
+                self._send(self.workers[t.first], ("send", t.rid, t.second, t.tag))
+            elif kind == "sent":
+                pass  # the prefill worker freed its blocks
+            elif kind == "received":
+                t.stage = "decode"
+                t.transfer_bytes, t.transfer_s = msg[2], msg[3]
+                acc = self.accounting["disaggregated"]
+                acc["transfer_bytes"] += msg[2]
+                acc["transfer_s"] += msg[3]
+            elif kind == "error":
+                self._fail(t, msg[2])
+
+    def _complete(self, t: Tracked) -> None:
+        t.stage, t.finish_time = "done", time.perf_counter()
+        for rank in (t.first, t.second):
+            if rank is not None:
+                self.workers[rank].inflight.discard(t.rid)
+        t.done.set()
+
+    def _fail(self, t: Tracked, message: str, finish: str = "error") -> None:
+        t.error = message
+        for i in range(max(1, t.params.n)):
+            t.finish.setdefault(i, finish)
+        if t.path:
+            self.accounting[t.path]["failed"] += 1
+        t.events.put((0, [], finish))
+        self._complete(t)
+
+    def _worker_died(self, w: WorkerHandle, why: str) -> None:
+        with self.lock:
+            if not w.alive:
+                return
+            w.alive = False
+            rank = w.spec.rank
+            for t in list(self.requests.values()):
+                if t.done.is_set() or rank not in (t.first, t.second):
+                    continue
+                if rank == t.second and t.stage == "handoff" and self.workers[t.first].alive:
+                    self._send(self.workers[t.first], ("drop", t.rid))  # free the prefilled KV
+                if rank == t.first and t.stage in ("handoff",) and t.second is not None and self.workers[t.second].alive:
+                    self._send(self.workers[t.second], ("abort", t.rid))
+                if rank == t.first and t.stage == "decode":
+                    continue  # the prefill worker is done with it
+                self._fail(t, f"{w.spec.role} worker rank {rank} on {w.spec.device} died ({why})")

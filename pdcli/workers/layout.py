@@ -1,0 +1,29 @@
+"""Worker layout: which (device, role) pairs to start, e.g. `--collocated cuda:0 --prefill cuda:1,cuda:3 --decode cuda:2`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ROLES = ("collocated", "prefill", "decode")
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    rank: int  # rank in the KV-transfer process group
+    role: str  # collocated | prefill | decode
+    device: str  # cpu | cuda:N
+
+
+def parse_layout(collocated: str = "", prefill: str = "", decode: str = "") -> list[WorkerSpec]:
+    """One worker per listed device, ranks in the order collocated, prefill, decode."""
+    specs = []
+    for role, devices in zip(ROLES, (collocated, prefill, decode)):
+        for dev in filter(None, (d.strip() for d in (devices or "").split(","))):
+            if dev != "cpu" and not (dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit())):
+                raise ValueError(f"bad device {dev!r} for --{role}: use cpu, cuda or cuda:N")
+            specs.append(WorkerSpec(len(specs), role, "cuda:0" if dev == "cuda" else dev))
+    if not specs:
+        raise ValueError("the layout has no workers: give --collocated, or --prefill with --decode")
+    roles = {s.role for s in specs}
+    if ("prefill" in roles) != ("decode" in roles):
+        raise ValueError("disaggregation needs at least one --prefill and one --decode worker")
+    return specs
