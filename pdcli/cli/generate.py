@@ -31,8 +31,20 @@ def generate(
     gpu_memory_utilization: GpuMemoryUtilization = DEFAULTS["gpu_memory_utilization"],
     enable_prefix_caching: PrefixCaching = DEFAULTS["enable_prefix_caching"],
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of {text, token_ids} and nothing else on stdout.")] = False,
+    mode: Annotated[Optional[str], typer.Option(help="Run through worker processes: collocated, disaggregated, adaptive or threshold.")] = None,
+    collocated: Annotated[str, typer.Option("--collocated", help="Devices of collocated workers, e.g. cuda:0 (with --mode).")] = "",
+    prefill: Annotated[str, typer.Option("--prefill", help="Devices of prefill workers, e.g. cuda:1,cuda:3 (with --mode).")] = "",
+    decode: Annotated[str, typer.Option("--decode", help="Devices of decode workers, e.g. cuda:2 (with --mode).")] = "",
 ) -> None:
     """Generate text for PROMPT(s) and stream it to the terminal."""
+    if mode is not None or collocated or prefill or decode:
+        from pdcli.cli.generate_workers import generate_with_workers
+
+        return generate_with_workers(prompts, model, chat, max_tokens, temperature, top_p, top_k, seed, ignore_eos,
+                                     device, as_json, mode or "collocated", collocated, prefill, decode,
+                                     engine_kwargs(device, dtype, max_model_len, max_num_seqs, max_num_batched_tokens,
+                                                   block_size, num_kv_blocks, gpu_memory_utilization,
+                                                   enable_prefix_caching, seed=0))
     from rich.console import Console
 
     from pdcli import LLM, SamplingParams

@@ -26,6 +26,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def check_layout(layout: list[WorkerSpec]) -> None:
+    for p in (s for s in layout if s.role == "prefill" and s.device.startswith("cuda")):
+        for d in (s for s in layout if s.role == "decode" and s.device == p.device):
+            raise ValueError(f"prefill and decode workers share {p.device}: NCCL cannot pair two ranks on one GPU "
+                             f"and the CUDA IPC handoff is not built yet; put them on different GPUs or use cpu")
+
+
 @dataclass
 class WorkerHandle:
     spec: WorkerSpec
@@ -73,12 +80,20 @@ class CentralScheduler:
         self.stats_replies: queue.Queue = queue.Queue()
         self.accounting = {p: dict(requests=0, output_tokens=0, failed=0, transfer_bytes=0, transfer_s=0.0)
                            for p in ("collocated", "disaggregated")}
+        check_layout(layout)
         ctx = mp.get_context("spawn")
         init = f"tcp://127.0.0.1:{free_port()}"
         self.workers: list[WorkerHandle] = []
         for spec in layout:
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=worker_main, args=(spec, model, engine_kwargs, child, init, len(layout)),
+            kwargs = dict(engine_kwargs)
+            sharing = sum(s.device == spec.device for s in layout)
+            if spec.device.startswith("cuda") and sharing > 1:  # workers on one GPU split its memory
+                from pdcli.config import CacheConfig
+
+                util = kwargs.get("gpu_memory_utilization") or CacheConfig.gpu_memory_utilization
+                kwargs["gpu_memory_utilization"] = util / sharing
+            proc = ctx.Process(target=worker_main, args=(spec, model, kwargs, child, init, len(layout)),
                                daemon=True, name=f"pdcli-{spec.role}-{spec.rank}")
             proc.start()
             child.close()

@@ -1,0 +1,132 @@
+"""P/D disaggregation on CPU: worker processes over gloo, outputs equal to the collocated path and HF."""
+import os
+import signal
+import time
+
+import pytest
+
+from pdcli import SamplingParams
+from pdcli.coordinator.central import CentralScheduler
+from pdcli.coordinator.policy import RouteInput, Threshold, make_policy
+from pdcli.workers.layout import parse_layout
+from tiny_models import hf_greedy
+
+ENGINE = dict(max_num_batched_tokens=16, block_size=8, num_kv_blocks=96)
+GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+
+
+def wait_pools_full(cs, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = cs.worker_stats()
+        if all(s["num_free_blocks"] == s["num_blocks"] and s["handoff"] == 0 for s in stats) or \
+                time.monotonic() > deadline:
+            return stats
+
+
+@pytest.fixture(scope="module")
+def model_path(tiny_model_dir):
+    return tiny_model_dir("llama-gqa")
+
+
+@pytest.fixture(scope="module")
+def reference(model_path, prompts):
+    return hf_greedy(model_path, prompts, 16)
+
+
+def test_disaggregated_equals_collocated_and_hf(model_path, prompts, reference):
+    with CentralScheduler(model_path, parse_layout("cpu", "cpu", "cpu"), **ENGINE) as cs:
+        coll = cs.generate(prompts, GREEDY, mode="collocated", timeout=120)
+        disagg = cs.generate(prompts, GREEDY, mode="disaggregated", timeout=120)
+        assert [o.error for o in disagg] == [None] * len(prompts)
+        assert [o.metrics["path"] for o in disagg] == ["disaggregated"] * len(prompts)
+        assert [o.token_ids for o in coll] == [o.token_ids for o in disagg] == reference
+        assert all(o.metrics["transfer_bytes"] > 0 for o in disagg)
+        assert cs.accounting["disaggregated"]["requests"] == len(prompts)
+        stats = wait_pools_full(cs)
+        assert all(s["num_free_blocks"] == s["num_blocks"] for s in stats), stats
+
+
+def test_two_prefill_workers_one_decode(model_path, prompts, reference):
+    with CentralScheduler(model_path, parse_layout("cpu", "cpu,cpu", "cpu"), **ENGINE) as cs:
+        tracked = [cs.submit(p, GREEDY, mode="disaggregated") for p in prompts]
+        for t in tracked:
+            assert t.done.wait(120)
+        assert [cs.output(t).token_ids for t in tracked] == reference
+        assert {t.first for t in tracked} == {1, 2}  # both prefill workers served
+        assert {t.second for t in tracked} == {3}
+        stats = wait_pools_full(cs)
+        assert all(s["num_free_blocks"] == s["num_blocks"] for s in stats), stats
+
+
+def test_decode_worker_death_fails_its_requests_then_collocated(model_path, prompts):
+    long = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+    with CentralScheduler(model_path, parse_layout("cpu", "cpu", "cpu"), **ENGINE) as cs:
+        tracked = [cs.submit(p, long, mode="disaggregated") for p in prompts[:3]]
+        deadline = time.monotonic() + 60
+        while not any(t.stage == "decode" for t in tracked) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert any(t.stage == "decode" for t in tracked)
+        decode = next(w for w in cs.workers if w.spec.role == "decode")
+        os.kill(decode.proc.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        for t in tracked:
+            assert t.done.wait(10), "a request of the dead worker hung"
+        assert time.monotonic() - killed < 10
+        outs = [cs.output(t) for t in tracked]
+        assert all(o.error and "died" in o.error for o in outs), [o.error for o in outs]
+        later = cs.generate(prompts[3:], GREEDY, mode="disaggregated", timeout=60)
+        assert [o.metrics["path"] for o in later] == ["collocated"] * len(later)
+        assert all(o.error is None and len(o.token_ids) == 16 for o in later)
+        stats = wait_pools_full(cs)
+        assert [s["role"] for s in stats] == ["collocated", "prefill"]
+        assert all(s["num_free_blocks"] == s["num_blocks"] for s in stats), stats
+
+
+def test_shutdown_leaves_no_worker_processes(model_path, prompts):
+    cs = CentralScheduler(model_path, parse_layout("", "cpu", "cpu"), **ENGINE)
+    pending = cs.submit(prompts[0], SamplingParams(temperature=0, max_tokens=500, ignore_eos=True), "disaggregated")
+    procs = [w.proc for w in cs.workers]
+    cs.shutdown()
+    assert all(not p.is_alive() for p in procs)
+    assert pending.done.is_set() and cs.output(pending).error
+
+
+@pytest.mark.parametrize("args, match", [
+    (("", "", ""), "no workers"), (("", "cpu", ""), "at least one --prefill and one --decode"),
+    (("gpu0", "", ""), "bad device"),
+])
+def test_layout_errors(args, match):
+    with pytest.raises(ValueError, match=match):
+        parse_layout(*args)
+
+
+def test_layout_ranks_in_role_order():
+    specs = parse_layout("cuda:0", "cuda:1,cuda:3", "cuda:2")
+    assert [(s.rank, s.role, s.device) for s in specs] == [
+        (0, "collocated", "cuda:0"), (1, "prefill", "cuda:1"), (2, "prefill", "cuda:3"), (3, "decode", "cuda:2")]
+
+
+def test_threshold_policy_is_dynamos_rule():
+    t = Threshold()
+    assert t.choose(RouteInput(1001, None, prefill_queue=0, collocated_load=0)) == "disaggregated"
+    assert t.choose(RouteInput(1000, None, prefill_queue=0, collocated_load=0)) == "collocated"
+    assert t.choose(RouteInput(5000, None, prefill_queue=2, collocated_load=0)) == "collocated"
+    with pytest.raises(ValueError, match="unknown mode"):
+        make_policy("fastest")
+
+
+def test_generate_cli_mode_disaggregated_json(model_path, prompts, reference):
+    import json
+
+    from typer.testing import CliRunner
+
+    from pdcli.cli import app
+
+    r = CliRunner().invoke(app, ["generate", "Hello world", "How are you", "--model", model_path, "--mode",
+                                 "disaggregated", "--collocated", "cpu", "--prefill", "cpu", "--decode", "cpu",
+                                 "--max-tokens", "6", "--ignore-eos", "--no-chat", "--json", "--block-size", "8"])
+    assert r.exit_code == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert [d["path"] for d in data] == ["disaggregated", "disaggregated"]
+    assert all(len(d["token_ids"]) == 6 for d in data)
