@@ -1,0 +1,71 @@
+"""The adaptive router: predict TTFT, TPOT and end-to-end latency of a request on each path from the cost
+model, the predicted output length and the live state of the workers; pick the path that meets the SLOs,
+else the lower predicted end-to-end latency. Every decision keeps its predictions."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pdcli.router.cost_model import CostModel
+from pdcli.router.predictor import OutputLengthPredictor
+
+
+@dataclass
+class WorkerLoad:
+    queued_prefill_tokens: int = 0  # prompt tokens admitted but not yet prefilled
+    decode_batch: int = 0  # sequences decoding
+    decode_ctx: int = 0  # their context tokens in all
+    inflight_transfers: int = 0
+
+
+@dataclass
+class Decision:
+    path: str
+    predicted: dict = field(default_factory=dict)  # path -> {ttft_ms, tpot_ms, e2e_ms}
+    output_len: float = 0.0
+    decided_by: str = "cost-model"
+
+
+class AdaptiveRouter:
+    name = "adaptive"
+
+    def __init__(self, model: CostModel, slo_ttft_ms: float | None = None, slo_tpot_ms: float | None = None,
+                 predictor: OutputLengthPredictor | None = None):
+        self.cm, self.slo_ttft, self.slo_tpot = model, slo_ttft_ms, slo_tpot_ms
+        self.predictor = predictor or OutputLengthPredictor()
+
+    def predict(self, prompt_len: int, out_len: float, coll: WorkerLoad | None, pre: WorkerLoad | None,
+                dec: WorkerLoad | None) -> dict:
+        cm, res = self.cm, {}
+        if coll is not None:
+            wait = cm.queued_prefill_ms(coll.queued_prefill_tokens, coll.decode_batch, coll.decode_ctx)
+            ttft = wait + cm.chunked_prefill_ms(prompt_len, coll.decode_batch, coll.decode_ctx)
+            b, s = coll.decode_batch + 1, coll.decode_ctx + prompt_len + out_len / 2
+            # queued prompts share the decode steps: their prefill time spreads over this request's tokens
+            tpot = float(cm.decode_ms(b, s)) + cm.interference * cm.queued_prefill_ms(coll.queued_prefill_tokens) / \
+                max(out_len, 1.0)
+            res["collocated"] = dict(ttft_ms=ttft, tpot_ms=tpot, e2e_ms=ttft + max(out_len - 1, 0) * tpot)
+        if pre is not None and dec is not None:
+            ttft = cm.queued_prefill_ms(pre.queued_prefill_tokens) + cm.chunked_prefill_ms(prompt_len)
+            xfer = cm.transfer_ms(prompt_len) * (1 + dec.inflight_transfers)
+            tpot = float(cm.decode_ms(dec.decode_batch + 1, dec.decode_ctx + prompt_len + out_len / 2))
+            res["disaggregated"] = dict(ttft_ms=ttft, tpot_ms=tpot, transfer_ms=xfer,
+                                        e2e_ms=ttft + xfer + max(out_len - 1, 0) * tpot)
+        return res
+
+    def decide(self, prompt_len: int, max_tokens: int | None, coll: WorkerLoad | None, pre: WorkerLoad | None,
+               dec: WorkerLoad | None) -> Decision:
+        out_len = self.predictor.mean(prompt_len, max_tokens)
+        pred = self.predict(prompt_len, out_len, coll, pre, dec)
+        if not pred:
+            raise ValueError("no path can serve the request")
+
+        def meets(p: dict) -> bool:
+            return (self.slo_ttft is None or p["ttft_ms"] <= self.slo_ttft) and \
+                   (self.slo_tpot is None or p["tpot_ms"] <= self.slo_tpot)
+
+        ok = [k for k, v in pred.items() if meets(v)]
+        pool = ok or list(pred)
+        return Decision(min(pool, key=lambda k: pred[k]["e2e_ms"]), pred, out_len)
+
+    def observe(self, prompt_len: int, output_len: int) -> None:
+        self.predictor.observe(prompt_len, output_len)

@@ -1,0 +1,160 @@
+"""Cost model, fitter, output-length predictor and adaptive router on synthetic data (CPU)."""
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from pdcli.router.adaptive import AdaptiveRouter, WorkerLoad
+from pdcli.router.cost_model import CostModel, decode_features, prefill_features
+from pdcli.router.fit import SCHEMA_VERSION, ProfileError, fit_profile, load_cost_model, load_profile, write_params
+from pdcli.router.predictor import NIG, OutputLengthPredictor
+
+TRUE = dict(prefill=[2.0, 0.05, 4e-6], decode=[6.0, 0.02, 3e-5], k=0.8, t0=0.3, gbs=20.0)
+
+
+def synthetic_profile(noise=0.02, seed=0) -> dict:
+    rng = np.random.default_rng(seed)
+    jitter = lambda y: y * (1 + noise * rng.standard_normal(np.shape(y)))  # noqa: E731
+    n = np.array([64, 128, 256, 512, 1024, 2048, 4096, 8192] * 3)
+    c = np.repeat([0, 1024, 4096], 8)
+    b = np.array([1, 8, 32, 64, 128, 256] * 4)
+    s = b * np.repeat([128, 512, 2048, 8192], 6)
+    mb, ms, mn, mc = np.array([8, 32, 64] * 3), np.array([8, 32, 64] * 3) * 1024, np.repeat([256, 1024, 2048], 3), 0 * np.arange(9)
+    pre = prefill_features(n, c) @ TRUE["prefill"]
+    dec = decode_features(b, s) @ TRUE["decode"]
+    mix = decode_features(mb, ms) @ TRUE["decode"] + TRUE["k"] * (prefill_features(mn, mc) @ TRUE["prefill"])
+    tb = np.array([1, 4, 16, 64, 256]) * 2**20
+    return dict(schema_version=SCHEMA_VERSION, model="dummy:test", device="cpu", max_num_batched_tokens=8192,
+                kv_bytes_per_token=4096, provenance=dict(date="today"),
+                prefill=dict(n=n.tolist(), c=c.tolist(), ms=jitter(pre).tolist()),
+                decode=dict(batch=b.tolist(), ctx=s.tolist(), ms=jitter(dec).tolist()),
+                mixed=dict(batch=mb.tolist(), ctx=ms.tolist(), n=mn.tolist(), c=mc.tolist(), ms=jitter(mix).tolist()),
+                transfer=dict(cpu=dict(tokens=(tb // 4096).tolist(), bytes=tb.tolist(),
+                                       ms=jitter(TRUE["t0"] + tb / (TRUE["gbs"] * 1e6)).tolist())))
+
+
+def test_fitter_recovers_known_parameters():
+    params = fit_profile(synthetic_profile())
+    assert params["prefill"]["params"] == pytest.approx(TRUE["prefill"], rel=0.1)
+    assert params["decode"]["params"] == pytest.approx(TRUE["decode"], rel=0.1)
+    assert params["interference"]["params"][0] == pytest.approx(TRUE["k"], rel=0.1)
+    assert params["transfer"]["cpu"]["gb_s"] == pytest.approx(TRUE["gbs"], rel=0.1)
+    for comp in ("prefill", "decode", "interference"):
+        assert params[comp]["r2"] > 0.98 and params[comp]["max_rel_err"] < 0.1
+
+
+def test_files_round_trip_and_errors(tmp_path):
+    folder = str(tmp_path)
+    with pytest.raises(ProfileError, match="pdcli profile"):
+        load_profile(folder)
+    torch.save(synthetic_profile(), tmp_path / "profile_data.pt")
+    data = load_profile(folder)  # plain dicts: weights_only loading works
+    path = write_params(folder, fit_profile(data))
+    cm = load_cost_model(folder, model="dummy:test")
+    assert cm.prefill == pytest.approx(json.load(open(path))["prefill"]["params"])
+    with pytest.raises(ProfileError, match="pdcli profile --model other"):
+        load_cost_model(folder, model="other")
+    (tmp_path / "params.json").write_text("{not json")
+    with pytest.raises(ProfileError, match="pdcli fit"):
+        load_cost_model(folder)
+    stale = dict(fit_profile(data), schema_version=0)
+    (tmp_path / "params.json").write_text(json.dumps(stale))
+    with pytest.raises(ProfileError, match="stale schema_version.*pdcli fit"):
+        load_cost_model(folder)
+    (tmp_path / "profile_data.pt").write_bytes(b"garbage")
+    with pytest.raises(ProfileError, match="unreadable.*pdcli profile"):
+        load_profile(folder)
+    torch.save(dict(synthetic_profile(), schema_version=99), tmp_path / "profile_data.pt")
+    with pytest.raises(ProfileError, match="schema_version 99"):
+        load_profile(folder)
+
+
+def test_predictor_posterior_converges_and_update_is_constant_time():
+    rng = np.random.default_rng(1)
+    pred = OutputLengthPredictor()
+    true_median, sigma = 300.0, 0.4
+    for x in np.exp(rng.normal(math.log(true_median), sigma, 3000)):
+        pred.observe(500, int(round(x)))
+    assert pred.mean(500) == pytest.approx(true_median, rel=0.05)
+    q10, q90 = pred.quantile(500, 0.1), pred.quantile(500, 0.9)
+    assert q10 == pytest.approx(true_median * math.exp(-1.2816 * sigma), rel=0.1)
+    assert q90 == pytest.approx(true_median * math.exp(1.2816 * sigma), rel=0.1)
+    assert pred.mean(500, max_tokens=100) == 100  # capped by the request's max_tokens
+    assert pred.mean(20) == pytest.approx(128, rel=0.01)  # other buckets keep the prior
+    # O(1): the update touches four numbers whatever the history length
+    nig = NIG(0.0, 1.0, 2.0, 1.0)
+    t0 = time.perf_counter()
+    for _ in range(1000):
+        nig.update(1.0)
+    t1 = time.perf_counter()
+    for _ in range(1000):
+        nig.update(1.0)
+    assert (time.perf_counter() - t1) < 3 * (t1 - t0) + 1e-3
+    assert set(vars(nig)) == {"mu", "kappa", "alpha", "beta", "n"}
+
+
+def cost_model() -> CostModel:
+    # H100-like magnitudes: additive interference (k = 1), 200 GB/s transfer, 128 KiB of KV per token
+    return CostModel(prefill=TRUE["prefill"], decode=TRUE["decode"], interference=1.0,
+                     transfer={"nccl": (0.3, 200.0)}, max_num_batched_tokens=2048, kv_bytes_per_token=131072)
+
+
+def router(**slo) -> AdaptiveRouter:
+    r = AdaptiveRouter(cost_model(), **slo)
+    for _ in range(50):  # every prompt-length bucket has learnt ~200 output tokens
+        for L in (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768):
+            r.observe(L, 200)
+    return r
+
+
+def load(batch, ctx_per_seq=1500, queued=0):
+    return WorkerLoad(queued_prefill_tokens=queued, decode_batch=batch, decode_ctx=batch * ctx_per_seq)
+
+
+def best(decision):
+    return min(decision.predicted, key=lambda k: decision.predicted[k]["e2e_ms"])
+
+
+def test_longer_prompts_move_to_disaggregated():
+    # each prefill chunk on the collocated worker waits for its 64-sequence decode step; the decode worker is a
+    # little busier, so short prompts stay collocated and long ones go to the idle prefill worker
+    r = router()
+    short = r.decide(32, 256, load(64), load(0), load(66))
+    long = r.decide(16000, 256, load(64), load(0), load(66))
+    assert (short.path, long.path) == ("collocated", "disaggregated")
+    assert short.path == best(short) and long.path == best(long)
+    assert short.output_len == pytest.approx(200, rel=0.05)
+
+
+def test_prefill_queue_moves_to_collocated():
+    r = router()
+    idle = r.decide(16000, 256, load(64), load(0), load(64))
+    queued = r.decide(16000, 256, load(64), load(0, queued=20000), load(64))
+    assert (idle.path, queued.path) == ("disaggregated", "collocated")
+    assert queued.predicted["disaggregated"]["ttft_ms"] > idle.predicted["disaggregated"]["ttft_ms"]
+
+
+def test_collocated_load_moves_to_disaggregated():
+    r = router()
+    light = r.decide(2000, 256, load(1, 500), load(0), load(64))
+    heavy = r.decide(2000, 256, load(64, queued=30000), load(0), load(64))
+    assert (light.path, heavy.path) == ("collocated", "disaggregated")
+
+
+def test_slos_pick_the_path_that_meets_them():
+    # collocated has the lower end-to-end latency, but queued prompts ahead of it delay its first token
+    coll, dec = load(8, 1000, queued=2048), load(60, 2000)
+    free = router().decide(1000, 64, coll, load(0), dec)
+    p = free.predicted
+    assert free.path == "collocated" == best(free)
+    assert p["collocated"]["ttft_ms"] > p["disaggregated"]["ttft_ms"]
+    ttft_slo = (p["collocated"]["ttft_ms"] + p["disaggregated"]["ttft_ms"]) / 2
+    assert router(slo_ttft_ms=ttft_slo).decide(1000, 64, coll, load(0), dec).path == "disaggregated"
+    # a TPOT SLO only collocated meets keeps it there even under the TTFT SLO's pressure
+    tpot_slo = (p["collocated"]["tpot_ms"] + p["disaggregated"]["tpot_ms"]) / 2
+    assert router(slo_tpot_ms=tpot_slo).decide(1000, 64, coll, load(0), dec).path == "collocated"
+    # when no path meets the SLOs, the lower end-to-end latency wins
+    assert router(slo_tpot_ms=1e-3, slo_ttft_ms=1e-3).decide(1000, 64, coll, load(0), dec).path == "collocated"
