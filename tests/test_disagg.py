@@ -130,3 +130,25 @@ def test_generate_cli_mode_disaggregated_json(model_path, prompts, reference):
     data = json.loads(r.stdout)
     assert [d["path"] for d in data] == ["disaggregated", "disaggregated"]
     assert all(len(d["token_ids"]) == 6 for d in data)
+
+
+def test_adaptive_mode_uses_the_fitted_cost_model(model_path, prompts, reference, tmp_path):
+    from pdcli.router.fit import fit_profile, write_params
+    from test_cost_model import synthetic_profile
+
+    write_params(str(tmp_path), fit_profile(dict(synthetic_profile(), model=model_path)))
+    with CentralScheduler(model_path, parse_layout("cpu", "cpu", "cpu"), mode="adaptive", params_dir=str(tmp_path),
+                          **ENGINE) as cs:
+        outs = cs.generate(prompts, GREEDY, timeout=120)
+        assert [o.token_ids for o in outs] == reference
+        for o in outs:
+            d = o.metrics["decision"]
+            assert d["decided_by"] == "cost-model" and d["path"] == o.metrics["path"]
+            assert set(d["predicted"]) == {"collocated", "disaggregated"}
+        assert sum(nig.n for nig in cs.router.predictor.buckets.values()) == len(prompts)
+
+
+def test_adaptive_without_params_says_it_fell_back(model_path, prompts):
+    with CentralScheduler(model_path, parse_layout("cpu", "cpu", "cpu"), mode="adaptive", **ENGINE) as cs:
+        out = cs.generate(prompts[:1], GREEDY, timeout=60)[0]
+        assert out.metrics["decision"]["decided_by"] == "threshold-fallback"

@@ -62,16 +62,24 @@ class Tracked:
     finish_time: float | None = None
     transfer_bytes: int = 0
     transfer_s: float = 0.0
+    decision: dict = field(default_factory=dict)  # the route taken, by which policy, with predicted costs
     events: queue.Queue = field(default_factory=queue.Queue)  # (index, new token ids, finish reason | None)
     done: threading.Event = field(default_factory=threading.Event)
 
 
 class CentralScheduler:
     def __init__(self, model: str, layout: list[WorkerSpec], mode: str = "collocated", seed: int = 0,
-                 startup_timeout: float = 600.0, **engine_kwargs):
+                 startup_timeout: float = 600.0, params_dir: str | None = None, slo_ttft_ms: float | None = None,
+                 slo_tpot_ms: float | None = None, **engine_kwargs):
         from pdcli.models.loader import resolve
 
         self.policy = make_policy(mode)
+        self.router = None  # the cost-model router, when a fitted params.json is given
+        if params_dir is not None:
+            from pdcli.router.adaptive import AdaptiveRouter
+            from pdcli.router.fit import load_cost_model
+
+            self.router = AdaptiveRouter(load_cost_model(params_dir, model), slo_ttft_ms, slo_tpot_ms)
         self.tokenizer = resolve(model).tokenizer
         self.lock = threading.RLock()
         self.requests: dict[str, Tracked] = {}
@@ -183,13 +191,44 @@ class CentralScheduler:
         if t.params.n > 1:  # forks share KV inside one engine
             return "collocated" if can_coll else None
         policy = make_policy(mode) if mode else self.policy
+        if policy.name == "adaptive" and self.router is not None and can_coll and can_disagg:
+            loads = self.worker_loads()
+            least = lambda role: min((loads[w.spec.rank] for w in self.live(role)),  # noqa: E731
+                                     key=lambda x: x.queued_prefill_tokens + x.decode_batch)
+            d = self.router.decide(len(t.prompt_ids), t.params.max_tokens, least("collocated"), least("prefill"),
+                                   least("decode"))
+            t.decision = dict(policy="adaptive", decided_by="cost-model", path=d.path, predicted=d.predicted,
+                              predicted_output_len=d.output_len)
+            return d.path
         r = RouteInput(len(t.prompt_ids), t.params,
                        prefill_queue=min((len(w.inflight) for w in self.live("prefill")), default=0),
                        collocated_load=min((len(w.inflight) for w in self.live("collocated")), default=0))
         want = policy.choose(r)
+        t.decision = dict(policy=policy.name, decided_by=getattr(policy, "decided_by", policy.name), path=want)
         if want == "disaggregated" and can_disagg or want == "collocated" and not can_coll and can_disagg:
             return "disaggregated"
         return "collocated" if can_coll else None
+
+    def worker_loads(self):
+        """Per-rank live state from the coordinator's own bookkeeping (what the router sees)."""
+        from pdcli.router.adaptive import WorkerLoad
+
+        loads = {w.spec.rank: WorkerLoad() for w in self.workers}
+        for t in self.requests.values():
+            if t.done.is_set() or not t.path:
+                continue
+            generated = sum(len(v) for v in t.tokens.values())
+            if t.stage in ("collocated", "prefill") and generated == 0:
+                loads[t.first].queued_prefill_tokens += len(t.prompt_ids)
+            elif t.stage == "collocated":
+                loads[t.first].decode_batch += 1
+                loads[t.first].decode_ctx += len(t.prompt_ids) + generated
+            elif t.stage == "handoff":
+                loads[t.second].inflight_transfers += 1
+            elif t.stage == "decode":
+                loads[t.second].decode_batch += 1
+                loads[t.second].decode_ctx += len(t.prompt_ids) + generated
+        return loads
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
                  mode: str | None = None, timeout: float | None = None) -> list[RequestOutput]:
@@ -222,7 +261,7 @@ class CentralScheduler:
             outs.append(CompletionOutput(i, self.tokenizer.decode(visible), ids, reason))
         return RequestOutput(t.rid, None, t.prompt_ids, outs, t.done.is_set(), error=t.error,
                              metrics=dict(arrival_time=t.arrival, first_token_time=t.first_token_time,
-                                          finished_time=t.finish_time, path=t.path,
+                                          finished_time=t.finish_time, path=t.path, decision=t.decision,
                                           transfer_bytes=t.transfer_bytes, transfer_s=t.transfer_s))
 
     def worker_stats(self, timeout: float = 10.0) -> list[dict]:
@@ -311,6 +350,8 @@ class CentralScheduler:
                 self._fail(t, msg[2])
 
     def _complete(self, t: Tracked) -> None:
+        if self.router is not None and not t.error and t.tokens:
+            self.router.observe(len(t.prompt_ids), len(t.tokens.get(0, [])))  # the output-length posterior
         t.stage, t.finish_time = "done", time.perf_counter()
         for rank in (t.first, t.second):
             if rank is not None:
