@@ -158,3 +158,29 @@ def test_slos_pick_the_path_that_meets_them():
     assert router(slo_tpot_ms=tpot_slo).decide(1000, 64, coll, load(0), dec).path == "collocated"
     # when no path meets the SLOs, the lower end-to-end latency wins
     assert router(slo_tpot_ms=1e-3, slo_ttft_ms=1e-3).decide(1000, 64, coll, load(0), dec).path == "collocated"
+
+
+def test_profile_and_fit_commands_on_cpu(tmp_path):
+    """`pdcli profile` measures a tiny model on this CPU (steps and the gloo transfer path) and `pdcli fit`
+    turns it into params.json and a plot."""
+    import os
+
+    from typer.testing import CliRunner
+
+    from pdcli.cli import app
+
+    out = str(tmp_path / "prof")
+    r = CliRunner().invoke(app, ["profile", "--model", "dummy:tiny-llama", "--device", "cpu", "--out", out,
+                                 "--max-seconds", "30", "--num-kv-blocks", "2048", "--max-num-batched-tokens", "256",
+                                 "--max-num-seqs", "16", "--max-model-len", "2048"])
+    assert r.exit_code == 0, r.stderr
+    data = load_profile(out)
+    assert data["model"] == "dummy:tiny-llama" and data["provenance"]["kernel_path"] == "reference"
+    assert len(data["prefill"]["ms"]) >= 4 and len(data["decode"]["ms"]) >= 4 and data["transfer"]["cpu-gloo"]["ms"]
+    r = CliRunner().invoke(app, ["fit", out])
+    assert r.exit_code == 0, r.stderr
+    params = json.load(open(os.path.join(out, "params.json")))
+    assert {"prefill", "decode", "interference", "transfer"} <= set(params)
+    assert os.path.getsize(os.path.join(out, "fit.png")) > 1000
+    r = CliRunner().invoke(app, ["fit", str(tmp_path / "nothing")])
+    assert r.exit_code == 2 and "pdcli profile" in r.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 import typer
 
 from pdcli import __version__
-from pdcli.cli import generate
+from pdcli.cli import fit, generate, profile
 
 app = typer.Typer(name="pdcli", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="LLM serving with prefill/decode disaggregation.")
@@ -23,6 +23,8 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 
 
 app.command("generate")(generate.generate)
+app.command("profile")(profile.profile)
+app.command("fit")(fit.fit)
 
 
 def run() -> None:

@@ -74,9 +74,9 @@ class Worker:
                 t.work.wait()
                 if t.buf.is_cuda:
                     torch.cuda.current_stream(t.buf.device).synchronize()
-                self.completed.put((t, None))
+                self.completed.put((t, None, time.perf_counter()))
             except Exception as err:  # a dead peer
-                self.completed.put((t, str(err)))
+                self.completed.put((t, str(err), time.perf_counter()))
 
     def run(self) -> None:
         e = self.engine
@@ -154,10 +154,10 @@ class Worker:
         e = self.engine
         while True:
             try:
-                t, err = self.completed.get_nowait()
+                t, err, finished = self.completed.get_nowait()
             except queue.Empty:
                 return
-            seconds = time.perf_counter() - self.started.pop(t.request_id, time.perf_counter())
+            seconds = finished - self.started.pop(t.request_id, finished)  # posted -> completed
             if t in self.sends:
                 self.sends.remove(t)
                 e.release(t.request_id)
