@@ -4,7 +4,7 @@ from __future__ import annotations
 import typer
 
 from pdcli import __version__
-from pdcli.cli import fit, generate, profile
+from pdcli.cli import bench, fit, generate, plot, profile
 
 app = typer.Typer(name="pdcli", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="LLM serving with prefill/decode disaggregation.")
@@ -25,6 +25,8 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 app.command("generate")(generate.generate)
 app.command("profile")(profile.profile)
 app.command("fit")(fit.fit)
+app.command("bench")(bench.bench)
+app.command("plot")(plot.plot)
 
 
 def run() -> None:

@@ -59,6 +59,7 @@ class Tracked:
     finish: dict = field(default_factory=dict)  # completion index -> finish reason
     error: str | None = None
     first_token_time: float | None = None
+    token_times: list = field(default_factory=list)  # arrival time of each token of completion 0
     finish_time: float | None = None
     transfer_bytes: int = 0
     transfer_s: float = 0.0
@@ -68,7 +69,7 @@ class Tracked:
 
 
 class CentralScheduler:
-    def __init__(self, model: str, layout: list[WorkerSpec], mode: str = "collocated", seed: int = 0,
+    def __init__(self, model: str, layout: list[WorkerSpec], mode: str = "collocated", sampling_seed: int = 0,
                  startup_timeout: float = 600.0, params_dir: str | None = None, slo_ttft_ms: float | None = None,
                  slo_tpot_ms: float | None = None, **engine_kwargs):
         from pdcli.models.loader import resolve
@@ -84,7 +85,7 @@ class CentralScheduler:
         self.lock = threading.RLock()
         self.requests: dict[str, Tracked] = {}
         self.ids = itertools.count()
-        self.rng = random.Random(seed)
+        self.rng = random.Random(sampling_seed)  # seeds of unseeded requests, shared by P and D
         self.stats_replies: queue.Queue = queue.Queue()
         self.accounting = {p: dict(requests=0, output_tokens=0, failed=0, transfer_bytes=0, transfer_s=0.0)
                            for p in ("collocated", "disaggregated")}
@@ -321,6 +322,8 @@ class CentralScheduler:
                 now = time.perf_counter()
                 t.first_token_time = t.first_token_time or now
                 t.tokens.setdefault(index, []).extend(ids)
+                if index == 0:
+                    t.token_times.extend([now] * len(ids))
                 self.accounting[t.path]["output_tokens"] += len(ids)
                 t.events.put((index, ids, reason))
                 if reason is not None:

@@ -1,0 +1,89 @@
+"""Serving metrics with vLLM's names. Every request counts: failed and aborted ones are reported and
+miss every SLO; latency percentiles are over completed requests."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class RequestRecord:
+    arrival: float  # s, when the request was scheduled to be sent (queueing counts)
+    input_len: int
+    output_len: int = 0
+    first_token: float | None = None  # s
+    token_times: list[float] = field(default_factory=list)  # s, each output token
+    end: float | None = None  # s
+    error: str | None = None
+    aborted: bool = False
+    path: str = ""
+    predicted: dict = field(default_factory=dict)  # router predictions for the path taken
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not self.aborted and self.end is not None
+
+    @property
+    def ttft_ms(self) -> float:
+        return (self.first_token - self.arrival) * 1e3
+
+    @property
+    def e2el_ms(self) -> float:
+        return (self.end - self.arrival) * 1e3
+
+    @property
+    def tpot_ms(self) -> float:
+        """(E2E - TTFT) / (n - 1); 0 for a single-token output."""
+        return (self.e2el_ms - self.ttft_ms) / (self.output_len - 1) if self.output_len > 1 else 0.0
+
+    @property
+    def itls_ms(self) -> list[float]:
+        return list(np.diff(self.token_times) * 1e3)
+
+
+def _stats(name: str, values: list[float]) -> dict:
+    v = np.asarray(values, float) if len(values) else np.zeros(1)
+    return {f"mean_{name}_ms": float(v.mean()), f"median_{name}_ms": float(np.median(v)),
+            f"std_{name}_ms": float(v.std()), f"p90_{name}_ms": float(np.percentile(v, 90)),
+            f"p99_{name}_ms": float(np.percentile(v, 99))}
+
+
+def meets(r: RequestRecord, goodput: dict[str, float]) -> bool:
+    """A request is good iff it completed and every listed metric (ttft, tpot, e2el in ms) is within its SLO."""
+    return r.ok and all(getattr(r, f"{k}_ms") <= v for k, v in goodput.items())
+
+
+def summarize(records: list[RequestRecord], goodput: dict[str, float] | None = None) -> dict:
+    done = [r for r in records if r.ok]
+    failed = sum(1 for r in records if r.error is not None and not r.aborted)
+    aborted = sum(1 for r in records if r.aborted)
+    start = min((r.arrival for r in records), default=0.0)
+    end = max((r.end for r in done), default=start)
+    duration = max(end - start, 1e-9)
+    out_tokens = sum(r.output_len for r in done)
+    in_tokens = sum(r.input_len for r in done)
+    res = dict(num_prompts=len(records), completed=len(done), failed=failed, aborted=aborted, duration=duration,
+               total_input_tokens=in_tokens, total_output_tokens=out_tokens,
+               request_throughput=len(done) / duration, output_throughput=out_tokens / duration,
+               total_token_throughput=(in_tokens + out_tokens) / duration)
+    res.update(_stats("ttft", [r.ttft_ms for r in done]))
+    res.update(_stats("tpot", [r.tpot_ms for r in done if r.output_len > 1]))
+    res.update(_stats("itl", [x for r in done for x in r.itls_ms]))
+    res.update(_stats("e2el", [r.e2el_ms for r in done]))
+    if goodput:
+        good = sum(meets(r, goodput) for r in records)
+        res.update(request_goodput=good / duration, slo_attainment=good / max(len(records), 1), goodput_slos=goodput)
+    paths = [r.path for r in records if r.path]
+    res["routing_mix"] = {p: paths.count(p) / len(paths) for p in sorted(set(paths))} if paths else {}
+    errs = [abs(r.predicted[k] - m) / m for r in done if r.predicted
+            for k, m in (("ttft_ms", r.ttft_ms), ("tpot_ms", r.tpot_ms)) if k in r.predicted and m > 0]
+    if errs:
+        res["router_median_abs_rel_err"] = float(np.median(errs))
+    return res
+
+
+def max_rate_meeting(rows: list[dict], target: float = 0.9) -> float | None:
+    """DistServe's measure: the highest swept rate whose SLO attainment is at least target."""
+    ok = [r["request_rate"] for r in rows if r.get("slo_attainment", 0) >= target and r["request_rate"] != "inf"]
+    return max(ok) if ok else None

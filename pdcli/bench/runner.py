@@ -1,0 +1,73 @@
+"""In-process open-loop load: each request is submitted to the coordinator at its scheduled time and
+stamped with that time, so queueing delay counts; the run drains until every request has ended."""
+from __future__ import annotations
+
+import math
+import time
+
+from pdcli.bench.metrics import RequestRecord
+from pdcli.bench.workloads import BenchRequest
+from pdcli.sampling_params import SamplingParams
+from pdcli.workers.layout import WorkerSpec, parse_layout
+
+MODES = ("collocated", "disaggregated", "adaptive", "threshold")
+
+
+def layout_for(mode: str, devices: list[str]) -> list[WorkerSpec]:
+    """The same devices for every mode: all collocated; or split into prefill and decode workers; or
+    (adaptive, threshold) one collocated worker beside prefill and decode workers."""
+    n = len(devices)
+    if mode == "collocated":
+        return parse_layout(",".join(devices))
+    if mode == "disaggregated":
+        k = max(1, n // 2)
+        return parse_layout("", ",".join(devices[:k]), ",".join(devices[k:] or devices[:1]))
+    if n >= 3:
+        return parse_layout(devices[0], ",".join(devices[1:-1]), devices[-1])
+    if n == 2:
+        return parse_layout(devices[0], devices[1], devices[0])
+    return parse_layout(devices[0], devices[0], devices[0])
+
+
+def run_load(cs, requests: list[BenchRequest], arrivals, mode: str, drain_timeout: float, progress=None,
+             task=None) -> list[RequestRecord]:
+    start = time.perf_counter()
+    tracked = []
+    for req, at in zip(requests, arrivals):
+        delay = start + at - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        p = SamplingParams(temperature=0, max_tokens=req.output_len, ignore_eos=True)
+        tracked.append((start + at, req, cs.submit(req.prompt_ids, p, mode)))
+        if progress:
+            done = sum(t.done.is_set() for _, _, t in tracked)
+            progress.update(task, completed=done, description=f"{mode}: sent {len(tracked)}/{len(requests)}")
+    deadline = time.perf_counter() + drain_timeout
+    for _, _, t in tracked:
+        while not t.done.wait(0.2):
+            if progress:
+                progress.update(task, completed=sum(x.done.is_set() for _, _, x in tracked))
+            if time.perf_counter() > deadline:
+                cs.abort(t.rid, "benchmark drain timeout")
+                break
+    records = []
+    for arrival, req, t in tracked:
+        ids = t.tokens.get(0, [])
+        aborted = t.error is not None and t.finish.get(0) == "abort"
+        records.append(RequestRecord(
+            arrival=arrival - start, input_len=len(req.prompt_ids), output_len=len(ids),
+            first_token=None if t.first_token_time is None else t.first_token_time - start,
+            token_times=[x - start for x in t.token_times], end=None if t.finish_time is None else t.finish_time - start,
+            error=t.error, aborted=aborted, path=t.path,
+            predicted=t.decision.get("predicted", {}).get(t.path, {}) if t.decision else {}))
+    if progress:
+        progress.update(task, completed=len(requests))
+    return records
+
+
+def warmup_filter(records: list[RequestRecord], warmup_s: float) -> list[RequestRecord]:
+    return [r for r in records if r.arrival >= warmup_s] if warmup_s > 0 else records
+
+
+def rate_label(rate: float):
+    return "inf" if math.isinf(rate) else rate

@@ -1,0 +1,110 @@
+"""pdcli bench / plot on CPU: arrival process, metric functions on a hand-computed trace, a short run."""
+import glob
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pdcli.bench.arrivals import arrival_times
+from pdcli.bench.metrics import RequestRecord, max_rate_meeting, summarize
+from pdcli.bench.runner import layout_for
+from pdcli.bench.workloads import make_requests
+from pdcli.cli import app
+
+
+@pytest.mark.parametrize("burstiness, cv", [(1.0, 1.0), (4.0, 0.5), (0.25, 2.0)])
+def test_arrivals_mean_rate_and_cv(burstiness, cv):
+    t = arrival_times(20000, rate=5.0, burstiness=burstiness, seed=1)
+    gaps = np.diff(t)
+    assert gaps.mean() == pytest.approx(1 / 5.0, rel=0.05)
+    assert gaps.std() / gaps.mean() == pytest.approx(cv, rel=0.05)
+    assert np.array_equal(t, arrival_times(20000, 5.0, burstiness, seed=1))  # seeded
+    assert not np.array_equal(t, arrival_times(20000, 5.0, burstiness, seed=2))
+
+
+def test_infinite_rate_sends_everything_at_once():
+    assert arrival_times(7, math.inf).tolist() == [0.0] * 7
+
+
+def test_metrics_on_a_hand_computed_trace():
+    recs = [
+        RequestRecord(arrival=0.0, input_len=10, output_len=3, first_token=0.1, token_times=[0.1, 0.2, 0.4], end=0.4),
+        RequestRecord(arrival=1.0, input_len=20, output_len=2, first_token=1.3, token_times=[1.3, 1.5], end=1.5),
+        RequestRecord(arrival=2.0, input_len=30, error="worker died"),
+        RequestRecord(arrival=2.5, input_len=40, aborted=True, error="timeout"),
+    ]
+    s = summarize(recs, {"ttft": 200, "tpot": 160})
+    assert (s["completed"], s["failed"], s["aborted"], s["num_prompts"]) == (2, 1, 1, 4)
+    assert s["duration"] == pytest.approx(1.5)
+    assert s["mean_ttft_ms"] == pytest.approx(200)  # (100 + 300) / 2
+    assert s["median_tpot_ms"] == pytest.approx(175)  # request 1: (400 - 100) / 2 = 150; request 2: 200 / 1 = 200
+    assert s["mean_itl_ms"] == pytest.approx((100 + 200 + 200) / 3)
+    assert s["mean_e2el_ms"] == pytest.approx((400 + 500) / 2)
+    assert s["request_throughput"] == pytest.approx(2 / 1.5)
+    assert s["output_throughput"] == pytest.approx(5 / 1.5)
+    assert s["total_token_throughput"] == pytest.approx(35 / 1.5)
+    # only request 1 meets both SLOs; failed and aborted requests count against attainment
+    assert s["slo_attainment"] == pytest.approx(1 / 4)
+    assert s["request_goodput"] == pytest.approx(1 / 1.5)
+    rows = [dict(request_rate=1.0, slo_attainment=0.95), dict(request_rate=2.0, slo_attainment=0.92),
+            dict(request_rate=4.0, slo_attainment=0.5), dict(request_rate="inf", slo_attainment=1.0)]
+    assert max_rate_meeting(rows) == 2.0
+
+
+def test_workloads_follow_their_definitions():
+    short = make_requests("short", 200, 0, 1000, 4096)
+    assert all(64 <= len(r.prompt_ids) <= 256 and r.output_len == 128 for r in short)
+    long = make_requests("long", 200, 0, 1000, 4096)
+    assert all(1024 <= len(r.prompt_ids) <= 2048 for r in long)
+    rnd = make_requests("random", 200, 0, 1000, 4096, input_len=100, output_len=50, range_ratio=0.5)
+    assert {len(r.prompt_ids) for r in rnd} <= set(range(50, 151)) and len({len(r.prompt_ids) for r in rnd}) > 20
+    assert all(max(r.prompt_ids) < 1000 for r in rnd)
+    with pytest.raises(ValueError, match="unknown workload"):
+        make_requests("huge", 1, 0, 1000, 4096)
+
+
+def test_modes_get_the_same_devices():
+    devs = ["cuda:0", "cuda:1"]
+    for mode in ("collocated", "disaggregated", "adaptive"):
+        assert {s.device for s in layout_for(mode, devs)} == set(devs)
+
+
+def test_bench_runs_and_plot_makes_pngs(tmp_path):
+    out = str(tmp_path / "res")
+    args = ["bench", "--model", "dummy:tiny-llama", "--mode", "all", "--devices", "cpu,cpu", "--arrival-rate", "0.3",
+            "--workload", "long", "--num-prompts", "3", "--result-dir", out, "--slo-ttft-ms", "5000",
+            "--slo-tpot-ms", "500", "--save-detailed", "--max-model-len", "4096", "--num-kv-blocks", "1024",
+            "--max-num-batched-tokens", "512"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.stderr
+    files = sorted(glob.glob(os.path.join(out, "*.json")))
+    assert len(files) == 4
+    for f in files:
+        d = json.load(open(f))
+        for key in ("mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p99_tpot_ms", "mean_itl_ms",
+                    "p99_e2el_ms", "request_throughput", "output_throughput", "total_token_throughput", "completed",
+                    "failed", "aborted", "slo_attainment", "request_goodput", "routing_mix", "layout", "provenance",
+                    "request_rate", "kernel_path", "requests"):
+            assert key in d, key
+        assert d["request_rate"] == 0.3 and d["completed"] == 3 and d["failed"] == 0
+        assert {x["device"] for x in d["layout"]} == {"cpu"}
+    r = CliRunner().invoke(app, ["plot", *files, "--out", str(tmp_path / "png")])
+    assert r.exit_code == 0, r.stderr
+    pngs = r.stdout.split()
+    assert len(pngs) >= 3
+    for p in pngs:
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(p) > 5000
+
+
+@pytest.mark.parametrize("args, needle", [(["--arrival-rate", "-1"], "arrival-rate"),
+                                          (["--goodput", "latency:5"], "goodput"),
+                                          (["--mode", "fastest"], "unknown mode")])
+def test_bench_bad_input(args, needle):
+    r = CliRunner().invoke(app, ["bench", "--model", "dummy:tiny-llama", *args])
+    assert r.exit_code == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and needle in lines[0]
