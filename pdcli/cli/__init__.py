@@ -4,7 +4,7 @@ from __future__ import annotations
 import typer
 
 from pdcli import __version__
-from pdcli.cli import bench, fit, generate, plot, profile
+from pdcli.cli import bench, fit, generate, plot, profile, serve
 
 app = typer.Typer(name="pdcli", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="LLM serving with prefill/decode disaggregation.")
@@ -27,6 +27,7 @@ app.command("profile")(profile.profile)
 app.command("fit")(fit.fit)
 app.command("bench")(bench.bench)
 app.command("plot")(plot.plot)
+app.command("serve")(serve.serve)
 
 
 def run() -> None:

@@ -65,6 +65,7 @@ class Tracked:
     transfer_s: float = 0.0
     decision: dict = field(default_factory=dict)  # the route taken, by which policy, with predicted costs
     events: queue.Queue = field(default_factory=queue.Queue)  # (index, new token ids, finish reason | None)
+    waker: object = None  # called (from the router thread) after each event, e.g. to wake an asyncio task
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -75,13 +76,17 @@ class CentralScheduler:
         from pdcli.models.loader import resolve
 
         self.policy = make_policy(mode)
+        source = resolve(model)
+        from pdcli.models.arch import ModelArch
+
+        self.vocab_size = ModelArch.from_hf_config(source.hf_config).vocab_size
         self.router = None  # the cost-model router, when a fitted params.json is given
         if params_dir is not None:
             from pdcli.router.adaptive import AdaptiveRouter
             from pdcli.router.fit import load_cost_model
 
             self.router = AdaptiveRouter(load_cost_model(params_dir, model), slo_ttft_ms, slo_tpot_ms)
-        self.tokenizer = resolve(model).tokenizer
+        self.tokenizer = source.tokenizer
         self.lock = threading.RLock()
         self.requests: dict[str, Tracked] = {}
         self.ids = itertools.count()
@@ -129,6 +134,7 @@ class CentralScheduler:
             if msg[0] != "ready":
                 raise RuntimeError(f"worker {w.spec.role} on {w.spec.device} failed to start:\n{msg[-1]}")
             w.info = msg[1]
+        self.max_model_len = min(w.info["max_model_len"] for w in self.workers)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop every worker; requests still running end with an error."""
@@ -259,11 +265,23 @@ class CentralScheduler:
             reason = t.finish.get(i, "error" if t.error else None)
             visible = ids[:-1] if reason == "stop" and ids and (ids[-1] in self.tokenizer.eos_token_ids or
                                                                 ids[-1] in t.params.stop_token_ids) else ids
-            outs.append(CompletionOutput(i, self.tokenizer.decode(visible), ids, reason))
+            outs.append(CompletionOutput(i, self.text(t, visible, reason), ids, reason))
         return RequestOutput(t.rid, None, t.prompt_ids, outs, t.done.is_set(), error=t.error,
                              metrics=dict(arrival_time=t.arrival, first_token_time=t.first_token_time,
                                           finished_time=t.finish_time, path=t.path, decision=t.decision,
                                           transfer_bytes=t.transfer_bytes, transfer_s=t.transfer_s))
+
+    def text(self, t: Tracked, ids: list[int], reason: str | None) -> str:
+        """Decoded output, cut at the first stop string (the worker stopped on it)."""
+        text = self.tokenizer.decode(ids)
+        if t.params.stop:
+            from pdcli.engine.detokenizer import find_stop
+
+            i = find_stop(text, text, t.params.stop)
+            if i >= 0:
+                stop = next(s for s in t.params.stop if text.startswith(s, i))
+                text = text[:i + len(stop)] if t.params.include_stop_str_in_output else text[:i]
+        return text
 
     def worker_stats(self, timeout: float = 10.0) -> list[dict]:
         """Per-worker pool and queue state (block pools must be full again when idle)."""
@@ -326,6 +344,8 @@ class CentralScheduler:
                     t.token_times.extend([now] * len(ids))
                 self.accounting[t.path]["output_tokens"] += len(ids)
                 t.events.put((index, ids, reason))
+                if t.waker:
+                    t.waker()
                 if reason is not None:
                     t.finish[index] = reason
                     if len(t.finish) == max(1, t.params.n):
@@ -368,6 +388,8 @@ class CentralScheduler:
         if t.path:
             self.accounting[t.path]["failed"] += 1
         t.events.put((0, [], finish))
+        if t.waker:
+            t.waker()
         self._complete(t)
 
     def _worker_died(self, w: WorkerHandle, why: str) -> None:

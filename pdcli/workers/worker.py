@@ -81,7 +81,8 @@ class Worker:
     def run(self) -> None:
         e = self.engine
         self.conn.send(("ready", dict(rank=self.spec.rank, role=self.spec.role, device=self.spec.device,
-                                      num_blocks=e.runner.num_blocks, kernel_path=e.runner.kernel_path)))
+                                      num_blocks=e.runner.num_blocks, kernel_path=e.runner.kernel_path,
+                                      max_model_len=e.max_model_len)))
         while True:
             busy = e.has_unfinished_requests() or self.sends or self.recvs or self.waiting_reserve
             while self.conn.poll(0 if busy else 0.02):

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from pdcli.cli.common import (DEFAULTS, EXIT_RUNTIME, BlockSize, Device, Dtype, GpuMemoryUtilization, MaxModelLen,
+                              MaxNumBatchedTokens, MaxNumSeqs, Model, NumKvBlocks, engine_kwargs, fail)
+
+
+def serve(
+    model: Model = DEFAULTS["model"],
+    mode: Annotated[str, typer.Option(help="collocated, disaggregated, adaptive or threshold.")] = "collocated",
+    collocated: Annotated[str, typer.Option(help="Devices of collocated workers (default: --device).")] = "",
+    prefill: Annotated[str, typer.Option(help="Devices of prefill workers.")] = "",
+    decode: Annotated[str, typer.Option(help="Devices of decode workers.")] = "",
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(help="Require 'Authorization: Bearer KEY' on /v1 routes.")] = None,
+    served_model_name: Annotated[Optional[str], typer.Option(help="Model id clients use (default: --model).")] = None,
+    params_dir: Annotated[Optional[str], typer.Option(help="Fitted cost model folder for --mode adaptive.")] = None,
+    device: Device = None,
+    dtype: Dtype = DEFAULTS["dtype"],
+    max_model_len: MaxModelLen = None,
+    max_num_seqs: MaxNumSeqs = DEFAULTS["max_num_seqs"],
+    max_num_batched_tokens: MaxNumBatchedTokens = DEFAULTS["max_num_batched_tokens"],
+    block_size: BlockSize = DEFAULTS["block_size"],
+    num_kv_blocks: NumKvBlocks = None,
+    gpu_memory_utilization: GpuMemoryUtilization = DEFAULTS["gpu_memory_utilization"],
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
+) -> None:
+    """OpenAI-compatible HTTP server (completions, chat, models, health, metrics) over the chosen mode."""
+    import torch
+    import uvicorn
+    from rich.console import Console
+
+    from pdcli.coordinator.central import CentralScheduler
+    from pdcli.coordinator.policy import make_policy
+    from pdcli.models.loader import ModelLoadError
+    from pdcli.server.app import create_app
+    from pdcli.workers.layout import parse_layout
+
+    err = Console(stderr=True, highlight=False)
+    kw = {k: v for k, v in engine_kwargs(None, dtype, max_model_len, max_num_seqs, max_num_batched_tokens, block_size,
+                                         num_kv_blocks, gpu_memory_utilization, True, seed=0).items() if k != "device"}
+    try:
+        make_policy(mode)
+        if not (collocated or prefill or decode):
+            collocated = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+        layout = parse_layout(collocated, prefill, decode)
+        with err.status(f"starting {len(layout)} worker(s) for {model}"):
+            cs = CentralScheduler(model, layout, mode=mode, params_dir=params_dir, **kw)
+    except (ValueError, ModelLoadError) as e:
+        fail(str(e))
+    except (RuntimeError, OSError, TimeoutError) as e:
+        fail(str(e), EXIT_RUNTIME)
+    app = create_app(cs, model, served_model_name or model, cs.max_model_len, api_key)
+    err.print(f"pdcli serving {served_model_name or model} ({mode}, {len(layout)} worker(s)) on http://{host}:{port}/v1")
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
+    finally:
+        cs.shutdown()
