@@ -62,6 +62,8 @@ def bench(
     result_dir: Annotated[str, typer.Option()] = "results",
     save_detailed: Annotated[bool, typer.Option(help="Per-request arrays in the JSON.")] = False,
     drain_timeout: Annotated[float, typer.Option(help="Seconds to wait for the last requests.")] = 600.0,
+    endpoint: Annotated[Optional[str], typer.Option(help="Load an OpenAI-compatible server instead (pdcli serve, vLLM, SGLang).")] = None,
+    api_key: Annotated[Optional[str], typer.Option(help="Bearer key for --endpoint.")] = None,
     dtype: Dtype = DEFAULTS["dtype"],
     max_model_len: MaxModelLen = None,
     max_num_seqs: MaxNumSeqs = DEFAULTS["max_num_seqs"],
@@ -106,6 +108,27 @@ def bench(
     os.makedirs(result_dir, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     rows, paths = [], []
+    if endpoint:
+        from pdcli.bench.http_client import run_endpoint
+
+        for rate in rates:
+            n = num_prompts if duration is None else max(1, int(rate * duration))
+            reqs = make_requests(workload, n, seed, arch.vocab_size, max_len, random_input_len, random_output_len,
+                                 random_range_ratio)
+            try:
+                records = run_endpoint(endpoint, reqs, arrival_times(n, rate, burstiness, seed), api_key,
+                                       timeout=drain_timeout)
+            except Exception as e:
+                fail(f"cannot reach {endpoint}: {e}", EXIT_RUNTIME)
+            stats = summarize(warmup_filter(records, warmup), slos)
+            row = dict(mode="endpoint", request_rate=rate_label(rate), burstiness=burstiness, workload=workload, **stats)
+            rows.append(row)
+            name = f"{stamp}_endpoint_{workload}_rate{rate_label(rate)}.json"
+            with open(os.path.join(result_dir, name), "w") as f:
+                json.dump(dict(row, model=model, endpoint=endpoint, seed=seed, date=stamp,
+                               provenance=dict(pdcli=__version__, command=" ".join(["pdcli", *sys.argv[1:]]))), f, indent=1)
+            paths.append(os.path.join(result_dir, name))
+        modes = []
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} done"),
                   TimeElapsedColumn(), console=err, transient=True) as progress:
         for m in modes:
@@ -154,7 +177,7 @@ def bench(
                       f"{r['slo_attainment']:.0%}" if "slo_attainment" in r else "-")
     err.print(table)
     if slos and len(rates) > 1:
-        for m in modes:
+        for m in modes or ["endpoint"]:
             best = max_rate_meeting([r for r in rows if r["mode"] == m])
             err.print(f"{m}: highest rate with >= 90% SLO attainment: {best if best is not None else 'none'}")
     for p in paths:
