@@ -152,3 +152,18 @@ def test_adaptive_without_params_says_it_fell_back(model_path, prompts):
     with CentralScheduler(model_path, parse_layout("cpu", "cpu", "cpu"), mode="adaptive", **ENGINE) as cs:
         out = cs.generate(prompts[:1], GREEDY, timeout=60)[0]
         assert out.metrics["decision"]["decided_by"] == "threshold-fallback"
+
+
+def test_burst_of_long_prompts_does_not_wedge_the_pipes(model_path):
+    """More prompt bytes than a pipe buffers, all at once: sends are queued, so nobody blocks on a full pipe."""
+    import random
+
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, 400) for _ in range(700)] for _ in range(60)]
+    p = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    with CentralScheduler(model_path, parse_layout("cpu", "cpu", "cpu"), block_size=16, num_kv_blocks=3000,
+                          max_num_batched_tokens=2048) as cs:
+        outs = cs.generate(prompts, p, mode="threshold", timeout=180)
+        assert all(o.error is None and len(o.token_ids) == 3 for o in outs), [o.error for o in outs if o.error][:3]
+        stats = wait_pools_full(cs)
+        assert all(s["num_free_blocks"] == s["num_blocks"] for s in stats), stats

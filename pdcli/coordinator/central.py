@@ -41,6 +41,9 @@ class WorkerHandle:
     alive: bool = True
     info: dict = field(default_factory=dict)
     inflight: set = field(default_factory=set)  # request ids this worker holds
+    # messages to the worker go through a queue and a sender thread, so neither a caller nor the router
+    # thread ever blocks on a full pipe (a worker blocked on its own sends would otherwise deadlock them)
+    outbox: queue.Queue = field(default_factory=queue.Queue)
 
 
 @dataclass
@@ -113,11 +116,15 @@ class CentralScheduler:
             child.close()
             self.workers.append(WorkerHandle(spec, proc, parent))
         self._closed = False
+        self._senders_started = False
         try:
             self._wait_ready(startup_timeout)
         except BaseException:
             self.shutdown()
             raise
+        for w in self.workers:
+            threading.Thread(target=self._sender, args=(w,), name=f"pdcli-send-{w.spec.rank}", daemon=True).start()
+        self._senders_started = True
         self.thread = threading.Thread(target=self._route_loop, name="pdcli-router", daemon=True)
         self.thread.start()
 
@@ -142,10 +149,14 @@ class CentralScheduler:
             return
         self._closed = True
         for w in self.workers:
-            try:
-                w.conn.send(("shutdown",))
-            except (BrokenPipeError, OSError):
-                pass
+            if self._senders_started:
+                w.outbox.put(("shutdown",))
+                w.outbox.put(None)  # ends the sender thread
+            else:  # failed during startup
+                try:
+                    w.conn.send(("shutdown",))
+                except (BrokenPipeError, OSError):
+                    pass
         deadline = time.monotonic() + timeout
         for w in self.workers:
             w.proc.join(max(0.0, deadline - time.monotonic()))
@@ -295,10 +306,19 @@ class CentralScheduler:
 
     # ---- the router thread ----
     def _send(self, w: WorkerHandle, msg) -> None:
-        try:
-            w.conn.send(msg)
-        except (BrokenPipeError, OSError, EOFError):
-            self._worker_died(w, "its pipe closed")
+        w.outbox.put(msg)
+
+    def _sender(self, w: WorkerHandle) -> None:
+        while True:
+            msg = w.outbox.get()
+            if msg is None:
+                return
+            try:
+                w.conn.send(msg)
+            except (BrokenPipeError, OSError, EOFError):
+                if not self._closed:
+                    self._worker_died(w, "its pipe closed")
+                return
 
     def _route_loop(self) -> None:
         conns = {w.conn: w for w in self.workers}
