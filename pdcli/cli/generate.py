@@ -80,7 +80,8 @@ def generate(
     num_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
     ttft = min(o.metrics["first_token_time"] or float("inf") for o in outputs) - start
     err.print(f"[dim]{num_tokens} tokens in {elapsed:.2f} s · TTFT {ttft * 1e3:.0f} ms · "
-              f"{num_tokens / max(elapsed, 1e-9):.1f} tok/s · {llm.engine.device.type}[/dim]")
+              f"{num_tokens / max(elapsed, 1e-9):.1f} tok/s · {llm.engine.device.type} · "
+              f"{llm.engine.runner.kernel_path} attention[/dim]")
 
 
 def _print_stream(stream, llm, num_prompts: int) -> None:
