@@ -103,6 +103,20 @@ def test_chat_matches_llm_generate(client, local):
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want
 
 
+def test_stop_string_cuts_the_text(client):
+    full = client.completions.create(model="tiny", prompt="Hello world", max_tokens=20, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    assert len(full) > 8
+    i = next(i for i in range(2, len(full) - 1) if "\ufffd" not in full[i:i + 2])  # whole characters only
+    stop = full[i:i + 2]
+    cut = client.completions.create(model="tiny", prompt="Hello world", max_tokens=20, temperature=0, stop=[stop],
+                                    extra_body={"ignore_eos": True}).choices[0]
+    assert cut.text == full[:full.index(stop)] and cut.finish_reason == "stop"
+    streamed = client.completions.create(model="tiny", prompt="Hello world", max_tokens=20, temperature=0,
+                                         stop=stop, stream=True, extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == full[:full.index(stop)]
+
+
 def test_n_and_seed(client):
     r = client.completions.create(model="tiny", prompt="Hello", max_tokens=8, temperature=1.0, n=3, seed=7,
                                   extra_body={"ignore_eos": True})

@@ -95,6 +95,7 @@ class LLMEngine:
         self.handoff: dict[str, Sequence] = {}  # request id -> sequence whose KV is being handed over
         self._ids = itertools.count()
         self._rng = random.Random(config.seed)
+        self.detokenize = True  # workers leave text to the coordinator (stop strings still need it here)
 
     # ---- requests ----
     def encode(self, prompt: str | list[int], chat: bool = False) -> list[int]:
@@ -159,7 +160,7 @@ class LLMEngine:
                 delta = self._detokenize(seq)
             else:
                 delta = ""
-                if seq.is_finished:
+                if seq.is_finished and self.detokenize:
                     seq.text = self.tokenizer.decode(self._visible_output(seq))
             deltas.append(StepDelta(seq.request_id, seq.index, [seq.token_ids[-1]], delta, seq.is_finished,
                                     seq.finish_reason))

@@ -124,6 +124,9 @@ class Generation:
                         text = self.cs.text(t, self._visible(t, idx, reason), reason)
                         if text.endswith("\ufffd") and reason is None:
                             continue
+                        if reason is None and t.params.stop:  # hold back what may start a stop string
+                            hold = max(map(len, t.params.stop)) - 1
+                            text = text[:max(len(sent.get(choice, "")), len(text) - hold)]
                         new = text[len(sent.get(choice, "")):] if text.startswith(sent.get(choice, "")) else ""
                         sent[choice] = text
                         if new or reason is not None:

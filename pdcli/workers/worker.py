@@ -38,6 +38,7 @@ def worker_main(spec: WorkerSpec, model: str, engine_kwargs: dict, conn, dist_in
         from pdcli.engine.llm_engine import LLMEngine
 
         engine = LLMEngine(EngineConfig.from_kwargs(model, device=spec.device, **engine_kwargs))
+        engine.detokenize = False
         Worker(spec, engine, conn).run()
     except (KeyboardInterrupt, EOFError, BrokenPipeError):
         pass
