@@ -9,8 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pdcli.cli.common import (DEFAULTS, EXIT_RUNTIME, BlockSize, Dtype, GpuMemoryUtilization, MaxModelLen,
-                              MaxNumBatchedTokens, MaxNumSeqs, Model, NumKvBlocks, engine_kwargs, fail)
+from pdcli.cli.common import DEFAULT_MODEL, EXIT_RUNTIME, Model, engine_options, fail
 
 
 def _rates(text: str) -> list[float]:
@@ -41,8 +40,9 @@ def _goodput(items: list[str], ttft: Optional[float], tpot: Optional[float]) -> 
     return slos
 
 
+@engine_options
 def bench(
-    model: Model = DEFAULTS["model"],
+    model: Model = DEFAULT_MODEL,
     mode: Annotated[str, typer.Option(help="collocated, disaggregated, adaptive, threshold or all.")] = "collocated",
     devices: Annotated[str, typer.Option(help="Devices shared by every mode, e.g. cuda:0,cuda:1 or cpu,cpu.")] = "cpu,cpu",
     arrival_rate: Annotated[str, typer.Option("--arrival-rate", "--request-rate", help="Requests/s: a number, inf, a list or start:stop:step.")] = "inf",
@@ -64,13 +64,7 @@ def bench(
     drain_timeout: Annotated[float, typer.Option(help="Seconds to wait for the last requests.")] = 600.0,
     endpoint: Annotated[Optional[str], typer.Option(help="Load an OpenAI-compatible server instead (pdcli serve, vLLM, SGLang).")] = None,
     api_key: Annotated[Optional[str], typer.Option(help="Bearer key for --endpoint.")] = None,
-    dtype: Dtype = DEFAULTS["dtype"],
-    max_model_len: MaxModelLen = None,
-    max_num_seqs: MaxNumSeqs = DEFAULTS["max_num_seqs"],
-    max_num_batched_tokens: MaxNumBatchedTokens = DEFAULTS["max_num_batched_tokens"],
-    block_size: BlockSize = DEFAULTS["block_size"],
-    num_kv_blocks: NumKvBlocks = None,
-    gpu_memory_utilization: GpuMemoryUtilization = DEFAULTS["gpu_memory_utilization"],
+    engine: dict = None,
 ) -> None:
     """Open-loop benchmark of each mode on the same devices and arrival trace -> results/*.json."""
     import torch
@@ -99,10 +93,8 @@ def bench(
         devs = [d.strip() for d in devices.split(",") if d.strip()]
         src = resolve(model)
         arch = ModelArch.from_hf_config(src.hf_config)
-        max_len = max_model_len or arch.max_position_embeddings
-        kw = {k: v for k, v in engine_kwargs(None, dtype, max_model_len, max_num_seqs, max_num_batched_tokens,
-                                             block_size, num_kv_blocks, gpu_memory_utilization, True, seed=0).items()
-              if k != "device"}
+        max_len = engine["max_model_len"] or arch.max_position_embeddings
+        kw = engine
     except (ValueError, ModelLoadError) as e:
         fail(str(e))
     os.makedirs(result_dir, exist_ok=True)

@@ -1,7 +1,10 @@
 """Shared CLI pieces: engine options read from the config dataclasses, one-line errors."""
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
+import typing
 from typing import Annotated, NoReturn, Optional
 
 import typer
@@ -22,17 +25,36 @@ GpuMemoryUtilization = Annotated[float, typer.Option(help="Fraction of GPU memor
 PrefixCaching = Annotated[bool, typer.Option("--enable-prefix-caching/--no-enable-prefix-caching")]
 
 
-def engine_kwargs(device, dtype, max_model_len, max_num_seqs, max_num_batched_tokens, block_size, num_kv_blocks,
-                  gpu_memory_utilization, enable_prefix_caching, seed) -> dict:
-    return dict(device=device, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                max_num_batched_tokens=max_num_batched_tokens, block_size=block_size, num_kv_blocks=num_kv_blocks,
-                gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching, seed=seed)
+# the engine flags every command shares: (name, annotation, default from the config dataclasses)
+DEFAULT_MODEL = EngineConfig.model
+ENGINE_OPTIONS = (
+    ("dtype", Dtype, EngineConfig.dtype),
+    ("max_model_len", MaxModelLen, SchedulerConfig.max_model_len),
+    ("max_num_seqs", MaxNumSeqs, SchedulerConfig.max_num_seqs),
+    ("max_num_batched_tokens", MaxNumBatchedTokens, SchedulerConfig.max_num_batched_tokens),
+    ("block_size", BlockSize, CacheConfig.block_size),
+    ("num_kv_blocks", NumKvBlocks, CacheConfig.num_kv_blocks),
+    ("gpu_memory_utilization", GpuMemoryUtilization, CacheConfig.gpu_memory_utilization),
+    ("enable_prefix_caching", PrefixCaching, CacheConfig.enable_prefix_caching),
+)
 
 
-DEFAULTS = dict(model=EngineConfig.model, dtype=EngineConfig.dtype, max_num_seqs=SchedulerConfig.max_num_seqs,
-                max_num_batched_tokens=SchedulerConfig.max_num_batched_tokens, block_size=CacheConfig.block_size,
-                gpu_memory_utilization=CacheConfig.gpu_memory_utilization,
-                enable_prefix_caching=CacheConfig.enable_prefix_caching)
+def engine_options(fn):
+    """Add the shared engine flags to a command; the command receives them as one dict, `engine`."""
+    hints = typing.get_type_hints(fn, include_extras=True)  # the command module's annotations, evaluated
+    params = [p.replace(annotation=hints.get(p.name, p.annotation), kind=inspect.Parameter.KEYWORD_ONLY)
+              for p in inspect.signature(fn).parameters.values() if p.name != "engine"]
+    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=ann)
+               for name, ann, default in ENGINE_OPTIONS]
+
+    @functools.wraps(fn)
+    def command(**kwargs):
+        return fn(engine={name: kwargs.pop(name) for name, _, _ in ENGINE_OPTIONS}, **kwargs)
+
+    del command.__wrapped__
+    command.__signature__ = inspect.Signature(params, return_annotation=None)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:

@@ -7,13 +7,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from pdcli.cli.common import (DEFAULTS, EXIT_RUNTIME, BlockSize, Device, Dtype, GpuMemoryUtilization, MaxModelLen,
-                              MaxNumBatchedTokens, MaxNumSeqs, Model, NumKvBlocks, PrefixCaching, engine_kwargs, fail)
+from pdcli.cli.common import DEFAULT_MODEL, EXIT_RUNTIME, Device, Model, engine_options, fail
 
 
+@engine_options
 def generate(
     prompts: Annotated[list[str], typer.Argument(help="One or more prompts.", show_default=False)],
-    model: Model = DEFAULTS["model"],
+    model: Model = DEFAULT_MODEL,
     chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Apply the chat template (default: if the tokenizer has one).")] = None,
     max_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 256,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
@@ -22,29 +22,19 @@ def generate(
     seed: Annotated[Optional[int], typer.Option(help="Sampling seed (same seed, same output).")] = None,
     ignore_eos: Annotated[bool, typer.Option(help="Keep generating past EOS.")] = False,
     device: Device = None,
-    dtype: Dtype = DEFAULTS["dtype"],
-    max_model_len: MaxModelLen = None,
-    max_num_seqs: MaxNumSeqs = DEFAULTS["max_num_seqs"],
-    max_num_batched_tokens: MaxNumBatchedTokens = DEFAULTS["max_num_batched_tokens"],
-    block_size: BlockSize = DEFAULTS["block_size"],
-    num_kv_blocks: NumKvBlocks = None,
-    gpu_memory_utilization: GpuMemoryUtilization = DEFAULTS["gpu_memory_utilization"],
-    enable_prefix_caching: PrefixCaching = DEFAULTS["enable_prefix_caching"],
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of {text, token_ids} and nothing else on stdout.")] = False,
     mode: Annotated[Optional[str], typer.Option(help="Run through worker processes: collocated, disaggregated, adaptive or threshold.")] = None,
     collocated: Annotated[str, typer.Option("--collocated", help="Devices of collocated workers, e.g. cuda:0 (with --mode).")] = "",
     prefill: Annotated[str, typer.Option("--prefill", help="Devices of prefill workers, e.g. cuda:1,cuda:3 (with --mode).")] = "",
     decode: Annotated[str, typer.Option("--decode", help="Devices of decode workers, e.g. cuda:2 (with --mode).")] = "",
+    engine: dict = None,
 ) -> None:
     """Generate text for PROMPT(s) and stream it to the terminal."""
     if mode is not None or collocated or prefill or decode:
         from pdcli.cli.generate_workers import generate_with_workers
 
         return generate_with_workers(prompts, model, chat, max_tokens, temperature, top_p, top_k, seed, ignore_eos,
-                                     device, as_json, mode or "collocated", collocated, prefill, decode,
-                                     engine_kwargs(device, dtype, max_model_len, max_num_seqs, max_num_batched_tokens,
-                                                   block_size, num_kv_blocks, gpu_memory_utilization,
-                                                   enable_prefix_caching, seed=0))
+                                     device, as_json, mode or "collocated", collocated, prefill, decode, engine)
     from rich.console import Console
 
     from pdcli import LLM, SamplingParams
@@ -56,9 +46,7 @@ def generate(
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 seed=seed, ignore_eos=ignore_eos)
         with err.status(f"loading {model}", spinner="dots"):
-            llm = LLM(model, **engine_kwargs(device, dtype, max_model_len, max_num_seqs, max_num_batched_tokens,
-                                             block_size, num_kv_blocks, gpu_memory_utilization,
-                                             enable_prefix_caching, seed=0))
+            llm = LLM(model, device=device, **engine)
         use_chat = bool(llm.tokenizer.chat_template) if chat is None else chat
         start = time.perf_counter()
         stream = llm.stream(prompts, params, chat=use_chat)

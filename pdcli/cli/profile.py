@@ -6,23 +6,17 @@ from typing import Annotated, Optional
 
 import typer
 
-from pdcli.cli.common import (DEFAULTS, EXIT_RUNTIME, BlockSize, Device, Dtype, GpuMemoryUtilization, MaxModelLen,
-                              MaxNumBatchedTokens, MaxNumSeqs, Model, NumKvBlocks, engine_kwargs, fail)
+from pdcli.cli.common import DEFAULT_MODEL, EXIT_RUNTIME, Device, Model, engine_options, fail
 
 
+@engine_options
 def profile(
-    model: Model = DEFAULTS["model"],
+    model: Model = DEFAULT_MODEL,
     device: Device = None,
-    dtype: Dtype = DEFAULTS["dtype"],
     out: Annotated[Optional[str], typer.Option(help="Folder (default: profiles/<device>/<model>).")] = None,
     max_seconds: Annotated[float, typer.Option(help="Bound on the step measurements, in seconds.")] = 240.0,
     transfer: Annotated[bool, typer.Option("--transfer/--no-transfer", help="Also measure the KV transfer path.")] = True,
-    max_model_len: MaxModelLen = None,
-    max_num_seqs: MaxNumSeqs = DEFAULTS["max_num_seqs"],
-    max_num_batched_tokens: MaxNumBatchedTokens = DEFAULTS["max_num_batched_tokens"],
-    block_size: BlockSize = DEFAULTS["block_size"],
-    num_kv_blocks: NumKvBlocks = None,
-    gpu_memory_utilization: GpuMemoryUtilization = DEFAULTS["gpu_memory_utilization"],
+    engine: dict = None,
 ) -> None:
     """Measure prefill, decode, interference and KV transfer on this hardware -> profile_data.pt."""
     import torch
@@ -34,8 +28,7 @@ def profile(
     from pdcli.profiler import build_profile, device_name, profile_engine, profile_transfer, slug
 
     err = Console(stderr=True, highlight=False)
-    kw = engine_kwargs(device, dtype, max_model_len, max_num_seqs, max_num_batched_tokens, block_size, num_kv_blocks,
-                       gpu_memory_utilization, True, seed=0)
+    kw = dict(engine, device=device)
     try:
         with err.status(f"loading {model}"):
             llm = LLM(model, **kw)

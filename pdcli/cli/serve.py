@@ -4,12 +4,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from pdcli.cli.common import (DEFAULTS, EXIT_RUNTIME, BlockSize, Device, Dtype, GpuMemoryUtilization, MaxModelLen,
-                              MaxNumBatchedTokens, MaxNumSeqs, Model, NumKvBlocks, engine_kwargs, fail)
+from pdcli.cli.common import DEFAULT_MODEL, EXIT_RUNTIME, Device, Model, engine_options, fail
 
 
+@engine_options
 def serve(
-    model: Model = DEFAULTS["model"],
+    model: Model = DEFAULT_MODEL,
     mode: Annotated[str, typer.Option(help="collocated, disaggregated, adaptive or threshold.")] = "collocated",
     collocated: Annotated[str, typer.Option(help="Devices of collocated workers (default: --device).")] = "",
     prefill: Annotated[str, typer.Option(help="Devices of prefill workers.")] = "",
@@ -20,14 +20,8 @@ def serve(
     served_model_name: Annotated[Optional[str], typer.Option(help="Model id clients use (default: --model).")] = None,
     params_dir: Annotated[Optional[str], typer.Option(help="Fitted cost model folder for --mode adaptive.")] = None,
     device: Device = None,
-    dtype: Dtype = DEFAULTS["dtype"],
-    max_model_len: MaxModelLen = None,
-    max_num_seqs: MaxNumSeqs = DEFAULTS["max_num_seqs"],
-    max_num_batched_tokens: MaxNumBatchedTokens = DEFAULTS["max_num_batched_tokens"],
-    block_size: BlockSize = DEFAULTS["block_size"],
-    num_kv_blocks: NumKvBlocks = None,
-    gpu_memory_utilization: GpuMemoryUtilization = DEFAULTS["gpu_memory_utilization"],
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
+    engine: dict = None,
 ) -> None:
     """OpenAI-compatible HTTP server (completions, chat, models, health, metrics) over the chosen mode."""
     import torch
@@ -41,8 +35,7 @@ def serve(
     from pdcli.workers.layout import parse_layout
 
     err = Console(stderr=True, highlight=False)
-    kw = {k: v for k, v in engine_kwargs(None, dtype, max_model_len, max_num_seqs, max_num_batched_tokens, block_size,
-                                         num_kv_blocks, gpu_memory_utilization, True, seed=0).items() if k != "device"}
+    kw = engine
     try:
         make_policy(mode)
         if not (collocated or prefill or decode):
