@@ -32,16 +32,12 @@ class BlockManager:
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.seq_hashes: dict[int, list[bytes]] = {}  # seq_id -> hashes of its full, computed blocks
         self.num_prefix_hits = 0  # blocks served from the cache, for tests and metrics
-        self.num_prefix_queries = 0
         self.pending_copies: list[tuple[int, int]] = []  # (src, dst) block copies for the next step
 
     @property
     def num_free_blocks(self) -> int:
         return len(self.free)
 
-    @property
-    def usage(self) -> float:
-        return 1.0 - len(self.free) / self.num_blocks
 
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -77,7 +73,6 @@ class BlockManager:
             if block is None:
                 break
             blocks.append(block)
-        self.num_prefix_queries += num_full
         return blocks
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] = ()) -> bool:

@@ -22,7 +22,8 @@ def transfer_shape(kv_cache: torch.Tensor, num_blocks: int) -> tuple[int, ...]:
 
 
 class PendingTransfer:
-    """An in-flight isend / irecv of one request's KV."""
+    """An in-flight isend / irecv of one request's KV; completion is learnt through work.wait() (gloo's
+    is_completed() stays false until then), on the worker's wait thread."""
 
     def __init__(self, request_id: str, work, buf: torch.Tensor, blocks: list[int]):
         self.request_id, self.work, self.buf, self.blocks = request_id, work, buf, blocks
@@ -30,9 +31,6 @@ class PendingTransfer:
     @property
     def nbytes(self) -> int:
         return self.buf.numel() * self.buf.element_size()
-
-    def done(self) -> bool:
-        return self.work.is_completed()
 
 
 def send_kv(kv_cache: torch.Tensor, blocks: list[int], dst: int, tag: int, request_id: str) -> PendingTransfer:
