@@ -44,6 +44,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     seed: int = 0  # seed for dummy weights and unseeded sampling
     enforce_eager: bool = False  # no CUDA graphs
+    async_scheduling: bool = True  # schedule step i + 1 while the device runs step i
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
 

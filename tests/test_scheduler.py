@@ -19,7 +19,8 @@ def seq(n, rid="r", max_tokens=100, start=3):
 def run_step(s, token=7):
     out = s.schedule()
     sampled = [[token] if seq.num_computed_tokens + n == len(seq) else [] for seq, n in zip(out.seqs, out.num_new_tokens)]
-    s.update(out, sampled)
+    s.advance(out)  # launched
+    s.update(out, sampled)  # landed
     return out
 
 
@@ -88,3 +89,33 @@ def test_abort_frees_blocks():
 def test_config_validation(bad):
     with pytest.raises(ValueError):
         SchedulerConfig(**bad)
+
+
+def test_pending_token_is_scheduled_before_it_lands():
+    s, bm = make()
+    a, b = seq(6, "a", max_tokens=3), seq(5, "b", max_tokens=1)
+    s.add(a), s.add(b)
+    first = s.schedule()
+    s.advance(first)  # launched, tokens not landed
+    assert (a.num_pending, len(a), len(a.token_ids)) == (1, 7, 6)
+    second = s.schedule()  # b's only token is in flight: b is not scheduled again
+    assert [(q.request_id, n) for q, n in zip(second.seqs, second.num_new_tokens)] == [("a", 1)]
+    s.advance(second)
+    assert a.num_pending == 2
+    s.update(first, [[7], [8]])
+    assert b.is_finished and b.finish_reason == "length" and a.token_ids[-1] == 7 and a.num_pending == 1
+    s.update(second, [[2]])  # eos
+    assert a.is_finished and a.output_token_ids == [7, 2] and a.num_pending == 0
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_finished_while_in_flight_drops_the_row():
+    s, bm = make()
+    a = seq(4, "a", max_tokens=10)
+    s.add(a)
+    run_step(s)
+    out = s.schedule()
+    s.advance(out)
+    s.abort("a")  # e.g. a client left, or a stop string matched, with a step in flight
+    assert s.update(out, [[9]]) == [] and a.output_token_ids == [7]
+    assert bm.num_free_blocks == bm.num_blocks

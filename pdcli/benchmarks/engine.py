@@ -33,24 +33,75 @@ def weight_bytes(preset: str) -> int:
 
 
 def decode_steps(llm: LLM, batch: int, prompt_len: int, steps: int) -> float:
-    """Median wall time of pure decode steps (ms) with `batch` running sequences."""
+    """Decode step time (ms) with `batch` running sequences, in steady state: the wall time of `steps`
+    back-to-back engine steps (async scheduling overlaps the host's work with the device's), divided."""
     eng = llm.engine
-    p = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True)
+    p = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
     rng = random.Random(batch)
     ids = [eng.add_request([rng.randrange(1000, 30000) for _ in range(prompt_len)], p) for _ in range(batch)]
-    times = []
-    while eng.has_unfinished_requests():
-        out_decode = all(s.num_computed_tokens >= s.num_prompt_tokens for s in eng.scheduler.running) and \
-            not eng.scheduler.waiting
-        torch.cuda.synchronize()
-        t = time.perf_counter()
+    while eng.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in eng.scheduler.running):
         eng.step()
-        torch.cuda.synchronize()
-        if out_decode and len(eng.scheduler.running) == batch:
-            times.append((time.perf_counter() - t) * 1e3)
+    for _ in range(2):
+        eng.step()
+    assert len(eng.scheduler.running) == batch
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+    torch.cuda.synchronize()
+    ms = (time.perf_counter() - t) / steps * 1e3
+    while eng.has_unfinished_requests():
+        eng.step()
     for rid in ids:
         eng.pop_finished(rid)
-    return statistics.median(times)
+    return ms
+
+
+def kernel_breakdown(llm: LLM, batch: int, prompt_len: int = 256, steps: int = 5) -> dict:
+    """GPU time per decode step by kernel (torch profiler), to show where a step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    eng = llm.engine
+    p = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
+    ids = [eng.add_request([1000 + i] * prompt_len, p) for i in range(batch)]
+    for _ in range(3):
+        eng.step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            eng.step()
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - t) / steps * 1e3
+    while eng.has_unfinished_requests():
+        eng.step()
+    for rid in ids:
+        eng.pop_finished(rid)
+    rows = [(e.key, e.device_time_total / steps / 1e3, e.count // steps) for e in prof.key_averages()
+            if e.device_time_total > 0]
+    rows.sort(key=lambda r: -r[1])
+    gpu = sum(r[1] for r in rows)
+    return dict(batch=batch, wall_ms=wall, gpu_ms=gpu,
+                kernels=[dict(name=k[:90], ms_per_step=ms, calls_per_step=c) for k, ms, c in rows[:15]])
+
+
+def prefill_breakdown(llm: LLM, prompt_len: int) -> dict:
+    """GPU time of one prompt's prefill by kernel (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rng = random.Random(-prompt_len)
+    llm.generate([[rng.randrange(1000, 30000) for _ in range(prompt_len)]], SamplingParams(temperature=0, max_tokens=1))
+    prompt = [rng.randrange(1000, 30000) for _ in range(prompt_len)]
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1))
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - t) * 1e3
+    rows = sorted(((e.key, e.device_time_total / 1e3, e.count) for e in prof.key_averages() if e.device_time_total > 0),
+                  key=lambda r: -r[1])
+    return dict(prompt_len=prompt_len, wall_ms=wall, gpu_ms=sum(r[1] for r in rows),
+                kernels=[dict(name=k[:90], ms=ms, calls=c) for k, ms, c in rows[:15]])
 
 
 def ttft_ms(llm: LLM, prompt_len: int, reps: int = 5) -> float:
@@ -97,14 +148,43 @@ def hf_decode_ms(preset: str, prompt_len: int = 256, new_tokens: int = 64) -> fl
 
 
 def offline(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> dict:
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    torch.cuda.synchronize()
-    dt = time.perf_counter() - t
+    """Throughput of one generate call, with where the host's time went: preparing and launching steps,
+    blocked waiting for the device's tokens, and everything else (scheduling, bookkeeping)."""
+    from pdcli.engine.model_runner import StepFuture
+
+    runner = llm.engine.runner
+    timing = dict(decode_steps=0, mixed_steps=0, launch_s=0.0, wait_s=0.0)
+    launch, result = runner.launch, StepFuture.result
+
+    def timed_launch(out):
+        t0 = time.perf_counter()
+        try:
+            return launch(out)
+        finally:
+            timing["decode_steps" if out.is_decode_only else "mixed_steps"] += 1
+            timing["launch_s"] += time.perf_counter() - t0
+
+    def timed_result(fut):
+        t0 = time.perf_counter()
+        try:
+            return result(fut)
+        finally:
+            timing["wait_s"] += time.perf_counter() - t0
+
+    runner.launch, StepFuture.result = timed_launch, timed_result
+    try:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+    finally:
+        del runner.launch
+        StepFuture.result = result
     n_out = sum(len(o.token_ids) for o in outs)
+    timing["other_s"] = dt - timing["launch_s"] - timing["wait_s"]
     return dict(num_prompts=len(prompts), output_tokens=n_out, input_tokens=sum(map(len, prompts)), seconds=dt,
-                output_tok_s=n_out / dt, preemptions=llm.engine.scheduler.num_preemptions)
+                output_tok_s=n_out / dt, preemptions=llm.engine.scheduler.num_preemptions, timing=timing)
 
 
 def main(argv=None) -> int:
@@ -132,12 +212,19 @@ def main(argv=None) -> int:
         floor = (wbytes + b * 270 * kv_tok) / bw * 1e3
         decode.append(dict(batch=b, context=256, step_ms=ms, roofline_ms=floor, out_tok_s=b / ms * 1e3))
         log(f"decode llama3-8b bs{b}: {ms:.2f} ms/step (floor {floor:.2f} ms)")
+    breakdown = [kernel_breakdown(llm, b) for b in (1, 64)]
+    for bd in breakdown:
+        log(f"bs{bd['batch']}: wall {bd['wall_ms']:.2f} ms/step, GPU {bd['gpu_ms']:.2f} ms; top: " +
+            ", ".join(f"{k['name'][:40]} {k['ms_per_step']:.2f}" for k in bd["kernels"][:6]))
     prefill = []
     for n in (1024, 2048, 4096, 8192):
         ms = ttft_ms(llm, n)
         flops = 2 * wbytes / 2 * n + 4 * arch.num_hidden_layers * arch.num_attention_heads * arch.head_dim * n * n / 2
         prefill.append(dict(prompt_len=n, ttft_ms=ms, roofline_ms=flops / mm * 1e3, tflops=flops / ms / 1e9))
         log(f"prefill/TTFT llama3-8b {n}: {ms:.1f} ms (floor {flops / mm * 1e3:.1f} ms)")
+    pbd = prefill_breakdown(llm, 2048)
+    log(f"prefill 2048: wall {pbd['wall_ms']:.1f} ms (profiled), GPU {pbd['gpu_ms']:.1f} ms; top: " +
+        ", ".join(f"{k['name'][:40]} {k['ms']:.2f}" for k in pbd["kernels"][:8]))
     del llm
     free_gpu()
 
@@ -146,7 +233,7 @@ def main(argv=None) -> int:
     rng = random.Random(0)
     prompts = [[rng.randrange(1000, 100000) for _ in range(1024)] for _ in range(n)]
     q8 = offline(llm, prompts, SamplingParams(temperature=0, max_tokens=1024, ignore_eos=True))
-    log(f"offline qwen3-8b {n}x1024->1024: {q8['output_tok_s']:.0f} out tok/s ({q8['seconds']:.1f} s)")
+    log(f"offline qwen3-8b {n}x1024->1024: {q8['output_tok_s']:.0f} out tok/s ({q8['seconds']:.1f} s) {q8['timing']}")
     del llm
     free_gpu()
 
@@ -167,7 +254,8 @@ def main(argv=None) -> int:
                      decode_step_llama3_8b_bs1_ms=bs1, hf_generate_llama3_8b_bs1_ms=hf_ms,
                      ttft_llama3_8b_2k_ms=next(p["ttft_ms"] for p in prefill if p["prompt_len"] == 2048),
                      offline_qwen3_8b_out_tok_s=q8["output_tok_s"], offline_nanovllm_protocol_out_tok_s=nv["output_tok_s"]),
-        decode_llama3_8b=decode, prefill_llama3_8b=prefill, offline_qwen3_8b=q8, offline_nanovllm_protocol=nv,
+        decode_llama3_8b=decode, decode_llama3_8b_breakdown=breakdown, prefill_llama3_8b=prefill,
+        prefill_llama3_8b_2k_breakdown=pbd, offline_qwen3_8b=q8, offline_nanovllm_protocol=nv,
         provenance=dict(pdcli=__version__, torch=torch.__version__, cuda=torch.version.cuda,
                         python=platform.python_version(), quick=args.quick, date=time.strftime("%Y-%m-%dT%H:%M:%S"),
                         command=" ".join(["python -m pdcli.benchmarks.engine", *(argv or sys.argv[1:])])))

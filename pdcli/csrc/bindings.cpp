@@ -19,6 +19,14 @@ void launch_prefill_attention(void* out, const void* q, const void* k_cache, con
                               const int* block_tables, const int* context_lens, const int* query_start_loc,
                               int num_heads, int num_kv_heads, int head_dim, int table_width, int block_size,
                               int batch, int max_query_len, float scale, bool bf16, cudaStream_t stream);
+void launch_rms_norm(void* out, void* residual, void* x, const void* weight, int64_t rows, int dim, int64_t x_stride,
+                     int64_t out_stride, int64_t res_stride, float eps, bool bf16, cudaStream_t stream);
+void launch_silu_and_mul(void* out, const void* x, int64_t rows, int d, int64_t x_stride, int64_t out_stride, bool bf16,
+                         cudaStream_t stream);
+void launch_qkv_rope_store(void* q_out, void* k_cache, void* v_cache, const void* qkv, const int64_t* positions,
+                           const int64_t* slot_mapping, const float* cos, const float* sin, const void* q_norm,
+                           const void* k_norm, float eps, int64_t num_tokens, int num_heads, int num_kv_heads,
+                           int head_dim, int64_t qkv_stride, bool bf16, cudaStream_t stream);
 
 namespace {
 
@@ -59,7 +67,97 @@ void check_table(const torch::Tensor& q, const torch::Tensor& block_tables, cons
   TORCH_CHECK(batch <= 65535, op, ": at most 65535 sequences, got ", num(batch));
 }
 
+bool aligned16(const torch::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// A [rows, dim] half-precision matrix with contiguous, 16-byte aligned rows.
+void check_rows(const torch::Tensor& t, const torch::Tensor& like, const char* name, const char* op) {
+  TORCH_CHECK(t.is_cuda() && t.device() == like.device(), op, ": ", name, " must be on the GPU of the other inputs");
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " dtype mismatch");
+  TORCH_CHECK(t.scalar_type() == torch::kBFloat16 || t.scalar_type() == torch::kFloat16, op,
+              ": dtype must be bfloat16 or float16, got ", c10::toString(t.scalar_type()));
+  TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, op, ": ", name, " must be 2-D with contiguous rows");
+  TORCH_CHECK(aligned16(t) && (t.stride(0) * t.element_size()) % 16 == 0 && t.size(1) % 8 == 0, op, ": ", name,
+              " rows must be 16-byte aligned and hold a multiple of 8 values, got ", num(t.size(1)));
+}
+
+void check_norm_weight(const torch::Tensor& w, const torch::Tensor& x, int64_t dim, const char* op) {
+  TORCH_CHECK(w.device() == x.device() && w.scalar_type() == x.scalar_type() && w.dim() == 1 && w.is_contiguous() &&
+                  w.size(0) == dim && aligned16(w), op, ": weight must be a contiguous [", num(dim),
+              "] tensor of the input's dtype");
+}
+
 }  // namespace
+
+// out = RMSNorm(x) * weight; x, out [rows, dim].
+void rms_norm(torch::Tensor out, torch::Tensor x, torch::Tensor weight, double eps) {
+  const char* op = "rms_norm";
+  check_rows(x, x, "x", op);
+  check_rows(out, x, "out", op);
+  TORCH_CHECK(out.sizes() == x.sizes(), op, ": out must be shaped like x");
+  check_norm_weight(weight, x, x.size(1), op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  launch_rms_norm(out.data_ptr(), nullptr, x.data_ptr(), weight.data_ptr(), x.size(0), x.size(1), x.stride(0),
+                  out.stride(0), 0, float(eps), x.scalar_type() == torch::kBFloat16, at::cuda::getCurrentCUDAStream());
+}
+
+// In place: residual = x + residual; x = RMSNorm(residual) * weight; x, residual [rows, dim].
+void fused_add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps) {
+  const char* op = "fused_add_rms_norm";
+  check_rows(x, x, "x", op);
+  check_rows(residual, x, "residual", op);
+  TORCH_CHECK(residual.sizes() == x.sizes(), op, ": residual must be shaped like x");
+  TORCH_CHECK(residual.data_ptr() != x.data_ptr(), op, ": x and residual must not alias");
+  check_norm_weight(weight, x, x.size(1), op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  launch_rms_norm(nullptr, residual.data_ptr(), x.data_ptr(), weight.data_ptr(), x.size(0), x.size(1), x.stride(0), 0,
+                  residual.stride(0), float(eps), x.scalar_type() == torch::kBFloat16, at::cuda::getCurrentCUDAStream());
+}
+
+// out [rows, d] = silu(x[:, :d]) * x[:, d:]; x [rows, 2d].
+void silu_and_mul(torch::Tensor out, torch::Tensor x) {
+  const char* op = "silu_and_mul";
+  check_rows(x, x, "x", op);
+  check_rows(out, x, "out", op);
+  TORCH_CHECK(out.size(0) == x.size(0) && 2 * out.size(1) == x.size(1), op, ": out must be [rows, d] for x [rows, 2d]");
+  const c10::cuda::CUDAGuard guard(x.device());
+  launch_silu_and_mul(out.data_ptr(), x.data_ptr(), x.size(0), out.size(1), x.stride(0), out.stride(0),
+                      x.scalar_type() == torch::kBFloat16, at::cuda::getCurrentCUDAStream());
+}
+
+// q_out [T, Hq, D] = rope(norm(q)); cache slots of each token get rope(norm(k)) and v. qkv [T, (Hq + 2 Hk) D];
+// positions, slot_mapping [T] int64 (slot < 0: skip); cos, sin [max_pos, D] fp32 (halves repeated);
+// q_norm, k_norm: [D] per-head RMSNorm weights, both or neither.
+void qkv_rope_store(torch::Tensor q_out, torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos,
+                    torch::Tensor sin, c10::optional<torch::Tensor> q_norm, c10::optional<torch::Tensor> k_norm,
+                    double eps, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slot_mapping) {
+  const char* op = "qkv_rope_store";
+  check_cache(q_out, k_cache, v_cache, op);
+  check_heads(q_out, k_cache, op);
+  TORCH_CHECK(q_out.is_contiguous() && aligned16(q_out), op, ": q_out must be contiguous [T, Hq, D]");
+  check_rows(qkv, q_out, "qkv", op);
+  const int64_t T = q_out.size(0), Hq = q_out.size(1), Hk = k_cache.size(2), D = q_out.size(2);
+  TORCH_CHECK(qkv.size(0) == T && qkv.size(1) == (Hq + 2 * Hk) * D, op, ": qkv must be [T, (Hq + 2 Hk) D] = [",
+              num(T), ", ", num((Hq + 2 * Hk) * D), "]");
+  for (auto* t : {&positions, &slot_mapping})
+    TORCH_CHECK(t->device() == q_out.device() && t->scalar_type() == torch::kInt64 && t->dim() == 1 &&
+                    t->is_contiguous() && t->size(0) == T, op, ": positions and slot_mapping must be contiguous int64 [T]");
+  for (auto* t : {&cos, &sin})
+    TORCH_CHECK(t->device() == q_out.device() && t->scalar_type() == torch::kFloat32 && t->dim() == 2 &&
+                    t->is_contiguous() && t->size(1) == D && t->sizes() == cos.sizes(), op,
+                ": cos and sin must be contiguous fp32 [max_pos, D]");
+  TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), op, ": pass both q_norm and k_norm or neither");
+  if (q_norm) {
+    check_norm_weight(*q_norm, q_out, D, op);
+    check_norm_weight(*k_norm, q_out, D, op);
+  }
+  TORCH_CHECK(T * (Hq + 2 * Hk) * (D / 8) < (int64_t(1) << 31) * 256, op, ": too many tokens");
+  const c10::cuda::CUDAGuard guard(q_out.device());
+  launch_qkv_rope_store(q_out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), qkv.data_ptr(),
+                        positions.data_ptr<int64_t>(), slot_mapping.data_ptr<int64_t>(), cos.data_ptr<float>(),
+                        sin.data_ptr<float>(), q_norm ? q_norm->data_ptr() : nullptr,
+                        k_norm ? k_norm->data_ptr() : nullptr, float(eps), T, Hq, Hk, D, qkv.stride(0),
+                        q_out.scalar_type() == torch::kBFloat16, at::cuda::getCurrentCUDAStream());
+}
 
 // k, v [T, Hk, D] (each token's [Hk, D] contiguous); caches [num_blocks, block_size, Hk, D]; slot_mapping [T] int64
 // (< 0: skip the token).
@@ -150,4 +248,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("store_kvcache", &store_kvcache, "write new K/V rows into their cache slots");
   m.def("decode_attention", &decode_attention, "paged GQA decode attention, split-KV");
   m.def("prefill_attention", &prefill_attention, "paged varlen causal prefill attention");
+  m.def("rms_norm", &rms_norm, "RMSNorm");
+  m.def("fused_add_rms_norm", &fused_add_rms_norm, "residual add + RMSNorm, in place");
+  m.def("silu_and_mul", &silu_and_mul, "SiLU(gate) * up");
+  m.def("qkv_rope_store", &qkv_rope_store, "q/k norm + rotary + KV cache store, from the packed qkv");
 }

@@ -18,6 +18,14 @@ using namespace pdcli;
 
 constexpr int kWarps = 4;
 constexpr int kUnroll = 4;  // rows per lane per tile; two tiles in flight
+constexpr int kMinSplitKeys = 256;  // a split reads at least this many keys
+
+// Splits a sequence of ctx keys really uses out of the grid's num_splits (a graph captured for long
+// contexts replays short ones with few CTAs working), and keys per split.
+__device__ __forceinline__ int2 used_splits(int ctx, int num_splits) {
+  const int per_split = max((ctx + num_splits - 1) / num_splits, kMinSplitKeys);
+  return make_int2(max(1, (ctx + per_split - 1) / per_split), per_split);
+}
 
 template <typename T, int D, int G>
 __global__ void __launch_bounds__(kWarps * 32)
@@ -41,7 +49,10 @@ decode_attention_kernel(T* __restrict__ out,              // [B, Hq, D]
   const int num_heads = num_kv_heads * G;
 
   const int ctx = context_lens[b];
-  const int per_split = (ctx + num_splits - 1) / num_splits;
+  const int2 used = used_splits(ctx, num_splits);
+  if (split >= used.x) return;  // uniform over the CTA
+  const bool direct = used.x == 1;  // the only split writes the output itself
+  const int per_split = used.y;
   const int start = split * per_split;
   const int end = min(ctx, start + per_split);
 
@@ -160,7 +171,7 @@ decode_attention_kernel(T* __restrict__ out,              // [B, Hq, D]
     }
     const int head = kvh * G + h;
     const float val = sum > 0.f ? acc / sum : 0.f;
-    if (num_splits == 1) {
+    if (direct) {
       out[int64_t(b) * num_heads * D + head * D + d] = from_float<T>(val);
     } else {
       const int64_t row = (int64_t(b) * num_heads + head) * num_splits + split;
@@ -173,15 +184,18 @@ decode_attention_kernel(T* __restrict__ out,              // [B, Hq, D]
 // out[b, h] = sum_s w_s * part_o[b, h, s] with w_s = 2^(lse_s - max lse) / sum of those weights.
 template <typename T, int D>
 __global__ void merge_splits_kernel(T* __restrict__ out, const float* __restrict__ part_o,
-                                    const float* __restrict__ part_lse, int num_splits) {
+                                    const float* __restrict__ part_lse, const int* __restrict__ context_lens,
+                                    int num_heads, int num_splits) {
   const int64_t row = blockIdx.x;  // b * Hq + h
+  const int used = used_splits(context_lens[row / num_heads], num_splits).x;
+  if (used == 1) return;  // written directly by the attention kernel
   const float* lse = part_lse + row * num_splits;
   float mx = -INFINITY;
-  for (int s = 0; s < num_splits; ++s) mx = fmaxf(mx, lse[s]);
+  for (int s = 0; s < used; ++s) mx = fmaxf(mx, lse[s]);
   const float ref = mx == -INFINITY ? 0.f : mx;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float sum = 0.f, acc = 0.f;
-    for (int s = 0; s < num_splits; ++s) {
+    for (int s = 0; s < used; ++s) {
       const float w = exp2f(lse[s] - ref);
       sum += w;
       acc += w * part_o[(row * num_splits + s) * D + d];
@@ -214,8 +228,8 @@ void launch(const DecodeArgs& a) {
       a.q_stride, a.scale_log2);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (a.splits > 1) {
-    merge_splits_kernel<T, D><<<a.batch * a.num_heads, D, 0, a.stream>>>(static_cast<T*>(a.out), a.part_o,
-                                                                          a.part_lse, a.splits);
+    merge_splits_kernel<T, D><<<a.batch * a.num_heads, D, 0, a.stream>>>(
+        static_cast<T*>(a.out), a.part_o, a.part_lse, a.context_lens, a.num_heads, a.splits);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -248,7 +262,6 @@ int resident_ctas(int D, int G) {
 // Splits per (sequence, kv head): enough CTAs to fill the GPU, with the last wave as full as possible,
 // and at least kMinSplitKeys keys per split.
 int choose_num_splits(int64_t num_items, int64_t max_context_len, int resident) {
-  constexpr int64_t kMinSplitKeys = 256;
   const int64_t max_splits = std::max<int64_t>(1, std::min<int64_t>(256, max_context_len / kMinSplitKeys));
   int best = 1;
   double best_eff = 0.0;

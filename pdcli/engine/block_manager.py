@@ -133,7 +133,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         hashes = self.seq_hashes.setdefault(seq.seq_id, [])
-        num_full = seq.num_computed_tokens // self.block_size
+        num_full = min(seq.num_computed_tokens, len(seq.token_ids)) // self.block_size  # known tokens only
         if num_full <= len(hashes):
             return
         for i in range(len(hashes), num_full):

@@ -29,10 +29,12 @@ class DecodeGraphs:
         self.logits_indices = torch.arange(self.max_bs, dtype=torch.long, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
-        # pinned staging; reused every step, which is safe because each step's sampler syncs
-        self.host = torch.zeros(3, self.max_bs, dtype=torch.long, pin_memory=True)  # ids, positions, slots
-        self.host_lens = torch.zeros(self.max_bs, dtype=torch.int32, pin_memory=True)
-        self.host_tables = torch.zeros(self.max_bs, width, dtype=torch.int32, pin_memory=True)
+        # pinned staging, two sets used in turn: a launch may be queued while the step before it still
+        # copies from its set, and the engine waits for step i before launching step i + 2
+        self.host = [torch.zeros(2, self.max_bs, dtype=torch.long, pin_memory=True) for _ in range(2)]  # pos, slots
+        self.host_lens = [torch.zeros(self.max_bs, dtype=torch.int32, pin_memory=True) for _ in range(2)]
+        self.host_tables = [torch.zeros(self.max_bs, width, dtype=torch.int32, pin_memory=True) for _ in range(2)]
+        self.turn = 0
 
     def _context(self, bs: int) -> Context:
         return Context(slot_mapping=self.slot_mapping[:bs], block_tables=self.block_tables[:bs],
@@ -59,28 +61,30 @@ class DecodeGraphs:
         return next((b for b in self.sizes if b >= bs), None)
 
     @torch.inference_mode()
-    def run(self, input_ids: list[int], positions: np.ndarray, slots: np.ndarray, context_lens: list[int],
+    def run(self, input_ids: torch.Tensor, positions: np.ndarray, slots: np.ndarray, context_lens: list[int],
             block_tables: list[list[int]]) -> torch.Tensor:
-        """Replay the bucket's graph; returns hidden states [len(input_ids), hidden]."""
-        n = len(input_ids)
+        """Replay the bucket's graph; input_ids [n] on the device. Returns hidden states [n, hidden]."""
+        n = input_ids.shape[0]
         bs = self.bucket(n)
-        h = self.host
+        self.turn ^= 1
+        h, lens, tables = self.host[self.turn], self.host_lens[self.turn], self.host_tables[self.turn]
         h[:, n:bs] = 0
-        h[2, n:bs] = -1  # padded rows: no KV write, no keys
-        h[0, :n] = torch.as_tensor(input_ids)
-        h[1, :n] = torch.from_numpy(positions)
-        h[2, :n] = torch.from_numpy(slots)
-        self.host_lens[n:bs] = 0
-        self.host_lens[:n] = torch.as_tensor(context_lens)
+        h[1, n:bs] = -1  # padded rows: no KV write, no keys
+        h[0, :n] = torch.from_numpy(positions)
+        h[1, :n] = torch.from_numpy(slots)
+        lens[n:bs] = 0
+        lens[:n] = torch.as_tensor(context_lens)
         width = max(len(bt) for bt in block_tables)
-        tables = np.zeros((n, width), dtype=np.int32)
+        rows = np.zeros((n, width), dtype=np.int32)
         for i, bt in enumerate(block_tables):
-            tables[i, :len(bt)] = bt
-        self.host_tables[:n, :width] = torch.from_numpy(tables)
-        self.input_ids[:bs].copy_(h[0, :bs], non_blocking=True)
-        self.positions[:bs].copy_(h[1, :bs], non_blocking=True)
-        self.slot_mapping[:bs].copy_(h[2, :bs], non_blocking=True)
-        self.context_lens[:bs].copy_(self.host_lens[:bs], non_blocking=True)
-        self.block_tables[:n, :width].copy_(self.host_tables[:n, :width], non_blocking=True)
+            rows[i, :len(bt)] = bt
+        tables[:n, :width] = torch.from_numpy(rows)
+        self.input_ids[:n].copy_(input_ids)
+        if n < bs:
+            self.input_ids[n:bs] = 0
+        self.positions[:bs].copy_(h[0, :bs], non_blocking=True)
+        self.slot_mapping[:bs].copy_(h[1, :bs], non_blocking=True)
+        self.context_lens[:bs].copy_(lens[:bs], non_blocking=True)
+        self.block_tables[:n, :width].copy_(tables[:n, :width], non_blocking=True)
         self.graphs[bs].replay()
         return self.outputs[bs][:n]

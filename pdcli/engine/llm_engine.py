@@ -10,7 +10,7 @@ import torch
 from pdcli.config import EngineConfig
 from pdcli.engine.block_manager import BlockManager
 from pdcli.engine.detokenizer import detokenize_step, find_stop
-from pdcli.engine.model_runner import ModelRunner
+from pdcli.engine.model_runner import ModelRunner, StepFuture
 from pdcli.engine.scheduler import Scheduler
 from pdcli.engine.sequence import Sequence, SequenceStatus
 from pdcli.models.arch import ModelArch
@@ -96,6 +96,8 @@ class LLMEngine:
         self._ids = itertools.count()
         self._rng = random.Random(config.seed)
         self.detokenize = True  # workers leave text to the coordinator (stop strings still need it here)
+        self.async_scheduling = config.async_scheduling
+        self._inflight: StepFuture | None = None  # launched step whose tokens have not landed
 
     # ---- requests ----
     def encode(self, prompt: str | list[int], chat: bool = False) -> list[int]:
@@ -139,15 +141,29 @@ class LLMEngine:
             req.finished_time = time.perf_counter()
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     # ---- the loop ----
     def step(self) -> list[StepDelta]:
+        """Schedule and launch one step, then land the tokens of the step before it (async scheduling) or
+        of this one. With async scheduling the host schedules and prepares step i + 1 while the device
+        runs step i; a sequence that finishes in step i has a wasted row in step i + 1."""
         out = self.scheduler.schedule()
-        if not out.seqs:
-            return []
-        sampled = self.runner.execute(out)
-        touched = self.scheduler.update(out, sampled)
+        launched = None
+        if out.seqs:
+            launched = self.runner.launch(out)
+            self.scheduler.advance(out)
+        prev, self._inflight = self._inflight, None
+        deltas = self._land(prev) if prev is not None else []
+        if launched is not None:
+            if self.async_scheduling and not launched.has_forks:
+                self._inflight = launched
+            else:
+                deltas += self._land(launched)
+        return deltas
+
+    def _land(self, fut: StepFuture) -> list[StepDelta]:
+        touched = self.scheduler.update(fut.out, fut.result())
         now = time.perf_counter()
         deltas = []
         for seq in touched:

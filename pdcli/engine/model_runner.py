@@ -34,6 +34,8 @@ class ModelRunner:
             attn.k_cache, attn.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
         self.kernel_path = ops.kernel_path(self.device, self.dtype, a.head_dim,
                                            a.num_attention_heads // a.num_key_value_heads)
+        self._prev_tokens: torch.Tensor | None = None  # device tokens sampled by the last launch
+        self._prev_rows: dict[int, int] = {}  # seq_id -> its row in _prev_tokens
         self.graphs = None
         if self.kernel_path == "cuda" and not enforce_eager:
             self.graphs = DecodeGraphs(model, self.device, sched.max_num_seqs, max_model_len, self.block_size)
@@ -115,31 +117,47 @@ class ModelRunner:
         dev = self.device
         ctx_lens = starts_np + lens_np
         ctx = Context(
-            slot_mapping=torch.from_numpy(slots).to(dev, non_blocking=True),
-            block_tables=torch.from_numpy(tables).to(dev, non_blocking=True),
-            context_lens=torch.from_numpy(ctx_lens.astype(np.int32)).to(dev, non_blocking=True),
-            query_start_loc=torch.from_numpy(qsl.astype(np.int32)).to(dev, non_blocking=True),
+            slot_mapping=self._to_device(slots),
+            block_tables=self._to_device(tables),
+            context_lens=self._to_device(ctx_lens.astype(np.int32)),
+            query_start_loc=self._to_device(qsl.astype(np.int32)),
             max_query_len=int(lens_np.max()),
             max_context_len=int(ctx_lens.max()),
-            logits_indices=torch.tensor(logits_indices, dtype=torch.long, device=dev),
+            logits_indices=self._to_device(np.asarray(logits_indices, dtype=np.int64)),
         )
         return positions, ctx
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if copies:
-            src, dst = (torch.tensor(x, device=self.device) for x in zip(*copies))
+            src, dst = (self._to_device(np.asarray(x, dtype=np.int64)) for x in zip(*copies))
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
-    @torch.inference_mode()
+    def _to_device(self, a: np.ndarray) -> torch.Tensor:
+        """Host array -> device tensor without waiting for the GPU (pinned, non-blocking copy)."""
+        t = torch.from_numpy(a)
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+
     def execute(self, out: SchedulerOutput) -> list[list[int]]:
-        """Run one step; returns the sampled tokens per scheduled seq (empty mid-prefill)."""
+        """Run one step and wait for it; returns the sampled tokens per scheduled seq (empty mid-prefill)."""
+        return self.launch(out).result()
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput) -> "StepFuture":
+        """Queue one step on the device and return at once. A decode row whose input token was sampled by
+        the previous launch (still pending on the host) reads it from that step's device output."""
         self.copy_blocks(out.block_copies)
-        input_ids, logits_indices, rows, starts = [], [], [], []
+        input_ids, logits_indices, rows, starts, pending_at, pending_src = [], [], [], [], [], []
         offset = 0
         for seq, n in zip(out.seqs, out.num_new_tokens):
             start = seq.num_computed_tokens
             starts.append(start)
-            if n == 1:
+            known = len(seq.token_ids)
+            if start + n > known:  # the last input token is pending: the previous launch sampled it
+                input_ids.extend(seq.token_ids[start:known])
+                input_ids.append(0)
+                pending_at.append(offset + n - 1)
+                pending_src.append(self._prev_rows[seq.seq_id])
+            elif n == 1:
                 input_ids.append(seq.token_ids[start])
             else:
                 input_ids.extend(seq.token_ids[start:start + n])
@@ -147,33 +165,39 @@ class ModelRunner:
             if start + n == len(seq):
                 logits_indices.append(offset - 1)
                 rows.append(seq)
+        ids = self._to_device(np.asarray(input_ids, dtype=np.int64))
+        if pending_at:
+            ids[self._to_device(np.asarray(pending_at, dtype=np.int64))] = \
+                self._prev_tokens[self._to_device(np.asarray(pending_src, dtype=np.int64))]
         if self.graphs is not None and out.is_decode_only and self.graphs.bucket(len(out.seqs)):
             bs = self.block_size
             pos = np.asarray(starts, dtype=np.int64)
             slots = np.fromiter((s.block_table[p // bs] * bs + p % bs for s, p in zip(out.seqs, starts)),
                                 dtype=np.int64, count=len(starts))
-            hidden = self.graphs.run(input_ids, pos, slots, [p + 1 for p in starts], [s.block_table for s in out.seqs])
+            hidden = self.graphs.run(ids, pos, slots, [p + 1 for p in starts], [s.block_table for s in out.seqs])
             logits = self.model.compute_logits(hidden)
         else:
             positions, ctx = self._prepare([s.block_table for s in out.seqs], starts, out.num_new_tokens,
                                            logits_indices)
             set_context(ctx)
             try:
-                hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=self.device),
-                                    torch.from_numpy(positions).to(self.device, non_blocking=True))
-                if not rows:
-                    return [[] for _ in out.seqs]
-                logits = self.model.compute_logits(hidden[ctx.logits_indices])
+                hidden = self.model(ids, self._to_device(positions))
+                logits = self.model.compute_logits(hidden[ctx.logits_indices]) if rows else None
             finally:
                 set_context(None)
         counts = [s.num_samples for s in rows]
+        if logits is None:
+            self._prev_tokens, self._prev_rows = None, {}
+            return StepFuture(out, rows, counts, None, None)
         if any(c > 1 for c in counts):
-            logits = logits.repeat_interleave(torch.tensor(counts, device=self.device), dim=0)
-        tokens = self.sampler(logits, self._sampling_tensors(rows, counts)).tolist()
-        result, it = {}, iter(tokens)
+            logits = logits.repeat_interleave(self._to_device(np.asarray(counts, dtype=np.int64)), dim=0)
+        tokens = self.sampler(logits, self._sampling_tensors(rows, counts))
+        self._prev_tokens = tokens
+        self._prev_rows, r = {}, 0
         for seq, c in zip(rows, counts):
-            result[seq.seq_id] = [next(it) for _ in range(c)]
-        return [result.get(s.seq_id, []) for s in out.seqs]
+            self._prev_rows[seq.seq_id] = r
+            r += c
+        return StepFuture(out, rows, counts, tokens, self.device)
 
     def _sampling_tensors(self, rows: list[Sequence], counts: list[int]) -> SamplingTensors | None:
         if all(s.params.temperature == 0 for s in rows):
@@ -188,15 +212,43 @@ class ModelRunner:
                 top_p.append(p.top_p)
                 min_p.append(p.min_p)
                 keys.append(sample_key(seq.seed, seq.index if c == 1 else k, len(seq)))
-        dev = self.device
+        dev = self._to_device
         return SamplingTensors(
-            temperatures=torch.tensor(temps, dtype=torch.float32, device=dev),
-            top_k=torch.tensor(top_k, dtype=torch.int64, device=dev),
-            top_p=torch.tensor(top_p, dtype=torch.float32, device=dev),
-            min_p=torch.tensor(min_p, dtype=torch.float32, device=dev),
-            keys=torch.tensor(keys, dtype=torch.int64, device=dev),
+            temperatures=dev(np.asarray(temps, dtype=np.float32)),
+            top_k=dev(np.asarray(top_k, dtype=np.int64)),
+            top_p=dev(np.asarray(top_p, dtype=np.float32)),
+            min_p=dev(np.asarray(min_p, dtype=np.float32)),
+            keys=dev(np.asarray(keys, dtype=np.int64)),
             all_greedy=all(t == 0 for t in temps),
             any_top_k=any(k < vocab for k in top_k),
             any_top_p=any(p < 1 for p in top_p),
             any_min_p=any(p > 0 for p in min_p),
         )
+
+
+class StepFuture:
+    """The sampled tokens of a launched step; result() waits for them (copied to pinned host memory)."""
+
+    def __init__(self, out: SchedulerOutput, rows: list[Sequence], counts: list[int], tokens: torch.Tensor | None,
+                 device: torch.device | None):
+        self.out, self.rows, self.counts = out, rows, counts
+        self.has_forks = any(c > 1 for c in counts)
+        self._host, self._event = None, None
+        if tokens is not None:
+            if device.type == "cuda":
+                self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+                self._host.copy_(tokens, non_blocking=True)
+                self._event = torch.cuda.Event()
+                self._event.record()
+            else:
+                self._host = tokens
+
+    def result(self) -> list[list[int]]:
+        """Per scheduled seq: its sampled tokens (empty mid-prefill)."""
+        if self._host is None:
+            return [[] for _ in self.out.seqs]
+        if self._event is not None:
+            self._event.synchronize()
+        it = iter(self._host.tolist())
+        got = {seq.seq_id: [next(it) for _ in range(c)] for seq, c in zip(self.rows, self.counts)}
+        return [got.get(s.seq_id, []) for s in self.out.seqs]

@@ -52,6 +52,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.num_pending and self._reaches_limit(seq):
+                i += 1  # its in-flight token is its last: it finishes when that token lands
+                continue
             n = min(seq.num_uncomputed_tokens, budget)
             while not bm.allocate(seq, n):
                 victim = self.running.pop()
@@ -65,6 +68,8 @@ class Scheduler:
                 i += 1
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if seq.num_pending:
+                break  # preempted with a token in flight: admitted once that token has landed
             cached = bm.match_prefix(seq)
             n = min(len(seq) - len(cached) * bm.block_size, budget)
             if not bm.allocate(seq, n, cached):
@@ -86,14 +91,27 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
+    def _reaches_limit(self, seq: Sequence) -> bool:
+        p = seq.params
+        return (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or len(seq) >= self.max_model_len
+
+    def advance(self, out: SchedulerOutput) -> None:
+        """The step is launched: its tokens count as computed, and each sequence it samples for holds one
+        pending token until update() gets it (the next step may be scheduled before that)."""
+        for seq, n in zip(out.seqs, out.num_new_tokens):
+            if seq.num_computed_tokens + n == len(seq):
+                seq.num_pending += 1
+            seq.num_computed_tokens += n
+
     def update(self, out: SchedulerOutput, sampled: list[list[int]]) -> list[Sequence]:
-        """Account the computed tokens and append sampled ones (one list per seq, empty while a
-        prompt is still being prefilled). Returns the sequences that got new tokens, forks included."""
+        """Land a launched step's sampled tokens (one list per seq, empty while a prompt is still being
+        prefilled). Returns the sequences that got new tokens, forks included."""
         touched = []
         for seq, n, tokens in zip(out.seqs, out.num_new_tokens, sampled):
             if seq.is_finished:
-                continue
-            seq.num_computed_tokens += n
+                continue  # finished or aborted while the step ran: its row is dropped
+            if tokens:
+                seq.num_pending -= 1
             self.block_manager.cache_full_blocks(seq)
             if not tokens:
                 continue
@@ -111,20 +129,22 @@ class Scheduler:
         return child
 
     def _check_stop(self, seq: Sequence) -> None:
-        p, token = seq.params, seq.token_ids[-1]
+        # known tokens only: a later step may already hold a pending token of this sequence
+        p, token, num_known = seq.params, seq.token_ids[-1], len(seq.token_ids)
         if not p.ignore_eos and token in self.eos_token_ids:
             self.finish(seq, "stop")
         elif token in p.stop_token_ids:
             self.finish(seq, "stop")
-        elif p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
+        elif p.max_tokens is not None and num_known - seq.num_prompt_tokens >= p.max_tokens:
             self.finish(seq, "length")
-        elif len(seq) >= self.max_model_len:
+        elif num_known >= self.max_model_len:
             self.finish(seq, "length")
 
     def finish(self, seq: Sequence, reason: str) -> None:
         if seq.is_finished:
             return
         seq.status = SequenceStatus.FINISHED
+        seq.num_pending = 0  # a token still in flight is dropped when its step lands
         seq.finish_reason = reason
         self.block_manager.free_seq(seq)
         if seq in self.running:

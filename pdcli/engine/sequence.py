@@ -26,7 +26,8 @@ class Sequence:
         self.index = 0  # which of the request's n completions
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
-        self.num_computed_tokens = 0  # tokens whose KV is in the cache
+        self.num_computed_tokens = 0  # tokens whose KV is in the cache (or being written by a launched step)
+        self.num_pending = 0  # sampled tokens still on the GPU: launched, not yet in token_ids (0 or 1)
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at admission
         self.block_table: list[int] = []
         self.status = SequenceStatus.WAITING
@@ -40,11 +41,13 @@ class Sequence:
         self.detok_state: object = None
 
     def __len__(self) -> int:
-        return len(self.token_ids)
+        """Tokens including the pending one: the length the scheduler plans with."""
+        return len(self.token_ids) + self.num_pending
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        """Output tokens including the pending one."""
+        return len(self) - self.num_prompt_tokens
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -52,7 +55,7 @@ class Sequence:
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
+        return len(self) - self.num_computed_tokens
 
     @property
     def is_finished(self) -> bool:

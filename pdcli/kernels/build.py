@@ -17,7 +17,8 @@ import torch
 from pdcli import envs
 
 CSRC = os.path.join(os.path.dirname(os.path.dirname(__file__)), "csrc")
-SOURCES = ("bindings.cpp", "store_kvcache.cu", "decode_attention.cu", "prefill_attention.cu")
+SOURCES = ("bindings.cpp", "store_kvcache.cu", "decode_attention.cu", "prefill_attention.cu", "layernorm.cu",
+           "activation.cu", "rotary.cu")
 
 
 class KernelUnavailable(RuntimeError):
@@ -74,9 +75,17 @@ def load():
     key = build_key(arch)
     build_dir = os.path.join(build_root(), key)
     os.makedirs(build_dir, exist_ok=True)
-    cold = not any(f.endswith(".so") for f in os.listdir(build_dir))
+    name = f"pdcli_kernels_{key}"
+    built = os.path.join(build_dir, f"{name}.so")
+    if os.path.exists(built):  # the key covers every input of the build: load it without asking ninja
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location(name, built)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch
-    kwargs = dict(name=f"pdcli_kernels_{key}", sources=[os.path.join(CSRC, s) for s in SOURCES],
+    kwargs = dict(name=name, sources=[os.path.join(CSRC, s) for s in SOURCES],
                   build_directory=build_dir, extra_cflags=["-O3", "-std=c++17"],
                   extra_cuda_cflags=["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
                                      "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__",
@@ -84,15 +93,12 @@ def load():
                   verbose=False)
     start = time.perf_counter()
     try:
-        if cold:
-            from rich.console import Console
+        from rich.console import Console
 
-            console = Console(stderr=True)
-            with console.status(f"building pdcli CUDA kernels for sm_{major}{minor} (first run only)"):
-                module = cpp_load(**kwargs)
-            console.print(f"built pdcli CUDA kernels in {time.perf_counter() - start:.0f} s -> {build_dir}")
-        else:
+        console = Console(stderr=True)
+        with console.status(f"building pdcli CUDA kernels for sm_{major}{minor} (first run only)"):
             module = cpp_load(**kwargs)
+        console.print(f"built pdcli CUDA kernels in {time.perf_counter() - start:.0f} s -> {build_dir}")
     except Exception as e:  # a compiler error is reported, then the reference path takes over
         raise KernelUnavailable(f"kernel build failed: {str(e).splitlines()[-1] if str(e) else e!r}") from e
     return module

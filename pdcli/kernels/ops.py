@@ -1,4 +1,4 @@
-"""Attention ops used by the model: the CUDA kernels where they apply, else the torch reference."""
+"""Ops used by the model: the CUDA kernels where they apply, else the torch reference."""
 from __future__ import annotations
 
 import functools
@@ -25,6 +25,54 @@ def kernel_module(q: torch.Tensor, k_cache: torch.Tensor):
 def kernel_path(device: torch.device, dtype: torch.dtype, head_dim: int, group: int) -> str:
     """'cuda' when the compiled kernels serve this model, else 'reference'."""
     return "cuda" if _kernels_for(device.type, dtype, head_dim, group) is not None else "reference"
+
+
+def _elementwise_module(x: torch.Tensor):
+    if x.device.type != "cuda" or x.dtype not in _HALF or x.shape[-1] % 8:
+        return None
+    return build.get()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    mod = _elementwise_module(x)
+    if mod is None or x.dim() != 2 or x.stride(-1) != 1:
+        return reference.rms_norm(x, weight, eps)
+    out = torch.empty_like(x)
+    mod.rms_norm(out, x, weight, eps)
+    return out
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(x + residual), x + residual); the kernel works in place on x and residual."""
+    mod = _elementwise_module(x)
+    if mod is None or x.dim() != 2 or not x.is_contiguous() or not residual.is_contiguous():
+        return reference.fused_add_rms_norm(x, residual, weight, eps)
+    mod.fused_add_rms_norm(x, residual, weight, eps)
+    return x, residual
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    mod = _elementwise_module(x)
+    if mod is None or x.dim() != 2 or x.stride(-1) != 1:
+        return reference.silu_and_mul(x)
+    out = torch.empty(x.shape[0], x.shape[1] // 2, dtype=x.dtype, device=x.device)
+    mod.silu_and_mul(out, x)
+    return out
+
+
+def qkv_rope_store(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """q [T, Hq, D] after norm + rotary; k and v go to their cache slots (see reference.qkv_rope_store)."""
+    head_dim = k_cache.shape[3]
+    mod = _kernels_for(qkv.device.type, qkv.dtype, head_dim, num_heads // k_cache.shape[2])
+    if mod is None:
+        return reference.qkv_rope_store(qkv, positions, cos, sin, q_norm, k_norm, eps, k_cache, v_cache,
+                                        slot_mapping, num_heads)
+    q = torch.empty(qkv.shape[0], num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    mod.qkv_rope_store(q, qkv, positions, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot_mapping)
+    return q
 
 
 def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

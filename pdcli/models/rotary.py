@@ -50,6 +50,8 @@ def rope_inv_freq(head_dim: int, base: float, scaling: dict | None, max_pos: int
 
 
 class RotaryEmbedding(nn.Module):
+    """cos/sin tables for every position; applied by ops.qkv_rope_store."""
+
     def __init__(self, head_dim: int, base: float, scaling: dict | None, max_pos: int):
         super().__init__()
         self.args = (head_dim, base, scaling, max_pos)
@@ -66,14 +68,3 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1).to(self.cos.device)
         self.cos.copy_(emb.cos() * attn_factor)
         self.sin.copy_(emb.sin() * attn_factor)
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions [T]; q [T, Hq, D]; k [T, Hk, D]
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)

@@ -39,6 +39,7 @@ def worker_main(spec: WorkerSpec, model: str, engine_kwargs: dict, conn, dist_in
 
         engine = LLMEngine(EngineConfig.from_kwargs(model, device=spec.device, **engine_kwargs))
         engine.detokenize = False
+        engine.async_scheduling = spec.role != "prefill"  # a prefill worker hands each sequence off on its first token
         Worker(spec, engine, conn).run()
     except (KeyboardInterrupt, EOFError, BrokenPipeError):
         pass

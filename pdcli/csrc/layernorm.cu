@@ -1,0 +1,91 @@
+// RMSNorm over rows of the hidden size, alone or fused with the residual add before it. One thread
+// block per row, 16-byte loads, fp32 statistics. Rounding follows the torch reference step by step:
+// r = T(x + residual); out = T(w * T(r * rstd)).
+#include <c10/cuda/CUDAException.h>
+
+#include <algorithm>
+
+#include "common.cuh"
+
+namespace {
+
+using pdcli::pack8;
+using pdcli::round_to;
+using pdcli::to_float8;
+
+__device__ __forceinline__ float block_sum(float v, float* smem) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, num_warps = blockDim.x / 32;
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  v = lane < num_warps ? smem[lane] : 0.f;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// kAdd: residual[row] = T(x + residual); x[row] = norm(residual[row]) (both in place).
+// else: out[row] = norm(x[row]).
+template <typename T, bool kAdd>
+__global__ void rms_norm_kernel(T* __restrict__ out, T* __restrict__ residual, T* __restrict__ x,
+                                const T* __restrict__ weight, int dim, int64_t x_stride, int64_t out_stride,
+                                int64_t res_stride, float eps) {
+  __shared__ float smem[32];
+  const int64_t row = blockIdx.x;
+  const int vecs = dim / 8;
+  T* xr = x + row * x_stride;
+  T* rr = kAdd ? residual + row * res_stride : nullptr;
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < vecs; i += blockDim.x) {
+    float f[8];
+    to_float8<T>(*reinterpret_cast<const uint4*>(xr + i * 8), f);
+    if constexpr (kAdd) {
+      float r[8];
+      to_float8<T>(*reinterpret_cast<const uint4*>(rr + i * 8), r);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) f[j] += r[j];
+      const uint4 u = pack8<T>(f);
+      *reinterpret_cast<uint4*>(rr + i * 8) = u;
+      to_float8<T>(u, f);  // the rounded sum is what gets normalised
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) ss += f[j] * f[j];
+  }
+  const float rstd = rsqrtf(block_sum(ss, smem) / float(dim) + eps);
+  const T* src = kAdd ? rr : xr;
+  T* dst = kAdd ? xr : out + row * out_stride;
+  for (int i = threadIdx.x; i < vecs; i += blockDim.x) {
+    float f[8], w[8];
+    to_float8<T>(*reinterpret_cast<const uint4*>(src + i * 8), f);
+    to_float8<T>(*reinterpret_cast<const uint4*>(weight + i * 8), w);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) f[j] = w[j] * round_to<T>(f[j] * rstd);
+    *reinterpret_cast<uint4*>(dst + i * 8) = pack8<T>(f);
+  }
+}
+
+template <typename T, bool kAdd>
+void launch(void* out, void* residual, void* x, const void* weight, int64_t rows, int dim, int64_t x_stride,
+            int64_t out_stride, int64_t res_stride, float eps, cudaStream_t stream) {
+  const int threads = std::min(1024, std::max(32, ((dim / 8 + 31) / 32) * 32));
+  rms_norm_kernel<T, kAdd><<<rows, threads, 0, stream>>>(static_cast<T*>(out), static_cast<T*>(residual),
+                                                         static_cast<T*>(x), static_cast<const T*>(weight), dim,
+                                                         x_stride, out_stride, res_stride, eps);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+// Inputs are validated by the caller (bindings.cpp). residual == nullptr: out = norm(x); else the fused add.
+void launch_rms_norm(void* out, void* residual, void* x, const void* weight, int64_t rows, int dim, int64_t x_stride,
+                     int64_t out_stride, int64_t res_stride, float eps, bool bf16, cudaStream_t stream) {
+  if (rows == 0) return;
+  if (bf16) {
+    if (residual) launch<__nv_bfloat16, true>(out, residual, x, weight, rows, dim, x_stride, out_stride, res_stride, eps, stream);
+    else launch<__nv_bfloat16, false>(out, residual, x, weight, rows, dim, x_stride, out_stride, res_stride, eps, stream);
+  } else {
+    if (residual) launch<__half, true>(out, residual, x, weight, rows, dim, x_stride, out_stride, res_stride, eps, stream);
+    else launch<__half, false>(out, residual, x, weight, rows, dim, x_stride, out_stride, res_stride, eps, stream);
+  }
+}

@@ -1,0 +1,76 @@
+"""Async scheduling (step i + 1 is scheduled and launched before step i's tokens land) gives exactly the
+outputs of the synchronous loop, whatever finishes, stops, forks, preempts or hits the prefix cache."""
+import pytest
+
+from conftest import assert_pool_full
+from pdcli import LLM, SamplingParams
+
+MODEL = "dummy:tiny-llama"
+
+
+def run(async_scheduling: bool, prompts, params, **kw):
+    llm = LLM(MODEL, device="cpu", async_scheduling=async_scheduling, **kw)
+    outs = llm.generate(prompts, params)
+    assert_pool_full(llm)
+    return [[(c.token_ids, c.finish_reason, c.text) for c in o.outputs] for o in outs], llm
+
+
+def both(prompts, params, **kw):
+    a, llm_a = run(True, prompts, params, **kw)
+    b, _ = run(False, prompts, params, **kw)
+    assert a == b
+    return a, llm_a
+
+
+def test_greedy_mixed_lengths_and_token_stops(prompts):
+    sync, _ = run(False, prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    # stop on a token each sequence really produces mid-way, so async rows past the stop get dropped
+    params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop_token_ids=[s[0][0][5]])
+              for s in sync[:2]] + [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (1, 7)]
+    outs, _ = both(prompts, params)
+    assert [o[0][1] for o in outs] == ["stop", "stop", "length", "length"]
+    assert [len(o[0][0]) for o in outs[2:]] == [1, 7]
+
+
+def test_chunked_prefill_and_preemption(prompts):
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    _, llm = both(prompts * 2, params, max_num_batched_tokens=16, num_kv_blocks=14, block_size=8,
+                  enable_prefix_caching=False)
+    assert llm.engine.scheduler.num_preemptions > 0
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_prefix_cache_hits(prompts, async_scheduling):
+    shared = prompts[2][:48]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    llm = LLM(MODEL, device="cpu", async_scheduling=async_scheduling, block_size=8)
+    first = llm.generate([shared + [5, 6, 7]], params)[0].outputs[0].token_ids
+    rest = [o.outputs[0].token_ids for o in llm.generate([shared + [5, 6, 7], shared + [9]], params)]
+    assert llm.engine.block_manager.num_prefix_hits >= 2 * 6
+    assert rest[0] == first
+    fresh = LLM(MODEL, device="cpu", async_scheduling=async_scheduling, block_size=8, enable_prefix_caching=False)
+    assert fresh.generate([shared + [9]], params)[0].outputs[0].token_ids == rest[1]
+    assert_pool_full(llm)
+
+
+def test_seeded_sampling_forks_and_stop_strings(prompts):
+    params = [SamplingParams(temperature=0.8, top_p=0.9, max_tokens=16, seed=3, ignore_eos=True),
+              SamplingParams(temperature=1.0, n=3, max_tokens=10, seed=5, ignore_eos=True),
+              SamplingParams(temperature=0.7, max_tokens=20, seed=9, ignore_eos=True, stop=["e", "a"]),
+              SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)]
+    outs, _ = both(prompts, params)
+    assert len(outs[1]) == 3
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_abort_mid_run_returns_blocks(prompts, async_scheduling):
+    llm = LLM(MODEL, device="cpu", async_scheduling=async_scheduling)
+    stream = llm.stream(prompts, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+    for i, _ in enumerate(stream):
+        if i == 9:
+            break
+    stream.close()  # aborts what is left, with a step possibly in flight
+    assert not llm.engine.has_unfinished_requests() or llm.engine._inflight is not None
+    while llm.engine.has_unfinished_requests():
+        llm.engine.step()
+    assert_pool_full(llm)

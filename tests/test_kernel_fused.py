@@ -1,0 +1,113 @@
+"""The fused elementwise kernels (RMSNorm, add + RMSNorm, SiLU-and-mul, qkv norm + rotary + KV store)
+against the pure-torch reference on fresh random inputs (run on the GPU machine)."""
+import pytest
+import torch
+
+from pdcli.kernels import build, reference
+from pdcli.models.rotary import RotaryEmbedding
+
+pytestmark = pytest.mark.cuda
+DTYPES = [torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(scope="module")
+def mod():
+    return build.load()
+
+
+def rel_err(x, ref):
+    return ((x.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def check(out, ref_half, ref32, what):
+    """Kernel error against fp32 at most twice torch's own half-precision error (plus a hair)."""
+    assert not out.isnan().any(), what
+    e, e_torch = rel_err(out, ref32), rel_err(ref_half, ref32)
+    assert e <= 2 * e_torch + 1e-6, (what, e, e_torch)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, dim", [(1, 4096), (37, 4096), (300, 896), (5, 8192)])
+def test_rms_norm(mod, dtype, rows, dim):
+    gen = torch.Generator(device="cuda").manual_seed(rows * dim)
+    x = torch.randn(rows, dim, generator=gen, device="cuda").to(dtype)
+    w = (1 + 0.1 * torch.randn(dim, generator=gen, device="cuda")).to(dtype)
+    out = torch.empty_like(x)
+    mod.rms_norm(out, x, w, 1e-6)
+    check(out, reference.rms_norm(x, w, 1e-6), reference.rms_norm(x.float(), w.float(), 1e-6), "rms_norm")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, dim", [(1, 4096), (64, 4096), (513, 1024)])
+def test_fused_add_rms_norm(mod, dtype, rows, dim):
+    gen = torch.Generator(device="cuda").manual_seed(rows + dim)
+    x = torch.randn(rows, dim, generator=gen, device="cuda").to(dtype)
+    res = (4 * torch.randn(rows, dim, generator=gen, device="cuda")).to(dtype)
+    w = (1 + 0.1 * torch.randn(dim, generator=gen, device="cuda")).to(dtype)
+    ref_out, ref_res = reference.fused_add_rms_norm(x, res, w, 1e-5)
+    ref32_out, ref32_res = reference.fused_add_rms_norm(x.float(), res.float(), w.float(), 1e-5)
+    mod.fused_add_rms_norm(x, res, w, 1e-5)  # in place
+    assert torch.equal(res, ref_res), "the residual sum is one rounded add"
+    check(x, ref_out, ref32_out, "fused_add_rms_norm")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, d", [(1, 14336), (64, 14336), (300, 3072), (3, 8)])
+def test_silu_and_mul(mod, dtype, rows, d):
+    gen = torch.Generator(device="cuda").manual_seed(rows + d)
+    x = (3 * torch.randn(rows, 2 * d, generator=gen, device="cuda")).to(dtype)
+    out = torch.empty(rows, d, dtype=dtype, device="cuda")
+    mod.silu_and_mul(out, x)
+    check(out, reference.silu_and_mul(x), reference.silu_and_mul(x.float()), "silu_and_mul")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d, hq, hk, qk_norm", [(128, 32, 8, False), (128, 32, 8, True), (64, 14, 2, True),
+                                                (64, 8, 8, False)])
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}])
+def test_qkv_rope_store(mod, dtype, d, hq, hk, qk_norm, scaling):
+    gen = torch.Generator(device="cuda").manual_seed(d + hq + hk + qk_norm)
+    t, num_blocks, block_size = 45, 16, 16
+    rope = RotaryEmbedding(d, 500000.0, scaling, 40000).cuda()
+    qkv = torch.randn(t, (hq + 2 * hk) * d, generator=gen, device="cuda").to(dtype)
+    positions = torch.randint(0, 40000, (t,), generator=gen, device="cuda")
+    slots = torch.randperm(num_blocks * block_size, generator=gen, device="cuda")[:t]
+    slots[3] = -1  # a padded row: nothing stored
+    norms = [(1 + 0.1 * torch.randn(d, generator=gen, device="cuda")).to(dtype) for _ in range(2)] if qk_norm \
+        else [None, None]
+    caches = torch.randn(2, num_blocks, block_size, hk, d, generator=gen, device="cuda").to(dtype)
+
+    def run(fn, dt):
+        kc, vc = caches.to(dt).clone()
+        q = fn(qkv.to(dt), positions, rope.cos, rope.sin, *[n if n is None else n.to(dt) for n in norms], 1e-6,
+               kc, vc, slots, hq)
+        return q, kc, vc
+
+    def kernel(qkv_, pos, cos, sin, qn, kn, eps, kc, vc, sl, nh):
+        q = torch.empty(qkv_.shape[0], nh, d, dtype=qkv_.dtype, device="cuda")
+        mod.qkv_rope_store(q, qkv_, pos, cos, sin, qn, kn, eps, kc, vc, sl)
+        return q
+
+    got = run(kernel, dtype)
+    ref = run(reference.qkv_rope_store, dtype)
+    ref32 = run(reference.qkv_rope_store, torch.float32)
+    for name, a, b, c in zip("qkv", got, ref, ref32):
+        check(a, b, c, name)
+    keep = slots >= 0
+    kc0, vc0 = caches
+    for a, c0 in zip(got[1:], (kc0, vc0)):  # untouched slots keep their old rows
+        untouched = torch.ones(num_blocks * block_size, dtype=torch.bool, device="cuda")
+        untouched[slots[keep]] = False
+        assert torch.equal(a.flatten(0, 1)[untouched], c0.flatten(0, 1)[untouched])
+
+
+def test_fused_bad_inputs_raise(mod):
+    x = torch.randn(4, 100, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="multiple of 8 values, got 100"):
+        mod.rms_norm(torch.empty_like(x), x, torch.ones(100, device="cuda", dtype=torch.bfloat16), 1e-6)
+    x = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="must not alias"):
+        mod.fused_add_rms_norm(x, x, torch.ones(64, device="cuda", dtype=torch.bfloat16), 1e-6)
+    with pytest.raises(RuntimeError, match="out must be"):
+        mod.silu_and_mul(torch.empty(4, 64, device="cuda", dtype=torch.bfloat16), x)
