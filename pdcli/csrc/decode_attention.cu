@@ -1,4 +1,5 @@
-// Paged GQA decode attention (one query token per sequence), split-KV with a log-sum-exp merge.
+// Paged GQA decode attention (one query token per sequence), split-KV with a log-sum-exp merge done by
+// the last split of each (sequence, kv head) to finish.
 //
 // CTA = (kv split, kv head, sequence). All G query heads of the kv head live in the CTA, so each
 // K/V row is read from HBM exactly once. A K/V row of one head is D * 2 bytes; LPR = D / 8 lanes
@@ -18,12 +19,13 @@ using namespace pdcli;
 
 constexpr int kWarps = 4;
 constexpr int kUnroll = 4;  // rows per lane per tile; two tiles in flight
-constexpr int kMinSplitKeys = 256;  // a split reads at least this many keys
+constexpr int kMinSplitKeys = 256;  // the host sizes the grid for at least this many keys per split
+constexpr int kMinUsedSplitKeys = 64;  // at run time a split reads at least this many
 
 // Splits a sequence of ctx keys really uses out of the grid's num_splits (a graph captured for long
 // contexts replays short ones with few CTAs working), and keys per split.
 __device__ __forceinline__ int2 used_splits(int ctx, int num_splits) {
-  const int per_split = max((ctx + num_splits - 1) / num_splits, kMinSplitKeys);
+  const int per_split = max((ctx + num_splits - 1) / num_splits, kMinUsedSplitKeys);
   return make_int2(max(1, (ctx + per_split - 1) / per_split), per_split);
 }
 
@@ -32,6 +34,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 decode_attention_kernel(T* __restrict__ out,              // [B, Hq, D]
                         float* __restrict__ part_o,       // [B, Hq, S, D] when S > 1
                         float* __restrict__ part_lse,     // [B, Hq, S] (log2 domain)
+                        int* __restrict__ counters,       // [B, Hk] zeroed: splits done, when S > 1
                         const T* __restrict__ q,          // [B, Hq, D], row stride q_stride
                         const T* __restrict__ k_cache,    // [N, bs, Hk, D]
                         const T* __restrict__ v_cache,
@@ -179,28 +182,30 @@ decode_attention_kernel(T* __restrict__ out,              // [B, Hq, D]
       if (d == 0) part_lse[row] = sum > 0.f ? mx + log2f(sum) : -INFINITY;
     }
   }
-}
+  if (direct) return;
 
-// out[b, h] = sum_s w_s * part_o[b, h, s] with w_s = 2^(lse_s - max lse) / sum of those weights.
-template <typename T, int D>
-__global__ void merge_splits_kernel(T* __restrict__ out, const float* __restrict__ part_o,
-                                    const float* __restrict__ part_lse, const int* __restrict__ context_lens,
-                                    int num_heads, int num_splits) {
-  const int64_t row = blockIdx.x;  // b * Hq + h
-  const int used = used_splits(context_lens[row / num_heads], num_splits).x;
-  if (used == 1) return;  // written directly by the attention kernel
-  const float* lse = part_lse + row * num_splits;
-  float mx = -INFINITY;
-  for (int s = 0; s < used; ++s) mx = fmaxf(mx, lse[s]);
-  const float ref = mx == -INFINITY ? 0.f : mx;
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+  // The last split of this (sequence, kv head) to finish merges all of them: out = sum_s w_s o_s with
+  // w_s = 2^(lse_s - max lse) / sum of those weights. Partials of other CTAs are read through L2.
+  __shared__ bool is_last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) is_last = atomicAdd(&counters[b * num_kv_heads + kvh], 1) == used.x - 1;
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  for (int idx = threadIdx.x; idx < G * D; idx += blockDim.x) {
+    const int h = idx / D, d = idx % D;
+    const int64_t row0 = (int64_t(b) * num_heads + kvh * G + h) * num_splits;
+    float mx = -INFINITY;
+    for (int sp = 0; sp < used.x; ++sp) mx = fmaxf(mx, __ldcg(part_lse + row0 + sp));
+    const float ref = mx == -INFINITY ? 0.f : mx;
     float sum = 0.f, acc = 0.f;
-    for (int s = 0; s < used; ++s) {
-      const float w = exp2f(lse[s] - ref);
+    for (int sp = 0; sp < used.x; ++sp) {
+      const float w = exp2f(__ldcg(part_lse + row0 + sp) - ref);
       sum += w;
-      acc += w * part_o[(row * num_splits + s) * D + d];
+      acc += w * __ldcg(part_o + (row0 + sp) * D + d);
     }
-    out[row * D + d] = from_float<T>(sum > 0.f ? acc / sum : 0.f);
+    out[int64_t(b) * num_heads * D + (kvh * G + h) * D + d] = from_float<T>(sum > 0.f ? acc / sum : 0.f);
   }
 }
 
@@ -208,6 +213,7 @@ struct DecodeArgs {
   void* out;
   float* part_o;    // [B, Hq, splits, D], when splits > 1
   float* part_lse;  // [B, Hq, splits]
+  int* counters;    // [B, Hk] zeroed, when splits > 1
   const void* q;
   const void* k_cache;
   const void* v_cache;
@@ -223,15 +229,10 @@ template <typename T, int D, int G>
 void launch(const DecodeArgs& a) {
   dim3 grid(a.splits, a.num_kv_heads, a.batch);
   decode_attention_kernel<T, D, G><<<grid, kWarps * 32, 0, a.stream>>>(
-      static_cast<T*>(a.out), a.part_o, a.part_lse, static_cast<const T*>(a.q), static_cast<const T*>(a.k_cache),
+      static_cast<T*>(a.out), a.part_o, a.part_lse, a.counters, static_cast<const T*>(a.q), static_cast<const T*>(a.k_cache),
       static_cast<const T*>(a.v_cache), a.block_tables, a.context_lens, a.table_width, a.block_size, a.num_kv_heads,
       a.q_stride, a.scale_log2);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (a.splits > 1) {
-    merge_splits_kernel<T, D><<<a.batch * a.num_heads, D, 0, a.stream>>>(
-        static_cast<T*>(a.out), a.part_o, a.part_lse, a.context_lens, a.num_heads, a.splits);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
 }
 
 template <typename T, int D>
@@ -285,11 +286,11 @@ int decode_attention_num_splits(int64_t num_items, int64_t max_context_len, int 
 }
 
 // Inputs are validated by the caller (bindings.cpp): head_dim 64 | 128, group 1 | 2 | 4 | 8.
-void launch_decode_attention(void* out, float* part_o, float* part_lse, const void* q, const void* k_cache,
+void launch_decode_attention(void* out, float* part_o, float* part_lse, int* counters, const void* q, const void* k_cache,
                              const void* v_cache, const int* block_tables, const int* context_lens, int batch,
                              int num_heads, int num_kv_heads, int head_dim, int table_width, int block_size,
                              int splits, int64_t q_stride, float scale, bool bf16, cudaStream_t stream) {
-  const DecodeArgs a{out, part_o, part_lse, q, k_cache, v_cache, block_tables, context_lens, batch, num_heads,
+  const DecodeArgs a{out, part_o, part_lse, counters, q, k_cache, v_cache, block_tables, context_lens, batch, num_heads,
                      num_kv_heads, table_width, block_size, splits, q_stride, scale * 1.4426950408889634f, stream};
   const int G = num_heads / num_kv_heads;
   if (bf16) {
