@@ -11,7 +11,7 @@ void launch_store_kvcache(const void* k, const void* v, void* k_cache, void* v_c
                           int64_t num_tokens, int64_t k_token_bytes, int64_t v_token_bytes, int64_t row_bytes,
                           cudaStream_t stream);
 int decode_attention_num_splits(int64_t num_items, int64_t max_context_len, int head_dim, int group);
-void launch_decode_attention(void* out, float* part_o, float* part_lse, int* counters, const void* q, const void* k_cache,
+void launch_decode_attention(void* out, float* part_o, float* part_lse, const void* q, const void* k_cache,
                              const void* v_cache, const int* block_tables, const int* context_lens, int batch,
                              int num_heads, int num_kv_heads, int head_dim, int table_width, int block_size,
                              int splits, int64_t q_stride, float scale, bool bf16, cudaStream_t stream);
@@ -204,15 +204,13 @@ void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
   const c10::cuda::CUDAGuard guard(q.device());
   int64_t splits = num_splits > 0 ? num_splits : decode_attention_num_splits(B * Hk, max_context_len, D, G);
   splits = std::min<int64_t>(splits, 256);
-  torch::Tensor part_o, part_lse, counters;
+  torch::Tensor part_o, part_lse;
   if (splits > 1) {
     part_o = torch::empty({B, Hq, splits, D}, q.options().dtype(torch::kFloat32));
     part_lse = torch::empty({B, Hq, splits}, q.options().dtype(torch::kFloat32));
-    counters = torch::zeros({B, Hk}, q.options().dtype(torch::kInt32));  // a memset node under graph capture
   }
   launch_decode_attention(out.data_ptr(), splits > 1 ? part_o.data_ptr<float>() : nullptr,
-                          splits > 1 ? part_lse.data_ptr<float>() : nullptr,
-                          splits > 1 ? counters.data_ptr<int>() : nullptr, q.data_ptr(), k_cache.data_ptr(),
+                          splits > 1 ? part_lse.data_ptr<float>() : nullptr, q.data_ptr(), k_cache.data_ptr(),
                           v_cache.data_ptr(), block_tables.data_ptr<int>(), context_lens.data_ptr<int>(), B, Hq, Hk, D,
                           block_tables.size(1), k_cache.size(1), splits, q.stride(0), float(scale),
                           q.scalar_type() == torch::kBFloat16, at::cuda::getCurrentCUDAStream());

@@ -1,5 +1,4 @@
-// Paged GQA decode attention (one query token per sequence), split-KV with a log-sum-exp merge done by
-// the last split of each (sequence, kv head) to finish.
+// Paged GQA decode attention (one query token per sequence), split-KV with a log-sum-exp merge.
 //
 // CTA = (kv split, kv head, sequence). All G query heads of the kv head live in the CTA, so each
 // K/V row is read from HBM exactly once. A K/V row of one head is D * 2 bytes; LPR = D / 8 lanes
@@ -19,22 +18,12 @@ using namespace pdcli;
 
 constexpr int kWarps = 4;
 constexpr int kUnroll = 4;  // rows per lane per tile; two tiles in flight
-constexpr int kMinSplitKeys = 256;  // the host sizes the grid for at least this many keys per split
-constexpr int kMinUsedSplitKeys = 64;  // at run time a split reads at least this many
-
-// Splits a sequence of ctx keys really uses out of the grid's num_splits (a graph captured for long
-// contexts replays short ones with few CTAs working), and keys per split.
-__device__ __forceinline__ int2 used_splits(int ctx, int num_splits) {
-  const int per_split = max((ctx + num_splits - 1) / num_splits, kMinUsedSplitKeys);
-  return make_int2(max(1, (ctx + per_split - 1) / per_split), per_split);
-}
 
 template <typename T, int D, int G>
 __global__ void __launch_bounds__(kWarps * 32)
 decode_attention_kernel(T* __restrict__ out,              // [B, Hq, D]
                         float* __restrict__ part_o,       // [B, Hq, S, D] when S > 1
                         float* __restrict__ part_lse,     // [B, Hq, S] (log2 domain)
-                        int* __restrict__ counters,       // [B, Hk] zeroed: splits done, when S > 1
                         const T* __restrict__ q,          // [B, Hq, D], row stride q_stride
                         const T* __restrict__ k_cache,    // [N, bs, Hk, D]
                         const T* __restrict__ v_cache,
@@ -52,10 +41,7 @@ decode_attention_kernel(T* __restrict__ out,              // [B, Hq, D]
   const int num_heads = num_kv_heads * G;
 
   const int ctx = context_lens[b];
-  const int2 used = used_splits(ctx, num_splits);
-  if (split >= used.x) return;  // uniform over the CTA
-  const bool direct = used.x == 1;  // the only split writes the output itself
-  const int per_split = used.y;
+  const int per_split = (ctx + num_splits - 1) / num_splits;
   const int start = split * per_split;
   const int end = min(ctx, start + per_split);
 
@@ -174,7 +160,7 @@ decode_attention_kernel(T* __restrict__ out,              // [B, Hq, D]
     }
     const int head = kvh * G + h;
     const float val = sum > 0.f ? acc / sum : 0.f;
-    if (direct) {
+    if (num_splits == 1) {
       out[int64_t(b) * num_heads * D + head * D + d] = from_float<T>(val);
     } else {
       const int64_t row = (int64_t(b) * num_heads + head) * num_splits + split;
@@ -182,30 +168,25 @@ decode_attention_kernel(T* __restrict__ out,              // [B, Hq, D]
       if (d == 0) part_lse[row] = sum > 0.f ? mx + log2f(sum) : -INFINITY;
     }
   }
-  if (direct) return;
+}
 
-  // The last split of this (sequence, kv head) to finish merges all of them: out = sum_s w_s o_s with
-  // w_s = 2^(lse_s - max lse) / sum of those weights. Partials of other CTAs are read through L2.
-  __shared__ bool is_last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) is_last = atomicAdd(&counters[b * num_kv_heads + kvh], 1) == used.x - 1;
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
-  for (int idx = threadIdx.x; idx < G * D; idx += blockDim.x) {
-    const int h = idx / D, d = idx % D;
-    const int64_t row0 = (int64_t(b) * num_heads + kvh * G + h) * num_splits;
-    float mx = -INFINITY;
-    for (int sp = 0; sp < used.x; ++sp) mx = fmaxf(mx, __ldcg(part_lse + row0 + sp));
-    const float ref = mx == -INFINITY ? 0.f : mx;
+// out[b, h] = sum_s w_s * part_o[b, h, s] with w_s = 2^(lse_s - max lse) / sum of those weights.
+template <typename T, int D>
+__global__ void merge_splits_kernel(T* __restrict__ out, const float* __restrict__ part_o,
+                                    const float* __restrict__ part_lse, int num_splits) {
+  const int64_t row = blockIdx.x;  // b * Hq + h
+  const float* lse = part_lse + row * num_splits;
+  float mx = -INFINITY;
+  for (int s = 0; s < num_splits; ++s) mx = fmaxf(mx, lse[s]);
+  const float ref = mx == -INFINITY ? 0.f : mx;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float sum = 0.f, acc = 0.f;
-    for (int sp = 0; sp < used.x; ++sp) {
-      const float w = exp2f(__ldcg(part_lse + row0 + sp) - ref);
+    for (int s = 0; s < num_splits; ++s) {
+      const float w = exp2f(lse[s] - ref);
       sum += w;
-      acc += w * __ldcg(part_o + (row0 + sp) * D + d);
+      acc += w * part_o[(row * num_splits + s) * D + d];
     }
-    out[int64_t(b) * num_heads * D + (kvh * G + h) * D + d] = from_float<T>(sum > 0.f ? acc / sum : 0.f);
+    out[row * D + d] = from_float<T>(sum > 0.f ? acc / sum : 0.f);
   }
 }
 
@@ -213,7 +194,6 @@ struct DecodeArgs {
   void* out;
   float* part_o;    // [B, Hq, splits, D], when splits > 1
   float* part_lse;  // [B, Hq, splits]
-  int* counters;    // [B, Hk] zeroed, when splits > 1
   const void* q;
   const void* k_cache;
   const void* v_cache;
@@ -229,10 +209,15 @@ template <typename T, int D, int G>
 void launch(const DecodeArgs& a) {
   dim3 grid(a.splits, a.num_kv_heads, a.batch);
   decode_attention_kernel<T, D, G><<<grid, kWarps * 32, 0, a.stream>>>(
-      static_cast<T*>(a.out), a.part_o, a.part_lse, a.counters, static_cast<const T*>(a.q), static_cast<const T*>(a.k_cache),
+      static_cast<T*>(a.out), a.part_o, a.part_lse, static_cast<const T*>(a.q), static_cast<const T*>(a.k_cache),
       static_cast<const T*>(a.v_cache), a.block_tables, a.context_lens, a.table_width, a.block_size, a.num_kv_heads,
       a.q_stride, a.scale_log2);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (a.splits > 1) {
+    merge_splits_kernel<T, D><<<a.batch * a.num_heads, D, 0, a.stream>>>(static_cast<T*>(a.out), a.part_o,
+                                                                          a.part_lse, a.splits);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 template <typename T, int D>
@@ -263,6 +248,7 @@ int resident_ctas(int D, int G) {
 // Splits per (sequence, kv head): enough CTAs to fill the GPU, with the last wave as full as possible,
 // and at least kMinSplitKeys keys per split.
 int choose_num_splits(int64_t num_items, int64_t max_context_len, int resident) {
+  constexpr int64_t kMinSplitKeys = 256;
   const int64_t max_splits = std::max<int64_t>(1, std::min<int64_t>(256, max_context_len / kMinSplitKeys));
   int best = 1;
   double best_eff = 0.0;
@@ -286,11 +272,11 @@ int decode_attention_num_splits(int64_t num_items, int64_t max_context_len, int 
 }
 
 // Inputs are validated by the caller (bindings.cpp): head_dim 64 | 128, group 1 | 2 | 4 | 8.
-void launch_decode_attention(void* out, float* part_o, float* part_lse, int* counters, const void* q, const void* k_cache,
+void launch_decode_attention(void* out, float* part_o, float* part_lse, const void* q, const void* k_cache,
                              const void* v_cache, const int* block_tables, const int* context_lens, int batch,
                              int num_heads, int num_kv_heads, int head_dim, int table_width, int block_size,
                              int splits, int64_t q_stride, float scale, bool bf16, cudaStream_t stream) {
-  const DecodeArgs a{out, part_o, part_lse, counters, q, k_cache, v_cache, block_tables, context_lens, batch, num_heads,
+  const DecodeArgs a{out, part_o, part_lse, q, k_cache, v_cache, block_tables, context_lens, batch, num_heads,
                      num_kv_heads, table_width, block_size, splits, q_stride, scale * 1.4426950408889634f, stream};
   const int G = num_heads / num_kv_heads;
   if (bf16) {
