@@ -85,25 +85,6 @@ def kernel_breakdown(llm: LLM, batch: int, prompt_len: int = 256, steps: int = 5
                 kernels=[dict(name=k[:90], ms_per_step=ms, calls_per_step=c) for k, ms, c in rows[:15]])
 
 
-def prefill_breakdown(llm: LLM, prompt_len: int) -> dict:
-    """GPU time of one prompt's prefill by kernel (torch profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    rng = random.Random(-prompt_len)
-    llm.generate([[rng.randrange(1000, 30000) for _ in range(prompt_len)]], SamplingParams(temperature=0, max_tokens=1))
-    prompt = [rng.randrange(1000, 30000) for _ in range(prompt_len)]
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1))
-        torch.cuda.synchronize()
-    wall = (time.perf_counter() - t) * 1e3
-    rows = sorted(((e.key, e.device_time_total / 1e3, e.count) for e in prof.key_averages() if e.device_time_total > 0),
-                  key=lambda r: -r[1])
-    return dict(prompt_len=prompt_len, wall_ms=wall, gpu_ms=sum(r[1] for r in rows),
-                kernels=[dict(name=k[:90], ms=ms, calls=c) for k, ms, c in rows[:15]])
-
-
 def ttft_ms(llm: LLM, prompt_len: int, reps: int = 5) -> float:
     rng = random.Random(prompt_len)
     times = []
@@ -222,9 +203,6 @@ def main(argv=None) -> int:
         flops = 2 * wbytes / 2 * n + 4 * arch.num_hidden_layers * arch.num_attention_heads * arch.head_dim * n * n / 2
         prefill.append(dict(prompt_len=n, ttft_ms=ms, roofline_ms=flops / mm * 1e3, tflops=flops / ms / 1e9))
         log(f"prefill/TTFT llama3-8b {n}: {ms:.1f} ms (floor {flops / mm * 1e3:.1f} ms)")
-    pbd = prefill_breakdown(llm, 2048)
-    log(f"prefill 2048: wall {pbd['wall_ms']:.1f} ms (profiled), GPU {pbd['gpu_ms']:.1f} ms; top: " +
-        ", ".join(f"{k['name'][:40]} {k['ms']:.2f}" for k in pbd["kernels"][:8]))
     del llm
     free_gpu()
 
@@ -255,7 +233,7 @@ def main(argv=None) -> int:
                      ttft_llama3_8b_2k_ms=next(p["ttft_ms"] for p in prefill if p["prompt_len"] == 2048),
                      offline_qwen3_8b_out_tok_s=q8["output_tok_s"], offline_nanovllm_protocol_out_tok_s=nv["output_tok_s"]),
         decode_llama3_8b=decode, decode_llama3_8b_breakdown=breakdown, prefill_llama3_8b=prefill,
-        prefill_llama3_8b_2k_breakdown=pbd, offline_qwen3_8b=q8, offline_nanovllm_protocol=nv,
+ offline_qwen3_8b=q8, offline_nanovllm_protocol=nv,
         provenance=dict(pdcli=__version__, torch=torch.__version__, cuda=torch.version.cuda,
                         python=platform.python_version(), quick=args.quick, date=time.strftime("%Y-%m-%dT%H:%M:%S"),
                         command=" ".join(["python -m pdcli.benchmarks.engine", *(argv or sys.argv[1:])])))
