@@ -27,6 +27,10 @@ class SchedulerConfig:
     max_num_seqs: int = 256  # sequences in one step
     max_num_batched_tokens: int = 8192  # tokens (prefill chunks + decodes) in one step
     max_model_len: int | None = None  # None: the model's max_position_embeddings
+    # Admit a waiting sequence only while the free KV blocks also cover this fraction of every running
+    # sequence's remaining max_tokens (then learned from finished sequences); 0: admit greedily and
+    # preempt (recompute) when the pool runs out, as vLLM does.
+    admission_reserve: float = 1.0
 
     def __post_init__(self):
         if self.max_num_seqs < 1:
@@ -35,6 +39,8 @@ class SchedulerConfig:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if not 0.0 <= self.admission_reserve <= 1.0:
+            raise ValueError(f"admission_reserve must be in [0, 1], got {self.admission_reserve}")
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ def test_greedy_mixed_lengths_and_token_stops(prompts):
 def test_chunked_prefill_and_preemption(prompts):
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     _, llm = both(prompts * 2, params, max_num_batched_tokens=16, num_kv_blocks=14, block_size=8,
-                  enable_prefix_caching=False)
+                  enable_prefix_caching=False, admission_reserve=0.0)
     assert llm.engine.scheduler.num_preemptions > 0
 
 

@@ -33,11 +33,22 @@ def test_chunked_prefill_matches_hf(name, tiny_model_dir, prompts, reference):
 
 @pytest.mark.parametrize("name", ["llama-gqa", "qwen3-gqa"])
 def test_preemption_matches_hf(name, tiny_model_dir, prompts, reference):
-    # 14 blocks of 8 tokens hold at most ~1.2 of these sequences at once: running ones get preempted
-    llm = LLM(tiny_model_dir(name), device="cpu", max_num_batched_tokens=32, block_size=8, num_kv_blocks=14)
+    # 14 blocks of 8 tokens hold at most ~1.2 of these sequences at once: admitted greedily (no
+    # admission reserve), running ones get preempted
+    llm = LLM(tiny_model_dir(name), device="cpu", max_num_batched_tokens=32, block_size=8, num_kv_blocks=14,
+              admission_reserve=0.0)
     outs = llm.generate(prompts, GREEDY)
     assert llm.engine.scheduler.num_preemptions > 0
     assert [o.token_ids for o in outs] == reference(name)
+    assert_pool_full(llm)
+
+
+def test_admission_reserve_avoids_preemption(tiny_model_dir, prompts, reference):
+    # the same tight pool: admitting only what the running sequences leave room for preempts nothing
+    llm = LLM(tiny_model_dir("llama-gqa"), device="cpu", max_num_batched_tokens=32, block_size=8, num_kv_blocks=14)
+    outs = llm.generate(prompts, GREEDY)
+    assert llm.engine.scheduler.num_preemptions == 0
+    assert [o.token_ids for o in outs] == reference("llama-gqa")
     assert_pool_full(llm)
 
 

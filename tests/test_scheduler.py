@@ -49,7 +49,7 @@ def test_max_num_seqs_caps_admission():
 
 
 def test_preempts_latest_and_resumes_first():
-    s, bm = make(num_blocks=4, block_size=4, max_num_batched_tokens=64)
+    s, bm = make(num_blocks=4, block_size=4, max_num_batched_tokens=64, admission_reserve=0.0)
     a, b = seq(7, "a"), seq(7, "b", start=50)  # no shared prefix
     s.add(a)
     s.add(b)
@@ -119,3 +119,30 @@ def test_finished_while_in_flight_drops_the_row():
     s.abort("a")  # e.g. a client left, or a stop string matched, with a step in flight
     assert s.update(out, [[9]]) == [] and a.output_token_ids == [7]
     assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_admission_reserve_waits_for_room_and_learns():
+    s, bm = make(num_blocks=8, block_size=4, max_num_batched_tokens=64)
+    a, b = seq(6, "a", max_tokens=10), seq(6, "b", max_tokens=10, start=50)
+    s.add(a), s.add(b)
+    out = run_step(s)  # a will need 16 tokens = 4 blocks, b 4 more: 8 in all, so both fit
+    assert [x.request_id for x in out.seqs] == ["a", "b"]
+    c = seq(6, "c", max_tokens=10, start=90)
+    s.add(c)
+    run_step(s)
+    assert c in s.waiting  # no room left once a and b are expected to finish
+    while not a.is_finished:
+        run_step(s)
+    assert s.reserve_ratio == 1.0  # a used all of its max_tokens
+    while c in s.waiting:
+        run_step(s)
+    assert s.num_preemptions == 0
+
+
+def test_reserve_ratio_follows_early_stops():
+    s, _ = make(num_blocks=64, block_size=4)
+    for i in range(30):
+        q = seq(3, f"r{i}", max_tokens=100, start=10 + 4 * i)
+        s.add(q)
+        run_step(s, token=2)  # eos at once: 1 of 100 tokens used
+    assert s.reserve_ratio < 0.1

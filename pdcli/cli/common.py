@@ -23,6 +23,9 @@ BlockSize = Annotated[int, typer.Option(help="Tokens per KV block.")]
 NumKvBlocks = Annotated[Optional[int], typer.Option(help="Fixed KV pool size in blocks.")]
 GpuMemoryUtilization = Annotated[float, typer.Option(help="Fraction of GPU memory to use.")]
 PrefixCaching = Annotated[bool, typer.Option("--enable-prefix-caching/--no-enable-prefix-caching")]
+AdmissionReserve = Annotated[float, typer.Option(
+    help="Admit new sequences only while free KV also covers this fraction of running ones' remaining "
+         "max_tokens (learned from finished ones); 0: admit greedily, preempt when full.")]
 AsyncScheduling = Annotated[bool, typer.Option("--async-scheduling/--no-async-scheduling",
                                                help="Schedule step i + 1 while the device runs step i.")]
 
@@ -38,6 +41,7 @@ ENGINE_OPTIONS = (
     ("num_kv_blocks", NumKvBlocks, CacheConfig.num_kv_blocks),
     ("gpu_memory_utilization", GpuMemoryUtilization, CacheConfig.gpu_memory_utilization),
     ("enable_prefix_caching", PrefixCaching, CacheConfig.enable_prefix_caching),
+    ("admission_reserve", AdmissionReserve, SchedulerConfig.admission_reserve),
     ("async_scheduling", AsyncScheduling, EngineConfig.async_scheduling),
 )
 

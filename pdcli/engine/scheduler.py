@@ -38,6 +38,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.num_block_copies = 0
+        # expected fraction of its remaining max_tokens a sequence still generates (EMA over finished ones)
+        self.reserve_ratio = config.admission_reserve
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -66,14 +68,19 @@ class Scheduler:
                 out.num_new_tokens.append(n)
                 budget -= n
                 i += 1
+        reserve = self._reserved_blocks() if self.waiting and self.reserve_ratio > 0 else 0
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             if seq.num_pending:
                 break  # preempted with a token in flight: admitted once that token has landed
             cached = bm.match_prefix(seq)
             n = min(len(seq) - len(cached) * bm.block_size, budget)
+            future = self._future_blocks(seq, len(cached)) if self.reserve_ratio > 0 else 0
+            if self.running and bm.num_free_blocks - future < reserve:
+                break  # the running sequences are expected to need these blocks
             if not bm.allocate(seq, n, cached):
                 break
+            reserve += future - (len(seq.block_table) - len(cached))
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -83,6 +90,18 @@ class Scheduler:
         out.block_copies, bm.pending_copies = bm.pending_copies, []
         self.num_block_copies += len(out.block_copies)
         return out
+
+    def _future_blocks(self, seq: Sequence, num_have: int) -> int:
+        """Blocks seq is expected to add to the num_have it holds: the rest of its prompt plus
+        reserve_ratio of its remaining output."""
+        p = seq.params
+        room = self.max_model_len - len(seq)
+        left = room if p.max_tokens is None else min(room, max(0, p.max_tokens - seq.num_output_tokens))
+        expected = len(seq) + int(self.reserve_ratio * left + 0.999)
+        return max(0, self.block_manager.num_blocks_for(expected) - num_have)
+
+    def _reserved_blocks(self) -> int:
+        return sum(self._future_blocks(s, len(s.block_table)) for s in self.running)
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free_seq(seq)
@@ -143,6 +162,10 @@ class Scheduler:
     def finish(self, seq: Sequence, reason: str) -> None:
         if seq.is_finished:
             return
+        p = seq.params
+        if reason in ("stop", "length") and p.max_tokens and self.reserve_ratio > 0:
+            used = min(1.0, (len(seq.token_ids) - seq.num_prompt_tokens) / p.max_tokens)
+            self.reserve_ratio = min(self.config.admission_reserve, 0.9 * self.reserve_ratio + 0.1 * used)
         seq.status = SequenceStatus.FINISHED
         seq.num_pending = 0  # a token still in flight is dropped when its step lands
         seq.finish_reason = reason
