@@ -26,11 +26,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def check_layout(layout: list[WorkerSpec]) -> None:
-    for p in (s for s in layout if s.role == "prefill" and s.device.startswith("cuda")):
-        for d in (s for s in layout if s.role == "decode" and s.device == p.device):
-            raise ValueError(f"prefill and decode workers share {p.device}: NCCL cannot pair two ranks on one GPU "
-                             f"and the CUDA IPC handoff is not built yet; put them on different GPUs or use cpu")
+def same_gpu(a: WorkerSpec, b: WorkerSpec) -> bool:
+    """Workers that hand KV over through CUDA IPC (NCCL cannot pair two ranks on one GPU)."""
+    return a.device.startswith("cuda") and a.device == b.device
 
 
 @dataclass
@@ -66,6 +64,7 @@ class Tracked:
     finish_time: float | None = None
     transfer_bytes: int = 0
     transfer_s: float = 0.0
+    ipc_copy_asked: bool = False  # the prefill worker was told to copy into the decode worker's blocks
     decision: dict = field(default_factory=dict)  # the route taken, by which policy, with predicted costs
     events: queue.Queue = field(default_factory=queue.Queue)  # (index, new token ids, finish reason | None)
     waker: object = None  # called (from the router thread) after each event, e.g. to wake an asyncio task
@@ -97,7 +96,6 @@ class CentralScheduler:
         self.stats_replies: queue.Queue = queue.Queue()
         self.accounting = {p: dict(requests=0, output_tokens=0, failed=0, transfer_bytes=0, transfer_s=0.0)
                            for p in ("collocated", "disaggregated")}
-        check_layout(layout)
         ctx = mp.get_context("spawn")
         init = f"tcp://127.0.0.1:{free_port()}"
         self.workers: list[WorkerHandle] = []
@@ -142,6 +140,11 @@ class CentralScheduler:
                 raise RuntimeError(f"worker {w.spec.role} on {w.spec.device} failed to start:\n{msg[-1]}")
             w.info = msg[1]
         self.max_model_len = min(w.info["max_model_len"] for w in self.workers)
+        for p in (w for w in self.workers if w.spec.role == "prefill"):
+            peers = {d.spec.rank: d.info["kv_ipc"] for d in self.workers
+                     if d.spec.role == "decode" and same_gpu(p.spec, d.spec)}
+            if peers:
+                p.conn.send(("peers", peers))
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop every worker; requests still running end with an error."""
@@ -265,7 +268,8 @@ class CentralScheduler:
                 return
             for rank in (t.first, t.second):
                 if rank is not None and self.workers[rank].alive:
-                    self._send(self.workers[rank], ("abort", rid))
+                    # blocks an IPC copy may still be writing are freed by the decode worker when it is done
+                    self._send(self.workers[rank], ("abort", rid, not t.ipc_copy_asked))
             self._fail(t, reason, finish="abort")
 
     def output(self, t: Tracked) -> RequestOutput:
@@ -348,12 +352,15 @@ class CentralScheduler:
             self._worker_died(w, msg[1].strip().splitlines()[-1])
             return
         with self.lock:
+            if kind == "sent" and msg[4] is not None and self.workers[msg[4]].alive:
+                # an IPC copy into the decode worker's blocks is done: it admits the sequence or frees them
+                self._send(self.workers[msg[4]], ("ipc_done", msg[1], msg[2], msg[3]))
             t = self.requests.get(msg[1])
             if t is None or t.done.is_set():
                 if kind == "prefilled":
                     self._send(w, ("drop", msg[1]))  # nobody will take this KV any more
                 elif kind == "reserved":
-                    self._send(w, ("abort", msg[1]))
+                    self._send(w, ("abort", msg[1], True))  # no copy was asked for
                 return
             if kind == "tokens":
                 _, rid, index, ids, reason = msg
@@ -378,9 +385,14 @@ class CentralScheduler:
                     self._send(w, ("drop", t.rid))
                     self._fail(t, f"decode worker rank {d.spec.rank} is not alive")
                     return
-                self._send(d, ("reserve", t.rid, t.prompt_ids, msg[2], t.params, t.seed, t.first, t.tag))
+                ipc = same_gpu(self.workers[t.first].spec, d.spec)
+                self._send(d, ("reserve", t.rid, t.prompt_ids, msg[2], t.params, t.seed, t.first, t.tag, ipc))
             elif kind == "reserved":
-                self._send(self.workers[t.first], ("send", t.rid, t.second, t.tag))
+                if len(msg) > 2:  # blocks on the same GPU: the prefill worker copies into them
+                    t.ipc_copy_asked = True
+                    self._send(self.workers[t.first], ("send_ipc", t.rid, t.second, msg[2]))
+                else:
+                    self._send(self.workers[t.first], ("send", t.rid, t.second, t.tag))
             elif kind == "sent":
                 pass  # the prefill worker freed its blocks
             elif kind == "received":
@@ -424,7 +436,7 @@ class CentralScheduler:
                 if rank == t.second and t.stage == "handoff" and self.workers[t.first].alive:
                     self._send(self.workers[t.first], ("drop", t.rid))  # free the prefilled KV
                 if rank == t.first and t.stage in ("handoff",) and t.second is not None and self.workers[t.second].alive:
-                    self._send(self.workers[t.second], ("abort", t.rid))
+                    self._send(self.workers[t.second], ("abort", t.rid, True))  # a dead sender writes no more
                 if rank == t.first and t.stage == "decode":
                     continue  # the prefill worker is done with it
                 self._fail(t, f"{w.spec.role} worker rank {rank} on {w.spec.device} died ({why})")

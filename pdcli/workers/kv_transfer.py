@@ -1,5 +1,7 @@
 """KV data plane between workers: a sequence's blocks, all layers, as one tensor over torch.distributed
-point-to-point (gloo on CPU, NCCL between GPUs). Control messages never carry KV."""
+point-to-point (gloo on CPU, NCCL between GPUs), or, between two workers on one GPU (which NCCL cannot
+pair), one device copy straight into the decode worker's pool mapped through CUDA IPC. Control
+messages never carry KV."""
 from __future__ import annotations
 
 import torch
@@ -22,11 +24,12 @@ def transfer_shape(kv_cache: torch.Tensor, num_blocks: int) -> tuple[int, ...]:
 
 
 class PendingTransfer:
-    """An in-flight isend / irecv of one request's KV; completion is learnt through work.wait() (gloo's
-    is_completed() stays false until then), on the worker's wait thread."""
+    """An in-flight isend / irecv / IPC copy of one request's KV; completion is learnt through
+    work.wait() (gloo's is_completed() stays false until then), on the worker's wait thread."""
 
-    def __init__(self, request_id: str, work, buf: torch.Tensor, blocks: list[int]):
+    def __init__(self, request_id: str, work, buf: torch.Tensor, blocks: list[int], peer: int | None = None):
         self.request_id, self.work, self.buf, self.blocks = request_id, work, buf, blocks
+        self.peer = peer  # the decode worker's rank, for an IPC copy
 
     @property
     def nbytes(self) -> int:
@@ -41,3 +44,37 @@ def send_kv(kv_cache: torch.Tensor, blocks: list[int], dst: int, tag: int, reque
 def recv_kv(kv_cache: torch.Tensor, blocks: list[int], src: int, tag: int, request_id: str) -> PendingTransfer:
     buf = torch.empty(transfer_shape(kv_cache, len(blocks)), dtype=kv_cache.dtype, device=kv_cache.device)
     return PendingTransfer(request_id, dist.irecv(buf, src, tag=tag), buf, blocks)
+
+
+class EventWork:
+    """A recorded CUDA event behind the `wait()` of a dist Work."""
+
+    def __init__(self):
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def wait(self) -> None:
+        self.event.synchronize()
+
+
+def export_pool(kv_cache: torch.Tensor) -> tuple:
+    """A picklable CUDA IPC handle of a KV pool (torch's own tensor reduction), for a worker on the same GPU."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    return reduce_tensor(kv_cache)[1]
+
+
+def import_pool(handle: tuple) -> torch.Tensor:
+    """The pool of another process on this GPU, mapped into this one."""
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    return rebuild_cuda_tensor(*handle)
+
+
+def copy_kv_ipc(kv_cache: torch.Tensor, blocks: list[int], peer_pool: torch.Tensor, peer_blocks: list[int],
+                peer: int, request_id: str) -> PendingTransfer:
+    """Copy a sequence's blocks (all layers) into another process's pool on this GPU: one gather, one
+    scatter, on this worker's stream; done when the recorded event is."""
+    buf = gather_blocks(kv_cache, blocks)
+    peer_pool.index_copy_(2, torch.tensor(peer_blocks, device=kv_cache.device), buf)
+    return PendingTransfer(request_id, EventWork(), buf, blocks, peer=peer)

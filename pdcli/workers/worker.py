@@ -22,7 +22,7 @@ from collections import deque
 import torch
 import torch.distributed as dist
 
-from pdcli.workers.kv_transfer import recv_kv, scatter_blocks, send_kv
+from pdcli.workers.kv_transfer import copy_kv_ipc, export_pool, import_pool, recv_kv, scatter_blocks, send_kv
 from pdcli.workers.layout import WorkerSpec
 
 
@@ -64,6 +64,10 @@ class Worker:
         self.recvs: list = []  # PendingTransfer, decode role
         self.waiting_reserve: deque = deque()  # reserve messages waiting for free blocks
         self.started: dict[str, float] = {}
+        self.peer_handles: dict[int, tuple] = {}  # decode rank -> IPC handle of its pool (same GPU)
+        self.peer_pools: dict[int, torch.Tensor] = {}
+        self.ipc_reserved: set[str] = set()  # decode role: blocks reserved for an IPC copy not yet done
+        self.ipc_aborted: set[str] = set()  # ... of which aborted: released when the copy is done
         # gloo's p2p work reports completion only through wait(): a thread waits, in issue order
         self.to_wait: queue.Queue = queue.Queue()
         self.completed: queue.Queue = queue.Queue()
@@ -74,7 +78,7 @@ class Worker:
             t = self.to_wait.get()
             try:
                 t.work.wait()
-                if t.buf.is_cuda:
+                if t.buf.is_cuda and t.peer is None:
                     torch.cuda.current_stream(t.buf.device).synchronize()
                 self.completed.put((t, None, time.perf_counter()))
             except Exception as err:  # a dead peer
@@ -82,9 +86,10 @@ class Worker:
 
     def run(self) -> None:
         e = self.engine
+        ipc = export_pool(e.runner.kv_cache) if self.spec.role == "decode" and e.runner.kv_cache.is_cuda else None
         self.conn.send(("ready", dict(rank=self.spec.rank, role=self.spec.role, device=self.spec.device,
                                       num_blocks=e.runner.num_blocks, kernel_path=e.runner.kernel_path,
-                                      max_model_len=e.max_model_len)))
+                                      max_model_len=e.max_model_len, kv_ipc=ipc)))
         while True:
             busy = e.has_unfinished_requests() or self.sends or self.recvs or self.waiting_reserve
             while self.conn.poll(0 if busy else 0.02):
@@ -115,12 +120,39 @@ class Worker:
                 t = send_kv(e.runner.kv_cache, seq.block_table, dst, tag, rid)
                 self.sends.append(t)
                 self.to_wait.put(t)
+        elif kind == "send_ipc":
+            _, rid, dst, blocks = msg
+            seq = e.handoff.get(rid)
+            if seq is None:
+                self.conn.send(("error", rid, "no prefilled KV to send"))
+            else:
+                if dst not in self.peer_pools:
+                    self.peer_pools[dst] = import_pool(self.peer_handles[dst])
+                self.started[rid] = time.perf_counter()
+                t = copy_kv_ipc(e.runner.kv_cache, seq.block_table, self.peer_pools[dst], blocks, dst, rid)
+                self.sends.append(t)
+                self.to_wait.put(t)
+        elif kind == "ipc_done":  # the prefill worker's copy into our reserved blocks has finished
+            _, rid, nbytes, seconds = msg
+            self.ipc_reserved.discard(rid)
+            if rid in self.ipc_aborted:
+                self.ipc_aborted.discard(rid)
+                e.release(rid)
+            elif rid in e.handoff:
+                e.admit(rid)
+                self.conn.send(("received", rid, nbytes, seconds))
+        elif kind == "peers":
+            self.peer_handles.update(msg[1])
         elif kind == "drop":
             e.release(msg[1])
         elif kind == "abort":
-            rid = msg[1]
+            rid, release_now = msg[1], len(msg) < 3 or msg[2]
             e.abort_request(rid)
-            e.release(rid)
+            if rid in self.ipc_reserved and not release_now:
+                self.ipc_aborted.add(rid)  # a copy into these blocks may be running: free them once it is done
+            else:
+                self.ipc_reserved.discard(rid)
+                e.release(rid)
             self.waiting_reserve = deque(m for m in self.waiting_reserve if m[1] != rid)
             self.recvs = [t for t in self.recvs if t.request_id != rid]  # a dead sender's KV never comes
         elif kind == "stats":
@@ -142,11 +174,15 @@ class Worker:
     def try_reserve(self) -> None:
         e = self.engine
         while self.waiting_reserve:
-            _, rid, prompt, first, params, seed, src, tag = self.waiting_reserve[0]
+            _, rid, prompt, first, params, seed, src, tag, ipc = self.waiting_reserve[0]
             blocks = e.reserve(rid, prompt, first, params, seed)
             if blocks is None:
                 return  # FCFS: wait for blocks to free up
             self.waiting_reserve.popleft()
+            if ipc:  # the prefill worker on this GPU copies straight into these blocks
+                self.ipc_reserved.add(rid)
+                self.conn.send(("reserved", rid, list(blocks)))
+                continue
             self.started[rid] = time.perf_counter()
             t = recv_kv(e.runner.kv_cache, blocks, src, tag, rid)
             self.recvs.append(t)
@@ -165,7 +201,7 @@ class Worker:
                 self.sends.remove(t)
                 e.release(t.request_id)
                 self.conn.send(("error", t.request_id, f"KV send failed: {err}") if err else
-                               ("sent", t.request_id, t.nbytes, seconds))
+                               ("sent", t.request_id, t.nbytes, seconds, t.peer))
             elif t in self.recvs:
                 self.recvs.remove(t)
                 if err:
