@@ -151,21 +151,24 @@ class CentralScheduler:
         if self._closed:
             return
         self._closed = True
-        for w in self.workers:
-            if self._senders_started:
-                w.outbox.put(("shutdown",))
-                w.outbox.put(None)  # ends the sender thread
-            else:  # failed during startup
-                try:
-                    w.conn.send(("shutdown",))
-                except (BrokenPipeError, OSError):
-                    pass
         deadline = time.monotonic() + timeout
-        for w in self.workers:
-            w.proc.join(max(0.0, deadline - time.monotonic()))
-            if w.proc.is_alive():
-                w.proc.kill()
-                w.proc.join(5)
+        # prefill workers first: they map decode workers' pools (CUDA IPC), which must outlive the mapping
+        for phase in (("prefill",), ("collocated", "decode")):
+            group = [w for w in self.workers if w.spec.role in phase]
+            for w in group:
+                if self._senders_started:
+                    w.outbox.put(("shutdown",))
+                    w.outbox.put(None)  # ends the sender thread
+                else:  # failed during startup
+                    try:
+                        w.conn.send(("shutdown",))
+                    except (BrokenPipeError, OSError):
+                        pass
+            for w in group:
+                w.proc.join(max(0.0, deadline - time.monotonic()))
+                if w.proc.is_alive():
+                    w.proc.kill()
+                    w.proc.join(5)
         with self.lock:
             for t in list(self.requests.values()):
                 if not t.done.is_set():
