@@ -102,9 +102,43 @@ def test_bench_runs_and_plot_makes_pngs(tmp_path):
 
 @pytest.mark.parametrize("args, needle", [(["--arrival-rate", "-1"], "arrival-rate"),
                                           (["--goodput", "latency:5"], "goodput"),
-                                          (["--mode", "fastest"], "unknown mode")])
+                                          (["--mode", "fastest"], "unknown mode"),
+                                          (["--max-concurrency", "0"], "max-concurrency")])
 def test_bench_bad_input(args, needle):
     r = CliRunner().invoke(app, ["bench", "--model", "dummy:tiny-llama", *args])
     assert r.exit_code == 2
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and needle in lines[0]
+
+
+def test_max_concurrency_caps_requests_in_flight():
+    import threading
+    import time
+
+    from pdcli.bench.runner import run_load
+    from pdcli.bench.workloads import BenchRequest
+    from pdcli.coordinator.central import Tracked
+
+    class FakeCoordinator:
+        def __init__(self):
+            self.open, self.peak, self.lock = 0, 0, threading.Lock()
+
+        def submit(self, prompt_ids, params, mode):
+            t = Tracked(f"r{id(prompt_ids)}", 0, prompt_ids, params, 0, mode, time.perf_counter())
+            with self.lock:
+                self.open += 1
+                self.peak = max(self.peak, self.open)
+
+            def finish():
+                with self.lock:
+                    self.open -= 1
+                t.tokens[0], t.finish_time = [1], time.perf_counter()
+                t.done.set()
+            threading.Timer(0.02, finish).start()
+            return t
+
+    cs = FakeCoordinator()
+    reqs = [BenchRequest([1, 2, 3], 1) for _ in range(24)]
+    records = run_load(cs, reqs, [0.0] * 24, "collocated", drain_timeout=10, max_concurrency=4)
+    assert cs.peak == 4 and len(records) == 24 and all(r.error is None for r in records)
+    assert records[-1].arrival > records[0].arrival  # waiting for a slot is not counted as latency

@@ -9,8 +9,16 @@ from pdcli.bench.metrics import RequestRecord
 from pdcli.bench.workloads import BenchRequest
 
 
-async def _one(client, url: str, model: str, req: BenchRequest, at: float, start: float, headers: dict) -> RequestRecord:
+async def _one(client, url: str, model: str, req: BenchRequest, at: float, start: float, headers: dict,
+               slots: asyncio.Semaphore | None) -> RequestRecord:
     await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+    if slots is None:
+        return await _send(client, url, model, req, at, start, headers)
+    async with slots:  # vLLM's --max-concurrency: timed from when a slot frees
+        return await _send(client, url, model, req, time.perf_counter() - start, start, headers)
+
+
+async def _send(client, url: str, model: str, req: BenchRequest, at: float, start: float, headers: dict) -> RequestRecord:
     rec = RequestRecord(arrival=at, input_len=len(req.prompt_ids))
     body = {"model": model, "prompt": req.prompt_ids, "max_tokens": req.output_len, "temperature": 0,
             "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
@@ -40,14 +48,16 @@ async def _one(client, url: str, model: str, req: BenchRequest, at: float, start
     return rec
 
 
-async def _run(url, model, requests, arrivals, api_key, timeout):
+async def _run(url, model, requests, arrivals, api_key, timeout, max_concurrency):
     import httpx
 
+    slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=max(10, len(requests)), max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
         start = time.perf_counter()
-        return await asyncio.gather(*(_one(client, url, model, r, a, start, headers) for r, a in zip(requests, arrivals)))
+        return await asyncio.gather(*(_one(client, url, model, r, a, start, headers, slots)
+                                      for r, a in zip(requests, arrivals)))
 
 
 def served_model(url: str, api_key: str | None) -> str:
@@ -60,9 +70,10 @@ def served_model(url: str, api_key: str | None) -> str:
 
 
 def run_endpoint(url: str, requests: list[BenchRequest], arrivals, api_key: str | None = None,
-                 model: str | None = None, timeout: float = 600.0) -> list[RequestRecord]:
+                 model: str | None = None, timeout: float = 600.0,
+                 max_concurrency: int | None = None) -> list[RequestRecord]:
     url = url.rstrip("/")
     if url.endswith("/v1"):
         url = url[:-3]
     model = model or served_model(url, api_key)
-    return list(asyncio.run(_run(url, model, requests, arrivals, api_key, timeout)))
+    return list(asyncio.run(_run(url, model, requests, arrivals, api_key, timeout, max_concurrency)))

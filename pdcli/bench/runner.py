@@ -30,15 +30,26 @@ def layout_for(mode: str, devices: list[str]) -> list[WorkerSpec]:
 
 
 def run_load(cs, requests: list[BenchRequest], arrivals, mode: str, drain_timeout: float, progress=None,
-             task=None) -> list[RequestRecord]:
+             task=None, max_concurrency: int | None = None) -> list[RequestRecord]:
+    """max_concurrency (vLLM's flag): at most that many requests in flight; a request that waits for a
+    slot is timed from when it gets one."""
     start = time.perf_counter()
-    tracked = []
+    tracked, open_ = [], []
     for req, at in zip(requests, arrivals):
         delay = start + at - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
+        arrival = start + at
+        if max_concurrency:
+            while len(open_) >= max_concurrency:
+                open_ = [t for t in open_ if not t.done.is_set()]
+                if len(open_) >= max_concurrency:
+                    time.sleep(0.0005)
+            arrival = max(arrival, time.perf_counter())
         p = SamplingParams(temperature=0, max_tokens=req.output_len, ignore_eos=True)
-        tracked.append((start + at, req, cs.submit(req.prompt_ids, p, mode)))
+        t = cs.submit(req.prompt_ids, p, mode)
+        tracked.append((arrival, req, t))
+        open_.append(t)
         if progress:
             done = sum(t.done.is_set() for _, _, t in tracked)
             progress.update(task, completed=done, description=f"{mode}: sent {len(tracked)}/{len(requests)}")

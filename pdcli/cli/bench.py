@@ -64,6 +64,7 @@ def bench(
     drain_timeout: Annotated[float, typer.Option(help="Seconds to wait for the last requests.")] = 600.0,
     endpoint: Annotated[Optional[str], typer.Option(help="Load an OpenAI-compatible server instead (pdcli serve, vLLM, SGLang).")] = None,
     api_key: Annotated[Optional[str], typer.Option(help="Bearer key for --endpoint.")] = None,
+    max_concurrency: Annotated[Optional[int], typer.Option(help="At most this many requests in flight (vLLM's flag).")] = None,
     engine: dict = None,
 ) -> None:
     """Open-loop benchmark of each mode on the same devices and arrival trace -> results/*.json."""
@@ -86,6 +87,8 @@ def bench(
         rates = _rates(arrival_rate)
         slos = _goodput(goodput, slo_ttft_ms, slo_tpot_ms)
         modes = list(MODES) if mode == "all" else [mode]
+        if max_concurrency is not None and max_concurrency < 1:
+            raise ValueError(f"--max-concurrency must be >= 1, got {max_concurrency}")
         if any(m not in MODES for m in modes):
             raise ValueError(f"unknown mode {mode!r}: {', '.join(MODES)} or all")
         if duration is not None and any(math.isinf(r) for r in rates):
@@ -109,11 +112,12 @@ def bench(
                                  random_range_ratio)
             try:
                 records = run_endpoint(endpoint, reqs, arrival_times(n, rate, burstiness, seed), api_key,
-                                       timeout=drain_timeout)
+                                       timeout=drain_timeout, max_concurrency=max_concurrency)
             except Exception as e:
                 fail(f"cannot reach {endpoint}: {e}", EXIT_RUNTIME)
             stats = summarize(warmup_filter(records, warmup), slos)
-            row = dict(mode="endpoint", request_rate=rate_label(rate), burstiness=burstiness, workload=workload, **stats)
+            row = dict(mode="endpoint", request_rate=rate_label(rate), burstiness=burstiness, workload=workload,
+                       max_concurrency=max_concurrency, **stats)
             rows.append(row)
             name = f"{stamp}_endpoint_{workload}_rate{rate_label(rate)}.json"
             with open(os.path.join(result_dir, name), "w") as f:
@@ -137,9 +141,10 @@ def bench(
                                          random_output_len, random_range_ratio)
                     arrivals = arrival_times(n, rate, burstiness, seed)
                     task = progress.add_task(m, total=n)
-                    records = run_load(cs, reqs, arrivals, m, drain_timeout, progress, task)
+                    records = run_load(cs, reqs, arrivals, m, drain_timeout, progress, task, max_concurrency)
                     stats = summarize(warmup_filter(records, warmup), slos)
-                    row = dict(mode=m, request_rate=rate_label(rate), burstiness=burstiness, workload=workload, **stats)
+                    row = dict(mode=m, request_rate=rate_label(rate), burstiness=burstiness, workload=workload,
+                               max_concurrency=max_concurrency, **stats)
                     rows.append(row)
                     result = dict(row, model=model, seed=seed, num_warmup_excluded=len(records) - stats["num_prompts"],
                                   layout=[dict(rank=s.rank, role=s.role, device=s.device) for s in layout],
