@@ -385,12 +385,14 @@ void launch(const Params& p, int batch, int max_query_len, cudaStream_t stream) 
 //   "128x32"   (default) 32-key tiles, 4 warps x 32 rows: no spills; fastest on H100 (329 TFLOP/s at 8k)
 //   "128x64"   128 query rows x 64-key tiles, 4 warps x 32 rows: FA2's shape, 255 registers, spills a little
 //   "128x64w8" 8 warps x 16 rows: 128 registers, more shared-memory traffic per flop
+//   "64x32"    64 query rows, 4 warps x 16 rows: twice the CTAs, for short prompts (not yet measured)
 int d128_tile() {
   static const int tile = [] {
     const char* env = std::getenv("PDCLI_PREFILL_TILE");
     const std::string v = env ? env : "";
     if (v == "128x64") return 0;
     if (v == "128x64w8") return 2;
+    if (v == "64x32") return 3;
     return 1;
   }();
   return tile;
@@ -405,6 +407,7 @@ void dispatch_head_dim(const Params& p, int head_dim, int batch, int max_query_l
   switch (d128_tile()) {
     case 1: launch<T, Traits<128, 128, 32, 4>>(p, batch, max_query_len, stream); break;
     case 2: launch<T, Traits<128, 128, 64, 8>>(p, batch, max_query_len, stream); break;
+    case 3: launch<T, Traits<128, 64, 32, 4>>(p, batch, max_query_len, stream); break;
     default: launch<T, Traits<128, 128, 64, 4>>(p, batch, max_query_len, stream); break;
   }
 }
