@@ -16,3 +16,8 @@ def disable_kernel() -> bool:
 
 def cache_dir() -> str:
     return os.environ.get("PDCLI_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "pdcli"))
+
+
+def gemv() -> bool:
+    """The skinny-matmul kernel for linears with 1-4 rows (off until measured faster than cuBLAS)."""
+    return _bool("PDCLI_GEMV")

@@ -23,6 +23,8 @@ void launch_rms_norm(void* out, void* residual, void* x, const void* weight, int
                      int64_t out_stride, int64_t res_stride, float eps, bool bf16, cudaStream_t stream);
 void launch_silu_and_mul(void* out, const void* x, int64_t rows, int d, int64_t x_stride, int64_t out_stride, bool bf16,
                          cudaStream_t stream);
+void launch_gemv(void* y, const void* x, const void* w, const void* bias, int m, int n, int k, int64_t x_stride,
+                 int64_t y_stride, bool bf16, cudaStream_t stream);
 void launch_qkv_rope_store(void* q_out, void* k_cache, void* v_cache, const void* qkv, const int64_t* positions,
                            const int64_t* slot_mapping, const float* cos, const float* sin, const void* q_norm,
                            const void* k_norm, float eps, int64_t num_tokens, int num_heads, int num_kv_heads,
@@ -159,6 +161,26 @@ void qkv_rope_store(torch::Tensor q_out, torch::Tensor qkv, torch::Tensor positi
                         q_out.scalar_type() == torch::kBFloat16, at::cuda::getCurrentCUDAStream());
 }
 
+// y [m, n] = x [m, k] @ w [n, k]^T (+ bias [n]) for 1 <= m <= 4 rows (decode of a few sequences).
+void gemv(torch::Tensor y, torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  const char* op = "gemv";
+  check_rows(x, x, "x", op);
+  check_rows(w, x, "w", op);
+  TORCH_CHECK(w.is_contiguous(), op, ": w must be contiguous [n, k]");
+  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
+  TORCH_CHECK(m >= 1 && m <= 4, op, ": x must have 1 to 4 rows, got ", num(m));
+  TORCH_CHECK(w.size(1) == k, op, ": x has ", num(k), " columns but w has ", num(w.size(1)));
+  TORCH_CHECK(k <= INT32_MAX && n <= INT32_MAX, op, ": matrix too large");
+  TORCH_CHECK(y.device() == x.device() && y.scalar_type() == x.scalar_type() && y.is_contiguous() && y.dim() == 2 &&
+                  y.size(0) == m && y.size(1) == n, op, ": y must be contiguous [m, n] of x's dtype");
+  if (bias)
+    TORCH_CHECK(bias->device() == x.device() && bias->scalar_type() == x.scalar_type() && bias->dim() == 1 &&
+                    bias->is_contiguous() && bias->size(0) == n, op, ": bias must be a contiguous [n] of x's dtype");
+  const c10::cuda::CUDAGuard guard(x.device());
+  launch_gemv(y.data_ptr(), x.data_ptr(), w.data_ptr(), bias ? bias->data_ptr() : nullptr, int(m), int(n), int(k),
+              x.stride(0), y.stride(0), x.scalar_type() == torch::kBFloat16, at::cuda::getCurrentCUDAStream());
+}
+
 // k, v [T, Hk, D] (each token's [Hk, D] contiguous); caches [num_blocks, block_size, Hk, D]; slot_mapping [T] int64
 // (< 0: skip the token).
 void store_kvcache(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache,
@@ -251,5 +273,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm");
   m.def("fused_add_rms_norm", &fused_add_rms_norm, "residual add + RMSNorm, in place");
   m.def("silu_and_mul", &silu_and_mul, "SiLU(gate) * up");
+  m.def("gemv", &gemv, "x @ w.T (+ bias) for 1 to 4 rows of x");
   m.def("qkv_rope_store", &qkv_rope_store, "q/k norm + rotary + KV cache store, from the packed qkv");
 }

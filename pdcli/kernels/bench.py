@@ -115,6 +115,38 @@ def bench_store(mod, num_tokens, hk=8, d=128, dtype=torch.bfloat16):
     return dict(num_tokens=num_tokens, us=us, gb_s=nbytes / us / 1e3, correct=correct)
 
 
+GEMV_SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
+               "lm_head": (128256, 4096)}  # llama3-8b: (n, k) of each linear
+
+
+def bench_gemv(mod, m, name, dtype=torch.bfloat16, copy_bw=None):
+    """Skinny matmul (m rows) against F.linear (cuBLAS), both replayed from CUDA graphs as in decode."""
+    n, k = GEMV_SHAPES[name]
+    gen = torch.Generator(device="cuda").manual_seed(n + k + m)
+    x = torch.randn(m, k, generator=gen, device="cuda", dtype=dtype)
+    w = (torch.randn(n, k, generator=gen, device="cuda") * k ** -0.5).to(dtype)
+    y = torch.empty(m, n, device="cuda", dtype=dtype)
+    mod.gemv(y, x, w, None)
+    ref32 = x.float() @ w.float().T
+    row = dict(m=m, linear=name, n=n, k=k, rel_err=rel_err(y, ref32), torch_rel_err=rel_err(F.linear(x, w), ref32))
+    row["correct"] = bool(row["rel_err"] <= 2 * row["torch_rel_err"] + 1e-6)
+    nbytes = w.numel() * w.element_size()
+    ws = [w] + [w.clone() for _ in range(-(-256 * 2**20 // nbytes) - 1)]  # cycle > 256 MB: no L2 reuse
+    timings = {}
+    for label, fn in (("us", lambda wi: mod.gemv(y, x, wi, None)), ("cublas_us", lambda wi: F.linear(x, wi))):
+        fn(w)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(10):
+                fn(ws[i % len(ws)])
+        timings[label] = time_us(graph.replay) / 10
+    row.update(timings)
+    row["gb_s"], row["cublas_gb_s"] = nbytes / row["us"] / 1e3, nbytes / row["cublas_us"] / 1e3
+    if copy_bw:
+        row["frac_copy_bw"] = nbytes / (row["us"] * 1e-6) / copy_bw
+    return row
+
+
 def bench_prefill(mod, seq_len, hq=32, hk=8, d=128, block_size=16, dtype=torch.bfloat16):
     gen = torch.Generator(device="cuda").manual_seed(seq_len)
     kc, vc, tables, k, v = make_paged(1, seq_len, hk, d, block_size, dtype, gen)
@@ -143,6 +175,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="results")
     ap.add_argument("--prefill-only", action="store_true", help="time the prefill kernel alone (no JSON)")
+    ap.add_argument("--gemv-only", action="store_true", help="time the skinny matmul alone (no JSON)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: the kernel benchmark needs a CUDA GPU", file=sys.stderr)
@@ -153,6 +186,11 @@ def main(argv=None) -> int:
             print(f"prefill {r['seq_len']:>5}: ours {r['tflops']:6.1f} TFLOP/s  sdpa "
                   f"{r['sdpa_tflops']:6.1f} TFLOP/s correct={r['correct']}")
         return 0
+    if args.gemv_only:
+        for r in [bench_gemv(mod, m, name) for m in (1, 4) for name in GEMV_SHAPES]:
+            print(f"gemv m={r['m']} {r['linear']:>8}: ours {r['us']:7.1f} us {r['gb_s']:6.0f} GB/s  cublas "
+                  f"{r['cublas_us']:7.1f} us {r['cublas_gb_s']:6.0f} GB/s correct={r['correct']}")
+        return 0
     copy_bw, mm = copy_bandwidth(), matmul_rate()
     print(f"{torch.cuda.get_device_name()}: copy {copy_bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s")
     decode = [bench_decode(mod, b, c, copy_bw=copy_bw) for b, c in
@@ -160,6 +198,7 @@ def main(argv=None) -> int:
     decode.append(bench_decode(mod, 64, 4096, dtype=torch.float16, copy_bw=copy_bw))
     store = [bench_store(mod, n) for n in (64, 512, 4096, 16384)]
     prefill = [bench_prefill(mod, n) for n in (2048, 8192)]
+    gemv = [bench_gemv(mod, m, name, copy_bw=copy_bw) for m in (1, 4) for name in GEMV_SHAPES]
     for r in decode:
         print(f"decode B={r['batch']:>3} ctx={r['ctx']:>5} {r['dtype']:>14}: {r['us']:8.1f} us  {r['gb_s']:7.0f} GB/s "
               f"({r.get('frac_copy_bw', 0):.0%} of copy)  sdpa {r['sdpa_contiguous_us']:8.1f} us  correct={r['correct']}")
@@ -168,6 +207,9 @@ def main(argv=None) -> int:
     for r in prefill:
         print(f"prefill {r['seq_len']:>5}: ours {r['tflops']:6.1f} TFLOP/s  sdpa {r['sdpa_tflops']:6.1f} "
               f"TFLOP/s correct={r['correct']}")
+    for r in gemv:
+        print(f"gemv m={r['m']} {r['linear']:>8}: ours {r['us']:7.1f} us {r['gb_s']:6.0f} GB/s  cublas "
+              f"{r['cublas_us']:7.1f} us {r['cublas_gb_s']:6.0f} GB/s correct={r['correct']}")
     d64 = next(r for r in decode if r["batch"] == 64 and r["ctx"] == 4096)
     d1 = next(r for r in decode if r["batch"] == 1 and r["ctx"] == 32768)
     p8 = next(r for r in prefill if r["seq_len"] == 8192)
@@ -175,7 +217,7 @@ def main(argv=None) -> int:
         summary=dict(device=torch.cuda.get_device_name(), kernel_path="cuda",
                      decode_attn_b64_ctx4k_us=d64["us"], decode_attn_b64_ctx4k_sdpa_us=d64["sdpa_contiguous_us"],
                      decode_attn_b1_ctx32k_bw_frac=d1["frac_copy_bw"], prefill_attn_8k_tflops=p8["tflops"]),
-        copy_bw_bytes_s=copy_bw, matmul_bf16_flop_s=mm, decode=decode, store=store, prefill=prefill,
+        copy_bw_bytes_s=copy_bw, matmul_bf16_flop_s=mm, decode=decode, store=store, prefill=prefill, gemv=gemv,
         provenance=dict(pdcli=__version__, torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
                         command=" ".join(["python -m pdcli.kernels.bench", *(argv or sys.argv[1:])]),
                         date=time.strftime("%Y-%m-%dT%H:%M:%S"), source_hash=build.source_hash()[:16]))
@@ -184,7 +226,7 @@ def main(argv=None) -> int:
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {path}")
-    return 0 if all(r["correct"] for r in decode + store) and all(r["correct"] for r in prefill) else 1
+    return 0 if all(r["correct"] for r in decode + store + prefill + gemv) else 1
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 
+from pdcli import envs
 from pdcli.kernels import build, reference
 from pdcli.models.context import Context
 
@@ -31,6 +33,17 @@ def _elementwise_module(x: torch.Tensor):
     if x.device.type != "cuda" or x.dtype not in _HALF or x.shape[-1] % 8:
         return None
     return build.get()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [m, k] @ weight [n, k]^T (+ bias): the gemv kernel for 1-4 rows when PDCLI_GEMV=1, else torch."""
+    if x.dim() == 2 and 1 <= x.shape[0] <= 4 and envs.gemv() and weight.is_contiguous():
+        mod = _elementwise_module(x)
+        if mod is not None and x.stride(-1) == 1:
+            y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+            mod.gemv(y, x, weight, bias)
+            return y
+    return F.linear(x, weight, bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -10,7 +10,7 @@ from torch import nn
 from pdcli.kernels import ops
 from pdcli.models.arch import ModelArch
 from pdcli.models.context import get_context
-from pdcli.models.layers import Embedding, PackedLinear, RMSNorm, SiluAndMul
+from pdcli.models.layers import Embedding, Linear, PackedLinear, RMSNorm, SiluAndMul
 from pdcli.models.rotary import RotaryEmbedding
 
 
@@ -22,7 +22,7 @@ class Attention(nn.Module):
         self.scale = d ** -0.5
         self.qkv_proj = PackedLinear(arch.hidden_size, {"q": self.num_heads * d, "k": self.num_kv_heads * d,
                                                         "v": self.num_kv_heads * d}, bias=arch.attention_bias)
-        self.o_proj = nn.Linear(self.num_heads * d, arch.hidden_size, bias=False)
+        self.o_proj = Linear(self.num_heads * d, arch.hidden_size, bias=False)
         if arch.qk_norm:
             self.q_norm = RMSNorm(d, arch.rms_norm_eps)
             self.k_norm = RMSNorm(d, arch.rms_norm_eps)
@@ -46,7 +46,7 @@ class MLP(nn.Module):
         super().__init__()
         i = arch.intermediate_size
         self.gate_up_proj = PackedLinear(arch.hidden_size, {"gate": i, "up": i}, bias=False)
-        self.down_proj = nn.Linear(i, arch.hidden_size, bias=False)
+        self.down_proj = Linear(i, arch.hidden_size, bias=False)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,7 +98,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.arch = arch
         self.model = Model(arch, max_model_len)
-        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        self.lm_head = Linear(arch.hidden_size, arch.vocab_size, bias=False)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -29,7 +29,12 @@ class Embedding(nn.Module):
         return F.embedding(ids, self.weight)
 
 
-class PackedLinear(nn.Linear):
+class Linear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias)
+
+
+class PackedLinear(Linear):
     """Several HF projections stacked along the output dim (q|k|v, gate|up): one matmul."""
 
     def __init__(self, in_features: int, shard_sizes: dict[str, int], bias: bool):
