@@ -168,11 +168,44 @@ def offline(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) ->
                 output_tok_s=n_out / dt, preemptions=llm.engine.scheduler.num_preemptions, timing=timing)
 
 
+def run_offline(which: str, quick: bool, log) -> dict:
+    """offline: dummy:qwen3-8b, 512 prompts of 1024 tokens -> 1024 each; nanovllm: nano-vllm's protocol
+    (dummy:qwen3-0.6b, 256 prompts, input and output lengths uniform in [100, 1024], seed 0)."""
+    if which == "offline":
+        llm = LLM("dummy:qwen3-8b", device="cuda", max_model_len=2048 + 16, max_num_seqs=256)
+        n = 64 if quick else 512
+        rng = random.Random(0)
+        prompts = [[rng.randrange(1000, 100000) for _ in range(1024)] for _ in range(n)]
+        res = offline(llm, prompts, SamplingParams(temperature=0, max_tokens=1024, ignore_eos=True))
+        log(f"offline qwen3-8b {n}x1024->1024: {res['output_tok_s']:.0f} out tok/s ({res['seconds']:.1f} s) "
+            f"{res['timing']}")
+    else:
+        llm = LLM("dummy:qwen3-0.6b", device="cuda", max_model_len=4096, max_num_seqs=256)
+        random.seed(0)
+        n = 64 if quick else 256
+        lens_in = [random.randint(100, 1024) for _ in range(n)]
+        lens_out = [random.randint(100, 1024) for _ in range(n)]
+        prompts = [[random.randint(0, 10000) for _ in range(li)] for li in lens_in]
+        res = offline(llm, prompts, [SamplingParams(temperature=0.6, max_tokens=lo, ignore_eos=True) for lo in lens_out])
+        log(f"offline nano-vllm protocol qwen3-0.6b: {res['output_tok_s']:.0f} out tok/s ({res['seconds']:.1f} s)")
+    del llm
+    free_gpu()
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="results")
     ap.add_argument("--quick", action="store_true", help="smaller offline runs (for a smoke test)")
+    ap.add_argument("--only", default=None, help="comma list of parts to run and print, no JSON: "
+                                                  "hf, decode, breakdown, ttft, offline, nanovllm")
     args = ap.parse_args(argv)
+    known = {"hf", "decode", "breakdown", "ttft", "offline", "nanovllm"}
+    parts = set(args.only.split(",")) if args.only else known
+    if parts - known:
+        print(f"error: unknown --only part(s) {', '.join(sorted(parts - known))}; use {', '.join(sorted(known))}",
+              file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("error: the engine benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -180,25 +213,27 @@ def main(argv=None) -> int:
     res: dict = dict(copy_bw_bytes_s=bw, matmul_bf16_flop_s=mm)
     log = lambda *a: print(*a, flush=True)  # noqa: E731
 
-    hf_ms = hf_decode_ms("llama3-8b")
-    log(f"transformers generate llama3-8b bs1: {hf_ms:.2f} ms/token")
-    llm = LLM("dummy:llama3-8b", device="cuda", max_model_len=8192 + 64)
-    res["kernel_path"] = llm.engine.runner.kernel_path
+    if "hf" in parts:
+        hf_ms = hf_decode_ms("llama3-8b")
+        log(f"transformers generate llama3-8b bs1: {hf_ms:.2f} ms/token")
+    llm = LLM("dummy:llama3-8b", device="cuda", max_model_len=8192 + 64) if parts & {"decode", "breakdown", "ttft"} \
+        else None
+    res["kernel_path"] = llm.engine.runner.kernel_path if llm else None
     wbytes = weight_bytes("llama3-8b")
-    arch = llm.engine.arch
+    arch = ModelArch.from_hf_config(PRESETS["llama3-8b"])
     kv_tok = arch.kv_bytes_per_token * 2
     decode = []
-    for b in (1, 8, 64, 256):
+    for b in (1, 8, 64, 256) if "decode" in parts else ():
         ms = decode_steps(llm, b, 256, 24)
         floor = (wbytes + b * 270 * kv_tok) / bw * 1e3
         decode.append(dict(batch=b, context=256, step_ms=ms, roofline_ms=floor, out_tok_s=b / ms * 1e3))
         log(f"decode llama3-8b bs{b}: {ms:.2f} ms/step (floor {floor:.2f} ms)")
-    breakdown = [kernel_breakdown(llm, b) for b in (1, 64)]
+    breakdown = [kernel_breakdown(llm, b) for b in (1, 64)] if "breakdown" in parts else []
     for bd in breakdown:
         log(f"bs{bd['batch']}: wall {bd['wall_ms']:.2f} ms/step, GPU {bd['gpu_ms']:.2f} ms; top: " +
             ", ".join(f"{k['name'][:40]} {k['ms_per_step']:.2f}" for k in bd["kernels"][:6]))
     prefill = []
-    for n in (1024, 2048, 4096, 8192):
+    for n in (1024, 2048, 4096, 8192) if "ttft" in parts else ():
         ms = ttft_ms(llm, n)
         flops = 2 * wbytes / 2 * n + 4 * arch.num_hidden_layers * arch.num_attention_heads * arch.head_dim * n * n / 2
         prefill.append(dict(prompt_len=n, ttft_ms=ms, roofline_ms=flops / mm * 1e3, tflops=flops / ms / 1e9))
@@ -206,25 +241,13 @@ def main(argv=None) -> int:
     del llm
     free_gpu()
 
-    llm = LLM("dummy:qwen3-8b", device="cuda", max_model_len=2048 + 16, max_num_seqs=256)
-    n = 64 if args.quick else 512
-    rng = random.Random(0)
-    prompts = [[rng.randrange(1000, 100000) for _ in range(1024)] for _ in range(n)]
-    q8 = offline(llm, prompts, SamplingParams(temperature=0, max_tokens=1024, ignore_eos=True))
-    log(f"offline qwen3-8b {n}x1024->1024: {q8['output_tok_s']:.0f} out tok/s ({q8['seconds']:.1f} s) {q8['timing']}")
-    del llm
-    free_gpu()
-
-    llm = LLM("dummy:qwen3-0.6b", device="cuda", max_model_len=4096, max_num_seqs=256)
-    random.seed(0)
-    n = 64 if args.quick else 256
-    lens_in = [random.randint(100, 1024) for _ in range(n)]
-    lens_out = [random.randint(100, 1024) for _ in range(n)]
-    prompts = [[random.randint(0, 10000) for _ in range(li)] for li in lens_in]
-    nv = offline(llm, prompts, [SamplingParams(temperature=0.6, max_tokens=lo, ignore_eos=True) for lo in lens_out])
-    log(f"offline nano-vllm protocol qwen3-0.6b: {nv['output_tok_s']:.0f} out tok/s ({nv['seconds']:.1f} s)")
-    del llm
-    free_gpu()
+    if args.only:
+        parts -= {"hf", "decode", "breakdown", "ttft"}
+        for part in sorted(parts & {"offline", "nanovllm"}):
+            log(f"{part}: {run_offline(part, args.quick, log)['output_tok_s']:.0f} out tok/s")
+        return 0
+    q8 = run_offline("offline", args.quick, log)
+    nv = run_offline("nanovllm", args.quick, log)
 
     bs1 = decode[0]["step_ms"]
     res.update(
@@ -233,9 +256,10 @@ def main(argv=None) -> int:
                      ttft_llama3_8b_2k_ms=next(p["ttft_ms"] for p in prefill if p["prompt_len"] == 2048),
                      offline_qwen3_8b_out_tok_s=q8["output_tok_s"], offline_nanovllm_protocol_out_tok_s=nv["output_tok_s"]),
         decode_llama3_8b=decode, decode_llama3_8b_breakdown=breakdown, prefill_llama3_8b=prefill,
- offline_qwen3_8b=q8, offline_nanovllm_protocol=nv,
+        offline_qwen3_8b=q8, offline_nanovllm_protocol=nv,
         provenance=dict(pdcli=__version__, torch=torch.__version__, cuda=torch.version.cuda,
                         python=platform.python_version(), quick=args.quick, date=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                        env={k: v for k, v in os.environ.items() if k.startswith("PDCLI_")},
                         command=" ".join(["python -m pdcli.benchmarks.engine", *(argv or sys.argv[1:])])))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"engine_{device_slug()}.json")

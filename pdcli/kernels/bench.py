@@ -220,7 +220,8 @@ def main(argv=None) -> int:
         copy_bw_bytes_s=copy_bw, matmul_bf16_flop_s=mm, decode=decode, store=store, prefill=prefill, gemv=gemv,
         provenance=dict(pdcli=__version__, torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
                         command=" ".join(["python -m pdcli.kernels.bench", *(argv or sys.argv[1:])]),
-                        date=time.strftime("%Y-%m-%dT%H:%M:%S"), source_hash=build.source_hash()[:16]))
+                        date=time.strftime("%Y-%m-%dT%H:%M:%S"), source_hash=build.source_hash()[:16],
+                        env={k: v for k, v in os.environ.items() if k.startswith("PDCLI_")}))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"kernels_{device_slug()}.json")
     with open(path, "w") as f:
