@@ -2,7 +2,7 @@
 
 Prefill steps (chunk n after c cached tokens), decode steps (batch B, total context S), mixed steps
 (a decode batch carrying a prefill chunk), all through ModelRunner.execute (CUDA graphs included); KV
-transfer through the real worker path (CentralScheduler with a prefill and a decode worker).
+transfer through the real worker paths (CentralScheduler with a prefill and a decode worker).
 """
 from __future__ import annotations
 
@@ -106,35 +106,38 @@ def profile_engine(engine: LLMEngine, progress=None, max_seconds: float = 300.0,
 
 
 def profile_transfer(model: str, device: str, engine_kwargs: dict, progress=None) -> dict:
-    """KV transfer time vs tokens through a real prefill -> decode worker pair."""
+    """KV transfer time vs tokens through real prefill -> decode worker pairs: gloo on CPU; on a GPU, the
+    same-GPU CUDA IPC pair, and GPU to GPU over NCCL when there is a second GPU."""
     from pdcli.coordinator.central import CentralScheduler
-    from pdcli.workers.layout import parse_layout
+    from pdcli.workers.layout import parse_layout, transfer_pair
 
-    pair = "cpu-gloo" if device == "cpu" else "gpu-nccl"
-    layout = parse_layout("", device, device if device == "cpu" else _other_gpu(device))
+    if device == "cpu":
+        pairs = [("cpu", "cpu")]
+    else:
+        pairs = [(device, device)]
+        if torch.cuda.device_count() > 1:
+            idx = int(device.split(":")[1]) if ":" in device else 0
+            pairs.append((device, f"cuda:{(idx + 1) % torch.cuda.device_count()}"))
     lens = (16, 64, 256, 1024, 2048)
-    out = dict(tokens=[], bytes=[], ms=[])
-    task = progress.add_task(f"profiling KV transfer ({pair})", total=len(lens) * 3) if progress else None
-    with CentralScheduler(model, layout, mode="disaggregated", **engine_kwargs) as cs:
-        rng = random.Random(0)
-        for n in lens:
-            for _ in range(3):
-                o = cs.generate([[rng.randrange(3, 256) for _ in range(n)]],
-                                SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), timeout=300)[0]
-                if o.error is None and o.metrics["transfer_bytes"]:
-                    out["tokens"].append(n), out["bytes"].append(o.metrics["transfer_bytes"])
-                    out["ms"].append(o.metrics["transfer_s"] * 1e3)
-                if progress:
-                    progress.advance(task)
-    return {pair: out}
-
-
-def _other_gpu(device: str) -> str:
-    n = torch.cuda.device_count()
-    idx = int(device.split(":")[1]) if ":" in device else 0
-    if n < 2:
-        raise RuntimeError("a GPU-to-GPU transfer profile needs two GPUs (the same-GPU IPC path is not built yet)")
-    return f"cuda:{(idx + 1) % n}"
+    result = {}
+    for pre, dec in pairs:
+        layout = parse_layout("", pre, dec)
+        kind = transfer_pair(*layout)
+        out = dict(tokens=[], bytes=[], ms=[])
+        task = progress.add_task(f"profiling KV transfer ({kind})", total=len(lens) * 3) if progress else None
+        with CentralScheduler(model, layout, mode="disaggregated", **engine_kwargs) as cs:
+            rng = random.Random(0)
+            for n in lens:
+                for _ in range(3):
+                    o = cs.generate([[rng.randrange(3, 256) for _ in range(n)]],
+                                    SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), timeout=300)[0]
+                    if o.error is None and o.metrics["transfer_bytes"]:
+                        out["tokens"].append(n), out["bytes"].append(o.metrics["transfer_bytes"])
+                        out["ms"].append(o.metrics["transfer_s"] * 1e3)
+                    if progress:
+                        progress.advance(task)
+        result[kind] = out
+    return result
 
 
 def provenance(engine: LLMEngine, model: str, command: str) -> dict:

@@ -184,3 +184,18 @@ def test_profile_and_fit_commands_on_cpu(tmp_path):
     assert os.path.getsize(os.path.join(out, "fit.png")) > 1000
     r = CliRunner().invoke(app, ["fit", str(tmp_path / "nothing")])
     assert r.exit_code == 2 and "pdcli profile" in r.stderr
+
+
+def test_transfer_cost_follows_the_worker_pair():
+    from pdcli.workers.layout import WorkerSpec, transfer_pair
+
+    spec = lambda dev: WorkerSpec(0, "prefill", dev)  # noqa: E731
+    assert [transfer_pair(spec(a), spec(b)) for a, b in (("cpu", "cpu"), ("cuda:0", "cuda:0"), ("cuda:0", "cuda:1"))] \
+        == ["cpu-gloo", "gpu-ipc", "gpu-nccl"]
+    cm = cost_model()
+    cm.transfer = {"gpu-ipc": (0.05, 180.0), "gpu-nccl": (0.3, 20.0)}
+    r = AdaptiveRouter(cm)
+    ipc = r.predict(8000, 200, None, load(0), load(8), "gpu-ipc")["disaggregated"]["transfer_ms"]
+    nccl = r.predict(8000, 200, None, load(0), load(8), "gpu-nccl")["disaggregated"]["transfer_ms"]
+    kv = 8000 * 131072
+    assert ipc == pytest.approx(0.05 + kv / 180e6) and nccl == pytest.approx(0.3 + kv / 20e6)

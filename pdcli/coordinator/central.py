@@ -16,7 +16,7 @@ from multiprocessing.connection import wait
 from pdcli.coordinator.policy import RouteInput, make_policy
 from pdcli.outputs import CompletionOutput, RequestOutput
 from pdcli.sampling_params import SamplingParams
-from pdcli.workers.layout import WorkerSpec
+from pdcli.workers.layout import WorkerSpec, transfer_pair
 from pdcli.workers.worker import worker_main
 
 
@@ -28,7 +28,7 @@ def free_port() -> int:
 
 def same_gpu(a: WorkerSpec, b: WorkerSpec) -> bool:
     """Workers that hand KV over through CUDA IPC (NCCL cannot pair two ranks on one GPU)."""
-    return a.device.startswith("cuda") and a.device == b.device
+    return transfer_pair(a, b) == "gpu-ipc"
 
 
 @dataclass
@@ -217,10 +217,11 @@ class CentralScheduler:
         policy = make_policy(mode) if mode else self.policy
         if policy.name == "adaptive" and self.router is not None and can_coll and can_disagg:
             loads = self.worker_loads()
-            least = lambda role: min((loads[w.spec.rank] for w in self.live(role)),  # noqa: E731
-                                     key=lambda x: x.queued_prefill_tokens + x.decode_batch)
-            d = self.router.decide(len(t.prompt_ids), t.params.max_tokens, least("collocated"), least("prefill"),
-                                   least("decode"))
+            least = lambda role: min(self.live(role), key=lambda w: loads[w.spec.rank].queued_prefill_tokens +  # noqa: E731
+                                     loads[w.spec.rank].decode_batch)
+            coll, pre, dec = least("collocated"), least("prefill"), least("decode")
+            d = self.router.decide(len(t.prompt_ids), t.params.max_tokens, loads[coll.spec.rank], loads[pre.spec.rank],
+                                   loads[dec.spec.rank], transfer_pair(pre.spec, dec.spec))
             t.decision = dict(policy="adaptive", decided_by="cost-model", path=d.path, predicted=d.predicted,
                               predicted_output_len=d.output_len)
             return d.path

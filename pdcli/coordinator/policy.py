@@ -47,8 +47,9 @@ class Threshold(Policy):
 
 
 class Adaptive(Threshold):
-    """The cost-model router's slot. The cost model (profile + fit) is not built yet, so this routes by
-    the threshold rule; the decision log says so (`decided_by`)."""
+    """The cost-model router's slot: the coordinator routes with the fitted cost model when it is given a
+    params.json (`params_dir`); without one this falls back to the threshold rule, and the decision log
+    says so (`decided_by`)."""
     name = "adaptive"
     decided_by = "threshold-fallback"
 

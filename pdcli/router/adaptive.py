@@ -34,7 +34,8 @@ class AdaptiveRouter:
         self.predictor = predictor or OutputLengthPredictor()
 
     def predict(self, prompt_len: int, out_len: float, coll: WorkerLoad | None, pre: WorkerLoad | None,
-                dec: WorkerLoad | None) -> dict:
+                dec: WorkerLoad | None, pair: str = "default") -> dict:
+        """pair: how KV would move (cpu-gloo, gpu-ipc, gpu-nccl), the key of the fitted transfer cost."""
         cm, res = self.cm, {}
         if coll is not None:
             wait = cm.queued_prefill_ms(coll.queued_prefill_tokens, coll.decode_batch, coll.decode_ctx)
@@ -46,16 +47,16 @@ class AdaptiveRouter:
             res["collocated"] = dict(ttft_ms=ttft, tpot_ms=tpot, e2e_ms=ttft + max(out_len - 1, 0) * tpot)
         if pre is not None and dec is not None:
             ttft = cm.queued_prefill_ms(pre.queued_prefill_tokens) + cm.chunked_prefill_ms(prompt_len)
-            xfer = cm.transfer_ms(prompt_len) * (1 + dec.inflight_transfers)
+            xfer = cm.transfer_ms(prompt_len, pair) * (1 + dec.inflight_transfers)
             tpot = float(cm.decode_ms(dec.decode_batch + 1, dec.decode_ctx + prompt_len + out_len / 2))
             res["disaggregated"] = dict(ttft_ms=ttft, tpot_ms=tpot, transfer_ms=xfer,
                                         e2e_ms=ttft + xfer + max(out_len - 1, 0) * tpot)
         return res
 
     def decide(self, prompt_len: int, max_tokens: int | None, coll: WorkerLoad | None, pre: WorkerLoad | None,
-               dec: WorkerLoad | None) -> Decision:
+               dec: WorkerLoad | None, pair: str = "default") -> Decision:
         out_len = self.predictor.mean(prompt_len, max_tokens)
-        pred = self.predict(prompt_len, out_len, coll, pre, dec)
+        pred = self.predict(prompt_len, out_len, coll, pre, dec, pair)
         if not pred:
             raise ValueError("no path can serve the request")
 

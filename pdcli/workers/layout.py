@@ -27,3 +27,10 @@ def parse_layout(collocated: str = "", prefill: str = "", decode: str = "") -> l
     if ("prefill" in roles) != ("decode" in roles):
         raise ValueError("disaggregation needs at least one --prefill and one --decode worker")
     return specs
+
+
+def transfer_pair(prefill: WorkerSpec, decode: WorkerSpec) -> str:
+    """How KV moves from this prefill worker to this decode worker: the key of its fitted transfer cost."""
+    if prefill.device == "cpu" or decode.device == "cpu":
+        return "cpu-gloo"
+    return "gpu-ipc" if prefill.device == decode.device else "gpu-nccl"
