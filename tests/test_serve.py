@@ -234,3 +234,21 @@ def test_sigint_stops_server_and_workers(server):
     assert proc.wait(30) is not None
     time.sleep(1)
     assert not [k for k in kids if os.path.exists(f"/proc/{k}") and open(f"/proc/{k}/stat").read().split()[2] != "Z"]
+
+
+def test_serve_overhead_benchmark_runs(tiny_model_dir, tmp_path):
+    """The HTTP-overhead benchmark: the same seeded load in-process and against a `pdcli serve` subprocess."""
+    import json
+
+    from pdcli.benchmarks.serve_overhead import main
+
+    path = tiny_model_dir("llama-gqa")
+    rc = main(["--model", path, "--device", "cpu", "--rate", "4", "--duration", "2", "--random-input-len", "32",
+               "--random-output-len", "8", "--max-model-len", "256", "--num-kv-blocks", "256",
+               "--startup-timeout", "180", "--out", str(tmp_path)])
+    assert rc == 0
+    res = json.load(open(tmp_path / "serve_overhead_cpu.json"))
+    s = res["summary"]
+    assert s["num_prompts"] == 8 and s["inproc_failed"] == 0 and s["http_failed"] == 0
+    assert res["inproc"]["completed"] == res["http"]["completed"] == 8
+    assert s["inproc_output_throughput"] > 0 and s["http_output_throughput"] > 0

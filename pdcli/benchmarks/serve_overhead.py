@@ -1,0 +1,129 @@
+"""HTTP overhead of `pdcli serve`: the same open-loop load (seeded arrivals, same requests) in-process
+through the coordinator and over HTTP streaming against a `pdcli serve` subprocess on 127.0.0.1.
+Writes results/serve_overhead_<device>.json.
+
+    python -m pdcli.benchmarks.serve_overhead --model dummy:llama3-8b --device cuda:0 --rate 8 --duration 120
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import torch
+
+from pdcli import __version__
+
+KEYS = ("completed", "failed", "aborted", "request_throughput", "output_throughput", "mean_ttft_ms", "p99_ttft_ms",
+        "mean_tpot_ms", "p99_tpot_ms", "duration")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str, device: str, engine: dict, startup_timeout: float) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    port = free_port()
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in engine.items()]
+    proc = subprocess.Popen([sys.executable, "-m", "pdcli", "serve", "--model", model, "--collocated", device,
+                             "--port", str(port), *flags], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + startup_timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"pdcli serve exited: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise TimeoutError(f"pdcli serve did not start in {startup_timeout:.0f} s")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="dummy:llama3-8b")
+    ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--rate", type=float, default=8.0, help="requests/s (Poisson)")
+    ap.add_argument("--duration", type=float, default=120.0, help="seconds of arrivals")
+    ap.add_argument("--workload", default="random")
+    ap.add_argument("--random-input-len", type=int, default=512)
+    ap.add_argument("--random-output-len", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--num-kv-blocks", type=int, default=None)
+    ap.add_argument("--startup-timeout", type=float, default=600.0)
+    ap.add_argument("--out", default="results")
+    args = ap.parse_args(argv)
+
+    from pdcli.bench.arrivals import arrival_times
+    from pdcli.bench.http_client import run_endpoint
+    from pdcli.bench.metrics import summarize
+    from pdcli.bench.runner import run_load
+    from pdcli.bench.workloads import make_requests
+    from pdcli.coordinator.central import CentralScheduler
+    from pdcli.kernels.bench import device_slug
+    from pdcli.workers.layout import parse_layout
+
+    engine = dict(max_model_len=args.max_model_len)
+    if args.num_kv_blocks is not None:
+        engine["num_kv_blocks"] = args.num_kv_blocks
+    n = max(1, int(args.rate * args.duration))
+    drain = args.duration + 600.0
+
+    with CentralScheduler(args.model, parse_layout(args.device), **engine) as cs:
+        reqs = make_requests(args.workload, n, args.seed, cs.vocab_size, args.max_model_len, args.random_input_len,
+                             args.random_output_len)
+        arrivals = arrival_times(n, args.rate, 1.0, args.seed)
+        t0 = time.monotonic()
+        inproc = summarize(run_load(cs, reqs, arrivals, "collocated", drain))
+        print(f"in-process: {inproc['output_throughput']:.0f} out tok/s, {inproc['failed']} failed "
+              f"({time.monotonic() - t0:.0f} s)", flush=True)
+    proc, base = start_server(args.model, args.device, engine, args.startup_timeout)
+    try:
+        t0 = time.monotonic()
+        http = summarize(run_endpoint(base, reqs, arrivals, timeout=drain))
+        print(f"http:       {http['output_throughput']:.0f} out tok/s, {http['failed']} failed "
+              f"({time.monotonic() - t0:.0f} s)", flush=True)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    overhead = 1.0 - http["output_throughput"] / inproc["output_throughput"] if inproc["output_throughput"] else None
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    res = dict(summary=dict(device=device, model=args.model, request_rate=args.rate, duration_s=args.duration,
+                            num_prompts=n, inproc_output_throughput=inproc["output_throughput"],
+                            http_output_throughput=http["output_throughput"], http_overhead=overhead,
+                            inproc_failed=inproc["failed"], http_failed=http["failed"]),
+               inproc={k: inproc[k] for k in KEYS if k in inproc}, http={k: http[k] for k in KEYS if k in http},
+               provenance=dict(pdcli=__version__, torch=str(torch.__version__), cuda=str(torch.version.cuda),
+                               python=platform.python_version(), date=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                               workload=args.workload, input_len=args.random_input_len,
+                               output_len=args.random_output_len, seed=args.seed, engine=engine,
+                               command=" ".join(["python -m pdcli.benchmarks.serve_overhead", *(argv or sys.argv[1:])])))
+    print(f"HTTP overhead: {overhead:.1%}" if overhead is not None else "HTTP overhead: n/a")
+    os.makedirs(args.out, exist_ok=True)
+    slug = device_slug() if args.device.startswith("cuda") else "cpu"
+    path = os.path.join(args.out, f"serve_overhead_{slug}.json")
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"wrote {path}")
+    return 0 if http["failed"] == 0 and inproc["failed"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
