@@ -72,9 +72,16 @@ def import_pool(handle: tuple) -> torch.Tensor:
 
 
 def copy_kv_ipc(kv_cache: torch.Tensor, blocks: list[int], peer_pool: torch.Tensor, peer_blocks: list[int],
-                peer: int, request_id: str) -> PendingTransfer:
+                peer: int, request_id: str, stream: torch.cuda.Stream) -> PendingTransfer:
     """Copy a sequence's blocks (all layers) into another process's pool on this GPU: one gather, one
-    scatter, on this worker's stream; done when the recorded event is."""
-    buf = gather_blocks(kv_cache, blocks)
-    peer_pool.index_copy_(2, torch.tensor(peer_blocks, device=kv_cache.device), buf)
-    return PendingTransfer(request_id, EventWork(), buf, blocks, peer=peer)
+    scatter, on a side stream that starts after the work queued so far (the prefill that wrote them) and
+    overlaps the prefill steps after it; done when the event recorded on that stream is. The blocks stay
+    held until then."""
+    written = torch.cuda.Event()
+    written.record()
+    with torch.cuda.stream(stream):
+        stream.wait_event(written)
+        buf = gather_blocks(kv_cache, blocks)
+        peer_pool.index_copy_(2, torch.tensor(peer_blocks, device=kv_cache.device), buf)
+        work = EventWork()
+    return PendingTransfer(request_id, work, buf, blocks, peer=peer)

@@ -66,6 +66,7 @@ class Worker:
         self.started: dict[str, float] = {}
         self.peer_handles: dict[int, tuple] = {}  # decode rank -> IPC handle of its pool (same GPU)
         self.peer_pools: dict[int, torch.Tensor] = {}
+        self.copy_stream: torch.cuda.Stream | None = None  # IPC copies, beside the compute stream
         self.ipc_reserved: set[str] = set()  # decode role: blocks reserved for an IPC copy not yet done
         self.ipc_aborted: set[str] = set()  # ... of which aborted: released when the copy is done
         # gloo's p2p work reports completion only through wait(): a thread waits, in issue order
@@ -128,8 +129,10 @@ class Worker:
             else:
                 if dst not in self.peer_pools:
                     self.peer_pools[dst] = import_pool(self.peer_handles[dst])
+                    self.copy_stream = self.copy_stream or torch.cuda.Stream(e.runner.kv_cache.device)
                 self.started[rid] = time.perf_counter()
-                t = copy_kv_ipc(e.runner.kv_cache, seq.block_table, self.peer_pools[dst], blocks, dst, rid)
+                t = copy_kv_ipc(e.runner.kv_cache, seq.block_table, self.peer_pools[dst], blocks, dst, rid,
+                                self.copy_stream)
                 self.sends.append(t)
                 self.to_wait.put(t)
         elif kind == "ipc_done":  # the prefill worker's copy into our reserved blocks has finished
