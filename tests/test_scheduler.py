@@ -146,3 +146,12 @@ def test_reserve_ratio_follows_early_stops():
         s.add(q)
         run_step(s, token=2)  # eos at once: 1 of 100 tokens used
     assert s.reserve_ratio < 0.1
+
+
+def test_reserve_ratio_learns_without_max_tokens():
+    s, _ = make(num_blocks=256, block_size=4)
+    for i in range(30):
+        q = Sequence(f"r{i}", [10 + i, 11, 12], SamplingParams(max_tokens=None, ignore_eos=False), seed=0)
+        s.add(q)
+        run_step(s, token=2)  # eos at once: 1 token of up to 997
+    assert s.reserve_ratio < 0.1

@@ -114,7 +114,6 @@ class ModelRunner:
         qsl = np.concatenate([[0], np.cumsum(lens_np)])
         positions = np.arange(qsl[-1]) - qsl[seq_of_token] + starts_np[seq_of_token]
         slots = tables[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
-        dev = self.device
         ctx_lens = starts_np + lens_np
         ctx = Context(
             slot_mapping=self._to_device(slots),

@@ -162,9 +162,9 @@ class Scheduler:
     def finish(self, seq: Sequence, reason: str) -> None:
         if seq.is_finished:
             return
-        p = seq.params
-        if reason in ("stop", "length") and p.max_tokens and self.reserve_ratio > 0:
-            used = min(1.0, (len(seq.token_ids) - seq.num_prompt_tokens) / p.max_tokens)
+        limit = seq.params.max_tokens or self.max_model_len - seq.num_prompt_tokens
+        if reason in ("stop", "length") and self.reserve_ratio > 0 and limit > 0:
+            used = min(1.0, (len(seq.token_ids) - seq.num_prompt_tokens) / limit)
             self.reserve_ratio = min(self.config.admission_reserve, 0.9 * self.reserve_ratio + 0.1 * used)
         seq.status = SequenceStatus.FINISHED
         seq.num_pending = 0  # a token still in flight is dropped when its step lands
