@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
-import platform
 import random
 import statistics
 import sys
@@ -17,10 +14,11 @@ import time
 
 import torch
 
-from pdcli import LLM, SamplingParams, __version__
+from pdcli import LLM, SamplingParams
 from pdcli.kernels.bench import copy_bandwidth, device_slug, matmul_rate
 from pdcli.models.arch import ModelArch
 from pdcli.models.presets import PRESETS
+from pdcli.benchmarks.results import provenance, write
 
 
 def free_gpu():
@@ -257,14 +255,8 @@ def main(argv=None) -> int:
                      offline_qwen3_8b_out_tok_s=q8["output_tok_s"], offline_nanovllm_protocol_out_tok_s=nv["output_tok_s"]),
         decode_llama3_8b=decode, decode_llama3_8b_breakdown=breakdown, prefill_llama3_8b=prefill,
         offline_qwen3_8b=q8, offline_nanovllm_protocol=nv,
-        provenance=dict(pdcli=__version__, torch=torch.__version__, cuda=torch.version.cuda,
-                        python=platform.python_version(), quick=args.quick, date=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                        env={k: v for k, v in os.environ.items() if k.startswith("PDCLI_")},
-                        command=" ".join(["python -m pdcli.benchmarks.engine", *(argv or sys.argv[1:])])))
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"engine_{device_slug()}.json")
-    with open(path, "w") as f:
-        json.dump(res, f, indent=1)
+        provenance=provenance("pdcli.benchmarks.engine", argv, quick=args.quick))
+    path = write(args.out, f"engine_{device_slug()}", res)
     log(f"wrote {path}")
     return 0
 

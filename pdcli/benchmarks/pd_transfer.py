@@ -8,20 +8,17 @@ GPU, NCCL send between GPUs); the KV of one prompt, all layers.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import random
 import statistics
 import sys
-import time
 
 import torch
 
-from pdcli import SamplingParams, __version__
+from pdcli import SamplingParams
 from pdcli.coordinator.central import CentralScheduler
 from pdcli.kernels.bench import device_slug
 from pdcli.workers.layout import parse_layout
+from pdcli.benchmarks.results import provenance, write
 
 
 def main(argv=None) -> int:
@@ -52,14 +49,9 @@ def main(argv=None) -> int:
     res = dict(summary=dict(device=torch.cuda.get_device_name(), model=args.model, prompt_len=args.prompt_len,
                             kv_bytes=nbytes, transfer_ms=ms, gb_s=nbytes / ms / 1e6,
                             path="cuda-ipc" if args.prefill == args.decode else "nccl"),
-               runs=rows, provenance=dict(pdcli=__version__, torch=torch.__version__, cuda=torch.version.cuda,
-                                          python=platform.python_version(), date=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                          command=" ".join(["python -m pdcli.benchmarks.pd_transfer", *(argv or sys.argv[1:])])))
+               runs=rows, provenance=provenance("pdcli.benchmarks.pd_transfer", argv))
     print(f"{args.model} {args.prompt_len} tokens: {nbytes / 1e6:.0f} MB of KV in {ms:.2f} ms ({nbytes / ms / 1e6:.0f} GB/s)")
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"pd_transfer_{device_slug()}.json")
-    with open(path, "w") as f:
-        json.dump(res, f, indent=1)
+    path = write(args.out, f"pd_transfer_{device_slug()}", res)
     print(f"wrote {path}")
     return 0
 

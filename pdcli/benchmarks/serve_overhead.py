@@ -7,8 +7,6 @@ Writes results/serve_overhead_<device>.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import signal
 import socket
@@ -18,7 +16,7 @@ import time
 
 import torch
 
-from pdcli import __version__
+from pdcli.benchmarks.results import provenance, write
 
 KEYS = ("completed", "failed", "aborted", "request_throughput", "output_throughput", "mean_ttft_ms", "p99_ttft_ms",
         "mean_tpot_ms", "p99_tpot_ms", "duration")
@@ -110,17 +108,11 @@ def main(argv=None) -> int:
                             http_output_throughput=http["output_throughput"], http_overhead=overhead,
                             inproc_failed=inproc["failed"], http_failed=http["failed"]),
                inproc={k: inproc[k] for k in KEYS if k in inproc}, http={k: http[k] for k in KEYS if k in http},
-               provenance=dict(pdcli=__version__, torch=str(torch.__version__), cuda=str(torch.version.cuda),
-                               python=platform.python_version(), date=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                               workload=args.workload, input_len=args.random_input_len,
-                               output_len=args.random_output_len, seed=args.seed, engine=engine,
-                               command=" ".join(["python -m pdcli.benchmarks.serve_overhead", *(argv or sys.argv[1:])])))
+               provenance=provenance("pdcli.benchmarks.serve_overhead", argv, workload=args.workload,
+                                     input_len=args.random_input_len, output_len=args.random_output_len,
+                                     seed=args.seed, engine=engine))
     print(f"HTTP overhead: {overhead:.1%}" if overhead is not None else "HTTP overhead: n/a")
-    os.makedirs(args.out, exist_ok=True)
-    slug = device_slug() if args.device.startswith("cuda") else "cpu"
-    path = os.path.join(args.out, f"serve_overhead_{slug}.json")
-    with open(path, "w") as f:
-        json.dump(res, f, indent=1)
+    path = write(args.out, f"serve_overhead_{device_slug() if args.device.startswith('cuda') else 'cpu'}", res)
     print(f"wrote {path}")
     return 0 if http["failed"] == 0 and inproc["failed"] == 0 else 1
 

@@ -6,19 +6,15 @@ events against PyTorch (SDPA on a contiguous cache). Writes results/kernels_<dev
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import re
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
-from pdcli import __version__
 from pdcli.kernels import build, reference
+from pdcli.benchmarks.results import provenance, write
 
 
 def device_slug() -> str:
@@ -218,14 +214,8 @@ def main(argv=None) -> int:
                      decode_attn_b64_ctx4k_us=d64["us"], decode_attn_b64_ctx4k_sdpa_us=d64["sdpa_contiguous_us"],
                      decode_attn_b1_ctx32k_bw_frac=d1["frac_copy_bw"], prefill_attn_8k_tflops=p8["tflops"]),
         copy_bw_bytes_s=copy_bw, matmul_bf16_flop_s=mm, decode=decode, store=store, prefill=prefill, gemv=gemv,
-        provenance=dict(pdcli=__version__, torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
-                        command=" ".join(["python -m pdcli.kernels.bench", *(argv or sys.argv[1:])]),
-                        date=time.strftime("%Y-%m-%dT%H:%M:%S"), source_hash=build.source_hash()[:16],
-                        env={k: v for k, v in os.environ.items() if k.startswith("PDCLI_")}))
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"kernels_{device_slug()}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+        provenance=provenance("pdcli.kernels.bench", argv, source_hash=build.source_hash()[:16]))
+    path = write(args.out, f"kernels_{device_slug()}", result)
     print(f"wrote {path}")
     return 0 if all(r["correct"] for r in decode + store + prefill + gemv) else 1
 

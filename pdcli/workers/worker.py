@@ -111,28 +111,21 @@ class Worker:
                 self.conn.send(("error", rid, str(err)))
         elif kind == "reserve":
             self.waiting_reserve.append(msg)
-        elif kind == "send":
-            _, rid, dst, tag = msg
+        elif kind in ("send", "send_ipc"):  # send: (rid, dst rank, tag); send_ipc: (rid, dst rank, its blocks)
+            rid, dst = msg[1], msg[2]
             seq = e.handoff.get(rid)
             if seq is None:
                 self.conn.send(("error", rid, "no prefilled KV to send"))
             else:
                 self.started[rid] = time.perf_counter()
-                t = send_kv(e.runner.kv_cache, seq.block_table, dst, tag, rid)
-                self.sends.append(t)
-                self.to_wait.put(t)
-        elif kind == "send_ipc":
-            _, rid, dst, blocks = msg
-            seq = e.handoff.get(rid)
-            if seq is None:
-                self.conn.send(("error", rid, "no prefilled KV to send"))
-            else:
-                if dst not in self.peer_pools:
-                    self.peer_pools[dst] = import_pool(self.peer_handles[dst])
-                    self.copy_stream = self.copy_stream or torch.cuda.Stream(e.runner.kv_cache.device)
-                self.started[rid] = time.perf_counter()
-                t = copy_kv_ipc(e.runner.kv_cache, seq.block_table, self.peer_pools[dst], blocks, dst, rid,
-                                self.copy_stream)
+                if kind == "send":
+                    t = send_kv(e.runner.kv_cache, seq.block_table, dst, msg[3], rid)
+                else:
+                    if dst not in self.peer_pools:
+                        self.peer_pools[dst] = import_pool(self.peer_handles[dst])
+                        self.copy_stream = self.copy_stream or torch.cuda.Stream(e.runner.kv_cache.device)
+                    t = copy_kv_ipc(e.runner.kv_cache, seq.block_table, self.peer_pools[dst], msg[3], dst, rid,
+                                    self.copy_stream)
                 self.sends.append(t)
                 self.to_wait.put(t)
         elif kind == "ipc_done":  # the prefill worker's copy into our reserved blocks has finished
