@@ -6,6 +6,7 @@ roofline, plus transformers' own generate on the same model. Writes results/engi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import random
 import statistics
@@ -15,10 +16,10 @@ import time
 import torch
 
 from pdcli import LLM, SamplingParams
+from pdcli.benchmarks.results import provenance, write
 from pdcli.kernels.bench import copy_bandwidth, device_slug, matmul_rate
 from pdcli.models.arch import ModelArch
 from pdcli.models.presets import PRESETS
-from pdcli.benchmarks.results import provenance, write
 
 
 def free_gpu():
@@ -30,51 +31,52 @@ def weight_bytes(preset: str) -> int:
     return ModelArch.from_hf_config(PRESETS[preset]).num_params() * 2
 
 
-def decode_steps(llm: LLM, batch: int, prompt_len: int, steps: int) -> float:
-    """Decode step time (ms) with `batch` running sequences, in steady state: the wall time of `steps`
-    back-to-back engine steps (async scheduling overlaps the host's work with the device's), divided."""
+@contextlib.contextmanager
+def decoding(llm: LLM, batch: int, prompt_len: int, max_tokens: int, warmup_steps: int):
+    """`batch` sequences past their prompts and `warmup_steps` decode steps into their outputs; drained
+    and popped on exit."""
     eng = llm.engine
-    p = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
+    p = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     rng = random.Random(batch)
     ids = [eng.add_request([rng.randrange(1000, 30000) for _ in range(prompt_len)], p) for _ in range(batch)]
     while eng.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in eng.scheduler.running):
         eng.step()
-    for _ in range(2):
+    for _ in range(warmup_steps):
         eng.step()
     assert len(eng.scheduler.running) == batch
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(steps):
-        eng.step()
-    torch.cuda.synchronize()
-    ms = (time.perf_counter() - t) / steps * 1e3
-    while eng.has_unfinished_requests():
-        eng.step()
-    for rid in ids:
-        eng.pop_finished(rid)
-    return ms
+    try:
+        yield eng
+    finally:
+        while eng.has_unfinished_requests():
+            eng.step()
+        for rid in ids:
+            eng.pop_finished(rid)
+
+
+def decode_steps(llm: LLM, batch: int, prompt_len: int, steps: int) -> float:
+    """Decode step time (ms) with `batch` running sequences, in steady state: the wall time of `steps`
+    back-to-back engine steps (async scheduling overlaps the host's work with the device's), divided."""
+    with decoding(llm, batch, prompt_len, steps + 8, warmup_steps=2) as eng:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(steps):
+            eng.step()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t) / steps * 1e3
 
 
 def kernel_breakdown(llm: LLM, batch: int, prompt_len: int = 256, steps: int = 5) -> dict:
     """GPU time per decode step by kernel (torch profiler), to show where a step's time goes."""
     from torch.profiler import ProfilerActivity, profile
 
-    eng = llm.engine
-    p = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
-    ids = [eng.add_request([1000 + i] * prompt_len, p) for i in range(batch)]
-    for _ in range(3):
-        eng.step()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            eng.step()
+    with decoding(llm, batch, prompt_len, steps + 8, warmup_steps=2) as eng:
         torch.cuda.synchronize()
-    wall = (time.perf_counter() - t) / steps * 1e3
-    while eng.has_unfinished_requests():
-        eng.step()
-    for rid in ids:
-        eng.pop_finished(rid)
+        t = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                eng.step()
+            torch.cuda.synchronize()
+        wall = (time.perf_counter() - t) / steps * 1e3
     rows = [(e.key, e.device_time_total / steps / 1e3, e.count // steps) for e in prof.key_averages()
             if e.device_time_total > 0]
     rows.sort(key=lambda r: -r[1])

@@ -15,10 +15,10 @@ import sys
 import torch
 
 from pdcli import SamplingParams
+from pdcli.benchmarks.results import provenance, write
 from pdcli.coordinator.central import CentralScheduler
 from pdcli.kernels.bench import device_slug
 from pdcli.workers.layout import parse_layout
-from pdcli.benchmarks.results import provenance, write
 
 
 def main(argv=None) -> int:

@@ -165,9 +165,9 @@ class ModelRunner:
                 logits_indices.append(offset - 1)
                 rows.append(seq)
         ids = self._to_device(np.asarray(input_ids, dtype=np.int64))
-        if pending_at:
-            ids[self._to_device(np.asarray(pending_at, dtype=np.int64))] = \
-                self._prev_tokens[self._to_device(np.asarray(pending_src, dtype=np.int64))]
+        if pending_at:  # [2, P]: row in ids, row in the previous launch's tokens; one copy
+            at, src = self._to_device(np.asarray([pending_at, pending_src], dtype=np.int64))
+            ids[at] = self._prev_tokens[src]
         if self.graphs is not None and out.is_decode_only and self.graphs.bucket(len(out.seqs)):
             bs = self.block_size
             pos = np.asarray(starts, dtype=np.int64)

@@ -54,7 +54,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            if seq.num_pending and self._reaches_limit(seq):
+            if seq.num_pending and self._at_limit(seq, len(seq)):
                 i += 1  # its in-flight token is its last: it finishes when that token lands
                 continue
             n = min(seq.num_uncomputed_tokens, budget)
@@ -110,9 +110,11 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def _reaches_limit(self, seq: Sequence) -> bool:
+    def _at_limit(self, seq: Sequence, length: int) -> bool:
+        """A sequence of this many tokens has all its max_tokens or fills max_model_len."""
         p = seq.params
-        return (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or len(seq) >= self.max_model_len
+        return (p.max_tokens is not None and length - seq.num_prompt_tokens >= p.max_tokens) or \
+            length >= self.max_model_len
 
     def advance(self, out: SchedulerOutput) -> None:
         """The step is launched: its tokens count as computed, and each sequence it samples for holds one
@@ -148,15 +150,12 @@ class Scheduler:
         return child
 
     def _check_stop(self, seq: Sequence) -> None:
-        # known tokens only: a later step may already hold a pending token of this sequence
-        p, token, num_known = seq.params, seq.token_ids[-1], len(seq.token_ids)
+        p, token = seq.params, seq.token_ids[-1]
         if not p.ignore_eos and token in self.eos_token_ids:
             self.finish(seq, "stop")
         elif token in p.stop_token_ids:
             self.finish(seq, "stop")
-        elif p.max_tokens is not None and num_known - seq.num_prompt_tokens >= p.max_tokens:
-            self.finish(seq, "length")
-        elif num_known >= self.max_model_len:
+        elif self._at_limit(seq, len(seq.token_ids)):  # known tokens only: a later step may hold a pending one
             self.finish(seq, "length")
 
     def finish(self, seq: Sequence, reason: str) -> None:

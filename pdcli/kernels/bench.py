@@ -13,8 +13,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from pdcli.kernels import build, reference
 from pdcli.benchmarks.results import provenance, write
+from pdcli.kernels import build, reference
 
 
 def device_slug() -> str:

@@ -88,15 +88,6 @@ def qkv_rope_store(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor
     return q
 
 
-def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  slot_mapping: torch.Tensor) -> None:
-    mod = kernel_module(k, k_cache)
-    if mod is not None:
-        mod.store_kvcache(k, v, k_cache, v_cache, slot_mapping)
-    else:
-        reference.store_kvcache(k, v, k_cache, v_cache, slot_mapping)
-
-
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: Context, scale: float) -> torch.Tensor:
     mod = kernel_module(q, k_cache)
     if mod is not None and ctx.is_decode:
