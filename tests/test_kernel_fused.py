@@ -138,13 +138,14 @@ def test_gemv_bad_inputs_raise(mod):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_engine_with_gemv_matches_without(dtype, tiny_model_dir, prompts, monkeypatch):
-    """PDCLI_GEMV=1 routes the 1-4 row linears of decode through the gemv kernel: logits stay within the
-    kernel-path tolerance of the cuBLAS run, and graph replays equal eager steps."""
+    """The gemv kernel (default) for the 1-4 row linears of decode: logits stay within the kernel-path
+    tolerance of the cuBLAS run (PDCLI_GEMV=0), and graph replays equal eager steps."""
     from pdcli import LLM, SamplingParams
     from tiny_models import pdcli_decode_logits
 
     path = tiny_model_dir("qwen3-gqa64")
     forced = prompts[3][:16]
+    monkeypatch.setenv("PDCLI_GEMV", "0")
     base = pdcli_decode_logits(LLM(path, device="cuda", dtype=dtype, num_kv_blocks=64), prompts[2], forced)
     monkeypatch.setenv("PDCLI_GEMV", "1")
     ours = pdcli_decode_logits(LLM(path, device="cuda", dtype=dtype, num_kv_blocks=64), prompts[2], forced)

@@ -56,11 +56,13 @@ DECODE_CASES = [  # (context lengths, block size)
     ([4096] * 4 + [1000], 16),
     ([513, 2049], 32),
     ([33000], 16),  # one long sequence: many splits
+    ([50, 9, 130], 8),
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("d, hq, hk", [(128, 32, 8), (128, 8, 8), (64, 16, 2), (128, 16, 2)])
+@pytest.mark.parametrize("d, hq, hk", [(128, 32, 8), (128, 8, 8), (64, 16, 2), (128, 16, 2),
+                                       (128, 12, 4), (64, 12, 2)])
 @pytest.mark.parametrize("ctx_lens, block_size", DECODE_CASES)
 def test_decode_attention_matches_reference(mod, dtype, d, hq, hk, ctx_lens, block_size):
     gen = torch.Generator(device="cuda").manual_seed(hash((d, hq, hk, block_size, len(ctx_lens))) % 2**31)
@@ -75,7 +77,7 @@ def test_decode_attention_matches_reference(mod, dtype, d, hq, hk, ctx_lens, blo
     args = (tables, lens, qsl, 1, max(ctx_lens), scale)
     ref32 = reference.paged_attention(q.float(), kc.float(), vc.float(), *args)
     ref16 = reference.paged_attention(q, kc, vc, *args)
-    for splits in (0, 1, 3):
+    for splits in (0, 1, 3, 7):
         out = torch.full_like(q, float("nan"))
         mod.decode_attention(out, q, kc, vc, tables, lens, scale, splits, max(ctx_lens))
         torch.cuda.synchronize()

@@ -85,6 +85,25 @@ def kernel_breakdown(llm: LLM, batch: int, prompt_len: int = 256, steps: int = 5
                 kernels=[dict(name=k[:90], ms_per_step=ms, calls_per_step=c) for k, ms, c in rows[:15]])
 
 
+def prefill_breakdown(llm: LLM, prompt_len: int = 2048, reps: int = 3) -> dict:
+    """GPU time of one prefill (TTFT request) by kernel, to show where time to first token goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rng = random.Random(prompt_len + 1)
+    prompts = [[rng.randrange(1000, 30000) for _ in range(prompt_len)] for _ in range(reps + 1)]
+    llm.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=1))
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for p in prompts[1:]:
+            llm.generate([p], SamplingParams(temperature=0, max_tokens=1))
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / reps / 1e3, e.count // reps) for e in prof.key_averages()
+            if e.device_time_total > 0]
+    rows.sort(key=lambda r: -r[1])
+    return dict(prompt_len=prompt_len, gpu_ms=sum(r[1] for r in rows),
+                kernels=[dict(name=k[:90], ms=ms, calls=c) for k, ms, c in rows[:15]])
+
+
 def ttft_ms(llm: LLM, prompt_len: int, reps: int = 5) -> float:
     rng = random.Random(prompt_len)
     times = []
@@ -229,9 +248,13 @@ def main(argv=None) -> int:
         decode.append(dict(batch=b, context=256, step_ms=ms, roofline_ms=floor, out_tok_s=b / ms * 1e3))
         log(f"decode llama3-8b bs{b}: {ms:.2f} ms/step (floor {floor:.2f} ms)")
     breakdown = [kernel_breakdown(llm, b) for b in (1, 64)] if "breakdown" in parts else []
-    for bd in breakdown:
+    for bd in breakdown:  # decode steps
         log(f"bs{bd['batch']}: wall {bd['wall_ms']:.2f} ms/step, GPU {bd['gpu_ms']:.2f} ms; top: " +
             ", ".join(f"{k['name'][:40]} {k['ms_per_step']:.2f}" for k in bd["kernels"][:6]))
+    pb = prefill_breakdown(llm) if "breakdown" in parts else None
+    if pb:
+        log(f"prefill {pb['prompt_len']}: GPU {pb['gpu_ms']:.2f} ms; " +
+            ", ".join(f"{k['name'][:50]} {k['ms']:.2f} ({k['calls']})" for k in pb["kernels"][:12]))
     prefill = []
     for n in (1024, 2048, 4096, 8192) if "ttft" in parts else ():
         ms = ttft_ms(llm, n)
@@ -256,6 +279,7 @@ def main(argv=None) -> int:
                      ttft_llama3_8b_2k_ms=next(p["ttft_ms"] for p in prefill if p["prompt_len"] == 2048),
                      offline_qwen3_8b_out_tok_s=q8["output_tok_s"], offline_nanovllm_protocol_out_tok_s=nv["output_tok_s"]),
         decode_llama3_8b=decode, decode_llama3_8b_breakdown=breakdown, prefill_llama3_8b=prefill,
+        prefill_llama3_8b_breakdown=pb,
         offline_qwen3_8b=q8, offline_nanovllm_protocol=nv,
         provenance=provenance("pdcli.benchmarks.engine", argv, quick=args.quick))
     path = write(args.out, f"engine_{device_slug()}", res)

@@ -221,7 +221,7 @@ void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
   const int64_t B = q.size(0), Hq = q.size(1), Hk = k_cache.size(2), D = q.size(2);
   check_table(q, block_tables, context_lens, B, op);
   const int64_t G = Hq / Hk;
-  TORCH_CHECK(G == 1 || G == 2 || G == 4 || G == 8, op, ": query heads per kv head must be 1, 2, 4 or 8, got ", num(G));
+  TORCH_CHECK(G >= 1 && G <= 8, op, ": query heads per kv head must be 1 to 8, got ", num(G));
   if (B == 0) return;
   const c10::cuda::CUDAGuard guard(q.device());
   int64_t splits = num_splits > 0 ? num_splits : decode_attention_num_splits(B * Hk, max_context_len, D, G);
@@ -269,6 +269,8 @@ void prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("store_kvcache", &store_kvcache, "write new K/V rows into their cache slots");
   m.def("decode_attention", &decode_attention, "paged GQA decode attention, split-KV");
+  m.def("decode_attention_num_splits", &decode_attention_num_splits,
+        "split-KV count decode_attention picks for (batch * kv heads, max context, head_dim, group)");
   m.def("prefill_attention", &prefill_attention, "paged varlen causal prefill attention");
   m.def("rms_norm", &rms_norm, "RMSNorm");
   m.def("fused_add_rms_norm", &fused_add_rms_norm, "residual add + RMSNorm, in place");

@@ -1,26 +1,42 @@
-// Paged GQA decode attention (one query token per sequence), split-KV with a log-sum-exp merge.
+// Paged GQA decode attention (one query token per sequence) on tensor cores, split-KV with a
+// log-sum-exp merge.
 //
-// CTA = (kv split, kv head, sequence). All G query heads of the kv head live in the CTA, so each
-// K/V row is read from HBM exactly once. A K/V row of one head is D * 2 bytes; LPR = D / 8 lanes
-// hold 16 bytes of it each, so a warp covers RPW = 32 / LPR rows per step. Every lane keeps its
-// 8-element slice of the G query vectors and of the G output accumulators in registers, loads
-// K/V with 16-byte streaming loads (UNROLL rows in flight per lane), reduces q.k across its LPR
-// lanes with shuffles and runs an online softmax in the exp2 domain with fp32 state.
+// CTA = (kv split, kv head, sequence), kWarps warps. The G <= 8 query heads of the kv head are rows
+// 0..G-1 of a 16-row mma.sync A operand (rows G..15 are zero), so S = Q K^T and O += P V run on tensor
+// cores and every K/V row is read from HBM once. Warp w owns keys [16w, 16w + 16) of every tile of
+// kBlockN = 16 * kWarps keys: it gathers them through the block table with 16-byte cp.async into its
+// rows of a kStages-deep shared-memory ring (swizzled as in mma.cuh) and keeps its own online softmax
+// (exp2 domain, fp32 state), so warps never wait for each other inside the loop. Their states are
+// merged through shared memory at the end, the splits' by a second kernel.
 #include <c10/cuda/CUDAException.h>
 
 #include <algorithm>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 #include "common.cuh"
+#include "mma.cuh"
 
 namespace {
 
 using namespace pdcli;
 
 constexpr int kWarps = 4;
-constexpr int kUnroll = 4;  // rows per lane per tile; two tiles in flight
+constexpr int kThreads = kWarps * 32;
+constexpr int kBlockN = 16 * kWarps;  // keys per tile
+constexpr int kStages = 3;  // 2 tiles in flight per CTA; 2 CTAs per SM (96 KB of shared memory each at D = 128)
+constexpr int kMaxGroup = 8;
 
-template <typename T, int D, int G>
-__global__ void __launch_bounds__(kWarps * 32)
+template <int D>
+constexpr int smem_bytes() {
+  constexpr int ring = 2 * kStages * kBlockN * D * 2;                 // K and V stages
+  constexpr int merge = kWarps * kMaxGroup * (D + 2) * 4;              // per-warp O, max, sum (fp32)
+  return ring > merge ? ring : merge;
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 2)
 decode_attention_kernel(T* __restrict__ out,              // [B, Hq, D]
                         float* __restrict__ part_o,       // [B, Hq, S, D] when S > 1
                         float* __restrict__ part_lse,     // [B, Hq, S] (log2 domain)
@@ -29,136 +45,186 @@ decode_attention_kernel(T* __restrict__ out,              // [B, Hq, D]
                         const T* __restrict__ v_cache,
                         const int* __restrict__ block_tables,  // [B, W]
                         const int* __restrict__ context_lens,  // [B]
-                        int table_width, int block_size, int num_kv_heads, int64_t q_stride, float scale_log2) {
-  constexpr int LPR = D / 8;
-  constexpr int RPW = 32 / LPR;
-  constexpr int ROWS = kWarps * RPW;  // row groups in the CTA
+                        int table_width, int block_shift, int num_kv_heads, int group, int64_t q_stride,
+                        float scale_log2) {
+  constexpr int kChunks = D / 8, kRowBytes = D * 2, BN = kBlockN;
+  constexpr int kTileBytes = BN * kRowBytes;
+  constexpr int kRowPasses = 4;               // a warp's 16 rows, 4 per sweep (8 lanes per 128-byte run)
+  constexpr int kChunkHi = kChunks / 8;
+  constexpr int DT = D / 8;                    // n8 tiles of O
+  extern __shared__ __align__(128) unsigned char smem[];
+  const uint32_t sK = smem_u32(smem);          // [kStages][BN, D]
+  const uint32_t sV = sK + kStages * kTileBytes;
+
   const int split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
   const int num_splits = gridDim.x;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int r = lane / LPR, c = lane % LPR;
-  const int group = warp * RPW + r;
-  const int num_heads = num_kv_heads * G;
+  const int num_heads = num_kv_heads * group;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;      // mma fragment row (query head) and column pair
 
   const int ctx = context_lens[b];
-  const int per_split = (ctx + num_splits - 1) / num_splits;
-  const int start = split * per_split;
+  const int per_split = ((ctx + num_splits - 1) / num_splits + BN - 1) / BN * BN;  // whole tiles
+  const int start = min(ctx, split * per_split);
   const int end = min(ctx, start + per_split);
+  const int n_tiles = (end - start + BN - 1) / BN;
 
-  float qf[G][8], o[G][8], m[G], l[G];
-#pragma unroll
-  for (int h = 0; h < G; ++h) {
-    to_float8<T>(*reinterpret_cast<const uint4*>(q + b * q_stride + (kvh * G + h) * D + c * 8), qf[h]);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      qf[h][i] *= scale_log2;
-      o[h][i] = 0.f;
-    }
-    m[h] = -INFINITY;
-    l[h] = 0.f;
-  }
-
+  // ---- K/V gather: key j is D contiguous elements at slot * Hk * D + kvh * D, slot from the block table.
+  //      Lane copies rows kv_row + 4i of the tile (its warp's), chunks c_lo + 8h. ----
   const int* table = block_tables + int64_t(b) * table_width;
-  const int64_t row_stride = int64_t(num_kv_heads) * D;
-  const int64_t head_off = int64_t(kvh) * D + c * 8;
-
-  // software pipeline: the loads of tile i + 1 are in flight while tile i is computed
-  uint4 kr[kUnroll], vr[kUnroll];
-  auto load_tile = [&](int base) {
+  const int block_mask = (1 << block_shift) - 1;
+  const int64_t slot_stride = int64_t(num_kv_heads) * D;
+  const int kv_row = warp * 16 + (lane >> 3), c_lo = lane & 7;
+  const T* k_head = k_cache + int64_t(kvh) * D + c_lo * 8;
+  const T* v_head = v_cache + int64_t(kvh) * D + c_lo * 8;
+  int slot[kRowPasses];  // slots of this thread's rows of the next tile to issue (-1: past end)
+  auto slots_of = [&](int tile) {
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int key = base + u * ROWS + group;
-      if (key < end) {
-        const int64_t off = (int64_t(table[key / block_size]) * block_size + key % block_size) * row_stride + head_off;
-        kr[u] = ld_stream(k_cache + off);
-        vr[u] = ld_stream(v_cache + off);
-      } else {
-        kr[u] = make_uint4(0, 0, 0, 0);
-        vr[u] = make_uint4(0, 0, 0, 0);
+    for (int i = 0; i < kRowPasses; ++i) {
+      const int key = start + tile * BN + kv_row + 4 * i;
+      slot[i] = key < end ? (__ldg(table + (key >> block_shift)) << block_shift) + (key & block_mask) : -1;
+    }
+  };
+  auto issue = [&](int stage) {
+#pragma unroll
+    for (int i = 0; i < kRowPasses; ++i) {
+      const bool valid = slot[i] >= 0;
+      const int64_t off = valid ? slot[i] * slot_stride : 0;
+      const int row = kv_row + 4 * i;
+      const uint32_t dst = stage * kTileBytes + (row * D + ((c_lo ^ (row & 7)) << 3)) * 2;
+#pragma unroll
+      for (int h = 0; h < kChunkHi; ++h) {
+        cp_async_16(sK + dst + h * 128, k_head + off + h * 64, valid);
+        cp_async_16(sV + dst + h * 128, v_head + off + h * 64, valid);
       }
     }
   };
-  load_tile(start);
-  for (int base = start; base < end; base += ROWS * kUnroll) {
-    uint4 kc[kUnroll], vc[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      kc[u] = kr[u];
-      vc[u] = vr[u];
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < n_tiles) {
+      slots_of(s);
+      issue(s);
     }
-    if (base + ROWS * kUnroll < end) load_tile(base + ROWS * kUnroll);
-    float s[kUnroll][G];
+    cp_async_commit();  // group s: tile s (maybe empty)
+  }
+  if (kStages - 1 < n_tiles) slots_of(kStages - 1);
+
+  // ---- Q as A fragments: a0 = Q[g][16kk + 2t, +1], a2 = Q[g][16kk + 8 + 2t, +1]; a1, a3 (rows 8..15) are 0 ----
+  uint32_t qa[D / 16][2];
+  {
+    const T* qrow = q + int64_t(b) * q_stride + int64_t(kvh * group + g) * D + 2 * t;
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      float kf[8];
-      to_float8<T>(kc[u], kf);
-#pragma unroll
-      for (int h = 0; h < G; ++h) {
-        float acc = 0.f;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc = fmaf(qf[h][i], kf[i], acc);
-#pragma unroll
-        for (int off = LPR / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-        s[u][h] = (base + u * ROWS + group < end) ? acc : -INFINITY;
-      }
-    }
-#pragma unroll
-    for (int h = 0; h < G; ++h) {
-      float mx = m[h];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) mx = fmaxf(mx, s[u][h]);
-      const float ref = mx == -INFINITY ? 0.f : mx;  // no key seen yet: keep everything at 0
-      const float alpha = exp2f(m[h] - ref);
-      m[h] = mx;
-      l[h] *= alpha;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) o[h][i] *= alpha;
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) s[u][h] = exp2f(s[u][h] - ref);
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      float vf[8];
-      to_float8<T>(vc[u], vf);
-#pragma unroll
-      for (int h = 0; h < G; ++h) {
-        l[h] += s[u][h];
-#pragma unroll
-        for (int i = 0; i < 8; ++i) o[h][i] = fmaf(s[u][h], vf[i], o[h][i]);
-      }
+    for (int kk = 0; kk < D / 16; ++kk) {
+      qa[kk][0] = g < group ? *reinterpret_cast<const uint32_t*>(qrow + kk * 16) : 0u;
+      qa[kk][1] = g < group ? *reinterpret_cast<const uint32_t*>(qrow + kk * 16 + 8) : 0u;
     }
   }
 
-  // merge the ROWS partial states of the CTA through shared memory
-  __shared__ float sm_m[ROWS][G], sm_l[ROWS][G];
-  __shared__ float sm_o[ROWS][G][D];
-  if (c == 0) {
+  float o[DT][4];  // O[g][dt * 8 + 2t, +1] in [dt][0..1]; [dt][2..3] are rows 8..15 (unused)
 #pragma unroll
-    for (int h = 0; h < G; ++h) {
-      sm_m[group][h] = m[h];
-      sm_l[group][h] = l[h];
+  for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[dt][e] = 0.f;
+  float m_run = -INFINITY;  // running max of raw scores of row g
+  float l_run = 0.f;        // this lane's share of the row's sum of exp2 (quad-reduced at the end)
+  uint32_t frag[4];
+  ldmatrix_offsets<kRowBytes>(frag, lane);
+
+  for (int n = 0; n < n_tiles; ++n) {
+    cp_async_wait<kStages - 2>();  // tile n has landed (this lane's copies) ...
+    __syncwarp();                  // ... and the warp's; the warp is done with tile n - 1's stage
+    const int ahead = n + kStages - 1;
+    if (ahead < n_tiles) {
+      issue(ahead % kStages);
+      if (ahead + 1 < n_tiles) slots_of(ahead + 1);  // the table reads land while this tile computes
+    }
+    cp_async_commit();
+
+    const uint32_t stage = (n % kStages) * kTileBytes + warp * 16 * kRowBytes;
+    float s[2][4];  // S[g][key 2t, 2t+1] of keys 16w + [0, 8) and [8, 16) in [.][0..1]
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t kb[4];
+      ldmatrix_x4(kb, sK + stage + frag[kk & 3] + (kk >> 2) * 128);
+      const uint32_t a[4] = {qa[kk][0], 0u, qa[kk][1], 0u};
+      mma_16816<T>(s[0], a, kb[0], kb[2]);
+      mma_16816<T>(s[1], a, kb[1], kb[3]);
+    }
+    const int room = end - (start + n * BN + warp * 16 + 2 * t);  // keys past end are masked
+    float mx = m_run;
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        if (j * 8 + e >= room) s[j][e] = -INFINITY;
+        mx = fmaxf(mx, s[j][e]);
+      }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;  // avoids (-inf) - (-inf)
+    const float corr = exp2f(m_run * scale_log2 - m_scaled);
+    m_run = mx;
+    l_run *= corr;
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+      o[dt][0] *= corr;
+      o[dt][1] *= corr;
+    }
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        s[j][e] = exp2f(fmaf(s[j][e], scale_log2, -m_scaled));
+        l_run += s[j][e];
+      }
+    const uint32_t pa[4] = {pack2<T>(s[0][0], s[0][1]), 0u, pack2<T>(s[1][0], s[1][1]), 0u};
+#pragma unroll
+    for (int dj = 0; dj < D / 16; ++dj) {
+      uint32_t vb[4];
+      ldmatrix_x4_trans(vb, sV + stage + frag[dj & 3] + (dj >> 2) * 128);
+      mma_16816<T>(o[2 * dj], pa, vb[0], vb[1]);
+      mma_16816<T>(o[2 * dj + 1], pa, vb[2], vb[3]);
     }
   }
+  cp_async_wait<0>();
+  __syncthreads();  // the ring is free: reuse it for the merge
+
+  // ---- merge the warps' states through shared memory ----
+  float* sm_o = reinterpret_cast<float*>(smem);          // [kWarps][kMaxGroup][D]
+  float* sm_m = sm_o + kWarps * kMaxGroup * D;           // [kWarps][kMaxGroup], scaled max (log2 domain)
+  float* sm_l = sm_m + kWarps * kMaxGroup;               // [kWarps][kMaxGroup]
+  l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
+  l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
+  if (g < group) {
+    if (t == 0) {
+      sm_m[warp * kMaxGroup + g] = m_run == -INFINITY ? -INFINITY : m_run * scale_log2;
+      sm_l[warp * kMaxGroup + g] = l_run;
+    }
+    float* row = sm_o + (warp * kMaxGroup + g) * D + 2 * t;
 #pragma unroll
-  for (int h = 0; h < G; ++h)
-#pragma unroll
-    for (int i = 0; i < 8; ++i) sm_o[group][h][c * 8 + i] = o[h][i];
+    for (int dt = 0; dt < DT; ++dt) {
+      row[dt * 8] = o[dt][0];
+      row[dt * 8 + 1] = o[dt][1];
+    }
+  }
   __syncthreads();
-
-  for (int idx = threadIdx.x; idx < G * D; idx += blockDim.x) {
+  for (int idx = tid; idx < group * D; idx += kThreads) {
     const int h = idx / D, d = idx % D;
     float mx = -INFINITY;
 #pragma unroll
-    for (int g = 0; g < ROWS; ++g) mx = fmaxf(mx, sm_m[g][h]);
+    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, sm_m[w * kMaxGroup + h]);
     const float ref = mx == -INFINITY ? 0.f : mx;
     float sum = 0.f, acc = 0.f;
 #pragma unroll
-    for (int g = 0; g < ROWS; ++g) {
-      const float w = exp2f(sm_m[g][h] - ref);
-      sum += sm_l[g][h] * w;
-      acc += sm_o[g][h][d] * w;
+    for (int w = 0; w < kWarps; ++w) {
+      const float wt = exp2f(sm_m[w * kMaxGroup + h] - ref);
+      sum += sm_l[w * kMaxGroup + h] * wt;
+      acc += sm_o[(w * kMaxGroup + h) * D + d] * wt;
     }
-    const int head = kvh * G + h;
+    const int head = kvh * group + h;
     const float val = sum > 0.f ? acc / sum : 0.f;
     if (num_splits == 1) {
       out[int64_t(b) * num_heads * D + head * D + d] = from_float<T>(val);
@@ -199,19 +265,25 @@ struct DecodeArgs {
   const void* v_cache;
   const int* block_tables;
   const int* context_lens;
-  int batch, num_heads, num_kv_heads, table_width, block_size, splits;
+  int batch, num_heads, num_kv_heads, table_width, block_shift, splits;
   int64_t q_stride;
   float scale_log2;
   cudaStream_t stream;
 };
 
-template <typename T, int D, int G>
+template <typename T, int D>
 void launch(const DecodeArgs& a) {
-  dim3 grid(a.splits, a.num_kv_heads, a.batch);
-  decode_attention_kernel<T, D, G><<<grid, kWarps * 32, 0, a.stream>>>(
+  auto kernel = decode_attention_kernel<T, D>;
+  static const bool attr_set = [&] {  // once per instantiation (the attribute is per function, all devices)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes<D>()));
+    return true;
+  }();
+  (void)attr_set;
+  const dim3 grid(a.splits, a.num_kv_heads, a.batch);
+  kernel<<<grid, kThreads, smem_bytes<D>(), a.stream>>>(
       static_cast<T*>(a.out), a.part_o, a.part_lse, static_cast<const T*>(a.q), static_cast<const T*>(a.k_cache),
-      static_cast<const T*>(a.v_cache), a.block_tables, a.context_lens, a.table_width, a.block_size, a.num_kv_heads,
-      a.q_stride, a.scale_log2);
+      static_cast<const T*>(a.v_cache), a.block_tables, a.context_lens, a.table_width, a.block_shift, a.num_kv_heads,
+      a.num_heads / a.num_kv_heads, a.q_stride, a.scale_log2);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (a.splits > 1) {
     merge_splits_kernel<T, D><<<a.batch * a.num_heads, D, 0, a.stream>>>(static_cast<T*>(a.out), a.part_o,
@@ -220,29 +292,27 @@ void launch(const DecodeArgs& a) {
   }
 }
 
-template <typename T, int D>
-void dispatch_group(int G, const DecodeArgs& a) {
-  switch (G) {
-    case 1: return launch<T, D, 1>(a);
-    case 2: return launch<T, D, 2>(a);
-    case 4: return launch<T, D, 4>(a);
-    default: return launch<T, D, 8>(a);
-  }
-}
-
-// CTAs of the decode kernel that fit on the GPU at once.
-int resident_ctas(int D, int G) {
-  int per_sm = 0;
-  const void* fn = nullptr;
-#define PDCLI_FN(DD, GG) if (D == DD && G == GG) fn = (const void*)decode_attention_kernel<__nv_bfloat16, DD, GG>;
-  PDCLI_FN(64, 1) PDCLI_FN(64, 2) PDCLI_FN(64, 4) PDCLI_FN(64, 8)
-  PDCLI_FN(128, 1) PDCLI_FN(128, 2) PDCLI_FN(128, 4) PDCLI_FN(128, 8)
-#undef PDCLI_FN
-  if (fn) C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, kWarps * 32, 0));
-  int device = 0, sms = 1;
+// CTAs of the decode kernel that fit on the GPU at once (queried once per device and head_dim).
+int resident_ctas(int D) {
+  int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
+  static std::mutex mu;
+  static std::map<std::tuple<int, int>, int> cache;
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_tuple(device, D);
+  if (auto it = cache.find(key); it != cache.end()) return it->second;
+  int per_sm = 0, sms = 1;
+  if (D == 128) {
+    auto fn = decode_attention_kernel<__nv_bfloat16, 128>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes<128>()));
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, kThreads, smem_bytes<128>()));
+  } else {
+    auto fn = decode_attention_kernel<__nv_bfloat16, 64>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes<64>()));
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, kThreads, smem_bytes<64>()));
+  }
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return std::max(1, per_sm) * sms;
+  return cache[key] = std::max(1, per_sm) * sms;
 }
 
 // Splits per (sequence, kv head): enough CTAs to fill the GPU, with the last wave as full as possible,
@@ -268,20 +338,22 @@ int choose_num_splits(int64_t num_items, int64_t max_context_len, int resident) 
 }  // namespace
 
 int decode_attention_num_splits(int64_t num_items, int64_t max_context_len, int head_dim, int group) {
-  return choose_num_splits(num_items, max_context_len, resident_ctas(head_dim, group));
+  (void)group;
+  return choose_num_splits(num_items, max_context_len, resident_ctas(head_dim));
 }
 
-// Inputs are validated by the caller (bindings.cpp): head_dim 64 | 128, group 1 | 2 | 4 | 8.
+// Inputs are validated by the caller (bindings.cpp): head_dim 64 | 128, 1 <= group <= 8, block_size a power of 2.
 void launch_decode_attention(void* out, float* part_o, float* part_lse, const void* q, const void* k_cache,
                              const void* v_cache, const int* block_tables, const int* context_lens, int batch,
                              int num_heads, int num_kv_heads, int head_dim, int table_width, int block_size,
                              int splits, int64_t q_stride, float scale, bool bf16, cudaStream_t stream) {
+  int shift = 0;
+  while ((1 << shift) < block_size) ++shift;
   const DecodeArgs a{out, part_o, part_lse, q, k_cache, v_cache, block_tables, context_lens, batch, num_heads,
-                     num_kv_heads, table_width, block_size, splits, q_stride, scale * 1.4426950408889634f, stream};
-  const int G = num_heads / num_kv_heads;
+                     num_kv_heads, table_width, shift, splits, q_stride, scale * 1.4426950408889634f, stream};
   if (bf16) {
-    if (head_dim == 128) dispatch_group<__nv_bfloat16, 128>(G, a); else dispatch_group<__nv_bfloat16, 64>(G, a);
+    if (head_dim == 128) launch<__nv_bfloat16, 128>(a); else launch<__nv_bfloat16, 64>(a);
   } else {
-    if (head_dim == 128) dispatch_group<__half, 128>(G, a); else dispatch_group<__half, 64>(G, a);
+    if (head_dim == 128) launch<__half, 128>(a); else launch<__half, 64>(a);
   }
 }

@@ -36,6 +36,23 @@ def time_us(fn, iters: int = 30, warmup: int = 5) -> float:
     return statistics.median(times)
 
 
+def graph_us(fns, calls: int = 10) -> float:
+    """Per-call time of `calls` back-to-back calls replayed from one CUDA graph (as decode runs in the engine),
+    cycling through `fns` so that inputs larger than L2 together are not re-read from it."""
+    for fn in fns:
+        fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    return time_us(graph.replay) / calls
+
+
+def copies_past_l2(nbytes: int) -> int:
+    """How many copies of an input of `nbytes` make a cycle over 256 MB (H100/H200 L2 is 50-60 MB)."""
+    return max(1, -(-256 * 2**20 // nbytes))
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy, bytes read + written per second."""
     x = torch.randn(2**29 // 2, device="cuda", dtype=torch.bfloat16)  # 0.5 GiB... x2 below
@@ -56,12 +73,13 @@ def rel_err(x, ref) -> float:
     return ((x.float() - ref).norm() / ref.norm()).item()
 
 
-def make_paged(batch: int, ctx: int, hk: int, d: int, block_size: int, dtype, gen):
-    """Random K/V of `batch` sequences of `ctx` tokens, in a paged cache with shuffled blocks, and contiguous."""
+def make_paged(batch: int, ctx: int, hk: int, d: int, block_size: int, dtype, gen, shuffle: bool = True):
+    """Random K/V of `batch` sequences of `ctx` tokens, in a paged cache (blocks shuffled: a fragmented pool;
+    else each sequence's blocks in order), and contiguous."""
     nb = -(-ctx // block_size)
     k = torch.randn(batch, hk, nb * block_size, d, generator=gen, device="cuda", dtype=dtype)
     v = torch.randn(batch, hk, nb * block_size, d, generator=gen, device="cuda", dtype=dtype)
-    perm = torch.randperm(batch * nb, generator=gen, device="cuda")
+    perm = torch.randperm(batch * nb, generator=gen, device="cuda") if shuffle else torch.arange(batch * nb, device="cuda")
     kc = torch.empty(batch * nb, block_size, hk, d, device="cuda", dtype=dtype)
     vc = torch.empty_like(kc)
     kc[perm] = k.view(batch, hk, nb, block_size, d).permute(0, 2, 3, 1, 4).reshape(batch * nb, block_size, hk, d)
@@ -70,21 +88,32 @@ def make_paged(batch: int, ctx: int, hk: int, d: int, block_size: int, dtype, ge
     return kc, vc, tables, k[:, :, :ctx], v[:, :, :ctx]
 
 
-def bench_decode(mod, batch, ctx, hq=32, hk=8, d=128, block_size=16, dtype=torch.bfloat16, copy_bw=None):
+def bench_decode(mod, batch, ctx, hq=32, hk=8, d=128, block_size=16, dtype=torch.bfloat16, copy_bw=None,
+                 num_splits=0, shuffle=True):
+    """Paged decode attention (num_splits 0: the kernel's own choice) against SDPA on a contiguous cache,
+    both timed from CUDA graphs."""
     gen = torch.Generator(device="cuda").manual_seed(batch * 7919 + ctx)
-    kc, vc, tables, k, v = make_paged(batch, ctx, hk, d, block_size, dtype, gen)
+    kc, vc, tables, k, v = make_paged(batch, ctx, hk, d, block_size, dtype, gen, shuffle)
     q = torch.randn(batch, hq, d, generator=gen, device="cuda", dtype=dtype)
     lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
     scale = d ** -0.5
     out = torch.full_like(q, float("nan"))
-    mod.decode_attention(out, q, kc, vc, tables, lens, scale, 0, ctx)
+    mod.decode_attention(out, q, kc, vc, tables, lens, scale, num_splits, ctx)
     sdpa = lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale, enable_gqa=True)  # noqa: E731
     ref32 = F.scaled_dot_product_attention(q[:, :, None].float(), k.float(), v.float(), scale=scale, enable_gqa=True)[:, :, 0]
     err, sdpa_err = rel_err(out, ref32), rel_err(sdpa()[:, :, 0], ref32)
-    us = time_us(lambda: mod.decode_attention(out, q, kc, vc, tables, lens, scale, 0, ctx))
-    sdpa_us = time_us(sdpa)
     nbytes = 2 * batch * ctx * hk * d * dtype.itemsize + 2 * q.numel() * q.element_size()
-    row = dict(batch=batch, ctx=ctx, hq=hq, hk=hk, head_dim=d, block_size=block_size, dtype=str(dtype), us=us,
+    n = copies_past_l2(nbytes)
+    caches = [(kc, vc)] + [(kc.clone(), vc.clone()) for _ in range(n - 1)]
+    conts = [(k, v)] + [(k.clone(), v.clone()) for _ in range(n - 1)]
+    us = graph_us([lambda c=c: mod.decode_attention(out, q, c[0], c[1], tables, lens, scale, num_splits, ctx)
+                   for c in caches])
+    sdpa_us = graph_us([lambda c=c: F.scaled_dot_product_attention(q[:, :, None], c[0], c[1], scale=scale,
+                                                                   enable_gqa=True) for c in conts])
+    del caches, conts
+    row = dict(batch=batch, ctx=ctx, hq=hq, hk=hk, head_dim=d, block_size=block_size, dtype=str(dtype),
+               blocks="shuffled" if shuffle else "in order", num_splits=mod.decode_attention_num_splits(
+                   batch * hk, ctx, d, hq // hk) if num_splits == 0 else num_splits, us=us,
                gb_s=nbytes / us / 1e3, sdpa_contiguous_us=sdpa_us, rel_err=err, sdpa_rel_err=sdpa_err,
                correct=bool(err <= 2 * sdpa_err + 1e-3 and not out.isnan().any()))
     if copy_bw:
@@ -127,16 +156,9 @@ def bench_gemv(mod, m, name, dtype=torch.bfloat16, copy_bw=None):
     row = dict(m=m, linear=name, n=n, k=k, rel_err=rel_err(y, ref32), torch_rel_err=rel_err(F.linear(x, w), ref32))
     row["correct"] = bool(row["rel_err"] <= 2 * row["torch_rel_err"] + 1e-6)
     nbytes = w.numel() * w.element_size()
-    ws = [w] + [w.clone() for _ in range(-(-256 * 2**20 // nbytes) - 1)]  # cycle > 256 MB: no L2 reuse
-    timings = {}
-    for label, fn in (("us", lambda wi: mod.gemv(y, x, wi, None)), ("cublas_us", lambda wi: F.linear(x, wi))):
-        fn(w)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for i in range(10):
-                fn(ws[i % len(ws)])
-        timings[label] = time_us(graph.replay) / 10
-    row.update(timings)
+    ws = [w] + [w.clone() for _ in range(copies_past_l2(nbytes) - 1)]
+    row["us"] = graph_us([lambda wi=wi: mod.gemv(y, x, wi, None) for wi in ws])
+    row["cublas_us"] = graph_us([lambda wi=wi: F.linear(x, wi) for wi in ws])
     row["gb_s"], row["cublas_gb_s"] = nbytes / row["us"] / 1e3, nbytes / row["cublas_us"] / 1e3
     if copy_bw:
         row["frac_copy_bw"] = nbytes / (row["us"] * 1e-6) / copy_bw
@@ -167,11 +189,23 @@ def bench_prefill(mod, seq_len, hq=32, hk=8, d=128, block_size=16, dtype=torch.b
     return row
 
 
+DECODE_SHAPES = [(64, 4096), (1, 32768), (1, 4096), (8, 4096), (32, 4096), (128, 2048), (256, 1024)]  # (batch, ctx)
+
+
+def print_decode(r: dict) -> None:
+    print(f"decode B={r['batch']:>3} ctx={r['ctx']:>5} {r['dtype']:>14} {r['blocks']:>8} blocks, "
+          f"splits={r['num_splits']}: {r['us']:8.1f} us  {r['gb_s']:7.0f} GB/s ({r.get('frac_copy_bw', 0):.1%} of copy)  "
+          f"sdpa {r['sdpa_contiguous_us']:8.1f} us  correct={r['correct']}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="results")
     ap.add_argument("--prefill-only", action="store_true", help="time the prefill kernel alone (no JSON)")
     ap.add_argument("--gemv-only", action="store_true", help="time the skinny matmul alone (no JSON)")
+    ap.add_argument("--decode-only", action="store_true", help="time decode attention alone (no JSON)")
+    ap.add_argument("--splits", default="0", help="with --decode-only: comma list of split-KV counts to time "
+                                                  "(0: the kernel's own choice)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: the kernel benchmark needs a CUDA GPU", file=sys.stderr)
@@ -188,16 +222,20 @@ def main(argv=None) -> int:
                   f"{r['cublas_us']:7.1f} us {r['cublas_gb_s']:6.0f} GB/s correct={r['correct']}")
         return 0
     copy_bw, mm = copy_bandwidth(), matmul_rate()
+    if args.decode_only:
+        for b, c in DECODE_SHAPES:
+            for splits in (int(x) for x in args.splits.split(",")):
+                print_decode(bench_decode(mod, b, c, copy_bw=copy_bw, num_splits=splits))
+        return 0
     print(f"{torch.cuda.get_device_name()}: copy {copy_bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s")
-    decode = [bench_decode(mod, b, c, copy_bw=copy_bw) for b, c in
-              [(64, 4096), (1, 32768), (1, 4096), (8, 4096), (32, 4096), (128, 2048), (256, 1024)]]
+    decode = [bench_decode(mod, b, c, copy_bw=copy_bw) for b, c in DECODE_SHAPES]
     decode.append(bench_decode(mod, 64, 4096, dtype=torch.float16, copy_bw=copy_bw))
+    decode.append(bench_decode(mod, 64, 4096, copy_bw=copy_bw, shuffle=False))
     store = [bench_store(mod, n) for n in (64, 512, 4096, 16384)]
     prefill = [bench_prefill(mod, n) for n in (2048, 8192)]
     gemv = [bench_gemv(mod, m, name, copy_bw=copy_bw) for m in (1, 4) for name in GEMV_SHAPES]
     for r in decode:
-        print(f"decode B={r['batch']:>3} ctx={r['ctx']:>5} {r['dtype']:>14}: {r['us']:8.1f} us  {r['gb_s']:7.0f} GB/s "
-              f"({r.get('frac_copy_bw', 0):.0%} of copy)  sdpa {r['sdpa_contiguous_us']:8.1f} us  correct={r['correct']}")
+        print_decode(r)
     for r in store:
         print(f"store {r['num_tokens']:>6} tokens: {r['us']:7.1f} us {r['gb_s']:7.0f} GB/s correct={r['correct']}")
     for r in prefill:
@@ -206,7 +244,7 @@ def main(argv=None) -> int:
     for r in gemv:
         print(f"gemv m={r['m']} {r['linear']:>8}: ours {r['us']:7.1f} us {r['gb_s']:6.0f} GB/s  cublas "
               f"{r['cublas_us']:7.1f} us {r['cublas_gb_s']:6.0f} GB/s correct={r['correct']}")
-    d64 = next(r for r in decode if r["batch"] == 64 and r["ctx"] == 4096)
+    d64 = decode[0]  # bf16, shuffled blocks
     d1 = next(r for r in decode if r["batch"] == 1 and r["ctx"] == 32768)
     p8 = next(r for r in prefill if r["seq_len"] == 8192)
     result = dict(

@@ -16,6 +16,9 @@ class Context:
     max_context_len: int
     logits_indices: torch.Tensor  # [num_samples] int64, rows of the hidden states to turn into logits
     num_splits: int = 0  # decode split-KV factor; 0 = chosen by the kernel from the grid size
+    # The last layer runs only the rows in logits_indices (each its sequence's last new token) past its
+    # K/V store: their attention is a decode row per sequence, with this metadata. None: every row.
+    last_layer: Context | None = None
 
     @property
     def is_decode(self) -> bool:

@@ -30,15 +30,17 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.k_cache = self.v_cache = torch.empty(0)  # [num_blocks, block_size, Hk, D], set by the runner
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        # x [T, hidden]
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, hidden] -> [T, hidden]; with keep (row indices), every row's K/V is stored but only the kept
+        rows attend and come out: [len(keep), hidden]."""
         ctx = get_context()
-        n = x.shape[0]
         norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else (None, None, 0.0)
         q = ops.qkv_rope_store(self.qkv_proj(x), positions, self.rotary.cos, self.rotary.sin, *norms, self.k_cache,
                                self.v_cache, ctx.slot_mapping, self.num_heads)
+        if keep is not None:
+            q, ctx = q[keep], ctx.last_layer
         o = ops.attention(q, self.k_cache, self.v_cache, ctx, self.scale)
-        return self.o_proj(o.reshape(n, self.num_heads * self.head_dim))
+        return self.o_proj(o.reshape(q.shape[0], self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -61,15 +63,17 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor,
-                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+                keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x is the previous layer's output before its residual add (vLLM's convention), so each add
-        is fused into the norm that follows it."""
+        is fused into the norm that follows it. With keep, only those rows leave the layer."""
         if residual is None:
             x, residual = self.input_layernorm(x), x
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x)
+        x = self.self_attn(positions, x, keep)
+        if keep is not None:
+            residual = residual[keep]
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -84,9 +88,12 @@ class Model(nn.Module):
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Hidden states [T, hidden], or [len(logits_indices), hidden] when the context prunes the last layer."""
         x, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            x, residual = layer(positions, x, residual)
+        ctx = get_context()
+        keep = ctx.logits_indices if ctx.last_layer is not None else None
+        for i, layer in enumerate(self.layers):
+            x, residual = layer(positions, x, residual, keep if i == len(self.layers) - 1 else None)
         return self.norm(x, residual)[0]
 
 
