@@ -62,7 +62,7 @@ DECODE_CASES = [  # (context lengths, block size)
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d, hq, hk", [(128, 32, 8), (128, 8, 8), (64, 16, 2), (128, 16, 2),
-                                       (128, 12, 4), (64, 12, 2)])
+                                       (128, 12, 4), (64, 12, 2), (64, 6, 3), (64, 32, 16)])
 @pytest.mark.parametrize("ctx_lens, block_size", DECODE_CASES)
 def test_decode_attention_matches_reference(mod, dtype, d, hq, hk, ctx_lens, block_size):
     gen = torch.Generator(device="cuda").manual_seed(hash((d, hq, hk, block_size, len(ctx_lens))) % 2**31)

@@ -10,7 +10,7 @@
 void launch_store_kvcache(const void* k, const void* v, void* k_cache, void* v_cache, const int64_t* slot_mapping,
                           int64_t num_tokens, int64_t k_token_bytes, int64_t v_token_bytes, int64_t row_bytes,
                           cudaStream_t stream);
-int decode_attention_num_splits(int64_t num_items, int64_t max_context_len, int head_dim, int group);
+int decode_attention_num_splits(int64_t batch, int64_t num_kv_heads, int64_t max_context_len, int head_dim);
 void launch_decode_attention(void* out, float* part_o, float* part_lse, const void* q, const void* k_cache,
                              const void* v_cache, const int* block_tables, const int* context_lens, int batch,
                              int num_heads, int num_kv_heads, int head_dim, int table_width, int block_size,
@@ -224,7 +224,7 @@ void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
   TORCH_CHECK(G >= 1 && G <= 8, op, ": query heads per kv head must be 1 to 8, got ", num(G));
   if (B == 0) return;
   const c10::cuda::CUDAGuard guard(q.device());
-  int64_t splits = num_splits > 0 ? num_splits : decode_attention_num_splits(B * Hk, max_context_len, D, G);
+  int64_t splits = num_splits > 0 ? num_splits : decode_attention_num_splits(B, Hk, max_context_len, D);
   splits = std::min<int64_t>(splits, 256);
   torch::Tensor part_o, part_lse;
   if (splits > 1) {
@@ -270,7 +270,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("store_kvcache", &store_kvcache, "write new K/V rows into their cache slots");
   m.def("decode_attention", &decode_attention, "paged GQA decode attention, split-KV");
   m.def("decode_attention_num_splits", &decode_attention_num_splits,
-        "split-KV count decode_attention picks for (batch * kv heads, max context, head_dim, group)");
+        "split-KV count decode_attention picks for (batch, kv heads, max context, head_dim)");
   m.def("prefill_attention", &prefill_attention, "paged varlen causal prefill attention");
   m.def("rms_norm", &rms_norm, "RMSNorm");
   m.def("fused_add_rms_norm", &fused_add_rms_norm, "residual add + RMSNorm, in place");

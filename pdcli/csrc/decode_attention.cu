@@ -337,9 +337,8 @@ int choose_num_splits(int64_t num_items, int64_t max_context_len, int resident) 
 
 }  // namespace
 
-int decode_attention_num_splits(int64_t num_items, int64_t max_context_len, int head_dim, int group) {
-  (void)group;
-  return choose_num_splits(num_items, max_context_len, resident_ctas(head_dim));
+int decode_attention_num_splits(int64_t batch, int64_t num_kv_heads, int64_t max_context_len, int head_dim) {
+  return choose_num_splits(batch * num_kv_heads, max_context_len, resident_ctas(head_dim));
 }
 
 // Inputs are validated by the caller (bindings.cpp): head_dim 64 | 128, 1 <= group <= 8, block_size a power of 2.

@@ -113,7 +113,7 @@ def bench_decode(mod, batch, ctx, hq=32, hk=8, d=128, block_size=16, dtype=torch
     del caches, conts
     row = dict(batch=batch, ctx=ctx, hq=hq, hk=hk, head_dim=d, block_size=block_size, dtype=str(dtype),
                blocks="shuffled" if shuffle else "in order", num_splits=mod.decode_attention_num_splits(
-                   batch * hk, ctx, d, hq // hk) if num_splits == 0 else num_splits, us=us,
+                   batch, hk, ctx, d) if num_splits == 0 else num_splits, us=us,
                gb_s=nbytes / us / 1e3, sdpa_contiguous_us=sdpa_us, rel_err=err, sdpa_rel_err=sdpa_err,
                correct=bool(err <= 2 * sdpa_err + 1e-3 and not out.isnan().any()))
     if copy_bw:
