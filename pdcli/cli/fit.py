@@ -41,8 +41,8 @@ def fit(
     table = Table(title=f"cost model for {params['model']} on {params['device']}")
     for col in ("component", "parameters", "R²", "max rel err", "points"):
         table.add_column(col)
-    names = dict(prefill="a0 ms, a1 ms/tok, a2 ms/tok²", decode="d0 ms, d1 ms/seq, d2 ms/ctx-tok",
-                 interference="k (x prefill time)")
+    names = dict(prefill="p0 floor ms, a0 ms, a1 ms/tok, a2 ms/(tok·prefix tok), a3 ms/tok²",
+                 decode="d0 ms, d1 ms/seq, d2 ms/ctx-tok", interference="m0 ms, kd, kp (mixed step)")
     for comp in ("prefill", "decode", "interference"):
         f = params[comp]
         table.add_row(comp, ", ".join(f"{v:.3g}" for v in f["params"]) + f"  ({names[comp]})", f"{f['r2']:.4f}",
@@ -75,14 +75,14 @@ def _plot(folder: str, data: dict, params: dict) -> str:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from pdcli.router.cost_model import decode_features, prefill_features
+    from pdcli.router.fit import load_cost_model
 
     fig, axes = plt.subplots(1, 3 + bool(params["transfer"]), figsize=(16, 4))
     p, d, m = data["prefill"], data["decode"], data["mixed"]
-    pre = prefill_features(p["n"], p["c"]) @ np.asarray(params["prefill"]["params"])
-    dec = decode_features(d["batch"], d["ctx"]) @ np.asarray(params["decode"]["params"])
-    mix = decode_features(m["batch"], m["ctx"]) @ np.asarray(params["decode"]["params"]) + \
-        params["interference"]["params"][0] * (prefill_features(m["n"], m["c"]) @ np.asarray(params["prefill"]["params"]))
+    cm = load_cost_model(folder)
+    pre = cm.prefill_ms(np.asarray(p["n"]), np.asarray(p["c"]))
+    dec = cm.decode_ms(np.asarray(d["batch"]), np.asarray(d["ctx"]))
+    mix = cm.mixed_ms(np.asarray(m["batch"]), np.asarray(m["ctx"]), np.asarray(m["n"]), np.asarray(m["c"]))
     panels = [("prefill", p["ms"], pre), ("decode", d["ms"], dec), ("mixed", m["ms"], mix)]
     for pair, t in params["transfer"].items():
         panels.append((f"transfer {pair}", data["transfer"][pair]["ms"],

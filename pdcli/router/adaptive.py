@@ -42,7 +42,7 @@ class AdaptiveRouter:
             ttft = wait + cm.chunked_prefill_ms(prompt_len, coll.decode_batch, coll.decode_ctx)
             b, s = coll.decode_batch + 1, coll.decode_ctx + prompt_len + out_len / 2
             # queued prompts share the decode steps: their prefill time spreads over this request's tokens
-            tpot = float(cm.decode_ms(b, s)) + cm.interference * cm.queued_prefill_ms(coll.queued_prefill_tokens) / \
+            tpot = float(cm.decode_ms(b, s)) + cm.prefill_in_decode_ms(coll.queued_prefill_tokens, b, s) / \
                 max(out_len, 1.0)
             res["collocated"] = dict(ttft_ms=ttft, tpot_ms=tpot, e2e_ms=ttft + max(out_len - 1, 0) * tpot)
         if pre is not None and dec is not None:

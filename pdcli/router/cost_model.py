@@ -4,27 +4,37 @@ Forms follow the roofline: a step costs a fixed overhead, plus bytes over bandwi
 step, KV per context token), plus FLOPs over the matmul rate (per new token, and attention per
 new-token x context-token pair). All times in ms.
 
-  prefill(n, c)     = a0 + a1 n + a2 n (c + n / 2)         n new tokens after c cached ones
-  decode(B, S)      = d0 + d1 B + d2 S                      B sequences holding S context tokens in all
-  mixed(B, S, n, c) = decode(B, S) + k prefill(n, c)        a decode step that also carries a prefill chunk
-  transfer(bytes)   = t0 + bytes / (t1 * 1e6)               t1 in bytes per ms / 1e6 (= GB/s)
+  prefill(n, c)     = max(p0, a0 + a1 n + a2 n c + a3 n^2 / 2)   n new tokens after c cached ones; attention to
+                      the cached prefix (a2, paged kernel) and among the new tokens (a3) run at their own
+                      rates; p0 is the floor of a short eager step (kernel launches)
+  decode(B, S)      = d0 + d1 B + d2 S                            B sequences holding S context tokens in all
+  mixed(B, S, n, c) = m0 + kd (d1 B + d2 S) + kp (a1 n + a2 n c + a3 n^2 / 2)
+                                                                  one step carrying decode rows and a prefill chunk:
+                                                                  its own fixed cost, the two marginal costs scaled
+  transfer(bytes)   = t0 + bytes / (gb_s * 1e6)
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import lsq_linear
+from scipy.optimize import least_squares, lsq_linear
 
 
-def prefill_features(n, c) -> np.ndarray:
+def prefill_marginal_features(n, c) -> np.ndarray:
+    """Per-token and attention terms of a prefill of n tokens after c cached ones: [n, n c, n^2 / 2]."""
     n, c = np.asarray(n, float), np.asarray(c, float)
-    return np.stack([np.ones_like(n), n, n * (c + n / 2)], axis=-1)
+    return np.stack([n, n * c, n * n / 2], axis=-1)
 
 
 def decode_features(b, s) -> np.ndarray:
     b, s = np.asarray(b, float), np.asarray(s, float)
     return np.stack([np.ones_like(b), b, s], axis=-1)
+
+
+def prefill_form(params, n, c) -> np.ndarray:
+    p0, a0, *a = params
+    return np.maximum(p0, a0 + prefill_marginal_features(n, c) @ np.asarray(a, float))
 
 
 @dataclass
@@ -33,6 +43,14 @@ class Fit:
     r2: float
     max_rel_err: float
     num_points: int
+
+    @classmethod
+    def of(cls, params, y, pred) -> "Fit":
+        y, pred = np.asarray(y, float), np.asarray(pred, float)
+        ss_res = float(((y - pred) ** 2).sum())
+        ss_tot = float(((y - y.mean()) ** 2).sum()) or 1e-30
+        return cls(list(map(float, params)), 1 - ss_res / ss_tot,
+                   float(np.max(np.abs(pred - y) / np.maximum(y, 1e-9))), len(y))
 
     def to_dict(self) -> dict:
         return dict(params=list(map(float, self.params)), r2=float(self.r2), max_rel_err=float(self.max_rel_err),
@@ -45,45 +63,79 @@ def fit_linear(x: np.ndarray, y: np.ndarray) -> Fit:
     y = np.asarray(y, float)
     w = 1.0 / np.maximum(y, 1e-9)
     sol = lsq_linear(x * w[:, None], y * w, bounds=(0, np.inf))
-    pred = x @ sol.x
-    ss_res = float(((y - pred) ** 2).sum())
-    ss_tot = float(((y - y.mean()) ** 2).sum()) or 1e-30
-    return Fit(list(sol.x), 1 - ss_res / ss_tot, float(np.max(np.abs(pred - y) / np.maximum(y, 1e-9))), len(y))
+    return Fit.of(sol.x, y, x @ sol.x)
+
+
+def fit_prefill(n, c, y) -> Fit:
+    """prefill_form by relative least squares, non-negative, started from the linear fit of the points
+    above the floor."""
+    y = np.asarray(y, float)
+    x = np.concatenate([np.ones((len(y), 1)), prefill_marginal_features(n, c)], axis=1)
+    above = y > 1.5 * y.min()
+    lin = fit_linear(x[above], y[above]) if above.sum() >= 4 else fit_linear(x, y)
+    p_init = np.array([y.min(), *lin.params]) + 1e-12
+    scale = np.maximum(np.abs(p_init), 1e-12)
+    res = least_squares(lambda q: (prefill_form(q * scale, n, c) - y) / y, p_init / scale,
+                        bounds=(0, np.inf), x_scale=1.0)
+    params = res.x * scale
+    return Fit.of(params, y, prefill_form(params, n, c))
 
 
 @dataclass
 class CostModel:
-    prefill: list[float]  # a0, a1, a2
+    prefill: list[float]  # p0, a0, a1, a2, a3
     decode: list[float]  # d0, d1, d2
-    interference: float  # k
+    interference: list[float]  # m0, kd, kp (mixed steps)
     transfer: dict  # pair kind -> (t0 ms, GB/s)
     max_num_batched_tokens: int
     kv_bytes_per_token: int
 
     def prefill_ms(self, n, c=0):
-        return prefill_features(n, c) @ np.asarray(self.prefill)
+        return prefill_form(self.prefill, n, c)
 
     def decode_ms(self, b, s):
         return decode_features(b, s) @ np.asarray(self.decode)
 
-    def mixed_ms(self, b, s, n, c=0):
-        return self.decode_ms(b, s) + self.interference * self.prefill_ms(n, c)
+    def _prefill_marginal(self, n, c=0, attention: bool = True):
+        a = np.asarray(self.prefill[2:], float)
+        if not attention:
+            a = a * np.array([1.0, 0.0, 0.0])
+        return prefill_marginal_features(n, c) @ a
+
+    def mixed_ms(self, b, s, n, c=0, attention: bool = True):
+        m0, kd, kp = self.interference
+        _, d1, d2 = self.decode
+        return m0 + kd * (d1 * np.asarray(b, float) + d2 * np.asarray(s, float)) + \
+            kp * self._prefill_marginal(n, c, attention)
 
     def transfer_ms(self, num_tokens: int, pair: str = "default") -> float:
         t0, gbs = self.transfer.get(pair) or next(iter(self.transfer.values()))
         return t0 + num_tokens * self.kv_bytes_per_token / (gbs * 1e6)
 
     def queued_prefill_ms(self, num_tokens: int, decode_batch: int = 0, decode_ctx: int = 0) -> float:
-        """Time to get through queued prompt tokens of other requests (many short sequences: the
-        attention term, quadratic within one sequence, is left out)."""
+        """Time to get through queued prompt tokens of other requests in chunks of max_num_batched_tokens, beside
+        a running decode batch (many short sequences: the attention terms, quadratic within one sequence,
+        are left out)."""
         if num_tokens <= 0:
             return 0.0
         budget = max(1, self.max_num_batched_tokens - decode_batch)
-        chunks = -(-num_tokens // budget)
-        a0, a1, _ = self.prefill
-        per_chunk = float(self.decode_ms(decode_batch, decode_ctx)) if decode_batch else 0.0
-        k = self.interference if decode_batch else 1.0
-        return chunks * (per_chunk + k * a0) + k * a1 * num_tokens
+        full, rest = divmod(num_tokens, budget)
+        total = 0.0
+        for n, count in ((budget, full), (rest, 1 if rest else 0)):
+            if count:
+                step = self.mixed_ms(decode_batch, decode_ctx, n, attention=False) if decode_batch else \
+                    max(self.prefill[0], self.prefill[1] + self.prefill[2] * n)
+                total += count * float(step)
+        return total
+
+    def prefill_in_decode_ms(self, num_tokens: int, decode_batch: int, decode_ctx: int) -> float:
+        """What queued prompt tokens add to the decode steps they ride on (mixed steps minus plain decode steps)."""
+        if num_tokens <= 0 or decode_batch <= 0:
+            return 0.0
+        steps = -(-num_tokens // max(1, self.max_num_batched_tokens - decode_batch))
+        extra = self.queued_prefill_ms(num_tokens, decode_batch, decode_ctx) - \
+            steps * float(self.decode_ms(decode_batch, decode_ctx))
+        return max(0.0, extra)
 
     def chunked_prefill_ms(self, prompt_len: int, decode_batch: int = 0, decode_ctx: int = 0) -> float:
         """Time to prefill a prompt in chunks of max_num_batched_tokens beside a running decode batch."""

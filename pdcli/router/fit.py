@@ -7,9 +7,10 @@ import os
 import numpy as np
 import torch
 
-from pdcli.router.cost_model import CostModel, Fit, decode_features, fit_linear, prefill_features
+from pdcli.router.cost_model import CostModel, decode_features, fit_linear, fit_prefill, prefill_marginal_features
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # profile_data.pt
+PARAMS_SCHEMA_VERSION = 2  # params.json (2: prefill floor and separate prefix/self attention rates, mixed-step form)
 PROFILE_FILE, PARAMS_FILE = "profile_data.pt", "params.json"
 
 
@@ -37,22 +38,22 @@ def load_profile(folder: str) -> dict:
 
 def fit_profile(data: dict) -> dict:
     p, d, m = data["prefill"], data["decode"], data["mixed"]
-    prefill = fit_linear(prefill_features(p["n"], p["c"]), np.asarray(p["ms"], float))
+    prefill = fit_prefill(p["n"], p["c"], np.asarray(p["ms"], float))
     decode = fit_linear(decode_features(d["batch"], d["ctx"]), np.asarray(d["ms"], float))
-    dec = decode_features(m["batch"], m["ctx"]) @ np.asarray(decode.params)
-    pre = prefill_features(m["n"], m["c"]) @ np.asarray(prefill.params)
-    mixed_ms = np.asarray(m["ms"], float)
-    inter = fit_linear(pre[:, None], mixed_ms - dec)
-    pred = dec + inter.params[0] * pre
-    ss_tot = float(((mixed_ms - mixed_ms.mean()) ** 2).sum()) or 1e-30
-    inter = Fit(inter.params, 1 - float(((mixed_ms - pred) ** 2).sum()) / ss_tot,
-                float(np.max(np.abs(pred - mixed_ms) / mixed_ms)), len(mixed_ms))
+    _, d1, d2 = decode.params
+    dec_marg = d1 * np.asarray(m["batch"], float) + d2 * np.asarray(m["ctx"], float)
+    pre_marg = prefill_marginal_features(m["n"], m["c"]) @ np.asarray(prefill.params[2:])
+    inter = fit_linear(np.stack([np.ones_like(dec_marg), dec_marg, pre_marg], -1), np.asarray(m["ms"], float))
     transfer = {}
     for pair, t in data["transfer"].items():
-        f = fit_linear(np.stack([np.ones(len(t["bytes"])), np.asarray(t["bytes"], float)], -1), np.asarray(t["ms"], float))
+        # median of the repeats of each size: a first (warm-up) transfer can be 20x the others
+        nbytes = np.asarray(t["bytes"], float)
+        sizes = np.unique(nbytes)
+        med = np.array([np.median(np.asarray(t["ms"], float)[nbytes == b]) for b in sizes])
+        f = fit_linear(np.stack([np.ones(len(sizes)), sizes], -1), med)
         slope = max(f.params[1], 1e-15)
         transfer[pair] = dict(f.to_dict(), t0_ms=f.params[0], gb_s=1.0 / (slope * 1e6))
-    return dict(schema_version=SCHEMA_VERSION, model=data["model"], device=data.get("device"),
+    return dict(schema_version=PARAMS_SCHEMA_VERSION, model=data["model"], device=data.get("device"),
                 provenance=data.get("provenance", {}), max_num_batched_tokens=int(data["max_num_batched_tokens"]),
                 kv_bytes_per_token=int(data["kv_bytes_per_token"]), prefill=prefill.to_dict(),
                 decode=decode.to_dict(), interference=inter.to_dict(), transfer=transfer)
@@ -75,14 +76,14 @@ def load_cost_model(folder: str, model: str | None = None) -> CostModel:
             p = json.load(f)
     except (OSError, ValueError) as e:
         raise ProfileError(f"{path} is unreadable ({type(e).__name__}): {again}") from e
-    if not isinstance(p, dict) or p.get("schema_version") != SCHEMA_VERSION:
-        raise ProfileError(f"{path} has a stale schema_version, expected {SCHEMA_VERSION}: {again}")
+    if not isinstance(p, dict) or p.get("schema_version") != PARAMS_SCHEMA_VERSION:
+        raise ProfileError(f"{path} has a stale schema_version, expected {PARAMS_SCHEMA_VERSION}: {again}")
     if model is not None and p.get("model") != model:
         raise ProfileError(f"{path} was fitted for model {p.get('model')!r}, not {model!r}: "
                            f"run `pdcli profile --model {model}` and `pdcli fit`")
     try:
         return CostModel(prefill=p["prefill"]["params"], decode=p["decode"]["params"],
-                         interference=p["interference"]["params"][0],
+                         interference=p["interference"]["params"],
                          transfer={k: (v["t0_ms"], v["gb_s"]) for k, v in p["transfer"].items()},
                          max_num_batched_tokens=p["max_num_batched_tokens"], kv_bytes_per_token=p["kv_bytes_per_token"])
     except (KeyError, IndexError, TypeError) as e:
