@@ -138,3 +138,27 @@ def test_bad_inputs_raise_not_crash(mod):
     k = torch.randn(2, 2, 96, device="cuda", dtype=torch.float16)
     with pytest.raises(RuntimeError, match="dtype mismatch"):
         mod.store_kvcache(k, k, kc, kc, torch.zeros(2, dtype=torch.long, device="cuda"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mixed_step_split_matches_reference(mod, dtype):
+    """Decode rows of a mixed step go to the decode kernel, the prefill rows to the prefill kernel (ops.attention)."""
+    from pdcli.kernels import ops
+    from pdcli.models.context import Context
+
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    q_lens, ctx_lens, bs, hq, hk, d = [1, 1, 1, 300, 5], [4000, 9, 130, 300, 77], 16, 32, 8, 128
+    num_blocks = sum(-(-c // bs) for c in ctx_lens) + 8
+    kc, vc = paged_cache(num_blocks, bs, hk, d, dtype, gen)
+    tables = block_tables_for(ctx_lens, bs, num_blocks, gen)
+    lens = torch.tensor(ctx_lens, dtype=torch.int32, device="cuda")
+    qsl = torch.tensor([0] + q_lens, device="cuda").cumsum(0).int()
+    q = torch.randn(int(qsl[-1]), hq, d, generator=gen, device="cuda").to(dtype)
+    ctx = Context(slot_mapping=torch.empty(0), block_tables=tables, context_lens=lens, query_start_loc=qsl,
+                  max_query_len=max(q_lens), max_context_len=max(ctx_lens), logits_indices=torch.empty(0),
+                  num_decode_seqs=3, prefill_query_start_loc=(qsl[3:] - 3).int())
+    out = ops.attention(q, kc, vc, ctx, d ** -0.5)
+    args = (tables, lens, qsl, max(q_lens), max(ctx_lens), d ** -0.5)
+    ref32 = reference.paged_attention(q.float(), kc.float(), vc.float(), *args)
+    ref16 = reference.paged_attention(q, kc, vc, *args)
+    assert rel_err(out, ref32) <= 2 * rel_err(ref16, ref32) + 1e-3

@@ -128,11 +128,15 @@ class ModelRunner:
                 max_context_len=int(ctx_lens[sel].max()),
                 logits_indices=self._to_device(np.arange(len(sel), dtype=np.int64)),
             )
+        num_decode = int(np.argmax(lens_np != 1)) if (lens_np != 1).any() else len(lens_np)  # leading 1-token rows
         ctx = Context(
+            num_decode_seqs=num_decode,
             slot_mapping=self._to_device(slots),
             block_tables=self._to_device(tables),
             context_lens=self._to_device(ctx_lens.astype(np.int32)),
             query_start_loc=self._to_device(qsl.astype(np.int32)),
+            prefill_query_start_loc=self._to_device((qsl[num_decode:] - num_decode).astype(np.int32))
+            if 0 < num_decode < len(lens_np) else None,
             max_query_len=int(lens_np.max()),
             max_context_len=int(ctx_lens.max()),
             logits_indices=self._to_device(rows),
@@ -167,7 +171,10 @@ class ModelRunner:
         self.copy_blocks(out.block_copies)
         input_ids, logits_indices, rows, starts, pending_at, pending_src = [], [], [], [], [], []
         offset = 0
-        for seq, n in zip(out.seqs, out.num_new_tokens):
+        # rows of one new token (decodes) first: the attention op sends them to the decode kernel as one block
+        batch = sorted(zip(out.seqs, out.num_new_tokens), key=lambda p: p[1] != 1)
+        seqs, lens = [s for s, _ in batch], [n for _, n in batch]
+        for seq, n in batch:
             start = seq.num_computed_tokens
             starts.append(start)
             known = len(seq.token_ids)
@@ -191,12 +198,12 @@ class ModelRunner:
         if self.graphs is not None and out.is_decode_only and self.graphs.bucket(len(out.seqs)):
             bs = self.block_size
             pos = np.asarray(starts, dtype=np.int64)
-            slots = np.fromiter((s.block_table[p // bs] * bs + p % bs for s, p in zip(out.seqs, starts)),
+            slots = np.fromiter((s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, starts)),
                                 dtype=np.int64, count=len(starts))
-            hidden = self.graphs.run(ids, pos, slots, [p + 1 for p in starts], [s.block_table for s in out.seqs])
+            hidden = self.graphs.run(ids, pos, slots, [p + 1 for p in starts], [s.block_table for s in seqs])
             logits = self.model.compute_logits(hidden)
         else:
-            positions, ctx = self._prepare([s.block_table for s in out.seqs], starts, out.num_new_tokens,
+            positions, ctx = self._prepare([s.block_table for s in seqs], starts, lens,
                                            logits_indices)
             set_context(ctx)
             try:

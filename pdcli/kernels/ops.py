@@ -98,10 +98,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx
     if mod is not None and ctx.block_tables.shape[0] == 1 and ctx.max_context_len == ctx.max_query_len == q.shape[0]:
         return fresh_prefill_attention(q, k_cache, v_cache, ctx.block_tables[0], scale)
     if mod is not None:
-        out = torch.empty_like(q)
-        mod.prefill_attention(out, q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, ctx.query_start_loc,
-                              ctx.max_query_len, scale)
-        return out
+        return split_attention(q, ctx, mod.decode_attention, mod.prefill_attention, k_cache, v_cache, scale)
     return reference.paged_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, ctx.query_start_loc,
                                      ctx.max_query_len, ctx.max_context_len, scale)
 
@@ -118,3 +115,22 @@ def fresh_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                                          is_causal=True, scale=scale, enable_gqa=True)
     return out[0].transpose(0, 1)
+
+
+def split_attention(q: torch.Tensor, ctx: Context, decode_fn, prefill_fn, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """A mixed step: its leading ctx.num_decode_seqs one-token rows go to decode_fn (the GQA decode kernel reads
+    each K/V row once for all query heads of a kv head), the rest to prefill_fn. Signatures as the kernels':
+    decode_fn(out, q, k, v, tables, lens, scale, splits, max_ctx), prefill_fn(out, q, k, v, tables, lens, qsl,
+    max_q, scale), each writing into its slice of out [T, Hq, D]."""
+    out = torch.empty_like(q)
+    nd = ctx.num_decode_seqs
+    if nd == 0 or ctx.prefill_query_start_loc is None:
+        prefill_fn(out, q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, ctx.query_start_loc,
+                   ctx.max_query_len, scale)
+        return out
+    decode_fn(out[:nd], q[:nd], k_cache, v_cache, ctx.block_tables[:nd], ctx.context_lens[:nd], scale, 0,
+              ctx.max_context_len)
+    prefill_fn(out[nd:], q[nd:], k_cache, v_cache, ctx.block_tables[nd:], ctx.context_lens[nd:],
+               ctx.prefill_query_start_loc, ctx.max_query_len, scale)
+    return out

@@ -16,6 +16,8 @@ class Context:
     max_context_len: int
     logits_indices: torch.Tensor  # [num_samples] int64, rows of the hidden states to turn into logits
     num_splits: int = 0  # decode split-KV factor; 0 = chosen by the kernel from the grid size
+    num_decode_seqs: int = 0  # leading sequences with one new token: attention-wise decode rows
+    prefill_query_start_loc: torch.Tensor | None = None  # query_start_loc of the rest, from 0, when both kinds
     # The last layer runs only the rows in logits_indices (each its sequence's last new token) past its
     # K/V store: their attention is a decode row per sequence, with this metadata. None: every row.
     last_layer: Context | None = None

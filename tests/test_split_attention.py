@@ -1,0 +1,43 @@
+"""A mixed step's attention split into decode rows and prefill rows gives the one-call result (CPU, with the
+reference in the kernels' signatures; the GPU kernels themselves are checked in test_kernels.py)."""
+import torch
+
+from pdcli.kernels import ops, reference
+from pdcli.models.context import Context
+
+
+def as_decode(out, q, k, v, tables, lens, scale, splits, max_ctx):
+    qsl = torch.arange(q.shape[0] + 1, dtype=torch.int32)
+    out.copy_(reference.paged_attention(q, k, v, tables, lens, qsl, 1, max_ctx, scale))
+
+
+def as_prefill(out, q, k, v, tables, lens, qsl, max_q, scale):
+    out.copy_(reference.paged_attention(q, k, v, tables, lens, qsl, max_q, int(lens.max()), scale))
+
+
+def test_split_attention_equals_one_call():
+    g = torch.Generator().manual_seed(0)
+    bs, hq, hk, d = 16, 8, 2, 32
+    q_lens, ctx_lens = [1, 1, 1, 37, 5, 64], [40, 9, 130, 37, 77, 100]  # three decode rows, then prefill chunks
+    nb = [-(-c // bs) for c in ctx_lens]
+    k = torch.randn(sum(nb) + 4, bs, hk, d, generator=g)
+    v = torch.randn_like(k)
+    perm = torch.randperm(sum(nb) + 4, generator=g)[:sum(nb)].int()
+    tables = torch.zeros(len(nb), max(nb), dtype=torch.int32)
+    i = 0
+    for b, n in enumerate(nb):
+        tables[b, :n] = perm[i:i + n]
+        i += n
+    qsl = torch.tensor([0] + q_lens).cumsum(0).int()
+    lens = torch.tensor(ctx_lens, dtype=torch.int32)
+    q = torch.randn(int(qsl[-1]), hq, d, generator=g)
+    ctx = Context(slot_mapping=torch.empty(0), block_tables=tables, context_lens=lens, query_start_loc=qsl,
+                  max_query_len=max(q_lens), max_context_len=max(ctx_lens), logits_indices=torch.empty(0),
+                  num_decode_seqs=3, prefill_query_start_loc=qsl[3:] - 3)
+    split = ops.split_attention(q, ctx, as_decode, as_prefill, k, v, d ** -0.5)
+    whole = reference.paged_attention(q, k, v, tables, lens, qsl, max(q_lens), max(ctx_lens), d ** -0.5)
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
+    # no decode rows: one prefill call
+    ctx.num_decode_seqs, ctx.prefill_query_start_loc = 0, None
+    torch.testing.assert_close(ops.split_attention(q, ctx, as_decode, as_prefill, k, v, d ** -0.5), whole,
+                               rtol=1e-5, atol=1e-5)
