@@ -97,7 +97,12 @@ class CentralScheduler:
         self.accounting = {p: dict(requests=0, output_tokens=0, failed=0, transfer_bytes=0, transfer_s=0.0)
                            for p in ("collocated", "disaggregated")}
         ctx = mp.get_context("spawn")
-        init = f"tcp://127.0.0.1:{free_port()}"
+        import torch.distributed as dist
+
+        # the workers' rendezvous store lives here, not in rank 0: a worker that stops first cannot take it down
+        # under the others (NCCL's monitor thread then logs connection errors at every shutdown)
+        self._store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+        init = ("127.0.0.1", self._store.port)
         self.workers: list[WorkerHandle] = []
         for spec in layout:
             parent, child = ctx.Pipe()
@@ -173,6 +178,7 @@ class CentralScheduler:
             for t in list(self.requests.values()):
                 if not t.done.is_set():
                     self._fail(t, "the server shut down")
+        self._store = None  # every worker has stopped
 
     def __enter__(self):
         return self

@@ -17,6 +17,7 @@ import queue
 import threading
 import time
 import traceback
+from datetime import timedelta
 from collections import deque
 
 import torch
@@ -26,14 +27,17 @@ from pdcli.workers.kv_transfer import copy_kv_ipc, export_pool, import_pool, rec
 from pdcli.workers.layout import WorkerSpec
 
 
-def worker_main(spec: WorkerSpec, model: str, engine_kwargs: dict, conn, dist_init: str, world_size: int) -> None:
+def worker_main(spec: WorkerSpec, model: str, engine_kwargs: dict, conn, dist_init: tuple[str, int],
+                world_size: int) -> None:
+    """dist_init: (host, port) of the coordinator's TCPStore."""
     try:
         if spec.device == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, world_size)))
         else:
             torch.cuda.set_device(torch.device(spec.device))
         backend = "gloo" if spec.device == "cpu" else "nccl"
-        dist.init_process_group(backend, init_method=dist_init, rank=spec.rank, world_size=world_size)
+        store = dist.TCPStore(dist_init[0], dist_init[1], is_master=False, timeout=timedelta(seconds=300))
+        dist.init_process_group(backend, store=store, rank=spec.rank, world_size=world_size)
         from pdcli.config import EngineConfig
         from pdcli.engine.llm_engine import LLMEngine
 
