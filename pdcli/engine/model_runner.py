@@ -135,7 +135,7 @@ class ModelRunner:
             block_tables=self._to_device(tables),
             context_lens=self._to_device(ctx_lens.astype(np.int32)),
             query_start_loc=self._to_device(qsl.astype(np.int32)),
-            prefill_query_start_loc=self._to_device((qsl[num_decode:] - num_decode).astype(np.int32))
+            prefill_query_start_loc=self._to_device((qsl[num_decode:] - qsl[num_decode]).astype(np.int32))
             if 0 < num_decode < len(lens_np) else None,
             max_query_len=int(lens_np.max()),
             max_context_len=int(ctx_lens.max()),

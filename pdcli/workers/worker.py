@@ -99,11 +99,22 @@ class Worker:
             busy = e.has_unfinished_requests() or self.sends or self.recvs or self.waiting_reserve
             while self.conn.poll(0 if busy else 0.02):
                 if not self.handle(self.conn.recv()):
+                    self.close()
                     return
             if e.has_unfinished_requests():
                 self.step()
             self.poll_transfers()
             self.try_reserve()
+
+    def close(self) -> None:
+        """Release the peer pools mapped through CUDA IPC before the process ends: a mapping never released
+        keeps the exporting worker's reference count up (torch warns at its exit)."""
+        if self.copy_stream is not None:
+            self.copy_stream.synchronize()
+        self.peer_pools.clear()
+        if self.engine.runner.kv_cache.is_cuda:
+            torch.cuda.synchronize()
+            torch.cuda.ipc_collect()
 
     def handle(self, msg) -> bool:
         kind, e = msg[0], self.engine
