@@ -150,15 +150,9 @@ class ModelRunner:
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
-        """Host array -> device tensor without waiting for the GPU (pinned, non-blocking copy). The pinned buffer
-        comes from torch's caching host allocator, which keeps it until the copy has run; Tensor.pin_memory()
-        would first ask the driver whether the array is pinned (~0.25 ms a call on the H100 machine)."""
+        """Host array -> device tensor without waiting for the GPU (pinned, non-blocking copy)."""
         t = torch.from_numpy(a)
-        if self.device.type != "cuda":
-            return t
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        host.copy_(t)
-        return host.to(self.device, non_blocking=True)
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
 
     def execute(self, out: SchedulerOutput) -> list[list[int]]:
         """Run one step and wait for it; returns the sampled tokens per scheduled seq (empty mid-prefill)."""

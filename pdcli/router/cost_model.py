@@ -90,23 +90,20 @@ class CostModel:
     max_num_batched_tokens: int
     kv_bytes_per_token: int
 
-    def prefill_ms(self, n, c=0):
-        return prefill_form(self.prefill, n, c)
+    def prefill_ms(self, n, c=0, attention: bool = True):
+        """attention=False leaves out the attention terms (many short sequences rather than one long one)."""
+        params = self.prefill if attention else [*self.prefill[:3], 0.0, 0.0]
+        return prefill_form(params, n, c)
 
     def decode_ms(self, b, s):
         return decode_features(b, s) @ np.asarray(self.decode)
 
-    def _prefill_marginal(self, n, c=0, attention: bool = True):
-        a = np.asarray(self.prefill[2:], float)
-        if not attention:
-            a = a * np.array([1.0, 0.0, 0.0])
-        return prefill_marginal_features(n, c) @ a
-
     def mixed_ms(self, b, s, n, c=0, attention: bool = True):
         m0, kd, kp = self.interference
         _, d1, d2 = self.decode
+        a = np.asarray(self.prefill[2:] if attention else [self.prefill[2], 0.0, 0.0], float)
         return m0 + kd * (d1 * np.asarray(b, float) + d2 * np.asarray(s, float)) + \
-            kp * self._prefill_marginal(n, c, attention)
+            kp * (prefill_marginal_features(n, c) @ a)
 
     def transfer_ms(self, num_tokens: int, pair: str = "default") -> float:
         t0, gbs = self.transfer.get(pair) or next(iter(self.transfer.values()))
@@ -124,7 +121,7 @@ class CostModel:
         for n, count in ((budget, full), (rest, 1 if rest else 0)):
             if count:
                 step = self.mixed_ms(decode_batch, decode_ctx, n, attention=False) if decode_batch else \
-                    max(self.prefill[0], self.prefill[1] + self.prefill[2] * n)
+                    self.prefill_ms(n, attention=False)
                 total += count * float(step)
         return total
 
