@@ -65,6 +65,13 @@ def decode_steps(llm: LLM, batch: int, prompt_len: int, steps: int) -> float:
         return (time.perf_counter() - t) / steps * 1e3
 
 
+def gpu_rows(prof, reps: int) -> list[tuple[str, float, int]]:
+    """(kernel, ms per rep, calls per rep) from a torch profiler run of reps repetitions, longest first."""
+    rows = [(e.key, e.device_time_total / reps / 1e3, e.count // reps) for e in prof.key_averages()
+            if e.device_time_total > 0]
+    return sorted(rows, key=lambda r: -r[1])
+
+
 def kernel_breakdown(llm: LLM, batch: int, prompt_len: int = 256, steps: int = 5) -> dict:
     """GPU time per decode step by kernel (torch profiler), to show where a step's time goes."""
     from torch.profiler import ProfilerActivity, profile
@@ -77,9 +84,7 @@ def kernel_breakdown(llm: LLM, batch: int, prompt_len: int = 256, steps: int = 5
                 eng.step()
             torch.cuda.synchronize()
         wall = (time.perf_counter() - t) / steps * 1e3
-    rows = [(e.key, e.device_time_total / steps / 1e3, e.count // steps) for e in prof.key_averages()
-            if e.device_time_total > 0]
-    rows.sort(key=lambda r: -r[1])
+    rows = gpu_rows(prof, steps)
     gpu = sum(r[1] for r in rows)
     return dict(batch=batch, wall_ms=wall, gpu_ms=gpu,
                 kernels=[dict(name=k[:90], ms_per_step=ms, calls_per_step=c) for k, ms, c in rows[:15]])
@@ -97,9 +102,7 @@ def prefill_breakdown(llm: LLM, prompt_len: int = 2048, reps: int = 3) -> dict:
         for p in prompts[1:]:
             llm.generate([p], SamplingParams(temperature=0, max_tokens=1))
         torch.cuda.synchronize()
-    rows = [(e.key, e.device_time_total / reps / 1e3, e.count // reps) for e in prof.key_averages()
-            if e.device_time_total > 0]
-    rows.sort(key=lambda r: -r[1])
+    rows = gpu_rows(prof, reps)
     return dict(prompt_len=prompt_len, gpu_ms=sum(r[1] for r in rows),
                 kernels=[dict(name=k[:90], ms=ms, calls=c) for k, ms, c in rows[:15]])
 

@@ -119,14 +119,15 @@ class ModelRunner:
         last_layer = None
         if 0 < len(rows) < qsl[-1]:  # rows without logits skip the last layer's attention output and MLP
             sel = seq_of_token[rows]
+            dev = self.device
             last_layer = Context(
-                slot_mapping=self._to_device(np.zeros(0, dtype=np.int64)),
+                slot_mapping=torch.empty(0, dtype=torch.long, device=dev),  # unused: K/V are stored already
                 block_tables=self._to_device(tables[sel]),
                 context_lens=self._to_device(ctx_lens[sel].astype(np.int32)),
-                query_start_loc=self._to_device(np.arange(len(sel) + 1, dtype=np.int32)),
+                query_start_loc=torch.arange(len(sel) + 1, dtype=torch.int32, device=dev),
                 max_query_len=1,
                 max_context_len=int(ctx_lens[sel].max()),
-                logits_indices=self._to_device(np.arange(len(sel), dtype=np.int64)),
+                logits_indices=torch.arange(len(sel), dtype=torch.long, device=dev),
             )
         num_decode = int(np.argmax(lens_np != 1)) if (lens_np != 1).any() else len(lens_np)  # leading 1-token rows
         ctx = Context(
@@ -165,8 +166,10 @@ class ModelRunner:
         self.copy_blocks(out.block_copies)
         input_ids, logits_indices, rows, starts, pending_at, pending_src = [], [], [], [], [], []
         offset = 0
-        # rows of one new token (decodes) first: the attention op sends them to the decode kernel as one block
-        batch = sorted(zip(out.seqs, out.num_new_tokens), key=lambda p: p[1] != 1)
+        # in a mixed step, rows of one new token (decodes) first: attention sends them to the decode kernel
+        batch = list(zip(out.seqs, out.num_new_tokens))
+        if not out.is_decode_only:
+            batch.sort(key=lambda p: p[1] != 1)
         seqs, lens = [s for s, _ in batch], [n for _, n in batch]
         for seq, n in batch:
             start = seq.num_computed_tokens

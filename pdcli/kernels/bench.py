@@ -132,10 +132,7 @@ def bench_store(mod, num_tokens, hk=8, d=128, dtype=torch.bfloat16):
     rk, rv = torch.zeros_like(kc), torch.zeros_like(vc)
     reference.store_kvcache(k, v, rk, rv, slots)
     correct = bool(torch.equal(kc, rk) and torch.equal(vc, rv))
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        mod.store_kvcache(k, v, kc, vc, slots)
-    us = time_us(graph.replay)
+    us = graph_us([lambda: mod.store_kvcache(k, v, kc, vc, slots)])
     nbytes = 4 * k.numel() * k.element_size()
     return dict(num_tokens=num_tokens, us=us, gb_s=nbytes / us / 1e3, correct=correct)
 

@@ -125,7 +125,7 @@ def split_attention(q: torch.Tensor, ctx: Context, decode_fn, prefill_fn, k_cach
     max_q, scale), each writing into its slice of out [T, Hq, D]."""
     out = torch.empty_like(q)
     nd = ctx.num_decode_seqs
-    if nd == 0 or ctx.prefill_query_start_loc is None:
+    if ctx.prefill_query_start_loc is None:  # not both kinds of rows
         prefill_fn(out, q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, ctx.query_start_loc,
                    ctx.max_query_len, scale)
         return out

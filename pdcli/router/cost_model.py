@@ -76,7 +76,7 @@ def fit_prefill(n, c, y) -> Fit:
     p_init = np.array([y.min(), *lin.params]) + 1e-12
     scale = np.maximum(np.abs(p_init), 1e-12)
     res = least_squares(lambda q: (prefill_form(q * scale, n, c) - y) / y, p_init / scale,
-                        bounds=(0, np.inf), x_scale=1.0)
+                        bounds=(0, np.inf))
     params = res.x * scale
     return Fit.of(params, y, prefill_form(params, n, c))
 
