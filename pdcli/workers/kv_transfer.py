@@ -1,20 +1,42 @@
-"""KV data plane between workers: a sequence's blocks, all layers, as one tensor over torch.distributed
-point-to-point (gloo on CPU, NCCL between GPUs), or, between two workers on one GPU (which NCCL cannot
-pair), one device copy straight into the decode worker's pool mapped through CUDA IPC. Control
-messages never carry KV."""
+"""KV data plane between workers: a sequence's blocks over torch.distributed point-to-point (gloo on CPU,
+NCCL between GPUs), either layer by layer while its last prefill chunk runs or all layers as one tensor
+after it; or, between two workers on one GPU (which NCCL cannot pair), one device copy straight into the
+decode worker's pool mapped through CUDA IPC. Control messages never carry KV.
+
+NCCL matches the sends and receives of a pair of ranks by order, not by tag: the prefill worker decides
+the order and announces each group of sends; the decode worker posts its receives in announced order."""
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 
+def block_index(kv_cache: torch.Tensor, blocks: list[int]) -> torch.Tensor:
+    return torch.tensor(blocks, device=kv_cache.device)
+
+
+def as_words(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """x (contiguous) with the dims after `dim` flattened and read as 8-byte words, so torch's index kernels
+    (one element per thread) move a block as 4x fewer, wider elements than bf16."""
+    return x.reshape(*x.shape[:dim + 1], -1).view(torch.int64)
+
+
 def gather_blocks(kv_cache: torch.Tensor, blocks: list[int]) -> torch.Tensor:
     # kv_cache [layers, 2, num_blocks, block_size, Hk, D] -> [layers, 2, len(blocks), block_size, Hk, D]
-    return kv_cache.index_select(2, torch.tensor(blocks, device=kv_cache.device))
+    out = as_words(kv_cache, 2).index_select(2, block_index(kv_cache, blocks))
+    return out.view(kv_cache.dtype).view(*kv_cache.shape[:2], len(blocks), *kv_cache.shape[3:])
+
+
+def gather_layer(kv_cache: torch.Tensor, layer: int, idx: torch.Tensor) -> torch.Tensor:
+    # -> [2, len(idx), block_size, Hk, D]
+    out = as_words(kv_cache[layer], 1).index_select(1, idx)
+    return out.view(kv_cache.dtype).view(2, len(idx), *kv_cache.shape[3:])
 
 
 def scatter_blocks(kv_cache: torch.Tensor, blocks: list[int], data: torch.Tensor) -> None:
-    kv_cache.index_copy_(2, torch.tensor(blocks, device=kv_cache.device), data)
+    as_words(kv_cache, 2).index_copy_(2, block_index(kv_cache, blocks), as_words(data, 2))
 
 
 def transfer_shape(kv_cache: torch.Tensor, num_blocks: int) -> tuple[int, ...]:
@@ -23,35 +45,139 @@ def transfer_shape(kv_cache: torch.Tensor, num_blocks: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
-class PendingTransfer:
-    """An in-flight isend / irecv / IPC copy of one request's KV; completion is learnt through
-    work.wait() (gloo's is_completed() stays false until then), on the worker's wait thread."""
+def timing_event(stream: torch.cuda.Stream | None = None) -> torch.cuda.Event:
+    ev = torch.cuda.Event(enable_timing=True)
+    ev.record(stream)
+    return ev
 
-    def __init__(self, request_id: str, work, buf: torch.Tensor, blocks: list[int], peer: int | None = None):
-        self.request_id, self.work, self.buf, self.blocks = request_id, work, buf, blocks
-        self.peer = peer  # the decode worker's rank, for an IPC copy
+
+@dataclass(eq=False)
+class PendingTransfer:
+    """An in-flight send / receive / IPC copy of one request's KV. `works` complete in order; gloo's learn
+    their completion only through wait(), so a thread per peer waits on them."""
+    request_id: str
+    peer: int  # the other worker's rank
+    blocks: list[int]
+    bufs: list[torch.Tensor] = field(default_factory=list)  # what the works read or write; held until done
+    works: list = field(default_factory=list)
+    kind: str = "whole"  # whole | layers | ipc
+    started: torch.cuda.Event | None = None  # device time the transfer could start (whole), or the end of
+    # the prefill compute it overlapped (layers): the reported time runs from here to `done`
+    done: torch.cuda.Event | None = None  # completes with the last work (see mark_done)
+    nbytes: int = 0
+
+    def add(self, buf: torch.Tensor, work) -> None:
+        self.bufs.append(buf)
+        self.works.append(work)
+        self.nbytes += buf.numel() * buf.element_size()
+
+
+def mark_done(t: PendingTransfer, stream: torch.cuda.Stream | None) -> None:
+    """Give t an event that completes with its last work, recorded now on `stream` (which does nothing
+    else), so its end is timed on the device, not when a host thread gets to it. A pair's NCCL ops
+    complete in order, so the last one's end is the transfer's."""
+    if stream is None:
+        return
+    with torch.cuda.stream(stream):
+        t.works[-1].wait()  # NCCL: this stream waits for the op; the host does not
+        t.done = timing_event(stream)
+
+
+def send_kv(kv_cache: torch.Tensor, blocks: list[int], dst: int, tag: int, request_id: str,
+            stream: torch.cuda.Stream | None, timing: torch.cuda.Stream | None) -> PendingTransfer:
+    """All layers as one message, after the work queued so far (the prefill that wrote them)."""
+    t = PendingTransfer(request_id, dst, blocks)
+    if stream is None:
+        t.add(buf := gather_blocks(kv_cache, blocks), dist.isend(buf, dst, tag=tag))
+        return t
+    written = torch.cuda.Event()
+    written.record()
+    with torch.cuda.stream(stream):
+        stream.wait_event(written)
+        t.started = timing_event(stream)
+        buf = gather_blocks(kv_cache, blocks)
+        t.add(buf, dist.isend(buf, dst, tag=tag))
+    mark_done(t, timing)
+    return t
+
+
+class LayerSender:
+    """Sends the KV of sequences whose last prefill chunk is in this step, layer by layer: after layer i
+    is queued, a side stream gathers its blocks and NCCL sends them while layers i + 1... compute. Sends
+    go layer-major (layer 0 of every sequence, then layer 1, ...); `recv_kv` posts receives the same way."""
+
+    def __init__(self, kv_cache: torch.Tensor, items: list[tuple[str, list[int], int, int]],
+                 stream: torch.cuda.Stream | None, timing: dict[int, torch.cuda.Stream] | None):
+        # items: (request id, blocks, dst rank, tag); timing: a stream per dst rank for mark_done
+        self.kv_cache, self.stream, self.timing = kv_cache, stream, timing
+        self.num_layers = kv_cache.shape[0]
+        self.items = [(PendingTransfer(rid, dst, blocks, kind="layers"), block_index(kv_cache, blocks), tag)
+                      for rid, blocks, dst, tag in items]
 
     @property
-    def nbytes(self) -> int:
-        return self.buf.numel() * self.buf.element_size()
+    def transfers(self) -> list[PendingTransfer]:
+        return [t for t, _, _ in self.items]
+
+    def __call__(self, layer: int) -> None:
+        """Called after layer `layer` of the forward pass is queued (its K/V stores included)."""
+        if self.stream is None:
+            self._send(layer)
+            return
+        computed = torch.cuda.Event(enable_timing=layer == self.num_layers - 1)
+        computed.record()
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(computed)
+            self._send(layer)
+        if layer == self.num_layers - 1:
+            for t, _, _ in self.items:
+                t.started = computed  # the prefill's last layer: what stays exposed is measured from here
+                mark_done(t, self.timing[t.peer])
+
+    def _send(self, layer: int) -> None:
+        for t, idx, tag in self.items:
+            buf = gather_layer(self.kv_cache, layer, idx)  # [2, n, block_size, Hk, D]
+            t.add(buf, dist.isend(buf, t.peer, tag=tag))
 
 
-def send_kv(kv_cache: torch.Tensor, blocks: list[int], dst: int, tag: int, request_id: str) -> PendingTransfer:
-    buf = gather_blocks(kv_cache, blocks)
-    return PendingTransfer(request_id, dist.isend(buf, dst, tag=tag), buf, blocks)
+def recv_kv(kv_cache: torch.Tensor, items: list[tuple[str, int, int]], src: int, layers: bool,
+            stream: torch.cuda.Stream | None, timing: torch.cuda.Stream | None) -> list[PendingTransfer]:
+    """Post the receives of one announced group of sends from `src`, in its order. items: (request id,
+    number of blocks, tag). The KV lands in a buffer per request; `scatter_blocks` moves it into the
+    reserved blocks (if they are still reserved) once complete."""
+    out = []
+    with torch.cuda.stream(stream) if stream is not None else _nullcontext():
+        bufs = [torch.empty(transfer_shape(kv_cache, n), dtype=kv_cache.dtype, device=kv_cache.device)
+                for _, n, _ in items]
+        ts = [PendingTransfer(rid, src, [], kind="layers" if layers else "whole") for rid, _, _ in items]
+        if layers:
+            for layer in range(kv_cache.shape[0]):
+                for t, buf, (_, _, tag) in zip(ts, bufs, items):
+                    t.add(buf[layer], dist.irecv(buf[layer], src, tag=tag))
+        else:
+            for t, buf, (_, _, tag) in zip(ts, bufs, items):
+                t.add(buf, dist.irecv(buf, src, tag=tag))
+        for t, buf in zip(ts, bufs):
+            t.bufs = [buf]
+        out.extend(ts)
+    for t in out:
+        mark_done(t, timing)
+    return out
 
 
-def recv_kv(kv_cache: torch.Tensor, blocks: list[int], src: int, tag: int, request_id: str) -> PendingTransfer:
-    buf = torch.empty(transfer_shape(kv_cache, len(blocks)), dtype=kv_cache.dtype, device=kv_cache.device)
-    return PendingTransfer(request_id, dist.irecv(buf, src, tag=tag), buf, blocks)
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
 
 
 class EventWork:
     """A recorded CUDA event behind the `wait()` of a dist Work."""
 
-    def __init__(self):
-        self.event = torch.cuda.Event()
-        self.event.record()
+    def __init__(self, stream: torch.cuda.Stream | None = None):
+        self.event = torch.cuda.Event(enable_timing=True)
+        self.event.record(stream)
 
     def wait(self) -> None:
         self.event.synchronize()
@@ -79,9 +205,26 @@ def copy_kv_ipc(kv_cache: torch.Tensor, blocks: list[int], peer_pool: torch.Tens
     held until then."""
     written = torch.cuda.Event()
     written.record()
+    t = PendingTransfer(request_id, peer, blocks, kind="ipc")
     with torch.cuda.stream(stream):
         stream.wait_event(written)
+        t.started = timing_event(stream)
         buf = gather_blocks(kv_cache, blocks)
-        peer_pool.index_copy_(2, torch.tensor(peer_blocks, device=kv_cache.device), buf)
-        work = EventWork()
-    return PendingTransfer(request_id, work, buf, blocks, peer=peer)
+        as_words(peer_pool, 2).index_copy_(2, block_index(kv_cache, peer_blocks), as_words(buf, 2))
+        t.add(buf, EventWork(stream))
+    return t
+
+
+def wait_done(t: PendingTransfer, stream: torch.cuda.Stream | None) -> float | None:
+    """Block until every work of t is done. Its device time in seconds from t.started, or None where
+    there is none (CPU; a receive)."""
+    if stream is None or t.kind == "ipc":
+        for w in t.works:
+            w.wait()
+        if t.kind == "ipc":
+            return max(0.0, t.started.elapsed_time(t.works[-1].event) / 1e3)
+        return None
+    if t.done is None:
+        mark_done(t, stream)
+    t.done.synchronize()
+    return max(0.0, t.started.elapsed_time(t.done) / 1e3) if t.started is not None else None
