@@ -47,6 +47,50 @@ def test_disaggregated_equals_collocated_and_hf(model_path, prompts, reference):
         assert all(s["num_free_blocks"] == s["num_blocks"] for s in stats), stats
 
 
+def wait_transfer_kinds(tracked, timeout=20.0):
+    """The prefill worker reports its send after the decode worker may already have finished."""
+    deadline = time.monotonic() + timeout
+    while any(not t.transfer_kind for t in tracked) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [t.transfer_kind for t in tracked]
+
+
+def test_layerwise_and_whole_sends_give_the_same_tokens(model_path, prompts, reference):
+    """KV sent layer by layer during the last prefill chunk (the decode worker reserved blocks at once)
+    or all layers after it: the same greedy tokens, and every block back in every pool."""
+    with CentralScheduler(model_path, parse_layout("", "cpu", "cpu"), **ENGINE) as cs:
+        for layerwise in (True, False):
+            cs.kv_layerwise = layerwise
+            tracked = [cs.submit(p, GREEDY, mode="disaggregated") for p in prompts * 2]
+            for t in tracked:
+                assert t.done.wait(120)
+            assert [cs.output(t).token_ids for t in tracked] == reference * 2
+            kinds = wait_transfer_kinds(tracked)
+            if layerwise:
+                assert "layers" in kinds and set(kinds) <= {"layers", "whole"}, kinds
+            else:
+                assert set(kinds) == {"whole"}, kinds
+        stats = wait_pools_full(cs)
+        assert all(s["num_free_blocks"] == s["num_blocks"] and s["handoff"] == 0 for s in stats), stats
+
+
+def test_aborts_and_one_token_requests_return_every_block(model_path, prompts):
+    """The decode worker reserves at submission: requests aborted at any stage, and requests that end on
+    the prefill worker's first token, still free its blocks (and the prefill worker's)."""
+    with CentralScheduler(model_path, parse_layout("", "cpu", "cpu"), **ENGINE) as cs:
+        one = SamplingParams(temperature=0, max_tokens=1)
+        many = [cs.submit(p, GREEDY if i % 3 else one, mode="disaggregated") for i, p in enumerate(prompts * 4)]
+        for i, t in enumerate(many):
+            if i % 2:
+                time.sleep(0.01 * i)
+                cs.abort(t.rid)
+        for t in many:
+            assert t.done.wait(120)
+        assert all(len(cs.output(t).token_ids) == 1 for i, t in enumerate(many) if i % 3 == 0 and i % 2 == 0)
+        stats = wait_pools_full(cs)
+        assert all(s["num_free_blocks"] == s["num_blocks"] and s["handoff"] == 0 for s in stats), stats
+
+
 def test_two_prefill_workers_one_decode(model_path, prompts, reference):
     with CentralScheduler(model_path, parse_layout("cpu", "cpu,cpu", "cpu"), **ENGINE) as cs:
         tracked = [cs.submit(p, GREEDY, mode="disaggregated") for p in prompts]

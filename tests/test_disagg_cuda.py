@@ -27,3 +27,26 @@ def test_same_gpu_ipc_handoff_equals_collocated(tiny_model_dir, prompts):
             t.done.wait(60)
         stats = wait_pools_full(cs)
         assert all(s["num_free_blocks"] == s["num_blocks"] for s in stats), stats
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available() or __import__("torch").cuda.device_count() < 2,
+                    reason="needs two GPUs")
+def test_two_gpu_nccl_handoff_layerwise_and_whole_equal_collocated(tiny_model_dir, prompts):
+    """Prefill on cuda:0, decode on cuda:1 over NCCL: layer-wise sends during the last prefill chunk and
+    all-layer sends after it give the collocated path's tokens, and every block returns."""
+    from test_disagg import wait_transfer_kinds
+
+    path = tiny_model_dir("qwen3-gqa64")
+    engine = dict(dtype="float16", max_num_batched_tokens=32, block_size=16, num_kv_blocks=256)
+    with CentralScheduler(path, parse_layout("cuda:0", "cuda:0", "cuda:1"), **engine) as cs:
+        coll = cs.generate(prompts, GREEDY, mode="collocated", timeout=120)
+        for layerwise in (True, False):
+            cs.kv_layerwise = layerwise
+            tracked = [cs.submit(p, GREEDY, mode="disaggregated") for p in prompts * 2]
+            for t in tracked:
+                assert t.done.wait(120)
+            assert [cs.output(t).token_ids for t in tracked] == [o.token_ids for o in coll] * 2
+            kinds = wait_transfer_kinds(tracked)
+            assert ("layers" in kinds) if layerwise else set(kinds) == {"whole"}, kinds
+        stats = wait_pools_full(cs)
+        assert all(s["num_free_blocks"] == s["num_blocks"] and s["handoff"] == 0 for s in stats), stats

@@ -2,8 +2,10 @@
 
     python -m pdcli.benchmarks.pd_transfer [--model dummy:qwen3-8b] [--prefill cuda:0] [--decode cuda:0]
 
-The time is the prefill worker's, from posting the transfer to its completion (CUDA IPC copy on one
-GPU, NCCL send between GPUs); the KV of one prompt, all layers.
+Device time on the prefill worker for the KV of one prompt, all layers: CUDA IPC copy on one GPU; between
+GPUs, an NCCL send of all layers after the prefill ("whole", from the end of the prefill to the end of the
+send) and layer-wise sends during the last prefill chunk ("layers": what stays exposed after its last
+layer).
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import argparse
 import random
 import statistics
 import sys
+import time
 
 import torch
 
@@ -33,25 +36,40 @@ def main(argv=None) -> int:
     layout = parse_layout("", args.prefill, args.decode)
     rng = random.Random(0)
     p = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    ipc = args.prefill == args.decode
+    runs = {}
     with CentralScheduler(args.model, layout, max_model_len=args.prompt_len + 64, max_num_seqs=16,
                           startup_timeout=300) as cs:
-        rows = []
-        for _ in range(args.reps + 1):
-            out = cs.generate([[rng.randrange(1000, 30000) for _ in range(args.prompt_len)]], p, mode="disaggregated",
-                              timeout=120)[0]
-            if out.error:
-                print(f"error: {out.error}", file=sys.stderr)
-                return 1
-            rows.append(dict(bytes=out.metrics["transfer_bytes"], ms=out.metrics["transfer_s"] * 1e3))
-        rows = rows[1:]  # the first maps the peer pool
-    ms = statistics.median(r["ms"] for r in rows)
-    nbytes = rows[0]["bytes"]
-    res = dict(summary=dict(device=torch.cuda.get_device_name(), model=args.model, prompt_len=args.prompt_len,
-                            kv_bytes=nbytes, transfer_ms=ms, gb_s=nbytes / ms / 1e6,
-                            path="cuda-ipc" if args.prefill == args.decode else "nccl"),
-               runs=rows, provenance=provenance("pdcli.benchmarks.pd_transfer", argv))
-    print(f"{args.model} {args.prompt_len} tokens: {nbytes / 1e6:.0f} MB of KV in {ms:.2f} ms ({nbytes / ms / 1e6:.0f} GB/s)")
-    path = write(args.out, f"pd_transfer_{device_slug()}", res)
+        for layerwise in ((False,) if ipc else (False, True)):
+            cs.kv_layerwise = layerwise
+            rows = []
+            for _ in range(args.reps + 1):
+                t = cs.submit([rng.randrange(1000, 30000) for _ in range(args.prompt_len)], p, "disaggregated")
+                deadline = time.monotonic() + 120
+                while not (t.done.is_set() and t.transfer_kind) and time.monotonic() < deadline:
+                    time.sleep(0.01)  # the send's report may come after the decode worker has finished
+                if t.error or not t.transfer_kind:
+                    print(f"error: {t.error or 'no transfer reported'}", file=sys.stderr)
+                    return 1
+                rows.append(dict(bytes=t.transfer_bytes, ms=t.transfer_s * 1e3, kind=t.transfer_kind,
+                                 ttft_ms=(t.first_token_time - t.arrival) * 1e3))
+            runs["ipc" if ipc else ("layers" if layerwise else "whole")] = rows[1:]  # the first sets the path up
+    nbytes = next(iter(runs.values()))[0]["bytes"]
+    summary = dict(device=torch.cuda.get_device_name(), model=args.model, prompt_len=args.prompt_len, kv_bytes=nbytes,
+                   path="cuda-ipc" if ipc else "nccl")
+    for kind, rows in runs.items():
+        ms = statistics.median(r["ms"] for r in rows)
+        if kind == "layers":  # what the prefill left exposed: from its last layer to the last send's end
+            summary["layerwise_exposed_ms"] = ms
+            summary["layerwise_kinds"] = sorted({r["kind"] for r in rows})
+        else:
+            summary.update(transfer_ms=ms, gb_s=nbytes / ms / 1e6)
+        summary[f"{kind}_ttft_ms"] = statistics.median(r["ttft_ms"] for r in rows)
+        print(f"{args.model} {args.prompt_len} tokens, {kind}: {nbytes / 1e6:.0f} MB of KV, {ms:.3f} ms"
+              + ("" if kind == "layers" else f" ({nbytes / ms / 1e6:.0f} GB/s)") + " after the prefill")
+    res = dict(summary=summary, runs=runs, provenance=provenance("pdcli.benchmarks.pd_transfer", argv))
+    name = f"pd_transfer_{device_slug()}" + ("" if ipc else "_nccl")
+    path = write(args.out, name, res)
     print(f"wrote {path}")
     return 0
 

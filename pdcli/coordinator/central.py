@@ -63,7 +63,8 @@ class Tracked:
     token_times: list = field(default_factory=list)  # arrival time of each token of completion 0
     finish_time: float | None = None
     transfer_bytes: int = 0
-    transfer_s: float = 0.0
+    transfer_s: float = 0.0  # device time of the prefill worker's send: all of it, or what the prefill left exposed
+    transfer_kind: str = ""  # whole | layers | ipc
     ipc_copy_asked: bool = False  # the prefill worker was told to copy into the decode worker's blocks
     decision: dict = field(default_factory=dict)  # the route taken, by which policy, with predicted costs
     events: queue.Queue = field(default_factory=queue.Queue)  # (index, new token ids, finish reason | None)
@@ -96,6 +97,7 @@ class CentralScheduler:
         self.stats_replies: queue.Queue = queue.Queue()
         self.accounting = {p: dict(requests=0, output_tokens=0, failed=0, transfer_bytes=0, transfer_s=0.0)
                            for p in ("collocated", "disaggregated")}
+        self.kv_layerwise = True  # NCCL/gloo sends layer by layer during the last prefill chunk when possible
         ctx = mp.get_context("spawn")
         import torch.distributed as dist
 
@@ -113,7 +115,7 @@ class CentralScheduler:
 
                 util = kwargs.get("gpu_memory_utilization") or CacheConfig.gpu_memory_utilization
                 kwargs["gpu_memory_utilization"] = util / sharing
-            proc = ctx.Process(target=worker_main, args=(spec, model, kwargs, child, init, len(layout)),
+            proc = ctx.Process(target=worker_main, args=(spec, model, kwargs, child, init, list(layout)),
                                daemon=True, name=f"pdcli-{spec.role}-{spec.rank}")
             proc.start()
             child.close()
@@ -211,6 +213,8 @@ class CentralScheduler:
                 d = min(self.live("decode"), key=lambda w: len(w.inflight))
                 t.first, t.second, t.stage = p.spec.rank, d.spec.rank, "prefill"
                 d.inflight.add(rid)
+                # the decode worker reserves blocks now, so the KV can stream to it while the prompt prefills
+                self._send(d, ("reserve", rid, t.prompt_ids, params, seed, same_gpu(p.spec, d.spec)))
                 w = p
             w.inflight.add(rid)
             self._send(w, ("add", rid, t.prompt_ids, params, seed))
@@ -294,7 +298,8 @@ class CentralScheduler:
         return RequestOutput(t.rid, None, t.prompt_ids, outs, t.done.is_set(), error=t.error,
                              metrics=dict(arrival_time=t.arrival, first_token_time=t.first_token_time,
                                           finished_time=t.finish_time, path=t.path, decision=t.decision,
-                                          transfer_bytes=t.transfer_bytes, transfer_s=t.transfer_s))
+                                          transfer_bytes=t.transfer_bytes, transfer_s=t.transfer_s,
+                                          transfer_kind=t.transfer_kind))
 
     def text(self, t: Tracked, ids: list[int], reason: str | None) -> str:
         """Decoded output, cut at the first stop string (the worker stopped on it)."""
@@ -362,15 +367,28 @@ class CentralScheduler:
             self._worker_died(w, msg[1].strip().splitlines()[-1])
             return
         with self.lock:
-            if kind == "sent" and msg[4] is not None and self.workers[msg[4]].alive:
-                # an IPC copy into the decode worker's blocks is done: it admits the sequence or frees them
-                self._send(self.workers[msg[4]], ("ipc_done", msg[1], msg[2], msg[3]))
+            if kind == "sending":  # the decode worker must post these receives, in this order, whatever
+                _, dst, items, layerwise = msg  # became of the requests (NCCL matches sends by order)
+                if self.workers[dst].alive:
+                    self._send(self.workers[dst], ("recv", w.spec.rank, items, layerwise))
+                return
+            if kind == "sent":
+                _, rid, nbytes, seconds, ipc_peer, how = msg
+                if ipc_peer is not None and self.workers[ipc_peer].alive:
+                    # an IPC copy into the decode worker's blocks is done: it admits the sequence or frees them
+                    self._send(self.workers[ipc_peer], ("ipc_done", rid, nbytes))
+                acc = self.accounting["disaggregated"]
+                acc["transfer_bytes"] += nbytes
+                acc["transfer_s"] += seconds
+                if rid in self.requests and nbytes:
+                    self.requests[rid].transfer_s, self.requests[rid].transfer_kind = seconds, how
+                return
             t = self.requests.get(msg[1])
             if t is None or t.done.is_set():
                 if kind == "prefilled":
                     self._send(w, ("drop", msg[1]))  # nobody will take this KV any more
                 elif kind == "reserved":
-                    self._send(w, ("abort", msg[1], True))  # no copy was asked for
+                    self._send(w, ("abort", msg[1], True))  # the prefill worker was never told of these blocks
                 return
             if kind == "tokens":
                 _, rid, index, ids, reason = msg
@@ -386,6 +404,8 @@ class CentralScheduler:
                 if reason is not None:
                     t.finish[index] = reason
                     if len(t.finish) == max(1, t.params.n):
+                        if t.stage == "prefill" and t.second is not None and self.workers[t.second].alive:
+                            self._send(self.workers[t.second], ("abort", t.rid, not t.ipc_copy_asked))
                         self._complete(t)
             elif kind == "prefilled":
                 d = self.workers[t.second]
@@ -395,22 +415,14 @@ class CentralScheduler:
                     self._send(w, ("drop", t.rid))
                     self._fail(t, f"decode worker rank {d.spec.rank} is not alive")
                     return
-                ipc = same_gpu(self.workers[t.first].spec, d.spec)
-                self._send(d, ("reserve", t.rid, t.prompt_ids, msg[2], t.params, t.seed, t.first, t.tag, ipc))
+                self._send(d, ("first", t.rid, msg[2]))
             elif kind == "reserved":
-                if len(msg) > 2:  # blocks on the same GPU: the prefill worker copies into them
-                    t.ipc_copy_asked = True
-                    self._send(self.workers[t.first], ("send_ipc", t.rid, t.second, msg[2]))
-                else:
-                    self._send(self.workers[t.first], ("send", t.rid, t.second, t.tag))
-            elif kind == "sent":
-                pass  # the prefill worker freed its blocks
+                blocks = msg[2]
+                t.ipc_copy_asked = blocks is not None
+                self._send(self.workers[t.first], ("dest", t.rid, t.second, t.tag, blocks, self.kv_layerwise))
             elif kind == "received":
                 t.stage = "decode"
-                t.transfer_bytes, t.transfer_s = msg[2], msg[3]
-                acc = self.accounting["disaggregated"]
-                acc["transfer_bytes"] += msg[2]
-                acc["transfer_s"] += msg[3]
+                t.transfer_bytes = msg[2]
             elif kind == "error":
                 self._fail(t, msg[2])
 
@@ -445,8 +457,11 @@ class CentralScheduler:
                     continue
                 if rank == t.second and t.stage == "handoff" and self.workers[t.first].alive:
                     self._send(self.workers[t.first], ("drop", t.rid))  # free the prefilled KV
-                if rank == t.first and t.stage in ("handoff",) and t.second is not None and self.workers[t.second].alive:
+                if rank == t.first and t.stage in ("prefill", "handoff") and t.second is not None and \
+                        self.workers[t.second].alive:
                     self._send(self.workers[t.second], ("abort", t.rid, True))  # a dead sender writes no more
+                if rank == t.second and t.stage == "prefill" and self.workers[t.first].alive:
+                    self._send(self.workers[t.first], ("abort", t.rid, True))
                 if rank == t.first and t.stage == "decode":
                     continue  # the prefill worker is done with it
                 self._fail(t, f"{w.spec.role} worker rank {rank} on {w.spec.device} died ({why})")

@@ -231,21 +231,23 @@ class LLMEngine:
             seq.finish_reason = seq.finish_reason or "handoff"
         self.requests.pop(request_id, None)
 
-    def reserve(self, request_id: str, prompt_ids: list[int], first_token: int, params: SamplingParams,
+    def reserve(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                 seed: int) -> list[int] | None:
-        """Blocks for a prefilled sequence's prompt KV, or None while the pool is too full."""
+        """Blocks for a sequence's prompt KV (prefilled elsewhere, possibly not yet), or None while the
+        pool is too full."""
         seq = Sequence(request_id, prompt_ids, params, seed)
         if not self.block_manager.allocate(seq, len(prompt_ids)):
             return None
-        seq.append_token(first_token)
         seq.status = SequenceStatus.HANDOFF
         self.handoff[request_id] = seq
         self.requests[request_id] = Request(request_id, None, list(prompt_ids), params, False, [seq])
         return seq.block_table
 
-    def admit(self, request_id: str) -> None:
-        """The reserved blocks hold the prompt's KV: the sequence joins the decode batch."""
+    def admit(self, request_id: str, first_token: int) -> None:
+        """The reserved blocks hold the prompt's KV: the sequence, with the first token the prefill
+        worker sampled, joins the decode batch."""
         seq = self.handoff.pop(request_id)
+        seq.append_token(first_token)
         seq.num_computed_tokens = seq.num_prompt_tokens
         seq.first_token_time = time.perf_counter()
         self.block_manager.cache_full_blocks(seq)

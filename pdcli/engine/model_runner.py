@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 
@@ -36,6 +38,9 @@ class ModelRunner:
                                            a.num_attention_heads // a.num_key_value_heads)
         self._prev_tokens: torch.Tensor | None = None  # device tokens sampled by the last launch
         self._prev_rows: dict[int, int] = {}  # seq_id -> its row in _prev_tokens
+        # (seqs, new tokens) of an eager step -> the callback its forward calls after each layer, or None:
+        # a prefill worker's layer-wise KV sends
+        self.kv_sender: Callable[[list[Sequence], list[int]], Callable[[int], None] | None] | None = None
         self.graphs = None
         if self.kernel_path == "cuda" and not enforce_eager:
             self.graphs = DecodeGraphs(model, self.device, sched.max_num_seqs, max_model_len, self.block_size)
@@ -202,6 +207,8 @@ class ModelRunner:
         else:
             positions, ctx = self._prepare([s.block_table for s in seqs], starts, lens,
                                            logits_indices)
+            if self.kv_sender is not None:
+                ctx.after_layer = self.kv_sender(seqs, lens)
             set_context(ctx)
             try:
                 hidden = self.model(ids, self._to_device(positions))

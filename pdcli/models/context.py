@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -21,6 +22,7 @@ class Context:
     # The last layer runs only the rows in logits_indices (each its sequence's last new token) past its
     # K/V store: their attention is a decode row per sequence, with this metadata. None: every row.
     last_layer: Context | None = None
+    after_layer: Callable[[int], None] | None = None  # called with i once layer i is queued (KV sends)
 
     @property
     def is_decode(self) -> bool:

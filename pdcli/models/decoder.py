@@ -94,6 +94,8 @@ class Model(nn.Module):
         keep = ctx.logits_indices if ctx.last_layer is not None else None
         for i, layer in enumerate(self.layers):
             x, residual = layer(positions, x, residual, keep if i == len(self.layers) - 1 else None)
+            if ctx.after_layer is not None:
+                ctx.after_layer(i)
         return self.norm(x, residual)[0]
 
 

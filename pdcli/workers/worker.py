@@ -2,12 +2,19 @@
 
 Protocol (tuples over a multiprocessing Pipe; never KV):
   coordinator -> worker: ("add", rid, prompt_ids, params, seed)      run (collocated) or prefill (prefill role)
-                         ("reserve", rid, prompt_ids, first, params, seed, src, tag)  decode role: take a handoff
-                         ("send", rid, dst, tag)                       prefill role: ship rid's KV to rank dst
-                         ("drop", rid)    ("abort", rid)    ("stats",)    ("shutdown",)
+                         ("reserve", rid, prompt_ids, params, seed, ipc)  decode: blocks for rid's prompt KV, now
+                         ("dest", rid, dst, tag, dst_blocks | None, layerwise)  prefill: where rid's KV goes
+                                      (dst_blocks: the decode worker's blocks, to copy into through CUDA IPC)
+                         ("recv", src, [(rid, num_blocks, tag)], layerwise)  decode: post the receives of a group
+                                      of sends that prefill worker src announced, in its order
+                         ("first", rid, token)   decode: the first token, sampled by the prefill worker
+                         ("ipc_done", rid, nbytes)   decode: the IPC copy into rid's blocks has finished
+                         ("peers", {rank: ipc handle})   ("drop", rid)   ("abort", rid, release_now)
+                         ("stats",)    ("shutdown",)
   worker -> coordinator: ("ready", info)  ("tokens", rid, index, ids, finish_reason | None)
-                         ("prefilled", rid, first_token, num_blocks)   ("reserved", rid)
-                         ("sent", rid, nbytes, seconds)   ("received", rid, nbytes, seconds)
+                         ("prefilled", rid, first_token, num_blocks)   ("reserved", rid, blocks | None)
+                         ("sending", dst, [(rid, num_blocks, tag)], layerwise)  before its sends are matched
+                         ("sent", rid, nbytes, seconds, ipc_peer | None, kind)   ("received", rid, nbytes)
                          ("error", rid, message)   ("stats", dict)
 """
 from __future__ import annotations
@@ -23,21 +30,41 @@ from collections import deque
 import torch
 import torch.distributed as dist
 
-from pdcli.workers.kv_transfer import copy_kv_ipc, export_pool, import_pool, recv_kv, scatter_blocks, send_kv
+from pdcli.workers.kv_transfer import (LayerSender, copy_kv_ipc, export_pool, import_pool, recv_kv, scatter_blocks,
+                                       send_kv, wait_done)
 from pdcli.workers.layout import WorkerSpec
 
 
+def connect_peers(spec: WorkerSpec, layout: list[WorkerSpec], device: torch.device) -> None:
+    """Set up NCCL's communicator of every prefill -> decode pair on different GPUs now: set up lazily, the
+    first receive would block in it until its sender's first send, which waits for that very receive.
+    Pairs go in one global order, so no two workers wait for each other."""
+    from pdcli.workers.layout import transfer_pair
+
+    pairs = [(p.rank, d.rank) for p in layout if p.role == "prefill" for d in layout
+             if d.role == "decode" and transfer_pair(p, d) == "gpu-nccl"]
+    x = torch.zeros(1, device=device)
+    for p, d in pairs:
+        if spec.rank == p:
+            dist.send(x, d)
+        elif spec.rank == d:
+            dist.recv(x, p)
+    torch.cuda.synchronize(device)
+
+
 def worker_main(spec: WorkerSpec, model: str, engine_kwargs: dict, conn, dist_init: tuple[str, int],
-                world_size: int) -> None:
+                layout: list[WorkerSpec]) -> None:
     """dist_init: (host, port) of the coordinator's TCPStore."""
     try:
         if spec.device == "cpu":
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, world_size)))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, len(layout))))
         else:
             torch.cuda.set_device(torch.device(spec.device))
         backend = "gloo" if spec.device == "cpu" else "nccl"
         store = dist.TCPStore(dist_init[0], dist_init[1], is_master=False, timeout=timedelta(seconds=300))
-        dist.init_process_group(backend, store=store, rank=spec.rank, world_size=world_size)
+        dist.init_process_group(backend, store=store, rank=spec.rank, world_size=len(layout))
+        if backend == "nccl":
+            connect_peers(spec, layout, torch.device(spec.device))
         from pdcli.config import EngineConfig
         from pdcli.engine.llm_engine import LLMEngine
 
@@ -64,30 +91,49 @@ def worker_main(spec: WorkerSpec, model: str, engine_kwargs: dict, conn, dist_in
 class Worker:
     def __init__(self, spec: WorkerSpec, engine, conn):
         self.spec, self.engine, self.conn = spec, engine, conn
+        kv = engine.runner.kv_cache
+        self.side_stream = torch.cuda.Stream(kv.device) if kv.is_cuda else None  # gathers, sends, receives
         self.sends: list = []  # PendingTransfer, prefill role
         self.recvs: list = []  # PendingTransfer, decode role
+        self.dests: dict[str, tuple] = {}  # prefill: rid -> (dst rank, tag, dst blocks | None, layerwise)
+        self.sending: set[str] = set()  # prefill: rids whose KV send or copy is posted
+        self.new_sends: list = []  # prefill: layer-wise sends posted in the step being launched
+        self.announced: list = []  # prefill: (rid, dst, tag, blocks) of whole sends announced at launch
+        self.timing_streams: dict[int, torch.cuda.Stream] = {}  # per peer rank, for mark_done
         self.waiting_reserve: deque = deque()  # reserve messages waiting for free blocks
+        self.landed: dict[str, int] = {}  # decode: rid -> bytes of KV now in its blocks
+        self.firsts: dict[str, int] = {}  # decode: rid -> first token
         self.started: dict[str, float] = {}
         self.peer_handles: dict[int, tuple] = {}  # decode rank -> IPC handle of its pool (same GPU)
         self.peer_pools: dict[int, torch.Tensor] = {}
-        self.copy_stream: torch.cuda.Stream | None = None  # IPC copies, beside the compute stream
         self.ipc_reserved: set[str] = set()  # decode role: blocks reserved for an IPC copy not yet done
         self.ipc_aborted: set[str] = set()  # ... of which aborted: released when the copy is done
-        # gloo's p2p work reports completion only through wait(): a thread waits, in issue order
-        self.to_wait: queue.Queue = queue.Queue()
+        # one thread per peer waits for its transfers in issue order (a dead peer stalls only its own)
+        self.waiters: dict[int, queue.Queue] = {}
         self.completed: queue.Queue = queue.Queue()
-        threading.Thread(target=self._wait_loop, name="pdcli-kv-wait", daemon=True).start()
+        if spec.role == "prefill":
+            engine.runner.kv_sender = self.layer_sender
 
-    def _wait_loop(self) -> None:
+    def waiter(self, peer: int) -> queue.Queue:
+        q = self.waiters.get(peer)
+        if q is None:
+            q = self.waiters[peer] = queue.Queue()
+            threading.Thread(target=self._wait_loop, args=(q,), name=f"pdcli-kv-wait-{peer}", daemon=True).start()
+        return q
+
+    def _wait_loop(self, q: queue.Queue) -> None:
+        kv = self.engine.runner.kv_cache
+        stream = None
+        if kv.is_cuda:
+            torch.cuda.set_device(kv.device)
+            stream = torch.cuda.Stream(kv.device)
         while True:
-            t = self.to_wait.get()
+            t = q.get()
             try:
-                t.work.wait()
-                if t.buf.is_cuda and t.peer is None:
-                    torch.cuda.current_stream(t.buf.device).synchronize()
-                self.completed.put((t, None, time.perf_counter()))
+                seconds = wait_done(t, stream)
+                self.completed.put((t, None, seconds, time.perf_counter()))
             except Exception as err:  # a dead peer
-                self.completed.put((t, str(err), time.perf_counter()))
+                self.completed.put((t, str(err), None, time.perf_counter()))
 
     def run(self) -> None:
         e = self.engine
@@ -109,8 +155,8 @@ class Worker:
     def close(self) -> None:
         """Release the peer pools mapped through CUDA IPC before the process ends: a mapping never released
         keeps the exporting worker's reference count up (torch warns at its exit)."""
-        if self.copy_stream is not None:
-            self.copy_stream.synchronize()
+        if self.side_stream is not None:
+            self.side_stream.synchronize()
         self.peer_pools.clear()
         if self.engine.runner.kv_cache.is_cuda:
             torch.cuda.synchronize()
@@ -126,51 +172,111 @@ class Worker:
                 self.conn.send(("error", rid, str(err)))
         elif kind == "reserve":
             self.waiting_reserve.append(msg)
-        elif kind in ("send", "send_ipc"):  # send: (rid, dst rank, tag); send_ipc: (rid, dst rank, its blocks)
-            rid, dst = msg[1], msg[2]
-            seq = e.handoff.get(rid)
-            if seq is None:
-                self.conn.send(("error", rid, "no prefilled KV to send"))
-            else:
-                self.started[rid] = time.perf_counter()
-                if kind == "send":
-                    t = send_kv(e.runner.kv_cache, seq.block_table, dst, msg[3], rid)
-                else:
-                    if dst not in self.peer_pools:
-                        self.peer_pools[dst] = import_pool(self.peer_handles[dst])
-                        self.copy_stream = self.copy_stream or torch.cuda.Stream(e.runner.kv_cache.device)
-                    t = copy_kv_ipc(e.runner.kv_cache, seq.block_table, self.peer_pools[dst], msg[3], dst, rid,
-                                    self.copy_stream)
-                self.sends.append(t)
-                self.to_wait.put(t)
+        elif kind == "dest":
+            _, rid, dst, tag, dst_blocks, layerwise = msg
+            self.dests[rid] = (dst, tag, dst_blocks, layerwise)
+            if rid in e.handoff:  # prefilled already: send all layers now
+                self.start_send(rid)
+            elif rid not in e.requests:  # finished (or aborted) before its handoff
+                self.forget_dest(rid)
+        elif kind == "recv":
+            _, src, items, layerwise = msg
+            for t in recv_kv(e.runner.kv_cache, items, src, layerwise, self.side_stream, self.timing(src)):
+                self.started[t.request_id] = time.perf_counter()
+                self.recvs.append(t)
+                self.waiter(src).put(t)
+        elif kind == "first":
+            self.firsts[msg[1]] = msg[2]
+            self.maybe_admit(msg[1])
         elif kind == "ipc_done":  # the prefill worker's copy into our reserved blocks has finished
-            _, rid, nbytes, seconds = msg
+            _, rid, nbytes = msg
             self.ipc_reserved.discard(rid)
             if rid in self.ipc_aborted:
                 self.ipc_aborted.discard(rid)
                 e.release(rid)
             elif rid in e.handoff:
-                e.admit(rid)
-                self.conn.send(("received", rid, nbytes, seconds))
+                self.landed[rid] = nbytes
+                self.maybe_admit(rid)
         elif kind == "peers":
             self.peer_handles.update(msg[1])
         elif kind == "drop":
+            self.forget_dest(msg[1])
             e.release(msg[1])
         elif kind == "abort":
-            rid, release_now = msg[1], len(msg) < 3 or msg[2]
+            rid, release_now = msg[1], msg[2]
             e.abort_request(rid)
+            self.forget_dest(rid)
             if rid in self.ipc_reserved and not release_now:
                 self.ipc_aborted.add(rid)  # a copy into these blocks may be running: free them once it is done
             else:
                 self.ipc_reserved.discard(rid)
                 e.release(rid)
+            self.landed.pop(rid, None)
+            self.firsts.pop(rid, None)
             self.waiting_reserve = deque(m for m in self.waiting_reserve if m[1] != rid)
-            self.recvs = [t for t in self.recvs if t.request_id != rid]  # a dead sender's KV never comes
+            self.recvs = [t for t in self.recvs if t.request_id != rid]  # landing nowhere (a dead sender's: never)
         elif kind == "stats":
             self.conn.send(("stats", self.stats()))
         elif kind == "shutdown":
             return False
         return True
+
+    def timing(self, peer: int) -> torch.cuda.Stream | None:
+        if self.side_stream is None:
+            return None
+        if peer not in self.timing_streams:
+            self.timing_streams[peer] = torch.cuda.Stream(self.side_stream.device)
+        return self.timing_streams[peer]
+
+    # ---- prefill role: sends ----
+    def forget_dest(self, rid: str) -> None:
+        dest = self.dests.pop(rid, None)
+        if dest is not None and dest[2] is not None:  # an IPC copy never to be posted: the decode worker
+            self.conn.send(("sent", rid, 0, 0.0, dest[0], "ipc"))  # frees the blocks it kept for it
+    def layer_sender(self, seqs: list, lens: list[int]) -> LayerSender | None:
+        """At the launch of an eager step, for the sequences whose last prefill chunk it runs and whose
+        decode worker (not on this GPU) has reserved blocks already: sends announced now, so the receives
+        are posted before the data is ready; layer by layer during the forward (returned), or all layers
+        right after the step (`announced`)."""
+        layers, whole = [], []
+        for seq, n in zip(seqs, lens):
+            rid = seq.request_id
+            d = self.dests.get(rid)
+            if (d is not None and d[2] is None and seq.num_output_tokens == 0
+                    and seq.num_computed_tokens + n == len(seq) and seq.params.max_tokens > 1):
+                (layers if d[3] else whole).append((rid, list(seq.block_table), d[0], d[1]))
+                self.dests.pop(rid)
+                self.sending.add(rid)
+                self.started[rid] = time.perf_counter()
+        for group, layerwise in ((layers, True), (whole, False)):  # the order the sends are posted in
+            for dst in dict.fromkeys(d for _, _, d, _ in group):
+                self.conn.send(("sending", dst, [(rid, len(b), tag) for rid, b, d, tag in group if d == dst],
+                                layerwise))
+        self.announced.extend(whole)
+        if not layers:
+            return None
+        sender = LayerSender(self.engine.runner.kv_cache, layers, self.side_stream,
+                             {dst: self.timing(dst) for _, _, dst, _ in layers})
+        self.new_sends.extend(sender.transfers)
+        return sender
+
+    def start_send(self, rid: str) -> None:
+        """All layers of a prefilled sequence (in handoff) at once."""
+        e = self.engine
+        seq = e.handoff[rid]
+        dst, tag, dst_blocks, _ = self.dests.pop(rid)
+        self.sending.add(rid)
+        self.started[rid] = time.perf_counter()
+        if dst_blocks is not None:
+            if dst not in self.peer_pools:
+                self.peer_pools[dst] = import_pool(self.peer_handles[dst])
+            t = copy_kv_ipc(e.runner.kv_cache, seq.block_table, self.peer_pools[dst], dst_blocks, dst, rid,
+                            self.side_stream)
+        else:
+            self.conn.send(("sending", dst, [(rid, len(seq.block_table), tag)], False))
+            t = send_kv(e.runner.kv_cache, seq.block_table, dst, tag, rid, self.side_stream, self.timing(dst))
+        self.sends.append(t)
+        self.waiter(dst).put(t)
 
     def step(self) -> None:
         e = self.engine
@@ -178,50 +284,76 @@ class Worker:
             self.conn.send(("tokens", d.request_id, d.index, d.token_ids, d.finish_reason if d.finished else None))
             if d.finished and d.request_id in e.requests and e.requests[d.request_id].finished:
                 e.pop_finished(d.request_id)
+                self.forget_dest(d.request_id)  # a prefill worker's sequence that ended on its first token
         if self.spec.role == "prefill":
+            for t in self.new_sends:  # every layer is posted now
+                self.sends.append(t)
+                self.waiter(t.peer).put(t)
+            self.new_sends = []
+            # sends announced at launch, in announced order, before any other: also those of sequences that
+            # ended on their first token, since their receives are posted (their blocks are read as they are)
+            for rid, blocks, dst, tag in self.announced:
+                t = send_kv(e.runner.kv_cache, blocks, dst, tag, rid, self.side_stream, self.timing(dst))
+                self.sends.append(t)
+                self.waiter(dst).put(t)
+            self.announced = []
             for seq in e.detach_prefilled():
                 self.conn.send(("prefilled", seq.request_id, seq.token_ids[-1], len(seq.block_table)))
+                if seq.request_id in self.dests:
+                    self.start_send(seq.request_id)
 
+    # ---- decode role: reservations and receives ----
     def try_reserve(self) -> None:
         e = self.engine
         while self.waiting_reserve:
-            _, rid, prompt, first, params, seed, src, tag, ipc = self.waiting_reserve[0]
-            blocks = e.reserve(rid, prompt, first, params, seed)
+            _, rid, prompt, params, seed, ipc = self.waiting_reserve[0]
+            blocks = e.reserve(rid, prompt, params, seed)
             if blocks is None:
                 return  # FCFS: wait for blocks to free up
             self.waiting_reserve.popleft()
             if ipc:  # the prefill worker on this GPU copies straight into these blocks
                 self.ipc_reserved.add(rid)
-                self.conn.send(("reserved", rid, list(blocks)))
-                continue
-            self.started[rid] = time.perf_counter()
-            t = recv_kv(e.runner.kv_cache, blocks, src, tag, rid)
-            self.recvs.append(t)
-            self.to_wait.put(t)
-            self.conn.send(("reserved", rid))
+            self.conn.send(("reserved", rid, list(blocks) if ipc else None))
+
+    def maybe_admit(self, rid: str) -> None:
+        if rid in self.engine.handoff and rid in self.landed and rid in self.firsts:
+            self.engine.admit(rid, self.firsts.pop(rid))
+            self.conn.send(("received", rid, self.landed.pop(rid)))
 
     def poll_transfers(self) -> None:
         e = self.engine
         while True:
             try:
-                t, err, finished = self.completed.get_nowait()
+                t, err, seconds, finished = self.completed.get_nowait()
             except queue.Empty:
                 return
-            seconds = finished - self.started.pop(t.request_id, finished)  # posted -> completed
+            posted = self.started.pop(t.request_id, finished)
+            seconds = finished - posted if seconds is None else seconds
             if t in self.sends:
                 self.sends.remove(t)
+                self.sending.discard(t.request_id)
                 e.release(t.request_id)
                 self.conn.send(("error", t.request_id, f"KV send failed: {err}") if err else
-                               ("sent", t.request_id, t.nbytes, seconds, t.peer))
+                               ("sent", t.request_id, t.nbytes, seconds, t.peer if t.kind == "ipc" else None, t.kind))
             elif t in self.recvs:
                 self.recvs.remove(t)
+                seq = e.handoff.get(t.request_id)
+                if seq is None:
+                    continue  # aborted meanwhile: the KV is dropped
                 if err:
                     e.release(t.request_id)
                     self.conn.send(("error", t.request_id, f"KV receive failed: {err}"))
-                elif t.request_id in e.handoff:
-                    scatter_blocks(e.runner.kv_cache, t.blocks, t.buf)
-                    e.admit(t.request_id)
-                    self.conn.send(("received", t.request_id, t.nbytes, seconds))
+                elif t.bufs[0].shape[2] != len(seq.block_table):
+                    e.release(t.request_id)
+                    self.conn.send(("error", t.request_id, f"KV of {t.bufs[0].shape[2]} blocks for "
+                                                           f"{len(seq.block_table)} reserved ones"))
+                else:
+                    buf = t.bufs[0]
+                    if buf.is_cuda:
+                        buf.record_stream(torch.cuda.current_stream(buf.device))  # allocated on the side stream
+                    scatter_blocks(e.runner.kv_cache, seq.block_table, buf)
+                    self.landed[t.request_id] = t.nbytes
+                    self.maybe_admit(t.request_id)
 
     def stats(self) -> dict:
         e = self.engine
