@@ -76,10 +76,15 @@ def summarize(records: list[RequestRecord], goodput: dict[str, float] | None = N
         res.update(request_goodput=good / duration, slo_attainment=good / max(len(records), 1), goodput_slos=goodput)
     paths = [r.path for r in records if r.path]
     res["routing_mix"] = {p: paths.count(p) / len(paths) for p in sorted(set(paths))} if paths else {}
-    errs = [abs(r.predicted[k] - m) / m for r in done if r.predicted
-            for k, m in (("ttft_ms", r.ttft_ms), ("tpot_ms", r.tpot_ms)) if k in r.predicted and m > 0]
+    errs = {}
+    for r in done:
+        for k, m in (("ttft", r.ttft_ms), ("tpot", r.tpot_ms if r.output_len > 1 else 0.0)):
+            if r.predicted and f"{k}_ms" in r.predicted and m > 0:
+                errs.setdefault(k, []).append(abs(r.predicted[f"{k}_ms"] - m) / m)
+    for k, e in errs.items():  # the router's prediction for the path taken against the outcome
+        res[f"router_{k}_median_abs_rel_err"] = float(np.median(e))
     if errs:
-        res["router_median_abs_rel_err"] = float(np.median(errs))
+        res["router_median_abs_rel_err"] = float(np.median([x for e in errs.values() for x in e]))
     return res
 
 

@@ -14,19 +14,18 @@ MODES = ("collocated", "disaggregated", "adaptive", "threshold")
 
 
 def layout_for(mode: str, devices: list[str]) -> list[WorkerSpec]:
-    """The same devices for every mode: all collocated; or split into prefill and decode workers; or
-    (adaptive, threshold) one collocated worker beside prefill and decode workers."""
+    """The same devices for every mode: all collocated; or split into prefill and decode workers (the first
+    half prefill); or (adaptive, threshold) both at once, so the router can take either path on every
+    device: a collocated worker on each device beside the disaggregated mode's prefill and decode workers
+    (workers on one GPU split its memory)."""
     n = len(devices)
+    k = max(1, n // 2)
+    prefill, decode = ",".join(devices[:k]), ",".join(devices[k:] or devices[:1])
     if mode == "collocated":
         return parse_layout(",".join(devices))
     if mode == "disaggregated":
-        k = max(1, n // 2)
-        return parse_layout("", ",".join(devices[:k]), ",".join(devices[k:] or devices[:1]))
-    if n >= 3:
-        return parse_layout(devices[0], ",".join(devices[1:-1]), devices[-1])
-    if n == 2:
-        return parse_layout(devices[0], devices[1], devices[0])
-    return parse_layout(devices[0], devices[0], devices[0])
+        return parse_layout("", prefill, decode)
+    return parse_layout(",".join(devices), prefill, decode)
 
 
 def run_load(cs, requests: list[BenchRequest], arrivals, mode: str, drain_timeout: float, progress=None,
