@@ -46,7 +46,7 @@ def main(argv=None) -> int:
             for _ in range(args.reps + 1):
                 t = cs.submit([rng.randrange(1000, 30000) for _ in range(args.prompt_len)], p, "disaggregated")
                 deadline = time.monotonic() + 120
-                while not (t.done.is_set() and t.transfer_kind) and time.monotonic() < deadline:
+                while not (t.done.is_set() and (t.transfer_kind or t.error)) and time.monotonic() < deadline:
                     time.sleep(0.01)  # the send's report may come after the decode worker has finished
                 if t.error or not t.transfer_kind:
                     print(f"error: {t.error or 'no transfer reported'}", file=sys.stderr)
