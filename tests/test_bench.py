@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from pdcli.bench.arrivals import arrival_times
 from pdcli.bench.metrics import RequestRecord, max_rate_meeting, summarize
-from pdcli.bench.runner import layout_for
+from pdcli.bench.runner import layout_for, pd_on_collocated
 from pdcli.bench.workloads import make_requests
 from pdcli.cli import app
 
@@ -70,6 +70,10 @@ def test_modes_get_the_same_devices():
     devs = ["cuda:0", "cuda:1"]
     for mode in ("collocated", "disaggregated", "adaptive"):
         assert {s.device for s in layout_for(mode, devs)} == set(devs)
+    # the router's modes share no GPU between two processes: collocated workers prefill/decode for each other
+    assert [(s.role, s.device) for s in layout_for("adaptive", devs)] == [("collocated", d) for d in devs]
+    assert pd_on_collocated("adaptive", devs) and not pd_on_collocated("collocated", devs)
+    assert not pd_on_collocated("adaptive", devs[:1])
 
 
 def test_bench_runs_and_plot_makes_pngs(tmp_path):

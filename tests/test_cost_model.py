@@ -157,6 +157,15 @@ def test_collocated_load_moves_to_disaggregated():
     assert (light.path, heavy.path) == ("collocated", "disaggregated")
 
 
+def test_busy_collocated_workers_as_prefill_and_decode_cost_more():
+    """pd_on_collocated: a prefill worker with its own decode batch prefills slower, and a decode worker
+    with queued prompts decodes slower, than dedicated idle ones."""
+    r = router()
+    dedicated = r.predict(2000, 200, None, load(0), load(32))["disaggregated"]
+    busy = r.predict(2000, 200, None, load(64), load(32, queued=16000))["disaggregated"]
+    assert busy["ttft_ms"] > dedicated["ttft_ms"] and busy["tpot_ms"] > dedicated["tpot_ms"]
+
+
 def test_slos_pick_the_path_that_meets_them():
     # collocated has the lower end-to-end latency, but queued prompts ahead of it delay its first token
     coll, dec = load(8, 1000, queued=2048), load(60, 2000)

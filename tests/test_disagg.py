@@ -91,6 +91,23 @@ def test_aborts_and_one_token_requests_return_every_block(model_path, prompts):
         assert all(s["num_free_blocks"] == s["num_blocks"] and s["handoff"] == 0 for s in stats), stats
 
 
+def test_collocated_workers_prefill_and_decode_for_each_other(model_path, prompts, reference):
+    """pd_on_collocated: two collocated workers and no P/D workers; the disaggregated path prefills on one
+    and decodes on the other (either way round), with the collocated path's tokens, and every block returns."""
+    with CentralScheduler(model_path, parse_layout("cpu,cpu"), pd_on_collocated=True, **ENGINE) as cs:
+        coll = cs.generate(prompts, GREEDY, mode="collocated", timeout=120)
+        tracked = [cs.submit(p, GREEDY, mode="disaggregated") for p in prompts * 2]
+        for t in tracked:
+            assert t.done.wait(120)
+        assert [o.token_ids for o in coll] == reference
+        assert [cs.output(t).token_ids for t in tracked] == reference * 2
+        assert {t.path for t in tracked} == {"disaggregated"}
+        assert {(t.first, t.second) for t in tracked} == {(0, 1), (1, 0)}
+        assert all(t.transfer_bytes > 0 for t in tracked)
+        stats = wait_pools_full(cs)
+        assert all(s["num_free_blocks"] == s["num_blocks"] and s["handoff"] == 0 for s in stats), stats
+
+
 def test_two_prefill_workers_one_decode(model_path, prompts, reference):
     with CentralScheduler(model_path, parse_layout("cpu", "cpu,cpu", "cpu"), **ENGINE) as cs:
         tracked = [cs.submit(p, GREEDY, mode="disaggregated") for p in prompts]

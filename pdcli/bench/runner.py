@@ -15,17 +15,20 @@ MODES = ("collocated", "disaggregated", "adaptive", "threshold")
 
 def layout_for(mode: str, devices: list[str]) -> list[WorkerSpec]:
     """The same devices for every mode: all collocated; or split into prefill and decode workers (the first
-    half prefill); or (adaptive, threshold) both at once, so the router can take either path on every
-    device: a collocated worker on each device beside the disaggregated mode's prefill and decode workers
-    (workers on one GPU split its memory)."""
+    half prefill); or (adaptive, threshold) on two or more devices a collocated worker on each, which
+    also prefill and decode for each other (`pd_on_collocated`), so the router can take either path
+    without two processes sharing a GPU; on one device a collocated, a prefill and a decode worker."""
     n = len(devices)
     k = max(1, n // 2)
-    prefill, decode = ",".join(devices[:k]), ",".join(devices[k:] or devices[:1])
-    if mode == "collocated":
+    if mode == "collocated" or (mode in ("adaptive", "threshold") and n >= 2):
         return parse_layout(",".join(devices))
     if mode == "disaggregated":
-        return parse_layout("", prefill, decode)
-    return parse_layout(",".join(devices), prefill, decode)
+        return parse_layout("", ",".join(devices[:k]), ",".join(devices[k:] or devices[:1]))
+    return parse_layout(devices[0], devices[0], devices[0])
+
+
+def pd_on_collocated(mode: str, devices: list[str]) -> bool:
+    return mode in ("adaptive", "threshold") and len(devices) >= 2
 
 
 def run_load(cs, requests: list[BenchRequest], arrivals, mode: str, drain_timeout: float, progress=None,

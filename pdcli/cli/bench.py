@@ -76,7 +76,7 @@ def bench(
     from pdcli import __version__
     from pdcli.bench.arrivals import arrival_times
     from pdcli.bench.metrics import max_rate_meeting, summarize
-    from pdcli.bench.runner import MODES, layout_for, rate_label, run_load, warmup_filter
+    from pdcli.bench.runner import MODES, layout_for, pd_on_collocated, rate_label, run_load, warmup_filter
     from pdcli.bench.workloads import make_requests
     from pdcli.coordinator.central import CentralScheduler
     from pdcli.models.arch import ModelArch
@@ -131,7 +131,8 @@ def bench(
             layout = layout_for(m, devs)
             try:
                 cs = CentralScheduler(model, layout, mode=m, sampling_seed=seed, params_dir=params_dir if m == "adaptive" else None,
-                                      slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms, **kw)
+                                      slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms,
+                                      pd_on_collocated=pd_on_collocated(m, devs), **kw)
             except (ValueError, RuntimeError, TimeoutError, OSError) as e:
                 fail(f"mode {m}: {e}", EXIT_RUNTIME)
             try:
@@ -148,6 +149,7 @@ def bench(
                     rows.append(row)
                     result = dict(row, model=model, seed=seed, num_warmup_excluded=len(records) - stats["num_prompts"],
                                   layout=[dict(rank=s.rank, role=s.role, device=s.device) for s in layout],
+                                  pd_on_collocated=cs.pd_on_collocated,
                                   devices=devs, kernel_path=cs.workers[0].info.get("kernel_path"),
                                   accounting=cs.accounting, date=stamp,
                                   provenance=dict(pdcli=__version__, torch=str(torch.__version__),

@@ -75,10 +75,13 @@ class Tracked:
 class CentralScheduler:
     def __init__(self, model: str, layout: list[WorkerSpec], mode: str = "collocated", sampling_seed: int = 0,
                  startup_timeout: float = 600.0, params_dir: str | None = None, slo_ttft_ms: float | None = None,
-                 slo_tpot_ms: float | None = None, **engine_kwargs):
+                 slo_tpot_ms: float | None = None, pd_on_collocated: bool = False, **engine_kwargs):
+        """pd_on_collocated: collocated workers on different devices also prefill and decode for each other
+        (the disaggregated path without dedicated P/D workers: no GPU is shared by two processes)."""
         from pdcli.models.loader import resolve
 
         self.policy = make_policy(mode)
+        self.pd_on_collocated = pd_on_collocated
         source = resolve(model)
         from pdcli.models.arch import ModelArch
 
@@ -93,6 +96,7 @@ class CentralScheduler:
         self.lock = threading.RLock()
         self.requests: dict[str, Tracked] = {}
         self.ids = itertools.count()
+        self._turn = itertools.count()
         self.rng = random.Random(sampling_seed)  # seeds of unseeded requests, shared by P and D
         self.stats_replies: queue.Queue = queue.Queue()
         self.accounting = {p: dict(requests=0, output_tokens=0, failed=0, transfer_bytes=0, transfer_s=0.0)
@@ -106,6 +110,8 @@ class CentralScheduler:
         self._store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
         init = ("127.0.0.1", self._store.port)
         self.workers: list[WorkerHandle] = []
+        nccl = [(p.rank, d.rank) for p in layout for d in layout
+                if self.can_hand_off(p, d) and transfer_pair(p, d) == "gpu-nccl"]
         for spec in layout:
             parent, child = ctx.Pipe()
             kwargs = dict(engine_kwargs)
@@ -115,7 +121,7 @@ class CentralScheduler:
 
                 util = kwargs.get("gpu_memory_utilization") or CacheConfig.gpu_memory_utilization
                 kwargs["gpu_memory_utilization"] = util / sharing
-            proc = ctx.Process(target=worker_main, args=(spec, model, kwargs, child, init, list(layout)),
+            proc = ctx.Process(target=worker_main, args=(spec, model, kwargs, child, init, list(layout), nccl),
                                daemon=True, name=f"pdcli-{spec.role}-{spec.rank}")
             proc.start()
             child.close()
@@ -199,50 +205,72 @@ class CentralScheduler:
             seed = params.seed if params.seed is not None else self.rng.getrandbits(63)
             t = Tracked(rid, len(self.requests) + 1, list(prompt_ids), params, seed, "", time.perf_counter())
             self.requests[rid] = t
-            path = self._route(t, mode)
-            if path is None:
+            route = self._route(t, mode)
+            if route is None:
                 self._fail(t, "no live worker can serve this request")
                 return t
-            t.path = path
-            self.accounting[path]["requests"] += 1
-            if path == "collocated":
-                w = min(self.live("collocated"), key=lambda w: len(w.inflight))
+            t.path, w, d = route
+            self.accounting[t.path]["requests"] += 1
+            if d is None:
                 t.first, t.stage = w.spec.rank, "collocated"
             else:
-                p = min(self.live("prefill"), key=lambda w: len(w.inflight))
-                d = min(self.live("decode"), key=lambda w: len(w.inflight))
-                t.first, t.second, t.stage = p.spec.rank, d.spec.rank, "prefill"
+                t.first, t.second, t.stage = w.spec.rank, d.spec.rank, "prefill"
                 d.inflight.add(rid)
                 # the decode worker reserves blocks now, so the KV can stream to it while the prompt prefills
-                self._send(d, ("reserve", rid, t.prompt_ids, params, seed, same_gpu(p.spec, d.spec)))
-                w = p
+                self._send(d, ("reserve", rid, t.prompt_ids, params, seed, same_gpu(w.spec, d.spec)))
             w.inflight.add(rid)
-            self._send(w, ("add", rid, t.prompt_ids, params, seed))
+            self._send(w, ("add", rid, t.prompt_ids, params, seed, d is not None))
             return t
 
-    def _route(self, t: Tracked, mode: str | None) -> str | None:
-        can_coll, can_disagg = bool(self.live("collocated")), bool(self.live("prefill") and self.live("decode"))
+    # ---- routing ----
+    def can_hand_off(self, p: WorkerSpec, d: WorkerSpec) -> bool:
+        """p may prefill for d: a prefill and a decode worker (on one GPU: through CUDA IPC), or, with
+        pd_on_collocated, two collocated workers (or one and a P/D worker) on different devices."""
+        if p.rank == d.rank:
+            return False
+        if p.role == "prefill" and d.role == "decode":
+            return True
+        return self.pd_on_collocated and p.role in ("prefill", "collocated") and \
+            d.role in ("decode", "collocated") and (p.device != d.device or p.device == "cpu")
+
+    def pairs(self) -> list[tuple[WorkerHandle, WorkerHandle]]:
+        live = [w for w in self.workers if w.alive]
+        return [(p, d) for p in live for d in live if self.can_hand_off(p.spec, d.spec)]
+
+    def _least(self, pairs: list, key):
+        """The pair of least key; ties taken in turn (two collocated workers serve each other both ways)."""
+        if not pairs:
+            return None
+        best = min(map(key, pairs))
+        tied = [pd for pd in pairs if key(pd) == best]
+        return tied[next(self._turn) % len(tied)]
+
+    def _route(self, t: Tracked, mode: str | None):
+        """(path, collocated or prefill worker, decode worker or None), or None if no live worker can."""
+        colls, pairs = self.live("collocated"), self.pairs()
+        n_in = lambda w: len(w.inflight)  # noqa: E731
+        coll = min(colls, key=n_in) if colls else None
+        pair = self._least(pairs, lambda pd: (n_in(pd[0]), n_in(pd[1])))
         if t.params.n > 1:  # forks share KV inside one engine
-            return "collocated" if can_coll else None
+            return ("collocated", coll, None) if coll else None
         policy = make_policy(mode) if mode else self.policy
-        if policy.name == "adaptive" and self.router is not None and can_coll and can_disagg:
+        if policy.name == "adaptive" and self.router is not None and coll and pair:
             loads = self.worker_loads()
-            least = lambda role: min(self.live(role), key=lambda w: loads[w.spec.rank].queued_prefill_tokens +  # noqa: E731
-                                     loads[w.spec.rank].decode_batch)
-            coll, pre, dec = least("collocated"), least("prefill"), least("decode")
+            load = lambda w: loads[w.spec.rank].queued_prefill_tokens + loads[w.spec.rank].decode_batch  # noqa: E731
+            coll = min(colls, key=load)
+            pre, dec = self._least(pairs, lambda pd: (load(pd[0]), load(pd[1])))
             d = self.router.decide(len(t.prompt_ids), t.params.max_tokens, loads[coll.spec.rank], loads[pre.spec.rank],
                                    loads[dec.spec.rank], transfer_pair(pre.spec, dec.spec))
             t.decision = dict(policy="adaptive", decided_by="cost-model", path=d.path, predicted=d.predicted,
                               predicted_output_len=d.output_len)
-            return d.path
+            return (d.path, coll, None) if d.path == "collocated" else (d.path, pre, dec)
         r = RouteInput(len(t.prompt_ids), t.params,
-                       prefill_queue=min((len(w.inflight) for w in self.live("prefill")), default=0),
-                       collocated_load=min((len(w.inflight) for w in self.live("collocated")), default=0))
+                       prefill_queue=n_in(pair[0]) if pair else 0, collocated_load=n_in(coll) if coll else 0)
         want = policy.choose(r)
         t.decision = dict(policy=policy.name, decided_by=getattr(policy, "decided_by", policy.name), path=want)
-        if want == "disaggregated" and can_disagg or want == "collocated" and not can_coll and can_disagg:
-            return "disaggregated"
-        return "collocated" if can_coll else None
+        if pair and (want == "disaggregated" or not coll):
+            return ("disaggregated", *pair)
+        return ("collocated", coll, None) if coll else None
 
     def worker_loads(self):
         """Per-rank live state from the coordinator's own bookkeeping (what the router sees)."""

@@ -109,7 +109,8 @@ class LLMEngine:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, chat: bool = False, stream: bool = False,
-                    seed: int | None = None) -> str:
+                    seed: int | None = None, handoff: bool = False) -> str:
+        """handoff: prefill only; after its first token the sequence waits for `detach_prefilled`."""
         params = params or SamplingParams()
         ids = self.encode(prompt, chat)
         self.validate_prompt(ids)
@@ -119,6 +120,7 @@ class LLMEngine:
         if seed is None:
             seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         seq = Sequence(request_id, ids, params, seed)
+        seq.handoff_after_prefill = handoff
         self.requests[request_id] = Request(request_id, prompt if isinstance(prompt, str) else None, ids, params,
                                             stream, [seq])
         self.scheduler.add(seq)
@@ -213,9 +215,10 @@ class LLMEngine:
     # ---- P/D handoff: a prefill engine keeps a sequence's blocks after its first token; a decode engine
     # ---- reserves blocks, receives the KV into them, then admits the sequence into its batch.
     def detach_prefilled(self) -> list[Sequence]:
-        """Running sequences that have their first token (and are not finished) leave the batch, keeping
-        their blocks until release()."""
-        ready = [s for s in self.scheduler.running if s.num_output_tokens >= 1 and not s.is_finished]
+        """Running handoff sequences whose first token has landed (and that are not finished) leave the
+        batch, keeping their blocks until release()."""
+        ready = [s for s in self.scheduler.running
+                 if s.handoff_after_prefill and len(s.output_token_ids) >= 1 and not s.is_finished]
         for seq in ready:
             self.scheduler.running.remove(seq)
             seq.status = SequenceStatus.HANDOFF

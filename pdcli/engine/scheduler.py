@@ -54,8 +54,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            if seq.num_pending and self._at_limit(seq, len(seq)):
-                i += 1  # its in-flight token is its last: it finishes when that token lands
+            if seq.num_pending and self._at_limit(seq, len(seq)) or \
+                    seq.handoff_after_prefill and seq.num_computed_tokens >= seq.num_prompt_tokens:
+                i += 1  # its in-flight token is its last here: it finishes, or is handed off, when that lands
                 continue
             n = min(seq.num_uncomputed_tokens, budget)
             while not bm.allocate(seq, n):

@@ -37,6 +37,7 @@ class Sequence:
         self.arrival_time = time.perf_counter()
         self.first_token_time: float | None = None
         self.num_preemptions = 0
+        self.handoff_after_prefill = False  # P/D: its KV goes to a decode worker once the first token is sampled
         self.text = ""  # detokenized output, stop strings removed
         self.detok_state: object = None
 

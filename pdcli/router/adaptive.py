@@ -46,9 +46,14 @@ class AdaptiveRouter:
                 max(out_len, 1.0)
             res["collocated"] = dict(ttft_ms=ttft, tpot_ms=tpot, e2e_ms=ttft + max(out_len - 1, 0) * tpot)
         if pre is not None and dec is not None:
-            ttft = cm.queued_prefill_ms(pre.queued_prefill_tokens) + cm.chunked_prefill_ms(prompt_len)
+            # a prefill worker has no decode batch and a decode worker no queued prompts; a collocated worker
+            # doing either job for another (pd_on_collocated) has both, priced as on the collocated path
+            ttft = cm.queued_prefill_ms(pre.queued_prefill_tokens, pre.decode_batch, pre.decode_ctx) + \
+                cm.chunked_prefill_ms(prompt_len, pre.decode_batch, pre.decode_ctx)
             xfer = cm.transfer_ms(prompt_len, pair) * (1 + dec.inflight_transfers)
-            tpot = float(cm.decode_ms(dec.decode_batch + 1, dec.decode_ctx + prompt_len + out_len / 2))
+            b, s = dec.decode_batch + 1, dec.decode_ctx + prompt_len + out_len / 2
+            tpot = float(cm.decode_ms(b, s)) + cm.prefill_in_decode_ms(dec.queued_prefill_tokens, b, s) / \
+                max(out_len, 1.0)
             res["disaggregated"] = dict(ttft_ms=ttft, tpot_ms=tpot, transfer_ms=xfer,
                                         e2e_ms=ttft + xfer + max(out_len - 1, 0) * tpot)
         return res

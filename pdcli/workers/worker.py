@@ -1,7 +1,7 @@
 """A worker process: one engine on one device in one role, driven by the coordinator over a pipe.
 
 Protocol (tuples over a multiprocessing Pipe; never KV):
-  coordinator -> worker: ("add", rid, prompt_ids, params, seed)      run (collocated) or prefill (prefill role)
+  coordinator -> worker: ("add", rid, prompt_ids, params, seed, handoff)  run, or (handoff) prefill only
                          ("reserve", rid, prompt_ids, params, seed, ipc)  decode: blocks for rid's prompt KV, now
                          ("dest", rid, dst, tag, dst_blocks | None, layerwise)  prefill: where rid's KV goes
                                       (dst_blocks: the decode worker's blocks, to copy into through CUDA IPC)
@@ -35,26 +35,23 @@ from pdcli.workers.kv_transfer import (LayerSender, copy_kv_ipc, export_pool, im
 from pdcli.workers.layout import WorkerSpec
 
 
-def connect_peers(spec: WorkerSpec, layout: list[WorkerSpec], device: torch.device) -> None:
-    """Set up NCCL's communicator of every prefill -> decode pair on different GPUs now: set up lazily, the
+def connect_peers(rank: int, pairs: list[tuple[int, int]], device: torch.device) -> None:
+    """Set up NCCL's communicator of every (sender, receiver) pair on different GPUs now: set up lazily, the
     first receive would block in it until its sender's first send, which waits for that very receive.
     Pairs go in one global order, so no two workers wait for each other."""
-    from pdcli.workers.layout import transfer_pair
-
-    pairs = [(p.rank, d.rank) for p in layout if p.role == "prefill" for d in layout
-             if d.role == "decode" and transfer_pair(p, d) == "gpu-nccl"]
     x = torch.zeros(1, device=device)
-    for p, d in pairs:
-        if spec.rank == p:
-            dist.send(x, d)
-        elif spec.rank == d:
-            dist.recv(x, p)
+    for a, b in sorted({tuple(sorted(p)) for p in pairs}):
+        if rank == a:
+            dist.send(x, b)
+        elif rank == b:
+            dist.recv(x, a)
     torch.cuda.synchronize(device)
 
 
 def worker_main(spec: WorkerSpec, model: str, engine_kwargs: dict, conn, dist_init: tuple[str, int],
-                layout: list[WorkerSpec]) -> None:
-    """dist_init: (host, port) of the coordinator's TCPStore."""
+                layout: list[WorkerSpec], nccl_pairs: list[tuple[int, int]]) -> None:
+    """dist_init: (host, port) of the coordinator's TCPStore; nccl_pairs: the (prefill, decode) ranks that
+    may hand KV over through NCCL."""
     try:
         if spec.device == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, len(layout))))
@@ -64,7 +61,7 @@ def worker_main(spec: WorkerSpec, model: str, engine_kwargs: dict, conn, dist_in
         store = dist.TCPStore(dist_init[0], dist_init[1], is_master=False, timeout=timedelta(seconds=300))
         dist.init_process_group(backend, store=store, rank=spec.rank, world_size=len(layout))
         if backend == "nccl":
-            connect_peers(spec, layout, torch.device(spec.device))
+            connect_peers(spec.rank, nccl_pairs, torch.device(spec.device))
         from pdcli.config import EngineConfig
         from pdcli.engine.llm_engine import LLMEngine
 
@@ -111,8 +108,7 @@ class Worker:
         # one thread per peer waits for its transfers in issue order (a dead peer stalls only its own)
         self.waiters: dict[int, queue.Queue] = {}
         self.completed: queue.Queue = queue.Queue()
-        if spec.role == "prefill":
-            engine.runner.kv_sender = self.layer_sender
+        engine.runner.kv_sender = self.layer_sender  # any worker can be asked to prefill for another
 
     def waiter(self, peer: int) -> queue.Queue:
         q = self.waiters.get(peer)
@@ -165,9 +161,9 @@ class Worker:
     def handle(self, msg) -> bool:
         kind, e = msg[0], self.engine
         if kind == "add":
-            _, rid, prompt, params, seed = msg
+            _, rid, prompt, params, seed, handoff = msg
             try:
-                e.add_request(prompt, params, request_id=rid, seed=seed)
+                e.add_request(prompt, params, request_id=rid, seed=seed, handoff=handoff)
             except ValueError as err:
                 self.conn.send(("error", rid, str(err)))
         elif kind == "reserve":
@@ -285,22 +281,22 @@ class Worker:
             if d.finished and d.request_id in e.requests and e.requests[d.request_id].finished:
                 e.pop_finished(d.request_id)
                 self.forget_dest(d.request_id)  # a prefill worker's sequence that ended on its first token
-        if self.spec.role == "prefill":
-            for t in self.new_sends:  # every layer is posted now
-                self.sends.append(t)
-                self.waiter(t.peer).put(t)
-            self.new_sends = []
-            # sends announced at launch, in announced order, before any other: also those of sequences that
-            # ended on their first token, since their receives are posted (their blocks are read as they are)
-            for rid, blocks, dst, tag in self.announced:
-                t = send_kv(e.runner.kv_cache, blocks, dst, tag, rid, self.side_stream, self.timing(dst))
-                self.sends.append(t)
-                self.waiter(dst).put(t)
-            self.announced = []
-            for seq in e.detach_prefilled():
-                self.conn.send(("prefilled", seq.request_id, seq.token_ids[-1], len(seq.block_table)))
-                if seq.request_id in self.dests:
-                    self.start_send(seq.request_id)
+        # handoffs (a prefill worker's requests; a collocated worker's when asked to prefill for another)
+        for t in self.new_sends:  # every layer is posted now
+            self.sends.append(t)
+            self.waiter(t.peer).put(t)
+        self.new_sends = []
+        # sends announced at launch, in announced order, before any other: also those of sequences that
+        # ended on their first token, since their receives are posted (their blocks are read as they are)
+        for rid, blocks, dst, tag in self.announced:
+            t = send_kv(e.runner.kv_cache, blocks, dst, tag, rid, self.side_stream, self.timing(dst))
+            self.sends.append(t)
+            self.waiter(dst).put(t)
+        self.announced = []
+        for seq in e.detach_prefilled():
+            self.conn.send(("prefilled", seq.request_id, seq.token_ids[-1], len(seq.block_table)))
+            if seq.request_id in self.dests:
+                self.start_send(seq.request_id)
 
     # ---- decode role: reservations and receives ----
     def try_reserve(self) -> None:
