@@ -7,6 +7,9 @@
 
 #include <string>
 
+void launch_copy_blocks(const void* src, void* dst, const int64_t* src_idx, const int64_t* dst_idx, int64_t num_pairs,
+                        int64_t num_groups, int64_t src_blocks, int64_t dst_blocks, int64_t block_bytes,
+                        cudaStream_t stream);
 void launch_store_kvcache(const void* k, const void* v, void* k_cache, void* v_cache, const int64_t* slot_mapping,
                           int64_t num_tokens, int64_t k_token_bytes, int64_t v_token_bytes, int64_t row_bytes,
                           cudaStream_t stream);
@@ -181,6 +184,32 @@ void gemv(torch::Tensor y, torch::Tensor x, torch::Tensor w, c10::optional<torch
               x.stride(0), y.stride(0), x.scalar_type() == torch::kBFloat16, at::cuda::getCurrentCUDAStream());
 }
 
+// dst [G, Nd, ...], src [G, Ns, ...] contiguous, one dtype, the same G and block size (the dims after the
+// second); src_idx, dst_idx [P] int64 on the GPU: dst[:, dst_idx[i]] = src[:, src_idx[i]]. Indices out of
+// range copy nothing.
+void copy_blocks(torch::Tensor dst, torch::Tensor src, torch::Tensor src_idx, torch::Tensor dst_idx) {
+  const char* op = "copy_blocks";
+  TORCH_CHECK(src.is_cuda() && dst.device() == src.device() && src_idx.device() == src.device() &&
+                  dst_idx.device() == src.device(), op, ": tensors must share one GPU");
+  TORCH_CHECK(src.dim() >= 2 && dst.dim() >= 2 && src.is_contiguous() && dst.is_contiguous(), op,
+              ": src and dst must be contiguous [G, N, ...]");
+  TORCH_CHECK(src.scalar_type() == dst.scalar_type(), op, ": dtype mismatch");
+  TORCH_CHECK(src.size(0) == dst.size(0), op, ": src and dst need the same number of groups");
+  const int64_t block = src.size(1) ? src.numel() / (src.size(0) * src.size(1)) : 0;
+  const int64_t dst_block = dst.size(1) ? dst.numel() / (dst.size(0) * dst.size(1)) : 0;
+  TORCH_CHECK(block == dst_block, op, ": src and dst blocks differ in size");
+  const int64_t block_bytes = block * src.element_size();
+  TORCH_CHECK(block_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(src.data_ptr()) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(dst.data_ptr()) % 16 == 0, op, ": blocks must be 16-byte aligned");
+  TORCH_CHECK(src_idx.scalar_type() == torch::kInt64 && dst_idx.scalar_type() == torch::kInt64 && src_idx.dim() == 1 &&
+                  dst_idx.dim() == 1 && src_idx.is_contiguous() && dst_idx.is_contiguous() &&
+                  src_idx.numel() == dst_idx.numel(), op, ": src_idx, dst_idx must be contiguous int64 [P]");
+  TORCH_CHECK(src.size(0) <= 65535, op, ": at most 65535 groups");
+  const c10::cuda::CUDAGuard guard(src.device());
+  launch_copy_blocks(src.data_ptr(), dst.data_ptr(), src_idx.data_ptr<int64_t>(), dst_idx.data_ptr<int64_t>(),
+                     src_idx.numel(), src.size(0), src.size(1), dst.size(1), block_bytes, at::cuda::getCurrentCUDAStream());
+}
+
 // k, v [T, Hk, D] (each token's [Hk, D] contiguous); caches [num_blocks, block_size, Hk, D]; slot_mapping [T] int64
 // (< 0: skip the token).
 void store_kvcache(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache,
@@ -267,6 +296,7 @@ void prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("copy_blocks", &copy_blocks, "KV blocks from src[:, src_idx] to dst[:, dst_idx] (16-byte copies)");
   m.def("store_kvcache", &store_kvcache, "write new K/V rows into their cache slots");
   m.def("decode_attention", &decode_attention, "paged GQA decode attention, split-KV");
   m.def("decode_attention_num_splits", &decode_attention_num_splits,

@@ -18,7 +18,7 @@ from pdcli import envs
 
 CSRC = os.path.join(os.path.dirname(os.path.dirname(__file__)), "csrc")
 SOURCES = ("bindings.cpp", "store_kvcache.cu", "decode_attention.cu", "prefill_attention.cu", "layernorm.cu",
-           "activation.cu", "rotary.cu", "gemv.cu")
+           "activation.cu", "rotary.cu", "gemv.cu", "copy_blocks.cu")
 
 
 class KernelUnavailable(RuntimeError):

@@ -35,6 +35,16 @@ def _elementwise_module(x: torch.Tensor):
     return build.get()
 
 
+def copy_blocks(dst: torch.Tensor, src: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor) -> None:
+    """dst[:, dst_idx] = src[:, src_idx] over [G, N, ...] block pools/buffers (KV handoff): the kernel on a
+    GPU, else the reference."""
+    mod = build.get() if src.is_cuda else None
+    if mod is not None:
+        mod.copy_blocks(dst, src, src_idx, dst_idx)
+    else:
+        reference.copy_blocks(dst, src, src_idx, dst_idx)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [m, k] @ weight [n, k]^T (+ bias): the gemv kernel for 1-4 rows unless PDCLI_GEMV=0, else torch."""
     if x.dim() == 2 and 1 <= x.shape[0] <= 4 and envs.gemv() and weight.is_contiguous():

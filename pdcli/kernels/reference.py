@@ -12,6 +12,17 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
 
 
+def copy_blocks(dst: torch.Tensor, src: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor) -> None:
+    """dst [G, Nd, ...][:, dst_idx] = src [G, Ns, ...][:, src_idx] (contiguous, one dtype). Blocks move as
+    8-byte words when they can: torch's index kernels copy one element per thread."""
+    words = (src[0, 0].numel() * src.element_size()) % 8 == 0 if src.shape[1] else False
+    s = src.reshape(*src.shape[:2], -1)
+    d = dst.reshape(*dst.shape[:2], -1)
+    if words:
+        s, d = s.view(torch.int64), d.view(torch.int64)
+    d.index_copy_(1, dst_idx, s.index_select(1, src_idx))
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     context_lens: torch.Tensor, query_start_loc: torch.Tensor, max_query_len: int,
                     max_context_len: int, scale: float) -> torch.Tensor:

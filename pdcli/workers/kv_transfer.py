@@ -12,31 +12,36 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from pdcli.kernels import ops
+
 
 def block_index(kv_cache: torch.Tensor, blocks: list[int]) -> torch.Tensor:
     return torch.tensor(blocks, device=kv_cache.device)
 
 
-def as_words(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """x (contiguous) with the dims after `dim` flattened and read as 8-byte words, so torch's index kernels
-    (one element per thread) move a block as 4x fewer, wider elements than bf16."""
-    return x.reshape(*x.shape[:dim + 1], -1).view(torch.int64)
+def _groups(x: torch.Tensor) -> torch.Tensor:
+    # [layers, 2, N, ...] -> [layers * 2, N, ...]: a view
+    return x.view(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
 def gather_blocks(kv_cache: torch.Tensor, blocks: list[int]) -> torch.Tensor:
     # kv_cache [layers, 2, num_blocks, block_size, Hk, D] -> [layers, 2, len(blocks), block_size, Hk, D]
-    out = as_words(kv_cache, 2).index_select(2, block_index(kv_cache, blocks))
-    return out.view(kv_cache.dtype).view(*kv_cache.shape[:2], len(blocks), *kv_cache.shape[3:])
+    idx = block_index(kv_cache, blocks)
+    out = torch.empty(transfer_shape(kv_cache, len(blocks)), dtype=kv_cache.dtype, device=kv_cache.device)
+    ops.copy_blocks(_groups(out), _groups(kv_cache), idx, torch.arange(len(blocks), device=kv_cache.device))
+    return out
 
 
 def gather_layer(kv_cache: torch.Tensor, layer: int, idx: torch.Tensor) -> torch.Tensor:
     # -> [2, len(idx), block_size, Hk, D]
-    out = as_words(kv_cache[layer], 1).index_select(1, idx)
-    return out.view(kv_cache.dtype).view(2, len(idx), *kv_cache.shape[3:])
+    out = torch.empty(2, len(idx), *kv_cache.shape[3:], dtype=kv_cache.dtype, device=kv_cache.device)
+    ops.copy_blocks(out, kv_cache[layer], idx, torch.arange(len(idx), device=kv_cache.device))
+    return out
 
 
 def scatter_blocks(kv_cache: torch.Tensor, blocks: list[int], data: torch.Tensor) -> None:
-    as_words(kv_cache, 2).index_copy_(2, block_index(kv_cache, blocks), as_words(data, 2))
+    ops.copy_blocks(_groups(kv_cache), _groups(data), torch.arange(len(blocks), device=kv_cache.device),
+                    block_index(kv_cache, blocks))
 
 
 def transfer_shape(kv_cache: torch.Tensor, num_blocks: int) -> tuple[int, ...]:
@@ -199,8 +204,8 @@ def import_pool(handle: tuple) -> torch.Tensor:
 
 def copy_kv_ipc(kv_cache: torch.Tensor, blocks: list[int], peer_pool: torch.Tensor, peer_blocks: list[int],
                 peer: int, request_id: str, stream: torch.cuda.Stream) -> PendingTransfer:
-    """Copy a sequence's blocks (all layers) into another process's pool on this GPU: one gather, one
-    scatter, on a side stream that starts after the work queued so far (the prefill that wrote them) and
+    """Copy a sequence's blocks (all layers) into another process's pool on this GPU: one block copy
+    pool to pool, on a side stream that starts after the work queued so far (the prefill that wrote them) and
     overlaps the prefill steps after it; done when the event recorded on that stream is. The blocks stay
     held until then."""
     written = torch.cuda.Event()
@@ -209,9 +214,10 @@ def copy_kv_ipc(kv_cache: torch.Tensor, blocks: list[int], peer_pool: torch.Tens
     with torch.cuda.stream(stream):
         stream.wait_event(written)
         t.started = timing_event(stream)
-        buf = gather_blocks(kv_cache, blocks)
-        as_words(peer_pool, 2).index_copy_(2, block_index(kv_cache, peer_blocks), as_words(buf, 2))
-        t.add(buf, EventWork(stream))
+        ops.copy_blocks(_groups(peer_pool), _groups(kv_cache), block_index(kv_cache, blocks),
+                        block_index(kv_cache, peer_blocks))
+        t.works.append(EventWork(stream))
+    t.nbytes = len(blocks) * kv_cache[:, :, 0].numel() * kv_cache.element_size()
     return t
 
 
