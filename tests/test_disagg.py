@@ -74,10 +74,12 @@ def test_layerwise_and_whole_sends_give_the_same_tokens(model_path, prompts, ref
         assert all(s["num_free_blocks"] == s["num_blocks"] and s["handoff"] == 0 for s in stats), stats
 
 
-def test_aborts_and_one_token_requests_return_every_block(model_path, prompts):
+@pytest.mark.parametrize("layout,hybrid", [(("", "cpu", "cpu"), False), (("cpu,cpu",), True)])
+def test_aborts_and_one_token_requests_return_every_block(model_path, prompts, layout, hybrid):
     """The decode worker reserves at submission: requests aborted at any stage, and requests that end on
-    the prefill worker's first token, still free its blocks (and the prefill worker's)."""
-    with CentralScheduler(model_path, parse_layout("", "cpu", "cpu"), **ENGINE) as cs:
+    the prefill worker's first token, still free its blocks (and the prefill worker's); also with two
+    collocated workers serving each other (async scheduling on the prefill side)."""
+    with CentralScheduler(model_path, parse_layout(*layout), pd_on_collocated=hybrid, **ENGINE) as cs:
         one = SamplingParams(temperature=0, max_tokens=1)
         many = [cs.submit(p, GREEDY if i % 3 else one, mode="disaggregated") for i, p in enumerate(prompts * 4)]
         for i, t in enumerate(many):

@@ -94,6 +94,7 @@ class Worker:
         self.recvs: list = []  # PendingTransfer, decode role
         self.dests: dict[str, tuple] = {}  # prefill: rid -> (dst rank, tag, dst blocks | None, layerwise)
         self.sending: set[str] = set()  # prefill: rids whose KV send or copy is posted
+        self.sent_early: set[str] = set()  # prefill: sent before the first token landed: released at detach
         self.new_sends: list = []  # prefill: layer-wise sends posted in the step being launched
         self.announced: list = []  # prefill: (rid, dst, tag, blocks) of whole sends announced at launch
         self.timing_streams: dict[int, torch.cuda.Stream] = {}  # per peer rank, for mark_done
@@ -197,11 +198,13 @@ class Worker:
             self.peer_handles.update(msg[1])
         elif kind == "drop":
             self.forget_dest(msg[1])
+            self.sent_early.discard(msg[1])
             e.release(msg[1])
         elif kind == "abort":
             rid, release_now = msg[1], msg[2]
             e.abort_request(rid)
             self.forget_dest(rid)
+            self.sent_early.discard(rid)
             if rid in self.ipc_reserved and not release_now:
                 self.ipc_aborted.add(rid)  # a copy into these blocks may be running: free them once it is done
             else:
@@ -281,6 +284,7 @@ class Worker:
             if d.finished and d.request_id in e.requests and e.requests[d.request_id].finished:
                 e.pop_finished(d.request_id)
                 self.forget_dest(d.request_id)  # a prefill worker's sequence that ended on its first token
+                self.sent_early.discard(d.request_id)
         # handoffs (a prefill worker's requests; a collocated worker's when asked to prefill for another)
         for t in self.new_sends:  # every layer is posted now
             self.sends.append(t)
@@ -297,6 +301,9 @@ class Worker:
             self.conn.send(("prefilled", seq.request_id, seq.token_ids[-1], len(seq.block_table)))
             if seq.request_id in self.dests:
                 self.start_send(seq.request_id)
+            elif seq.request_id in self.sent_early:
+                self.sent_early.discard(seq.request_id)
+                e.release(seq.request_id)
 
     # ---- decode role: reservations and receives ----
     def try_reserve(self) -> None:
@@ -328,7 +335,10 @@ class Worker:
             if t in self.sends:
                 self.sends.remove(t)
                 self.sending.discard(t.request_id)
-                e.release(t.request_id)
+                if t.request_id in e.handoff or t.request_id not in e.requests:
+                    e.release(t.request_id)
+                else:  # layer-wise sends done while the step that samples its first token is in flight
+                    self.sent_early.add(t.request_id)
                 self.conn.send(("error", t.request_id, f"KV send failed: {err}") if err else
                                ("sent", t.request_id, t.nbytes, seconds, t.peer if t.kind == "ipc" else None, t.kind))
             elif t in self.recvs:
