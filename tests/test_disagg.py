@@ -193,6 +193,14 @@ def test_generate_cli_mode_disaggregated_json(model_path, prompts, reference):
     data = json.loads(r.stdout)
     assert [d["path"] for d in data] == ["disaggregated", "disaggregated"]
     assert all(len(d["token_ids"]) == 6 for d in data)
+    # collocated workers only, on two devices: they prefill and decode for each other
+    r = CliRunner().invoke(app, ["generate", "Hello world", "How are you", "--model", model_path, "--mode",
+                                 "disaggregated", "--collocated", "cpu,cpu", "--max-tokens", "6", "--ignore-eos",
+                                 "--no-chat", "--json", "--block-size", "8"])
+    assert r.exit_code == 0, r.stderr
+    pd = json.loads(r.stdout)
+    assert [d["path"] for d in pd] == ["disaggregated", "disaggregated"]
+    assert [d["token_ids"] for d in pd] == [d["token_ids"] for d in data]
 
 
 def test_adaptive_mode_uses_the_fitted_cost_model(model_path, prompts, reference, tmp_path):

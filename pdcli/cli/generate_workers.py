@@ -16,7 +16,7 @@ def generate_with_workers(prompts, model, chat, max_tokens, temperature, top_p, 
     from pdcli.coordinator.central import CentralScheduler
     from pdcli.coordinator.policy import make_policy
     from pdcli.models.loader import ModelLoadError, resolve
-    from pdcli.workers.layout import parse_layout
+    from pdcli.workers.layout import collocated_only, parse_layout
 
     err = Console(stderr=True, highlight=False)
     engine_kwargs = {k: v for k, v in engine_kwargs.items() if k != "device"}
@@ -32,7 +32,8 @@ def generate_with_workers(prompts, model, chat, max_tokens, temperature, top_p, 
         use_chat = bool(tok.chat_template) if chat is None else chat
         ids = [tok.apply_chat_template([{"role": "user", "content": p}]) if use_chat else tok.encode(p) for p in prompts]
         with err.status(f"starting {len(layout)} workers for {model}", spinner="dots"):
-            cs = CentralScheduler(model, layout, mode=mode, **engine_kwargs)
+            cs = CentralScheduler(model, layout, mode=mode, pd_on_collocated=collocated_only(layout, mode),
+                                  **engine_kwargs)
     except (ValueError, TypeError, ModelLoadError) as e:
         fail(str(e))
     except (RuntimeError, OSError, TimeoutError) as e:

@@ -32,7 +32,7 @@ def serve(
     from pdcli.coordinator.policy import make_policy
     from pdcli.models.loader import ModelLoadError
     from pdcli.server.app import create_app
-    from pdcli.workers.layout import parse_layout
+    from pdcli.workers.layout import collocated_only, parse_layout
 
     err = Console(stderr=True, highlight=False)
     kw = engine
@@ -42,7 +42,8 @@ def serve(
             collocated = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
         layout = parse_layout(collocated, prefill, decode)
         with err.status(f"starting {len(layout)} worker(s) for {model}"):
-            cs = CentralScheduler(model, layout, mode=mode, params_dir=params_dir, **kw)
+            cs = CentralScheduler(model, layout, mode=mode, params_dir=params_dir,
+                                  pd_on_collocated=collocated_only(layout, mode), **kw)
     except (ValueError, ModelLoadError) as e:
         fail(str(e))
     except (RuntimeError, OSError, TimeoutError) as e:

@@ -34,3 +34,10 @@ def transfer_pair(prefill: WorkerSpec, decode: WorkerSpec) -> str:
     if prefill.device == "cpu" or decode.device == "cpu":
         return "cpu-gloo"
     return "gpu-ipc" if prefill.device == decode.device else "gpu-nccl"
+
+
+def collocated_only(layout: list[WorkerSpec], mode: str) -> bool:
+    """A layout of collocated workers only, on two or more devices, run in a mode that may disaggregate:
+    its collocated workers then prefill and decode for each other (CentralScheduler's pd_on_collocated)."""
+    return mode != "collocated" and all(s.role == "collocated" for s in layout) and \
+        (len({s.device for s in layout}) >= 2 or (len(layout) >= 2 and layout[0].device == "cpu"))
