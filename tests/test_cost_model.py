@@ -221,3 +221,19 @@ def test_transfer_cost_follows_the_worker_pair():
     nccl = r.predict(8000, 200, None, load(0), load(8), "gpu-nccl")["disaggregated"]["transfer_ms"]
     kv = 8000 * 131072
     assert ipc == pytest.approx(0.05 + kv / 180e6) and nccl == pytest.approx(0.3 + kv / 20e6)
+
+
+def test_workers_sharing_a_gpu_are_priced_time_sliced():
+    """Two processes on one GPU are time-sliced: a worker whose GPU has another busy worker is predicted
+    at half speed; idle neighbours and CPU workers do not count."""
+    from pdcli.router.adaptive import mark_gpu_sharing
+
+    loads = {0: load(8), 1: load(0), 2: load(4), 3: load(4)}
+    mark_gpu_sharing(loads, {0: "cuda:0", 1: "cuda:0", 2: "cuda:1", 3: "cpu"})
+    assert [loads[r].sharing for r in range(4)] == [0, 1, 0, 0]
+    r = router()
+    alone = r.predict(2000, 200, load(8), load(0), load(8))
+    shared = r.predict(2000, 200, WorkerLoad(decode_batch=8, decode_ctx=8 * 1500, sharing=1), load(0), load(8))
+    assert shared["collocated"]["ttft_ms"] == pytest.approx(2 * alone["collocated"]["ttft_ms"])
+    assert shared["collocated"]["tpot_ms"] == pytest.approx(2 * alone["collocated"]["tpot_ms"])
+    assert shared["disaggregated"] == alone["disaggregated"]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 
 from pdcli.coordinator.policy import RouteInput, make_policy
+from pdcli.router.adaptive import mark_gpu_sharing
 from pdcli.outputs import CompletionOutput, RequestOutput
 from pdcli.sampling_params import SamplingParams
 from pdcli.workers.layout import WorkerSpec, transfer_pair
@@ -95,6 +96,7 @@ class CentralScheduler:
         self.tokenizer = source.tokenizer
         self.lock = threading.RLock()
         self.requests: dict[str, Tracked] = {}
+        self.active: set[str] = set()  # request ids not yet done
         self.ids = itertools.count()
         self._turn = itertools.count()
         self.rng = random.Random(sampling_seed)  # seeds of unseeded requests, shared by P and D
@@ -205,6 +207,7 @@ class CentralScheduler:
             seed = params.seed if params.seed is not None else self.rng.getrandbits(63)
             t = Tracked(rid, len(self.requests) + 1, list(prompt_ids), params, seed, "", time.perf_counter())
             self.requests[rid] = t
+            self.active.add(rid)
             route = self._route(t, mode)
             if route is None:
                 self._fail(t, "no live worker can serve this request")
@@ -277,8 +280,9 @@ class CentralScheduler:
         from pdcli.router.adaptive import WorkerLoad
 
         loads = {w.spec.rank: WorkerLoad() for w in self.workers}
-        for t in self.requests.values():
-            if t.done.is_set() or not t.path:
+        for rid in self.active:
+            t = self.requests[rid]
+            if not t.path:
                 continue
             generated = sum(len(v) for v in t.tokens.values())
             if t.stage in ("collocated", "prefill") and generated == 0:
@@ -291,6 +295,7 @@ class CentralScheduler:
             elif t.stage == "decode":
                 loads[t.second].decode_batch += 1
                 loads[t.second].decode_ctx += len(t.prompt_ids) + generated
+        mark_gpu_sharing(loads, {w.spec.rank: w.spec.device for w in self.workers if w.alive})
         return loads
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
@@ -458,6 +463,7 @@ class CentralScheduler:
         if self.router is not None and not t.error and t.tokens:
             self.router.observe(len(t.prompt_ids), len(t.tokens.get(0, [])))  # the output-length posterior
         t.stage, t.finish_time = "done", time.perf_counter()
+        self.active.discard(t.rid)
         for rank in (t.first, t.second):
             if rank is not None:
                 self.workers[rank].inflight.discard(t.rid)

@@ -15,6 +15,16 @@ class WorkerLoad:
     decode_batch: int = 0  # sequences decoding
     decode_ctx: int = 0  # their context tokens in all
     inflight_transfers: int = 0
+    sharing: int = 0  # other workers with work on the same GPU: time-sliced, each runs at 1 / (1 + sharing)
+
+
+def mark_gpu_sharing(loads: dict[int, WorkerLoad], devices: dict[int, str]) -> None:
+    """Set each worker's `sharing`: how many other workers on its GPU have work now (two processes on one
+    GPU are time-sliced, not run side by side)."""
+    busy = {r for r, w in loads.items() if w.queued_prefill_tokens or w.decode_batch or w.inflight_transfers}
+    for r, w in loads.items():
+        dev = devices.get(r, "cpu")
+        w.sharing = 0 if dev == "cpu" else sum(1 for o in busy if o != r and devices.get(o) == dev)
 
 
 @dataclass
@@ -44,6 +54,7 @@ class AdaptiveRouter:
             # queued prompts share the decode steps: their prefill time spreads over this request's tokens
             tpot = float(cm.decode_ms(b, s)) + cm.prefill_in_decode_ms(coll.queued_prefill_tokens, b, s) / \
                 max(out_len, 1.0)
+            ttft, tpot = ttft * (1 + coll.sharing), tpot * (1 + coll.sharing)
             res["collocated"] = dict(ttft_ms=ttft, tpot_ms=tpot, e2e_ms=ttft + max(out_len - 1, 0) * tpot)
         if pre is not None and dec is not None:
             # a prefill worker has no decode batch and a decode worker no queued prompts; a collocated worker
@@ -54,6 +65,7 @@ class AdaptiveRouter:
             b, s = dec.decode_batch + 1, dec.decode_ctx + prompt_len + out_len / 2
             tpot = float(cm.decode_ms(b, s)) + cm.prefill_in_decode_ms(dec.queued_prefill_tokens, b, s) / \
                 max(out_len, 1.0)
+            ttft, tpot = ttft * (1 + pre.sharing), tpot * (1 + dec.sharing)
             res["disaggregated"] = dict(ttft_ms=ttft, tpot_ms=tpot, transfer_ms=xfer,
                                         e2e_ms=ttft + xfer + max(out_len - 1, 0) * tpot)
         return res
