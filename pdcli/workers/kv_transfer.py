@@ -7,6 +7,7 @@ NCCL matches the sends and receives of a pair of ranks by order, not by tag: the
 the order and announces each group of sends; the decode worker posts its receives in announced order."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -149,32 +150,18 @@ def recv_kv(kv_cache: torch.Tensor, items: list[tuple[str, int, int]], src: int,
     """Post the receives of one announced group of sends from `src`, in its order. items: (request id,
     number of blocks, tag). The KV lands in a buffer per request; `scatter_blocks` moves it into the
     reserved blocks (if they are still reserved) once complete."""
-    out = []
-    with torch.cuda.stream(stream) if stream is not None else _nullcontext():
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
         bufs = [torch.empty(transfer_shape(kv_cache, n), dtype=kv_cache.dtype, device=kv_cache.device)
                 for _, n, _ in items]
         ts = [PendingTransfer(rid, src, [], kind="layers" if layers else "whole") for rid, _, _ in items]
-        if layers:
-            for layer in range(kv_cache.shape[0]):
-                for t, buf, (_, _, tag) in zip(ts, bufs, items):
-                    t.add(buf[layer], dist.irecv(buf[layer], src, tag=tag))
-        else:
+        for layer in range(kv_cache.shape[0]) if layers else [None]:
             for t, buf, (_, _, tag) in zip(ts, bufs, items):
-                t.add(buf, dist.irecv(buf, src, tag=tag))
-        for t, buf in zip(ts, bufs):
-            t.bufs = [buf]
-        out.extend(ts)
-    for t in out:
+                part = buf if layer is None else buf[layer]
+                t.add(part, dist.irecv(part, src, tag=tag))
+    for t, buf in zip(ts, bufs):
+        t.bufs = [buf]  # the whole buffer, for the scatter
         mark_done(t, timing)
-    return out
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+    return ts
 
 
 class EventWork:

@@ -93,7 +93,6 @@ class Worker:
         self.sends: list = []  # PendingTransfer, prefill role
         self.recvs: list = []  # PendingTransfer, decode role
         self.dests: dict[str, tuple] = {}  # prefill: rid -> (dst rank, tag, dst blocks | None, layerwise)
-        self.sending: set[str] = set()  # prefill: rids whose KV send or copy is posted
         self.sent_early: set[str] = set()  # prefill: sent before the first token landed: released at detach
         self.new_sends: list = []  # prefill: layer-wise sends posted in the step being launched
         self.announced: list = []  # prefill: (rid, dst, tag, blocks) of whole sends announced at launch
@@ -245,7 +244,6 @@ class Worker:
                     and seq.num_computed_tokens + n == len(seq) and seq.params.max_tokens > 1):
                 (layers if d[3] else whole).append((rid, list(seq.block_table), d[0], d[1]))
                 self.dests.pop(rid)
-                self.sending.add(rid)
                 self.started[rid] = time.perf_counter()
         for group, layerwise in ((layers, True), (whole, False)):  # the order the sends are posted in
             for dst in dict.fromkeys(d for _, _, d, _ in group):
@@ -264,7 +262,6 @@ class Worker:
         e = self.engine
         seq = e.handoff[rid]
         dst, tag, dst_blocks, _ = self.dests.pop(rid)
-        self.sending.add(rid)
         self.started[rid] = time.perf_counter()
         if dst_blocks is not None:
             if dst not in self.peer_pools:
@@ -334,7 +331,6 @@ class Worker:
             seconds = finished - posted if seconds is None else seconds
             if t in self.sends:
                 self.sends.remove(t)
-                self.sending.discard(t.request_id)
                 if t.request_id in e.handoff or t.request_id not in e.requests:
                     e.release(t.request_id)
                 else:  # layer-wise sends done while the step that samples its first token is in flight
