@@ -133,9 +133,7 @@ def profile_transfer(model: str, device: str, engine_kwargs: dict, progress=None
             for n in lens:
                 for _ in range(3):
                     t = cs.submit([rng.randrange(3, 256) for _ in range(n)], sp)
-                    deadline = time.monotonic() + 300
-                    while not (t.done.is_set() and (t.transfer_kind or t.error)) and time.monotonic() < deadline:
-                        time.sleep(0.005)  # the send's report may come after the decode worker has finished
+                    cs.wait_transfer(t, 300)
                     if t.error is None and t.transfer_bytes and t.transfer_kind:
                         out["tokens"].append(n), out["bytes"].append(t.transfer_bytes)
                         out["ms"].append(t.transfer_s * 1e3)

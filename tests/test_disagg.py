@@ -47,11 +47,10 @@ def test_disaggregated_equals_collocated_and_hf(model_path, prompts, reference):
         assert all(s["num_free_blocks"] == s["num_blocks"] for s in stats), stats
 
 
-def wait_transfer_kinds(tracked, timeout=20.0):
+def wait_transfer_kinds(cs, tracked, timeout=20.0):
     """The prefill worker reports its send after the decode worker may already have finished."""
-    deadline = time.monotonic() + timeout
-    while any(not t.transfer_kind for t in tracked) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    for t in tracked:
+        cs.wait_transfer(t, timeout)
     return [t.transfer_kind for t in tracked]
 
 
@@ -65,7 +64,7 @@ def test_layerwise_and_whole_sends_give_the_same_tokens(model_path, prompts, ref
             for t in tracked:
                 assert t.done.wait(120)
             assert [cs.output(t).token_ids for t in tracked] == reference * 2
-            kinds = wait_transfer_kinds(tracked)
+            kinds = wait_transfer_kinds(cs, tracked)
             if layerwise:
                 assert "layers" in kinds and set(kinds) <= {"layers", "whole"}, kinds
             else:

@@ -46,7 +46,7 @@ def test_two_gpu_nccl_handoff_layerwise_and_whole_equal_collocated(tiny_model_di
             for t in tracked:
                 assert t.done.wait(120)
             assert [cs.output(t).token_ids for t in tracked] == [o.token_ids for o in coll] * 2
-            kinds = wait_transfer_kinds(tracked)
+            kinds = wait_transfer_kinds(cs, tracked)
             assert ("layers" in kinds) if layerwise else set(kinds) == {"whole"}, kinds
         stats = wait_pools_full(cs)
         assert all(s["num_free_blocks"] == s["num_blocks"] and s["handoff"] == 0 for s in stats), stats

@@ -13,7 +13,6 @@ import argparse
 import random
 import statistics
 import sys
-import time
 
 import torch
 
@@ -45,10 +44,7 @@ def main(argv=None) -> int:
             rows = []
             for _ in range(args.reps + 1):
                 t = cs.submit([rng.randrange(1000, 30000) for _ in range(args.prompt_len)], p, "disaggregated")
-                deadline = time.monotonic() + 120
-                while not (t.done.is_set() and (t.transfer_kind or t.error)) and time.monotonic() < deadline:
-                    time.sleep(0.01)  # the send's report may come after the decode worker has finished
-                if t.error or not t.transfer_kind:
+                if not cs.wait_transfer(t, 120) or t.error or not t.transfer_kind:
                     print(f"error: {t.error or 'no transfer reported'}", file=sys.stderr)
                     return 1
                 rows.append(dict(bytes=t.transfer_bytes, ms=t.transfer_s * 1e3, kind=t.transfer_kind,

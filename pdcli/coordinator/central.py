@@ -66,6 +66,7 @@ class Tracked:
     transfer_bytes: int = 0
     transfer_s: float = 0.0  # device time of the prefill worker's send: all of it, or what the prefill left exposed
     transfer_kind: str = ""  # whole | layers | ipc
+    transfer_reported: threading.Event = field(default_factory=threading.Event)  # the prefill worker's "sent"
     ipc_copy_asked: bool = False  # the prefill worker was told to copy into the decode worker's blocks
     decision: dict = field(default_factory=dict)  # the route taken, by which policy, with predicted costs
     events: queue.Queue = field(default_factory=queue.Queue)  # (index, new token ids, finish reason | None)
@@ -308,6 +309,15 @@ class CentralScheduler:
                 self.abort(t.rid, "timed out")
         return [self.output(t) for t in tracked]
 
+    def wait_transfer(self, t: Tracked, timeout: float) -> bool:
+        """Wait until t has ended and, if its KV was sent, the prefill worker has reported the send (the
+        report may come after the decode worker's last token). False on timeout."""
+        deadline = time.monotonic() + timeout
+        if not t.done.wait(timeout):
+            return False
+        return t.error is not None or t.path != "disaggregated" or \
+            t.transfer_reported.wait(max(0.0, deadline - time.monotonic()))
+
     def abort(self, rid: str, reason: str = "aborted") -> None:
         with self.lock:
             t = self.requests.get(rid)
@@ -414,7 +424,9 @@ class CentralScheduler:
                 acc["transfer_bytes"] += nbytes
                 acc["transfer_s"] += seconds
                 if rid in self.requests and nbytes:
-                    self.requests[rid].transfer_s, self.requests[rid].transfer_kind = seconds, how
+                    t = self.requests[rid]
+                    t.transfer_s, t.transfer_kind = seconds, how
+                    t.transfer_reported.set()
                 return
             t = self.requests.get(msg[1])
             if t is None or t.done.is_set():

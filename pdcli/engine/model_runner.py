@@ -39,7 +39,7 @@ class ModelRunner:
         self._prev_tokens: torch.Tensor | None = None  # device tokens sampled by the last launch
         self._prev_rows: dict[int, int] = {}  # seq_id -> its row in _prev_tokens
         # (seqs, new tokens) of an eager step -> the callback its forward calls after each layer, or None:
-        # a prefill worker's layer-wise KV sends
+        # a worker's layer-wise KV sends of the prompts it prefills for another worker
         self.kv_sender: Callable[[list[Sequence], list[int]], Callable[[int], None] | None] | None = None
         self.graphs = None
         if self.kernel_path == "cuda" and not enforce_eager:
