@@ -47,3 +47,63 @@ def test_copy_blocks_kernel_matches_reference(dtype, block_size, hk, d):
         assert torch.equal(got, want)
     with pytest.raises(RuntimeError, match="copy_blocks"):
         mod.copy_blocks(got[:, :, :1].contiguous(), src, src_idx, dst_idx)  # blocks of another size
+
+
+def test_layer_chunks_cover_every_layer_once():
+    from pdcli.workers import kv_transfer
+
+    kv = torch.zeros(7, 2, 4, 2, 1, 8)  # fp32: 128 bytes of K and V per block and layer
+    assert kv_transfer.layer_chunks(kv, 1) == [slice(0, 7)]  # 64 MiB holds all
+    old = kv_transfer.WHOLE_CHUNK_BYTES
+    try:
+        kv_transfer.WHOLE_CHUNK_BYTES = 3 * 2 * 128  # three layers of two blocks
+        assert kv_transfer.layer_chunks(kv, 2) == [slice(0, 3), slice(3, 6), slice(6, 7)]
+        kv_transfer.WHOLE_CHUNK_BYTES = 1
+        assert kv_transfer.layer_chunks(kv, 2) == [slice(i, i + 1) for i in range(7)]
+    finally:
+        kv_transfer.WHOLE_CHUNK_BYTES = old
+
+
+def _send_recv(rank: int, port: int, q) -> None:
+    import torch.distributed as dist
+    from pdcli.workers import kv_transfer
+
+    kv_transfer.WHOLE_CHUNK_BYTES = 2 * 3 * 2 * 4 * 2 * 8 * 4  # two layers of 3 blocks (fp32)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        src = torch.randn(5, 2, 9, 2, 4, 8, generator=torch.Generator().manual_seed(1))
+        if rank == 0:
+            for rid, blocks in (("a", [4, 0, 7]), ("b", [2, 8, 1])):  # one announced group of two
+                kv_transfer.wait_done(kv_transfer.send_kv(src, blocks, 1, 0, rid, None, None), None)
+        else:
+            dst = torch.zeros_like(src)
+            ts = kv_transfer.recv_kv(dst, [("a", 3, 0), ("b", 3, 0)], 0, False, None, None)
+            for t, blocks, to in zip(ts, ([4, 0, 7], [2, 8, 1]), ([0, 1, 2], [3, 4, 5])):
+                kv_transfer.wait_done(t, None)
+                assert len(t.works) == 3  # layers 0-1, 2-3, 4
+                kv_transfer.scatter_blocks(dst, to, t.bufs[0])
+                assert torch.equal(dst[:, :, to], src[:, :, blocks])
+        q.put(None)
+    except Exception as err:  # noqa: BLE001
+        q.put(repr(err))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_whole_send_in_layer_groups_arrives_intact():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_send_recv, args=(r, port, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    errs = [q.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+    assert errs == [None, None]

@@ -45,6 +45,19 @@ def scatter_blocks(kv_cache: torch.Tensor, blocks: list[int], data: torch.Tensor
                     block_index(kv_cache, blocks))
 
 
+WHOLE_CHUNK_BYTES = 64 << 20  # a whole send goes as groups of layers of about this size: the gather of one
+# overlaps the NCCL send of the one before
+
+
+def layer_chunks(kv_cache: torch.Tensor, num_blocks: int) -> list[slice]:
+    """The groups of layers a whole transfer of num_blocks blocks is sent in; sender and receiver agree on them
+    (NCCL pairs a send with a receive of the same size)."""
+    layers = kv_cache.shape[0]
+    per_layer = num_blocks * kv_cache[0, :, 0].numel() * kv_cache.element_size()
+    k = max(1, min(layers, WHOLE_CHUNK_BYTES // max(1, per_layer)))
+    return [slice(i, min(i + k, layers)) for i in range(0, layers, k)]
+
+
 def transfer_shape(kv_cache: torch.Tensor, num_blocks: int) -> tuple[int, ...]:
     shape = list(kv_cache.shape)
     shape[2] = num_blocks
@@ -91,18 +104,23 @@ def mark_done(t: PendingTransfer, stream: torch.cuda.Stream | None) -> None:
 
 def send_kv(kv_cache: torch.Tensor, blocks: list[int], dst: int, tag: int, request_id: str,
             stream: torch.cuda.Stream | None, timing: torch.cuda.Stream | None) -> PendingTransfer:
-    """All layers as one message, after the work queued so far (the prefill that wrote them)."""
+    """All layers after the work queued so far (the prefill that wrote them), in `layer_chunks`: each group
+    gathered on `stream` and sent while the next is gathered."""
     t = PendingTransfer(request_id, dst, blocks)
-    if stream is None:
-        t.add(buf := gather_blocks(kv_cache, blocks), dist.isend(buf, dst, tag=tag))
-        return t
-    written = torch.cuda.Event()
-    written.record()
-    with torch.cuda.stream(stream):
+    idx = block_index(kv_cache, blocks)
+    dst_idx = torch.arange(len(blocks), device=kv_cache.device)
+    if stream is not None:
+        written = torch.cuda.Event()
+        written.record()
         stream.wait_event(written)
-        t.started = timing_event(stream)
-        buf = gather_blocks(kv_cache, blocks)
-        t.add(buf, dist.isend(buf, dst, tag=tag))
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        if stream is not None:
+            t.started = timing_event(stream)
+        buf = torch.empty(transfer_shape(kv_cache, len(blocks)), dtype=kv_cache.dtype, device=kv_cache.device)
+        for sl in layer_chunks(kv_cache, len(blocks)):
+            part = buf[sl]
+            ops.copy_blocks(_groups(part), _groups(kv_cache[sl]), idx, dst_idx)
+            t.add(part, dist.isend(part, dst, tag=tag))
     mark_done(t, timing)
     return t
 
@@ -154,10 +172,14 @@ def recv_kv(kv_cache: torch.Tensor, items: list[tuple[str, int, int]], src: int,
         bufs = [torch.empty(transfer_shape(kv_cache, n), dtype=kv_cache.dtype, device=kv_cache.device)
                 for _, n, _ in items]
         ts = [PendingTransfer(rid, src, [], kind="layers" if layers else "whole") for rid, _, _ in items]
-        for layer in range(kv_cache.shape[0]) if layers else [None]:
-            for t, buf, (_, _, tag) in zip(ts, bufs, items):
-                part = buf if layer is None else buf[layer]
-                t.add(part, dist.irecv(part, src, tag=tag))
+        if layers:  # layer-major, as LayerSender sends
+            for layer in range(kv_cache.shape[0]):
+                for t, buf, (_, _, tag) in zip(ts, bufs, items):
+                    t.add(buf[layer], dist.irecv(buf[layer], src, tag=tag))
+        else:  # request by request, each in the groups send_kv sends
+            for t, buf, (_, n, tag) in zip(ts, bufs, items):
+                for sl in layer_chunks(kv_cache, n):
+                    t.add(buf[sl], dist.irecv(buf[sl], src, tag=tag))
     for t, buf in zip(ts, bufs):
         t.bufs = [buf]  # the whole buffer, for the scatter
         mark_done(t, timing)
