@@ -237,3 +237,38 @@ def test_workers_sharing_a_gpu_are_priced_time_sliced():
     assert shared["collocated"]["ttft_ms"] == pytest.approx(2 * alone["collocated"]["ttft_ms"])
     assert shared["collocated"]["tpot_ms"] == pytest.approx(2 * alone["collocated"]["tpot_ms"])
     assert shared["disaggregated"] == alone["disaggregated"]
+
+
+def test_calibration_learns_the_ratio_per_path_and_metric_and_follows_drift():
+    from pdcli.router.calibration import LatencyCalibration
+
+    cal = LatencyCalibration()
+    rng = np.random.default_rng(0)
+    assert cal.factor("collocated", "ttft_ms") == 1.0
+    for _ in range(150):
+        cal.observe("collocated", dict(ttft_ms=20.0, tpot_ms=5.0),
+                    dict(ttft_ms=30.0 * rng.lognormal(0, 0.1), tpot_ms=5.0))
+    assert cal.factor("collocated", "ttft_ms") == pytest.approx(1.5, rel=0.06)
+    assert cal.factor("collocated", "tpot_ms") == pytest.approx(1.0)
+    assert cal.factor("disaggregated", "ttft_ms") == 1.0
+    for _ in range(150):  # the system got faster: the correction follows
+        cal.observe("collocated", dict(ttft_ms=20.0), dict(ttft_ms=16.0))
+    assert cal.factor("collocated", "ttft_ms") == pytest.approx(0.8, rel=0.03)
+    fixed = cal.apply("collocated", dict(ttft_ms=10.0, tpot_ms=4.0, e2e_ms=0.0), out_len=11)
+    assert fixed["ttft_ms"] == pytest.approx(8.0, rel=0.03) and fixed["e2e_ms"] == pytest.approx(
+        fixed["ttft_ms"] + 10 * 4.0)
+
+
+def test_router_outcomes_correct_its_predictions_and_can_change_the_path():
+    """The router's decision keeps the cost model's raw predictions; measured outcomes that are slower than
+    predicted on the chosen path raise that path's predictions until the other one wins."""
+    r = router()
+    first = r.decide(8000, 200, load(64), load(0), load(8), "gpu-nccl")
+    assert first.path == "disaggregated" and first.predicted == first.predicted_raw
+    raw = first.predicted_raw["disaggregated"]
+    for _ in range(100):  # the disaggregated path keeps coming out 4x slower than predicted
+        r.observe(8000, 200, "disaggregated", raw, dict(ttft_ms=4 * raw["ttft_ms"], tpot_ms=4 * raw["tpot_ms"]))
+    later = r.decide(8000, 200, load(64), load(0), load(8), "gpu-nccl")
+    assert later.predicted_raw["disaggregated"]["ttft_ms"] == raw["ttft_ms"]  # the cost model is unchanged
+    assert later.predicted["disaggregated"]["tpot_ms"] == pytest.approx(4 * raw["tpot_ms"], rel=0.05)
+    assert later.path == "collocated"

@@ -18,7 +18,8 @@ class RequestRecord:
     error: str | None = None
     aborted: bool = False
     path: str = ""
-    predicted: dict = field(default_factory=dict)  # router predictions for the path taken
+    predicted: dict = field(default_factory=dict)  # router predictions for the path taken (calibrated)
+    predicted_raw: dict = field(default_factory=dict)  # ... from the cost model alone
 
     @property
     def ok(self) -> bool:
@@ -76,15 +77,17 @@ def summarize(records: list[RequestRecord], goodput: dict[str, float] | None = N
         res.update(request_goodput=good / duration, slo_attainment=good / max(len(records), 1), goodput_slos=goodput)
     paths = [r.path for r in records if r.path]
     res["routing_mix"] = {p: paths.count(p) / len(paths) for p in sorted(set(paths))} if paths else {}
-    errs = {}
-    for r in done:
-        for k, m in (("ttft", r.ttft_ms), ("tpot", r.tpot_ms if r.output_len > 1 else 0.0)):
-            if r.predicted and f"{k}_ms" in r.predicted and m > 0:
-                errs.setdefault(k, []).append(abs(r.predicted[f"{k}_ms"] - m) / m)
-    for k, e in errs.items():  # the router's prediction for the path taken against the outcome
-        res[f"router_{k}_median_abs_rel_err"] = float(np.median(e))
-    if errs:
-        res["router_median_abs_rel_err"] = float(np.median([x for e in errs.values() for x in e]))
+    for suffix, key in (("", "predicted"), ("_raw", "predicted_raw")):
+        errs = {}
+        for r in done:
+            pred = getattr(r, key)
+            for k, m in (("ttft", r.ttft_ms), ("tpot", r.tpot_ms if r.output_len > 1 else 0.0)):
+                if pred and f"{k}_ms" in pred and m > 0:
+                    errs.setdefault(k, []).append(abs(pred[f"{k}_ms"] - m) / m)
+        for k, e in errs.items():  # the router's prediction for the path taken against the outcome
+            res[f"router_{k}_median_abs_rel_err{suffix}"] = float(np.median(e))
+        if errs:
+            res[f"router_median_abs_rel_err{suffix}"] = float(np.median([x for e in errs.values() for x in e]))
     return res
 
 

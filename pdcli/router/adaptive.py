@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pdcli.router.calibration import LatencyCalibration
 from pdcli.router.cost_model import CostModel
 from pdcli.router.predictor import OutputLengthPredictor
 
@@ -30,7 +31,8 @@ def mark_gpu_sharing(loads: dict[int, WorkerLoad], devices: dict[int, str]) -> N
 @dataclass
 class Decision:
     path: str
-    predicted: dict = field(default_factory=dict)  # path -> {ttft_ms, tpot_ms, e2e_ms}
+    predicted: dict = field(default_factory=dict)  # path -> {ttft_ms, tpot_ms, e2e_ms}, calibrated
+    predicted_raw: dict = field(default_factory=dict)  # the same from the cost model alone
     output_len: float = 0.0
     decided_by: str = "cost-model"
 
@@ -42,6 +44,7 @@ class AdaptiveRouter:
                  predictor: OutputLengthPredictor | None = None):
         self.cm, self.slo_ttft, self.slo_tpot = model, slo_ttft_ms, slo_tpot_ms
         self.predictor = predictor or OutputLengthPredictor()
+        self.calibration = LatencyCalibration()
 
     def predict(self, prompt_len: int, out_len: float, coll: WorkerLoad | None, pre: WorkerLoad | None,
                 dec: WorkerLoad | None, pair: str = "default") -> dict:
@@ -73,9 +76,10 @@ class AdaptiveRouter:
     def decide(self, prompt_len: int, max_tokens: int | None, coll: WorkerLoad | None, pre: WorkerLoad | None,
                dec: WorkerLoad | None, pair: str = "default") -> Decision:
         out_len = self.predictor.mean(prompt_len, max_tokens)
-        pred = self.predict(prompt_len, out_len, coll, pre, dec, pair)
-        if not pred:
+        raw = self.predict(prompt_len, out_len, coll, pre, dec, pair)
+        if not raw:
             raise ValueError("no path can serve the request")
+        pred = {k: self.calibration.apply(k, v, out_len) for k, v in raw.items()}
 
         def meets(p: dict) -> bool:
             return (self.slo_ttft is None or p["ttft_ms"] <= self.slo_ttft) and \
@@ -83,7 +87,12 @@ class AdaptiveRouter:
 
         ok = [k for k, v in pred.items() if meets(v)]
         pool = ok or list(pred)
-        return Decision(min(pool, key=lambda k: pred[k]["e2e_ms"]), pred, out_len)
+        return Decision(min(pool, key=lambda k: pred[k]["e2e_ms"]), pred, raw, out_len)
 
-    def observe(self, prompt_len: int, output_len: int) -> None:
+    def observe(self, prompt_len: int, output_len: int, path: str | None = None, predicted_raw: dict | None = None,
+                measured: dict | None = None) -> None:
+        """A finished request: its output length, and (when it was routed by this router) the uncorrected
+        predictions for the path it took against its measured ttft_ms / tpot_ms."""
         self.predictor.observe(prompt_len, output_len)
+        if path and predicted_raw and measured:
+            self.calibration.observe(path, predicted_raw, measured)

@@ -1,0 +1,62 @@
+"""Online calibration of the cost model by the requests it routed: per (path, metric), a Normal model of
+r = log(measured / predicted) with a known spread and exponential forgetting, so the router corrects what
+the profile could not see (the worker loop, pipes, this run's own mix) and follows drift. O(1) per update.
+
+The router multiplies each prediction by exp(posterior mean of r); with no observations the mean is the
+prior's, 0: the cost model as fitted."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+METRICS = ("ttft_ms", "tpot_ms")
+
+
+@dataclass
+class LogRatio:
+    weight: float  # observations behind `total`, discounted; the prior's pseudo-observations (r = 0) included
+    total: float = 0.0  # discounted sum of r
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.weight
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    prior_weight: float = 4.0  # pseudo-observations at r = 0 (the fitted model is believed at first; they
+    # fade like any observation)
+    discount: float = 0.97  # each update keeps this much of the past: ~33 requests of memory
+    max_abs_log_ratio: float = math.log(10.0)  # one outlier moves the mean by at most this / weight
+
+
+class LatencyCalibration:
+    def __init__(self, config: CalibrationConfig = CalibrationConfig()):
+        self.config = config
+        self.stats: dict[tuple[str, str], LogRatio] = {}
+
+    def factor(self, path: str, metric: str) -> float:
+        s = self.stats.get((path, metric))
+        return math.exp(s.mean) if s else 1.0
+
+    def apply(self, path: str, predicted: dict, out_len: float) -> dict:
+        """A copy of one path's predictions (ms), corrected, with e2e_ms recomputed from the corrected parts."""
+        out = dict(predicted)
+        for m in METRICS:
+            if m in out:
+                out[m] = out[m] * self.factor(path, m)
+        if "e2e_ms" in out:
+            out["e2e_ms"] = out["ttft_ms"] + out.get("transfer_ms", 0.0) + max(out_len - 1, 0) * out["tpot_ms"]
+        return out
+
+    def observe(self, path: str, predicted: dict, measured: dict) -> None:
+        """predicted: the uncorrected predictions made at routing; measured: the outcome, same keys."""
+        c = self.config
+        for m in METRICS:
+            p, y = predicted.get(m), measured.get(m)
+            if not p or not y or p <= 0 or y <= 0:
+                continue
+            r = max(-c.max_abs_log_ratio, min(c.max_abs_log_ratio, math.log(y / p)))
+            s = self.stats.setdefault((path, m), LogRatio(c.prior_weight))
+            s.weight = c.discount * s.weight + 1.0
+            s.total = c.discount * s.total + r
