@@ -50,3 +50,24 @@ def test_two_gpu_nccl_handoff_layerwise_and_whole_equal_collocated(tiny_model_di
             assert ("layers" in kinds) if layerwise else set(kinds) == {"whole"}, kinds
         stats = wait_pools_full(cs)
         assert all(s["num_free_blocks"] == s["num_blocks"] and s["handoff"] == 0 for s in stats), stats
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available() or __import__("torch").cuda.device_count() < 2,
+                    reason="needs two GPUs")
+def test_two_collocated_gpus_hand_kv_to_each_other_at_once(tiny_model_dir, prompts):
+    """pd_on_collocated on cuda:0 and cuda:1: requests go P/D both ways at the same time (each direction has
+    its own NCCL communicator, or two crossing sends would wait for each other); tokens equal the collocated
+    path's and every block returns."""
+    path = tiny_model_dir("qwen3-gqa64")
+    engine = dict(dtype="float16", max_num_batched_tokens=32, block_size=16, num_kv_blocks=256)
+    with CentralScheduler(path, parse_layout("cuda:0,cuda:1"), pd_on_collocated=True, **engine) as cs:
+        coll = cs.generate(prompts, GREEDY, mode="collocated", timeout=120)
+        for layerwise in (True, False):
+            cs.kv_layerwise = layerwise
+            tracked = [cs.submit(p, GREEDY, mode="disaggregated") for p in prompts * 3]
+            for t in tracked:
+                assert t.done.wait(120), "a handoff hung"
+            assert [cs.output(t).token_ids for t in tracked] == [o.token_ids for o in coll] * 3
+            assert {t.first for t in tracked} == {0, 1}  # both directions
+        stats = wait_pools_full(cs)
+        assert all(s["num_free_blocks"] == s["num_blocks"] and s["handoff"] == 0 for s in stats), stats

@@ -129,14 +129,17 @@ def bench(
                   TimeElapsedColumn(), console=err, transient=True) as progress:
         for m in modes:
             layout = layout_for(m, devs)
+            began = time.perf_counter()
             try:
                 cs = CentralScheduler(model, layout, mode=m, sampling_seed=seed, params_dir=params_dir if m == "adaptive" else None,
                                       slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms,
                                       pd_on_collocated=pd_on_collocated(m, devs), **kw)
             except (ValueError, RuntimeError, TimeoutError, OSError) as e:
                 fail(f"mode {m}: {e}", EXIT_RUNTIME)
+            err.print(f"{m}: {len(layout)} workers up in {time.perf_counter() - began:.0f} s")
             try:
                 for rate in rates:
+                    began = time.perf_counter()
                     n = num_prompts if duration is None else max(1, int(rate * duration))
                     reqs = make_requests(workload, n, seed, arch.vocab_size, max_len, random_input_len,
                                          random_output_len, random_range_ratio)
@@ -165,6 +168,7 @@ def bench(
                     with open(os.path.join(result_dir, name), "w") as f:
                         json.dump(result, f, indent=1)
                     paths.append(os.path.join(result_dir, name))
+                    err.print(f"{m} at {rate_label(rate)} req/s: {n} requests in {time.perf_counter() - began:.0f} s")
             finally:
                 cs.shutdown()
     table = Table(title=f"{model} · {workload} · devices {devices}")

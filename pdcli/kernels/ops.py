@@ -39,7 +39,9 @@ def copy_blocks(dst: torch.Tensor, src: torch.Tensor, src_idx: torch.Tensor, dst
     """dst[:, dst_idx] = src[:, src_idx] over [G, N, ...] block pools/buffers (KV handoff): the kernel on a
     GPU, else the reference."""
     mod = build.get() if src.is_cuda else None
-    if mod is not None:
+    aligned = all(t.data_ptr() % 16 == 0 and t[0, 0].numel() * t.element_size() % 16 == 0 for t in (src, dst)) \
+        if src.shape[1] and dst.shape[1] else False  # the kernel moves 16-byte words
+    if mod is not None and aligned:
         mod.copy_blocks(dst, src, src_idx, dst_idx)
     else:
         reference.copy_blocks(dst, src, src_idx, dst_idx)

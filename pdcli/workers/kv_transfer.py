@@ -4,7 +4,8 @@ after it; or, between two workers on one GPU (which NCCL cannot pair), one devic
 decode worker's pool mapped through CUDA IPC. Control messages never carry KV.
 
 NCCL matches the sends and receives of a pair of ranks by order, not by tag: the prefill worker decides
-the order and announces each group of sends; the decode worker posts its receives in announced order."""
+the order and announces each group of sends; the decode worker posts its receives in announced order.
+Each direction between two GPUs has its own communicator (`connect_peers`)."""
 from __future__ import annotations
 
 import contextlib
@@ -103,7 +104,7 @@ def mark_done(t: PendingTransfer, stream: torch.cuda.Stream | None) -> None:
 
 
 def send_kv(kv_cache: torch.Tensor, blocks: list[int], dst: int, tag: int, request_id: str,
-            stream: torch.cuda.Stream | None, timing: torch.cuda.Stream | None) -> PendingTransfer:
+            stream: torch.cuda.Stream | None, timing: torch.cuda.Stream | None, group=None) -> PendingTransfer:
     """All layers after the work queued so far (the prefill that wrote them), in `layer_chunks`: each group
     gathered on `stream` and sent while the next is gathered."""
     t = PendingTransfer(request_id, dst, blocks)
@@ -120,7 +121,7 @@ def send_kv(kv_cache: torch.Tensor, blocks: list[int], dst: int, tag: int, reque
         for sl in layer_chunks(kv_cache, len(blocks)):
             part = buf[sl]
             ops.copy_blocks(_groups(part), _groups(kv_cache[sl]), idx, dst_idx)
-            t.add(part, dist.isend(part, dst, tag=tag))
+            t.add(part, dist.isend(part, dst, group=group, tag=tag))
     mark_done(t, timing)
     return t
 
@@ -131,9 +132,11 @@ class LayerSender:
     go layer-major (layer 0 of every sequence, then layer 1, ...); `recv_kv` posts receives the same way."""
 
     def __init__(self, kv_cache: torch.Tensor, items: list[tuple[str, list[int], int, int]],
-                 stream: torch.cuda.Stream | None, timing: dict[int, torch.cuda.Stream] | None):
-        # items: (request id, blocks, dst rank, tag); timing: a stream per dst rank for mark_done
-        self.kv_cache, self.stream, self.timing = kv_cache, stream, timing
+                 stream: torch.cuda.Stream | None, timing: dict[int, torch.cuda.Stream] | None,
+                 groups: dict[int, object] | None = None):
+        # items: (request id, blocks, dst rank, tag); timing: a stream per dst rank for mark_done; groups: the
+        # process group per dst rank (None: the default one)
+        self.kv_cache, self.stream, self.timing, self.groups = kv_cache, stream, timing, groups or {}
         self.num_layers = kv_cache.shape[0]
         self.items = [(PendingTransfer(rid, dst, blocks, kind="layers"), block_index(kv_cache, blocks), tag)
                       for rid, blocks, dst, tag in items]
@@ -160,11 +163,11 @@ class LayerSender:
     def _send(self, layer: int) -> None:
         for t, idx, tag in self.items:
             buf = gather_layer(self.kv_cache, layer, idx)  # [2, n, block_size, Hk, D]
-            t.add(buf, dist.isend(buf, t.peer, tag=tag))
+            t.add(buf, dist.isend(buf, t.peer, group=self.groups.get(t.peer), tag=tag))
 
 
 def recv_kv(kv_cache: torch.Tensor, items: list[tuple[str, int, int]], src: int, layers: bool,
-            stream: torch.cuda.Stream | None, timing: torch.cuda.Stream | None) -> list[PendingTransfer]:
+            stream: torch.cuda.Stream | None, timing: torch.cuda.Stream | None, group=None) -> list[PendingTransfer]:
     """Post the receives of one announced group of sends from `src`, in its order. items: (request id,
     number of blocks, tag). The KV lands in a buffer per request; `scatter_blocks` moves it into the
     reserved blocks (if they are still reserved) once complete."""
@@ -175,11 +178,11 @@ def recv_kv(kv_cache: torch.Tensor, items: list[tuple[str, int, int]], src: int,
         if layers:  # layer-major, as LayerSender sends
             for layer in range(kv_cache.shape[0]):
                 for t, buf, (_, _, tag) in zip(ts, bufs, items):
-                    t.add(buf[layer], dist.irecv(buf[layer], src, tag=tag))
+                    t.add(buf[layer], dist.irecv(buf[layer], src, group=group, tag=tag))
         else:  # request by request, each in the groups send_kv sends
             for t, buf, (_, n, tag) in zip(ts, bufs, items):
                 for sl in layer_chunks(kv_cache, n):
-                    t.add(buf[sl], dist.irecv(buf[sl], src, tag=tag))
+                    t.add(buf[sl], dist.irecv(buf[sl], src, group=group, tag=tag))
     for t, buf in zip(ts, bufs):
         t.bufs = [buf]  # the whole buffer, for the scatter
         mark_done(t, timing)

@@ -35,17 +35,24 @@ from pdcli.workers.kv_transfer import (LayerSender, copy_kv_ipc, export_pool, im
 from pdcli.workers.layout import WorkerSpec
 
 
-def connect_peers(rank: int, pairs: list[tuple[int, int]], device: torch.device) -> None:
-    """Set up NCCL's communicator of every (sender, receiver) pair on different GPUs now: set up lazily, the
-    first receive would block in it until its sender's first send, which waits for that very receive.
-    Pairs go in one global order, so no two workers wait for each other."""
+def connect_peers(rank: int, pairs: list[tuple[int, int]], device: torch.device) -> dict[tuple[int, int], object]:
+    """A communicator for each (sender, receiver) pair of workers on different GPUs, set up now. One per
+    direction: NCCL runs a communicator's operations in order on one stream, so two workers sending to each
+    other through one would each wait in its send for a receive queued behind the other's send. Set up
+    lazily, the first receive would block in the setup until its sender's first send, which waits for that
+    very receive. Every rank creates every group, in one order, so no two workers wait for each other."""
+    groups = {}
     x = torch.zeros(1, device=device)
-    for a, b in sorted({tuple(sorted(p)) for p in pairs}):
+    for a, b in sorted(set(pairs)):
+        g = dist.new_group([a, b])
+        if rank in (a, b):
+            groups[(a, b)] = g
         if rank == a:
-            dist.send(x, b)
+            dist.send(x, b, group=g)
         elif rank == b:
-            dist.recv(x, a)
+            dist.recv(x, a, group=g)
     torch.cuda.synchronize(device)
+    return groups
 
 
 def worker_main(spec: WorkerSpec, model: str, engine_kwargs: dict, conn, dist_init: tuple[str, int],
@@ -60,15 +67,14 @@ def worker_main(spec: WorkerSpec, model: str, engine_kwargs: dict, conn, dist_in
         backend = "gloo" if spec.device == "cpu" else "nccl"
         store = dist.TCPStore(dist_init[0], dist_init[1], is_master=False, timeout=timedelta(seconds=300))
         dist.init_process_group(backend, store=store, rank=spec.rank, world_size=len(layout))
-        if backend == "nccl":
-            connect_peers(spec.rank, nccl_pairs, torch.device(spec.device))
+        groups = connect_peers(spec.rank, nccl_pairs, torch.device(spec.device)) if backend == "nccl" else {}
         from pdcli.config import EngineConfig
         from pdcli.engine.llm_engine import LLMEngine
 
         engine = LLMEngine(EngineConfig.from_kwargs(model, device=spec.device, **engine_kwargs))
         engine.detokenize = False
         engine.async_scheduling = spec.role != "prefill"  # a prefill worker hands each sequence off on its first token
-        Worker(spec, engine, conn).run()
+        Worker(spec, engine, conn, groups).run()
     except (KeyboardInterrupt, EOFError, BrokenPipeError):
         pass
     except Exception:
@@ -86,8 +92,9 @@ def worker_main(spec: WorkerSpec, model: str, engine_kwargs: dict, conn, dist_in
 
 
 class Worker:
-    def __init__(self, spec: WorkerSpec, engine, conn):
+    def __init__(self, spec: WorkerSpec, engine, conn, groups: dict | None = None):
         self.spec, self.engine, self.conn = spec, engine, conn
+        self.groups = groups or {}  # (sender rank, receiver rank) -> its process group (NCCL); else the default
         kv = engine.runner.kv_cache
         self.side_stream = torch.cuda.Stream(kv.device) if kv.is_cuda else None  # gathers, sends, receives
         self.sends: list = []  # PendingTransfer, prefill role
@@ -177,7 +184,8 @@ class Worker:
                 self.forget_dest(rid)
         elif kind == "recv":
             _, src, items, layerwise = msg
-            for t in recv_kv(e.runner.kv_cache, items, src, layerwise, self.side_stream, self.timing(src)):
+            for t in recv_kv(e.runner.kv_cache, items, src, layerwise, self.side_stream, self.timing(src),
+                             self.groups.get((src, self.spec.rank))):
                 self.started[t.request_id] = time.perf_counter()
                 self.recvs.append(t)
                 self.waiter(src).put(t)
@@ -252,8 +260,9 @@ class Worker:
         self.announced.extend(whole)
         if not layers:
             return None
-        sender = LayerSender(self.engine.runner.kv_cache, layers, self.side_stream,
-                             {dst: self.timing(dst) for _, _, dst, _ in layers})
+        dsts = {dst for _, _, dst, _ in layers}
+        sender = LayerSender(self.engine.runner.kv_cache, layers, self.side_stream, {d: self.timing(d) for d in dsts},
+                             {d: self.groups.get((self.spec.rank, d)) for d in dsts})
         self.new_sends.extend(sender.transfers)
         return sender
 
@@ -270,7 +279,8 @@ class Worker:
                             self.side_stream)
         else:
             self.conn.send(("sending", dst, [(rid, len(seq.block_table), tag)], False))
-            t = send_kv(e.runner.kv_cache, seq.block_table, dst, tag, rid, self.side_stream, self.timing(dst))
+            t = send_kv(e.runner.kv_cache, seq.block_table, dst, tag, rid, self.side_stream, self.timing(dst),
+                        self.groups.get((self.spec.rank, dst)))
         self.sends.append(t)
         self.waiter(dst).put(t)
 
@@ -290,7 +300,8 @@ class Worker:
         # sends announced at launch, in announced order, before any other: also those of sequences that
         # ended on their first token, since their receives are posted (their blocks are read as they are)
         for rid, blocks, dst, tag in self.announced:
-            t = send_kv(e.runner.kv_cache, blocks, dst, tag, rid, self.side_stream, self.timing(dst))
+            t = send_kv(e.runner.kv_cache, blocks, dst, tag, rid, self.side_stream, self.timing(dst),
+                        self.groups.get((self.spec.rank, dst)))
             self.sends.append(t)
             self.waiter(dst).put(t)
         self.announced = []
