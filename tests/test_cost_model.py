@@ -239,36 +239,57 @@ def test_workers_sharing_a_gpu_are_priced_time_sliced():
     assert shared["disaggregated"] == alone["disaggregated"]
 
 
-def test_calibration_learns_the_ratio_per_path_and_metric_and_follows_drift():
+def test_calibration_learns_the_ratio_per_role_and_metric_and_follows_drift():
     from pdcli.router.calibration import LatencyCalibration
 
     cal = LatencyCalibration()
     rng = np.random.default_rng(0)
+    coll = dict(ttft_ms="collocated", tpot_ms="collocated")
     assert cal.factor("collocated", "ttft_ms") == 1.0
     for _ in range(150):
-        cal.observe("collocated", dict(ttft_ms=20.0, tpot_ms=5.0),
-                    dict(ttft_ms=30.0 * rng.lognormal(0, 0.1), tpot_ms=5.0))
+        cal.observe(coll, dict(ttft_ms=20.0, tpot_ms=5.0), dict(ttft_ms=30.0 * rng.lognormal(0, 0.1), tpot_ms=5.0))
     assert cal.factor("collocated", "ttft_ms") == pytest.approx(1.5, rel=0.06)
     assert cal.factor("collocated", "tpot_ms") == pytest.approx(1.0)
-    assert cal.factor("disaggregated", "ttft_ms") == 1.0
+    assert cal.factor("prefill", "ttft_ms") == 1.0
     for _ in range(150):  # the system got faster: the correction follows
-        cal.observe("collocated", dict(ttft_ms=20.0), dict(ttft_ms=16.0))
+        cal.observe(coll, dict(ttft_ms=20.0), dict(ttft_ms=16.0))
     assert cal.factor("collocated", "ttft_ms") == pytest.approx(0.8, rel=0.03)
-    fixed = cal.apply("collocated", dict(ttft_ms=10.0, tpot_ms=4.0, e2e_ms=0.0), out_len=11)
+    fixed = cal.apply(coll, dict(ttft_ms=10.0, tpot_ms=4.0, e2e_ms=0.0), out_len=11)
     assert fixed["ttft_ms"] == pytest.approx(8.0, rel=0.03) and fixed["e2e_ms"] == pytest.approx(
         fixed["ttft_ms"] + 10 * 4.0)
 
 
 def test_router_outcomes_correct_its_predictions_and_can_change_the_path():
-    """The router's decision keeps the cost model's raw predictions; measured outcomes that are slower than
-    predicted on the chosen path raise that path's predictions until the other one wins."""
+    """The router's decision keeps the cost model's raw predictions; outcomes slower than predicted on the
+    chosen path's workers raise that path's predictions until the other one wins."""
     r = router()
-    first = r.decide(8000, 200, load(64), load(0), load(8), "gpu-nccl")
+    pre, dec = WorkerLoad(role="prefill"), WorkerLoad(decode_batch=8, decode_ctx=8 * 1500, role="decode")
+    first = r.decide(8000, 200, load(64), pre, dec, "gpu-nccl")
     assert first.path == "disaggregated" and first.predicted == first.predicted_raw
+    assert first.roles == dict(collocated=dict(ttft_ms="collocated", tpot_ms="collocated"),
+                               disaggregated=dict(ttft_ms="prefill", tpot_ms="decode"))
     raw = first.predicted_raw["disaggregated"]
-    for _ in range(100):  # the disaggregated path keeps coming out 4x slower than predicted
-        r.observe(8000, 200, "disaggregated", raw, dict(ttft_ms=4 * raw["ttft_ms"], tpot_ms=4 * raw["tpot_ms"]))
-    later = r.decide(8000, 200, load(64), load(0), load(8), "gpu-nccl")
+    for _ in range(100):  # the prefill and decode workers keep coming out 4x slower than predicted
+        r.observe(8000, 200, first.roles["disaggregated"], raw,
+                  dict(ttft_ms=4 * raw["ttft_ms"], tpot_ms=4 * raw["tpot_ms"]))
+    later = r.decide(8000, 200, load(64), pre, dec, "gpu-nccl")
     assert later.predicted_raw["disaggregated"]["ttft_ms"] == raw["ttft_ms"]  # the cost model is unchanged
     assert later.predicted["disaggregated"]["tpot_ms"] == pytest.approx(4 * raw["tpot_ms"], rel=0.05)
+    assert later.predicted["collocated"] == later.predicted_raw["collocated"]
     assert later.path == "collocated"
+
+
+def test_collocated_workers_serving_both_paths_share_one_correction():
+    """With pd_on_collocated every phase runs on a collocated worker: outcomes of either path correct both
+    alike, so the path routed under heavier load is not made to look worse than the other."""
+    r = router()
+    a, b = load(8), load(16)
+    d = r.decide(2000, 200, a, b, a, "gpu-nccl")
+    assert d.roles["disaggregated"] == d.roles["collocated"]
+    for _ in range(50):
+        r.observe(2000, 200, d.roles["collocated"], d.predicted_raw["collocated"],
+                  dict(ttft_ms=2 * d.predicted_raw["collocated"]["ttft_ms"]))
+    later = r.decide(2000, 200, a, b, a, "gpu-nccl")
+    for path in ("collocated", "disaggregated"):
+        ratio = later.predicted[path]["ttft_ms"] / later.predicted_raw[path]["ttft_ms"]
+        assert ratio == pytest.approx(2.0, rel=0.05)

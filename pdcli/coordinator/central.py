@@ -266,7 +266,7 @@ class CentralScheduler:
             d = self.router.decide(len(t.prompt_ids), t.params.max_tokens, loads[coll.spec.rank], loads[pre.spec.rank],
                                    loads[dec.spec.rank], transfer_pair(pre.spec, dec.spec))
             t.decision = dict(policy="adaptive", decided_by="cost-model", path=d.path, predicted=d.predicted,
-                              predicted_raw=d.predicted_raw, predicted_output_len=d.output_len)
+                              predicted_raw=d.predicted_raw, roles=d.roles, predicted_output_len=d.output_len)
             return (d.path, coll, None) if d.path == "collocated" else (d.path, pre, dec)
         r = RouteInput(len(t.prompt_ids), t.params,
                        prefill_queue=n_in(pair[0]) if pair else 0, collocated_load=n_in(coll) if coll else 0)
@@ -280,7 +280,7 @@ class CentralScheduler:
         """Per-rank live state from the coordinator's own bookkeeping (what the router sees)."""
         from pdcli.router.adaptive import WorkerLoad
 
-        loads = {w.spec.rank: WorkerLoad() for w in self.workers}
+        loads = {w.spec.rank: WorkerLoad(role=w.spec.role) for w in self.workers}
         for rid in self.active:
             t = self.requests[rid]
             if not t.path:
@@ -479,8 +479,8 @@ class CentralScheduler:
             if n > 1:
                 measured["tpot_ms"] = (t.finish_time - t.first_token_time) * 1e3 / (n - 1)
             routed = t.decision.get("policy") == "adaptive" and t.decision.get("decided_by") == "cost-model"
-            self.router.observe(len(t.prompt_ids), n, t.path if routed else None,  # output-length posterior and
-                                t.decision.get("predicted_raw", {}).get(t.path), measured)  # calibration
+            self.router.observe(len(t.prompt_ids), n, t.decision.get("roles", {}).get(t.path) if routed else None,
+                                t.decision.get("predicted_raw", {}).get(t.path), measured)  # output length, calibration
         self.active.discard(t.rid)
         for rank in (t.first, t.second):
             if rank is not None:

@@ -17,6 +17,7 @@ class WorkerLoad:
     decode_ctx: int = 0  # their context tokens in all
     inflight_transfers: int = 0
     sharing: int = 0  # other workers with work on the same GPU: time-sliced, each runs at 1 / (1 + sharing)
+    role: str = "collocated"  # collocated | prefill | decode
 
 
 def mark_gpu_sharing(loads: dict[int, WorkerLoad], devices: dict[int, str]) -> None:
@@ -33,6 +34,7 @@ class Decision:
     path: str
     predicted: dict = field(default_factory=dict)  # path -> {ttft_ms, tpot_ms, e2e_ms}, calibrated
     predicted_raw: dict = field(default_factory=dict)  # the same from the cost model alone
+    roles: dict = field(default_factory=dict)  # path -> {metric: role of the worker running that phase}
     output_len: float = 0.0
     decided_by: str = "cost-model"
 
@@ -79,7 +81,12 @@ class AdaptiveRouter:
         raw = self.predict(prompt_len, out_len, coll, pre, dec, pair)
         if not raw:
             raise ValueError("no path can serve the request")
-        pred = {k: self.calibration.apply(k, v, out_len) for k, v in raw.items()}
+        roles = {}
+        if coll is not None:
+            roles["collocated"] = dict(ttft_ms=coll.role, tpot_ms=coll.role)
+        if pre is not None and dec is not None:
+            roles["disaggregated"] = dict(ttft_ms=pre.role, tpot_ms=dec.role)
+        pred = {k: self.calibration.apply(roles[k], v, out_len) for k, v in raw.items()}
 
         def meets(p: dict) -> bool:
             return (self.slo_ttft is None or p["ttft_ms"] <= self.slo_ttft) and \
@@ -87,12 +94,12 @@ class AdaptiveRouter:
 
         ok = [k for k, v in pred.items() if meets(v)]
         pool = ok or list(pred)
-        return Decision(min(pool, key=lambda k: pred[k]["e2e_ms"]), pred, raw, out_len)
+        return Decision(min(pool, key=lambda k: pred[k]["e2e_ms"]), pred, raw, roles, out_len)
 
-    def observe(self, prompt_len: int, output_len: int, path: str | None = None, predicted_raw: dict | None = None,
+    def observe(self, prompt_len: int, output_len: int, roles: dict | None = None, predicted_raw: dict | None = None,
                 measured: dict | None = None) -> None:
         """A finished request: its output length, and (when it was routed by this router) the uncorrected
-        predictions for the path it took against its measured ttft_ms / tpot_ms."""
+        predictions for the path it took, with the roles that ran it, against its measured ttft_ms / tpot_ms."""
         self.predictor.observe(prompt_len, output_len)
-        if path and predicted_raw and measured:
-            self.calibration.observe(path, predicted_raw, measured)
+        if roles and predicted_raw and measured:
+            self.calibration.observe(roles, predicted_raw, measured)

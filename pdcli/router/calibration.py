@@ -1,6 +1,11 @@
-"""Online calibration of the cost model by the requests it routed: per (path, metric), a Normal model of
-r = log(measured / predicted) with a known spread and exponential forgetting, so the router corrects what
-the profile could not see (the worker loop, pipes, this run's own mix) and follows drift. O(1) per update.
+"""Online calibration of the cost model by the requests it routed: per (metric, role of the worker that ran
+that phase), a Normal model of r = log(measured / predicted) with exponential forgetting, so the router
+corrects what the profile could not see (the worker loop, pipes, this run's own mix) and follows drift.
+O(1) per update.
+
+Keyed by the worker's role, not the path: TTFT is a prefill worker's or a collocated worker's, TPOT a
+decode worker's or a collocated worker's. Where collocated workers also prefill and decode for each other,
+both paths then share one correction, and the path routed under heavier load does not look worse for it.
 
 The router multiplies each prediction by exp(posterior mean of r); with no observations the mean is the
 prior's, 0: the cost model as fitted."""
@@ -35,21 +40,22 @@ class LatencyCalibration:
         self.config = config
         self.stats: dict[tuple[str, str], LogRatio] = {}
 
-    def factor(self, path: str, metric: str) -> float:
-        s = self.stats.get((path, metric))
+    def factor(self, role: str, metric: str) -> float:
+        s = self.stats.get((role, metric))
         return math.exp(s.mean) if s else 1.0
 
-    def apply(self, path: str, predicted: dict, out_len: float) -> dict:
-        """A copy of one path's predictions (ms), corrected, with e2e_ms recomputed from the corrected parts."""
+    def apply(self, roles: dict, predicted: dict, out_len: float) -> dict:
+        """A copy of one path's predictions (ms), corrected, with e2e_ms recomputed from the corrected parts.
+        roles: metric -> role of the worker that runs that phase."""
         out = dict(predicted)
         for m in METRICS:
             if m in out:
-                out[m] = out[m] * self.factor(path, m)
+                out[m] = out[m] * self.factor(roles[m], m)
         if "e2e_ms" in out:
             out["e2e_ms"] = out["ttft_ms"] + out.get("transfer_ms", 0.0) + max(out_len - 1, 0) * out["tpot_ms"]
         return out
 
-    def observe(self, path: str, predicted: dict, measured: dict) -> None:
+    def observe(self, roles: dict, predicted: dict, measured: dict) -> None:
         """predicted: the uncorrected predictions made at routing; measured: the outcome, same keys."""
         c = self.config
         for m in METRICS:
@@ -57,6 +63,6 @@ class LatencyCalibration:
             if not p or not y or p <= 0 or y <= 0:
                 continue
             r = max(-c.max_abs_log_ratio, min(c.max_abs_log_ratio, math.log(y / p)))
-            s = self.stats.setdefault((path, m), LogRatio(c.prior_weight))
+            s = self.stats.setdefault((roles[m], m), LogRatio(c.prior_weight))
             s.weight = c.discount * s.weight + 1.0
             s.total = c.discount * s.total + r
