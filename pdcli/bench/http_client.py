@@ -34,8 +34,8 @@ async def _send(client, url: str, model: str, req: BenchRequest, at: float, star
                 chunk = json.loads(line[6:])
                 if "error" in chunk:
                     rec.error = chunk["error"].get("message", "error")
-                elif chunk.get("choices") and chunk["choices"][0].get("text"):
-                    rec.first_token = rec.first_token if rec.first_token is not None else now
+                elif chunk.get("choices"):  # a chunk per step that made tokens, its text possibly held back
+                    rec.first_token = rec.first_token if rec.first_token is not None else now  # (vLLM's rule)
                     rec.token_times.append(now)
                 if chunk.get("usage"):
                     rec.output_len = chunk["usage"]["completion_tokens"]

@@ -12,7 +12,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections import Counter
 
 import torch
 
@@ -28,18 +30,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def server_log(proc: subprocess.Popen) -> str:
+    proc.log.seek(0)
+    return proc.log.read()
+
+
 def start_server(model: str, device: str, engine: dict, startup_timeout: float) -> tuple[subprocess.Popen, str]:
     import httpx
 
     port = free_port()
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in engine.items()]
+    log = tempfile.TemporaryFile("w+")  # a pipe nobody reads would block the server once full
     proc = subprocess.Popen([sys.executable, "-m", "pdcli", "serve", "--model", model, "--collocated", device,
-                             "--port", str(port), *flags], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             "--port", str(port), *flags], stdout=subprocess.DEVNULL, stderr=log, text=True)
+    proc.log = log
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + startup_timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"pdcli serve exited: {proc.stderr.read()[-2000:]}")
+            raise RuntimeError(f"pdcli serve exited: {server_log(proc)[-2000:]}")
         try:
             if httpx.get(f"{base}/health", timeout=1).status_code == 200:
                 return proc, base
@@ -92,9 +101,11 @@ def main(argv=None) -> int:
     proc, base = start_server(args.model, args.device, engine, args.startup_timeout)
     try:
         t0 = time.monotonic()
-        http = summarize(run_endpoint(base, reqs, arrivals, timeout=drain))
+        records = run_endpoint(base, reqs, arrivals, timeout=drain)
+        http = summarize(records)
+        errors = Counter(r.error for r in records if r.error).most_common(5)
         print(f"http:       {http['output_throughput']:.0f} out tok/s, {http['failed']} failed "
-              f"({time.monotonic() - t0:.0f} s)", flush=True)
+              f"({time.monotonic() - t0:.0f} s)" + "".join(f"\n  {n} x {e}" for e, n in errors), flush=True)
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -106,7 +117,8 @@ def main(argv=None) -> int:
     res = dict(summary=dict(device=device, model=args.model, request_rate=args.rate, duration_s=args.duration,
                             num_prompts=n, inproc_output_throughput=inproc["output_throughput"],
                             http_output_throughput=http["output_throughput"], http_overhead=overhead,
-                            inproc_failed=inproc["failed"], http_failed=http["failed"]),
+                            inproc_failed=inproc["failed"], http_failed=http["failed"],
+                            http_errors=[dict(error=e, count=n) for e, n in errors]),
                inproc={k: inproc[k] for k in KEYS if k in inproc}, http={k: http[k] for k in KEYS if k in http},
                provenance=provenance("pdcli.benchmarks.serve_overhead", argv, workload=args.workload,
                                      input_len=args.random_input_len, output_len=args.random_output_len,

@@ -44,7 +44,8 @@ def _goodput(items: list[str], ttft: Optional[float], tpot: Optional[float]) -> 
 def bench(
     model: Model = DEFAULT_MODEL,
     mode: Annotated[str, typer.Option(help="collocated, disaggregated, adaptive, threshold or all.")] = "collocated",
-    devices: Annotated[str, typer.Option(help="Devices shared by every mode, e.g. cuda:0,cuda:1 or cpu,cpu.")] = "cpu,cpu",
+    devices: Annotated[str | None, typer.Option(help="Devices shared by every mode, e.g. cuda:0,cuda:1 or cpu,cpu "
+                                                     "(default: every visible GPU, else cpu,cpu).")] = None,
     arrival_rate: Annotated[str, typer.Option("--arrival-rate", "--request-rate", help="Requests/s: a number, inf, a list or start:stop:step.")] = "inf",
     burstiness: Annotated[float, typer.Option(help="Gamma shape of the gaps: 1 = Poisson.")] = 1.0,
     workload: Annotated[str, typer.Option(help="short, long, mixed, random or sharegpt-like.")] = "random",
@@ -93,6 +94,8 @@ def bench(
             raise ValueError(f"unknown mode {mode!r}: {', '.join(MODES)} or all")
         if duration is not None and any(math.isinf(r) for r in rates):
             raise ValueError("--duration needs a finite --arrival-rate")
+        if devices is None:
+            devices = ",".join(f"cuda:{i}" for i in range(torch.cuda.device_count())) or "cpu,cpu"
         devs = [d.strip() for d in devices.split(",") if d.strip()]
         src = resolve(model)
         arch = ModelArch.from_hf_config(src.hf_config)

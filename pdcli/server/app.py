@@ -105,7 +105,9 @@ class Generation:
         self.model, self.metrics, self.created = model, metrics, int(time.time())
 
     async def deltas(self, request: Request):
-        """Yields (choice index, new text, finish reason | None); aborts everything if the client leaves."""
+        """Yields (choice index, new text, finish reason | None) whenever tokens arrive, with new text "" while
+        it is held back (an incomplete character, a possible stop string), as vLLM streams; aborts
+        everything if the client leaves."""
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
         tracked = []
@@ -119,17 +121,17 @@ class Generation:
                 for k, t in enumerate(tracked):
                     n = max(1, t.params.n)
                     while not t.events.empty():
-                        idx, _, reason = t.events.get_nowait()
+                        idx, ids, reason = t.events.get_nowait()
                         choice = k * n + idx
                         text = self.cs.text(t, self._visible(t, idx, reason), reason)
-                        if text.endswith("\ufffd") and reason is None:
-                            continue
-                        if reason is None and t.params.stop:  # hold back what may start a stop string
-                            hold = max(map(len, t.params.stop)) - 1
-                            text = text[:max(len(sent.get(choice, "")), len(text) - hold)]
-                        new = text[len(sent.get(choice, "")):] if text.startswith(sent.get(choice, "")) else ""
-                        sent[choice] = text
-                        if new or reason is not None:
+                        new = ""
+                        if not (text.endswith("\ufffd") and reason is None):
+                            if reason is None and t.params.stop:  # hold back what may start a stop string
+                                hold = max(map(len, t.params.stop)) - 1
+                                text = text[:max(len(sent.get(choice, "")), len(text) - hold)]
+                            new = text[len(sent.get(choice, "")):] if text.startswith(sent.get(choice, "")) else ""
+                            sent[choice] = text
+                        if new or ids or reason is not None:
                             yield choice, new, reason
                 if all(t.done.is_set() and t.events.empty() for t in tracked):
                     break
