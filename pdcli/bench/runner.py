@@ -53,13 +53,12 @@ def run_load(cs, requests: list[BenchRequest], arrivals, mode: str, drain_timeou
         tracked.append((arrival, req, t))
         open_.append(t)
         if progress:
-            done = sum(t.done.is_set() for _, _, t in tracked)
-            progress.update(task, completed=done, description=f"{mode}: sent {len(tracked)}/{len(requests)}")
+            _show(progress, task, mode, tracked, len(requests), start)
     deadline = time.perf_counter() + drain_timeout
     for _, _, t in tracked:
         while not t.done.wait(0.2):
             if progress:
-                progress.update(task, completed=sum(x.done.is_set() for _, _, x in tracked))
+                _show(progress, task, mode, tracked, len(requests), start)
             if time.perf_counter() > deadline:
                 cs.abort(t.rid, "benchmark drain timeout")
                 break
@@ -77,6 +76,16 @@ def run_load(cs, requests: list[BenchRequest], arrivals, mode: str, drain_timeou
     if progress:
         progress.update(task, completed=len(requests))
     return records
+
+
+def _show(progress, task, mode: str, tracked: list, total: int, start: float) -> None:
+    """The progress line: sent, finished and failed requests, and output tokens/s so far."""
+    done = [t for _, _, t in tracked if t.done.is_set()]
+    failed = sum(t.error is not None for t in done)
+    tokens = sum(len(t.tokens.get(0, [])) for _, _, t in tracked)
+    rate = tokens / max(time.perf_counter() - start, 1e-9)
+    progress.update(task, completed=len(done),
+                    description=f"{mode}: sent {len(tracked)}/{total}, failed {failed}, {rate:,.0f} out tok/s")
 
 
 def warmup_filter(records: list[RequestRecord], warmup_s: float) -> list[RequestRecord]:
