@@ -108,8 +108,6 @@ def send_kv(kv_cache: torch.Tensor, blocks: list[int], dst: int, tag: int, reque
     """All layers after the work queued so far (the prefill that wrote them), in `layer_chunks`: each group
     gathered on `stream` and sent while the next is gathered."""
     t = PendingTransfer(request_id, dst, blocks)
-    idx = block_index(kv_cache, blocks)
-    dst_idx = torch.arange(len(blocks), device=kv_cache.device)
     if stream is not None:
         written = torch.cuda.Event()
         written.record()
@@ -117,6 +115,9 @@ def send_kv(kv_cache: torch.Tensor, blocks: list[int], dst: int, tag: int, reque
     with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
         if stream is not None:
             t.started = timing_event(stream)
+        # allocated on `stream`, which reads them: their memory is not reused before it has
+        idx = block_index(kv_cache, blocks)
+        dst_idx = torch.arange(len(blocks), device=kv_cache.device)
         buf = torch.empty(transfer_shape(kv_cache, len(blocks)), dtype=kv_cache.dtype, device=kv_cache.device)
         for sl in layer_chunks(kv_cache, len(blocks)):
             part = buf[sl]
@@ -140,6 +141,9 @@ class LayerSender:
         self.num_layers = kv_cache.shape[0]
         self.items = [(PendingTransfer(rid, dst, blocks, kind="layers"), block_index(kv_cache, blocks), tag)
                       for rid, blocks, dst, tag in items]
+        if stream is not None:
+            for _, idx, _ in self.items:
+                idx.record_stream(stream)  # read there after this step may have freed it
 
     @property
     def transfers(self) -> list[PendingTransfer]:
