@@ -26,14 +26,6 @@ def _groups(x: torch.Tensor) -> torch.Tensor:
     return x.view(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-def gather_blocks(kv_cache: torch.Tensor, blocks: list[int]) -> torch.Tensor:
-    # kv_cache [layers, 2, num_blocks, block_size, Hk, D] -> [layers, 2, len(blocks), block_size, Hk, D]
-    idx = block_index(kv_cache, blocks)
-    out = torch.empty(transfer_shape(kv_cache, len(blocks)), dtype=kv_cache.dtype, device=kv_cache.device)
-    ops.copy_blocks(_groups(out), _groups(kv_cache), idx, torch.arange(len(blocks), device=kv_cache.device))
-    return out
-
-
 def gather_layer(kv_cache: torch.Tensor, layer: int, idx: torch.Tensor) -> torch.Tensor:
     # -> [2, len(idx), block_size, Hk, D]
     out = torch.empty(2, len(idx), *kv_cache.shape[3:], dtype=kv_cache.dtype, device=kv_cache.device)
