@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from pdcli.bench.arrivals import arrival_times
 from pdcli.bench.metrics import RequestRecord, max_rate_meeting, summarize
-from pdcli.bench.runner import layout_for, pd_on_collocated
+from pdcli.bench.runner import layout_for
+from pdcli.workers.layout import collocated_only
 from pdcli.bench.workloads import make_requests
 from pdcli.cli import app
 
@@ -72,8 +73,9 @@ def test_modes_get_the_same_devices():
         assert {s.device for s in layout_for(mode, devs)} == set(devs)
     # the router's modes share no GPU between two processes: collocated workers prefill/decode for each other
     assert [(s.role, s.device) for s in layout_for("adaptive", devs)] == [("collocated", d) for d in devs]
-    assert pd_on_collocated("adaptive", devs) and not pd_on_collocated("collocated", devs)
-    assert not pd_on_collocated("adaptive", devs[:1])
+    assert collocated_only(layout_for("adaptive", devs), "adaptive")
+    assert not collocated_only(layout_for("collocated", devs), "collocated")
+    assert not collocated_only(layout_for("adaptive", devs[:1]), "adaptive")
 
 
 def test_bench_runs_and_plot_makes_pngs(tmp_path):

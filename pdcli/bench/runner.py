@@ -16,7 +16,7 @@ MODES = ("collocated", "disaggregated", "adaptive", "threshold")
 def layout_for(mode: str, devices: list[str]) -> list[WorkerSpec]:
     """The same devices for every mode: all collocated; or split into prefill and decode workers (the first
     half prefill); or (adaptive, threshold) on two or more devices a collocated worker on each, which
-    also prefill and decode for each other (`pd_on_collocated`), so the router can take either path
+    also prefill and decode for each other (`layout.collocated_only`), so the router can take either path
     without two processes sharing a GPU; on one device a collocated, a prefill and a decode worker."""
     n = len(devices)
     k = max(1, n // 2)
@@ -25,10 +25,6 @@ def layout_for(mode: str, devices: list[str]) -> list[WorkerSpec]:
     if mode == "disaggregated":
         return parse_layout("", ",".join(devices[:k]), ",".join(devices[k:] or devices[:1]))
     return parse_layout(devices[0], devices[0], devices[0])
-
-
-def pd_on_collocated(mode: str, devices: list[str]) -> bool:
-    return mode in ("adaptive", "threshold") and len(devices) >= 2
 
 
 def run_load(cs, requests: list[BenchRequest], arrivals, mode: str, drain_timeout: float, progress=None,

@@ -77,9 +77,10 @@ def bench(
     from pdcli import __version__
     from pdcli.bench.arrivals import arrival_times
     from pdcli.bench.metrics import max_rate_meeting, summarize
-    from pdcli.bench.runner import MODES, layout_for, pd_on_collocated, rate_label, run_load, warmup_filter
+    from pdcli.bench.runner import MODES, layout_for, rate_label, run_load, warmup_filter
     from pdcli.bench.workloads import make_requests
     from pdcli.coordinator.central import CentralScheduler
+    from pdcli.workers.layout import collocated_only
     from pdcli.models.arch import ModelArch
     from pdcli.models.loader import ModelLoadError, resolve
 
@@ -136,7 +137,7 @@ def bench(
             try:
                 cs = CentralScheduler(model, layout, mode=m, sampling_seed=seed, params_dir=params_dir if m == "adaptive" else None,
                                       slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms,
-                                      pd_on_collocated=pd_on_collocated(m, devs), **kw)
+                                      pd_on_collocated=collocated_only(layout, m), **kw)
             except (ValueError, RuntimeError, TimeoutError, OSError) as e:
                 fail(f"mode {m}: {e}", EXIT_RUNTIME)
             err.print(f"{m}: {len(layout)} workers up in {time.perf_counter() - began:.0f} s")

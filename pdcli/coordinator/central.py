@@ -251,14 +251,14 @@ class CentralScheduler:
 
     def _route(self, t: Tracked, mode: str | None):
         """(path, collocated or prefill worker, decode worker or None), or None if no live worker can."""
-        colls, pairs = self.live("collocated"), self.pairs()
+        colls = self.live("collocated")
         n_in = lambda w: len(w.inflight)  # noqa: E731
         coll = min(colls, key=n_in) if colls else None
-        pair = self._least(pairs, lambda pd: (n_in(pd[0]), n_in(pd[1])))
         if t.params.n > 1:  # forks share KV inside one engine
             return ("collocated", coll, None) if coll else None
+        pairs = self.pairs()
         policy = make_policy(mode) if mode else self.policy
-        if policy.name == "adaptive" and self.router is not None and coll and pair:
+        if policy.name == "adaptive" and self.router is not None and coll and pairs:
             loads = self.worker_loads()
             load = lambda w: loads[w.spec.rank].queued_prefill_tokens + loads[w.spec.rank].decode_batch  # noqa: E731
             coll = min(colls, key=load)
@@ -268,6 +268,7 @@ class CentralScheduler:
             t.decision = dict(policy="adaptive", decided_by="cost-model", path=d.path, predicted=d.predicted,
                               predicted_raw=d.predicted_raw, roles=d.roles, predicted_output_len=d.output_len)
             return (d.path, coll, None) if d.path == "collocated" else (d.path, pre, dec)
+        pair = self._least(pairs, lambda pd: (n_in(pd[0]), n_in(pd[1])))
         r = RouteInput(len(t.prompt_ids), t.params,
                        prefill_queue=n_in(pair[0]) if pair else 0, collocated_load=n_in(coll) if coll else 0)
         want = policy.choose(r)
@@ -478,9 +479,9 @@ class CentralScheduler:
             measured = dict(ttft_ms=(t.first_token_time - t.arrival) * 1e3)
             if n > 1:
                 measured["tpot_ms"] = (t.finish_time - t.first_token_time) * 1e3 / (n - 1)
-            routed = t.decision.get("policy") == "adaptive" and t.decision.get("decided_by") == "cost-model"
-            self.router.observe(len(t.prompt_ids), n, t.decision.get("roles", {}).get(t.path) if routed else None,
-                                t.decision.get("predicted_raw", {}).get(t.path), measured)  # output length, calibration
+            # output length; and, for the cost model's decisions (the only ones with roles), the calibration
+            self.router.observe(len(t.prompt_ids), n, t.decision.get("roles", {}).get(t.path),
+                                t.decision.get("predicted_raw", {}).get(t.path), measured)
         self.active.discard(t.rid)
         for rank in (t.first, t.second):
             if rank is not None:

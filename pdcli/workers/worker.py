@@ -239,6 +239,16 @@ class Worker:
         dest = self.dests.pop(rid, None)
         if dest is not None and dest[2] is not None:  # an IPC copy never to be posted: the decode worker
             self.conn.send(("sent", rid, 0, 0.0, dest[0], "ipc"))  # frees the blocks it kept for it
+
+    def track_send(self, t) -> None:
+        """A posted send (or IPC copy): its waiter thread reports it done."""
+        self.sends.append(t)
+        self.waiter(t.peer).put(t)
+
+    def send_whole(self, rid: str, blocks: list[int], dst: int, tag: int) -> None:
+        self.track_send(send_kv(self.engine.runner.kv_cache, blocks, dst, tag, rid, self.side_stream, self.timing(dst),
+                                self.groups.get((self.spec.rank, dst))))
+
     def layer_sender(self, seqs: list, lens: list[int]) -> LayerSender | None:
         """At the launch of an eager step, for the sequences whose last prefill chunk it runs and whose
         decode worker (not on this GPU) has reserved blocks already: sends announced now, so the receives
@@ -275,14 +285,11 @@ class Worker:
         if dst_blocks is not None:
             if dst not in self.peer_pools:
                 self.peer_pools[dst] = import_pool(self.peer_handles[dst])
-            t = copy_kv_ipc(e.runner.kv_cache, seq.block_table, self.peer_pools[dst], dst_blocks, dst, rid,
-                            self.side_stream)
+            self.track_send(copy_kv_ipc(e.runner.kv_cache, seq.block_table, self.peer_pools[dst], dst_blocks, dst, rid,
+                                        self.side_stream))
         else:
             self.conn.send(("sending", dst, [(rid, len(seq.block_table), tag)], False))
-            t = send_kv(e.runner.kv_cache, seq.block_table, dst, tag, rid, self.side_stream, self.timing(dst),
-                        self.groups.get((self.spec.rank, dst)))
-        self.sends.append(t)
-        self.waiter(dst).put(t)
+            self.send_whole(rid, seq.block_table, dst, tag)
 
     def step(self) -> None:
         e = self.engine
@@ -294,16 +301,12 @@ class Worker:
                 self.sent_early.discard(d.request_id)
         # handoffs (a prefill worker's requests; a collocated worker's when asked to prefill for another)
         for t in self.new_sends:  # every layer is posted now
-            self.sends.append(t)
-            self.waiter(t.peer).put(t)
+            self.track_send(t)
         self.new_sends = []
         # sends announced at launch, in announced order, before any other: also those of sequences that
         # ended on their first token, since their receives are posted (their blocks are read as they are)
         for rid, blocks, dst, tag in self.announced:
-            t = send_kv(e.runner.kv_cache, blocks, dst, tag, rid, self.side_stream, self.timing(dst),
-                        self.groups.get((self.spec.rank, dst)))
-            self.sends.append(t)
-            self.waiter(dst).put(t)
+            self.send_whole(rid, blocks, dst, tag)
         self.announced = []
         for seq in e.detach_prefilled():
             self.conn.send(("prefilled", seq.request_id, seq.token_ids[-1], len(seq.block_table)))
