@@ -97,6 +97,7 @@ def test_bench_runs_and_plot_makes_pngs(tmp_path):
             assert key in d, key
         assert d["request_rate"] == 0.3 and d["completed"] == 3 and d["failed"] == 0
         assert {x["device"] for x in d["layout"]} == {"cpu"}
+        assert d["mps"] is False  # CPU workers never run under MPS
     r = CliRunner().invoke(app, ["plot", *files, "--out", str(tmp_path / "png")])
     assert r.exit_code == 0, r.stderr
     pngs = r.stdout.split()

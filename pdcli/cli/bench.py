@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pdcli.cli.common import DEFAULT_MODEL, EXIT_RUNTIME, Model, engine_options, fail
+from pdcli.cli.common import DEFAULT_MODEL, EXIT_RUNTIME, Model, Mps, engine_options, fail
 
 
 def _rates(text: str) -> list[float]:
@@ -66,6 +66,7 @@ def bench(
     endpoint: Annotated[Optional[str], typer.Option(help="Load an OpenAI-compatible server instead (pdcli serve, vLLM, SGLang).")] = None,
     api_key: Annotated[Optional[str], typer.Option(help="Bearer key for --endpoint.")] = None,
     max_concurrency: Annotated[Optional[int], typer.Option(help="At most this many requests in flight (vLLM's flag).")] = None,
+    mps: Mps = None,
     engine: dict = None,
 ) -> None:
     """Open-loop benchmark of each mode on the same devices and arrival trace -> results/*.json."""
@@ -137,7 +138,7 @@ def bench(
             try:
                 cs = CentralScheduler(model, layout, mode=m, sampling_seed=seed, params_dir=params_dir if m == "adaptive" else None,
                                       slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms,
-                                      pd_on_collocated=collocated_only(layout, m), **kw)
+                                      pd_on_collocated=collocated_only(layout, m), mps=mps, **kw)
             except (ValueError, RuntimeError, TimeoutError, OSError) as e:
                 fail(f"mode {m}: {e}", EXIT_RUNTIME)
             err.print(f"{m}: {len(layout)} workers up in {time.perf_counter() - began:.0f} s")
@@ -156,7 +157,7 @@ def bench(
                     rows.append(row)
                     result = dict(row, model=model, seed=seed, num_warmup_excluded=len(records) - stats["num_prompts"],
                                   layout=[dict(rank=s.rank, role=s.role, device=s.device) for s in layout],
-                                  pd_on_collocated=cs.pd_on_collocated,
+                                  pd_on_collocated=cs.pd_on_collocated, mps=cs.mps_on,
                                   devices=devs, kernel_path=cs.workers[0].info.get("kernel_path"),
                                   accounting=cs.accounting, date=stamp,
                                   provenance=dict(pdcli=__version__, torch=str(torch.__version__),

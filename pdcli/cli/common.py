@@ -26,6 +26,9 @@ PrefixCaching = Annotated[bool, typer.Option("--enable-prefix-caching/--no-enabl
 AdmissionReserve = Annotated[float, typer.Option(
     help="Admit new sequences only while free KV also covers this fraction of running ones' remaining "
          "max_tokens (learned from finished ones); 0: admit greedily, preempt when full.")]
+Mps = Annotated[Optional[bool], typer.Option(
+    "--mps/--no-mps", help="Run workers that share a GPU under CUDA MPS, so their kernels overlap "
+                           "(default: when MPS can start; else they are time-sliced).")]
 AsyncScheduling = Annotated[bool, typer.Option("--async-scheduling/--no-async-scheduling",
                                                help="Schedule step i + 1 while the device runs step i.")]
 

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pdcli.cli.common import DEFAULT_MODEL, EXIT_RUNTIME, Device, Model, engine_options, fail
+from pdcli.cli.common import DEFAULT_MODEL, EXIT_RUNTIME, Device, Model, Mps, engine_options, fail
 
 
 @engine_options
@@ -27,6 +27,7 @@ def generate(
     collocated: Annotated[str, typer.Option("--collocated", help="Devices of collocated workers, e.g. cuda:0 (with --mode).")] = "",
     prefill: Annotated[str, typer.Option("--prefill", help="Devices of prefill workers, e.g. cuda:1,cuda:3 (with --mode).")] = "",
     decode: Annotated[str, typer.Option("--decode", help="Devices of decode workers, e.g. cuda:2 (with --mode).")] = "",
+    mps: Mps = None,
     engine: dict = None,
 ) -> None:
     """Generate text for PROMPT(s) and stream it to the terminal."""
@@ -34,7 +35,7 @@ def generate(
         from pdcli.cli.generate_workers import generate_with_workers
 
         return generate_with_workers(prompts, model, chat, max_tokens, temperature, top_p, top_k, seed, ignore_eos,
-                                     device, as_json, mode or "collocated", collocated, prefill, decode, engine)
+                                     device, as_json, mode or "collocated", collocated, prefill, decode, engine, mps)
     from rich.console import Console
 
     from pdcli import LLM, SamplingParams

@@ -9,7 +9,7 @@ from pdcli.cli.common import EXIT_RUNTIME, fail
 
 
 def generate_with_workers(prompts, model, chat, max_tokens, temperature, top_p, top_k, seed, ignore_eos, device,
-                          as_json, mode, collocated, prefill, decode, engine_kwargs) -> None:
+                          as_json, mode, collocated, prefill, decode, engine_kwargs, mps=None) -> None:
     from rich.console import Console
 
     from pdcli import SamplingParams
@@ -33,7 +33,7 @@ def generate_with_workers(prompts, model, chat, max_tokens, temperature, top_p, 
         ids = [tok.apply_chat_template([{"role": "user", "content": p}]) if use_chat else tok.encode(p) for p in prompts]
         with err.status(f"starting {len(layout)} workers for {model}", spinner="dots"):
             cs = CentralScheduler(model, layout, mode=mode, pd_on_collocated=collocated_only(layout, mode),
-                                  **engine_kwargs)
+                                  mps=mps, **engine_kwargs)
     except (ValueError, TypeError, ModelLoadError) as e:
         fail(str(e))
     except (RuntimeError, OSError, TimeoutError) as e:

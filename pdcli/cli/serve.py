@@ -4,7 +4,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pdcli.cli.common import DEFAULT_MODEL, EXIT_RUNTIME, Device, Model, engine_options, fail
+from pdcli.cli.common import DEFAULT_MODEL, EXIT_RUNTIME, Device, Model, Mps, engine_options, fail
 
 
 @engine_options
@@ -21,6 +21,7 @@ def serve(
     params_dir: Annotated[Optional[str], typer.Option(help="Fitted cost model folder for --mode adaptive.")] = None,
     device: Device = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
+    mps: Mps = None,
     engine: dict = None,
 ) -> None:
     """OpenAI-compatible HTTP server (completions, chat, models, health, metrics) over the chosen mode."""
@@ -43,7 +44,7 @@ def serve(
         layout = parse_layout(collocated, prefill, decode)
         with err.status(f"starting {len(layout)} worker(s) for {model}"):
             cs = CentralScheduler(model, layout, mode=mode, params_dir=params_dir,
-                                  pd_on_collocated=collocated_only(layout, mode), **kw)
+                                  pd_on_collocated=collocated_only(layout, mode), mps=mps, **kw)
     except (ValueError, ModelLoadError) as e:
         fail(str(e))
     except (RuntimeError, OSError, TimeoutError) as e:

@@ -18,6 +18,7 @@ from pdcli.router.adaptive import mark_gpu_sharing
 from pdcli.outputs import CompletionOutput, RequestOutput
 from pdcli.sampling_params import SamplingParams
 from pdcli.workers.layout import WorkerSpec, transfer_pair
+from pdcli.workers.mps import start_for
 from pdcli.workers.worker import worker_main
 
 
@@ -77,9 +78,11 @@ class Tracked:
 class CentralScheduler:
     def __init__(self, model: str, layout: list[WorkerSpec], mode: str = "collocated", sampling_seed: int = 0,
                  startup_timeout: float = 600.0, params_dir: str | None = None, slo_ttft_ms: float | None = None,
-                 slo_tpot_ms: float | None = None, pd_on_collocated: bool = False, **engine_kwargs):
+                 slo_tpot_ms: float | None = None, pd_on_collocated: bool = False, mps: bool | None = None,
+                 **engine_kwargs):
         """pd_on_collocated: collocated workers on different devices also prefill and decode for each other
-        (the disaggregated path without dedicated P/D workers: no GPU is shared by two processes)."""
+        (the disaggregated path without dedicated P/D workers: no GPU is shared by two processes).
+        mps: run workers that share a GPU under CUDA MPS (None: where it can start; see workers/mps.py)."""
         from pdcli.models.loader import resolve
 
         self.policy = make_policy(mode)
@@ -113,25 +116,12 @@ class CentralScheduler:
         self._store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
         init = ("127.0.0.1", self._store.port)
         self.workers: list[WorkerHandle] = []
-        nccl = [(p.rank, d.rank) for p in layout for d in layout
-                if self.can_hand_off(p, d) and transfer_pair(p, d) == "gpu-nccl"]
-        for spec in layout:
-            parent, child = ctx.Pipe()
-            kwargs = dict(engine_kwargs)
-            sharing = sum(s.device == spec.device for s in layout)
-            if spec.device.startswith("cuda") and sharing > 1:  # workers on one GPU split its memory
-                from pdcli.config import CacheConfig
-
-                util = kwargs.get("gpu_memory_utilization") or CacheConfig.gpu_memory_utilization
-                kwargs["gpu_memory_utilization"] = util / sharing
-            proc = ctx.Process(target=worker_main, args=(spec, model, kwargs, child, init, list(layout), nccl),
-                               daemon=True, name=f"pdcli-{spec.role}-{spec.rank}")
-            proc.start()
-            child.close()
-            self.workers.append(WorkerHandle(spec, proc, parent))
+        self.mps = start_for(layout, mps)
+        self.mps_on = self.mps is not None  # for results: the daemon handle goes at shutdown
         self._closed = False
         self._senders_started = False
         try:
+            self._start_workers(ctx, model, layout, init, engine_kwargs)
             self._wait_ready(startup_timeout)
         except BaseException:
             self.shutdown()
@@ -143,6 +133,27 @@ class CentralScheduler:
         self.thread.start()
 
     # ---- startup / shutdown ----
+    def _start_workers(self, ctx, model: str, layout: list[WorkerSpec], init: tuple[str, int],
+                       engine_kwargs: dict) -> None:
+        nccl = [(p.rank, d.rank) for p in layout for d in layout
+                if self.can_hand_off(p, d) and transfer_pair(p, d) == "gpu-nccl"]
+        for spec in layout:
+            parent, child = ctx.Pipe()
+            kwargs = dict(engine_kwargs)
+            sharing = sum(s.device == spec.device for s in layout)
+            gpu = spec.device.startswith("cuda")
+            if gpu and sharing > 1:  # workers on one GPU split its memory
+                from pdcli.config import CacheConfig
+
+                util = kwargs.get("gpu_memory_utilization") or CacheConfig.gpu_memory_utilization
+                kwargs["gpu_memory_utilization"] = util / sharing
+            env = self.mps.env if self.mps and gpu else {}
+            proc = ctx.Process(target=worker_main, args=(spec, model, kwargs, child, init, list(layout), nccl, env),
+                               daemon=True, name=f"pdcli-{spec.role}-{spec.rank}")
+            proc.start()
+            child.close()
+            self.workers.append(WorkerHandle(spec, proc, parent))
+
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         for w in self.workers:
@@ -190,6 +201,9 @@ class CentralScheduler:
                 if not t.done.is_set():
                     self._fail(t, "the server shut down")
         self._store = None  # every worker has stopped
+        if self.mps is not None:
+            self.mps.stop()
+            self.mps = None
 
     def __enter__(self):
         return self

@@ -56,9 +56,10 @@ def connect_peers(rank: int, pairs: list[tuple[int, int]], device: torch.device)
 
 
 def worker_main(spec: WorkerSpec, model: str, engine_kwargs: dict, conn, dist_init: tuple[str, int],
-                layout: list[WorkerSpec], nccl_pairs: list[tuple[int, int]]) -> None:
+                layout: list[WorkerSpec], nccl_pairs: list[tuple[int, int]], env: dict | None = None) -> None:
     """dist_init: (host, port) of the coordinator's TCPStore; nccl_pairs: the (prefill, decode) ranks that
-    may hand KV over through NCCL."""
+    may hand KV over through NCCL; env: set before CUDA starts here (the MPS daemon's, workers/mps.py)."""
+    os.environ.update(env or {})
     try:
         if spec.device == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, len(layout))))
