@@ -4,31 +4,32 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.request
 
 from pdcli.bench.metrics import RequestRecord
 from pdcli.bench.workloads import BenchRequest
 
 
-async def _one(client, url: str, model: str, req: BenchRequest, at: float, start: float, headers: dict,
+async def _one(session, url: str, model: str, req: BenchRequest, at: float, start: float, headers: dict,
                slots: asyncio.Semaphore | None) -> RequestRecord:
     await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
     if slots is None:
-        return await _send(client, url, model, req, at, start, headers)
+        return await _send(session, url, model, req, at, start, headers)
     async with slots:  # vLLM's --max-concurrency: timed from when a slot frees
-        return await _send(client, url, model, req, time.perf_counter() - start, start, headers)
+        return await _send(session, url, model, req, time.perf_counter() - start, start, headers)
 
 
-async def _send(client, url: str, model: str, req: BenchRequest, at: float, start: float, headers: dict) -> RequestRecord:
+async def _send(session, url: str, model: str, req: BenchRequest, at: float, start: float, headers: dict) -> RequestRecord:
     rec = RequestRecord(arrival=at, input_len=len(req.prompt_ids))
     body = {"model": model, "prompt": req.prompt_ids, "max_tokens": req.output_len, "temperature": 0,
             "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
     try:
-        async with client.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as r:
-            if r.status_code != 200:
-                rec.error = f"HTTP {r.status_code}: {(await r.aread()).decode()[:200]}"
+        async with session.post(f"{url}/v1/completions", json=body, headers=headers) as r:
+            if r.status != 200:
+                rec.error = f"HTTP {r.status}: {(await r.text())[:200]}"
                 return rec
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
+            async for line in r.content:  # one SSE line at a time
+                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
                     continue
                 now = time.perf_counter() - start
                 chunk = json.loads(line[6:])
@@ -49,24 +50,33 @@ async def _send(client, url: str, model: str, req: BenchRequest, at: float, star
 
 
 async def _run(url, model, requests, arrivals, api_key, timeout, max_concurrency):
-    import httpx
+    import aiohttp
 
     slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    limits = httpx.Limits(max_connections=max(10, len(requests)), max_keepalive_connections=0)
-    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+    # aiohttp, as vLLM's benchmark client: its C parser keeps up with thousands of SSE chunks a second
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout),
+                                     connector=aiohttp.TCPConnector(limit=0, force_close=True),
+                                     read_bufsize=2**20) as session:
         start = time.perf_counter()
-        return await asyncio.gather(*(_one(client, url, model, r, a, start, headers, slots)
+        return await asyncio.gather(*(_one(session, url, model, r, a, start, headers, slots)
                                       for r, a in zip(requests, arrivals)))
 
 
 def served_model(url: str, api_key: str | None) -> str:
-    import httpx
-
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    r = httpx.get(f"{url}/v1/models", headers=headers, timeout=30)
-    r.raise_for_status()
-    return r.json()["data"][0]["id"]
+    with urllib.request.urlopen(urllib.request.Request(f"{url}/v1/models", headers=headers), timeout=30) as r:
+        return json.load(r)["data"][0]["id"]
+
+
+def event_loop():
+    """uvloop's loop where installed (as uvicorn uses), else asyncio's."""
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop()
+    except ImportError:
+        return asyncio.new_event_loop()
 
 
 def run_endpoint(url: str, requests: list[BenchRequest], arrivals, api_key: str | None = None,
@@ -76,4 +86,5 @@ def run_endpoint(url: str, requests: list[BenchRequest], arrivals, api_key: str 
     if url.endswith("/v1"):
         url = url[:-3]
     model = model or served_model(url, api_key)
-    return list(asyncio.run(_run(url, model, requests, arrivals, api_key, timeout, max_concurrency)))
+    with asyncio.Runner(loop_factory=event_loop) as runner:
+        return list(runner.run(_run(url, model, requests, arrivals, api_key, timeout, max_concurrency)))

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import Counter
 
 import torch
@@ -36,8 +37,6 @@ def server_log(proc: subprocess.Popen) -> str:
 
 
 def start_server(model: str, device: str, engine: dict, startup_timeout: float) -> tuple[subprocess.Popen, str]:
-    import httpx
-
     port = free_port()
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in engine.items()]
     log = tempfile.TemporaryFile("w+")  # a pipe nobody reads would block the server once full
@@ -50,9 +49,10 @@ def start_server(model: str, device: str, engine: dict, startup_timeout: float) 
         if proc.poll() is not None:
             raise RuntimeError(f"pdcli serve exited: {server_log(proc)[-2000:]}")
         try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
+            with urllib.request.urlopen(f"{base}/health", timeout=1) as r:
+                if r.status == 200:
+                    return proc, base
+        except OSError:  # not listening yet (URLError is an OSError)
             pass
         time.sleep(0.5)
     proc.kill()

@@ -443,6 +443,10 @@ class CentralScheduler:
                     t.transfer_s, t.transfer_kind = seconds, how
                     t.transfer_reported.set()
                 return
+            if kind == "tokens":
+                for item in msg[1]:
+                    self._on_tokens(*item)
+                return
             t = self.requests.get(msg[1])
             if t is None or t.done.is_set():
                 if kind == "prefilled":
@@ -450,24 +454,7 @@ class CentralScheduler:
                 elif kind == "reserved":
                     self._send(w, ("abort", msg[1], True))  # the prefill worker was never told of these blocks
                 return
-            if kind == "tokens":
-                _, rid, index, ids, reason = msg
-                now = time.perf_counter()
-                t.first_token_time = t.first_token_time or now
-                t.tokens.setdefault(index, []).extend(ids)
-                if index == 0:
-                    t.token_times.extend([now] * len(ids))
-                self.accounting[t.path]["output_tokens"] += len(ids)
-                t.events.put((index, ids, reason))
-                if t.waker:
-                    t.waker()
-                if reason is not None:
-                    t.finish[index] = reason
-                    if len(t.finish) == max(1, t.params.n):
-                        if t.stage == "prefill" and t.second is not None and self.workers[t.second].alive:
-                            self._send(self.workers[t.second], ("abort", t.rid, not t.ipc_copy_asked))
-                        self._complete(t)
-            elif kind == "prefilled":
+            if kind == "prefilled":
                 d = self.workers[t.second]
                 t.stage = "handoff"
                 self.workers[t.first].inflight.discard(t.rid)
@@ -485,6 +472,26 @@ class CentralScheduler:
                 t.transfer_bytes = msg[2]
             elif kind == "error":
                 self._fail(t, msg[2])
+
+    def _on_tokens(self, rid: str, index: int, ids: list[int], reason: str | None) -> None:
+        t = self.requests.get(rid)
+        if t is None or t.done.is_set():
+            return
+        now = time.perf_counter()
+        t.first_token_time = t.first_token_time or now
+        t.tokens.setdefault(index, []).extend(ids)
+        if index == 0:
+            t.token_times.extend([now] * len(ids))
+        self.accounting[t.path]["output_tokens"] += len(ids)
+        t.events.put((index, ids, reason))
+        if t.waker:
+            t.waker()
+        if reason is not None:
+            t.finish[index] = reason
+            if len(t.finish) == max(1, t.params.n):
+                if t.stage == "prefill" and t.second is not None and self.workers[t.second].alive:
+                    self._send(self.workers[t.second], ("abort", t.rid, not t.ipc_copy_asked))
+                self._complete(t)
 
     def _complete(self, t: Tracked) -> None:
         t.stage, t.finish_time = "done", time.perf_counter()

@@ -97,6 +97,37 @@ def create_app(cs, model_root: str, served_model_name: str, max_model_len: int, 
     return app
 
 
+DISCONNECT_POLL_S = 0.25  # how often a streaming request asks whether its client is still there
+
+
+class TextStream:
+    """One choice's text as it streams: new tokens are decoded in a short window (vLLM's prefix and read
+    offsets: O(1) per token), the whole output once at the end (cut at a stop string), so the deltas add up
+    to the non-streaming text."""
+
+    def __init__(self):
+        self.prefix = self.read = 0  # token offsets of the decode window
+        self.text = ""  # decoded so far
+        self.sent = ""  # streamed so far
+
+    def update(self, cs, t, ids: list[int], reason: str | None) -> str:
+        if reason is not None:
+            text = cs.text(t, ids, reason)
+        else:
+            before = cs.tokenizer.decode(ids[self.prefix:self.read])
+            window = cs.tokenizer.decode(ids[self.prefix:])
+            if len(window) > len(before) and not window.endswith("\ufffd"):  # whole characters only
+                self.text += window[len(before):]
+                self.prefix, self.read = self.read, len(ids)
+            text = self.text
+            if t.params.stop:  # hold back what may start a stop string
+                hold = max(map(len, t.params.stop)) - 1
+                text = text[:max(len(self.sent), len(text) - hold)]
+        new = text[len(self.sent):] if text.startswith(self.sent) else ""
+        self.sent = text
+        return new
+
+
 class Generation:
     """One HTTP request: its prompts x n choices, as deltas."""
 
@@ -106,8 +137,9 @@ class Generation:
 
     async def deltas(self, request: Request):
         """Yields (choice index, new text, finish reason | None) whenever tokens arrive, with new text "" while
-        it is held back (an incomplete character, a possible stop string), as vLLM streams; aborts
-        everything if the client leaves."""
+        it is held back (an incomplete character, a possible stop string), as vLLM streams; the tokens that
+        arrived since the last yield go in one delta (a server behind its engine sends fewer, larger chunks).
+        Aborts everything if the client leaves."""
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
         tracked = []
@@ -115,33 +147,35 @@ class Generation:
             t = self.cs.submit(p, sp, request_id=f"{self.rid}-{len(tracked)}")
             t.waker = lambda: loop.call_soon_threadsafe(wake.set)
             tracked.append(t)
-        sent = {}
+        streams: dict[int, TextStream] = {}
+        checked = loop.time()
         try:
             while True:
                 for k, t in enumerate(tracked):
                     n = max(1, t.params.n)
+                    arrived = {}  # completion index -> [made tokens, finish reason]
                     while not t.events.empty():
                         idx, ids, reason = t.events.get_nowait()
-                        choice = k * n + idx
-                        text = self.cs.text(t, self._visible(t, idx, reason), reason)
-                        new = ""
-                        if not (text.endswith("\ufffd") and reason is None):
-                            if reason is None and t.params.stop:  # hold back what may start a stop string
-                                hold = max(map(len, t.params.stop)) - 1
-                                text = text[:max(len(sent.get(choice, "")), len(text) - hold)]
-                            new = text[len(sent.get(choice, "")):] if text.startswith(sent.get(choice, "")) else ""
-                            sent[choice] = text
-                        if new or ids or reason is not None:
-                            yield choice, new, reason
+                        a = arrived.setdefault(idx, [False, None])
+                        a[0] = a[0] or bool(ids)
+                        a[1] = reason if reason is not None else a[1]
+                    for idx, (made, reason) in arrived.items():
+                        stream = streams.setdefault(k * n + idx, TextStream())
+                        new = stream.update(self.cs, t, self._visible(t, idx, reason), reason)
+                        if new or made or reason is not None:
+                            yield k * n + idx, new, reason
                 if all(t.done.is_set() and t.events.empty() for t in tracked):
                     break
-                if await request.is_disconnected():
-                    return
+                if loop.time() - checked > DISCONNECT_POLL_S:  # a receive() per token step would cost more
+                    checked = loop.time()
+                    if await request.is_disconnected():
+                        return
                 wake.clear()
                 if not any(not t.events.empty() for t in tracked):
                     try:
-                        await asyncio.wait_for(wake.wait(), timeout=0.5)
-                    except asyncio.TimeoutError:
+                        async with asyncio.timeout(DISCONNECT_POLL_S):  # no task per wait, unlike wait_for on 3.11
+                            await wake.wait()
+                    except TimeoutError:
                         pass
         finally:
             for t in tracked:
@@ -184,21 +218,23 @@ class Generation:
 
     async def sse(self, request: Request, include_usage: bool):
         obj = "chat.completion.chunk" if self.chat else "text_completion"
-        head = {"id": self.rid, "object": obj, "created": self.created, "model": self.model}
+        head = json.dumps({"id": self.rid, "object": obj, "created": self.created, "model": self.model})[:-1]
 
         def chunk(choices: list, **extra) -> str:
-            return f"data: {json.dumps({**head, 'choices': choices, **extra})}\n\n"
+            return f"data: {json.dumps({'id': self.rid, 'object': obj, 'created': self.created, 'model': self.model, 'choices': choices, **extra})}\n\n"
 
         if self.chat:
             n = len(self.prompts) * max(1, self.params[0].n)
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None} for i in range(n)])
         async for choice, new, reason in self.deltas(request):
+            # the per-token chunk, formatted directly (json.dumps of the whole dict each time costs more)
             if self.chat:
-                delta = {"content": new} if new else {}
-                yield chunk([{"index": choice, "delta": delta, "logprobs": None, "finish_reason": reason}])
+                delta = f'{{"content": {json.dumps(new)}}}' if new else "{}"
+                body = f'{{"index": {choice}, "delta": {delta}, "logprobs": null, "finish_reason": {json.dumps(reason)}}}'
             else:
-                yield chunk([{"index": choice, "text": new, "logprobs": None, "finish_reason": reason}])
+                body = f'{{"index": {choice}, "text": {json.dumps(new)}, "logprobs": null, "finish_reason": {json.dumps(reason)}}}'
+            yield f'data: {head}, "choices": [{body}]}}\n\n'
         errors = [t.error for t in self.tracked if t.error and t.finish.get(0) != "abort"]
         if errors:
             yield f"data: {json.dumps(APIError(f'generation failed: {errors[0]}', 500, type_='server_error').body())}\n\n"

@@ -11,7 +11,7 @@ Protocol (tuples over a multiprocessing Pipe; never KV):
                          ("ipc_done", rid, nbytes)   decode: the IPC copy into rid's blocks has finished
                          ("peers", {rank: ipc handle})   ("drop", rid)   ("abort", rid, release_now)
                          ("stats",)    ("shutdown",)
-  worker -> coordinator: ("ready", info)  ("tokens", rid, index, ids, finish_reason | None)
+  worker -> coordinator: ("ready", info)  ("tokens", [(rid, index, ids, finish_reason | None)])  one per step
                          ("prefilled", rid, first_token, num_blocks)   ("reserved", rid, blocks | None)
                          ("sending", dst, [(rid, num_blocks, tag)], layerwise)  before its sends are matched
                          ("sent", rid, nbytes, seconds, ipc_peer | None, kind)   ("received", rid, nbytes)
@@ -294,8 +294,11 @@ class Worker:
 
     def step(self) -> None:
         e = self.engine
-        for d in e.step():
-            self.conn.send(("tokens", d.request_id, d.index, d.token_ids, d.finish_reason if d.finished else None))
+        deltas = e.step()
+        if deltas:  # one message per step, not per sequence: the coordinator shares its process with the server
+            self.conn.send(("tokens", [(d.request_id, d.index, d.token_ids, d.finish_reason if d.finished else None)
+                                       for d in deltas]))
+        for d in deltas:
             if d.finished and d.request_id in e.requests and e.requests[d.request_id].finished:
                 e.pop_finished(d.request_id)
                 self.forget_dest(d.request_id)  # a prefill worker's sequence that ended on its first token
