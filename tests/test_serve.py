@@ -252,3 +252,28 @@ def test_serve_overhead_benchmark_runs(tiny_model_dir, tmp_path):
     assert s["num_prompts"] == 8 and s["inproc_failed"] == 0 and s["http_failed"] == 0
     assert res["inproc"]["completed"] == res["http"]["completed"] == 8
     assert s["inproc_output_throughput"] > 0 and s["http_output_throughput"] > 0
+
+
+@pytest.mark.parametrize("text", ["héllo wörld, ça va? 東京 🙂 end", "a  b\n\nc\t d 🙂🙂 e"])
+def test_streamed_text_adds_up_to_the_whole_decode(text):
+    """TextStream decodes each new token in a short window (O(1) per token) and the whole output once at the
+    end; the deltas, fed one token at a time or several at once, add up to the non-streaming text and never
+    end inside a character."""
+    from types import SimpleNamespace
+
+    from pdcli.models.tokenizer import HFTokenizer
+    from pdcli.server.app import TextStream
+    from tiny_models import make_tokenizer
+
+    tok = HFTokenizer(make_tokenizer())
+    ids = tok.encode(text)
+    cs = SimpleNamespace(tokenizer=tok, text=lambda t, ids, reason: tok.decode(ids))
+    t = SimpleNamespace(params=SimpleNamespace(stop=[]))
+    for step in (1, 3):
+        stream, deltas = TextStream(), []
+        for end in range(step, len(ids) + step, step):
+            done = end >= len(ids)
+            deltas.append(stream.update(cs, t, ids[:end], "length" if done else None))
+            assert "\ufffd" not in deltas[-1]
+        assert "".join(deltas) == tok.decode(ids)
+        assert sum(bool(d) for d in deltas[:-1]) > len(deltas) // 3  # text streamed along the way
