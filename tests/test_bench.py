@@ -76,6 +76,13 @@ def test_modes_get_the_same_devices():
     assert collocated_only(layout_for("adaptive", devs), "adaptive")
     assert not collocated_only(layout_for("collocated", devs), "collocated")
     assert not collocated_only(layout_for("adaptive", devs[:1]), "adaptive")
+    three = ["cuda:0", "cuda:1", "cuda:2"]  # DistServe's miniature: 2 prefill + 1 decode
+    assert [(s.role, s.device) for s in layout_for("disaggregated", three, 2)] == \
+        [("prefill", "cuda:0"), ("prefill", "cuda:1"), ("decode", "cuda:2")]
+    assert [s.role for s in layout_for("disaggregated", three)] == ["prefill", "decode", "decode"]
+    for bad in (0, 3):
+        with pytest.raises(ValueError, match="num-prefill"):
+            layout_for("disaggregated", three, bad)
 
 
 def test_bench_runs_and_plot_makes_pngs(tmp_path):

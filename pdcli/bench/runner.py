@@ -13,13 +13,16 @@ from pdcli.workers.layout import WorkerSpec, parse_layout
 MODES = ("collocated", "disaggregated", "adaptive", "threshold")
 
 
-def layout_for(mode: str, devices: list[str]) -> list[WorkerSpec]:
+def layout_for(mode: str, devices: list[str], num_prefill: int | None = None) -> list[WorkerSpec]:
     """The same devices for every mode: all collocated; or split into prefill and decode workers (the first
-    half prefill); or (adaptive, threshold) on two or more devices a collocated worker on each, which
-    also prefill and decode for each other (`layout.collocated_only`), so the router can take either path
-    without two processes sharing a GPU; on one device a collocated, a prefill and a decode worker."""
+    num_prefill devices prefill, by default half of them); or (adaptive, threshold) on two or more devices a
+    collocated worker on each, which also prefill and decode for each other (`layout.collocated_only`), so
+    the router can take either path without two processes sharing a GPU; on one device a collocated, a
+    prefill and a decode worker."""
     n = len(devices)
-    k = max(1, n // 2)
+    k = max(1, n // 2) if num_prefill is None else num_prefill
+    if n >= 2 and not 1 <= k < n:
+        raise ValueError(f"--num-prefill must leave a decode device: 1 to {n - 1} of {n} devices, got {k}")
     if mode == "collocated" or (mode in ("adaptive", "threshold") and n >= 2):
         return parse_layout(",".join(devices))
     if mode == "disaggregated":

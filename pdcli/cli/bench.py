@@ -66,6 +66,8 @@ def bench(
     endpoint: Annotated[Optional[str], typer.Option(help="Load an OpenAI-compatible server instead (pdcli serve, vLLM, SGLang).")] = None,
     api_key: Annotated[Optional[str], typer.Option(help="Bearer key for --endpoint.")] = None,
     max_concurrency: Annotated[Optional[int], typer.Option(help="At most this many requests in flight (vLLM's flag).")] = None,
+    num_prefill: Annotated[Optional[int], typer.Option(help="Devices that prefill in disaggregated mode (the first "
+                                                          "ones; default: half), e.g. 2 of 3 for 2P1D.")] = None,
     mps: Mps = None,
     engine: dict = None,
 ) -> None:
@@ -133,7 +135,10 @@ def bench(
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} done"),
                   TimeElapsedColumn(), console=err, transient=True) as progress:
         for m in modes:
-            layout = layout_for(m, devs)
+            try:
+                layout = layout_for(m, devs, num_prefill)
+            except ValueError as e:
+                fail(str(e))
             began = time.perf_counter()
             try:
                 cs = CentralScheduler(model, layout, mode=m, sampling_seed=seed, params_dir=params_dir if m == "adaptive" else None,
