@@ -231,12 +231,55 @@ def test_workers_sharing_a_gpu_are_priced_time_sliced():
     loads = {0: load(8), 1: load(0), 2: load(4), 3: load(4)}
     mark_gpu_sharing(loads, {0: "cuda:0", 1: "cuda:0", 2: "cuda:1", 3: "cpu"})
     assert [loads[r].sharing for r in range(4)] == [0, 1, 0, 0]
+    assert [loads[r].sharing_avg for r in range(4)] == [0, 1, 0, 0]
+    # over a whole decode a neighbour counts by the fraction of time it is busy
+    mark_gpu_sharing(loads, {0: "cuda:0", 1: "cuda:0", 2: "cuda:1", 3: "cpu"}, {0: 0.9, 1: 0.5, 2: 1.0, 3: 1.0})
+    assert [loads[r].sharing for r in range(4)] == [0, 1, 0, 0]
+    assert [loads[r].sharing_avg for r in range(4)] == [0.5, 0.9, 0, 0]
     r = router()
     alone = r.predict(2000, 200, load(8), load(0), load(8))
-    shared = r.predict(2000, 200, WorkerLoad(decode_batch=8, decode_ctx=8 * 1500, sharing=1), load(0), load(8))
+    shared = r.predict(2000, 200, WorkerLoad(decode_batch=8, decode_ctx=8 * 1500, sharing=1, sharing_avg=1.0),
+                       load(0), load(8))
     assert shared["collocated"]["ttft_ms"] == pytest.approx(2 * alone["collocated"]["ttft_ms"])
     assert shared["collocated"]["tpot_ms"] == pytest.approx(2 * alone["collocated"]["tpot_ms"])
     assert shared["disaggregated"] == alone["disaggregated"]
+    half = r.predict(2000, 200, WorkerLoad(decode_batch=8, decode_ctx=8 * 1500, sharing=1, sharing_avg=0.5),
+                     load(0), load(8))
+    assert half["collocated"]["ttft_ms"] == pytest.approx(2 * alone["collocated"]["ttft_ms"])  # now: busy
+    assert half["collocated"]["tpot_ms"] == pytest.approx(1.5 * alone["collocated"]["tpot_ms"])
+
+
+def test_ttft_waits_for_the_steps_a_worker_has_already_scheduled():
+    """A busy worker with async scheduling has two steps scheduled when its last one lands: a prompt arriving
+    now runs in the third, so it waits for two steps (priced by the model) less the time since that landing,
+    at least one step; without async scheduling (a prefill worker) it waits for the running step. An idle
+    worker, or one whose steps the coordinator has not seen yet, starts it at once."""
+    r = router()
+    cm = r.cm
+    step = float(cm.decode_ms(8, 8000))
+    busy = lambda since, **kw: WorkerLoad(decode_batch=8, decode_ctx=8000, since_step_ms=since, **kw)  # noqa: E731
+    assert r.start_wait_ms(busy(0.0)) == pytest.approx(2 * step)
+    assert r.start_wait_ms(busy(0.4 * step)) == pytest.approx(1.6 * step)
+    assert r.start_wait_ms(busy(5 * step)) == pytest.approx(step)  # a long step: at least the next one
+    assert r.start_wait_ms(busy(0.0, sharing=1)) == pytest.approx(4 * step)  # slowed like the rest
+    prefill = lambda since, q: WorkerLoad(queued_prefill_tokens=q, since_step_ms=since, async_steps=False,  # noqa: E731
+                                          role="prefill")
+    running = cm.queued_prefill_ms(1500)
+    assert r.start_wait_ms(prefill(10.0, 1500)) == pytest.approx(running - 10.0)
+    assert r.start_wait_ms(prefill(running + 1, 1500)) == 0.0
+    assert r.start_wait_ms(WorkerLoad(since_step_ms=1.0)) == 0.0  # idle: nothing scheduled
+    assert r.start_wait_ms(WorkerLoad(decode_batch=8, decode_ctx=8000)) == 0.0  # no step seen yet
+    # prompts that came before the last step ended ride in the scheduled steps (within their token budget) and
+    # lengthen them; those that came after are ahead of this prompt
+    base = r.ttft_ms(1000, busy(0.0))
+    assert base - r.ttft_ms(1000, busy(3.0)) == pytest.approx(3.0)  # the measured phase, not scaled
+    old = r.ttft_ms(1000, busy(0.0, queued_prefill_tokens=1500))
+    new = r.ttft_ms(1000, busy(0.0, queued_prefill_tokens=1500, queued_since_step_tokens=1500))
+    assert base < old and base < new
+    assert old - base == pytest.approx(cm.prefill_in_decode_ms(1500, 8, 8000))
+    assert r.ttft_ms(1000, busy(0.0, queued_prefill_tokens=20000)) > old  # past two steps' budget: waits too
+    # without a step seen, every queued prompt is ahead, as before
+    assert r.ttft_ms(1000, load(8, 1000, queued=1500)) > r.ttft_ms(1000, load(8, 1000))
 
 
 def test_calibration_learns_the_ratio_per_role_and_metric_and_follows_drift():

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 
 from pdcli.coordinator.policy import RouteInput, make_policy
-from pdcli.router.adaptive import mark_gpu_sharing
+from pdcli.router.adaptive import busy, mark_gpu_sharing
 from pdcli.outputs import CompletionOutput, RequestOutput
 from pdcli.sampling_params import SamplingParams
 from pdcli.workers.layout import WorkerSpec, transfer_pair
@@ -44,6 +44,10 @@ class WorkerHandle:
     # messages to the worker go through a queue and a sender thread, so neither a caller nor the router
     # thread ever blocks on a full pipe (a worker blocked on its own sends would otherwise deadlock them)
     outbox: queue.Queue = field(default_factory=queue.Queue)
+    last_step_end: float | None = None  # perf_counter when its last step's tokens message came
+
+
+BUSY_EMA = 0.1  # weight of the newest sample of a worker's busy fraction (~ the last 10 decisions)
 
 
 @dataclass
@@ -105,6 +109,7 @@ class CentralScheduler:
         self._turn = itertools.count()
         self.rng = random.Random(sampling_seed)  # seeds of unseeded requests, shared by P and D
         self.stats_replies: queue.Queue = queue.Queue()
+        self._busy_avg: dict[int, float] = {}  # rank -> average busy fraction, for the router's GPU sharing
         self.accounting = {p: dict(requests=0, output_tokens=0, failed=0, transfer_bytes=0, transfer_s=0.0)
                            for p in ("collocated", "disaggregated")}
         self.kv_layerwise = True  # NCCL/gloo sends layer by layer during the last prefill chunk when possible
@@ -295,7 +300,10 @@ class CentralScheduler:
         """Per-rank live state from the coordinator's own bookkeeping (what the router sees)."""
         from pdcli.router.adaptive import WorkerLoad
 
-        loads = {w.spec.rank: WorkerLoad(role=w.spec.role) for w in self.workers}
+        now = time.perf_counter()
+        loads = {w.spec.rank: WorkerLoad(role=w.spec.role, async_steps=w.spec.role != "prefill",
+                                         since_step_ms=None if w.last_step_end is None else (now - w.last_step_end) * 1e3)
+                 for w in self.workers}
         for rid in self.active:
             t = self.requests[rid]
             if not t.path:
@@ -303,6 +311,9 @@ class CentralScheduler:
             generated = sum(len(v) for v in t.tokens.values())
             if t.stage in ("collocated", "prefill") and generated == 0:
                 loads[t.first].queued_prefill_tokens += len(t.prompt_ids)
+                last = self.workers[t.first].last_step_end
+                if last is None or t.arrival > last:  # not in a step the worker has already scheduled
+                    loads[t.first].queued_since_step_tokens += len(t.prompt_ids)
             elif t.stage == "collocated":
                 loads[t.first].decode_batch += 1
                 loads[t.first].decode_ctx += len(t.prompt_ids) + generated
@@ -311,9 +322,11 @@ class CentralScheduler:
             elif t.stage == "decode":
                 loads[t.second].decode_batch += 1
                 loads[t.second].decode_ctx += len(t.prompt_ids) + generated
+        for r, w in loads.items():  # sampled at each decision: Poisson arrivals see time averages
+            self._busy_avg[r] = (1 - BUSY_EMA) * self._busy_avg.get(r, 0.0) + BUSY_EMA * busy(w)
         # also under MPS: measured on one H100 with three workers, a decode step ran ~2x the model's time
         # beside another busy worker (two decode batches each read all the weights), a prefill 2-3x
-        mark_gpu_sharing(loads, {w.spec.rank: w.spec.device for w in self.workers if w.alive})
+        mark_gpu_sharing(loads, {w.spec.rank: w.spec.device for w in self.workers if w.alive}, self._busy_avg)
         return loads
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
@@ -446,6 +459,7 @@ class CentralScheduler:
                     t.transfer_reported.set()
                 return
             if kind == "tokens":
+                w.last_step_end = time.perf_counter()
                 for item in msg[1]:
                     self._on_tokens(*item)
                 return

@@ -17,16 +17,29 @@ class WorkerLoad:
     decode_ctx: int = 0  # their context tokens in all
     inflight_transfers: int = 0
     sharing: int = 0  # other workers with work on the same GPU: time-sliced, each runs at 1 / (1 + sharing)
+    sharing_avg: float = 0.0  # the same over time: the others' average busy fractions (prices a whole decode)
     role: str = "collocated"  # collocated | prefill | decode
+    since_step_ms: float | None = None  # since its last step ended (None: no step seen yet)
+    async_steps: bool = True  # it schedules step i + 2 when step i lands (async scheduling)
+    queued_since_step_tokens: int = 0  # of queued_prefill_tokens, those that came after its last step ended
 
 
-def mark_gpu_sharing(loads: dict[int, WorkerLoad], devices: dict[int, str]) -> None:
+def busy(w: WorkerLoad) -> bool:
+    return bool(w.queued_prefill_tokens or w.decode_batch or w.inflight_transfers)
+
+
+def mark_gpu_sharing(loads: dict[int, WorkerLoad], devices: dict[int, str],
+                     busy_avg: dict[int, float] | None = None) -> None:
     """Set each worker's `sharing`: how many other workers on its GPU have work now (two processes on one
-    GPU are time-sliced, not run side by side)."""
-    busy = {r for r, w in loads.items() if w.queued_prefill_tokens or w.decode_batch or w.inflight_transfers}
+    GPU are time-sliced, not run side by side), and `sharing_avg`: the same from each one's average busy
+    fraction (busy_avg, e.g. sampled at Poisson arrivals, which see time averages), the slowdown over a
+    decode that lasts many steps rather than at this instant."""
+    now = {r for r, w in loads.items() if busy(w)}
     for r, w in loads.items():
         dev = devices.get(r, "cpu")
-        w.sharing = 0 if dev == "cpu" else sum(1 for o in busy if o != r and devices.get(o) == dev)
+        others = [] if dev == "cpu" else [o for o in loads if o != r and devices.get(o) == dev]
+        w.sharing = sum(1 for o in others if o in now)
+        w.sharing_avg = w.sharing if busy_avg is None else sum(busy_avg.get(o, 0.0) for o in others)
 
 
 @dataclass
@@ -53,27 +66,58 @@ class AdaptiveRouter:
         """pair: how KV would move (cpu-gloo, gpu-ipc, gpu-nccl), the key of the fitted transfer cost."""
         cm, res = self.cm, {}
         if coll is not None:
-            wait = cm.queued_prefill_ms(coll.queued_prefill_tokens, coll.decode_batch, coll.decode_ctx)
-            ttft = wait + cm.chunked_prefill_ms(prompt_len, coll.decode_batch, coll.decode_ctx)
+            ttft = self.ttft_ms(prompt_len, coll)
             b, s = coll.decode_batch + 1, coll.decode_ctx + prompt_len + out_len / 2
             # queued prompts share the decode steps: their prefill time spreads over this request's tokens
             tpot = float(cm.decode_ms(b, s)) + cm.prefill_in_decode_ms(coll.queued_prefill_tokens, b, s) / \
                 max(out_len, 1.0)
-            ttft, tpot = ttft * (1 + coll.sharing), tpot * (1 + coll.sharing)
+            tpot = tpot * (1 + coll.sharing_avg)
             res["collocated"] = dict(ttft_ms=ttft, tpot_ms=tpot, e2e_ms=ttft + max(out_len - 1, 0) * tpot)
         if pre is not None and dec is not None:
             # a prefill worker has no decode batch and a decode worker no queued prompts; a collocated worker
             # doing either job for another (pd_on_collocated) has both, priced as on the collocated path
-            ttft = cm.queued_prefill_ms(pre.queued_prefill_tokens, pre.decode_batch, pre.decode_ctx) + \
-                cm.chunked_prefill_ms(prompt_len, pre.decode_batch, pre.decode_ctx)
+            ttft = self.ttft_ms(prompt_len, pre)
             xfer = cm.transfer_ms(prompt_len, pair) * (1 + dec.inflight_transfers)
             b, s = dec.decode_batch + 1, dec.decode_ctx + prompt_len + out_len / 2
             tpot = float(cm.decode_ms(b, s)) + cm.prefill_in_decode_ms(dec.queued_prefill_tokens, b, s) / \
                 max(out_len, 1.0)
-            ttft, tpot = ttft * (1 + pre.sharing), tpot * (1 + dec.sharing)
+            tpot = tpot * (1 + dec.sharing_avg)
             res["disaggregated"] = dict(ttft_ms=ttft, tpot_ms=tpot, transfer_ms=xfer,
                                         e2e_ms=ttft + xfer + max(out_len - 1, 0) * tpot)
         return res
+
+    def start_wait_ms(self, w: WorkerLoad) -> float:
+        """Expected wait before a prompt arriving now at worker w runs its first step. With async scheduling
+        a busy worker has two steps scheduled when one lands (the one running, the one queued behind it), so
+        the prompt runs in the third; without it (a prefill worker), after the running step. The scheduled
+        steps are priced by the cost model (their decode rows and the prompts that came before the last step
+        ended, up to the steps' token budget), less the time since that step ended."""
+        cm = self.cm
+        older = w.queued_prefill_tokens - w.queued_since_step_tokens
+        if w.since_step_ms is None or not (w.decode_batch or older):
+            return 0.0
+        steps = 2 if w.async_steps else 1
+        held = min(older, steps * max(1, cm.max_num_batched_tokens - w.decode_batch))
+        if w.decode_batch:
+            step = float(cm.decode_ms(w.decode_batch, w.decode_ctx))
+            scheduled = steps * step + cm.prefill_in_decode_ms(held, w.decode_batch, w.decode_ctx)
+        else:
+            step, scheduled = 0.0, cm.queued_prefill_ms(held)
+        scale = 1 + w.sharing
+        return max(scheduled * scale - w.since_step_ms, step * scale if steps > 1 else 0.0)
+
+    def ttft_ms(self, prompt_len: int, w: WorkerLoad) -> float:
+        """Until the prompt's first token on worker w: the wait for the steps it has already scheduled, then
+        the queued prompts those steps do not hold and this prompt's own chunks, slowed by GPU sharing."""
+        cm = self.cm
+        ahead = w.queued_prefill_tokens
+        if w.since_step_ms is not None:  # prompts that came before the last step ended are in the scheduled steps
+            held = (2 if w.async_steps else 1) * max(1, cm.max_num_batched_tokens - w.decode_batch)
+            older = w.queued_prefill_tokens - w.queued_since_step_tokens
+            ahead = w.queued_since_step_tokens + max(0, older - held)
+        work = cm.queued_prefill_ms(ahead, w.decode_batch, w.decode_ctx) + \
+            cm.chunked_prefill_ms(prompt_len, w.decode_batch, w.decode_ctx)
+        return self.start_wait_ms(w) + work * (1 + w.sharing)
 
     def decide(self, prompt_len: int, max_tokens: int | None, coll: WorkerLoad | None, pre: WorkerLoad | None,
                dec: WorkerLoad | None, pair: str = "default") -> Decision:

@@ -295,9 +295,10 @@ class Worker:
     def step(self) -> None:
         e = self.engine
         deltas = e.step()
-        if deltas:  # one message per step, not per sequence: the coordinator shares its process with the server
-            self.conn.send(("tokens", [(d.request_id, d.index, d.token_ids, d.finish_reason if d.finished else None)
-                                       for d in deltas]))
+        # one message per step (also when no token landed: it marks the step's end for the router), not per
+        # sequence: the coordinator shares its process with the server
+        self.conn.send(("tokens", [(d.request_id, d.index, d.token_ids, d.finish_reason if d.finished else None)
+                                   for d in deltas]))
         for d in deltas:
             if d.finished and d.request_id in e.requests and e.requests[d.request_id].finished:
                 e.pop_finished(d.request_id)
