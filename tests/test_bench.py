@@ -67,6 +67,18 @@ def test_workloads_follow_their_definitions():
         make_requests("huge", 1, 0, 1000, 4096)
 
 
+def test_each_rate_of_a_sweep_gets_prompts_of_its_own():
+    """The workers keep their prefix cache from one rate to the next: the same prompts at every rate made
+    the first requests of each later rate cache hits."""
+    from pdcli.bench.runner import prompt_seed
+
+    rates = [make_requests("random", 50, prompt_seed(3, i), 32000, 4096, input_len=64, output_len=8) for i in range(3)]
+    firsts = [{tuple(r.prompt_ids[:16]) for r in reqs} for reqs in rates]
+    assert not (firsts[0] & firsts[1]) and not (firsts[1] & firsts[2]) and not (firsts[0] & firsts[2])
+    again = make_requests("random", 50, prompt_seed(3, 1), 32000, 4096, input_len=64, output_len=8)
+    assert [r.prompt_ids for r in again] == [r.prompt_ids for r in rates[1]]  # every mode gets the same ones
+
+
 def test_modes_get_the_same_devices():
     devs = ["cuda:0", "cuda:1"]
     for mode in ("collocated", "disaggregated", "adaptive"):

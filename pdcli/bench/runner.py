@@ -13,6 +13,13 @@ from pdcli.workers.layout import WorkerSpec, parse_layout
 MODES = ("collocated", "disaggregated", "adaptive", "threshold")
 
 
+def prompt_seed(seed: int, rate_index: int) -> int:
+    """The prompts' seed for the rate_index-th rate of a sweep: every rate gets prompts of its own, since a
+    rate run on workers that served the one before would find those prompts in their prefix cache (the same
+    prompts at every rate made the first requests of each rate cache hits). Modes share each rate's prompts."""
+    return seed + 1_000_003 * rate_index
+
+
 def layout_for(mode: str, devices: list[str], num_prefill: int | None = None) -> list[WorkerSpec]:
     """The same devices for every mode: all collocated; or split into prefill and decode workers (the first
     num_prefill devices prefill, by default half of them); or (adaptive, threshold) on two or more devices a

@@ -80,7 +80,7 @@ def bench(
     from pdcli import __version__
     from pdcli.bench.arrivals import arrival_times
     from pdcli.bench.metrics import max_rate_meeting, summarize
-    from pdcli.bench.runner import MODES, layout_for, rate_label, run_load, warmup_filter
+    from pdcli.bench.runner import MODES, layout_for, prompt_seed, rate_label, run_load, warmup_filter
     from pdcli.bench.workloads import make_requests
     from pdcli.coordinator.central import CentralScheduler
     from pdcli.workers.layout import collocated_only
@@ -113,10 +113,10 @@ def bench(
     if endpoint:
         from pdcli.bench.http_client import run_endpoint
 
-        for rate in rates:
+        for i, rate in enumerate(rates):
             n = num_prompts if duration is None else max(1, int(rate * duration))
-            reqs = make_requests(workload, n, seed, arch.vocab_size, max_len, random_input_len, random_output_len,
-                                 random_range_ratio)
+            reqs = make_requests(workload, n, prompt_seed(seed, i), arch.vocab_size, max_len, random_input_len,
+                                 random_output_len, random_range_ratio)
             try:
                 records = run_endpoint(endpoint, reqs, arrival_times(n, rate, burstiness, seed), api_key,
                                        timeout=drain_timeout, max_concurrency=max_concurrency)
@@ -148,10 +148,10 @@ def bench(
                 fail(f"mode {m}: {e}", EXIT_RUNTIME)
             err.print(f"{m}: {len(layout)} workers up in {time.perf_counter() - began:.0f} s")
             try:
-                for rate in rates:
+                for i, rate in enumerate(rates):
                     began = time.perf_counter()
                     n = num_prompts if duration is None else max(1, int(rate * duration))
-                    reqs = make_requests(workload, n, seed, arch.vocab_size, max_len, random_input_len,
+                    reqs = make_requests(workload, n, prompt_seed(seed, i), arch.vocab_size, max_len, random_input_len,
                                          random_output_len, random_range_ratio)
                     arrivals = arrival_times(n, rate, burstiness, seed)
                     task = progress.add_task(m, total=n)
