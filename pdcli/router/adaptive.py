@@ -86,18 +86,27 @@ class AdaptiveRouter:
                                         e2e_ms=ttft + xfer + max(out_len - 1, 0) * tpot)
         return res
 
-    def start_wait_ms(self, w: WorkerLoad) -> float:
-        """Expected wait before a prompt arriving now at worker w runs its first step. With async scheduling
-        a busy worker has two steps scheduled when one lands (the one running, the one queued behind it), so
-        the prompt runs in the third; without it (a prefill worker), after the running step. The scheduled
-        steps are priced by the cost model (their decode rows and the prompts that came before the last step
-        ended, up to the steps' token budget), less the time since that step ended."""
-        cm = self.cm
+    def split_queue(self, w: WorkerLoad) -> tuple[int, int]:
+        """(queued prompt tokens riding in the steps worker w has already scheduled, those ahead of a prompt
+        arriving now). Steps are scheduled two ahead with async scheduling, else one; they hold the prompts
+        that came before the last step ended, up to their token budget. With no step seen, all are ahead."""
+        if w.since_step_ms is None:
+            return 0, w.queued_prefill_tokens
+        budget = (2 if w.async_steps else 1) * max(1, self.cm.max_num_batched_tokens - w.decode_batch)
         older = w.queued_prefill_tokens - w.queued_since_step_tokens
-        if w.since_step_ms is None or not (w.decode_batch or older):
+        held = min(older, budget)
+        return held, w.queued_since_step_tokens + older - held
+
+    def start_wait_ms(self, w: WorkerLoad) -> float:
+        """Expected wait before a prompt arriving now at worker w runs its first step: for the steps already
+        scheduled (the one running and, with async scheduling, the one queued behind it, so the prompt runs
+        in the third after the last one landed), priced by the cost model (their decode rows and the prompts
+        they hold), less the time since the last step ended; at least one step with async scheduling."""
+        cm = self.cm
+        held, _ = self.split_queue(w)
+        if w.since_step_ms is None or not (w.decode_batch or held):
             return 0.0
         steps = 2 if w.async_steps else 1
-        held = min(older, steps * max(1, cm.max_num_batched_tokens - w.decode_batch))
         if w.decode_batch:
             step = float(cm.decode_ms(w.decode_batch, w.decode_ctx))
             scheduled = steps * step + cm.prefill_in_decode_ms(held, w.decode_batch, w.decode_ctx)
@@ -108,13 +117,9 @@ class AdaptiveRouter:
 
     def ttft_ms(self, prompt_len: int, w: WorkerLoad) -> float:
         """Until the prompt's first token on worker w: the wait for the steps it has already scheduled, then
-        the queued prompts those steps do not hold and this prompt's own chunks, slowed by GPU sharing."""
+        the queued prompts ahead of it and its own chunks, slowed by GPU sharing."""
         cm = self.cm
-        ahead = w.queued_prefill_tokens
-        if w.since_step_ms is not None:  # prompts that came before the last step ended are in the scheduled steps
-            held = (2 if w.async_steps else 1) * max(1, cm.max_num_batched_tokens - w.decode_batch)
-            older = w.queued_prefill_tokens - w.queued_since_step_tokens
-            ahead = w.queued_since_step_tokens + max(0, older - held)
+        _, ahead = self.split_queue(w)
         work = cm.queued_prefill_ms(ahead, w.decode_batch, w.decode_ctx) + \
             cm.chunked_prefill_ms(prompt_len, w.decode_batch, w.decode_ctx)
         return self.start_wait_ms(w) + work * (1 + w.sharing)
