@@ -221,7 +221,7 @@ class Generation:
         head = json.dumps({"id": self.rid, "object": obj, "created": self.created, "model": self.model})[:-1]
 
         def chunk(choices: list, **extra) -> str:
-            return f"data: {json.dumps({'id': self.rid, 'object': obj, 'created': self.created, 'model': self.model, 'choices': choices, **extra})}\n\n"
+            return f"data: {head}, {json.dumps({'choices': choices, **extra})[1:]}\n\n"
 
         if self.chat:
             n = len(self.prompts) * max(1, self.params[0].n)
