@@ -459,9 +459,9 @@ class CentralScheduler:
                     t.transfer_reported.set()
                 return
             if kind == "tokens":
-                w.last_step_end = time.perf_counter()
+                w.last_step_end = now = time.perf_counter()
                 for item in msg[1]:
-                    self._on_tokens(*item)
+                    self._on_tokens(*item, now)
                 return
             t = self.requests.get(msg[1])
             if t is None or t.done.is_set():
@@ -489,11 +489,11 @@ class CentralScheduler:
             elif kind == "error":
                 self._fail(t, msg[2])
 
-    def _on_tokens(self, rid: str, index: int, ids: list[int], reason: str | None) -> None:
+    def _on_tokens(self, rid: str, index: int, ids: list[int], reason: str | None, now: float) -> None:
+        """One sequence's tokens from a step that landed at `now` (perf_counter)."""
         t = self.requests.get(rid)
         if t is None or t.done.is_set():
             return
-        now = time.perf_counter()
         t.first_token_time = t.first_token_time or now
         t.tokens.setdefault(index, []).extend(ids)
         if index == 0:
