@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 
 from pdcli.coordinator.policy import RouteInput, make_policy
-from pdcli.router.adaptive import busy, mark_gpu_sharing
+from pdcli.router.adaptive import WorkerLoad, busy, mark_gpu_sharing
 from pdcli.outputs import CompletionOutput, RequestOutput
 from pdcli.sampling_params import SamplingParams
 from pdcli.workers.layout import WorkerSpec, transfer_pair
@@ -297,9 +297,8 @@ class CentralScheduler:
         return ("collocated", coll, None) if coll else None
 
     def worker_loads(self):
-        """Per-rank live state from the coordinator's own bookkeeping (what the router sees)."""
-        from pdcli.router.adaptive import WorkerLoad
-
+        """Per-rank live state from the coordinator's own bookkeeping (what the router sees); each call also
+        samples every worker's busy fraction."""
         now = time.perf_counter()
         loads = {w.spec.rank: WorkerLoad(role=w.spec.role, async_steps=w.spec.role != "prefill",
                                          since_step_ms=None if w.last_step_end is None else (now - w.last_step_end) * 1e3)
