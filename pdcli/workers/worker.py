@@ -92,6 +92,9 @@ def worker_main(spec: WorkerSpec, model: str, engine_kwargs: dict, conn, dist_in
                 pass
 
 
+IDLE_POLL_S = 0.02  # an idle worker waits this long for a message before it polls its transfers again
+
+
 class Worker:
     def __init__(self, spec: WorkerSpec, engine, conn, groups: dict | None = None):
         self.spec, self.engine, self.conn = spec, engine, conn
@@ -147,14 +150,22 @@ class Worker:
                                       max_model_len=e.max_model_len, kv_ipc=ipc)))
         while True:
             busy = e.has_unfinished_requests() or self.sends or self.recvs or self.waiting_reserve
-            while self.conn.poll(0 if busy else 0.02):
-                if not self.handle(self.conn.recv()):
-                    self.close()
-                    return
+            if not self.drain_messages(IDLE_POLL_S if not busy else 0.0):
+                self.close()
+                return
             if e.has_unfinished_requests():
                 self.step()
             self.poll_transfers()
             self.try_reserve()
+
+    def drain_messages(self, timeout: float) -> bool:
+        """Handle every message that has arrived, waiting up to `timeout` s for the first only: a request that
+        arrives at an idle worker is stepped at once, not after the messages that follow it. False: shut down."""
+        while self.conn.poll(timeout):
+            if not self.handle(self.conn.recv()):
+                return False
+            timeout = 0.0
+        return True
 
     def close(self) -> None:
         """Release the peer pools mapped through CUDA IPC before the process ends: a mapping never released
