@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from pdcli.workers.kv_transfer import gather_layer, scatter_blocks, transfer_shape
+from pdcli.workers.kv_transfer import gather_layers, layer_groups, scatter_blocks, transfer_shape
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -13,7 +13,8 @@ def test_gather_scatter_equal_indexing(device, dtype):
     g = torch.Generator().manual_seed(0)
     kv = torch.randn(3, 2, 11, 4, 2, 8, generator=g).to(device=device, dtype=dtype)  # [L, 2, N, bs, Hk, D]
     blocks = [7, 2, 10, 5]
-    out = torch.stack([gather_layer(kv, layer, torch.tensor(blocks, device=device)) for layer in range(3)])
+    idx, dst_idx = torch.tensor(blocks, device=device), torch.arange(len(blocks), device=device)
+    out = torch.cat([gather_layers(kv, sl, idx, dst_idx) for sl in (slice(0, 2), slice(2, 3))])
     assert out.shape == transfer_shape(kv, len(blocks))
     assert torch.equal(out, kv[:, :, blocks])
     dst = torch.zeros_like(kv)
@@ -47,6 +48,15 @@ def test_copy_blocks_kernel_matches_reference(dtype, block_size, hk, d):
         mod.copy_blocks(got[..., : d // 2].contiguous(), src, src_idx, dst_idx)  # blocks of another size
 
 
+@pytest.mark.parametrize("num_layers", [1, 2, 7, 8, 9, 28, 32, 36, 80])
+def test_layer_groups_cover_every_layer_once_in_few_sends(num_layers):
+    from pdcli.workers.kv_transfer import LAYER_SENDS
+
+    groups = layer_groups(num_layers)
+    assert [i for g in groups for i in range(num_layers)[g]] == list(range(num_layers))
+    assert len(groups) <= LAYER_SENDS and all(g.stop > g.start for g in groups)
+
+
 def test_layer_chunks_cover_every_layer_once():
     from pdcli.workers import kv_transfer
 
@@ -70,15 +80,28 @@ def _send_recv(rank: int, port: int, q) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         src = torch.randn(5, 2, 9, 2, 4, 8, generator=torch.Generator().manual_seed(1))
+        kv_transfer.LAYER_SENDS = 2  # layer-wise: layers 0-2, then 3-4
         if rank == 0:
             for rid, blocks in (("a", [4, 0, 7]), ("b", [2, 8, 1])):  # one announced group of two
                 kv_transfer.wait_done(kv_transfer.send_kv(src, blocks, 1, 0, rid, None, None), None)
+            sender = kv_transfer.LayerSender(src, [("c", [3, 5], 1, 0), ("d", [6, 0, 2, 8], 1, 0)], None, None)
+            for layer in range(src.shape[0]):
+                sender(layer)
+            for t in sender.transfers:
+                kv_transfer.wait_done(t, None)
+                assert len(t.works) == 2
         else:
             dst = torch.zeros_like(src)
             ts = kv_transfer.recv_kv(dst, [("a", 3, 0), ("b", 3, 0)], 0, False, None, None)
             for t, blocks, to in zip(ts, ([4, 0, 7], [2, 8, 1]), ([0, 1, 2], [3, 4, 5])):
                 kv_transfer.wait_done(t, None)
                 assert len(t.works) == 3  # layers 0-1, 2-3, 4
+                kv_transfer.scatter_blocks(dst, to, t.bufs[0])
+                assert torch.equal(dst[:, :, to], src[:, :, blocks])
+            ts = kv_transfer.recv_kv(dst, [("c", 2, 0), ("d", 4, 0)], 0, True, None, None)
+            for t, blocks, to in zip(ts, ([3, 5], [6, 0, 2, 8]), ([0, 1], [2, 3, 4, 5])):
+                kv_transfer.wait_done(t, None)
+                assert len(t.works) == 2
                 kv_transfer.scatter_blocks(dst, to, t.bufs[0])
                 assert torch.equal(dst[:, :, to], src[:, :, blocks])
         q.put(None)
@@ -88,7 +111,7 @@ def _send_recv(rank: int, port: int, q) -> None:
         dist.destroy_process_group()
 
 
-def test_whole_send_in_layer_groups_arrives_intact():
+def test_whole_and_layer_wise_sends_arrive_intact():
     import socket
 
     import torch.multiprocessing as mp

@@ -1,6 +1,5 @@
 """KV data plane between workers: a sequence's blocks over torch.distributed point-to-point (gloo on CPU,
-NCCL between GPUs), either layer by layer while its last prefill chunk runs or all layers as one tensor
-after it; or, between two workers on one GPU (which NCCL cannot pair), one device copy straight into the
+NCCL between GPUs), either in groups of layers while its last prefill chunk runs or all layers after it; or, between two workers on one GPU (which NCCL cannot pair), one device copy straight into the
 decode worker's pool mapped through CUDA IPC. Control messages never carry KV.
 
 NCCL matches the sends and receives of a pair of ranks by order, not by tag: the prefill worker decides
@@ -26,10 +25,10 @@ def _groups(x: torch.Tensor) -> torch.Tensor:
     return x.view(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-def gather_layer(kv_cache: torch.Tensor, layer: int, idx: torch.Tensor) -> torch.Tensor:
-    # -> [2, len(idx), block_size, Hk, D]
-    out = torch.empty(2, len(idx), *kv_cache.shape[3:], dtype=kv_cache.dtype, device=kv_cache.device)
-    ops.copy_blocks(out, kv_cache[layer], idx, torch.arange(len(idx), device=kv_cache.device))
+def gather_layers(kv_cache: torch.Tensor, layers: slice, idx: torch.Tensor, dst_idx: torch.Tensor) -> torch.Tensor:
+    # -> [len(layers), 2, len(idx), block_size, Hk, D]; dst_idx: arange(len(idx)) on the cache's device
+    out = torch.empty(transfer_shape(kv_cache[layers], len(idx)), dtype=kv_cache.dtype, device=kv_cache.device)
+    ops.copy_blocks(_groups(out), _groups(kv_cache[layers]), idx, dst_idx)
     return out
 
 
@@ -49,6 +48,16 @@ def layer_chunks(kv_cache: torch.Tensor, num_blocks: int) -> list[slice]:
     per_layer = num_blocks * kv_cache[0, :, 0].numel() * kv_cache.element_size()
     k = max(1, min(layers, WHOLE_CHUNK_BYTES // max(1, per_layer)))
     return [slice(i, min(i + k, layers)) for i in range(0, layers, k)]
+
+
+LAYER_SENDS = 8  # a layer-wise transfer goes in this many groups of consecutive layers, each sent once its last
+# layer is queued: the host posts 8 gathers and sends per sequence, not one per layer (~60 us each)
+
+
+def layer_groups(num_layers: int) -> list[slice]:
+    """The groups of layers a layer-wise transfer is sent in; sender and receiver agree on them."""
+    k = -(-num_layers // LAYER_SENDS)
+    return [slice(i, min(i + k, num_layers)) for i in range(0, num_layers, k)]
 
 
 def transfer_shape(kv_cache: torch.Tensor, num_blocks: int) -> tuple[int, ...]:
@@ -120,9 +129,10 @@ def send_kv(kv_cache: torch.Tensor, blocks: list[int], dst: int, tag: int, reque
 
 
 class LayerSender:
-    """Sends the KV of sequences whose last prefill chunk is in this step, layer by layer: after layer i
-    is queued, a side stream gathers its blocks and NCCL sends them while layers i + 1... compute. Sends
-    go layer-major (layer 0 of every sequence, then layer 1, ...); `recv_kv` posts receives the same way."""
+    """Sends the KV of sequences whose last prefill chunk is in this step, in `layer_groups`: once the last
+    layer of a group is queued, a side stream gathers the group's blocks and NCCL sends them while the
+    layers after it compute. Sends go group-major (group 0 of every sequence, then group 1, ...); `recv_kv`
+    posts receives the same way."""
 
     def __init__(self, kv_cache: torch.Tensor, items: list[tuple[str, list[int], int, int]],
                  stream: torch.cuda.Stream | None, timing: dict[int, torch.cuda.Stream] | None,
@@ -131,34 +141,41 @@ class LayerSender:
         # process group per dst rank (None: the default one)
         self.kv_cache, self.stream, self.timing, self.groups = kv_cache, stream, timing, groups or {}
         self.num_layers = kv_cache.shape[0]
-        self.items = [(PendingTransfer(rid, dst, blocks, kind="layers"), block_index(kv_cache, blocks), tag)
-                      for rid, blocks, dst, tag in items]
+        self.send_after = {g.stop - 1: g for g in layer_groups(self.num_layers)}  # last layer -> its group
+        dev = kv_cache.device
+        self.items = [(PendingTransfer(rid, dst, blocks, kind="layers"), block_index(kv_cache, blocks),
+                       torch.arange(len(blocks), device=dev), tag) for rid, blocks, dst, tag in items]
         if stream is not None:
-            for _, idx, _ in self.items:
+            for _, idx, dst_idx, _ in self.items:
                 idx.record_stream(stream)  # read there after this step may have freed it
+                dst_idx.record_stream(stream)
 
     @property
     def transfers(self) -> list[PendingTransfer]:
-        return [t for t, _, _ in self.items]
+        return [t for t, *_ in self.items]
 
     def __call__(self, layer: int) -> None:
         """Called after layer `layer` of the forward pass is queued (its K/V stores included)."""
-        if self.stream is None:
-            self._send(layer)
+        group = self.send_after.get(layer)
+        if group is None:
             return
-        computed = torch.cuda.Event(enable_timing=layer == self.num_layers - 1)
+        if self.stream is None:
+            self._send(group)
+            return
+        last = layer == self.num_layers - 1
+        computed = torch.cuda.Event(enable_timing=last)
         computed.record()
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(computed)
-            self._send(layer)
-        if layer == self.num_layers - 1:
-            for t, _, _ in self.items:
+            self._send(group)
+        if last:
+            for t, *_ in self.items:
                 t.started = computed  # the prefill's last layer: what stays exposed is measured from here
                 mark_done(t, self.timing[t.peer])
 
-    def _send(self, layer: int) -> None:
-        for t, idx, tag in self.items:
-            buf = gather_layer(self.kv_cache, layer, idx)  # [2, n, block_size, Hk, D]
+    def _send(self, layers: slice) -> None:
+        for t, idx, dst_idx, tag in self.items:
+            buf = gather_layers(self.kv_cache, layers, idx, dst_idx)  # [len(layers), 2, n, block_size, Hk, D]
             t.add(buf, dist.isend(buf, t.peer, group=self.groups.get(t.peer), tag=tag))
 
 
@@ -171,10 +188,10 @@ def recv_kv(kv_cache: torch.Tensor, items: list[tuple[str, int, int]], src: int,
         bufs = [torch.empty(transfer_shape(kv_cache, n), dtype=kv_cache.dtype, device=kv_cache.device)
                 for _, n, _ in items]
         ts = [PendingTransfer(rid, src, [], kind="layers" if layers else "whole") for rid, _, _ in items]
-        if layers:  # layer-major, as LayerSender sends
-            for layer in range(kv_cache.shape[0]):
+        if layers:  # group-major, as LayerSender sends
+            for sl in layer_groups(kv_cache.shape[0]):
                 for t, buf, (_, _, tag) in zip(ts, bufs, items):
-                    t.add(buf[layer], dist.irecv(buf[layer], src, group=group, tag=tag))
+                    t.add(buf[sl], dist.irecv(buf[sl], src, group=group, tag=tag))
         else:  # request by request, each in the groups send_kv sends
             for t, buf, (_, n, tag) in zip(ts, bufs, items):
                 for sl in layer_chunks(kv_cache, n):
