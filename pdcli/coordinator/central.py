@@ -112,7 +112,7 @@ class CentralScheduler:
         self._busy_avg: dict[int, float] = {}  # rank -> average busy fraction, for the router's GPU sharing
         self.accounting = {p: dict(requests=0, output_tokens=0, failed=0, transfer_bytes=0, transfer_s=0.0)
                            for p in ("collocated", "disaggregated")}
-        self.kv_layerwise = True  # NCCL/gloo sends layer by layer during the last prefill chunk when possible
+        self.kv_layerwise = True  # NCCL/gloo sends in groups of layers during the last prefill chunk when possible
         ctx = mp.get_context("spawn")
         import torch.distributed as dist
 
