@@ -1,6 +1,7 @@
 """KV data plane between workers: a sequence's blocks over torch.distributed point-to-point (gloo on CPU,
-NCCL between GPUs), either in groups of layers while its last prefill chunk runs or all layers after it; or, between two workers on one GPU (which NCCL cannot pair), one device copy straight into the
-decode worker's pool mapped through CUDA IPC. Control messages never carry KV.
+NCCL between GPUs), either in groups of layers while its last prefill chunk runs or all layers after it;
+or, between two workers on one GPU (which NCCL cannot pair), one device copy straight into the decode
+worker's pool mapped through CUDA IPC. Control messages never carry KV.
 
 NCCL matches the sends and receives of a pair of ranks by order, not by tag: the prefill worker decides
 the order and announces each group of sends; the decode worker posts its receives in announced order.
@@ -25,9 +26,11 @@ def _groups(x: torch.Tensor) -> torch.Tensor:
     return x.view(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-def gather_layers(kv_cache: torch.Tensor, layers: slice, idx: torch.Tensor, dst_idx: torch.Tensor) -> torch.Tensor:
-    # -> [len(layers), 2, len(idx), block_size, Hk, D]; dst_idx: arange(len(idx)) on the cache's device
-    out = torch.empty(transfer_shape(kv_cache[layers], len(idx)), dtype=kv_cache.dtype, device=kv_cache.device)
+def gather_layers(kv_cache: torch.Tensor, layers: slice, idx: torch.Tensor, dst_idx: torch.Tensor,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    # -> out [len(layers), 2, len(idx), block_size, Hk, D] (new if None); dst_idx: arange(len(idx)) on the device
+    if out is None:
+        out = torch.empty(transfer_shape(kv_cache[layers], len(idx)), dtype=kv_cache.dtype, device=kv_cache.device)
     ops.copy_blocks(_groups(out), _groups(kv_cache[layers]), idx, dst_idx)
     return out
 
@@ -121,8 +124,7 @@ def send_kv(kv_cache: torch.Tensor, blocks: list[int], dst: int, tag: int, reque
         dst_idx = torch.arange(len(blocks), device=kv_cache.device)
         buf = torch.empty(transfer_shape(kv_cache, len(blocks)), dtype=kv_cache.dtype, device=kv_cache.device)
         for sl in layer_chunks(kv_cache, len(blocks)):
-            part = buf[sl]
-            ops.copy_blocks(_groups(part), _groups(kv_cache[sl]), idx, dst_idx)
+            part = gather_layers(kv_cache, sl, idx, dst_idx, out=buf[sl])
             t.add(part, dist.isend(part, dst, group=group, tag=tag))
     mark_done(t, timing)
     return t

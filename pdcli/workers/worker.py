@@ -150,7 +150,7 @@ class Worker:
                                       max_model_len=e.max_model_len, kv_ipc=ipc)))
         while True:
             busy = e.has_unfinished_requests() or self.sends or self.recvs or self.waiting_reserve
-            if not self.drain_messages(IDLE_POLL_S if not busy else 0.0):
+            if not self.drain_messages(0.0 if busy else IDLE_POLL_S):
                 self.close()
                 return
             if e.has_unfinished_requests():
