@@ -242,11 +242,14 @@ def main(argv=None) -> int:
         print(f"gemv m={r['m']} {r['linear']:>8}: ours {r['us']:7.1f} us {r['gb_s']:6.0f} GB/s  cublas "
               f"{r['cublas_us']:7.1f} us {r['cublas_gb_s']:6.0f} GB/s correct={r['correct']}")
     d64 = decode[0]  # bf16, shuffled blocks
+    d64_in_order = next(r for r in decode if r["batch"] == 64 and r["blocks"] == "in order")
     d1 = next(r for r in decode if r["batch"] == 1 and r["ctx"] == 32768)
     p8 = next(r for r in prefill if r["seq_len"] == 8192)
     result = dict(
         summary=dict(device=torch.cuda.get_device_name(), kernel_path="cuda",
                      decode_attn_b64_ctx4k_us=d64["us"], decode_attn_b64_ctx4k_sdpa_us=d64["sdpa_contiguous_us"],
+                     decode_attn_b64_ctx4k_in_order_us=d64_in_order["us"],
+                     decode_attn_b64_ctx4k_in_order_sdpa_us=d64_in_order["sdpa_contiguous_us"],
                      decode_attn_b1_ctx32k_bw_frac=d1["frac_copy_bw"], prefill_attn_8k_tflops=p8["tflops"]),
         copy_bw_bytes_s=copy_bw, matmul_bf16_flop_s=mm, decode=decode, store=store, prefill=prefill, gemv=gemv,
         provenance=provenance("pdcli.kernels.bench", argv, source_hash=build.source_hash()[:16]))
