@@ -117,6 +117,10 @@ def test_bench_runs_and_plot_makes_pngs(tmp_path):
         assert d["request_rate"] == 0.3 and d["completed"] == 3 and d["failed"] == 0
         assert {x["device"] for x in d["layout"]} == {"cpu"}
         assert d["mps"] is False  # CPU workers never run under MPS
+        ranks = {x["rank"]: x["role"] for x in d["layout"]}
+        for q in d["requests"]:  # the workers that ran each request: one collocated, or a prefill then a decode
+            assert len(q["workers"]) == (1 if q["path"] == "collocated" else 2), q
+            assert set(q["workers"]) <= set(ranks) and len(set(q["workers"])) == len(q["workers"])
     r = CliRunner().invoke(app, ["plot", *files, "--out", str(tmp_path / "png")])
     assert r.exit_code == 0, r.stderr
     pngs = r.stdout.split()

@@ -20,6 +20,7 @@ class RequestRecord:
     path: str = ""
     predicted: dict = field(default_factory=dict)  # router predictions for the path taken (calibrated)
     predicted_raw: dict = field(default_factory=dict)  # ... from the cost model alone
+    workers: tuple = ()  # ranks that ran it: (collocated,) or (prefill, decode)
 
     @property
     def ok(self) -> bool:

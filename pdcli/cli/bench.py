@@ -172,8 +172,9 @@ def bench(
                     if save_detailed:
                         result["requests"] = [dict(arrival=r.arrival, input_len=r.input_len, output_len=r.output_len,
                                                    ttft_ms=r.ttft_ms if r.ok else None, e2el_ms=r.e2el_ms if r.ok else None,
-                                                   error=r.error, path=r.path, predicted=r.predicted,
-                                                   predicted_raw=r.predicted_raw) for r in records]
+                                                   error=r.error, path=r.path, workers=list(r.workers),
+                                                   predicted=r.predicted, predicted_raw=r.predicted_raw)
+                                              for r in records]
                     name = f"{stamp}_{m}_{workload}_rate{rate_label(rate)}.json"
                     with open(os.path.join(result_dir, name), "w") as f:
                         json.dump(result, f, indent=1)
