@@ -44,13 +44,17 @@ WHOLE_CHUNK_BYTES = 64 << 20  # a whole send goes as groups of layers of about t
 # overlaps the NCCL send of the one before
 
 
+def _runs(num_layers: int, k: int) -> list[slice]:
+    """Consecutive layers, k at a time (the last run may be shorter)."""
+    return [slice(i, min(i + k, num_layers)) for i in range(0, num_layers, k)]
+
+
 def layer_chunks(kv_cache: torch.Tensor, num_blocks: int) -> list[slice]:
     """The groups of layers a whole transfer of num_blocks blocks is sent in; sender and receiver agree on them
     (NCCL pairs a send with a receive of the same size)."""
     layers = kv_cache.shape[0]
     per_layer = num_blocks * kv_cache[0, :, 0].numel() * kv_cache.element_size()
-    k = max(1, min(layers, WHOLE_CHUNK_BYTES // max(1, per_layer)))
-    return [slice(i, min(i + k, layers)) for i in range(0, layers, k)]
+    return _runs(layers, max(1, min(layers, WHOLE_CHUNK_BYTES // max(1, per_layer))))
 
 
 LAYER_SENDS = 8  # a layer-wise transfer goes in this many groups of consecutive layers, each sent once its last
@@ -59,8 +63,7 @@ LAYER_SENDS = 8  # a layer-wise transfer goes in this many groups of consecutive
 
 def layer_groups(num_layers: int) -> list[slice]:
     """The groups of layers a layer-wise transfer is sent in; sender and receiver agree on them."""
-    k = -(-num_layers // LAYER_SENDS)
-    return [slice(i, min(i + k, num_layers)) for i in range(0, num_layers, k)]
+    return _runs(num_layers, -(-num_layers // LAYER_SENDS))
 
 
 def transfer_shape(kv_cache: torch.Tensor, num_blocks: int) -> tuple[int, ...]:
