@@ -17,7 +17,7 @@ import torch
 
 from pdcli import LLM, SamplingParams
 from pdcli.benchmarks.results import provenance, write
-from pdcli.kernels.bench import copy_bandwidth, device_slug, matmul_rate
+from pdcli.benchmarks.device import copy_bandwidth, device_slug, matmul_rate
 from pdcli.models.arch import ModelArch
 from pdcli.models.presets import PRESETS
 
@@ -215,76 +215,101 @@ def run_offline(which: str, quick: bool, log) -> dict:
     return res
 
 
-def main(argv=None) -> int:
+PARTS = ("hf", "decode", "breakdown", "ttft", "offline", "nanovllm")
+
+
+def parse_args(argv) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="results")
     ap.add_argument("--quick", action="store_true", help="smaller offline runs (for a smoke test)")
     ap.add_argument("--only", default=None, help="comma list of parts to run and print, no JSON: "
                                                   "hf, decode, breakdown, ttft, offline, nanovllm")
-    args = ap.parse_args(argv)
-    known = {"hf", "decode", "breakdown", "ttft", "offline", "nanovllm"}
-    parts = set(args.only.split(",")) if args.only else known
-    if parts - known:
-        print(f"error: unknown --only part(s) {', '.join(sorted(parts - known))}; use {', '.join(sorted(known))}",
+    return ap.parse_args(argv)
+
+
+def decode_rows(llm: LLM, wbytes: int, kv_tok: int, bw: float, log) -> list[dict]:
+    """Decode step time at batch 1 to 256 (context 256) against its floor: weights and KV read at copy bandwidth."""
+    rows = []
+    for b in (1, 8, 64, 256):
+        ms = decode_steps(llm, b, 256, 24)
+        floor = (wbytes + b * 270 * kv_tok) / bw * 1e3
+        rows.append(dict(batch=b, context=256, step_ms=ms, roofline_ms=floor, out_tok_s=b / ms * 1e3))
+        log(f"decode llama3-8b bs{b}: {ms:.2f} ms/step (floor {floor:.2f} ms)")
+    return rows
+
+
+def breakdowns(llm: LLM, log) -> tuple[list[dict], dict]:
+    """GPU time by kernel of a decode step at batch 1 and 64, and of one prefill."""
+    breakdown = [kernel_breakdown(llm, b) for b in (1, 64)]
+    for bd in breakdown:  # decode steps
+        log(f"bs{bd['batch']}: wall {bd['wall_ms']:.2f} ms/step, GPU {bd['gpu_ms']:.2f} ms; top: " +
+            ", ".join(f"{k['name'][:40]} {k['ms_per_step']:.2f}" for k in bd["kernels"][:6]))
+    pb = prefill_breakdown(llm)
+    if pb:
+        log(f"prefill {pb['prompt_len']}: GPU {pb['gpu_ms']:.2f} ms; " +
+            ", ".join(f"{k['name'][:50]} {k['ms']:.2f} ({k['calls']})" for k in pb["kernels"][:12]))
+    return breakdown, pb
+
+
+def ttft_rows(llm: LLM, wbytes: int, arch: ModelArch, mm: float, log) -> list[dict]:
+    """TTFT of 1k to 8k-token prompts against its floor: the prefill's FLOPs at the matmul rate."""
+    rows = []
+    for n in (1024, 2048, 4096, 8192):
+        ms = ttft_ms(llm, n)
+        flops = 2 * wbytes / 2 * n + 4 * arch.num_hidden_layers * arch.num_attention_heads * arch.head_dim * n * n / 2
+        rows.append(dict(prompt_len=n, ttft_ms=ms, roofline_ms=flops / mm * 1e3, tflops=flops / ms / 1e9))
+        log(f"prefill/TTFT llama3-8b {n}: {ms:.1f} ms (floor {flops / mm * 1e3:.1f} ms)")
+    return rows
+
+
+def bench_llama3_8b(parts: set[str], bw: float, mm: float, log) -> dict:
+    """The decode, breakdown and ttft parts on dummy:llama3-8b (the LLM freed after): kernel_path, decode,
+    breakdown, prefill_breakdown and prefill."""
+    llm = LLM("dummy:llama3-8b", device="cuda", max_model_len=8192 + 64) if parts & {"decode", "breakdown", "ttft"} \
+        else None
+    wbytes = weight_bytes("llama3-8b")
+    arch = ModelArch.from_hf_config(PRESETS["llama3-8b"])
+    out = dict(kernel_path=llm.engine.runner.kernel_path if llm else None)
+    out["decode"] = decode_rows(llm, wbytes, arch.kv_bytes_per_token * 2, bw, log) if "decode" in parts else []
+    out["breakdown"], out["prefill_breakdown"] = breakdowns(llm, log) if "breakdown" in parts else ([], None)
+    out["prefill"] = ttft_rows(llm, wbytes, arch, mm, log) if "ttft" in parts else []
+    del llm
+    free_gpu()
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    parts = set(args.only.split(",")) if args.only else set(PARTS)
+    if parts - set(PARTS):
+        print(f"error: unknown --only part(s) {', '.join(sorted(parts - set(PARTS)))}; use {', '.join(sorted(PARTS))}",
               file=sys.stderr)
         return 2
     if not torch.cuda.is_available():
         print("error: the engine benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
     bw, mm = copy_bandwidth(), matmul_rate()
-    res: dict = dict(copy_bw_bytes_s=bw, matmul_bf16_flop_s=mm)
     log = lambda *a: print(*a, flush=True)  # noqa: E731
-
+    hf_ms = None
     if "hf" in parts:
         hf_ms = hf_decode_ms("llama3-8b")
         log(f"transformers generate llama3-8b bs1: {hf_ms:.2f} ms/token")
-    llm = LLM("dummy:llama3-8b", device="cuda", max_model_len=8192 + 64) if parts & {"decode", "breakdown", "ttft"} \
-        else None
-    res["kernel_path"] = llm.engine.runner.kernel_path if llm else None
-    wbytes = weight_bytes("llama3-8b")
-    arch = ModelArch.from_hf_config(PRESETS["llama3-8b"])
-    kv_tok = arch.kv_bytes_per_token * 2
-    decode = []
-    for b in (1, 8, 64, 256) if "decode" in parts else ():
-        ms = decode_steps(llm, b, 256, 24)
-        floor = (wbytes + b * 270 * kv_tok) / bw * 1e3
-        decode.append(dict(batch=b, context=256, step_ms=ms, roofline_ms=floor, out_tok_s=b / ms * 1e3))
-        log(f"decode llama3-8b bs{b}: {ms:.2f} ms/step (floor {floor:.2f} ms)")
-    breakdown = [kernel_breakdown(llm, b) for b in (1, 64)] if "breakdown" in parts else []
-    for bd in breakdown:  # decode steps
-        log(f"bs{bd['batch']}: wall {bd['wall_ms']:.2f} ms/step, GPU {bd['gpu_ms']:.2f} ms; top: " +
-            ", ".join(f"{k['name'][:40]} {k['ms_per_step']:.2f}" for k in bd["kernels"][:6]))
-    pb = prefill_breakdown(llm) if "breakdown" in parts else None
-    if pb:
-        log(f"prefill {pb['prompt_len']}: GPU {pb['gpu_ms']:.2f} ms; " +
-            ", ".join(f"{k['name'][:50]} {k['ms']:.2f} ({k['calls']})" for k in pb["kernels"][:12]))
-    prefill = []
-    for n in (1024, 2048, 4096, 8192) if "ttft" in parts else ():
-        ms = ttft_ms(llm, n)
-        flops = 2 * wbytes / 2 * n + 4 * arch.num_hidden_layers * arch.num_attention_heads * arch.head_dim * n * n / 2
-        prefill.append(dict(prompt_len=n, ttft_ms=ms, roofline_ms=flops / mm * 1e3, tflops=flops / ms / 1e9))
-        log(f"prefill/TTFT llama3-8b {n}: {ms:.1f} ms (floor {flops / mm * 1e3:.1f} ms)")
-    del llm
-    free_gpu()
-
+    llama = bench_llama3_8b(parts, bw, mm, log)
     if args.only:
-        parts -= {"hf", "decode", "breakdown", "ttft"}
         for part in sorted(parts & {"offline", "nanovllm"}):
             log(f"{part}: {run_offline(part, args.quick, log)['output_tok_s']:.0f} out tok/s")
         return 0
     q8 = run_offline("offline", args.quick, log)
     nv = run_offline("nanovllm", args.quick, log)
-
-    bs1 = decode[0]["step_ms"]
-    res.update(
-        summary=dict(device=torch.cuda.get_device_name(), kernel_path=res["kernel_path"],
-                     decode_step_llama3_8b_bs1_ms=bs1, hf_generate_llama3_8b_bs1_ms=hf_ms,
-                     ttft_llama3_8b_2k_ms=next(p["ttft_ms"] for p in prefill if p["prompt_len"] == 2048),
-                     offline_qwen3_8b_out_tok_s=q8["output_tok_s"], offline_nanovllm_protocol_out_tok_s=nv["output_tok_s"]),
-        decode_llama3_8b=decode, decode_llama3_8b_breakdown=breakdown, prefill_llama3_8b=prefill,
-        prefill_llama3_8b_breakdown=pb,
-        offline_qwen3_8b=q8, offline_nanovllm_protocol=nv,
-        provenance=provenance("pdcli.benchmarks.engine", argv, quick=args.quick))
+    summary = dict(device=torch.cuda.get_device_name(), kernel_path=llama["kernel_path"],
+                   decode_step_llama3_8b_bs1_ms=llama["decode"][0]["step_ms"], hf_generate_llama3_8b_bs1_ms=hf_ms,
+                   ttft_llama3_8b_2k_ms=next(p["ttft_ms"] for p in llama["prefill"] if p["prompt_len"] == 2048),
+                   offline_qwen3_8b_out_tok_s=q8["output_tok_s"], offline_nanovllm_protocol_out_tok_s=nv["output_tok_s"])
+    res = dict(copy_bw_bytes_s=bw, matmul_bf16_flop_s=mm, kernel_path=llama["kernel_path"], summary=summary,
+               decode_llama3_8b=llama["decode"], decode_llama3_8b_breakdown=llama["breakdown"],
+               prefill_llama3_8b=llama["prefill"], prefill_llama3_8b_breakdown=llama["prefill_breakdown"],
+               offline_qwen3_8b=q8, offline_nanovllm_protocol=nv,
+               provenance=provenance("pdcli.benchmarks.engine", argv, quick=args.quick))
     path = write(args.out, f"engine_{device_slug()}", res)
     log(f"wrote {path}")
     return 0

@@ -17,9 +17,9 @@ import sys
 import torch
 
 from pdcli import SamplingParams
+from pdcli.benchmarks.device import device_slug
 from pdcli.benchmarks.results import provenance, write
 from pdcli.coordinator.central import CentralScheduler
-from pdcli.kernels.bench import device_slug
 from pdcli.workers.layout import parse_layout
 
 

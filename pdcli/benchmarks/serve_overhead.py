@@ -19,6 +19,7 @@ from collections import Counter
 
 import torch
 
+from pdcli.benchmarks.device import device_slug
 from pdcli.benchmarks.results import provenance, write
 
 KEYS = ("completed", "failed", "aborted", "request_throughput", "output_throughput", "mean_ttft_ms", "p99_ttft_ms",
@@ -59,7 +60,7 @@ def start_server(model: str, device: str, engine: dict, startup_timeout: float) 
     raise TimeoutError(f"pdcli serve did not start in {startup_timeout:.0f} s")
 
 
-def main(argv=None) -> int:
+def parse_args(argv) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="dummy:llama3-8b")
     ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
@@ -73,22 +74,17 @@ def main(argv=None) -> int:
     ap.add_argument("--num-kv-blocks", type=int, default=None)
     ap.add_argument("--startup-timeout", type=float, default=600.0)
     ap.add_argument("--out", default="results")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
+
+def run_inproc(args: argparse.Namespace, engine: dict, n: int, drain: float) -> tuple[list, list[float], dict]:
+    """The load through an in-process coordinator: (its requests, their arrival times, the summary)."""
     from pdcli.bench.arrivals import arrival_times
-    from pdcli.bench.http_client import run_endpoint
     from pdcli.bench.metrics import summarize
     from pdcli.bench.runner import run_load
     from pdcli.bench.workloads import make_requests
     from pdcli.coordinator.central import CentralScheduler
-    from pdcli.kernels.bench import device_slug
     from pdcli.workers.layout import parse_layout
-
-    engine = dict(max_model_len=args.max_model_len)
-    if args.num_kv_blocks is not None:
-        engine["num_kv_blocks"] = args.num_kv_blocks
-    n = max(1, int(args.rate * args.duration))
-    drain = args.duration + 600.0
 
     with CentralScheduler(args.model, parse_layout(args.device), **engine) as cs:
         reqs = make_requests(args.workload, n, args.seed, cs.vocab_size, args.max_model_len, args.random_input_len,
@@ -98,6 +94,15 @@ def main(argv=None) -> int:
         inproc = summarize(run_load(cs, reqs, arrivals, "collocated", drain))
         print(f"in-process: {inproc['output_throughput']:.0f} out tok/s, {inproc['failed']} failed "
               f"({time.monotonic() - t0:.0f} s)", flush=True)
+    return reqs, arrivals, inproc
+
+
+def run_http(args: argparse.Namespace, engine: dict, reqs: list, arrivals: list[float],
+             drain: float) -> tuple[dict, list[tuple[str, int]]]:
+    """The same load over HTTP against a `pdcli serve` subprocess: (the summary, its 5 commonest errors)."""
+    from pdcli.bench.http_client import run_endpoint
+    from pdcli.bench.metrics import summarize
+
     proc, base = start_server(args.model, args.device, engine, args.startup_timeout)
     try:
         t0 = time.monotonic()
@@ -112,17 +117,35 @@ def main(argv=None) -> int:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
-    overhead = 1.0 - http["output_throughput"] / inproc["output_throughput"] if inproc["output_throughput"] else None
+    return http, errors
+
+
+def result(args: argparse.Namespace, argv, engine: dict, n: int, inproc: dict, http: dict,
+           errors: list[tuple[str, int]], overhead: float | None) -> dict:
+    """The JSON: both runs' summaries side by side, with the HTTP overhead (1 - http / in-process output tok/s)."""
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
-    res = dict(summary=dict(device=device, model=args.model, request_rate=args.rate, duration_s=args.duration,
-                            num_prompts=n, inproc_output_throughput=inproc["output_throughput"],
-                            http_output_throughput=http["output_throughput"], http_overhead=overhead,
-                            inproc_failed=inproc["failed"], http_failed=http["failed"],
-                            http_errors=[dict(error=e, count=n) for e, n in errors]),
-               inproc={k: inproc[k] for k in KEYS if k in inproc}, http={k: http[k] for k in KEYS if k in http},
-               provenance=provenance("pdcli.benchmarks.serve_overhead", argv, workload=args.workload,
-                                     input_len=args.random_input_len, output_len=args.random_output_len,
-                                     seed=args.seed, engine=engine))
+    return dict(summary=dict(device=device, model=args.model, request_rate=args.rate, duration_s=args.duration,
+                             num_prompts=n, inproc_output_throughput=inproc["output_throughput"],
+                             http_output_throughput=http["output_throughput"], http_overhead=overhead,
+                             inproc_failed=inproc["failed"], http_failed=http["failed"],
+                             http_errors=[dict(error=e, count=n) for e, n in errors]),
+                inproc={k: inproc[k] for k in KEYS if k in inproc}, http={k: http[k] for k in KEYS if k in http},
+                provenance=provenance("pdcli.benchmarks.serve_overhead", argv, workload=args.workload,
+                                      input_len=args.random_input_len, output_len=args.random_output_len,
+                                      seed=args.seed, engine=engine))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    engine = dict(max_model_len=args.max_model_len)
+    if args.num_kv_blocks is not None:
+        engine["num_kv_blocks"] = args.num_kv_blocks
+    n = max(1, int(args.rate * args.duration))
+    drain = args.duration + 600.0
+    reqs, arrivals, inproc = run_inproc(args, engine, n, drain)
+    http, errors = run_http(args, engine, reqs, arrivals, drain)
+    overhead = 1.0 - http["output_throughput"] / inproc["output_throughput"] if inproc["output_throughput"] else None
+    res = result(args, argv, engine, n, inproc, http, errors, overhead)
     print(f"HTTP overhead: {overhead:.1%}" if overhead is not None else "HTTP overhead: n/a")
     path = write(args.out, f"serve_overhead_{device_slug() if args.device.startswith('cuda') else 'cpu'}", res)
     print(f"wrote {path}")

@@ -169,6 +169,14 @@ class ModelRunner:
         """Queue one step on the device and return at once. A decode row whose input token was sampled by
         the previous launch (still pending on the host) reads it from that step's device output."""
         self.copy_blocks(out.block_copies)
+        seqs, lens, starts, logits_indices, rows, ids = self._prepare_inputs(out)
+        logits = self._run_model(out, seqs, lens, starts, logits_indices, rows, ids)
+        return self._sample(out, rows, logits)
+
+    def _prepare_inputs(self, out: SchedulerOutput) -> tuple[list[Sequence], list[int], list[int], list[int],
+                                                              list[Sequence], torch.Tensor]:
+        """The step's rows in order: (seqs, new token counts, first new positions, logits indices, the seqs that
+        sample, input ids [num_tokens] on the device with each pending token patched in)."""
         input_ids, logits_indices, rows, starts, pending_at, pending_src = [], [], [], [], [], []
         offset = 0
         # in a mixed step, rows of one new token (decodes) first: attention sends them to the decode kernel
@@ -194,29 +202,42 @@ class ModelRunner:
                 logits_indices.append(offset - 1)
                 rows.append(seq)
         ids = self._to_device(np.asarray(input_ids, dtype=np.int64))
-        if pending_at:  # [2, P]: row in ids, row in the previous launch's tokens; one copy
-            at, src = self._to_device(np.asarray([pending_at, pending_src], dtype=np.int64))
-            ids[at] = self._prev_tokens[src]
+        if pending_at:
+            self._patch_pending(ids, pending_at, pending_src)
+        return seqs, lens, starts, logits_indices, rows, ids
+
+    def _patch_pending(self, ids: torch.Tensor, pending_at: list[int], pending_src: list[int]) -> None:
+        """ids[pending_at] = the previous launch's tokens[pending_src], on the device."""
+        # [2, P]: row in ids, row in the previous launch's tokens; one copy
+        at, src = self._to_device(np.asarray([pending_at, pending_src], dtype=np.int64))
+        ids[at] = self._prev_tokens[src]
+
+    def _run_model(self, out: SchedulerOutput, seqs: list[Sequence], lens: list[int], starts: list[int],
+                   logits_indices: list[int], rows: list[Sequence], ids: torch.Tensor) -> torch.Tensor | None:
+        """The step's logits (None when no seq samples): a decode-only batch replays the CUDA graph of its size
+        when there is one, else the model runs eagerly, calling the KV sender's hook after each layer."""
         if self.graphs is not None and out.is_decode_only and self.graphs.bucket(len(out.seqs)):
             bs = self.block_size
             pos = np.asarray(starts, dtype=np.int64)
             slots = np.fromiter((s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, starts)),
                                 dtype=np.int64, count=len(starts))
             hidden = self.graphs.run(ids, pos, slots, [p + 1 for p in starts], [s.block_table for s in seqs])
-            logits = self.model.compute_logits(hidden)
-        else:
-            positions, ctx = self._prepare([s.block_table for s in seqs], starts, lens,
-                                           logits_indices)
-            if self.kv_sender is not None:
-                ctx.after_layer = self.kv_sender(seqs, lens)
-            set_context(ctx)
-            try:
-                hidden = self.model(ids, self._to_device(positions))
-                if ctx.last_layer is None:
-                    hidden = hidden[ctx.logits_indices]
-                logits = self.model.compute_logits(hidden) if rows else None
-            finally:
-                set_context(None)
+            return self.model.compute_logits(hidden)
+        positions, ctx = self._prepare([s.block_table for s in seqs], starts, lens, logits_indices)
+        if self.kv_sender is not None:
+            ctx.after_layer = self.kv_sender(seqs, lens)
+        set_context(ctx)
+        try:
+            hidden = self.model(ids, self._to_device(positions))
+            if ctx.last_layer is None:
+                hidden = hidden[ctx.logits_indices]
+            return self.model.compute_logits(hidden) if rows else None
+        finally:
+            set_context(None)
+
+    def _sample(self, out: SchedulerOutput, rows: list[Sequence], logits: torch.Tensor | None) -> "StepFuture":
+        """Sample each row's num_samples tokens; kept on the device (_prev_tokens, _prev_rows) as the next
+        launch's pending inputs."""
         counts = [s.num_samples for s in rows]
         if logits is None:
             self._prev_tokens, self._prev_rows = None, {}

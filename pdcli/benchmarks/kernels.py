@@ -1,39 +1,19 @@
 """Kernel benchmark: check each kernel against the reference on fresh inputs, then time it with CUDA
 events against PyTorch (SDPA on a contiguous cache). Writes results/kernels_<device>.json.
 
-    python -m pdcli.kernels.bench [--out results]
+    python -m pdcli.benchmarks.kernels [--out results]
 """
 from __future__ import annotations
 
 import argparse
-import re
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
+from pdcli.benchmarks.device import copy_bandwidth, device_slug, matmul_rate, time_us
 from pdcli.benchmarks.results import provenance, write
 from pdcli.kernels import build, reference
-
-
-def device_slug() -> str:
-    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
-
-
-def time_us(fn, iters: int = 30, warmup: int = 5) -> float:
-    """Median of CUDA-event timings, in microseconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(times)
 
 
 def graph_us(fns, calls: int = 10) -> float:
@@ -51,22 +31,6 @@ def graph_us(fns, calls: int = 10) -> float:
 def copies_past_l2(nbytes: int) -> int:
     """How many copies of an input of `nbytes` make a cycle over 256 MB (H100/H200 L2 is 50-60 MB)."""
     return max(1, -(-256 * 2**20 // nbytes))
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy, bytes read + written per second."""
-    x = torch.randn(2**29 // 2, device="cuda", dtype=torch.bfloat16)  # 0.5 GiB... x2 below
-    x = torch.cat([x, x])
-    y = torch.empty_like(x)
-    us = time_us(lambda: y.copy_(x), iters=20)
-    return 2 * x.numel() * x.element_size() / (us * 1e-6)
-
-
-def matmul_rate() -> float:
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    us = time_us(lambda: a @ b, iters=10)
-    return 2 * 8192**3 / (us * 1e-6)
 
 
 def rel_err(x, ref) -> float:
@@ -195,7 +159,17 @@ def print_decode(r: dict) -> None:
           f"sdpa {r['sdpa_contiguous_us']:8.1f} us  correct={r['correct']}")
 
 
-def main(argv=None) -> int:
+def print_prefill(r: dict) -> None:
+    print(f"prefill {r['seq_len']:>5}: ours {r['tflops']:6.1f} TFLOP/s  sdpa {r['sdpa_tflops']:6.1f} "
+          f"TFLOP/s correct={r['correct']}")
+
+
+def print_gemv(r: dict) -> None:
+    print(f"gemv m={r['m']} {r['linear']:>8}: ours {r['us']:7.1f} us {r['gb_s']:6.0f} GB/s  cublas "
+          f"{r['cublas_us']:7.1f} us {r['cublas_gb_s']:6.0f} GB/s correct={r['correct']}")
+
+
+def parse_args(argv) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="results")
     ap.add_argument("--prefill-only", action="store_true", help="time the prefill kernel alone (no JSON)")
@@ -203,28 +177,11 @@ def main(argv=None) -> int:
     ap.add_argument("--decode-only", action="store_true", help="time decode attention alone (no JSON)")
     ap.add_argument("--splits", default="0", help="with --decode-only: comma list of split-KV counts to time "
                                                   "(0: the kernel's own choice)")
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("error: the kernel benchmark needs a CUDA GPU", file=sys.stderr)
-        return 2
-    mod = build.load()
-    if args.prefill_only:
-        for r in [bench_prefill(mod, n) for n in (2048, 8192)]:
-            print(f"prefill {r['seq_len']:>5}: ours {r['tflops']:6.1f} TFLOP/s  sdpa "
-                  f"{r['sdpa_tflops']:6.1f} TFLOP/s correct={r['correct']}")
-        return 0
-    if args.gemv_only:
-        for r in [bench_gemv(mod, m, name) for m in (1, 4) for name in GEMV_SHAPES]:
-            print(f"gemv m={r['m']} {r['linear']:>8}: ours {r['us']:7.1f} us {r['gb_s']:6.0f} GB/s  cublas "
-                  f"{r['cublas_us']:7.1f} us {r['cublas_gb_s']:6.0f} GB/s correct={r['correct']}")
-        return 0
-    copy_bw, mm = copy_bandwidth(), matmul_rate()
-    if args.decode_only:
-        for b, c in DECODE_SHAPES:
-            for splits in (int(x) for x in args.splits.split(",")):
-                print_decode(bench_decode(mod, b, c, copy_bw=copy_bw, num_splits=splits))
-        return 0
-    print(f"{torch.cuda.get_device_name()}: copy {copy_bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s")
+    return ap.parse_args(argv)
+
+
+def bench_all(mod, copy_bw: float) -> dict[str, list[dict]]:
+    """Every kernel on its shapes, printed: decode, store, prefill and gemv rows."""
     decode = [bench_decode(mod, b, c, copy_bw=copy_bw) for b, c in DECODE_SHAPES]
     decode.append(bench_decode(mod, 64, 4096, dtype=torch.float16, copy_bw=copy_bw))
     decode.append(bench_decode(mod, 64, 4096, copy_bw=copy_bw, shuffle=False))
@@ -236,26 +193,54 @@ def main(argv=None) -> int:
     for r in store:
         print(f"store {r['num_tokens']:>6} tokens: {r['us']:7.1f} us {r['gb_s']:7.0f} GB/s correct={r['correct']}")
     for r in prefill:
-        print(f"prefill {r['seq_len']:>5}: ours {r['tflops']:6.1f} TFLOP/s  sdpa {r['sdpa_tflops']:6.1f} "
-              f"TFLOP/s correct={r['correct']}")
+        print_prefill(r)
     for r in gemv:
-        print(f"gemv m={r['m']} {r['linear']:>8}: ours {r['us']:7.1f} us {r['gb_s']:6.0f} GB/s  cublas "
-              f"{r['cublas_us']:7.1f} us {r['cublas_gb_s']:6.0f} GB/s correct={r['correct']}")
+        print_gemv(r)
+    return dict(decode=decode, store=store, prefill=prefill, gemv=gemv)
+
+
+def summary(decode: list[dict], prefill: list[dict]) -> dict:
+    """The headline figures: B64 ctx4k decode attention (shuffled and in-order blocks, each beside SDPA), B1
+    ctx32k decode's share of copy bandwidth and 8k prefill TFLOP/s."""
     d64 = decode[0]  # bf16, shuffled blocks
     d64_in_order = next(r for r in decode if r["batch"] == 64 and r["blocks"] == "in order")
     d1 = next(r for r in decode if r["batch"] == 1 and r["ctx"] == 32768)
     p8 = next(r for r in prefill if r["seq_len"] == 8192)
-    result = dict(
-        summary=dict(device=torch.cuda.get_device_name(), kernel_path="cuda",
-                     decode_attn_b64_ctx4k_us=d64["us"], decode_attn_b64_ctx4k_sdpa_us=d64["sdpa_contiguous_us"],
-                     decode_attn_b64_ctx4k_in_order_us=d64_in_order["us"],
-                     decode_attn_b64_ctx4k_in_order_sdpa_us=d64_in_order["sdpa_contiguous_us"],
-                     decode_attn_b1_ctx32k_bw_frac=d1["frac_copy_bw"], prefill_attn_8k_tflops=p8["tflops"]),
-        copy_bw_bytes_s=copy_bw, matmul_bf16_flop_s=mm, decode=decode, store=store, prefill=prefill, gemv=gemv,
-        provenance=provenance("pdcli.kernels.bench", argv, source_hash=build.source_hash()[:16]))
+    return dict(device=torch.cuda.get_device_name(), kernel_path="cuda",
+                decode_attn_b64_ctx4k_us=d64["us"], decode_attn_b64_ctx4k_sdpa_us=d64["sdpa_contiguous_us"],
+                decode_attn_b64_ctx4k_in_order_us=d64_in_order["us"],
+                decode_attn_b64_ctx4k_in_order_sdpa_us=d64_in_order["sdpa_contiguous_us"],
+                decode_attn_b1_ctx32k_bw_frac=d1["frac_copy_bw"], prefill_attn_8k_tflops=p8["tflops"])
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: the kernel benchmark needs a CUDA GPU", file=sys.stderr)
+        return 2
+    mod = build.load()
+    if args.prefill_only:
+        for r in [bench_prefill(mod, n) for n in (2048, 8192)]:
+            print_prefill(r)
+        return 0
+    if args.gemv_only:
+        for r in [bench_gemv(mod, m, name) for m in (1, 4) for name in GEMV_SHAPES]:
+            print_gemv(r)
+        return 0
+    copy_bw, mm = copy_bandwidth(), matmul_rate()
+    if args.decode_only:
+        for b, c in DECODE_SHAPES:
+            for splits in (int(x) for x in args.splits.split(",")):
+                print_decode(bench_decode(mod, b, c, copy_bw=copy_bw, num_splits=splits))
+        return 0
+    print(f"{torch.cuda.get_device_name()}: copy {copy_bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s")
+    rows = bench_all(mod, copy_bw)
+    result = dict(summary=summary(rows["decode"], rows["prefill"]), copy_bw_bytes_s=copy_bw, matmul_bf16_flop_s=mm,
+                  **rows, provenance=provenance("pdcli.benchmarks.kernels", argv,
+                                                source_hash=build.source_hash()[:16]))
     path = write(args.out, f"kernels_{device_slug()}", result)
     print(f"wrote {path}")
-    return 0 if all(r["correct"] for r in decode + store + prefill + gemv) else 1
+    return 0 if all(r["correct"] for rs in rows.values() for r in rs) else 1
 
 
 if __name__ == "__main__":
