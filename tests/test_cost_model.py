@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pdcli.router.adaptive import AdaptiveRouter, WorkerLoad
+from pdcli.router.adaptive import AdaptiveRouter
+from pdcli.router.load import WorkerLoad
 from pdcli.router.cost_model import CostModel, decode_features, prefill_form, prefill_marginal_features
 from pdcli.router.fit import SCHEMA_VERSION, ProfileError, fit_profile, load_cost_model, load_profile, write_params
 from pdcli.router.predictor import NIG, OutputLengthPredictor
@@ -226,7 +227,7 @@ def test_transfer_cost_follows_the_worker_pair():
 def test_workers_sharing_a_gpu_are_priced_time_sliced():
     """Two processes on one GPU are time-sliced: a worker whose GPU has another busy worker is predicted
     at half speed; idle neighbours and CPU workers do not count."""
-    from pdcli.router.adaptive import mark_gpu_sharing
+    from pdcli.router.load import mark_gpu_sharing
 
     loads = {0: load(8), 1: load(0), 2: load(4), 3: load(4)}
     mark_gpu_sharing(loads, {0: "cuda:0", 1: "cuda:0", 2: "cuda:1", 3: "cpu"})

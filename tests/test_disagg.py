@@ -103,7 +103,7 @@ def test_collocated_workers_prefill_and_decode_for_each_other(model_path, prompt
         assert [o.token_ids for o in coll] == reference
         assert [cs.output(t).token_ids for t in tracked] == reference * 2
         assert {t.path for t in tracked} == {"disaggregated"}
-        assert {(t.first, t.second) for t in tracked} == {(0, 1), (1, 0)}
+        assert {(t.prefill_rank, t.decode_rank) for t in tracked} == {(0, 1), (1, 0)}
         assert all(t.transfer_bytes > 0 for t in tracked)
         stats = wait_pools_full(cs)
         assert all(s["num_free_blocks"] == s["num_blocks"] and s["handoff"] == 0 for s in stats), stats
@@ -115,8 +115,8 @@ def test_two_prefill_workers_one_decode(model_path, prompts, reference):
         for t in tracked:
             assert t.done.wait(120)
         assert [cs.output(t).token_ids for t in tracked] == reference
-        assert {t.first for t in tracked} == {1, 2}  # both prefill workers served
-        assert {t.second for t in tracked} == {3}
+        assert {t.prefill_rank for t in tracked} == {1, 2}  # both prefill workers served
+        assert {t.decode_rank for t in tracked} == {3}
         stats = wait_pools_full(cs)
         assert all(s["num_free_blocks"] == s["num_blocks"] for s in stats), stats
 
@@ -254,15 +254,18 @@ class FakeConn:
 def test_idle_worker_steps_as_soon_as_a_message_has_come():
     """An idle worker waits for the first message only: the ones that follow it within the idle poll must
     not hold back the step (they kept a prefill worker's requests waiting ~100 ms at 50 req/s)."""
+    from pdcli.messages import SendKV, Shutdown, Submit
     from pdcli.workers.worker import IDLE_POLL_S, Worker
 
     w = Worker.__new__(Worker)
     handled = []
-    w.handle = lambda msg: handled.append(msg) or msg[0] != "shutdown"
-    w.conn = FakeConn([("add", "a"), ("dest", "a"), ("add", "b")])
+    w.handle = lambda msg: handled.append(msg) or not isinstance(msg, Shutdown)
+    a, b, c, d = (Submit(r, [1], GREEDY, 0) for r in "abcd")
+    dest = SendKV("a", 1, 1, None, True)
+    w.conn = FakeConn([a, dest, b])
     assert w.drain_messages(IDLE_POLL_S)
-    assert handled == [("add", "a"), ("dest", "a"), ("add", "b")]
+    assert handled == [a, dest, b]
     assert w.conn.timeouts == [IDLE_POLL_S, 0.0, 0.0, 0.0]
-    w.conn = FakeConn([("add", "c"), ("shutdown",), ("add", "d")])
+    w.conn = FakeConn([c, Shutdown(), d])
     assert not w.drain_messages(0.0)
-    assert handled[-1] == ("shutdown",) and w.conn.msgs == [("add", "d")]
+    assert handled[-1] == Shutdown() and w.conn.msgs == [d]

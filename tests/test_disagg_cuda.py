@@ -68,6 +68,6 @@ def test_two_collocated_gpus_hand_kv_to_each_other_at_once(tiny_model_dir, promp
             for t in tracked:
                 assert t.done.wait(120), "a handoff hung"
             assert [cs.output(t).token_ids for t in tracked] == [o.token_ids for o in coll] * 3
-            assert {t.first for t in tracked} == {0, 1}  # both directions
+            assert {t.prefill_rank for t in tracked} == {0, 1}  # both directions
         stats = wait_pools_full(cs)
         assert all(s["num_free_blocks"] == s["num_blocks"] and s["handoff"] == 0 for s in stats), stats

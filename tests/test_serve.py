@@ -259,21 +259,17 @@ def test_streamed_text_adds_up_to_the_whole_decode(text):
     """TextStream decodes each new token in a short window (O(1) per token) and the whole output once at the
     end; the deltas, fed one token at a time or several at once, add up to the non-streaming text and never
     end inside a character."""
-    from types import SimpleNamespace
-
+    from pdcli.coordinator.output import TextStream
     from pdcli.models.tokenizer import HFTokenizer
-    from pdcli.server.app import TextStream
     from tiny_models import make_tokenizer
 
     tok = HFTokenizer(make_tokenizer())
     ids = tok.encode(text)
-    cs = SimpleNamespace(tokenizer=tok, text=lambda t, ids, reason: tok.decode(ids))
-    t = SimpleNamespace(params=SimpleNamespace(stop=[]))
     for step in (1, 3):
-        stream, deltas = TextStream(), []
+        stream, deltas = TextStream(tok, []), []
         for end in range(step, len(ids) + step, step):
             done = end >= len(ids)
-            deltas.append(stream.update(cs, t, ids[:end], "length" if done else None))
+            deltas.append(stream.update(ids[:end], tok.decode(ids[:end]) if done else None))
             assert "\ufffd" not in deltas[-1]
         assert "".join(deltas) == tok.decode(ids)
         assert sum(bool(d) for d in deltas[:-1]) > len(deltas) // 3  # text streamed along the way

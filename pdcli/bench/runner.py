@@ -81,7 +81,7 @@ def run_load(cs, requests: list[BenchRequest], arrivals, mode: str, drain_timeou
             first_token=None if t.first_token_time is None else t.first_token_time - start,
             token_times=[x - start for x in t.token_times], end=None if t.finish_time is None else t.finish_time - start,
             error=t.error, aborted=aborted, path=t.path,
-            workers=tuple(r for r in (t.first, t.second) if r is not None),
+            workers=t.ranks,
             predicted=t.decision.get("predicted", {}).get(t.path, {}) if t.decision else {},
             predicted_raw=t.decision.get("predicted_raw", {}).get(t.path, {}) if t.decision else {}))
     if progress:

@@ -18,8 +18,15 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                      help="Print the version and exit.")) -> None:
-    pass
+                                      help="Print the version and exit."),
+         log_level: str = typer.Option("warning", "--log-level", help="debug, info, warning, error or critical: "
+                                       "pdcli's log (stderr), its worker processes' and uvicorn's.")) -> None:
+    from pdcli.logger import init_logging
+
+    try:
+        init_logging(log_level)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--log-level") from None
 
 
 app.command("generate")(generate.generate)

@@ -1,10 +1,9 @@
 from __future__ import annotations
 
-import json
 import math
 import os
-import sys
 import time
+from dataclasses import dataclass, field
 from typing import Annotated, Optional
 
 import typer
@@ -72,117 +71,216 @@ def bench(
     engine: dict = None,
 ) -> None:
     """Open-loop benchmark of each mode on the same devices and arrival trace -> results/*.json."""
-    import torch
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
-
-    from pdcli import __version__
-    from pdcli.bench.arrivals import arrival_times
-    from pdcli.bench.metrics import max_rate_meeting, summarize
-    from pdcli.bench.runner import MODES, layout_for, prompt_seed, rate_label, run_load, warmup_filter
-    from pdcli.bench.workloads import make_requests
-    from pdcli.coordinator.central import CentralScheduler
-    from pdcli.workers.layout import collocated_only
-    from pdcli.models.arch import ModelArch
-    from pdcli.models.loader import ModelLoadError, resolve
 
     err = Console(stderr=True, highlight=False)
-    try:
-        rates = _rates(arrival_rate)
-        slos = _goodput(goodput, slo_ttft_ms, slo_tpot_ms)
-        modes = list(MODES) if mode == "all" else [mode]
-        if max_concurrency is not None and max_concurrency < 1:
-            raise ValueError(f"--max-concurrency must be >= 1, got {max_concurrency}")
-        if any(m not in MODES for m in modes):
-            raise ValueError(f"unknown mode {mode!r}: {', '.join(MODES)} or all")
-        if duration is not None and any(math.isinf(r) for r in rates):
-            raise ValueError("--duration needs a finite --arrival-rate")
-        if devices is None:
-            devices = ",".join(f"cuda:{i}" for i in range(torch.cuda.device_count())) or "cpu,cpu"
-        devs = [d.strip() for d in devices.split(",") if d.strip()]
-        src = resolve(model)
-        arch = ModelArch.from_hf_config(src.hf_config)
-        max_len = engine["max_model_len"] or arch.max_position_embeddings
-        kw = engine
-    except (ValueError, ModelLoadError) as e:
-        fail(str(e))
-    os.makedirs(result_dir, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    rows, paths = [], []
-    if endpoint:
-        from pdcli.bench.http_client import run_endpoint
-
-        for i, rate in enumerate(rates):
-            n = num_prompts if duration is None else max(1, int(rate * duration))
-            reqs = make_requests(workload, n, prompt_seed(seed, i), arch.vocab_size, max_len, random_input_len,
-                                 random_output_len, random_range_ratio)
-            try:
-                records = run_endpoint(endpoint, reqs, arrival_times(n, rate, burstiness, seed), api_key,
-                                       timeout=drain_timeout, max_concurrency=max_concurrency)
-            except Exception as e:
-                fail(f"cannot reach {endpoint}: {e}", EXIT_RUNTIME)
-            stats = summarize(warmup_filter(records, warmup), slos)
-            row = dict(mode="endpoint", request_rate=rate_label(rate), burstiness=burstiness, workload=workload,
-                       max_concurrency=max_concurrency, **stats)
-            rows.append(row)
-            name = f"{stamp}_endpoint_{workload}_rate{rate_label(rate)}.json"
-            with open(os.path.join(result_dir, name), "w") as f:
-                json.dump(dict(row, model=model, endpoint=endpoint, seed=seed, date=stamp,
-                               provenance=dict(pdcli=__version__, command=" ".join(["pdcli", *sys.argv[1:]]))), f, indent=1)
-            paths.append(os.path.join(result_dir, name))
-        modes = []
+    b = _Bench(model=model, mode=mode, devices=devices, arrival_rate=arrival_rate, burstiness=burstiness,
+               workload=workload, num_prompts=num_prompts, duration=duration, random_input_len=random_input_len,
+               random_output_len=random_output_len, random_range_ratio=random_range_ratio, warmup=warmup, seed=seed,
+               slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms, goodput=goodput, params_dir=params_dir,
+               result_dir=result_dir, save_detailed=save_detailed, drain_timeout=drain_timeout, endpoint=endpoint,
+               api_key=api_key, max_concurrency=max_concurrency, num_prefill=num_prefill, mps=mps, engine=engine)
+    _resolve(b)
+    os.makedirs(b.result_dir, exist_ok=True)
+    b.stamp = time.strftime("%Y%m%d-%H%M%S")
+    rows, paths = _bench_endpoint(b) if b.endpoint else ([], [])
+    modes = [] if b.endpoint else b.modes
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} done"),
                   TimeElapsedColumn(), console=err, transient=True) as progress:
         for m in modes:
-            try:
-                layout = layout_for(m, devs, num_prefill)
-            except ValueError as e:
-                fail(str(e))
+            mode_rows, mode_paths = _bench_mode(b, m, progress, err)
+            rows += mode_rows
+            paths += mode_paths
+    _print_table(b, rows, modes, err)
+    for p in paths:
+        print(p)
+
+
+@dataclass
+class _Bench:
+    """The options of one `pdcli bench`, and what _resolve makes of them."""
+    model: str
+    mode: str
+    devices: str | None  # as given; _resolve fills in the default
+    arrival_rate: str
+    burstiness: float
+    workload: str
+    num_prompts: int
+    duration: float | None
+    random_input_len: int
+    random_output_len: int
+    random_range_ratio: float
+    warmup: float
+    seed: int
+    slo_ttft_ms: float | None
+    slo_tpot_ms: float | None
+    goodput: list[str] | None
+    params_dir: str | None
+    result_dir: str
+    save_detailed: bool
+    drain_timeout: float
+    endpoint: str | None
+    api_key: str | None
+    max_concurrency: int | None
+    num_prefill: int | None
+    mps: bool | None
+    engine: dict
+    rates: list[float] = field(default_factory=list)  # requests/s
+    slos: dict = field(default_factory=dict)  # metric -> ms
+    modes: list[str] = field(default_factory=list)
+    devs: list[str] = field(default_factory=list)
+    vocab_size: int = 0
+    max_len: int = 0
+    stamp: str = ""  # of the result file names
+
+
+def _resolve(b: _Bench) -> None:
+    """Check the options and resolve rates, SLOs, modes, devices and the model's vocabulary and length;
+    a bad option or model exits with a usage error."""
+    import torch
+
+    from pdcli.bench.runner import MODES
+    from pdcli.models.arch import ModelArch
+    from pdcli.models.loader import ModelLoadError, resolve
+
+    try:
+        b.rates = _rates(b.arrival_rate)
+        b.slos = _goodput(b.goodput, b.slo_ttft_ms, b.slo_tpot_ms)
+        b.modes = list(MODES) if b.mode == "all" else [b.mode]
+        if b.max_concurrency is not None and b.max_concurrency < 1:
+            raise ValueError(f"--max-concurrency must be >= 1, got {b.max_concurrency}")
+        if any(m not in MODES for m in b.modes):
+            raise ValueError(f"unknown mode {b.mode!r}: {', '.join(MODES)} or all")
+        if b.duration is not None and any(math.isinf(r) for r in b.rates):
+            raise ValueError("--duration needs a finite --arrival-rate")
+        if b.devices is None:
+            b.devices = ",".join(f"cuda:{i}" for i in range(torch.cuda.device_count())) or "cpu,cpu"
+        b.devs = [d.strip() for d in b.devices.split(",") if d.strip()]
+        arch = ModelArch.from_hf_config(resolve(b.model).hf_config)
+        b.vocab_size, b.max_len = arch.vocab_size, b.engine["max_model_len"] or arch.max_position_embeddings
+    except (ValueError, ModelLoadError) as e:
+        fail(str(e))
+
+
+def _requests(b: _Bench, i: int, rate: float) -> tuple[int, list]:
+    """The number and the requests of the i-th rate's run (the same in every mode)."""
+    from pdcli.bench.runner import prompt_seed
+    from pdcli.bench.workloads import make_requests
+
+    n = b.num_prompts if b.duration is None else max(1, int(rate * b.duration))
+    return n, make_requests(b.workload, n, prompt_seed(b.seed, i), b.vocab_size, b.max_len, b.random_input_len,
+                            b.random_output_len, b.random_range_ratio)
+
+
+def _row(b: _Bench, mode: str, rate: float, stats: dict) -> dict:
+    from pdcli.bench.runner import rate_label
+
+    return dict(mode=mode, request_rate=rate_label(rate), burstiness=b.burstiness, workload=b.workload,
+                max_concurrency=b.max_concurrency, **stats)
+
+
+def _bench_endpoint(b: _Bench) -> tuple[list[dict], list[str]]:
+    """Each rate's load against --endpoint: (table rows, result JSON paths)."""
+    from pdcli.bench.arrivals import arrival_times
+    from pdcli.bench.http_client import run_endpoint
+    from pdcli.bench.metrics import summarize
+    from pdcli.bench.runner import rate_label, warmup_filter
+    from pdcli.benchmarks.results import provenance, write
+
+    rows, paths = [], []
+    for i, rate in enumerate(b.rates):
+        n, reqs = _requests(b, i, rate)
+        try:
+            records = run_endpoint(b.endpoint, reqs, arrival_times(n, rate, b.burstiness, b.seed), b.api_key,
+                                   timeout=b.drain_timeout, max_concurrency=b.max_concurrency)
+        except Exception as e:
+            fail(f"cannot reach {b.endpoint}: {e}", EXIT_RUNTIME)
+        row = _row(b, "endpoint", rate, summarize(warmup_filter(records, b.warmup), b.slos))
+        rows.append(row)
+        result = dict(row, model=b.model, endpoint=b.endpoint, seed=b.seed, date=b.stamp,
+                      provenance=provenance("pdcli", None, program="pdcli"))
+        paths.append(write(b.result_dir, f"{b.stamp}_endpoint_{b.workload}_rate{rate_label(rate)}", result))
+    return rows, paths
+
+
+def _bench_mode(b: _Bench, m: str, progress, err) -> tuple[list[dict], list[str]]:
+    """Mode m's workers on the devices, each rate's load through them: (table rows, result JSON paths)."""
+    from pdcli.bench.arrivals import arrival_times
+    from pdcli.bench.metrics import summarize
+    from pdcli.bench.runner import rate_label, run_load, warmup_filter
+    from pdcli.benchmarks.results import write
+
+    layout, cs = _start_workers(b, m, err)
+    rows, paths = [], []
+    try:
+        for i, rate in enumerate(b.rates):
             began = time.perf_counter()
-            try:
-                cs = CentralScheduler(model, layout, mode=m, sampling_seed=seed, params_dir=params_dir if m == "adaptive" else None,
-                                      slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms,
-                                      pd_on_collocated=collocated_only(layout, m), mps=mps, **kw)
-            except (ValueError, RuntimeError, TimeoutError, OSError) as e:
-                fail(f"mode {m}: {e}", EXIT_RUNTIME)
-            err.print(f"{m}: {len(layout)} workers up in {time.perf_counter() - began:.0f} s")
-            try:
-                for i, rate in enumerate(rates):
-                    began = time.perf_counter()
-                    n = num_prompts if duration is None else max(1, int(rate * duration))
-                    reqs = make_requests(workload, n, prompt_seed(seed, i), arch.vocab_size, max_len, random_input_len,
-                                         random_output_len, random_range_ratio)
-                    arrivals = arrival_times(n, rate, burstiness, seed)
-                    task = progress.add_task(m, total=n)
-                    records = run_load(cs, reqs, arrivals, m, drain_timeout, progress, task, max_concurrency)
-                    stats = summarize(warmup_filter(records, warmup), slos)
-                    row = dict(mode=m, request_rate=rate_label(rate), burstiness=burstiness, workload=workload,
-                               max_concurrency=max_concurrency, **stats)
-                    rows.append(row)
-                    result = dict(row, model=model, seed=seed, num_warmup_excluded=len(records) - stats["num_prompts"],
-                                  layout=[dict(rank=s.rank, role=s.role, device=s.device) for s in layout],
-                                  pd_on_collocated=cs.pd_on_collocated, mps=cs.mps_on,
-                                  devices=devs, kernel_path=cs.workers[0].info.get("kernel_path"),
-                                  accounting=cs.accounting, date=stamp,
-                                  provenance=dict(pdcli=__version__, torch=str(torch.__version__),
-                                                  cuda=str(torch.version.cuda), command=" ".join(["pdcli", *sys.argv[1:]]),
-                                                  device=(torch.cuda.get_device_name() if any(d.startswith("cuda") for d in devs)
-                                                          else "cpu")))
-                    if save_detailed:
-                        result["requests"] = [dict(arrival=r.arrival, input_len=r.input_len, output_len=r.output_len,
-                                                   ttft_ms=r.ttft_ms if r.ok else None, e2el_ms=r.e2el_ms if r.ok else None,
-                                                   error=r.error, path=r.path, workers=list(r.workers),
-                                                   predicted=r.predicted, predicted_raw=r.predicted_raw)
-                                              for r in records]
-                    name = f"{stamp}_{m}_{workload}_rate{rate_label(rate)}.json"
-                    with open(os.path.join(result_dir, name), "w") as f:
-                        json.dump(result, f, indent=1)
-                    paths.append(os.path.join(result_dir, name))
-                    err.print(f"{m} at {rate_label(rate)} req/s: {n} requests in {time.perf_counter() - began:.0f} s")
-            finally:
-                cs.shutdown()
-    table = Table(title=f"{model} · {workload} · devices {devices}")
+            n, reqs = _requests(b, i, rate)
+            arrivals = arrival_times(n, rate, b.burstiness, b.seed)
+            task = progress.add_task(m, total=n)
+            records = run_load(cs, reqs, arrivals, m, b.drain_timeout, progress, task, b.max_concurrency)
+            stats = summarize(warmup_filter(records, b.warmup), b.slos)
+            rows.append(_row(b, m, rate, stats))
+            result = _result(b, rows[-1], records, stats, layout, cs)
+            paths.append(write(b.result_dir, f"{b.stamp}_{m}_{b.workload}_rate{rate_label(rate)}", result))
+            err.print(f"{m} at {rate_label(rate)} req/s: {n} requests in {time.perf_counter() - began:.0f} s")
+    finally:
+        cs.shutdown()
+    return rows, paths
+
+
+def _start_workers(b: _Bench, m: str, err):
+    """Mode m's layout on the devices and its CentralScheduler, workers up; a failure exits."""
+    from pdcli.bench.runner import layout_for
+    from pdcli.coordinator.central import CentralScheduler
+    from pdcli.workers.layout import collocated_only
+
+    try:
+        layout = layout_for(m, b.devs, b.num_prefill)
+    except ValueError as e:
+        fail(str(e))
+    began = time.perf_counter()
+    try:
+        cs = CentralScheduler(b.model, layout, mode=m, sampling_seed=b.seed,
+                              params_dir=b.params_dir if m == "adaptive" else None, slo_ttft_ms=b.slo_ttft_ms,
+                              slo_tpot_ms=b.slo_tpot_ms, pd_on_collocated=collocated_only(layout, m), mps=b.mps,
+                              **b.engine)
+    except (ValueError, RuntimeError, TimeoutError, OSError) as e:
+        fail(f"mode {m}: {e}", EXIT_RUNTIME)
+    err.print(f"{m}: {len(layout)} workers up in {time.perf_counter() - began:.0f} s")
+    return layout, cs
+
+
+def _result(b: _Bench, row: dict, records: list, stats: dict, layout, cs) -> dict:
+    """The JSON of one mode at one rate: its row, the setup, provenance and, with --save-detailed, each request."""
+    import torch
+
+    from pdcli.benchmarks.results import provenance
+
+    device = torch.cuda.get_device_name() if any(d.startswith("cuda") for d in b.devs) else "cpu"
+    result = dict(row, model=b.model, seed=b.seed, num_warmup_excluded=len(records) - stats["num_prompts"],
+                  layout=[dict(rank=s.rank, role=s.role, device=s.device) for s in layout],
+                  pd_on_collocated=cs.pd_on_collocated, mps=cs.mps_on,
+                  devices=b.devs, kernel_path=cs.workers[0].info.kernel_path,
+                  accounting=cs.accounting, date=b.stamp,
+                  provenance=provenance("pdcli", None, program="pdcli", device=device))
+    if b.save_detailed:
+        result["requests"] = [dict(arrival=r.arrival, input_len=r.input_len, output_len=r.output_len,
+                                   ttft_ms=r.ttft_ms if r.ok else None, e2el_ms=r.e2el_ms if r.ok else None,
+                                   error=r.error, path=r.path, workers=list(r.workers),
+                                   predicted=r.predicted, predicted_raw=r.predicted_raw)
+                              for r in records]
+    return result
+
+
+def _print_table(b: _Bench, rows: list[dict], modes: list[str], err) -> None:
+    """One line per run and, with SLOs over several rates, each mode's highest rate that meets them."""
+    from rich.table import Table
+
+    from pdcli.bench.metrics import max_rate_meeting
+
+    table = Table(title=f"{b.model} · {b.workload} · devices {b.devices}")
     for col in ("mode", "rate", "done/failed", "req/s", "out tok/s", "TTFT p50/p99 ms", "TPOT p50/p99 ms", "SLO ok"):
         table.add_column(col)
     for r in rows:
@@ -191,9 +289,7 @@ def bench(
                       f"{r['median_ttft_ms']:.0f}/{r['p99_ttft_ms']:.0f}", f"{r['median_tpot_ms']:.1f}/{r['p99_tpot_ms']:.1f}",
                       f"{r['slo_attainment']:.0%}" if "slo_attainment" in r else "-")
     err.print(table)
-    if slos and len(rates) > 1:
+    if b.slos and len(b.rates) > 1:
         for m in modes or ["endpoint"]:
             best = max_rate_meeting([r for r in rows if r["mode"] == m])
             err.print(f"{m}: highest rate with >= 90% SLO attainment: {best if best is not None else 'none'}")
-    for p in paths:
-        print(p)

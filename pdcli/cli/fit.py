@@ -25,7 +25,8 @@ def fit(
     from rich.console import Console
     from rich.table import Table
 
-    from pdcli.router.adaptive import AdaptiveRouter, WorkerLoad
+    from pdcli.router.adaptive import AdaptiveRouter
+    from pdcli.router.load import WorkerLoad
     from pdcli.router.fit import ProfileError, fit_profile, load_cost_model, load_profile, write_params
 
     console = Console()

@@ -39,7 +39,7 @@ def generate(
     from rich.console import Console
 
     from pdcli import LLM, SamplingParams
-    from pdcli.engine.llm_engine import PromptError
+    from pdcli.inputs import PromptError
     from pdcli.models.loader import ModelLoadError
 
     err = Console(stderr=True, highlight=False)

@@ -8,8 +8,8 @@ import time
 from pdcli.cli.common import EXIT_RUNTIME, fail
 
 
-def generate_with_workers(prompts, model, chat, max_tokens, temperature, top_p, top_k, seed, ignore_eos, device,
-                          as_json, mode, collocated, prefill, decode, engine_kwargs, mps=None) -> None:
+def start_coordinator(prompts, model, chat, sampling, device, mode, collocated, prefill, decode, engine_kwargs, mps):
+    """(coordinator, the prompts' token ids, sampling params); bad input exits with one line."""
     from rich.console import Console
 
     from pdcli import SamplingParams
@@ -18,12 +18,10 @@ def generate_with_workers(prompts, model, chat, max_tokens, temperature, top_p, 
     from pdcli.models.loader import ModelLoadError, resolve
     from pdcli.workers.layout import collocated_only, parse_layout
 
-    err = Console(stderr=True, highlight=False)
     engine_kwargs = {k: v for k, v in engine_kwargs.items() if k != "device"}
     try:
         make_policy(mode)
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                                ignore_eos=ignore_eos)
+        params = SamplingParams(**sampling)
         if not (collocated or prefill or decode):
             dev = device or "cpu"
             collocated, prefill, decode = dev, dev, dev  # one of each role on the device
@@ -31,13 +29,38 @@ def generate_with_workers(prompts, model, chat, max_tokens, temperature, top_p, 
         tok = resolve(model).tokenizer
         use_chat = bool(tok.chat_template) if chat is None else chat
         ids = [tok.apply_chat_template([{"role": "user", "content": p}]) if use_chat else tok.encode(p) for p in prompts]
-        with err.status(f"starting {len(layout)} workers for {model}", spinner="dots"):
+        with Console(stderr=True).status(f"starting {len(layout)} workers for {model}", spinner="dots"):
             cs = CentralScheduler(model, layout, mode=mode, pd_on_collocated=collocated_only(layout, mode),
                                   mps=mps, **engine_kwargs)
     except (ValueError, TypeError, ModelLoadError) as e:
         fail(str(e))
     except (RuntimeError, OSError, TimeoutError) as e:
         fail(str(e), EXIT_RUNTIME)
+    return cs, ids, params
+
+
+def stream_text(cs, t) -> None:
+    """Write one request's text to stdout as its tokens arrive."""
+    from pdcli.coordinator.output import TextStream
+
+    stream = TextStream(cs.tokenizer, t.params.stop)
+    while True:
+        _, _, reason = t.events.get()
+        visible = cs.outputs.visible(t, 0, reason)
+        sys.stdout.write(stream.update(visible, None if reason is None else cs.outputs.text(t, visible)))
+        sys.stdout.flush()
+        if reason is not None:
+            return
+
+
+def generate_with_workers(prompts, model, chat, max_tokens, temperature, top_p, top_k, seed, ignore_eos, device,
+                          as_json, mode, collocated, prefill, decode, engine_kwargs, mps=None) -> None:
+    from rich.console import Console
+
+    sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                    ignore_eos=ignore_eos)
+    cs, ids, params = start_coordinator(prompts, model, chat, sampling, device, mode, collocated, prefill, decode,
+                                        engine_kwargs, mps)
     try:
         start = time.perf_counter()
         tracked = [cs.submit(p, params) for p in ids]
@@ -45,22 +68,11 @@ def generate_with_workers(prompts, model, chat, max_tokens, temperature, top_p, 
             if not as_json:
                 if len(tracked) > 1:
                     sys.stdout.write(f"{chr(10) if i else ''}--- [{i}] ---\n")
-                shown, tokens = "", []
-                while True:
-                    _, new, reason = t.events.get()
-                    tokens.extend(new)
-                    text = cs.output(t).outputs[0].text if reason else tok.decode(tokens)
-                    if text.startswith(shown) and not text.endswith("\ufffd"):
-                        sys.stdout.write(text[len(shown):])
-                        sys.stdout.flush()
-                        shown = text
-                    if reason is not None:
-                        break
+                stream_text(cs, t)
             t.done.wait()
         outs = [cs.output(t) for t in tracked]
     finally:
         cs.shutdown()
-    failed = [o.error for o in outs if o.error]
     if as_json:
         json.dump([{"text": o.text, "token_ids": o.token_ids, "path": o.metrics["path"]} for o in outs], sys.stdout)
         sys.stdout.write("\n")
@@ -69,6 +81,8 @@ def generate_with_workers(prompts, model, chat, max_tokens, temperature, top_p, 
         n = sum(len(o.token_ids) for o in outs)
         elapsed = time.perf_counter() - start
         paths = ", ".join(sorted({o.metrics["path"] for o in outs}))
-        err.print(f"[dim]{n} tokens in {elapsed:.2f} s · {n / max(elapsed, 1e-9):.1f} tok/s · mode {mode} ({paths})[/dim]")
+        Console(stderr=True, highlight=False).print(
+            f"[dim]{n} tokens in {elapsed:.2f} s · {n / max(elapsed, 1e-9):.1f} tok/s · mode {mode} ({paths})[/dim]")
+    failed = [o.error for o in outs if o.error]
     if failed:
         fail(failed[0], EXIT_RUNTIME)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Optional
 
 import typer
@@ -20,7 +21,6 @@ def serve(
     served_model_name: Annotated[Optional[str], typer.Option(help="Model id clients use (default: --model).")] = None,
     params_dir: Annotated[Optional[str], typer.Option(help="Fitted cost model folder for --mode adaptive.")] = None,
     device: Device = None,
-    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
     mps: Mps = None,
     engine: dict = None,
 ) -> None:
@@ -31,6 +31,7 @@ def serve(
 
     from pdcli.coordinator.central import CentralScheduler
     from pdcli.coordinator.policy import make_policy
+    from pdcli.logger import current_level
     from pdcli.models.loader import ModelLoadError
     from pdcli.server.app import create_app
     from pdcli.workers.layout import collocated_only, parse_layout
@@ -52,6 +53,7 @@ def serve(
     app = create_app(cs, model, served_model_name or model, cs.max_model_len, api_key)
     err.print(f"pdcli serving {served_model_name or model} ({mode}, {len(layout)} worker(s)) on http://{host}:{port}/v1")
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
+        uvicorn.run(app, host=host, port=port, log_level=logging.getLevelName(current_level()).lower(),
+                    timeout_graceful_shutdown=10)
     finally:
         cs.shutdown()

@@ -46,10 +46,10 @@ class Threshold(Policy):
         return "disaggregated" if remote else "collocated"
 
 
-class Adaptive(Threshold):
-    """The cost-model router's slot: the coordinator routes with the fitted cost model when it is given a
-    params.json (`params_dir`); without one this falls back to the threshold rule, and the decision log
-    says so (`decided_by`)."""
+class ThresholdFallback(Threshold):
+    """Mode "adaptive" without a fitted cost model: the threshold rule, and the decision log says so
+    (`decided_by`). With a params.json (`params_dir`) the coordinator routes with the cost model instead
+    (coordinator/routing.py)."""
     name = "adaptive"
     decided_by = "threshold-fallback"
 
@@ -62,5 +62,5 @@ def make_policy(mode: str) -> Policy:
     if mode == "threshold":
         return Threshold()
     if mode == "adaptive":
-        return Adaptive()
+        return ThresholdFallback()
     raise ValueError(f"unknown mode {mode!r}: use collocated, disaggregated, adaptive or threshold")

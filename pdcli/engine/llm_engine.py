@@ -9,12 +9,14 @@ import torch
 
 from pdcli.config import EngineConfig
 from pdcli.engine.block_manager import BlockManager
-from pdcli.engine.detokenizer import detokenize_step, find_stop
+from pdcli.engine.detokenizer import DetokenizeWindow, ends_on_stop_token, stop_string_end, visible_token_ids
 from pdcli.engine.model_runner import ModelRunner, StepFuture
 from pdcli.engine.scheduler import Scheduler
 from pdcli.engine.sequence import Sequence, SequenceStatus
+from pdcli.inputs import PromptError, check_prompt  # noqa: F401 (PromptError: part of this module's API)
 from pdcli.models.arch import ModelArch
 from pdcli.models.loader import build_model, resolve
+from pdcli.models.tokenizer import eos_token_ids
 from pdcli.outputs import CompletionOutput, RequestOutput, StepDelta
 from pdcli.sampling_params import SamplingParams
 
@@ -39,10 +41,6 @@ def resolve_dtype(dtype: str, device: torch.device, arch: ModelArch) -> torch.dt
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use auto, bfloat16, float16 or float32")
     return DTYPES[dtype]
-
-
-class PromptError(ValueError):
-    pass
 
 
 @dataclass
@@ -89,8 +87,8 @@ class LLMEngine:
                                           config.cache.enable_prefix_caching)
         self.cache_capacity = self.runner.num_blocks * config.cache.block_size  # tokens
         self.max_model_len = min(max_len, self.cache_capacity)
-        eos = set(arch.eos_token_ids) | set(getattr(self.tokenizer, "eos_token_ids", ()))
-        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len, eos)
+        self.eos_token_ids = eos_token_ids(arch, self.tokenizer)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len, self.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self.handoff: dict[str, Sequence] = {}  # request id -> sequence whose KV is being handed over
         self._ids = itertools.count()
@@ -127,14 +125,8 @@ class LLMEngine:
         return request_id
 
     def validate_prompt(self, ids: list[int]) -> None:
-        if not ids:
-            raise PromptError("the prompt is empty")
-        if len(ids) >= self.max_model_len:
-            where = ("the KV cache" if self.max_model_len == self.cache_capacity else "max_model_len")
-            raise PromptError(f"the prompt has {len(ids)} tokens; {where} allows at most {self.max_model_len - 1}")
-        bad = next((t for t in ids if not 0 <= t < self.arch.vocab_size), None)
-        if bad is not None:
-            raise PromptError(f"token id {bad} is outside the vocabulary (size {self.arch.vocab_size})")
+        limit = "the KV cache" if self.max_model_len == self.cache_capacity else "max_model_len"
+        check_prompt(ids, self.arch.vocab_size, self.max_model_len, limit)
 
     def abort_request(self, request_id: str) -> None:
         self.scheduler.abort(request_id)
@@ -188,25 +180,20 @@ class LLMEngine:
                 req.finished_time = now
         return deltas
 
-    def _stopped_on_token(self, seq: Sequence) -> bool:
-        return seq.finish_reason == "stop" and (seq.token_ids[-1] in self.scheduler.eos_token_ids
-                                                or seq.token_ids[-1] in seq.params.stop_token_ids)
-
     def _visible_output(self, seq: Sequence) -> list[int]:
-        """Output tokens shown as text: all but a final stop token."""
-        ids = seq.output_token_ids
-        return ids[:-1] if self._stopped_on_token(seq) else ids
+        return visible_token_ids(seq.output_token_ids, seq.finish_reason, self.eos_token_ids, seq.params.stop_token_ids)
 
     def _detokenize(self, seq: Sequence) -> str:
-        delta = detokenize_step(self.tokenizer, seq)
-        if self._stopped_on_token(seq):
+        if seq.detok is None:
+            seq.detok = DetokenizeWindow(max(seq.num_prompt_tokens - 5, 0), seq.num_prompt_tokens)
+        delta = seq.detok.step(self.tokenizer, seq.token_ids)
+        if ends_on_stop_token(seq.token_ids, seq.finish_reason, self.eos_token_ids, seq.params.stop_token_ids):
             delta = ""  # the stop token itself is not shown
         seq.text += delta
         stops = seq.params.stop
         if stops and delta:
-            i = find_stop(seq.text, delta, stops)
-            if i >= 0:
-                end = i + len(next(s for s in stops if seq.text.startswith(s, i))) if seq.params.include_stop_str_in_output else i
+            end = stop_string_end(seq.text, delta, stops, seq.params.include_stop_str_in_output)
+            if end >= 0:
                 delta = delta[:max(0, len(delta) - (len(seq.text) - end))]
                 seq.text = seq.text[:end]
                 self.scheduler.finish(seq, "stop")
@@ -257,8 +244,52 @@ class LLMEngine:
         seq.status = SequenceStatus.RUNNING
         self.scheduler.running.append(seq)
 
+    def in_handoff(self, request_id: str) -> bool:
+        """Its blocks are held for a handoff: prefilled here and detached, or reserved here."""
+        return request_id in self.handoff
+
+    def handoff_blocks(self, request_id: str) -> list[int]:
+        return self.handoff[request_id].block_table
+
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        """The KV pool, [layers, k|v, num_blocks, block_size, kv_heads, head_dim]: what KV transfers read and write."""
+        return self.runner.kv_cache
+
+    def set_kv_sender(self, kv_sender) -> None:
+        """(seqs, new tokens) of an eager step -> a callback its forward calls after each layer, or None."""
+        self.runner.kv_sender = kv_sender
+
+    # ---- bookkeeping ----
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self.requests
+
+    def pop_if_finished(self, request_id: str) -> bool:
+        """Forget a request whose every sequence has finished; False if it is unknown or still running."""
+        req = self.requests.get(request_id)
+        if req is None or not req.finished:
+            return False
+        self.requests.pop(request_id)
+        return True
+
     def pop_finished(self, request_id: str) -> RequestOutput:
         return self.requests.pop(request_id).output()
 
     def num_free_blocks(self) -> int:
         return self.block_manager.num_free_blocks
+
+    @property
+    def num_blocks(self) -> int:
+        return self.runner.num_blocks
+
+    @property
+    def kernel_path(self) -> str:
+        """Which attention ran: cuda (pdcli's kernels) or reference (pure torch)."""
+        return self.runner.kernel_path
+
+    def stats(self) -> dict:
+        """Pool and queue state (a worker's pool must be full again when it is idle)."""
+        waiting = self.scheduler.waiting
+        return dict(num_blocks=self.num_blocks, num_free_blocks=self.num_free_blocks(),
+                    running=len(self.scheduler.running), waiting=len(waiting), handoff=len(self.handoff),
+                    queued_prefill_tokens=sum(len(s) - s.num_computed_tokens for s in waiting))

@@ -39,7 +39,7 @@ class Sequence:
         self.num_preemptions = 0
         self.handoff_after_prefill = False  # P/D: its KV goes to a decode worker once the first token is sampled
         self.text = ""  # detokenized output, stop strings removed
-        self.detok_state: object = None
+        self.detok = None  # DetokenizeWindow, while streaming
 
     def __len__(self) -> int:
         """Tokens including the pending one: the length the scheduler plans with."""

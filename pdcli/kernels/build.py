@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
-import sys
 import time
 
 import torch
 
 from pdcli import envs
+
+logger = logging.getLogger("pdcli.kernels")
 
 CSRC = os.path.join(os.path.dirname(os.path.dirname(__file__)), "csrc")
 SOURCES = ("bindings.cpp", "store_kvcache.cu", "decode_attention.cu", "prefill_attention.cu", "layernorm.cu",
@@ -98,7 +100,7 @@ def load():
         console = Console(stderr=True)
         with console.status(f"building pdcli CUDA kernels for sm_{major}{minor} (first run only)"):
             module = cpp_load(**kwargs)
-        console.print(f"built pdcli CUDA kernels in {time.perf_counter() - start:.0f} s -> {build_dir}")
+        logger.info("built pdcli CUDA kernels in %.0f s -> %s", time.perf_counter() - start, build_dir)
     except Exception as e:  # a compiler error is reported, then the reference path takes over
         raise KernelUnavailable(f"kernel build failed: {str(e).splitlines()[-1] if str(e) else e!r}") from e
     return module
@@ -117,5 +119,5 @@ def get():
             raise KernelUnavailable(f"PDCLI_REQUIRE_KERNEL=1 but the CUDA kernels are unavailable: {e}") from e
         if not _warned:
             _warned = True
-            print(f"pdcli: using the pure-torch attention path ({e})", file=sys.stderr)
+            logger.warning("using the pure-torch attention path (%s)", e)
         return None

@@ -42,3 +42,8 @@ class HFTokenizer:
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return list(ids)
+
+
+def eos_token_ids(arch, tokenizer) -> set[int]:
+    """The tokens that end a request (unless ignore_eos): the model config's and the tokenizer's."""
+    return set(arch.eos_token_ids) | set(getattr(tokenizer, "eos_token_ids", ()))

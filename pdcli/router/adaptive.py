@@ -7,39 +7,8 @@ from dataclasses import dataclass, field
 
 from pdcli.router.calibration import LatencyCalibration
 from pdcli.router.cost_model import CostModel
+from pdcli.router.load import WorkerLoad
 from pdcli.router.predictor import OutputLengthPredictor
-
-
-@dataclass
-class WorkerLoad:
-    queued_prefill_tokens: int = 0  # prompt tokens admitted but not yet prefilled
-    decode_batch: int = 0  # sequences decoding
-    decode_ctx: int = 0  # their context tokens in all
-    inflight_transfers: int = 0
-    sharing: int = 0  # other workers with work on the same GPU: time-sliced, each runs at 1 / (1 + sharing)
-    sharing_avg: float = 0.0  # the same over time: the others' average busy fractions (prices a whole decode)
-    role: str = "collocated"  # collocated | prefill | decode
-    since_step_ms: float | None = None  # since its last step ended (None: no step seen yet)
-    async_steps: bool = True  # it schedules step i + 2 when step i lands (async scheduling)
-    queued_since_step_tokens: int = 0  # of queued_prefill_tokens, those that came after its last step ended
-
-
-def busy(w: WorkerLoad) -> bool:
-    return bool(w.queued_prefill_tokens or w.decode_batch or w.inflight_transfers)
-
-
-def mark_gpu_sharing(loads: dict[int, WorkerLoad], devices: dict[int, str],
-                     busy_avg: dict[int, float] | None = None) -> None:
-    """Set each worker's `sharing`: how many other workers on its GPU have work now (two processes on one
-    GPU are time-sliced, not run side by side), and `sharing_avg`: the same from each one's average busy
-    fraction (busy_avg, e.g. sampled at Poisson arrivals, which see time averages), the slowdown over a
-    decode that lasts many steps rather than at this instant."""
-    now = {r for r, w in loads.items() if busy(w)}
-    for r, w in loads.items():
-        dev = devices.get(r, "cpu")
-        others = [] if dev == "cpu" else [o for o in loads if o != r and devices.get(o) == dev]
-        w.sharing = sum(1 for o in others if o in now)
-        w.sharing_avg = w.sharing if busy_avg is None else sum(busy_avg.get(o, 0.0) for o in others)
 
 
 @dataclass
@@ -64,27 +33,27 @@ class AdaptiveRouter:
     def predict(self, prompt_len: int, out_len: float, coll: WorkerLoad | None, pre: WorkerLoad | None,
                 dec: WorkerLoad | None, pair: str = "default") -> dict:
         """pair: how KV would move (cpu-gloo, gpu-ipc, gpu-nccl), the key of the fitted transfer cost."""
-        cm, res = self.cm, {}
+        res = {}
         if coll is not None:
-            ttft = self.ttft_ms(prompt_len, coll)
-            b, s = coll.decode_batch + 1, coll.decode_ctx + prompt_len + out_len / 2
-            # queued prompts share the decode steps: their prefill time spreads over this request's tokens
-            tpot = float(cm.decode_ms(b, s)) + cm.prefill_in_decode_ms(coll.queued_prefill_tokens, b, s) / \
-                max(out_len, 1.0)
-            tpot = tpot * (1 + coll.sharing_avg)
+            ttft, tpot = self.ttft_ms(prompt_len, coll), self.tpot_ms(prompt_len, out_len, coll)
             res["collocated"] = dict(ttft_ms=ttft, tpot_ms=tpot, e2e_ms=ttft + max(out_len - 1, 0) * tpot)
         if pre is not None and dec is not None:
             # a prefill worker has no decode batch and a decode worker no queued prompts; a collocated worker
             # doing either job for another (pd_on_collocated) has both, priced as on the collocated path
-            ttft = self.ttft_ms(prompt_len, pre)
-            xfer = cm.transfer_ms(prompt_len, pair) * (1 + dec.inflight_transfers)
-            b, s = dec.decode_batch + 1, dec.decode_ctx + prompt_len + out_len / 2
-            tpot = float(cm.decode_ms(b, s)) + cm.prefill_in_decode_ms(dec.queued_prefill_tokens, b, s) / \
-                max(out_len, 1.0)
-            tpot = tpot * (1 + dec.sharing_avg)
+            ttft, tpot = self.ttft_ms(prompt_len, pre), self.tpot_ms(prompt_len, out_len, dec)
+            xfer = self.cm.transfer_ms(prompt_len, pair) * (1 + dec.inflight_transfers)
             res["disaggregated"] = dict(ttft_ms=ttft, tpot_ms=tpot, transfer_ms=xfer,
                                         e2e_ms=ttft + xfer + max(out_len - 1, 0) * tpot)
         return res
+
+    def tpot_ms(self, prompt_len: int, out_len: float, w: WorkerLoad) -> float:
+        """Time per output token on decode worker w: a step of its batch with this request in it, at the
+        request's mean context; the queued prompts share those steps, their prefill time spread over this
+        request's tokens; slowed by the GPU's other workers over time."""
+        cm = self.cm
+        b, s = w.decode_batch + 1, w.decode_ctx + prompt_len + out_len / 2
+        tpot = float(cm.decode_ms(b, s)) + cm.prefill_in_decode_ms(w.queued_prefill_tokens, b, s) / max(out_len, 1.0)
+        return tpot * (1 + w.sharing_avg)
 
     def split_queue(self, w: WorkerLoad) -> tuple[int, int]:
         """(queued prompt tokens riding in the steps worker w has already scheduled, those ahead of a prompt

@@ -17,6 +17,26 @@ import torch.distributed as dist
 from pdcli.kernels import ops
 
 
+def connect_peers(rank: int, pairs: list[tuple[int, int]], device: torch.device) -> dict[tuple[int, int], object]:
+    """A communicator for each (sender, receiver) pair of workers on different GPUs, set up now. One per
+    direction: NCCL runs a communicator's operations in order on one stream, so two workers sending to each
+    other through one would each wait in its send for a receive queued behind the other's send. Set up
+    lazily, the first receive would block in the setup until its sender's first send, which waits for that
+    very receive. Every rank creates every group, in one order, so no two workers wait for each other."""
+    groups = {}
+    x = torch.zeros(1, device=device)
+    for a, b in sorted(set(pairs)):
+        g = dist.new_group([a, b])
+        if rank in (a, b):
+            groups[(a, b)] = g
+        if rank == a:
+            dist.send(x, b, group=g)
+        elif rank == b:
+            dist.recv(x, a, group=g)
+    torch.cuda.synchronize(device)
+    return groups
+
+
 def block_index(kv_cache: torch.Tensor, blocks: list[int]) -> torch.Tensor:
     return torch.tensor(blocks, device=kv_cache.device)
 

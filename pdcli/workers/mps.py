@@ -7,13 +7,15 @@ process outside pdcli joins it), hands its environment to the workers and stops 
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 
 from pdcli.workers.layout import WorkerSpec
+
+logger = logging.getLogger("pdcli.mps")
 
 CONTROL = "nvidia-cuda-mps-control"
 
@@ -60,7 +62,7 @@ class MpsDaemon:
             subprocess.run([self.exe], input="quit\n", env={**os.environ, **self.env}, capture_output=True,
                            text=True, timeout=30)
         except (OSError, subprocess.TimeoutExpired) as e:
-            print(f"pdcli: stopping the MPS daemon failed: {e}", file=sys.stderr)
+            logger.warning("stopping the MPS daemon failed: %s", e)
         self._remove()
 
     def _remove(self) -> None:
@@ -77,6 +79,5 @@ def start_for(layout: list[WorkerSpec], mps: bool | None) -> MpsDaemon | None:
     except MpsUnavailable as e:
         if mps:
             raise
-        print(f"pdcli: workers sharing {', '.join(shared_gpus(layout))} are time-sliced (no MPS: {e})",
-              file=sys.stderr)
+        logger.warning("workers sharing %s are time-sliced (no MPS: %s)", ", ".join(shared_gpus(layout)), e)
         return None

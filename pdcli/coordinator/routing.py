@@ -1,0 +1,85 @@
+"""Routing: which path a request takes and on which workers. The policy of the run (or of the request)
+chooses the path; mode "adaptive" with a fitted cost model asks the router (router/adaptive.py), which sees
+the workers' load through router/load.py; the others choose from queue lengths."""
+from __future__ import annotations
+
+import itertools
+from typing import Callable, NamedTuple
+
+from pdcli.coordinator.policy import RouteInput, make_policy
+from pdcli.coordinator.tracked import Tracked
+from pdcli.coordinator.worker_pool import WorkerHandle, WorkerPool
+from pdcli.router.load import LoadView
+from pdcli.workers.layout import WorkerSpec, transfer_pair
+
+
+class Route(NamedTuple):
+    path: str  # collocated | disaggregated
+    worker: WorkerHandle  # runs the prompt (collocated path: all of it)
+    decode: WorkerHandle | None  # the disaggregated path's decode worker
+
+
+def can_hand_off(p: WorkerSpec, d: WorkerSpec, pd_on_collocated: bool) -> bool:
+    """p may prefill for d: a prefill and a decode worker (on one GPU: through CUDA IPC), or, with
+    pd_on_collocated, two collocated workers (or one and a P/D worker) on different devices."""
+    if p.rank == d.rank:
+        return False
+    if p.role == "prefill" and d.role == "decode":
+        return True
+    return pd_on_collocated and p.role in ("prefill", "collocated") and \
+        d.role in ("decode", "collocated") and (p.device != d.device or p.device == "cpu")
+
+
+class Routing:
+    def __init__(self, pool: WorkerPool, mode: str, router=None, pd_on_collocated: bool = False):
+        """router: the cost-model router (AdaptiveRouter) for mode adaptive, when a params.json is given."""
+        self.pool, self.policy, self.router, self.pd_on_collocated = pool, make_policy(mode), router, pd_on_collocated
+        self.loads = LoadView()
+        self._turn = itertools.count()
+
+    def pairs(self) -> list[tuple[WorkerHandle, WorkerHandle]]:
+        live = self.pool.live()
+        return [(p, d) for p in live for d in live if can_hand_off(p.spec, d.spec, self.pd_on_collocated)]
+
+    def _least(self, pairs: list, key):
+        """The pair of least key; ties taken in turn (two collocated workers serve each other both ways)."""
+        if not pairs:
+            return None
+        best = min(map(key, pairs))
+        tied = [pd for pd in pairs if key(pd) == best]
+        return tied[next(self._turn) % len(tied)]
+
+    def route(self, t: Tracked, mode: str | None, active: Callable[[], list[Tracked]]) -> Route | None:
+        """The route for t (its decision recorded in t.decision), or None if no live worker can serve it.
+        active(): the requests not done, whose load the cost model weighs."""
+        colls = self.pool.live("collocated")
+        coll = min(colls, key=lambda w: len(w.inflight)) if colls else None
+        if t.params.n > 1:  # forks share KV inside one engine
+            return Route("collocated", coll, None) if coll else None
+        pairs = self.pairs()
+        policy = make_policy(mode) if mode else self.policy
+        if policy.name == "adaptive" and self.router is not None and coll and pairs:
+            return self._by_cost_model(t, colls, pairs, active)
+        return self._by_policy(t, policy, coll, pairs)
+
+    def _by_cost_model(self, t: Tracked, colls: list, pairs: list, active: Callable[[], list[Tracked]]) -> Route:
+        loads = self.loads.snapshot(self.pool.workers, active())
+        load = lambda w: loads[w.spec.rank].queued_prefill_tokens + loads[w.spec.rank].decode_batch  # noqa: E731
+        coll = min(colls, key=load)
+        pre, dec = self._least(pairs, lambda pd: (load(pd[0]), load(pd[1])))
+        d = self.router.decide(len(t.prompt_ids), t.params.max_tokens, loads[coll.spec.rank], loads[pre.spec.rank],
+                               loads[dec.spec.rank], transfer_pair(pre.spec, dec.spec))
+        t.decision = dict(policy="adaptive", decided_by="cost-model", path=d.path, predicted=d.predicted,
+                          predicted_raw=d.predicted_raw, roles=d.roles, predicted_output_len=d.output_len)
+        return Route(d.path, coll, None) if d.path == "collocated" else Route(d.path, pre, dec)
+
+    def _by_policy(self, t: Tracked, policy, coll: WorkerHandle | None, pairs: list) -> Route | None:
+        n_in = lambda w: len(w.inflight)  # noqa: E731
+        pair = self._least(pairs, lambda pd: (n_in(pd[0]), n_in(pd[1])))
+        r = RouteInput(len(t.prompt_ids), t.params,
+                       prefill_queue=n_in(pair[0]) if pair else 0, collocated_load=n_in(coll) if coll else 0)
+        want = policy.choose(r)
+        t.decision = dict(policy=policy.name, decided_by=getattr(policy, "decided_by", policy.name), path=want)
+        if pair and (want == "disaggregated" or not coll):
+            return Route("disaggregated", *pair)
+        return Route("collocated", coll, None) if coll else None
