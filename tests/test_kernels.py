@@ -99,6 +99,7 @@ def test_engine_decode_logits_kernel_vs_reference(dtype, tiny_model_dir, prompts
     assert ops.kernel_path(torch.device("cuda"), getattr(torch, dtype), 64, 2) == "cuda"
     ours = pdcli_decode_logits(kernel, prompts[2], forced)
     monkeypatch.setenv("PDCLI_DISABLE_KERNEL", "1")
+    monkeypatch.delenv("PDCLI_REQUIRE_KERNEL", raising=False)  # the reference path, on purpose
     ops._kernels_for.cache_clear()
     build.load.cache_clear()
     try:
