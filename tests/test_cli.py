@@ -49,11 +49,26 @@ def test_generate_streams_several_prompts_in_order():
     (["--model", "dummy:tiny-llama", "--top-p", "0"], "top_p"),
 ])
 def test_bad_input_one_line_error(args, needle):
+    # README: bad input exits with code 2 and one `error:` line on stderr
     r = invoke("generate", "this prompt is long enough to pass sixteen byte tokens", *args, "--device", "cpu")
-    assert r.exit_code != 0
+    assert r.exit_code == 2, (r.exit_code, r.stderr)
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, r.stderr
     assert lines[0].startswith("error:") and needle in lines[0].lower(), lines[0]
+
+
+def test_runtime_failure_exits_1_with_one_error_line(monkeypatch):
+    # README: runtime failures exit with 1 (bad input with 2)
+    import pdcli
+
+    def broken_engine(*args, **kwargs):
+        raise RuntimeError("CUDA error: device lost")
+
+    monkeypatch.setattr(pdcli, "LLM", broken_engine)
+    r = invoke("generate", "hello", "--model", "dummy:tiny-llama", "--device", "cpu")
+    assert r.exit_code == 1, (r.exit_code, r.stderr)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines == ["error: CUDA error: device lost"], r.stderr
 
 
 def test_missing_default_model_says_how_to_install(monkeypatch):
