@@ -6,10 +6,12 @@ transfer through the real worker paths (CentralScheduler with a prefill and a de
 """
 from __future__ import annotations
 
+import logging
 import platform
 import random
 import re
 import time
+from typing import Protocol
 
 import torch
 
@@ -17,8 +19,12 @@ from pdcli import __version__
 from pdcli.engine.llm_engine import LLMEngine
 from pdcli.engine.scheduler import SchedulerOutput
 from pdcli.engine.sequence import Sequence
+from pdcli.profile_plan import (TRANSFER_LENGTHS, TRANSFER_REPEATS, ComponentPlan, Limits, Point, ProfilePlan,
+                                plan_profile)
 from pdcli.router.fit import SCHEMA_VERSION
 from pdcli.sampling_params import SamplingParams
+
+logger = logging.getLogger("pdcli.profile")
 
 
 def slug(text: str) -> str:
@@ -29,7 +35,15 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
 
 
+class ProgressSink(Protocol):
+    def update(self, stage: str, done: int, total: int, left_s: float, unit: str = "points") -> None:
+        """done of total in stage (prefill, decode, mixed, KV transfer (...)); left_s: estimated seconds left
+        of the whole profile."""
+
+
 class StepTimer:
+    """Times runner.execute on hand-built batches: the timer the plan's probes and points go through (ms)."""
+
     def __init__(self, engine: LLMEngine, seed: int = 0):
         self.engine, self.rng = engine, random.Random(seed)
         self.vocab = engine.arch.vocab_size
@@ -63,83 +77,192 @@ class StepTimer:
         for s in seqs:
             self.engine.block_manager.free_seq(s)
 
+    def prefill_ms(self, n: int, c: int, reps: int) -> float | None:
+        """A chunk of n tokens after c cached ones; None: no room in the KV pool."""
+        seq = self.prepared(c + n, c)
+        if seq is None:
+            return None
+        try:
+            return self.time_step([(seq, n)], reps)
+        finally:
+            self.free([seq])
 
-def profile_engine(engine: LLMEngine, progress=None, max_seconds: float = 300.0, reps: int = 3) -> dict:
-    t = StepTimer(engine)
-    budget_tokens = engine.config.scheduler.max_num_batched_tokens
-    cap = engine.max_model_len
-    chunks = [n for n in (16, 64, 256, 1024, 2048, 4096, 8192) if n <= budget_tokens] or [budget_tokens]
-    ctxs = [c for c in (0, 1024, 4096, 16384) if c + chunks[-1] <= cap] or [0]
-    batches = [b for b in (1, 4, 16, 64, 128, 256) if b <= engine.config.scheduler.max_num_seqs]
-    per_seq = [c for c in (128, 1024, 4096) if c < cap]
-    plan = [("prefill", n, c) for c in ctxs for n in chunks] + [("decode", b, s) for s in per_seq for b in batches] + \
-           [("mixed", b, n) for b in batches[1::2] for n in chunks[1::2]]
-    data = dict(prefill=dict(n=[], c=[], ms=[]), decode=dict(batch=[], ctx=[], ms=[]),
+    def decode_ms(self, batch: int, ctx: int, reps: int) -> float | None:
+        """One token for each of batch sequences of ctx tokens."""
+        return self.mixed_ms(batch, ctx, 0, reps)
+
+    def mixed_ms(self, batch: int, ctx: int, n: int, reps: int) -> float | None:
+        """batch decoding sequences of ctx tokens and an n-token prefill chunk (none: n = 0) in one step."""
+        seqs = [self.prepared(ctx, ctx - 1) for _ in range(batch)]
+        extra = self.prepared(n, 0) if n else None
+        try:
+            if any(s is None for s in seqs) or (n and extra is None):
+                return None
+            return self.time_step([(s, 1) for s in seqs] + ([(extra, n)] if n else []), reps)
+        finally:
+            self.free([s for s in [*seqs, extra] if s is not None])
+
+
+class Pace:
+    """Measured over estimated seconds of the points run so far, to correct the estimates of the rest."""
+
+    def __init__(self):
+        self.est_s, self.actual_s = 0.0, 0.0
+
+    def add(self, est_s: float, actual_s: float) -> None:
+        self.est_s, self.actual_s = self.est_s + est_s, self.actual_s + actual_s
+
+    @property
+    def ratio(self) -> float:
+        return min(5.0, max(0.2, self.actual_s / self.est_s)) if self.est_s > 0 else 1.0
+
+
+def empty_steps() -> dict:
+    return dict(prefill=dict(n=[], c=[], ms=[]), decode=dict(batch=[], ctx=[], ms=[]),
                 mixed=dict(batch=[], ctx=[], n=[], c=[], ms=[]))
-    start = time.monotonic()
-    task = progress.add_task("profiling steps", total=len(plan)) if progress else None
-    for kind, a, b in plan:
-        if time.monotonic() - start > max_seconds:
-            break
-        if kind == "prefill":
-            seq = t.prepared(b + a, b)
-            if seq:
-                data["prefill"]["n"].append(a), data["prefill"]["c"].append(b)
-                data["prefill"]["ms"].append(t.time_step([(seq, a)], reps))
-                t.free([seq])
-        else:
-            ctx = b if kind == "decode" else 512
-            seqs = [t.prepared(ctx, ctx - 1) for _ in range(a)]
-            extra = t.prepared(b, 0) if kind == "mixed" else None
-            if all(seqs) and (kind == "decode" or extra):
-                batch = [(s, 1) for s in seqs] + ([(extra, b)] if extra else [])
-                ms = t.time_step(batch, reps)
-                if kind == "decode":
-                    data["decode"]["batch"].append(a), data["decode"]["ctx"].append(a * ctx), data["decode"]["ms"].append(ms)
-                else:
-                    for key, v in (("batch", a), ("ctx", a * ctx), ("n", b), ("c", 0), ("ms", ms)):
-                        data["mixed"][key].append(v)
-            t.free([s for s in seqs if s] + ([extra] if extra else []))
+
+
+def measure(timer, kind: str, p: Point, reps: int) -> float | None:
+    if kind == "prefill":
+        return timer.prefill_ms(p.n, p.c, reps)
+    if kind == "decode":
+        return timer.decode_ms(p.batch, p.ctx, reps)
+    return timer.mixed_ms(p.batch, p.ctx, p.n, reps)
+
+
+def record(data: dict, kind: str, p: Point, ms: float) -> None:
+    # decode and mixed ctx: the batch's total context, tokens
+    row = dict(prefill=dict(n=p.n, c=p.c), decode=dict(batch=p.batch, ctx=p.batch * p.ctx),
+               mixed=dict(batch=p.batch, ctx=p.batch * p.ctx, n=p.n, c=0))[kind]
+    for key, v in (*row.items(), ("ms", ms)):
+        data[kind][key].append(v)
+
+
+class StepRun:
+    """Times a plan's components in turn against one deadline (seconds on clock), correcting the estimates by
+    the pace so far."""
+
+    def __init__(self, timer, plan: ProfilePlan, progress, clock):
+        self.timer, self.plan, self.progress, self.clock = timer, plan, progress, clock
+        self.data, self.pace, self.start = empty_steps(), Pace(), clock()
+        self.deadline = self.start + plan.steps_budget_s
+
+    def left_s(self, est_s: float) -> float:
+        """Seconds left of the profile with est_s (estimated) of steps to go."""
+        return self.pace.ratio * est_s + self.plan.transfer_est_s
+
+    def run(self, comp: ComponentPlan, later_s: float) -> None:
+        """comp's points, cheapest first; past its min_points, none that would end after the deadline less
+        the time of the later components (later_s, estimated)."""
+        total, ran = len(comp.points), 0
+        for i, (p, est) in enumerate(zip(comp.points, comp.est_s)):
+            self.update(comp.kind, i, total, sum(comp.est_s[i:]) + later_s)
+            end = self.clock() + self.pace.ratio * (est + later_s)
+            if i >= comp.min_points and end > self.deadline:
+                logger.info("%s stopped at %d of %d points (time budget)", comp.kind, i, total)
+                break
+            t = self.clock()
+            ms = measure(self.timer, comp.kind, p, comp.reps)
+            self.pace.add(est, self.clock() - t)
+            ran += 1
+            if ms is not None:
+                record(self.data, comp.kind, p, ms)
+        self.update(comp.kind, ran, total, later_s)
+
+    def update(self, stage: str, done: int, total: int, est_s: float) -> None:
+        if self.progress:
+            self.progress.update(stage, done, total, self.left_s(est_s))
+
+
+def run_steps(timer, plan: ProfilePlan, progress=None, clock=time.monotonic) -> dict:
+    """Time the plan's points within plan.steps_budget_s (each component keeps its min_points) -> the
+    profile's prefill, decode and mixed columns."""
+    steps = StepRun(timer, plan, progress, clock)
+    comps = plan.components
+    for i, comp in enumerate(comps):
+        steps.run(comp, sum(c.total_s for c in comps[i + 1:]))
+    logger.info("steps took %.0f s for an estimate of %.0f s", clock() - steps.start, plan.steps_est_s)
+    return steps.data
+
+
+def engine_limits(engine: LLMEngine) -> Limits:
+    sched = engine.config.scheduler
+    return Limits(sched.max_num_batched_tokens, sched.max_num_seqs, engine.max_model_len, engine.runner.num_blocks,
+                  engine.config.cache.block_size)
+
+
+def plan_engine(engine: LLMEngine, max_seconds: float, transfer: bool = False) -> ProfilePlan:
+    """Probe engine's steps and plan a profile that takes about max_seconds (steps, and the KV transfer)."""
+    return plan_profile(StepTimer(engine), engine_limits(engine), max_seconds, transfer, time.monotonic)
+
+
+def profile_engine(engine: LLMEngine, progress=None, max_seconds: float = 90.0,
+                   plan: ProfilePlan | None = None) -> dict:
+    """Time prefill, decode and mixed steps: plan's points, else a plan for max_seconds (steps only)."""
+    plan = plan or plan_engine(engine, max_seconds)
+    return run_steps(StepTimer(engine), plan, progress)
+
+
+def transfer_pairs(device: str) -> list[tuple[str, str]]:
+    """(prefill device, decode device): gloo on CPU; on a GPU the same-GPU pair, and the next GPU if any."""
+    if device == "cpu":
+        return [("cpu", "cpu")]
+    pairs = [(device, device)]
+    if torch.cuda.device_count() > 1:
+        idx = int(device.split(":")[1]) if ":" in device else 0
+        pairs.append((device, f"cuda:{(idx + 1) % torch.cuda.device_count()}"))
+    return pairs
+
+
+def time_transfers(cs, lengths: tuple[int, ...], repeats: int, stage: str, progress, est_s: float,
+                   budget_s: float | None) -> dict:
+    """Handoffs of random prompts of each length, repeats times -> tokens, bytes, ms columns. est_s: the
+    estimate of them all, shared by length (+ 64 tokens of overhead each) for the ETA and the budget_s
+    check (past it no new length starts once 2 are done)."""
+    out = dict(tokens=[], bytes=[], ms=[])
+    rng, pace, begin = random.Random(0), Pace(), time.monotonic()
+    sp = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    todo = [n for n in lengths for _ in range(repeats)]
+    weights = [(n + 64) / sum(m + 64 for m in todo) * est_s for n in todo]
+    for i, (n, est) in enumerate(zip(todo, weights)):
         if progress:
-            progress.advance(task)
-    return data
+            progress.update(stage, i, len(todo), pace.ratio * sum(weights[i:]), unit="transfers")
+        late = budget_s is not None and time.monotonic() + pace.ratio * est > begin + budget_s
+        if late and i % repeats == 0 and len(set(out["tokens"])) >= 2:
+            logger.info("KV transfer stopped before %d tokens (time budget)", n)
+            break
+        start = time.monotonic()
+        t = cs.submit([rng.randrange(3, 256) for _ in range(n)], sp)
+        cs.wait_transfer(t, 300)
+        pace.add(est, time.monotonic() - start)
+        if t.error is None and t.transfer_bytes and t.transfer_kind:
+            out["tokens"].append(n), out["bytes"].append(t.transfer_bytes)
+            out["ms"].append(t.transfer_s * 1e3)
+    if progress:
+        progress.update(stage, len(todo), len(todo), 0.0, unit="transfers")
+    return out
 
 
-def profile_transfer(model: str, device: str, engine_kwargs: dict, progress=None) -> dict:
-    """KV transfer time vs tokens through real prefill -> decode worker pairs: gloo on CPU; on a GPU, the
-    same-GPU CUDA IPC pair, and GPU to GPU over NCCL when there is a second GPU."""
+def profile_transfer(model: str, device: str, engine_kwargs: dict, progress=None, lengths=TRANSFER_LENGTHS,
+                     repeats: int = TRANSFER_REPEATS, est_s: float = 0.0, budget_s: float | None = None) -> dict:
+    """KV transfer time vs tokens through real prefill -> decode worker pairs (transfer_pairs), prompts of
+    each of lengths (tokens) handed off repeats times; est_s, budget_s: seconds, see time_transfers."""
     from pdcli.coordinator.central import CentralScheduler
     from pdcli.workers.layout import parse_layout, transfer_pair
 
-    if device == "cpu":
-        pairs = [("cpu", "cpu")]
-    else:
-        pairs = [(device, device)]
-        if torch.cuda.device_count() > 1:
-            idx = int(device.split(":")[1]) if ":" in device else 0
-            pairs.append((device, f"cuda:{(idx + 1) % torch.cuda.device_count()}"))
-    lens = (16, 64, 256, 1024, 2048)
     result = {}
-    for pre, dec in pairs:
+    for pre, dec in transfer_pairs(device):
         layout = parse_layout("", pre, dec)
         kind = transfer_pair(*layout)
-        out = dict(tokens=[], bytes=[], ms=[])
-        task = progress.add_task(f"profiling KV transfer ({kind})", total=len(lens) * 3) if progress else None
+        stage = f"KV transfer ({kind})"
+        if progress:
+            progress.update(stage, 0, len(lengths) * repeats, est_s, unit="transfers")
         with CentralScheduler(model, layout, mode="disaggregated", **engine_kwargs) as cs:
             rng = random.Random(0)
             sp = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
-            cs.generate([[rng.randrange(3, 256) for _ in range(lens[0])]], sp, timeout=300)  # warm-up: the first
-            # transfer sets the path up (20 ms against 0.8 on the H100's same-GPU pair) and is not timed
-            for n in lens:
-                for _ in range(3):
-                    t = cs.submit([rng.randrange(3, 256) for _ in range(n)], sp)
-                    cs.wait_transfer(t, 300)
-                    if t.error is None and t.transfer_bytes and t.transfer_kind:
-                        out["tokens"].append(n), out["bytes"].append(t.transfer_bytes)
-                        out["ms"].append(t.transfer_s * 1e3)
-                    if progress:
-                        progress.advance(task)
-        result[kind] = out
+            cs.generate([[rng.randrange(3, 256) for _ in range(lengths[0])]], sp, timeout=300)  # warm-up: the
+            # first transfer sets the path up (20 ms against 0.8 on the H100's same-GPU pair) and is not timed
+            result[kind] = time_transfers(cs, lengths, repeats, stage, progress, est_s, budget_s)
     return result
 
 
@@ -149,8 +272,11 @@ def provenance(engine: LLMEngine, model: str, command: str) -> dict:
                 date=time.strftime("%Y-%m-%dT%H:%M:%S"))
 
 
-def build_profile(engine: LLMEngine, model: str, steps: dict, transfer: dict, command: str) -> dict:
+def build_profile(engine: LLMEngine, model: str, steps: dict, transfer: dict, command: str,
+                  max_seconds: float | None = None) -> dict:
+    """max_seconds: the profile's time budget, kept in its provenance (a fit short of points asks for more)."""
+    prov = dict(provenance(engine, model, command), **({} if max_seconds is None else dict(max_seconds=max_seconds)))
     return dict(schema_version=SCHEMA_VERSION, model=model, device=device_name(engine.device),
                 max_num_batched_tokens=engine.config.scheduler.max_num_batched_tokens,
                 kv_bytes_per_token=engine.arch.kv_bytes_per_token * engine.dtype.itemsize,
-                provenance=provenance(engine, model, command), transfer=transfer, **steps)
+                provenance=prov, transfer=transfer, **steps)

@@ -33,7 +33,7 @@ def fit(
     folder = folder or _default_folder()
     try:
         data = load_profile(folder)
-        params = fit_profile(data)
+        params = fit_profile(data, folder)
     except ProfileError as e:
         fail(str(e))
     except (ValueError, np.linalg.LinAlgError) as e:

@@ -2,11 +2,66 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Annotated, Optional
 
 import typer
 
 from pdcli.cli.common import DEFAULT_MODEL, EXIT_RUNTIME, Device, Model, engine_options, fail
+
+DEFAULT_MAX_SECONDS = 120.0
+LINE_EVERY_S = 5.0  # plain progress lines: at most one per this many seconds within a stage
+
+
+class PlainProgress:
+    """Progress as plain lines on stderr (not a terminal): one when a stage starts or ends, and at most one
+    every LINE_EVERY_S seconds in between."""
+
+    def __init__(self, start: float):
+        self.start, self.stage, self.last = start, None, 0.0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def say(self, text: str) -> None:
+        print(f"profile: {text}", file=sys.stderr, flush=True)
+
+    def update(self, stage: str, done: int, total: int, left_s: float, unit: str = "points") -> None:
+        now = time.monotonic()
+        if stage == self.stage and done < total and now - self.last < LINE_EVERY_S:
+            return
+        self.stage, self.last = stage, now
+        self.say(f"{stage} {done}/{total} {unit}, {now - self.start:.0f} s elapsed, ~{left_s:.0f} s left")
+
+
+class RichProgress:
+    """Progress bars on a terminal (stderr), one per stage, with the estimated time left of the profile."""
+
+    def __init__(self, console):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console, self.tasks = console, {}
+        self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TextColumn("{task.fields[unit]}"), TimeElapsedColumn(),
+                             TextColumn("~{task.fields[left]} left"), console=console, transient=True)
+
+    def __enter__(self):
+        self.bars.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bars.__exit__(*exc)
+
+    def say(self, text: str) -> None:
+        self.console.print(f"profile: {text}", soft_wrap=True)
+
+    def update(self, stage: str, done: int, total: int, left_s: float, unit: str = "points") -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.bars.add_task(stage, total=total, unit=unit, left="?")
+        self.bars.update(self.tasks[stage], completed=done, total=total, left=f"{left_s:.0f} s")
 
 
 @engine_options
@@ -14,47 +69,67 @@ def profile(
     model: Model = DEFAULT_MODEL,
     device: Device = None,
     out: Annotated[Optional[str], typer.Option(help="Folder (default: profiles/<device>/<model>).")] = None,
-    max_seconds: Annotated[float, typer.Option(help="Bound on the step measurements, in seconds.")] = 240.0,
+    max_seconds: Annotated[float, typer.Option(
+        help="Time budget of the measurements in seconds (model loading and worker start-up aside): the step "
+             "shapes and repeats are fitted to it from a few probe steps (smaller ones on a CPU); a quarter goes "
+             "to the KV transfer.")] = DEFAULT_MAX_SECONDS,
     transfer: Annotated[bool, typer.Option("--transfer/--no-transfer", help="Also measure the KV transfer path.")] = True,
     engine: dict = None,
 ) -> None:
     """Measure prefill, decode, interference and KV transfer on this hardware -> profile_data.pt."""
-    import torch
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from pdcli import LLM
     from pdcli.models.loader import ModelLoadError
-    from pdcli.profiler import build_profile, device_name, profile_engine, profile_transfer, slug
 
+    if not max_seconds > 0:
+        fail(f"--max-seconds must be positive, got {max_seconds}")
     err = Console(stderr=True, highlight=False)
-    kw = dict(engine, device=device)
+    progress = RichProgress(err) if err.is_terminal else PlainProgress(time.monotonic())
     try:
-        with err.status(f"loading {model}"):
-            llm = LLM(model, **kw)
-        engine = llm.engine
-        folder = out or os.path.join("profiles", slug(device_name(engine.device)), slug(model))
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TimeElapsedColumn(), console=err, transient=True) as progress:
-            steps = profile_engine(engine, progress, max_seconds)
-            moved = {}
-            if transfer:
-                dev = str(engine.device) if engine.device.type == "cuda" else "cpu"
-                del llm, engine
-                torch.cuda.empty_cache() if torch.cuda.is_available() else None
-                try:
-                    moved = profile_transfer(model, dev, {k: v for k, v in kw.items() if k != "device"}, progress)
-                except RuntimeError as e:
-                    err.print(f"[yellow]no transfer profile: {e}[/yellow]")
-                llm = LLM(model, **{**kw, "num_kv_blocks": 1})  # provenance only
-            data = build_profile(llm.engine, model, steps, moved, " ".join(["pdcli", *sys.argv[1:]]))
+        with progress:
+            data, folder = _measure(model, dict(engine, device=device), out, max_seconds, transfer, progress)
     except (ValueError, ModelLoadError) as e:
         fail(str(e))
     except (RuntimeError, OSError) as e:
         fail(str(e), EXIT_RUNTIME)
+    import torch
+
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "profile_data.pt")
     torch.save(data, path)
-    n = sum(len(data[k]["ms"]) for k in ("prefill", "decode", "mixed"))
-    err.print(f"{n} step timings and {sum(len(v['ms']) for v in data['transfer'].values())} transfers -> {path}")
+    counts = ", ".join(f"{len(data[k]['ms'])} {k}" for k in ("prefill", "decode", "mixed"))
+    err.print(f"{counts} step timings and {sum(len(v['ms']) for v in data['transfer'].values())} transfers -> {path}",
+              soft_wrap=True)
     print(path)
+
+
+def _measure(model: str, kw: dict, out: str | None, max_seconds: float, transfer: bool, progress) -> tuple[dict, str]:
+    """Load, probe, plan, time the steps, then (the engine freed) the KV transfer -> (profile, its folder)."""
+    import torch
+
+    from pdcli import LLM
+    from pdcli.profile_plan import describe
+    from pdcli.profiler import build_profile, device_name, plan_engine, profile_engine, profile_transfer, slug
+
+    progress.say(f"loading {model}")
+    llm = LLM(model, **kw)
+    engine = llm.engine
+    folder = out or os.path.join("profiles", slug(device_name(engine.device)), slug(model))
+    progress.say(f"probing step times on {device_name(engine.device)} for a plan of ~{max_seconds:.0f} s")
+    plan = plan_engine(engine, max_seconds, transfer)
+    progress.say(f"plan: {describe(plan)}")
+    steps = profile_engine(engine, progress, plan=plan)
+    command = " ".join(["pdcli", *sys.argv[1:]])
+    data = build_profile(engine, model, steps, {}, command, max_seconds)
+    if transfer:
+        dev = str(engine.device) if engine.device.type == "cuda" else "cpu"
+        del llm, engine
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        progress.say("starting a prefill and a decode worker for the KV transfer")
+        try:
+            data["transfer"] = profile_transfer(model, dev, {k: v for k, v in kw.items() if k != "device"}, progress,
+                                                plan.transfer_lengths, plan.transfer_repeats, plan.transfer_est_s,
+                                                plan.transfer_budget_s)
+        except RuntimeError as e:
+            progress.say(f"no transfer profile: {e}")
+    return data, folder

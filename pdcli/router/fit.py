@@ -36,7 +36,68 @@ def load_profile(folder: str) -> dict:
     return data
 
 
-def fit_profile(data: dict) -> dict:
+# component -> (points, {shape: distinct values}) a fit needs: its parameters + 1, and shapes that pin each term
+FIT_NEEDS = dict(prefill=(6, {"chunk size": 3, "prefix context": 2}),
+                 decode=(4, {"batch size": 2, "context per sequence": 2}),
+                 mixed=(4, {"batch size": 2, "chunk size": 2}))
+COMPONENT_NAMES = dict(prefill="prefill", decode="decode", mixed="mixed steps (interference)")
+DEFAULT_MAX_SECONDS = 120.0  # `pdcli profile --max-seconds`
+
+
+def _count(k: int, what: str) -> str:
+    plural = what.replace("context per", "contexts per") if "context per" in what else what + "s"
+    return f"{k} {what if k == 1 else plural}"
+
+
+def shape_columns(comp: str, part: dict) -> tuple[dict, np.ndarray]:
+    """({shape: values} counted for FIT_NEEDS, the linear features whose rank the fit needs full) of a component."""
+    if comp == "prefill":
+        n, c = np.asarray(part["n"], float), np.asarray(part["c"], float)
+        return {"chunk size": n, "prefix context": c}, np.stack([np.ones_like(n), n, n * c, n * n / 2], -1)
+    b, s = np.asarray(part["batch"], float), np.asarray(part["ctx"], float)
+    if comp == "decode":
+        return {"batch size": b, "context per sequence": s / np.maximum(b, 1)}, decode_features(b, s)
+    n = np.asarray(part["n"], float)
+    return {"batch size": b, "chunk size": n}, np.stack([np.ones_like(b), b, n], -1)
+
+
+def _lacks(comp: str, part: dict) -> str | None:
+    """Why comp's points cannot be fitted, or None."""
+    if len({len(v) for v in part.values()}) > 1:
+        return f"its columns differ in length ({', '.join(f'{k} {len(v)}' for k, v in part.items())})"
+    need, shapes_needed = FIT_NEEDS[comp]
+    shapes, x = shape_columns(comp, part)
+    counts = {k: len(np.unique(v)) for k, v in shapes.items()}
+    has = f"{_count(len(part['ms']), 'point')} over {' and '.join(_count(v, k) for k, v in counts.items())}"
+    if len(part["ms"]) < need or any(counts[k] < v for k, v in shapes_needed.items()):
+        wants = " and ".join(_count(v, k) for k, v in shapes_needed.items())
+        return f"it has {has}, and needs at least {need} points over {wants}"
+    scaled = x / np.maximum(np.abs(x).max(axis=0), 1e-30)
+    if np.linalg.matrix_rank(scaled) < x.shape[1]:
+        return f"its {has} do not vary independently (degenerate shapes)"
+    return None
+
+
+def check_points(data: dict, folder: str | None = None) -> None:
+    """ProfileError naming the first component (or transfer pair) with too few or degenerate points, and the
+    command that measures more."""
+    budget = 2 * float(data.get("provenance", {}).get("max_seconds", DEFAULT_MAX_SECONDS))
+    again = f"run `pdcli profile --max-seconds {budget:.0f} --out {folder or 'DIR'}` to measure more"
+    for comp in ("prefill", "decode", "mixed"):
+        why = _lacks(comp, data[comp])
+        if why:
+            raise ProfileError(f"cannot fit {COMPONENT_NAMES[comp]}: {why}: {again}")
+    for pair, t in data["transfer"].items():
+        sizes = len(np.unique(np.asarray(t["bytes"], float)))
+        if sizes < 2 or len(t["ms"]) != len(t["bytes"]):
+            raise ProfileError(f"cannot fit transfer {pair}: it has {_count(len(t['ms']), 'transfer')} of "
+                               f"{_count(sizes, 'size')}, and needs 2 sizes at least: {again} (or --no-transfer)")
+
+
+def fit_profile(data: dict, folder: str | None = None) -> dict:
+    """params.json's content; ProfileError (check_points) when a component cannot be fitted. folder: for the
+    command in that error."""
+    check_points(data, folder)
     p, d, m = data["prefill"], data["decode"], data["mixed"]
     prefill = fit_prefill(p["n"], p["c"], np.asarray(p["ms"], float))
     decode = fit_linear(decode_features(d["batch"], d["ctx"]), np.asarray(d["ms"], float))
