@@ -128,6 +128,10 @@ def test_bench_runs_and_plot_makes_pngs(tmp_path):
     for p in pngs:
         with open(p, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(p) > 5000
+    r = CliRunner().invoke(app, ["plot", out])  # the folder bench wrote: every JSON in it, PNGs beside them
+    assert r.exit_code == 0, r.stderr
+    assert sorted(os.path.basename(p) for p in r.stdout.split()) == sorted(os.path.basename(p) for p in pngs)
+    assert all(os.path.dirname(p) == out for p in r.stdout.split())
 
 
 @pytest.mark.parametrize("args, needle", [(["--arrival-rate", "-1"], "arrival-rate"),

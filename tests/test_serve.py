@@ -197,6 +197,7 @@ def test_200_concurrent_streams_50_disconnect_then_pool_is_full(server):
             return await asyncio.wait_for(asyncio.gather(*(one(client, i, i % 4 == 0) for i in range(200))), 240)
 
     tokens_before = metric(base, "pdcli_path_output_tokens_total")
+    failed_before, aborted_before = metric(base, "pdcli_path_failed_total"), metric(base, "pdcli_path_aborted_total")
     results = asyncio.run(run())
     assert results.count("left") == 50 and results.count("done") == 150
     deadline = time.monotonic() + 30
@@ -209,6 +210,9 @@ def test_200_concurrent_streams_50_disconnect_then_pool_is_full(server):
     # the 50 that left asked for 400 tokens each: aborted at once, they made far fewer
     made = metric(base, "pdcli_path_output_tokens_total") - tokens_before
     assert made < 150 * 24 + 50 * 100, made
+    # clients that hung up are aborted requests, not failed ones
+    assert metric(base, "pdcli_path_failed_total") == failed_before
+    assert metric(base, "pdcli_path_aborted_total") - aborted_before == 50
 
 
 def test_bench_endpoint_runs_against_the_server(server, tmp_path):

@@ -1,18 +1,10 @@
-"""A mixed step's attention split into decode rows and prefill rows gives the one-call result (CPU, with the
-reference in the kernels' signatures; the GPU kernels themselves are checked in test_kernels.py)."""
+"""A mixed step's attention split into decode rows and prefill rows gives the one-call result (CPU: the
+reference in the kernels' signatures, which is the CPU path of a mixed step; the GPU kernels themselves are
+checked in test_kernels.py)."""
 import torch
 
 from pdcli.kernels import ops, reference
 from pdcli.models.context import Context
-
-
-def as_decode(out, q, k, v, tables, lens, scale, splits, max_ctx):
-    qsl = torch.arange(q.shape[0] + 1, dtype=torch.int32)
-    out.copy_(reference.paged_attention(q, k, v, tables, lens, qsl, 1, max_ctx, scale))
-
-
-def as_prefill(out, q, k, v, tables, lens, qsl, max_q, scale):
-    out.copy_(reference.paged_attention(q, k, v, tables, lens, qsl, max_q, int(lens.max()), scale))
 
 
 def test_split_attention_equals_one_call():
@@ -34,10 +26,11 @@ def test_split_attention_equals_one_call():
     ctx = Context(slot_mapping=torch.empty(0), block_tables=tables, context_lens=lens, query_start_loc=qsl,
                   max_query_len=max(q_lens), max_context_len=max(ctx_lens), logits_indices=torch.empty(0),
                   num_decode_seqs=3, prefill_query_start_loc=qsl[3:] - 3)
-    split = ops.split_attention(q, ctx, as_decode, as_prefill, k, v, d ** -0.5)
+    split = ops.split_attention(q, ctx, ops.reference_decode, ops.reference_prefill, k, v, d ** -0.5)
     whole = reference.paged_attention(q, k, v, tables, lens, qsl, max(q_lens), max(ctx_lens), d ** -0.5)
     torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ops.attention(q, k, v, ctx, d ** -0.5), whole, rtol=1e-5, atol=1e-5)  # the CPU path
     # no decode rows: one prefill call
     ctx.num_decode_seqs, ctx.prefill_query_start_loc = 0, None
-    torch.testing.assert_close(ops.split_attention(q, ctx, as_decode, as_prefill, k, v, d ** -0.5), whole,
+    torch.testing.assert_close(ops.split_attention(q, ctx, ops.reference_decode, ops.reference_prefill, k, v, d ** -0.5), whole,
                                rtol=1e-5, atol=1e-5)

@@ -40,12 +40,36 @@ def layout_for(mode: str, devices: list[str], num_prefill: int | None = None) ->
 PROGRESS_S = 0.25  # the progress line is redrawn at most this often while requests are sent
 
 
+class LoadInterrupted(Exception):
+    """Ctrl-C during a load: the records of the requests sent so far (those still running aborted)."""
+
+    def __init__(self, records: list[RequestRecord]):
+        super().__init__("interrupted")
+        self.records = records
+
+
 def run_load(cs, requests: list[BenchRequest], arrivals, mode: str, drain_timeout: float, progress=None,
              task=None, max_concurrency: int | None = None) -> list[RequestRecord]:
     """max_concurrency (vLLM's flag): at most that many requests in flight; a request that waits for a
-    slot is timed from when it gets one."""
-    start = shown = time.perf_counter()
-    tracked, open_ = [], []
+    slot is timed from when it gets one. Ctrl-C aborts the requests in flight and raises LoadInterrupted."""
+    start = time.perf_counter()
+    tracked = []  # (arrival, request, Tracked)
+    try:
+        _send(cs, requests, arrivals, mode, start, tracked, progress, task, max_concurrency)
+        _drain(cs, tracked, mode, len(requests), start, drain_timeout, progress, task)
+    except KeyboardInterrupt:
+        for _, _, t in tracked:
+            cs.abort(t.rid, "benchmark interrupted")
+        raise LoadInterrupted(_records(tracked, start)) from None
+    if progress:
+        progress.update(task, completed=len(requests))
+    return _records(tracked, start)
+
+
+def _send(cs, requests, arrivals, mode: str, start: float, tracked: list, progress, task,
+          max_concurrency: int | None) -> None:
+    """Submit each request at its arrival time (or when a slot frees up), appending to tracked."""
+    shown, open_ = start, []
     for req, at in zip(requests, arrivals):
         delay = start + at - time.perf_counter()
         if delay > 0:
@@ -64,14 +88,21 @@ def run_load(cs, requests: list[BenchRequest], arrivals, mode: str, drain_timeou
         if progress and time.perf_counter() - shown > PROGRESS_S:  # it walks every request: not per submission
             shown = time.perf_counter()
             _show(progress, task, mode, tracked, len(requests), start)
+
+
+def _drain(cs, tracked: list, mode: str, total: int, start: float, drain_timeout: float, progress, task) -> None:
+    """Wait for every request to end; past drain_timeout the rest are aborted."""
     deadline = time.perf_counter() + drain_timeout
     for _, _, t in tracked:
         while not t.done.wait(0.2):
             if progress:
-                _show(progress, task, mode, tracked, len(requests), start)
+                _show(progress, task, mode, tracked, total, start)
             if time.perf_counter() > deadline:
                 cs.abort(t.rid, "benchmark drain timeout")
                 break
+
+
+def _records(tracked: list, start: float) -> list[RequestRecord]:
     records = []
     for arrival, req, t in tracked:
         ids = t.tokens.get(0, [])
@@ -80,12 +111,9 @@ def run_load(cs, requests: list[BenchRequest], arrivals, mode: str, drain_timeou
             arrival=arrival - start, input_len=len(req.prompt_ids), output_len=len(ids),
             first_token=None if t.first_token_time is None else t.first_token_time - start,
             token_times=[x - start for x in t.token_times], end=None if t.finish_time is None else t.finish_time - start,
-            error=t.error, aborted=aborted, path=t.path,
-            workers=t.ranks,
+            error=t.error, aborted=aborted, path=t.path, workers=t.ranks,
             predicted=t.decision.get("predicted", {}).get(t.path, {}) if t.decision else {},
             predicted_raw=t.decision.get("predicted_raw", {}).get(t.path, {}) if t.decision else {}))
-    if progress:
-        progress.update(task, completed=len(requests))
     return records
 
 

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pdcli.cli.common import DEFAULT_MODEL, EXIT_RUNTIME, Model, Mps, engine_options, fail
+from pdcli.cli.common import DEFAULT_MODEL, EXIT_INTERRUPTED, EXIT_RUNTIME, Model, Mps, engine_options, fail
 
 
 def _rates(text: str) -> list[float]:
@@ -39,16 +39,20 @@ def _goodput(items: list[str], ttft: Optional[float], tpot: Optional[float]) -> 
     return slos
 
 
+GPU_NUM_PROMPTS, CPU_NUM_PROMPTS = 100, 10  # a CPU run of the defaults takes a few minutes
+
+
 @engine_options
 def bench(
     model: Model = DEFAULT_MODEL,
     mode: Annotated[str, typer.Option(help="collocated, disaggregated, adaptive, threshold or all.")] = "collocated",
-    devices: Annotated[str | None, typer.Option(help="Devices shared by every mode, e.g. cuda:0,cuda:1 or cpu,cpu "
-                                                     "(default: every visible GPU, else cpu,cpu).")] = None,
+    devices: Annotated[str | None, typer.Option("--devices", "--device", help=(
+        "Devices shared by every mode, e.g. cuda:0,cuda:1 or cpu,cpu (default: every visible GPU, else cpu,cpu)."))] = None,
     arrival_rate: Annotated[str, typer.Option("--arrival-rate", "--request-rate", help="Requests/s: a number, inf, a list or start:stop:step.")] = "inf",
     burstiness: Annotated[float, typer.Option(help="Gamma shape of the gaps: 1 = Poisson.")] = 1.0,
     workload: Annotated[str, typer.Option(help="short, long, mixed, random or sharegpt-like.")] = "random",
-    num_prompts: Annotated[int, typer.Option(help="Requests per run.")] = 100,
+    num_prompts: Annotated[Optional[int], typer.Option(help=f"Requests per run (default: {GPU_NUM_PROMPTS} on GPUs, "
+                                                          f"{CPU_NUM_PROMPTS} on CPUs).")] = None,
     duration: Annotated[Optional[float], typer.Option(help="Instead of --num-prompts: rate x duration requests.")] = None,
     random_input_len: Annotated[int, typer.Option()] = 1024,
     random_output_len: Annotated[int, typer.Option()] = 128,
@@ -81,20 +85,34 @@ def bench(
                slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms, goodput=goodput, params_dir=params_dir,
                result_dir=result_dir, save_detailed=save_detailed, drain_timeout=drain_timeout, endpoint=endpoint,
                api_key=api_key, max_concurrency=max_concurrency, num_prefill=num_prefill, mps=mps, engine=engine)
-    _resolve(b)
+    _resolve(b, err)
     os.makedirs(b.result_dir, exist_ok=True)
     b.stamp = time.strftime("%Y%m%d-%H%M%S")
-    rows, paths = _bench_endpoint(b) if b.endpoint else ([], [])
+    rows, paths, interrupted = [], [], False
     modes = [] if b.endpoint else b.modes
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} done"),
-                  TimeElapsedColumn(), console=err, transient=True) as progress:
-        for m in modes:
-            mode_rows, mode_paths = _bench_mode(b, m, progress, err)
-            rows += mode_rows
-            paths += mode_paths
+    try:
+        if b.endpoint:
+            _bench_endpoint(b, rows, paths)
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} done"),
+                      TimeElapsedColumn(), console=err, transient=True) as progress:
+            for m in modes:
+                _bench_mode(b, m, progress, err, rows, paths)
+    except KeyboardInterrupt:
+        interrupted = True
     _print_table(b, rows, modes, err)
+    _print_outputs(b, paths, err)
+    if interrupted:
+        err.print("interrupted: the results above are those that finished (their JSON says interrupted)")
+        raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def _print_outputs(b: _Bench, paths: list[str], err) -> None:
+    """The result files (stdout) and how to plot them (stderr)."""
     for p in paths:
         print(p)
+    if paths:
+        err.print(f"{len(paths)} result file(s) in {b.result_dir}; plot them with: "
+                  f"pdcli plot {os.path.join(b.result_dir, b.stamp + '_*.json')}")
 
 
 @dataclass
@@ -135,7 +153,7 @@ class _Bench:
     stamp: str = ""  # of the result file names
 
 
-def _resolve(b: _Bench) -> None:
+def _resolve(b: _Bench, err) -> None:
     """Check the options and resolve rates, SLOs, modes, devices and the model's vocabulary and length;
     a bad option or model exits with a usage error."""
     import torch
@@ -157,6 +175,11 @@ def _resolve(b: _Bench) -> None:
         if b.devices is None:
             b.devices = ",".join(f"cuda:{i}" for i in range(torch.cuda.device_count())) or "cpu,cpu"
         b.devs = [d.strip() for d in b.devices.split(",") if d.strip()]
+        if b.num_prompts is None and b.duration is None:
+            on_gpu = any(d.startswith("cuda") for d in b.devs) or b.endpoint is not None
+            b.num_prompts = GPU_NUM_PROMPTS if on_gpu else CPU_NUM_PROMPTS
+            if not on_gpu:
+                err.print(f"cpu: {CPU_NUM_PROMPTS} prompts per run by default (a few minutes); --num-prompts N for more")
         arch = ModelArch.from_hf_config(resolve(b.model).hf_config)
         b.vocab_size, b.max_len = arch.vocab_size, b.engine["max_model_len"] or arch.max_position_embeddings
     except (ValueError, ModelLoadError) as e:
@@ -180,15 +203,14 @@ def _row(b: _Bench, mode: str, rate: float, stats: dict) -> dict:
                 max_concurrency=b.max_concurrency, **stats)
 
 
-def _bench_endpoint(b: _Bench) -> tuple[list[dict], list[str]]:
-    """Each rate's load against --endpoint: (table rows, result JSON paths)."""
+def _bench_endpoint(b: _Bench, rows: list[dict], paths: list[str]) -> None:
+    """Each rate's load against --endpoint, appending table rows and result JSON paths."""
     from pdcli.bench.arrivals import arrival_times
     from pdcli.bench.http_client import run_endpoint
     from pdcli.bench.metrics import summarize
     from pdcli.bench.runner import rate_label, warmup_filter
     from pdcli.benchmarks.results import provenance, write
 
-    rows, paths = [], []
     for i, rate in enumerate(b.rates):
         n, reqs = _requests(b, i, rate)
         try:
@@ -201,33 +223,44 @@ def _bench_endpoint(b: _Bench) -> tuple[list[dict], list[str]]:
         result = dict(row, model=b.model, endpoint=b.endpoint, seed=b.seed, date=b.stamp,
                       provenance=provenance("pdcli", None, program="pdcli"))
         paths.append(write(b.result_dir, f"{b.stamp}_endpoint_{b.workload}_rate{rate_label(rate)}", result))
-    return rows, paths
 
 
-def _bench_mode(b: _Bench, m: str, progress, err) -> tuple[list[dict], list[str]]:
-    """Mode m's workers on the devices, each rate's load through them: (table rows, result JSON paths)."""
+def _bench_mode(b: _Bench, m: str, progress, err, rows: list[dict], paths: list[str]) -> None:
+    """Mode m's workers on the devices, each rate's load through them, appending table rows and result JSON
+    paths; each rate's JSON is written when it ends, and on Ctrl-C what finished, marked interrupted."""
     from pdcli.bench.arrivals import arrival_times
-    from pdcli.bench.metrics import summarize
-    from pdcli.bench.runner import rate_label, run_load, warmup_filter
-    from pdcli.benchmarks.results import write
+    from pdcli.bench.runner import LoadInterrupted, rate_label, run_load
 
     layout, cs = _start_workers(b, m, err)
-    rows, paths = [], []
     try:
         for i, rate in enumerate(b.rates):
             began = time.perf_counter()
             n, reqs = _requests(b, i, rate)
             arrivals = arrival_times(n, rate, b.burstiness, b.seed)
             task = progress.add_task(m, total=n)
-            records = run_load(cs, reqs, arrivals, m, b.drain_timeout, progress, task, b.max_concurrency)
-            stats = summarize(warmup_filter(records, b.warmup), b.slos)
-            rows.append(_row(b, m, rate, stats))
-            result = _result(b, rows[-1], records, stats, layout, cs)
-            paths.append(write(b.result_dir, f"{b.stamp}_{m}_{b.workload}_rate{rate_label(rate)}", result))
+            try:
+                records = run_load(cs, reqs, arrivals, m, b.drain_timeout, progress, task, b.max_concurrency)
+            except LoadInterrupted as stop:
+                _write_rate(b, m, rate, stop.records, layout, cs, rows, paths, interrupted=True)
+                raise KeyboardInterrupt from None
+            _write_rate(b, m, rate, records, layout, cs, rows, paths)
             err.print(f"{m} at {rate_label(rate)} req/s: {n} requests in {time.perf_counter() - began:.0f} s")
     finally:
         cs.shutdown()
-    return rows, paths
+
+
+def _write_rate(b: _Bench, m: str, rate: float, records: list, layout, cs, rows: list[dict], paths: list[str],
+                interrupted: bool = False) -> None:
+    from pdcli.bench.metrics import summarize
+    from pdcli.bench.runner import rate_label, warmup_filter
+    from pdcli.benchmarks.results import write
+
+    stats = summarize(warmup_filter(records, b.warmup), b.slos)
+    rows.append(_row(b, m, rate, stats))
+    result = _result(b, rows[-1], records, stats, layout, cs)
+    if interrupted:
+        result["interrupted"] = True
+    paths.append(write(b.result_dir, f"{b.stamp}_{m}_{b.workload}_rate{rate_label(rate)}", result))
 
 
 def _start_workers(b: _Bench, m: str, err):
@@ -281,10 +314,11 @@ def _print_table(b: _Bench, rows: list[dict], modes: list[str], err) -> None:
     from pdcli.bench.metrics import max_rate_meeting
 
     table = Table(title=f"{b.model} · {b.workload} · devices {b.devices}")
-    for col in ("mode", "rate", "done/failed", "req/s", "out tok/s", "TTFT p50/p99 ms", "TPOT p50/p99 ms", "SLO ok"):
+    for col in ("mode", "rate", "done/failed/aborted", "req/s", "out tok/s", "TTFT p50/p99 ms", "TPOT p50/p99 ms",
+                "SLO ok"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["mode"], str(r["request_rate"]), f"{r['completed']}/{r['failed'] + r['aborted']}",
+        table.add_row(r["mode"], str(r["request_rate"]), f"{r['completed']}/{r['failed']}/{r['aborted']}",
                       f"{r['request_throughput']:.2f}", f"{r['output_throughput']:.1f}",
                       f"{r['median_ttft_ms']:.0f}/{r['p99_ttft_ms']:.0f}", f"{r['median_tpot_ms']:.1f}/{r['p99_tpot_ms']:.1f}",
                       f"{r['slo_attainment']:.0%}" if "slo_attainment" in r else "-")

@@ -11,10 +11,13 @@ import typer
 
 from pdcli.config import CacheConfig, EngineConfig, SchedulerConfig
 
-EXIT_RUNTIME, EXIT_USAGE = 1, 2  # runtime failure | bad input (flags, model, prompt)
+EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130  # runtime failure | bad input (flags, model, prompt) | Ctrl-C
 
 Model = Annotated[str, typer.Option("--model", "-m", help="HF checkpoint dir, .gguf file, dummy:<preset> or smollm2.")]
-Device = Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")]
+Device = Annotated[Optional[str], typer.Option("--device", "--devices",
+                                               help="cpu, cuda or cuda:N (default: cuda if available).")]
+Devices = Annotated[Optional[str], typer.Option("--devices", "--device", help=(
+    "Devices, e.g. cuda:0,cuda:1 or cpu,cpu (default: every visible GPU, else cpu,cpu)."))]
 Dtype = Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16 or float32.")]
 MaxModelLen = Annotated[Optional[int], typer.Option(help="Longest prompt + output (default: the model's).")]
 MaxNumSeqs = Annotated[int, typer.Option(help="Sequences per step.")]

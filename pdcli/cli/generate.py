@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pdcli.cli.common import DEFAULT_MODEL, EXIT_RUNTIME, Device, Model, Mps, engine_options, fail
+from pdcli.cli.common import DEFAULT_MODEL, EXIT_INTERRUPTED, EXIT_RUNTIME, Device, Model, Mps, engine_options, fail
 
 
 @engine_options
@@ -31,11 +31,26 @@ def generate(
     engine: dict = None,
 ) -> None:
     """Generate text for PROMPT(s) and stream it to the terminal."""
-    if mode is not None or collocated or prefill or decode:
-        from pdcli.cli.generate_workers import generate_with_workers
+    try:
+        if mode is not None or collocated or prefill or decode:
+            from pdcli.cli.generate_workers import generate_with_workers
 
-        return generate_with_workers(prompts, model, chat, max_tokens, temperature, top_p, top_k, seed, ignore_eos,
-                                     device, as_json, mode or "collocated", collocated, prefill, decode, engine, mps)
+            return generate_with_workers(prompts, model, chat, max_tokens, temperature, top_p, top_k, seed,
+                                         ignore_eos, device, as_json, mode or "collocated", collocated, prefill,
+                                         decode, engine, mps)
+        if device and "," in device:
+            fail(f"generate runs on one device, got {device!r}; for several use --mode with --collocated, --prefill "
+                 f"and --decode")
+        _generate_here(prompts, model, chat, max_tokens, temperature, top_p, top_k, seed, ignore_eos, device, as_json,
+                       engine)
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+def _generate_here(prompts, model, chat, max_tokens, temperature, top_p, top_k, seed, ignore_eos, device, as_json,
+                   engine) -> None:
+    """One engine in this process."""
     from rich.console import Console
 
     from pdcli import LLM, SamplingParams
@@ -70,7 +85,7 @@ def generate(
     ttft = min(o.metrics["first_token_time"] or float("inf") for o in outputs) - start
     err.print(f"[dim]{num_tokens} tokens in {elapsed:.2f} s · TTFT {ttft * 1e3:.0f} ms · "
               f"{num_tokens / max(elapsed, 1e-9):.1f} tok/s · {llm.engine.device.type} · "
-              f"{llm.engine.runner.kernel_path} attention[/dim]")
+              f"{llm.engine.kernel_path} attention[/dim]")
 
 
 def _print_stream(stream, llm, num_prompts: int) -> None:

@@ -5,7 +5,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from pdcli.cli.common import DEFAULT_MODEL, EXIT_RUNTIME, Device, Model, Mps, engine_options, fail
+from pdcli.cli.common import DEFAULT_MODEL, EXIT_INTERRUPTED, EXIT_RUNTIME, Device, Model, Mps, engine_options, fail
+
+GRACEFUL_S = 10  # s that open requests get after Ctrl-C (uvicorn's timeout_graceful_shutdown)
 
 
 @engine_options
@@ -50,10 +52,15 @@ def serve(
         fail(str(e))
     except (RuntimeError, OSError, TimeoutError) as e:
         fail(str(e), EXIT_RUNTIME)
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     app = create_app(cs, model, served_model_name or model, cs.max_model_len, api_key)
     err.print(f"pdcli serving {served_model_name or model} ({mode}, {len(layout)} worker(s)) on http://{host}:{port}/v1")
-    try:
+    try:  # Ctrl-C: uvicorn stops taking requests and gives the open ones GRACEFUL_S; then the workers stop
         uvicorn.run(app, host=host, port=port, log_level=logging.getLevelName(current_level()).lower(),
-                    timeout_graceful_shutdown=10)
+                    timeout_graceful_shutdown=GRACEFUL_S)
     finally:
-        cs.shutdown()
+        try:
+            cs.shutdown()
+        except KeyboardInterrupt:  # a second Ctrl-C: the workers were killed; exit as uvicorn does
+            pass

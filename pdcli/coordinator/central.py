@@ -16,7 +16,7 @@ from pdcli.coordinator.handoff_relay import HandoffRelay
 from pdcli.coordinator.output import OutputAssembler
 from pdcli.coordinator.routing import Routing, can_hand_off
 from pdcli.coordinator.tracked import Stage, Tracked
-from pdcli.coordinator.worker_pool import WorkerHandle, WorkerPool
+from pdcli.coordinator.worker_pool import SHUTDOWN_S, WorkerHandle, WorkerPool
 from pdcli.messages import RequestFailed, StatsRequest, StepTokens, Submit, WorkerStats, dispatch
 from pdcli.outputs import RequestOutput
 from pdcli.sampling_params import SamplingParams
@@ -53,7 +53,7 @@ class CentralScheduler:
         self.ids = itertools.count()
         self.rng = random.Random(sampling_seed)  # seeds of unseeded requests, shared by P and D
         self.stats_replies: queue.Queue = queue.Queue()
-        self.accounting = {p: dict(requests=0, output_tokens=0, failed=0, transfer_bytes=0, transfer_s=0.0)
+        self.accounting = {p: dict(requests=0, output_tokens=0, failed=0, aborted=0, transfer_bytes=0, transfer_s=0.0)
                            for p in ("collocated", "disaggregated")}
         self._closed = False
         nccl = [(p.rank, d.rank) for p in layout for d in layout
@@ -86,16 +86,19 @@ class CentralScheduler:
     def kv_layerwise(self, on: bool) -> None:
         self.relay.kv_layerwise = on
 
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop every worker; requests still running end with an error."""
+    def shutdown(self, timeout: float = SHUTDOWN_S) -> None:
+        """Stop every worker (killed after `timeout` s, or at once on Ctrl-C); requests still running end
+        with an error."""
         if self._closed:
             return
         self._closed = True
-        self.pool.shutdown(timeout)
-        with self.lock:
-            for t in list(self.requests.values()):
-                if not t.done.is_set():
-                    self._fail(t, "the server shut down")
+        try:
+            self.pool.shutdown(timeout)
+        finally:
+            with self.lock:
+                for t in list(self.requests.values()):
+                    if not t.done.is_set():
+                        self._fail(t, "the server shut down")
 
     def __enter__(self):
         return self
@@ -220,8 +223,8 @@ class CentralScheduler:
         t.error = message
         for i in range(max(1, t.params.n)):
             t.finish.setdefault(i, finish)
-        if t.path:
-            self.accounting[t.path]["failed"] += 1
+        if t.path:  # an abort (the client left, a timeout) is not a failure
+            self.accounting[t.path]["aborted" if finish == "abort" else "failed"] += 1
         t.events.put((0, [], finish))
         if t.waker:
             t.waker()

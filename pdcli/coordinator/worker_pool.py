@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import queue
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,18 @@ from pdcli.workers.mps import start_for
 from pdcli.workers.worker import worker_main
 
 logger = logging.getLogger("pdcli.coordinator")
+
+SHUTDOWN_S = 10.0  # a worker still running this long after it was told to stop is killed
+
+
+def loopback_listener() -> int:
+    """A listening socket on 127.0.0.1 for the store (TCPStore binds every interface, unauthenticated);
+    its descriptor is handed over, the store owns it."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    return sock.detach()
 
 
 def same_gpu(a: WorkerSpec, b: WorkerSpec) -> bool:
@@ -49,7 +62,8 @@ class WorkerPool:
 
         # the workers' rendezvous store lives here, not in rank 0: a worker that stops first cannot take it down
         # under the others (NCCL's monitor thread then logs connection errors at every shutdown)
-        self._store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+        self._store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                                    master_listen_fd=loopback_listener())
         self.workers: list[WorkerHandle] = []
         self.mps = start_for(layout, mps)
         self.mps_on = self.mps is not None  # workers run under MPS (kept once the daemon stops at shutdown)
@@ -102,7 +116,10 @@ class WorkerPool:
                     raise RuntimeError(f"{where} exited during startup")
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{where} did not start in {timeout:.0f} s")
-            msg = w.conn.recv()
+            try:
+                msg = w.conn.recv()
+            except EOFError:
+                raise RuntimeError(f"{where} exited during startup") from None
             if isinstance(msg, WorkerFailed):
                 raise RuntimeError(f"{where} failed to start:\n{msg.traceback}")
             if not isinstance(msg, Ready):
@@ -164,11 +181,24 @@ class WorkerPool:
                         self._on_death(w, f"it exited with code {w.proc.exitcode}")
 
     # ---- stop ----
-    def shutdown(self, timeout: float = 10.0) -> None:
+    def shutdown(self, timeout: float = SHUTDOWN_S) -> None:
         """Stop every worker, prefill workers first: they map decode workers' pools (CUDA IPC), which must
-        outlive the mapping; then the MPS daemon."""
+        outlive the mapping; a worker still alive after `timeout` s is killed; then the MPS daemon. Ctrl-C
+        meanwhile kills the workers at once (and is raised again)."""
         self.closed = True
-        deadline = time.monotonic() + timeout
+        try:
+            self._stop_in_order(time.monotonic() + timeout)
+        except KeyboardInterrupt:
+            logger.warning("stopping now: workers killed")
+            self._kill()
+            raise
+        finally:
+            self._store = None  # every worker has stopped
+            if self.mps is not None:
+                self.mps.stop()
+                self.mps = None
+
+    def _stop_in_order(self, deadline: float) -> None:
         for phase in (("prefill",), ("collocated", "decode")):
             group = [w for w in self.workers if w.spec.role in phase]
             for w in group:
@@ -186,7 +216,10 @@ class WorkerPool:
                     logger.warning("worker %s %d did not stop in time: killed", w.spec.role, w.spec.rank)
                     w.proc.kill()
                     w.proc.join(5)
-        self._store = None  # every worker has stopped
-        if self.mps is not None:
-            self.mps.stop()
-            self.mps = None
+
+    def _kill(self) -> None:
+        for w in self.workers:
+            if w.proc.is_alive():
+                w.proc.kill()
+        for w in self.workers:
+            w.proc.join(5)

@@ -111,8 +111,21 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx
         return fresh_prefill_attention(q, k_cache, v_cache, ctx.block_tables[0], scale)
     if mod is not None:
         return split_attention(q, ctx, mod.decode_attention, mod.prefill_attention, k_cache, v_cache, scale)
+    if ctx.prefill_query_start_loc is not None:  # decodes and prompts apart: no decode row padded to a chunk
+        return split_attention(q, ctx, reference_decode, reference_prefill, k_cache, v_cache, scale)
     return reference.paged_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, ctx.query_start_loc,
                                      ctx.max_query_len, ctx.max_context_len, scale)
+
+
+def reference_decode(out, q, k_cache, v_cache, tables, lens, scale, splits, max_ctx) -> None:
+    """The reference in the decode kernel's signature (one query row per sequence)."""
+    qsl = torch.arange(len(lens) + 1, dtype=torch.int32, device=q.device)
+    out.copy_(reference.paged_attention(q, k_cache, v_cache, tables, lens, qsl, 1, int(lens.max()), scale))
+
+
+def reference_prefill(out, q, k_cache, v_cache, tables, lens, qsl, max_q, scale) -> None:
+    """The reference in the prefill kernel's signature."""
+    out.copy_(reference.paged_attention(q, k_cache, v_cache, tables, lens, qsl, max_q, int(lens.max()), scale))
 
 
 def fresh_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,

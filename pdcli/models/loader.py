@@ -76,13 +76,23 @@ def _hf_dir(path: str, name: str | None = None) -> ModelSource:
     if not files:
         raise ModelLoadError(f"{path} has no *.safetensors weights")
     arch = ModelArch.from_hf_config(cfg)
+    return ModelSource(name or path, cfg, _iter_safetensors(files), load_tokenizer(path, arch.eos_token_ids))
+
+
+def load_tokenizer(path: str, eos_token_ids: tuple[int, ...]):
+    """tokenizers + jinja2 where the checkpoint allows (no transformers import), else transformers' own;
+    bytes when the checkpoint has no tokenizer."""
+    from pdcli.models.fast_tokenizer import FastTokenizer
+
+    tok = FastTokenizer.from_dir(path, eos_token_ids)
+    if tok is not None:
+        return tok
     try:
         from transformers import AutoTokenizer
 
-        tok = HFTokenizer(AutoTokenizer.from_pretrained(path), arch.eos_token_ids)
+        return HFTokenizer(AutoTokenizer.from_pretrained(path), eos_token_ids)
     except (OSError, ValueError, TypeError):
-        tok = ByteTokenizer(arch.eos_token_ids)
-    return ModelSource(name or path, cfg, _iter_safetensors(files), tok)
+        return ByteTokenizer(eos_token_ids)
 
 
 def _iter_safetensors(files: list[str]):
@@ -131,6 +141,25 @@ def init_dummy_weights(model: CausalLM, seed: int) -> None:
             p.data.uniform_(-0.05, 0.05, generator=gen)
 
 
+def materialize(model: torch.nn.Module, device: torch.device) -> None:
+    """Uninitialised storage on `device` for every parameter and buffer built on the meta device (what
+    `Module.to_empty` does, without the tensor-subclass machinery it imports on first use: ~0.7 s)."""
+    done: dict[int, torch.Tensor] = {}  # a tensor shared by two modules stays shared
+
+    def empty(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in done:
+            done[id(t)] = torch.empty(t.shape, dtype=t.dtype, device=device)
+        return done[id(t)]
+
+    for m in model.modules():
+        for name, p in m._parameters.items():
+            if p is not None and p.is_meta:
+                m._parameters[name] = torch.nn.Parameter(empty(p), requires_grad=p.requires_grad)
+        for name, b in m._buffers.items():
+            if b is not None and b.is_meta:
+                m._buffers[name] = empty(b)
+
+
 def build_model(source: ModelSource, device: torch.device, dtype: torch.dtype, max_model_len: int,
                 seed: int = 0) -> CausalLM:
     arch = ModelArch.from_hf_config(source.hf_config)
@@ -141,7 +170,7 @@ def build_model(source: ModelSource, device: torch.device, dtype: torch.dtype, m
             model = CausalLM(arch, max_model_len)
     finally:
         torch.set_default_dtype(prev)
-    model.to_empty(device=device)  # no init pass: every weight is loaded or drawn below
+    materialize(model, device)  # no init pass: every weight is loaded or drawn below
     if arch.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary.reset()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 import uuid
 
@@ -28,7 +29,8 @@ class OpenAIServer:
         return JSONResponse(e.body(), status_code=e.status)
 
     def check(self, request: Request, body: dict | None = None) -> None:
-        if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
+        given = request.headers.get("authorization") or ""
+        if self.api_key is not None and not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
             raise APIError("Invalid API key: pass 'Authorization: Bearer <key>'", 401, code="invalid_api_key")
         if body is not None and body.get("model", self.name) != self.name:
             raise APIError(f"The model '{body.get('model')}' does not exist; this server serves "

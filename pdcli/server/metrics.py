@@ -56,7 +56,7 @@ class ServerMetrics:
         lines += [f'pdcli_kv_cache_usage{{rank="{w["rank"]}",role="{w["role"]}"}} '
                   f'{1 - w["num_free_blocks"] / max(1, w["num_blocks"]):.6f}' for w in worker_stats]
         for path, acc in accounting.items():
-            for key in ("requests", "output_tokens", "failed", "transfer_bytes"):
+            for key in ("requests", "output_tokens", "failed", "aborted", "transfer_bytes"):
                 lines.append(f'pdcli_path_{key}_total{{path="{path}"}} {acc[key]}')
         lines += self.ttft.lines("pdcli_time_to_first_token_ms") + self.tpot.lines("pdcli_time_per_output_token_ms")
         return "\n".join(lines) + "\n"

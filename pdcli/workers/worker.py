@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import traceback
 from datetime import timedelta
 
@@ -29,6 +30,7 @@ def worker_main(spec: WorkerSpec, model: str, engine_kwargs: dict, conn, dist_in
                 log_level: int = logging.WARNING) -> None:
     """dist_init: (host, port) of the coordinator's TCPStore; nccl_pairs: the (prefill, decode) ranks that
     may hand KV over through NCCL; env: set before CUDA starts here (the MPS daemon's, workers/mps.py)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's: it stops its workers in order
     os.environ.update(env or {})
     init_worker_logging(log_level, spec)
     try:
