@@ -50,7 +50,9 @@ class EngineConfig:
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     seed: int = 0  # seed for dummy weights and unseeded sampling
     enforce_eager: bool = False  # no CUDA graphs
-    async_scheduling: bool = True  # schedule step i + 1 while the device runs step i
+    # schedule step i + 1 while the device runs step i; None: on a GPU only (on the CPU the host runs the step
+    # itself, so nothing overlaps and a finishing sequence's next step is wasted)
+    async_scheduling: bool | None = None
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
 

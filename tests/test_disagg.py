@@ -11,7 +11,8 @@ from pdcli.coordinator.policy import RouteInput, Threshold, make_policy
 from pdcli.workers.layout import parse_layout
 from tiny_models import hf_greedy
 
-ENGINE = dict(max_num_batched_tokens=16, block_size=8, num_kv_blocks=96)
+ENGINE = dict(max_num_batched_tokens=16, block_size=8, num_kv_blocks=96,
+              async_scheduling=True)  # as on GPUs (on the CPU it is off by default)
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
 

@@ -11,6 +11,8 @@ import typer
 
 from pdcli.config import CacheConfig, EngineConfig, SchedulerConfig
 
+fast_exit = False  # set by a command whose process holds nothing to tear down: `run` ends it with os._exit
+
 EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130  # runtime failure | bad input (flags, model, prompt) | Ctrl-C
 
 Model = Annotated[str, typer.Option("--model", "-m", help="HF checkpoint dir, .gguf file, dummy:<preset> or smollm2.")]
@@ -32,8 +34,9 @@ AdmissionReserve = Annotated[float, typer.Option(
 Mps = Annotated[Optional[bool], typer.Option(
     "--mps/--no-mps", help="Run workers that share a GPU under CUDA MPS, so their kernels overlap "
                            "(default: when MPS can start; else they are time-sliced).")]
-AsyncScheduling = Annotated[bool, typer.Option("--async-scheduling/--no-async-scheduling",
-                                               help="Schedule step i + 1 while the device runs step i.")]
+AsyncScheduling = Annotated[Optional[bool], typer.Option(
+    "--async-scheduling/--no-async-scheduling",
+    help="Schedule step i + 1 while the device runs step i (default: on GPUs only).")]
 
 
 # the engine flags every command shares: (name, annotation, default from the config dataclasses)

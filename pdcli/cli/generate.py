@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import time
@@ -7,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from pdcli.cli import common
 from pdcli.cli.common import DEFAULT_MODEL, EXIT_INTERRUPTED, EXIT_RUNTIME, Device, Model, Mps, engine_options, fail
 
 
@@ -41,6 +43,8 @@ def generate(
         if device and "," in device:
             fail(f"generate runs on one device, got {device!r}; for several use --mode with --collocated, --prefill "
                  f"and --decode")
+        common.fast_exit = True  # one engine in this process, no workers, nothing written but stdout and stderr
+        gc.disable()  # while torch and the model load: each collection would walk every object made so far
         _generate_here(prompts, model, chat, max_tokens, temperature, top_p, top_k, seed, ignore_eos, device, as_json,
                        engine)
     except KeyboardInterrupt:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 import itertools
 import random
 import time
@@ -94,8 +95,11 @@ class LLMEngine:
         self._ids = itertools.count()
         self._rng = random.Random(config.seed)
         self.detokenize = True  # workers leave text to the coordinator (stop strings still need it here)
-        self.async_scheduling = config.async_scheduling
+        self.async_scheduling = config.async_scheduling if config.async_scheduling is not None else \
+            self.device.type == "cuda"
         self._inflight: StepFuture | None = None  # launched step whose tokens have not landed
+        gc.freeze()  # what start-up made (torch, the model) lives on: later collections skip it (as vLLM does)
+        gc.enable()  # (a caller may have turned collection off while loading)
 
     # ---- requests ----
     def encode(self, prompt: str | list[int], chat: bool = False) -> list[int]:

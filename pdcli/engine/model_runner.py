@@ -15,6 +15,15 @@ from pdcli.kernels import ops
 from pdcli.models.decoder import CausalLM
 
 
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.zeros; on the CPU from calloc'd memory, whose pages the OS zeroes when first touched (a 0.5 GiB pool
+    is not written through at start-up)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
 class ModelRunner:
     """Owns the model and its KV pool; turns a scheduled batch into one flat forward pass."""
 
@@ -30,8 +39,8 @@ class ModelRunner:
         self.num_blocks = self._num_kv_blocks(cache, sched)
         a = self.arch
         # [layers, k|v, num_blocks, block_size, kv_heads, head_dim]; zeroed so masked slots hold no NaN
-        self.kv_cache = torch.zeros(a.num_hidden_layers, 2, self.num_blocks, self.block_size, a.num_key_value_heads,
-                                    a.head_dim, dtype=self.dtype, device=self.device)
+        self.kv_cache = zeros((a.num_hidden_layers, 2, self.num_blocks, self.block_size, a.num_key_value_heads,
+                               a.head_dim), self.dtype, self.device)
         for i, attn in enumerate(model.kv_layers()):
             attn.k_cache, attn.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
         self.kernel_path = ops.kernel_path(self.device, self.dtype, a.head_dim,

@@ -120,7 +120,11 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]]) -
             if params[name].shape != tensor.shape:
                 raise ModelLoadError(f"weight {name} has shape {tuple(tensor.shape)}, "
                                      f"expected {tuple(params[name].shape)}")
-            params[name].data.copy_(tensor)
+            p = params[name]
+            if tensor.device == p.device and tensor.dtype == p.dtype and tensor.is_contiguous():
+                p.data = tensor  # the checkpoint's own tensor (just read): no second copy
+            else:
+                p.data.copy_(tensor)
             loaded.add(name)
         else:
             raise ModelLoadError(f"unexpected weight {name} in checkpoint")
