@@ -206,11 +206,12 @@ def test_collocated_load_moves_to_disaggregated():
 
 
 def test_busy_collocated_workers_as_prefill_and_decode_cost_more():
-    """pd_on_collocated: a prefill worker with its own decode batch prefills slower, and a decode worker
-    with queued prompts decodes slower, than dedicated idle ones."""
+    """pd_on_collocated: a prefill worker with its own decode batch prefills slower, and a decode worker that
+    prompts are routed to decodes slower, than dedicated idle ones."""
     r = router()
     dedicated = r.predict(2000, 200, None, load(0), load(32))["disaggregated"]
-    busy = r.predict(2000, 200, None, load(64), load(32, queued=16000))["disaggregated"]
+    busy_dec = WorkerLoad(decode_batch=32, decode_ctx=32 * 1500, prefill_per_s=8.0, prefill_tokens_per_s=16000.0)
+    busy = r.predict(2000, 200, None, load(64), busy_dec)["disaggregated"]
     assert busy["ttft_ms"] > dedicated["ttft_ms"] and busy["tpot_ms"] > dedicated["tpot_ms"]
 
 
@@ -271,30 +272,40 @@ def test_transfer_cost_follows_the_worker_pair():
     assert ipc == pytest.approx(0.05 + kv / 180e6) and nccl == pytest.approx(0.3 + kv / 20e6)
 
 
-def test_workers_sharing_a_gpu_are_priced_time_sliced():
-    """Two processes on one GPU are time-sliced: a worker whose GPU has another busy worker is predicted
-    at half speed; idle neighbours and CPU workers do not count."""
-    from pdcli.router.load import mark_gpu_sharing
+def test_workers_sharing_a_gpu_are_priced_by_their_decodes_and_the_gpus_prefill_share():
+    """Workers on one GPU: another worker's decode batch slows a decode step (both read the weights: ~2x) and a
+    prefill a little; the prefill work routed to any worker on the GPU takes its share rho of the GPU's time,
+    stretching every decode step on it by 1 / (1 - rho). Idle neighbours and CPU workers do not count."""
+    from pdcli.router.latency import PREFILL_BESIDE_DECODE, prefill_share
+    from pdcli.router.load import LoadForecast, mark_gpu_sharing
 
-    loads = {0: load(8), 1: load(0), 2: load(4), 3: load(4)}
+    loads = {0: load(8), 1: load(0, queued=4000), 2: load(4), 3: load(4)}
     mark_gpu_sharing(loads, {0: "cuda:0", 1: "cuda:0", 2: "cuda:1", 3: "cpu"})
-    assert [loads[r].sharing for r in range(4)] == [0, 1, 0, 0]
+    assert [loads[r].sharing for r in range(4)] == [0, 1, 0, 0]  # prompts queued on rank 1 are not decodes
     assert [loads[r].sharing_avg for r in range(4)] == [0, 1, 0, 0]
-    # over a whole decode a neighbour counts by the fraction of time it is busy
+    # over a whole decode a neighbour counts by the fraction of time it decodes
     mark_gpu_sharing(loads, {0: "cuda:0", 1: "cuda:0", 2: "cuda:1", 3: "cpu"}, {0: 0.9, 1: 0.5, 2: 1.0, 3: 1.0})
-    assert [loads[r].sharing for r in range(4)] == [0, 1, 0, 0]
     assert [loads[r].sharing_avg for r in range(4)] == [0.5, 0.9, 0, 0]
     r = router()
     alone = r.predict(2000, 200, load(8), load(0), load(8))
     shared = r.predict(2000, 200, WorkerLoad(decode_batch=8, decode_ctx=8 * 1500, sharing=1, sharing_avg=1.0),
                        load(0), load(8))
-    assert shared["collocated"]["ttft_ms"] == pytest.approx(2 * alone["collocated"]["ttft_ms"])
+    assert shared["collocated"]["ttft_ms"] == pytest.approx((1 + PREFILL_BESIDE_DECODE) * alone["collocated"]["ttft_ms"])
     assert shared["collocated"]["tpot_ms"] == pytest.approx(2 * alone["collocated"]["tpot_ms"])
     assert shared["disaggregated"] == alone["disaggregated"]
-    half = r.predict(2000, 200, WorkerLoad(decode_batch=8, decode_ctx=8 * 1500, sharing=1, sharing_avg=0.5),
-                     load(0), load(8))
-    assert half["collocated"]["ttft_ms"] == pytest.approx(2 * alone["collocated"]["ttft_ms"])  # now: busy
-    assert half["collocated"]["tpot_ms"] == pytest.approx(1.5 * alone["collocated"]["tpot_ms"])
+    # a prefill worker on the decode worker's GPU: its prompts take their share of that GPU
+    pre, dec = WorkerLoad(role="prefill", device="cuda:0"), WorkerLoad(role="decode", device="cuda:0", decode_batch=8,
+                                                                          decode_ctx=8 * 1500)
+    forecast = LoadForecast()
+    for i in range(21):  # 2 prompts of 2000 tokens per second for 10 s
+        forecast.route(i * 0.5, 0, 1, 2000, 200)
+    forecast.apply({0: pre, 1: dec}, 10.0)
+    assert dec.prefill_per_s == 0 and dec.gpu_prefill_per_s == pytest.approx(pre.prefill_per_s, rel=1e-9)
+    assert pre.prefill_per_s == pytest.approx(2, rel=0.05)
+    rho = prefill_share(r.cm, dec)
+    assert rho == pytest.approx(2 * float(r.cm.prefill_work_ms(2000)) / 1e3, rel=0.05) and 0.1 < rho < 0.95
+    idle_gpu = WorkerLoad(role="decode", device="cuda:0", decode_batch=8, decode_ctx=8 * 1500)
+    assert r.tpot_ms(2000, 200, dec) > r.tpot_ms(2000, 200, idle_gpu) / (1 - rho) * 0.99
 
 
 def test_ttft_waits_for_the_steps_a_worker_has_already_scheduled():
@@ -302,21 +313,23 @@ def test_ttft_waits_for_the_steps_a_worker_has_already_scheduled():
     now runs in the third, so it waits for two steps (priced by the model) less the time since that landing,
     at least one step; without async scheduling (a prefill worker) it waits for the running step. An idle
     worker, or one whose steps the coordinator has not seen yet, starts it at once."""
+    from pdcli.router import latency
+
     r = router()
     cm = r.cm
     step = float(cm.decode_ms(8, 8000))
     busy = lambda since, **kw: WorkerLoad(decode_batch=8, decode_ctx=8000, since_step_ms=since, **kw)  # noqa: E731
-    assert r.start_wait_ms(busy(0.0)) == pytest.approx(2 * step)
-    assert r.start_wait_ms(busy(0.4 * step)) == pytest.approx(1.6 * step)
-    assert r.start_wait_ms(busy(5 * step)) == pytest.approx(step)  # a long step: at least the next one
-    assert r.start_wait_ms(busy(0.0, sharing=1)) == pytest.approx(4 * step)  # slowed like the rest
+    assert latency.start_wait_ms(cm, busy(0.0)) == pytest.approx(2 * step)
+    assert latency.start_wait_ms(cm, busy(0.4 * step)) == pytest.approx(1.6 * step)
+    assert latency.start_wait_ms(cm, busy(5 * step)) == pytest.approx(step)  # a long step: at least the next one
+    assert latency.start_wait_ms(cm, busy(0.0, sharing=1)) == pytest.approx(4 * step)  # slowed like the rest
     prefill = lambda since, q: WorkerLoad(queued_prefill_tokens=q, since_step_ms=since, async_steps=False,  # noqa: E731
                                           role="prefill")
     running = cm.queued_prefill_ms(1500)
-    assert r.start_wait_ms(prefill(10.0, 1500)) == pytest.approx(running - 10.0)
-    assert r.start_wait_ms(prefill(running + 1, 1500)) == 0.0
-    assert r.start_wait_ms(WorkerLoad(since_step_ms=1.0)) == 0.0  # idle: nothing scheduled
-    assert r.start_wait_ms(WorkerLoad(decode_batch=8, decode_ctx=8000)) == 0.0  # no step seen yet
+    assert latency.start_wait_ms(cm, prefill(10.0, 1500)) == pytest.approx(running - 10.0)
+    assert latency.start_wait_ms(cm, prefill(running + 1, 1500)) == 0.0
+    assert latency.start_wait_ms(cm, WorkerLoad(since_step_ms=1.0)) == 0.0  # idle: nothing scheduled
+    assert latency.start_wait_ms(cm, WorkerLoad(decode_batch=8, decode_ctx=8000)) == 0.0  # no step seen yet
     # prompts that came before the last step ended ride in the scheduled steps (within their token budget) and
     # lengthen them; those that came after are ahead of this prompt
     base = r.ttft_ms(1000, busy(0.0))

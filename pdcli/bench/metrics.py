@@ -21,6 +21,7 @@ class RequestRecord:
     predicted: dict = field(default_factory=dict)  # router predictions for the path taken (calibrated)
     predicted_raw: dict = field(default_factory=dict)  # ... from the cost model alone
     workers: tuple = ()  # ranks that ran it: (collocated,) or (prefill, decode)
+    decision: dict = field(default_factory=dict)  # the router's: both paths' predictions, each worker's load
 
     @property
     def ok(self) -> bool:

@@ -113,7 +113,8 @@ def _records(tracked: list, start: float) -> list[RequestRecord]:
             token_times=[x - start for x in t.token_times], end=None if t.finish_time is None else t.finish_time - start,
             error=t.error, aborted=aborted, path=t.path, workers=t.ranks,
             predicted=t.decision.get("predicted", {}).get(t.path, {}) if t.decision else {},
-            predicted_raw=t.decision.get("predicted_raw", {}).get(t.path, {}) if t.decision else {}))
+            predicted_raw=t.decision.get("predicted_raw", {}).get(t.path, {}) if t.decision else {},
+            decision={k: t.decision[k] for k in ("predicted", "predicted_raw", "loads") if k in t.decision}))
     return records
 
 

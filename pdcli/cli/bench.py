@@ -302,7 +302,8 @@ def _result(b: _Bench, row: dict, records: list, stats: dict, layout, cs) -> dic
         result["requests"] = [dict(arrival=r.arrival, input_len=r.input_len, output_len=r.output_len,
                                    ttft_ms=r.ttft_ms if r.ok else None, e2el_ms=r.e2el_ms if r.ok else None,
                                    error=r.error, path=r.path, workers=list(r.workers),
-                                   predicted=r.predicted, predicted_raw=r.predicted_raw)
+                                   predicted=r.predicted, predicted_raw=r.predicted_raw,
+                                   **(dict(decision=r.decision) if r.decision else {}))
                               for r in records]
     return result
 

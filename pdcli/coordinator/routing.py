@@ -9,7 +9,7 @@ from typing import Callable, NamedTuple
 from pdcli.coordinator.policy import RouteInput, make_policy
 from pdcli.coordinator.tracked import Tracked
 from pdcli.coordinator.worker_pool import WorkerHandle, WorkerPool
-from pdcli.router.load import LoadView
+from pdcli.router.load import LoadView, compact
 from pdcli.workers.layout import WorkerSpec, transfer_pair
 
 
@@ -59,8 +59,15 @@ class Routing:
         pairs = self.pairs()
         policy = make_policy(mode) if mode else self.policy
         if policy.name == "adaptive" and self.router is not None and coll and pairs:
-            return self._by_cost_model(t, colls, pairs, active)
-        return self._by_policy(t, policy, coll, pairs)
+            route = self._by_cost_model(t, colls, pairs, active)
+        else:
+            route = self._by_policy(t, policy, coll, pairs)
+        if route is not None:
+            out_len = self.router.predictor.mean(len(t.prompt_ids), t.params.max_tokens) if self.router else \
+                t.params.max_tokens
+            decode = route.decode or route.worker
+            self.loads.routed(route.worker.spec.rank, decode.spec.rank, len(t.prompt_ids), out_len)
+        return route
 
     def _by_cost_model(self, t: Tracked, colls: list, pairs: list, active: Callable[[], list[Tracked]]) -> Route:
         loads = self.loads.snapshot(self.pool.workers, active())
@@ -70,7 +77,8 @@ class Routing:
         d = self.router.decide(len(t.prompt_ids), t.params.max_tokens, loads[coll.spec.rank], loads[pre.spec.rank],
                                loads[dec.spec.rank], transfer_pair(pre.spec, dec.spec))
         t.decision = dict(policy="adaptive", decided_by="cost-model", path=d.path, predicted=d.predicted,
-                          predicted_raw=d.predicted_raw, roles=d.roles, predicted_output_len=d.output_len)
+                          predicted_raw=d.predicted_raw, roles=d.roles, predicted_output_len=d.output_len,
+                          loads={r: compact(w) for r, w in loads.items()})
         return Route(d.path, coll, None) if d.path == "collocated" else Route(d.path, pre, dec)
 
     def _by_policy(self, t: Tracked, policy, coll: WorkerHandle | None, pairs: list) -> Route | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pdcli.router.calibration import LatencyCalibration
+from pdcli.router import latency
 from pdcli.router.cost_model import CostModel
 from pdcli.router.load import WorkerLoad
 from pdcli.router.predictor import OutputLengthPredictor
@@ -47,51 +48,10 @@ class AdaptiveRouter:
         return res
 
     def tpot_ms(self, prompt_len: int, out_len: float, w: WorkerLoad) -> float:
-        """Time per output token on decode worker w: a step of its batch with this request in it, at the
-        request's mean context; the queued prompts share those steps, their prefill time spread over this
-        request's tokens; slowed by the GPU's other workers over time."""
-        cm = self.cm
-        b, s = w.decode_batch + 1, w.decode_ctx + prompt_len + out_len / 2
-        tpot = float(cm.decode_ms(b, s)) + cm.prefill_in_decode_ms(w.queued_prefill_tokens, b, s) / max(out_len, 1.0)
-        return tpot * (1 + w.sharing_avg)
-
-    def split_queue(self, w: WorkerLoad) -> tuple[int, int]:
-        """(queued prompt tokens riding in the steps worker w has already scheduled, those ahead of a prompt
-        arriving now). Steps are scheduled two ahead with async scheduling, else one; they hold the prompts
-        that came before the last step ended, up to their token budget. With no step seen, all are ahead."""
-        if w.since_step_ms is None:
-            return 0, w.queued_prefill_tokens
-        budget = (2 if w.async_steps else 1) * max(1, self.cm.max_num_batched_tokens - w.decode_batch)
-        older = w.queued_prefill_tokens - w.queued_since_step_tokens
-        held = min(older, budget)
-        return held, w.queued_since_step_tokens + older - held
-
-    def start_wait_ms(self, w: WorkerLoad) -> float:
-        """Expected wait before a prompt arriving now at worker w runs its first step: for the steps already
-        scheduled (the one running and, with async scheduling, the one queued behind it, so the prompt runs
-        in the third after the last one landed), priced by the cost model (their decode rows and the prompts
-        they hold), less the time since the last step ended; at least one step with async scheduling."""
-        cm = self.cm
-        held, _ = self.split_queue(w)
-        if w.since_step_ms is None or not (w.decode_batch or held):
-            return 0.0
-        steps = 2 if w.async_steps else 1
-        if w.decode_batch:
-            step = float(cm.decode_ms(w.decode_batch, w.decode_ctx))
-            scheduled = steps * step + cm.prefill_in_decode_ms(held, w.decode_batch, w.decode_ctx)
-        else:
-            step, scheduled = 0.0, cm.queued_prefill_ms(held)
-        scale = 1 + w.sharing
-        return max(scheduled * scale - w.since_step_ms, step * scale if steps > 1 else 0.0)
+        return latency.tpot_ms(self.cm, w, prompt_len, out_len)
 
     def ttft_ms(self, prompt_len: int, w: WorkerLoad) -> float:
-        """Until the prompt's first token on worker w: the wait for the steps it has already scheduled, then
-        the queued prompts ahead of it and its own chunks, slowed by GPU sharing."""
-        cm = self.cm
-        _, ahead = self.split_queue(w)
-        work = cm.queued_prefill_ms(ahead, w.decode_batch, w.decode_ctx) + \
-            cm.chunked_prefill_ms(prompt_len, w.decode_batch, w.decode_ctx)
-        return self.start_wait_ms(w) + work * (1 + w.sharing)
+        return latency.ttft_ms(self.cm, w, prompt_len)
 
     def decide(self, prompt_len: int, max_tokens: int | None, coll: WorkerLoad | None, pre: WorkerLoad | None,
                dec: WorkerLoad | None, pair: str = "default") -> Decision:

@@ -95,6 +95,11 @@ class CostModel:
         params = self.prefill if attention else [*self.prefill[:3], 0.0, 0.0]
         return prefill_form(params, n, c)
 
+    def prefill_work_ms(self, n, c=0):
+        """The GPU work of n prompt tokens after c cached ones riding in decode steps: the prefill's marginal
+        terms only (its fixed cost is the step's; an eager step's launch overhead hides behind the GPU)."""
+        return prefill_marginal_features(n, c) @ np.asarray(self.prefill[2:], float)
+
     def decode_ms(self, b, s):
         return decode_features(b, s) @ np.asarray(self.decode)
 

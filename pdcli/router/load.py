@@ -1,8 +1,9 @@
 """The router's view of the workers' load, built from the coordinator's own bookkeeping at each decision."""
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 
 @dataclass
@@ -15,20 +16,42 @@ class WorkerLoad:
     sharing_avg: float = 0.0  # the same over time: the others' average busy fractions (prices a whole decode)
     role: str = "collocated"  # collocated | prefill | decode
     since_step_ms: float | None = None  # since its last step ended (None: no step seen yet)
+    steps_seen: bool = True  # False: when its steps end is not known (a replay of an older run)
     async_steps: bool = True  # it schedules step i + 2 when step i lands (async scheduling)
     queued_since_step_tokens: int = 0  # of queued_prefill_tokens, those that came after its last step ended
+    device: str = "cpu"
+    # the forecast (LoadForecast): what is being routed to it, per second, averaged over the last ~10 s
+    prefill_per_s: float = 0.0  # prompts to prefill here
+    prefill_tokens_per_s: float = 0.0  # their tokens
+    gpu_prefill_per_s: float | None = None  # the same summed over the workers on its GPU (None: its own)
+    gpu_prefill_tokens_per_s: float | None = None
+    decode_per_s: float = 0.0  # requests to decode here
+    mean_output_len: float = 0.0  # their expected output length
+
+
+def compact(w: WorkerLoad) -> dict:
+    """The fields of w that differ from their defaults, floats to 4 significant digits: what a decision
+    records (`bench --save-detailed`) for replays (WorkerLoad(**compact(w)) restores it)."""
+    out = {}
+    for f in fields(WorkerLoad):
+        v = getattr(w, f.name)
+        if v != f.default:
+            out[f.name] = float(f"{v:.4g}") if isinstance(v, float) else v
+    return out
 
 
 def busy(w: WorkerLoad) -> bool:
-    return bool(w.queued_prefill_tokens or w.decode_batch or w.inflight_transfers)
+    """Decoding: what slows a decode batch of another worker on the GPU beyond the prefill share."""
+    return w.decode_batch > 0
 
 
 def mark_gpu_sharing(loads: dict[int, WorkerLoad], devices: dict[int, str],
                      busy_avg: dict[int, float] | None = None) -> None:
-    """Set each worker's `sharing`: how many other workers on its GPU have work now (two processes on one
-    GPU are time-sliced, not run side by side), and `sharing_avg`: the same from each one's average busy
-    fraction (busy_avg, e.g. sampled at Poisson arrivals, which see time averages), the slowdown over a
-    decode that lasts many steps rather than at this instant."""
+    """Set each worker's `sharing`: how many other workers on its GPU decode now (two decode batches on one
+    GPU each read all the weights: measured on one H100 under MPS, a step beside another took ~2x), and
+    `sharing_avg`: the same from each one's average decoding fraction (busy_avg, e.g. sampled at Poisson
+    arrivals, which see time averages), the slowdown over a decode that lasts many steps. Prefill work on the
+    GPU is counted apart, as a share of its time (router/latency.py)."""
     now = {r for r, w in loads.items() if busy(w)}
     for r, w in loads.items():
         dev = devices.get(r, "cpu")
@@ -46,11 +69,16 @@ class LoadView:
 
     def __init__(self):
         self.busy_avg: dict[int, float] = {}  # rank -> average busy fraction, for the GPU-sharing slowdown
+        self.forecast = LoadForecast()
+
+    def routed(self, prefill_rank: int, decode_rank: int, prompt_len: int, out_len: float) -> None:
+        """A request has been routed (by any policy): the forecast counts it."""
+        self.forecast.route(time.perf_counter(), prefill_rank, decode_rank, prompt_len, out_len)
 
     def snapshot(self, workers, requests) -> dict[int, WorkerLoad]:
         """workers: the coordinator's handles (spec, alive, last_step_end), by rank; requests: those not done."""
         now = time.perf_counter()
-        loads = {w.spec.rank: WorkerLoad(role=w.spec.role, async_steps=w.spec.role != "prefill",
+        loads = {w.spec.rank: WorkerLoad(role=w.spec.role, async_steps=w.spec.role != "prefill", device=w.spec.device,
                                          since_step_ms=None if w.last_step_end is None else (now - w.last_step_end) * 1e3)
                  for w in workers}
         for t in requests:
@@ -58,9 +86,8 @@ class LoadView:
                 self._add(loads, workers, t)
         for r, w in loads.items():
             self.busy_avg[r] = (1 - BUSY_EMA) * self.busy_avg.get(r, 0.0) + BUSY_EMA * busy(w)
-        # also under MPS: measured on one H100 with three workers, a decode step ran ~2x the model's time
-        # beside another busy worker (two decode batches each read all the weights), a prefill 2-3x
         mark_gpu_sharing(loads, {w.spec.rank: w.spec.device for w in workers if w.alive}, self.busy_avg)
+        self.forecast.apply(loads, now)
         return loads
 
     @staticmethod
@@ -80,3 +107,66 @@ class LoadView:
         elif t.stage == "decode":
             loads[t.decode_rank].decode_batch += 1
             loads[t.decode_rank].decode_ctx += len(t.prompt_ids) + generated
+
+
+FORECAST_TAU_S = 10.0  # s: the time constant of the load forecast's averages
+
+
+class EventRate:
+    """Events per second (weighted by their size), exponentially averaged over tau; corrected for the
+    averaging window still being shorter than tau early in a run."""
+
+    def __init__(self, tau: float = FORECAST_TAU_S):
+        self.tau, self.level, self.t, self.t0 = tau, 0.0, None, None
+
+    def add(self, t: float, size: float = 1.0) -> None:
+        if self.t0 is None:  # the first event opens the window: the rate is of the events after it
+            self.t0 = self.t = t
+            return
+        self.level = self._decayed(t) + size
+        self.t = t
+
+    def _decayed(self, t: float) -> float:
+        return 0.0 if self.t is None else self.level * math.exp(-max(0.0, t - self.t) / self.tau)
+
+    def at(self, t: float) -> float:
+        if self.t0 is None:
+            return 0.0
+        window = self.tau * (1 - math.exp(-max(t - self.t0, 1e-3) / self.tau))  # effective averaging span, s
+        return self._decayed(t) / max(window, 1e-3)
+
+
+class LoadForecast:
+    """What is coming to each worker: the prompt tokens routed to it for prefill and the requests routed to it
+    for decode (per second, exponentially averaged), with the expected output length of the latter."""
+
+    def __init__(self, tau: float = FORECAST_TAU_S):
+        self.tau = tau
+        self.prefill: dict[int, EventRate] = {}
+        self.prompts: dict[int, EventRate] = {}
+        self.decode: dict[int, EventRate] = {}
+        self.out_tokens: dict[int, EventRate] = {}
+
+    def _rate(self, table: dict, rank: int) -> EventRate:
+        return table.setdefault(rank, EventRate(self.tau))
+
+    def route(self, t: float, prefill_rank: int, decode_rank: int, prompt_len: int, out_len: float) -> None:
+        """A request routed at t (perf_counter or run seconds): prefilled on one worker, decoded on the same
+        or another."""
+        self._rate(self.prefill, prefill_rank).add(t, prompt_len)
+        self._rate(self.prompts, prefill_rank).add(t)
+        self._rate(self.decode, decode_rank).add(t)
+        self._rate(self.out_tokens, decode_rank).add(t, out_len)
+
+    def apply(self, loads: dict[int, WorkerLoad], t: float) -> None:
+        """Fill each worker's forecast fields as of t."""
+        for rank, w in loads.items():
+            w.prefill_tokens_per_s = self._rate(self.prefill, rank).at(t)
+            w.prefill_per_s = self._rate(self.prompts, rank).at(t)
+            w.decode_per_s = self._rate(self.decode, rank).at(t)
+            out = self._rate(self.out_tokens, rank).at(t)
+            w.mean_output_len = out / w.decode_per_s if w.decode_per_s > 0 else 0.0
+        for w in loads.values():
+            gpu = [o for o in loads.values() if o is w or (w.device != "cpu" and o.device == w.device)]
+            w.gpu_prefill_per_s = sum(o.prefill_per_s for o in gpu)
+            w.gpu_prefill_tokens_per_s = sum(o.prefill_tokens_per_s for o in gpu)

@@ -1,0 +1,108 @@
+"""Latency under load, from the fitted cost model and a worker's load and forecast (router/load.py): what
+the router predicts per path and what the planner simulates with. All times in ms.
+
+TPOT on a decoding worker is the time of its steps over the request's life. Its batch then holds those
+running now, which leave, and those that arrive meanwhile (Little's law: arrival rate x time in decode);
+prompts that arrive meanwhile ride in its steps as prefill chunks, taking a share rho of the GPU's time, so
+  TPOT = decode_step(forecast batch) x (1 + busy GPU neighbours) / (1 - rho)
+TTFT is the wait for the steps already scheduled, then the prompts queued ahead and its own chunks, slowed
+by the GPU's neighbours and the prefill share they take.
+"""
+from __future__ import annotations
+
+from pdcli.router.cost_model import CostModel
+from pdcli.router.load import WorkerLoad
+
+MAX_RHO = 0.95  # a worker past this share of prefill work is saturated: its latencies grow without bound
+# a prefill beside another worker's decode batch on one GPU (MPS) ran ~1.35x its time alone (one H100:
+# results/bench/h100_sweep_fresh, TTFT of the prefill worker 32-36 ms against 24 ms alone, less ~0 overhead)
+PREFILL_BESIDE_DECODE = 0.35
+# where when a worker's last step ended is not known (replays of runs that did not record it): the wait for
+# the steps it has scheduled, in steps, as served runs measured it at low load (0.6-1.1 of a step, one H100)
+UNSEEN_STEP_WAIT = 0.8
+
+
+def lifetime_batch(now: float, steady: float, life_ms: float, mean_life_ms: float) -> float:
+    """Average number of other sequences decoding beside a request over its life of life_ms: those running now
+    leave at a uniform rate over a mean life (they are on average halfway), new ones arrive into a steady
+    state of `steady` (M/G/inf)."""
+    if mean_life_ms <= 0 or life_ms <= 0:
+        return now
+    x = life_ms / mean_life_ms
+    if x <= 1:
+        return now * (1 - x / 2) + steady * x / 2
+    return now / (2 * x) + steady * (1 - 1 / (2 * x))
+
+
+def prefill_share(cm: CostModel, w: WorkerLoad) -> float:
+    """Share of the GPU's time its prefill work takes: the prompts routed per second to w and to the other
+    workers on its GPU (under MPS a prefill beside a decode batch takes its share of the GPU), each costing its
+    marginal GPU work (measured in served runs: what a prompt adds to the decode steps it rides on is its
+    marginal work; the mixed step's fixed cost in the profile is mostly eager launch time, hidden there)."""
+    per_s = w.prefill_per_s if w.gpu_prefill_per_s is None else w.gpu_prefill_per_s
+    tokens = w.prefill_tokens_per_s if w.gpu_prefill_tokens_per_s is None else w.gpu_prefill_tokens_per_s
+    if per_s <= 0:
+        return 0.0
+    return per_s * float(cm.prefill_work_ms(tokens / per_s)) / 1e3
+
+
+def step_ms(cm: CostModel, w: WorkerLoad) -> float:
+    """A step of worker w's decode batch now, stretched by the GPU's prefill share and decode neighbours."""
+    return float(cm.decode_ms(w.decode_batch, w.decode_ctx)) * (1 + w.sharing) / (1 - min(prefill_share(cm, w), MAX_RHO))
+
+
+def split_queue(cm: CostModel, w: WorkerLoad) -> tuple[int, int]:
+    """(queued prompt tokens riding in the steps worker w has already scheduled, those ahead of a prompt
+    arriving now). Steps are scheduled two ahead with async scheduling, else one; they hold the prompts that
+    came before the last step ended, up to their token budget. With no step seen, all are ahead."""
+    if w.since_step_ms is None:
+        return 0, w.queued_prefill_tokens
+    budget = (2 if w.async_steps else 1) * max(1, cm.max_num_batched_tokens - w.decode_batch)
+    older = w.queued_prefill_tokens - w.queued_since_step_tokens
+    held = min(older, budget)
+    return held, w.queued_since_step_tokens + older - held
+
+
+def start_wait_ms(cm: CostModel, w: WorkerLoad) -> float:
+    """Expected wait before a prompt arriving now runs its first step on worker w: the steps already scheduled
+    (the one running and, with async scheduling, the one behind it), priced by the cost model (decode rows and
+    the prompts they hold) less the time since the last step ended, at least one step with async scheduling;
+    in a replay that did not record when steps ended, what served runs measured at low load."""
+    held, _ = split_queue(cm, w)
+    steps = 2 if w.async_steps else 1
+    if not (w.decode_batch or held):
+        return 0.0
+    step = step_ms(cm, w) if w.decode_batch else 0.0
+    if not w.steps_seen:  # a replay of a run that did not record when steps ended
+        return UNSEEN_STEP_WAIT * step if w.async_steps else 0.5 * step
+    if w.since_step_ms is None:  # no step yet
+        return 0.0
+    scheduled = steps * step + (cm.prefill_in_decode_ms(held, w.decode_batch, w.decode_ctx) if w.decode_batch
+                                else cm.queued_prefill_ms(held))
+    return max(scheduled - w.since_step_ms, step if steps > 1 else 0.0)
+
+
+def ttft_ms(cm: CostModel, w: WorkerLoad, prompt_len: int) -> float:
+    """Until the prompt's first token on worker w: the wait for the steps it has already scheduled, then the
+    queued prompts ahead of it and its own chunks beside its decode batch, slowed by decode batches of other
+    workers on its GPU."""
+    _, ahead = split_queue(cm, w)
+    work = cm.queued_prefill_ms(ahead, w.decode_batch, w.decode_ctx) + \
+        cm.chunked_prefill_ms(prompt_len, w.decode_batch, w.decode_ctx)
+    return start_wait_ms(cm, w) + work * (1 + PREFILL_BESIDE_DECODE * w.sharing)
+
+
+def tpot_ms(cm: CostModel, w: WorkerLoad, prompt_len: int, out_len: float, iterations: int = 4) -> float:
+    """Time per output token of a request decoding on worker w (see the module's docstring)."""
+    out_len = max(out_len, 1.0)
+    mean_out = w.mean_output_len or out_len
+    ctx_per_seq = w.decode_ctx / w.decode_batch if w.decode_batch else prompt_len + out_len / 2
+    slow = 1 + w.sharing_avg  # decode batches of other workers on the GPU (both read the weights each step)
+    tpot = float(cm.decode_ms(w.decode_batch + 1, w.decode_ctx + prompt_len + out_len / 2)) * slow
+    for _ in range(iterations):  # the batch depends on how long decodes last, which depends on the batch
+        steady = w.decode_per_s * mean_out * tpot / 1e3
+        batch = lifetime_batch(w.decode_batch, steady, out_len * tpot, mean_out * tpot) + 1
+        ctx = batch * ctx_per_seq
+        rho = min(prefill_share(cm, w), MAX_RHO)
+        tpot = float(cm.decode_ms(batch, ctx)) * slow / (1 - rho)
+    return tpot

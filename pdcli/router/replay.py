@@ -1,0 +1,210 @@
+"""Replay of saved `pdcli bench --save-detailed` runs: every request's decision re-predicted from the state
+the router saw when it arrived, against what the request measured.
+
+A run records, per request (the record format, shared with `pdcli plan --validate`): `arrival` (s from the
+run's start), `input_len`, `output_len`, `ttft_ms`, `e2el_ms`, `error`, `path`, `workers` (the ranks that ran
+it: the collocated worker, or the prefill then the decode worker), and from the router, `decision` with
+`loads` (each worker's `WorkerLoad` at that moment) and both paths' predictions. Runs that recorded no loads
+(or no workers) are rebuilt from the records themselves: a request is queued on its prefill worker from its
+arrival to its first token and decodes on its decode worker from its first token to its end; workers are
+assigned as the coordinator did (fewest requests in flight, ties in turn); the load forecast sees the same
+arrivals in the same order.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass, field
+
+from pdcli.router.load import LoadForecast, WorkerLoad, mark_gpu_sharing
+
+
+@dataclass
+class Record:
+    arrival: float  # s from the run's start
+    input_len: int
+    output_len: int
+    ttft_ms: float | None
+    e2el_ms: float | None
+    path: str
+    workers: tuple[int, ...] = ()
+    loads: dict[int, WorkerLoad] | None = None  # as recorded with the decision
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.ttft_ms is not None and self.e2el_ms is not None
+
+    @property
+    def first(self) -> float:
+        return self.arrival + self.ttft_ms / 1e3
+
+    @property
+    def end(self) -> float:
+        return self.arrival + self.e2el_ms / 1e3
+
+    @property
+    def tpot_ms(self) -> float | None:
+        return (self.e2el_ms - self.ttft_ms) / (self.output_len - 1) if self.ok and self.output_len > 1 else None
+
+
+@dataclass
+class Run:
+    file: str
+    mode: str
+    rate: float
+    layout: list[dict]  # rank, role, device
+    pd_on_collocated: bool
+    records: list[Record] = field(default_factory=list)
+    slo: dict = field(default_factory=dict)  # goodput_slos: ttft / tpot ms
+
+
+def _record(q: dict) -> Record:
+    loads = q.get("decision", {}).get("loads") if isinstance(q.get("decision"), dict) else None
+    return Record(q["arrival"], q["input_len"], q["output_len"], q.get("ttft_ms"), q.get("e2el_ms"), q.get("path", ""),
+                  tuple(q.get("workers") or ()), {int(r): WorkerLoad(**w) for r, w in loads.items()} if loads else None,
+                  q.get("error"))
+
+
+def load_runs(folder: str) -> list[Run]:
+    """Every bench result with per-request records in folder, by mode then rate."""
+    runs = []
+    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
+        with open(path) as f:
+            d = json.load(f)
+        if not isinstance(d, dict) or not d.get("requests") or "layout" not in d:
+            continue
+        rate = float("inf") if d["request_rate"] == "inf" else float(d["request_rate"])
+        runs.append(Run(path, d["mode"], rate, d["layout"], bool(d.get("pd_on_collocated")),
+                        sorted((_record(q) for q in d["requests"]), key=lambda r: r.arrival),
+                        d.get("goodput_slos") or {}))
+    return sorted(runs, key=lambda r: (r.mode, r.rate))
+
+
+def _can_hand_off(p: dict, d: dict, pd_on_collocated: bool) -> bool:
+    if p["rank"] == d["rank"]:
+        return False
+    if p["role"] == "prefill" and d["role"] == "decode":
+        return True
+    return pd_on_collocated and p["role"] in ("prefill", "collocated") and d["role"] in ("decode", "collocated") \
+        and (p["device"] != d["device"] or p["device"] == "cpu")
+
+
+def assign_workers(run: Run) -> None:
+    """Give each record that has none the workers the coordinator would have chosen: the collocated worker or
+    P/D pair with the fewest requests in flight (a request holds its prefill worker until its first token and
+    its decode worker until its end), ties taken in turn."""
+    colls = [w["rank"] for w in run.layout if w["role"] == "collocated"]
+    pairs = [(p["rank"], d["rank"]) for p in run.layout for d in run.layout if _can_hand_off(p, d, run.pd_on_collocated)]
+    held: dict[int, list[float]] = {w["rank"]: [] for w in run.layout}  # rank -> when each held request leaves
+    turn = 0
+    for r in run.records:
+        inflight = {k: sum(1 for t in v if t > r.arrival) for k, v in held.items()}
+        if not r.workers:
+            if r.path == "disaggregated" and pairs:
+                best = min((inflight[p], inflight[d]) for p, d in pairs)
+                tied = [pd for pd in pairs if (inflight[pd[0]], inflight[pd[1]]) == best]
+                r.workers, turn = tied[turn % len(tied)], turn + 1
+            elif colls:
+                r.workers = (min(colls, key=lambda k: inflight[k]),)
+        if r.ok and r.workers:
+            held[r.workers[0]].append(r.first if len(r.workers) > 1 else r.end)
+            if len(r.workers) > 1:
+                held[r.workers[1]].append(r.end)
+
+
+def rebuilt_loads(run: Run, i: int, forecast: LoadForecast) -> dict[int, WorkerLoad]:
+    """The workers' loads when record i arrived, from the records before it."""
+    t = run.records[i].arrival
+    loads = {w["rank"]: WorkerLoad(role=w["role"], async_steps=w["role"] != "prefill", device=w["device"], steps_seen=False)
+             for w in run.layout}
+    for r in run.records[:i]:
+        if not r.ok or not r.workers:
+            continue
+        if r.first > t:
+            loads[r.workers[0]].queued_prefill_tokens += r.input_len
+            loads[r.workers[0]].queued_since_step_tokens += r.input_len
+        elif r.end > t:
+            w = loads[r.workers[-1]]
+            made = 1 + (t - r.first) * 1e3 / r.tpot_ms if r.tpot_ms else 1
+            w.decode_batch += 1
+            w.decode_ctx += r.input_len + int(min(made, r.output_len))
+    mark_gpu_sharing(loads, {w["rank"]: w["device"] for w in run.layout})
+    forecast.apply(loads, t)
+    return loads
+
+
+@dataclass
+class Replayed:
+    record: Record
+    raw: dict  # the cost model's prediction for the path taken: ttft_ms, tpot_ms, ...
+    predicted: dict  # the same after the calibration
+
+
+def _transfer_pair(run: Run, workers: tuple[int, ...]) -> str:
+    dev = {w["rank"]: w["device"] for w in run.layout}
+    p, d = dev[workers[0]], dev[workers[-1]]
+    return "cpu-gloo" if "cpu" in (p, d) else ("gpu-ipc" if p == d else "gpu-nccl")
+
+
+def replay_run(run: Run, router) -> list[Replayed]:
+    """Re-predict every request of a run with `router` (an AdaptiveRouter), in arrival order; the router's
+    output-length predictor and calibration learn from the requests that finished before each arrival."""
+    assign_workers(run)
+    forecast, out, done = LoadForecast(), [], []
+    ends = sorted((r for r in run.records if r.ok), key=lambda r: r.end)
+    for i, r in enumerate(run.records):
+        while ends and ends[0].end <= r.arrival:
+            _observe(router, ends.pop(0), done)
+        if not r.ok or not r.workers:
+            continue
+        loads = r.loads or rebuilt_loads(run, i, forecast)
+        out_len = router.predictor.mean(r.input_len, r.output_len)
+        w = [loads[k] for k in r.workers]
+        if r.path == "disaggregated":
+            raw = router.predict(r.input_len, out_len, None, w[0], w[-1], _transfer_pair(run, r.workers))[r.path]
+            roles = dict(ttft_ms=w[0].role, tpot_ms=w[-1].role)
+        else:
+            raw = router.predict(r.input_len, out_len, w[0], None, None)[r.path]
+            roles = dict(ttft_ms=w[0].role, tpot_ms=w[0].role)
+        out.append(Replayed(r, raw, router.calibration.apply(roles, raw, out_len)))
+        done.append((r, roles, raw))
+        forecast.route(r.arrival, r.workers[0], r.workers[-1], r.input_len, out_len)
+    return out
+
+
+def _observe(router, rec: Record, done: list) -> None:
+    """A finished request teaches the router its output length and, if replayed, its measured latencies."""
+    entry = next((e for e in done if e[0] is rec), None)
+    measured = dict(ttft_ms=rec.ttft_ms) | (dict(tpot_ms=rec.tpot_ms) if rec.tpot_ms else {})
+    router.observe(rec.input_len, rec.output_len, entry[1] if entry else None, entry[2] if entry else None, measured)
+
+
+def errors(replayed: list[Replayed], key: str = "predicted") -> dict:
+    """Median |relative error| of TTFT and TPOT and the share of predictions below the measurement."""
+    import numpy as np
+
+    res = dict(num_requests=len(replayed))
+    for metric, measure in (("ttft", lambda r: r.ttft_ms), ("tpot", lambda r: r.tpot_ms)):
+        pairs = [(getattr(x, key)[f"{metric}_ms"], measure(x.record)) for x in replayed if measure(x.record)]
+        if not pairs:
+            continue
+        p, m = np.array(pairs, float).T
+        res[f"{metric}_err"] = float(np.median(np.abs(p - m) / m))
+        res[f"{metric}_below"] = float(np.mean(p < m))
+    return res
+
+
+def replay_table(runs: list[Run], cm) -> list[dict]:
+    """One row per (mode, rate, path): the calibrated router's errors, each run replayed by a fresh router."""
+    from pdcli.router.adaptive import AdaptiveRouter
+
+    rows = []
+    for run in runs:
+        replayed = replay_run(run, AdaptiveRouter(cm, run.slo.get("ttft"), run.slo.get("tpot")))
+        state = "recorded" if any(r.loads for r in run.records) else "rebuilt"
+        for path in sorted({x.record.path for x in replayed}):
+            rows.append(dict(mode=run.mode, rate=run.rate, path=path, state=state,
+                             **errors([x for x in replayed if x.record.path == path])))
+    return rows
