@@ -7,7 +7,6 @@ card's first commands in a fresh folder -> results/startup_<device>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import subprocess
