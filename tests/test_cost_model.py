@@ -180,20 +180,28 @@ def best(decision):
 
 
 def test_longer_prompts_move_to_disaggregated():
-    # each prefill chunk on the collocated worker waits for its 64-sequence decode step; the decode worker is a
-    # little busier, so short prompts stay collocated and long ones go to the idle prefill worker
+    """Without SLOs the router minimises the latency a request adds in all: its own, and what its prefill
+    work adds to the sequences decoding where it is prefilled (each waits for it once) and its decode slot to
+    the batch it joins. A short prompt costs the collocated worker's 64 sequences little, and a slot in the
+    decode worker's bigger batch more: it stays; a long one would stall all 64 for its whole prefill: it goes
+    to the idle prefill worker, although its own end-to-end latency is about the same either way."""
     r = router()
-    short = r.decide(32, 256, load(64), load(0), load(66))
-    long = r.decide(16000, 256, load(64), load(0), load(66))
+    short = r.decide(32, 256, load(64), load(0), load(96))
+    long = r.decide(16000, 256, load(64), load(0), load(96))
     assert (short.path, long.path) == ("collocated", "disaggregated")
-    assert short.path == best(short) and long.path == best(long)
+    assert short.path == best(short)
+    own = {k: v["e2e_ms"] for k, v in long.predicted.items()}
+    assert own["collocated"] > 0.5 * own["disaggregated"]  # not its own latency alone
+    assert long.scores["collocated"] - own["collocated"] > 10 * (long.scores["disaggregated"] - own["disaggregated"])
     assert short.output_len == pytest.approx(200, rel=0.05)
 
 
 def test_prefill_queue_moves_to_collocated():
+    """A collocated worker decoding one sequence: its prefill would stall it once; an idle prefill worker is
+    still better, one with 20k tokens queued is not."""
     r = router()
-    idle = r.decide(16000, 256, load(64), load(0), load(64))
-    queued = r.decide(16000, 256, load(64), load(0, queued=20000), load(64))
+    idle = r.decide(16000, 256, load(1), load(0), load(64))
+    queued = r.decide(16000, 256, load(1), load(0, queued=20000), load(64))
     assert (idle.path, queued.path) == ("disaggregated", "collocated")
     assert queued.predicted["disaggregated"]["ttft_ms"] > idle.predicted["disaggregated"]["ttft_ms"]
 
@@ -216,8 +224,9 @@ def test_busy_collocated_workers_as_prefill_and_decode_cost_more():
 
 
 def test_slos_pick_the_path_that_meets_them():
-    # collocated has the lower end-to-end latency, but queued prompts ahead of it delay its first token
-    coll, dec = load(8, 1000, queued=2048), load(60, 2000)
+    # collocated (one sequence decoding) has the lower end-to-end latency, but queued prompts ahead of it delay
+    # its first token
+    coll, dec = load(1, 1000, queued=2048), load(60, 2000)
     free = router().decide(1000, 64, coll, load(0), dec)
     p = free.predicted
     assert free.path == "collocated" == best(free)
@@ -368,7 +377,7 @@ def test_router_outcomes_correct_its_predictions_and_can_change_the_path():
     chosen path's workers raise that path's predictions until the other one wins."""
     r = router()
     pre, dec = WorkerLoad(role="prefill"), WorkerLoad(decode_batch=8, decode_ctx=8 * 1500, role="decode")
-    first = r.decide(8000, 200, load(64), pre, dec, "gpu-nccl")
+    first = r.decide(8000, 200, load(1), pre, dec, "gpu-nccl")
     assert first.path == "disaggregated" and first.predicted == first.predicted_raw
     assert first.roles == dict(collocated=dict(ttft_ms="collocated", tpot_ms="collocated"),
                                disaggregated=dict(ttft_ms="prefill", tpot_ms="decode"))
@@ -376,7 +385,7 @@ def test_router_outcomes_correct_its_predictions_and_can_change_the_path():
     for _ in range(100):  # the prefill and decode workers keep coming out 4x slower than predicted
         r.observe(8000, 200, first.roles["disaggregated"], raw,
                   dict(ttft_ms=4 * raw["ttft_ms"], tpot_ms=4 * raw["tpot_ms"]))
-    later = r.decide(8000, 200, load(64), pre, dec, "gpu-nccl")
+    later = r.decide(8000, 200, load(1), pre, dec, "gpu-nccl")
     assert later.predicted_raw["disaggregated"]["ttft_ms"] == raw["ttft_ms"]  # the cost model is unchanged
     assert later.predicted["disaggregated"]["tpot_ms"] == pytest.approx(4 * raw["tpot_ms"], rel=0.05)
     assert later.predicted["collocated"] == later.predicted_raw["collocated"]

@@ -52,9 +52,17 @@ def _stats(name: str, values: list[float]) -> dict:
             f"p99_{name}_ms": float(np.percentile(v, 99))}
 
 
+def slo_limits(goodput: dict[str, float], input_len: int) -> dict[str, float]:
+    """The SLOs of one request, ms: a TTFT SLO grows by goodput["ttft_per_token"] per prompt token."""
+    limits = {k: v for k, v in goodput.items() if k != "ttft_per_token"}
+    if "ttft" in limits:
+        limits["ttft"] += goodput.get("ttft_per_token", 0.0) * input_len
+    return limits
+
+
 def meets(r: RequestRecord, goodput: dict[str, float]) -> bool:
     """A request is good iff it completed and every listed metric (ttft, tpot, e2el in ms) is within its SLO."""
-    return r.ok and all(getattr(r, f"{k}_ms") <= v for k, v in goodput.items())
+    return r.ok and all(getattr(r, f"{k}_ms") <= v for k, v in slo_limits(goodput, r.input_len).items())
 
 
 def summarize(records: list[RequestRecord], goodput: dict[str, float] | None = None) -> dict:

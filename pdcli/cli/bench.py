@@ -61,6 +61,9 @@ def bench(
     seed: Annotated[int, typer.Option()] = 0,
     slo_ttft_ms: Annotated[Optional[float], typer.Option()] = None,
     slo_tpot_ms: Annotated[Optional[float], typer.Option()] = None,
+    slo_ttft_per_token_ms: Annotated[float, typer.Option(help="The TTFT SLO grows by this per prompt token "
+                                                               "(--slo-ttft-ms 250 --slo-ttft-per-token-ms 0.1: "
+                                                               "a 12k prompt gets 1.45 s).")] = 0.0,
     goodput: Annotated[Optional[list[str]], typer.Option(help="SLO as ttft:MS, tpot:MS or e2el:MS (repeatable).")] = None,
     params_dir: Annotated[Optional[str], typer.Option(help="Fitted cost model folder for --mode adaptive.")] = None,
     result_dir: Annotated[str, typer.Option()] = "results",
@@ -82,7 +85,8 @@ def bench(
     b = _Bench(model=model, mode=mode, devices=devices, arrival_rate=arrival_rate, burstiness=burstiness,
                workload=workload, num_prompts=num_prompts, duration=duration, random_input_len=random_input_len,
                random_output_len=random_output_len, random_range_ratio=random_range_ratio, warmup=warmup, seed=seed,
-               slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms, goodput=goodput, params_dir=params_dir,
+               slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms, slo_ttft_per_token_ms=slo_ttft_per_token_ms,
+               goodput=goodput, params_dir=params_dir,
                result_dir=result_dir, save_detailed=save_detailed, drain_timeout=drain_timeout, endpoint=endpoint,
                api_key=api_key, max_concurrency=max_concurrency, num_prefill=num_prefill, mps=mps, engine=engine)
     _resolve(b, err)
@@ -133,6 +137,7 @@ class _Bench:
     seed: int
     slo_ttft_ms: float | None
     slo_tpot_ms: float | None
+    slo_ttft_per_token_ms: float
     goodput: list[str] | None
     params_dir: str | None
     result_dir: str
@@ -165,6 +170,10 @@ def _resolve(b: _Bench, err) -> None:
     try:
         b.rates = _rates(b.arrival_rate)
         b.slos = _goodput(b.goodput, b.slo_ttft_ms, b.slo_tpot_ms)
+        if b.slo_ttft_per_token_ms:
+            if "ttft" not in b.slos:
+                raise ValueError("--slo-ttft-per-token-ms needs a TTFT SLO (--slo-ttft-ms)")
+            b.slos["ttft_per_token"] = b.slo_ttft_per_token_ms
         b.modes = list(MODES) if b.mode == "all" else [b.mode]
         if b.max_concurrency is not None and b.max_concurrency < 1:
             raise ValueError(f"--max-concurrency must be >= 1, got {b.max_concurrency}")
@@ -277,7 +286,8 @@ def _start_workers(b: _Bench, m: str, err):
     try:
         cs = CentralScheduler(b.model, layout, mode=m, sampling_seed=b.seed,
                               params_dir=b.params_dir if m == "adaptive" else None, slo_ttft_ms=b.slo_ttft_ms,
-                              slo_tpot_ms=b.slo_tpot_ms, pd_on_collocated=collocated_only(layout, m), mps=b.mps,
+                              slo_tpot_ms=b.slo_tpot_ms, slo_ttft_per_token_ms=b.slo_ttft_per_token_ms,
+                              pd_on_collocated=collocated_only(layout, m), mps=b.mps,
                               **b.engine)
     except (ValueError, RuntimeError, TimeoutError, OSError) as e:
         fail(f"mode {m}: {e}", EXIT_RUNTIME)

@@ -31,7 +31,7 @@ class CentralScheduler:
     def __init__(self, model: str, layout: list[WorkerSpec], mode: str = "collocated", sampling_seed: int = 0,
                  startup_timeout: float = 600.0, params_dir: str | None = None, slo_ttft_ms: float | None = None,
                  slo_tpot_ms: float | None = None, pd_on_collocated: bool = False, mps: bool | None = None,
-                 **engine_kwargs):
+                 slo_ttft_per_token_ms: float = 0.0, **engine_kwargs):
         """pd_on_collocated: collocated workers on different devices also prefill and decode for each other
         (the disaggregated path without dedicated P/D workers: no GPU is shared by two processes).
         mps: run workers that share a GPU under CUDA MPS (None: where it can start; see workers/mps.py)."""
@@ -45,7 +45,7 @@ class CentralScheduler:
         arch = ModelArch.from_hf_config(source.hf_config)
         self.vocab_size, self.tokenizer = arch.vocab_size, source.tokenizer
         self.outputs = OutputAssembler(self.tokenizer, eos_token_ids(arch, self.tokenizer))
-        self.router = self._router(params_dir, model, slo_ttft_ms, slo_tpot_ms)
+        self.router = self._router(params_dir, model, slo_ttft_ms, slo_tpot_ms, slo_ttft_per_token_ms)
         self.pd_on_collocated = pd_on_collocated
         self.lock = threading.RLock()
         self.requests: dict[str, Tracked] = {}
@@ -69,14 +69,16 @@ class CentralScheduler:
     HANDLERS = {StepTokens: "_on_step_tokens", RequestFailed: "_on_request_failed", WorkerStats: "_on_stats"}
 
     @staticmethod
-    def _router(params_dir: str | None, model: str, slo_ttft_ms: float | None, slo_tpot_ms: float | None):
+    def _router(params_dir: str | None, model: str, slo_ttft_ms: float | None, slo_tpot_ms: float | None,
+                slo_ttft_per_token_ms: float):
         """The cost-model router, when a fitted params.json is given."""
         if params_dir is None:
             return None
         from pdcli.router.adaptive import AdaptiveRouter
         from pdcli.router.fit import load_cost_model
 
-        return AdaptiveRouter(load_cost_model(params_dir, model), slo_ttft_ms, slo_tpot_ms)
+        return AdaptiveRouter(load_cost_model(params_dir, model), slo_ttft_ms, slo_tpot_ms,
+                              slo_ttft_per_token_ms=slo_ttft_per_token_ms)
 
     @property
     def kv_layerwise(self) -> bool:

@@ -75,8 +75,8 @@ class Routing:
         coll = min(colls, key=load)
         pre, dec = self._least(pairs, lambda pd: (load(pd[0]), load(pd[1])))
         d = self.router.decide(len(t.prompt_ids), t.params.max_tokens, loads[coll.spec.rank], loads[pre.spec.rank],
-                               loads[dec.spec.rank], transfer_pair(pre.spec, dec.spec))
-        t.decision = dict(policy="adaptive", decided_by="cost-model", path=d.path, predicted=d.predicted,
+                               loads[dec.spec.rank], transfer_pair(pre.spec, dec.spec), list(loads.values()))
+        t.decision = dict(policy="adaptive", decided_by=d.decided_by, scores=d.scores, path=d.path, predicted=d.predicted,
                           predicted_raw=d.predicted_raw, roles=d.roles, predicted_output_len=d.output_len,
                           loads={r: compact(w) for r, w in loads.items()})
         return Route(d.path, coll, None) if d.path == "collocated" else Route(d.path, pre, dec)

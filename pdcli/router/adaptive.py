@@ -1,12 +1,14 @@
 """The adaptive router: predict TTFT, TPOT and end-to-end latency of a request on each path from the cost
-model, the predicted output length and the live state of the workers; pick the path that meets the SLOs,
-else the lower predicted end-to-end latency. Every decision keeps its predictions."""
+model, the predicted output length, the live state of the workers and the forecast of what is coming to
+them (router/latency.py), corrected by what finished requests measured; choose the path that costs the
+fewest SLO misses counting the requests already there (router/decision.py). Every decision keeps its
+predictions."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from pdcli.router.calibration import LatencyCalibration
-from pdcli.router import latency
+from pdcli.router import decision, latency
 from pdcli.router.cost_model import CostModel
 from pdcli.router.load import WorkerLoad
 from pdcli.router.predictor import OutputLengthPredictor
@@ -19,17 +21,19 @@ class Decision:
     predicted_raw: dict = field(default_factory=dict)  # the same from the cost model alone
     roles: dict = field(default_factory=dict)  # path -> {metric: role of the worker running that phase}
     output_len: float = 0.0
-    decided_by: str = "cost-model"
+    decided_by: str = "cost-model"  # or "exploration" (a path left unused gets a request now and then)
+    scores: dict = field(default_factory=dict)  # path -> expected SLO misses (with SLOs) or total added ms
 
 
 class AdaptiveRouter:
     name = "adaptive"
 
     def __init__(self, model: CostModel, slo_ttft_ms: float | None = None, slo_tpot_ms: float | None = None,
-                 predictor: OutputLengthPredictor | None = None):
-        self.cm, self.slo_ttft, self.slo_tpot = model, slo_ttft_ms, slo_tpot_ms
+                 predictor: OutputLengthPredictor | None = None, slo_ttft_per_token_ms: float = 0.0):
+        self.cm, self.slo = model, decision.Slo(slo_ttft_ms, slo_tpot_ms, slo_ttft_per_token_ms)
         self.predictor = predictor or OutputLengthPredictor()
         self.calibration = LatencyCalibration()
+        self.chooser = decision.PathChooser()
 
     def predict(self, prompt_len: int, out_len: float, coll: WorkerLoad | None, pre: WorkerLoad | None,
                 dec: WorkerLoad | None, pair: str = "default") -> dict:
@@ -54,7 +58,8 @@ class AdaptiveRouter:
         return latency.ttft_ms(self.cm, w, prompt_len)
 
     def decide(self, prompt_len: int, max_tokens: int | None, coll: WorkerLoad | None, pre: WorkerLoad | None,
-               dec: WorkerLoad | None, pair: str = "default") -> Decision:
+               dec: WorkerLoad | None, pair: str = "default", others: list[WorkerLoad] | None = None) -> Decision:
+        """others: every worker's load (the GPU neighbours a prompt's prefill work also slows)."""
         out_len = self.predictor.mean(prompt_len, max_tokens)
         raw = self.predict(prompt_len, out_len, coll, pre, dec, pair)
         if not raw:
@@ -65,14 +70,35 @@ class AdaptiveRouter:
         if pre is not None and dec is not None:
             roles["disaggregated"] = dict(ttft_ms=pre.role, tpot_ms=dec.role)
         pred = {k: self.calibration.apply(roles[k], v, out_len) for k, v in raw.items()}
+        work = float(self.cm.prefill_work_ms(prompt_len))
+        scores, feasible = {}, []
+        for path, p in pred.items():
+            landings = self._landings(path, work, coll, pre, dec, others or [])
+            extra_misses, added = decision.others_cost(self.cm, landings, self.slo, out_len)
+            if self.slo.any:
+                scores[path] = (decision.own_miss(p, self.slo, prompt_len) + extra_misses, p["e2e_ms"])
+            else:
+                scores[path] = (p["e2e_ms"] + added, p["e2e_ms"])
+            busy = [coll] if path == "collocated" else [pre, dec]
+            if not decision.saturated(self.cm, *busy):
+                feasible.append(path)
+        if "disaggregated" in pred and "disaggregated" not in feasible and "collocated" not in feasible:
+            feasible = ["collocated"] if "collocated" in pred else feasible  # no handoff when both are saturated
+        path, why = self.chooser.choose(scores, feasible)
+        return Decision(path, pred, raw, roles, out_len, decided_by=why, scores={k: v[0] for k, v in scores.items()})
 
-        def meets(p: dict) -> bool:
-            return (self.slo_ttft is None or p["ttft_ms"] <= self.slo_ttft) and \
-                   (self.slo_tpot is None or p["tpot_ms"] <= self.slo_tpot)
-
-        ok = [k for k, v in pred.items() if meets(v)]
-        pool = ok or list(pred)
-        return Decision(min(pool, key=lambda k: pred[k]["e2e_ms"]), pred, raw, roles, out_len)
+    @staticmethod
+    def _landings(path: str, work: float, coll, pre, dec, others: list[WorkerLoad]) -> list:
+        """The decode-capable workers a path loads: its decode worker (a slot) and the workers on the GPU where
+        the prompt is prefilled (its prefill work)."""
+        prefill_on, decode_on = (coll, coll) if path == "collocated" else (pre, dec)
+        gpu = [o for o in others if o is not prefill_on and o.device != "cpu" and o.device == prefill_on.device]
+        landing = {id(prefill_on): decision.Landing(prefill_on, prefill_on is decode_on, work)}
+        for o in gpu:
+            landing[id(o)] = decision.Landing(o, o is decode_on, work)
+        if id(decode_on) not in landing:
+            landing[id(decode_on)] = decision.Landing(decode_on, True, 0.0)
+        return list(landing.values())
 
     def observe(self, prompt_len: int, output_len: int, roles: dict | None = None, predicted_raw: dict | None = None,
                 measured: dict | None = None) -> None:

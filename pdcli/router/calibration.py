@@ -8,10 +8,12 @@ decode worker's or a collocated worker's. Where collocated workers also prefill 
 both paths then share one correction, and the path routed under heavier load does not look worse for it.
 
 The router multiplies each prediction by exp(posterior mean of r); with no observations the mean is the
-prior's, 0: the cost model as fitted."""
+prior's, 0: the cost model as fitted. Observations also fade with time (half-life 20 s): a path that gets
+no traffic returns to the fitted model's price."""
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 METRICS = ("ttft_ms", "tpot_ms")
@@ -21,10 +23,20 @@ METRICS = ("ttft_ms", "tpot_ms")
 class LogRatio:
     weight: float  # observations behind `total`, discounted; the prior's pseudo-observations (r = 0) included
     total: float = 0.0  # discounted sum of r
+    t: float | None = None  # when it last moved (clock seconds)
 
     @property
     def mean(self) -> float:
         return self.total / self.weight
+
+    def decay_to(self, t: float, half_life_s: float, prior_weight: float) -> None:
+        """Observations lose weight with time, not only with newer ones: without traffic the correction
+        returns to the prior (the fitted model), so a path whose correction went stale is priced afresh."""
+        if self.t is not None and t > self.t:
+            keep = 0.5 ** ((t - self.t) / half_life_s)
+            self.total *= keep
+            self.weight = prior_weight + (self.weight - prior_weight) * keep
+        self.t = t
 
 
 @dataclass(frozen=True)
@@ -33,16 +45,21 @@ class CalibrationConfig:
     # fade like any observation)
     discount: float = 0.97  # each update keeps this much of the past: ~33 requests of memory
     max_abs_log_ratio: float = math.log(10.0)  # one outlier moves the mean by at most this / weight
+    half_life_s: float = 20.0  # without traffic, what was learnt halves in this long
 
 
 class LatencyCalibration:
-    def __init__(self, config: CalibrationConfig = CalibrationConfig()):
-        self.config = config
+    def __init__(self, config: CalibrationConfig = CalibrationConfig(), clock=time.monotonic):
+        """clock: seconds now (a replay sets its own)."""
+        self.config, self.clock = config, clock
         self.stats: dict[tuple[str, str], LogRatio] = {}
 
     def factor(self, role: str, metric: str) -> float:
         s = self.stats.get((role, metric))
-        return math.exp(s.mean) if s else 1.0
+        if s is None:
+            return 1.0
+        s.decay_to(self.clock(), self.config.half_life_s, self.config.prior_weight)
+        return math.exp(s.mean)
 
     def apply(self, roles: dict, predicted: dict, out_len: float) -> dict:
         """A copy of one path's predictions (ms), corrected, with e2e_ms recomputed from the corrected parts.
@@ -64,5 +81,6 @@ class LatencyCalibration:
                 continue
             r = max(-c.max_abs_log_ratio, min(c.max_abs_log_ratio, math.log(y / p)))
             s = self.stats.setdefault((roles[m], m), LogRatio(c.prior_weight))
+            s.decay_to(self.clock(), c.half_life_s, c.prior_weight)
             s.weight = c.discount * s.weight + 1.0
             s.total = c.discount * s.total + r

@@ -152,11 +152,15 @@ def replay_run(run: Run, router) -> list[Replayed]:
     """Re-predict every request of a run with `router` (an AdaptiveRouter), in arrival order; the router's
     output-length predictor and calibration learn from the requests that finished before each arrival."""
     assign_workers(run)
+    clock = [0.0]
+    router.calibration.clock = lambda: clock[0]  # the run's own time
     forecast, out, done = LoadForecast(), [], []
     ends = sorted((r for r in run.records if r.ok), key=lambda r: r.end)
     for i, r in enumerate(run.records):
         while ends and ends[0].end <= r.arrival:
+            clock[0] = ends[0].end
             _observe(router, ends.pop(0), done)
+        clock[0] = r.arrival
         if not r.ok or not r.workers:
             continue
         loads = r.loads or rebuilt_loads(run, i, forecast)
@@ -202,7 +206,8 @@ def replay_table(runs: list[Run], cm) -> list[dict]:
 
     rows = []
     for run in runs:
-        replayed = replay_run(run, AdaptiveRouter(cm, run.slo.get("ttft"), run.slo.get("tpot")))
+        replayed = replay_run(run, AdaptiveRouter(cm, run.slo.get("ttft"), run.slo.get("tpot"),
+                                                  slo_ttft_per_token_ms=run.slo.get("ttft_per_token", 0.0)))
         state = "recorded" if any(r.loads for r in run.records) else "rebuilt"
         for path in sorted({x.record.path for x in replayed}):
             rows.append(dict(mode=run.mode, rate=run.rate, path=path, state=state,

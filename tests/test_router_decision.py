@@ -1,0 +1,65 @@
+"""Router v2's choice: SLO misses counted among the requests already there, guardrails (exploration, no
+handoff when both paths are saturated), a TTFT SLO that grows with the prompt, a calibration that fades."""
+import pytest
+
+from pdcli.router.calibration import LatencyCalibration
+from pdcli.router.decision import EXPLORE_EVERY, Slo, miss_probability
+from pdcli.router.load import WorkerLoad
+from test_cost_model import load, router
+
+
+def test_miss_probability_is_half_at_the_limit_and_monotone():
+    assert miss_probability(100.0, 100.0) == pytest.approx(0.5)
+    assert miss_probability(50.0, 100.0) < 0.01 < 0.99 < miss_probability(200.0, 100.0)
+    assert miss_probability(1e9, None) == 0.0
+
+
+def test_a_long_prompt_goes_where_it_costs_the_others_no_tpot_slo():
+    """The collocated worker's 32 sequences decode just under the TPOT SLO: a long prompt prefilled among
+    them would push their TPOT over it; on an idle prefill worker it costs them nothing. A short prompt's
+    prefill stretches them too little to matter."""
+    coll, dec = load(32, 1500), load(32, 1500)
+    step = float(router().cm.decode_ms(32, 32 * 1500))
+    r = router(slo_tpot_ms=1.15 * step)
+    long = r.decide(16000, 256, coll, load(0), dec, "nccl", [coll, dec])
+    assert long.path == "disaggregated"
+    assert long.scores["collocated"] > long.scores["disaggregated"] + 5  # several of the 32 would miss
+    short = r.decide(16, 256, coll, load(0), dec, "nccl", [coll, dec])
+    assert abs(short.scores["collocated"] - short.scores["disaggregated"]) < 1.0
+
+
+def test_each_path_gets_at_least_one_request_in_a_hundred():
+    r = router()
+    paths = [r.decide(32, 256, load(1), load(0), load(200)).path for _ in range(400)]
+    assert paths.count("disaggregated") >= 400 // EXPLORE_EVERY
+    assert paths.count("collocated") > 0.9 * len(paths)
+
+
+def test_no_handoff_when_both_paths_are_saturated():
+    r = router()
+    flooded = dict(prefill_per_s=50.0, prefill_tokens_per_s=50 * 16000.0)  # far more prefill than a GPU does
+    coll, pre, dec = WorkerLoad(decode_batch=4, decode_ctx=4000, **flooded), WorkerLoad(**flooded), load(4)
+    assert r.decide(16000, 256, coll, pre, dec).path == "collocated"
+    # only the collocated worker saturated: the handoff is the way out
+    assert r.decide(16000, 256, coll, WorkerLoad(), dec).path == "disaggregated"
+
+
+def test_the_ttft_slo_grows_with_the_prompt():
+    slo = Slo(ttft_ms=250.0, ttft_per_token_ms=0.1)
+    assert slo.ttft_limit(12000) == pytest.approx(1450.0) and slo.ttft_limit(0) == 250.0
+
+
+def test_calibration_fades_without_traffic():
+    now = [0.0]
+    cal = LatencyCalibration(clock=lambda: now[0])
+    roles = dict(ttft_ms="decode", tpot_ms="decode")
+    for i in range(100):
+        now[0] = i * 0.1
+        cal.observe(roles, dict(ttft_ms=10.0, tpot_ms=10.0), dict(ttft_ms=20.0, tpot_ms=20.0))
+    assert cal.factor("decode", "tpot_ms") == pytest.approx(2.0, rel=0.05)
+    now[0] = 10.0 + 20.0  # one half-life later: the observations weigh half, against the prior's weight
+    assert 1.5 < cal.factor("decode", "tpot_ms") < 1.95
+    now[0] = 10.0 + 100.0
+    assert cal.factor("decode", "tpot_ms") < 1.25
+    now[0] = 10.0 + 200.0
+    assert cal.factor("decode", "tpot_ms") == pytest.approx(1.0, abs=0.01)
