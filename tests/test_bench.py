@@ -176,3 +176,16 @@ def test_max_concurrency_caps_requests_in_flight():
     records = run_load(cs, reqs, [0.0] * 24, "collocated", drain_timeout=10, max_concurrency=4)
     assert cs.peak == 4 and len(records) == 24 and all(r.error is None for r in records)
     assert records[-1].arrival > records[0].arrival  # waiting for a slot is not counted as latency
+
+
+def test_resume_skips_the_runs_already_done(tmp_path):
+    """A sweep split over two calls: the second, with --resume, runs only the rates the folder lacks."""
+    out = str(tmp_path / "sweep")
+    base = ["bench", "--model", "dummy:tiny-llama", "--devices", "cpu", "--num-prompts", "2", "--random-input-len",
+            "16", "--random-output-len", "2", "--result-dir", out, "--num-kv-blocks", "256", "--block-size", "8"]
+    r = CliRunner().invoke(app, [*base, "--arrival-rate", "4"])
+    assert r.exit_code == 0, r.stderr
+    r = CliRunner().invoke(app, [*base, "--arrival-rate", "4,8", "--resume"])
+    assert r.exit_code == 0, r.stderr
+    assert "done already" in r.stderr and len(r.stdout.split()) == 1 and r.stdout.strip().endswith("rate8.0.json")
+    assert len(glob.glob(os.path.join(out, "*.json"))) == 2

@@ -80,3 +80,27 @@ def test_replay_reproduces_the_recorded_decisions(tmp_path):
     assert r.exit_code == 0, r.stderr
     rows = json.loads(r.stdout)
     assert rows and rows[0]["state"] == "recorded" and "ttft_err" in rows[0]
+
+
+def test_prefix_index_knows_what_a_worker_has_seen():
+    from pdcli.router.prefix import PrefixIndex, prompt_hashes
+
+    system = list(range(100, 164))  # 4 blocks of 16
+    a, b, other = system + [1, 2, 3], system + [7] * 40, list(range(500, 600))
+    index = PrefixIndex(16, {0: 8, 1: 8})
+    index.add(0, prompt_hashes(a, 16))
+    assert index.cached_tokens(0, prompt_hashes(b, 16)) == 64  # the shared system prompt
+    assert index.cached_tokens(1, prompt_hashes(b, 16)) == 0 and index.cached_tokens(0, prompt_hashes(other, 16)) == 0
+    assert index.cached_tokens(0, prompt_hashes(system, 16)) == 63  # the last token is always computed
+    index.add(0, prompt_hashes(other, 16))  # 6 more blocks: the pool holds 8, the oldest leave
+    assert index.cached_tokens(0, prompt_hashes(b, 16)) == 0
+
+
+def test_a_cached_prefix_prices_only_the_rest():
+    from test_cost_model import load, router
+
+    r = router()
+    cold = r.predict(4000, 100, load(4), load(0), load(4))
+    warm = r.predict(4000, 100, load(4), load(0), load(4), cached=dict(collocated=3968))
+    assert warm["collocated"]["ttft_ms"] < 0.2 * cold["collocated"]["ttft_ms"]
+    assert warm["disaggregated"] == cold["disaggregated"]

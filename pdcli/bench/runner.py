@@ -114,7 +114,8 @@ def _records(tracked: list, start: float) -> list[RequestRecord]:
             error=t.error, aborted=aborted, path=t.path, workers=t.ranks,
             predicted=t.decision.get("predicted", {}).get(t.path, {}) if t.decision else {},
             predicted_raw=t.decision.get("predicted_raw", {}).get(t.path, {}) if t.decision else {},
-            decision={k: t.decision[k] for k in ("predicted", "predicted_raw", "loads") if k in t.decision}))
+            decision={k: t.decision[k] for k in ("predicted", "predicted_raw", "loads", "cached_tokens", "decided_by")
+                      if k in t.decision}))
     return records
 
 

@@ -68,6 +68,8 @@ def bench(
     params_dir: Annotated[Optional[str], typer.Option(help="Fitted cost model folder for --mode adaptive.")] = None,
     result_dir: Annotated[str, typer.Option()] = "results",
     save_detailed: Annotated[bool, typer.Option(help="Per-request arrays in the JSON.")] = False,
+    resume: Annotated[bool, typer.Option(help="Skip the (mode, rate) runs whose JSON --result-dir already holds "
+                                              "(not interrupted): a long sweep split over several calls.")] = False,
     drain_timeout: Annotated[float, typer.Option(help="Seconds to wait for the last requests.")] = 600.0,
     endpoint: Annotated[Optional[str], typer.Option(help="Load an OpenAI-compatible server instead (pdcli serve, vLLM, SGLang).")] = None,
     api_key: Annotated[Optional[str], typer.Option(help="Bearer key for --endpoint.")] = None,
@@ -87,7 +89,7 @@ def bench(
                random_output_len=random_output_len, random_range_ratio=random_range_ratio, warmup=warmup, seed=seed,
                slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms, slo_ttft_per_token_ms=slo_ttft_per_token_ms,
                goodput=goodput, params_dir=params_dir,
-               result_dir=result_dir, save_detailed=save_detailed, drain_timeout=drain_timeout, endpoint=endpoint,
+               result_dir=result_dir, save_detailed=save_detailed, resume=resume, drain_timeout=drain_timeout, endpoint=endpoint,
                api_key=api_key, max_concurrency=max_concurrency, num_prefill=num_prefill, mps=mps, engine=engine)
     _resolve(b, err)
     os.makedirs(b.result_dir, exist_ok=True)
@@ -142,6 +144,7 @@ class _Bench:
     params_dir: str | None
     result_dir: str
     save_detailed: bool
+    resume: bool
     drain_timeout: float
     endpoint: str | None
     api_key: str | None
@@ -240,9 +243,12 @@ def _bench_mode(b: _Bench, m: str, progress, err, rows: list[dict], paths: list[
     from pdcli.bench.arrivals import arrival_times
     from pdcli.bench.runner import LoadInterrupted, rate_label, run_load
 
+    todo = [(i, rate) for i, rate in enumerate(b.rates) if not (b.resume and _done(b, m, rate, err))]
+    if not todo:
+        return
     layout, cs = _start_workers(b, m, err)
     try:
-        for i, rate in enumerate(b.rates):
+        for i, rate in todo:
             began = time.perf_counter()
             n, reqs = _requests(b, i, rate)
             arrivals = arrival_times(n, rate, b.burstiness, b.seed)
@@ -256,6 +262,21 @@ def _bench_mode(b: _Bench, m: str, progress, err, rows: list[dict], paths: list[
             err.print(f"{m} at {rate_label(rate)} req/s: {n} requests in {time.perf_counter() - began:.0f} s")
     finally:
         cs.shutdown()
+
+
+def _done(b: _Bench, m: str, rate: float, err) -> bool:
+    """--resume: a finished run of mode m at this rate (same workload) is in the result folder already."""
+    import glob
+    import json
+
+    from pdcli.bench.runner import rate_label
+
+    for path in glob.glob(os.path.join(b.result_dir, f"*_{m}_{b.workload}_rate{rate_label(rate)}.json")):
+        with open(path) as f:
+            if not json.load(f).get("interrupted"):
+                err.print(f"{m} at {rate_label(rate)} req/s: done already ({path})")
+                return True
+    return False
 
 
 def _write_rate(b: _Bench, m: str, rate: float, records: list, layout, cs, rows: list[dict], paths: list[str],

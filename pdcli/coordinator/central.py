@@ -60,7 +60,11 @@ class CentralScheduler:
                 if can_hand_off(p, d, pd_on_collocated) and transfer_pair(p, d) == "gpu-nccl"]
         self.pool = WorkerPool(model, layout, engine_kwargs, nccl, mps, startup_timeout)
         self.workers, self.mps_on, self.max_model_len = self.pool.workers, self.pool.mps_on, self.pool.max_model_len
-        self.routing = Routing(self.pool, mode, self.router, pd_on_collocated)
+        from pdcli.config import CacheConfig
+
+        self.routing = Routing(self.pool, mode, self.router, pd_on_collocated,
+                               engine_kwargs.get("block_size") or CacheConfig.block_size,
+                               engine_kwargs.get("enable_prefix_caching", CacheConfig.enable_prefix_caching))
         self.relay = HandoffRelay(self.pool, self.requests, self._fail, self.accounting["disaggregated"])
         self.handlers = {**{kind: getattr(self, name) for kind, name in self.HANDLERS.items()}, **self.relay.handlers}
         self.pool.start_io(self._on_message, self._worker_died)

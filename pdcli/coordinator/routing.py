@@ -10,6 +10,7 @@ from pdcli.coordinator.policy import RouteInput, make_policy
 from pdcli.coordinator.tracked import Tracked
 from pdcli.coordinator.worker_pool import WorkerHandle, WorkerPool
 from pdcli.router.load import LoadView, compact
+from pdcli.router.prefix import PrefixIndex, prompt_hashes
 from pdcli.workers.layout import WorkerSpec, transfer_pair
 
 
@@ -31,10 +32,14 @@ def can_hand_off(p: WorkerSpec, d: WorkerSpec, pd_on_collocated: bool) -> bool:
 
 
 class Routing:
-    def __init__(self, pool: WorkerPool, mode: str, router=None, pd_on_collocated: bool = False):
-        """router: the cost-model router (AdaptiveRouter) for mode adaptive, when a params.json is given."""
+    def __init__(self, pool: WorkerPool, mode: str, router=None, pd_on_collocated: bool = False,
+                 block_size: int | None = None, prefix_caching: bool = True):
+        """router: the cost-model router (AdaptiveRouter) for mode adaptive, when a params.json is given;
+        block_size, prefix_caching: the workers' (prompts priced by their uncached part)."""
         self.pool, self.policy, self.router, self.pd_on_collocated = pool, make_policy(mode), router, pd_on_collocated
         self.loads = LoadView()
+        self.prefixes = PrefixIndex(block_size, {w.spec.rank: w.info.num_blocks for w in pool.workers}) \
+            if prefix_caching and block_size else None
         self._turn = itertools.count()
 
     def pairs(self) -> list[tuple[WorkerHandle, WorkerHandle]]:
@@ -67,18 +72,33 @@ class Routing:
                 t.params.max_tokens
             decode = route.decode or route.worker
             self.loads.routed(route.worker.spec.rank, decode.spec.rank, len(t.prompt_ids), out_len)
+            if self.prefixes is not None:  # the prefill worker caches its blocks, the decode worker too
+                for w in {route.worker.spec.rank, decode.spec.rank}:
+                    self.prefixes.add(w, self._hashes(t))
         return route
+
+    def _hashes(self, t: Tracked) -> list[bytes]:
+        if t.prefix_hashes is None:
+            t.prefix_hashes = prompt_hashes(t.prompt_ids, self.prefixes.block_size)
+        return t.prefix_hashes
+
+    def cached(self, t: Tracked, w: WorkerHandle) -> int:
+        return self.prefixes.cached_tokens(w.spec.rank, self._hashes(t)) if self.prefixes is not None else 0
 
     def _by_cost_model(self, t: Tracked, colls: list, pairs: list, active: Callable[[], list[Tracked]]) -> Route:
         loads = self.loads.snapshot(self.pool.workers, active())
-        load = lambda w: loads[w.spec.rank].queued_prefill_tokens + loads[w.spec.rank].decode_batch  # noqa: E731
+        n = len(t.prompt_ids)
+        # queued and uncached prompt tokens, decoding sequences: the least loaded worker for this prompt
+        load = lambda w: loads[w.spec.rank].queued_prefill_tokens + n - self.cached(t, w) + \
+            loads[w.spec.rank].decode_batch  # noqa: E731
         coll = min(colls, key=load)
         pre, dec = self._least(pairs, lambda pd: (load(pd[0]), load(pd[1])))
-        d = self.router.decide(len(t.prompt_ids), t.params.max_tokens, loads[coll.spec.rank], loads[pre.spec.rank],
-                               loads[dec.spec.rank], transfer_pair(pre.spec, dec.spec), list(loads.values()))
+        cached = dict(collocated=self.cached(t, coll), disaggregated=self.cached(t, pre))
+        d = self.router.decide(n, t.params.max_tokens, loads[coll.spec.rank], loads[pre.spec.rank],
+                               loads[dec.spec.rank], transfer_pair(pre.spec, dec.spec), list(loads.values()), cached)
         t.decision = dict(policy="adaptive", decided_by=d.decided_by, scores=d.scores, path=d.path, predicted=d.predicted,
                           predicted_raw=d.predicted_raw, roles=d.roles, predicted_output_len=d.output_len,
-                          loads={r: compact(w) for r, w in loads.items()})
+                          loads={r: compact(w) for r, w in loads.items()}, cached_tokens=cached)
         return Route(d.path, coll, None) if d.path == "collocated" else Route(d.path, pre, dec)
 
     def _by_policy(self, t: Tracked, policy, coll: WorkerHandle | None, pairs: list) -> Route | None:

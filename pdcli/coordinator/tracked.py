@@ -42,6 +42,7 @@ class Tracked:
     transfer_reported: threading.Event = field(default_factory=threading.Event)  # the prefill worker's KVSent
     ipc_copy_asked: bool = False  # the prefill worker was told to copy into the decode worker's blocks
     decision: dict = field(default_factory=dict)  # the route taken, by which policy, with predicted costs
+    prefix_hashes: list | None = None  # its prompt's full blocks' hashes (prefix-aware routing), once computed
     events: queue.Queue = field(default_factory=queue.Queue)  # (index, new token ids, finish reason | None)
     waker: object = None  # called (from the pipe reader thread) after each event, e.g. to wake an asyncio task
     done: threading.Event = field(default_factory=threading.Event)

@@ -36,16 +36,19 @@ class AdaptiveRouter:
         self.chooser = decision.PathChooser()
 
     def predict(self, prompt_len: int, out_len: float, coll: WorkerLoad | None, pre: WorkerLoad | None,
-                dec: WorkerLoad | None, pair: str = "default") -> dict:
-        """pair: how KV would move (cpu-gloo, gpu-ipc, gpu-nccl), the key of the fitted transfer cost."""
-        res = {}
+                dec: WorkerLoad | None, pair: str = "default", cached: dict | None = None) -> dict:
+        """pair: how KV would move (cpu-gloo, gpu-ipc, gpu-nccl), the key of the fitted transfer cost; cached:
+        path -> leading prompt tokens in the prefix cache of the worker that would prefill it."""
+        res, cached = {}, cached or {}
         if coll is not None:
-            ttft, tpot = self.ttft_ms(prompt_len, coll), self.tpot_ms(prompt_len, out_len, coll)
+            ttft = self.ttft_ms(prompt_len, coll, cached.get("collocated", 0))
+            tpot = self.tpot_ms(prompt_len, out_len, coll)
             res["collocated"] = dict(ttft_ms=ttft, tpot_ms=tpot, e2e_ms=ttft + max(out_len - 1, 0) * tpot)
         if pre is not None and dec is not None:
             # a prefill worker has no decode batch and a decode worker no queued prompts; a collocated worker
             # doing either job for another (pd_on_collocated) has both, priced as on the collocated path
-            ttft, tpot = self.ttft_ms(prompt_len, pre), self.tpot_ms(prompt_len, out_len, dec)
+            ttft = self.ttft_ms(prompt_len, pre, cached.get("disaggregated", 0))
+            tpot = self.tpot_ms(prompt_len, out_len, dec)
             xfer = self.cm.transfer_ms(prompt_len, pair) * (1 + dec.inflight_transfers)
             res["disaggregated"] = dict(ttft_ms=ttft, tpot_ms=tpot, transfer_ms=xfer,
                                         e2e_ms=ttft + xfer + max(out_len - 1, 0) * tpot)
@@ -54,14 +57,16 @@ class AdaptiveRouter:
     def tpot_ms(self, prompt_len: int, out_len: float, w: WorkerLoad) -> float:
         return latency.tpot_ms(self.cm, w, prompt_len, out_len)
 
-    def ttft_ms(self, prompt_len: int, w: WorkerLoad) -> float:
-        return latency.ttft_ms(self.cm, w, prompt_len)
+    def ttft_ms(self, prompt_len: int, w: WorkerLoad, cached: int = 0) -> float:
+        return latency.ttft_ms(self.cm, w, prompt_len, cached)
 
     def decide(self, prompt_len: int, max_tokens: int | None, coll: WorkerLoad | None, pre: WorkerLoad | None,
-               dec: WorkerLoad | None, pair: str = "default", others: list[WorkerLoad] | None = None) -> Decision:
-        """others: every worker's load (the GPU neighbours a prompt's prefill work also slows)."""
+               dec: WorkerLoad | None, pair: str = "default", others: list[WorkerLoad] | None = None,
+               cached: dict | None = None) -> Decision:
+        """others: every worker's load (the GPU neighbours a prompt's prefill work also slows); cached: path ->
+        prompt tokens the prefilling worker holds already."""
         out_len = self.predictor.mean(prompt_len, max_tokens)
-        raw = self.predict(prompt_len, out_len, coll, pre, dec, pair)
+        raw = self.predict(prompt_len, out_len, coll, pre, dec, pair, cached)
         if not raw:
             raise ValueError("no path can serve the request")
         roles = {}
@@ -70,9 +75,10 @@ class AdaptiveRouter:
         if pre is not None and dec is not None:
             roles["disaggregated"] = dict(ttft_ms=pre.role, tpot_ms=dec.role)
         pred = {k: self.calibration.apply(roles[k], v, out_len) for k, v in raw.items()}
-        work = float(self.cm.prefill_work_ms(prompt_len))
         scores, feasible = {}, []
         for path, p in pred.items():
+            c = (cached or {}).get(path, 0)
+            work = float(self.cm.prefill_work_ms(prompt_len - c, c))
             landings = self._landings(path, work, coll, pre, dec, others or [])
             extra_misses, added = decision.others_cost(self.cm, landings, self.slo, out_len)
             if self.slo.any:

@@ -139,9 +139,10 @@ class CostModel:
             steps * float(self.decode_ms(decode_batch, decode_ctx))
         return max(0.0, extra)
 
-    def chunked_prefill_ms(self, prompt_len: int, decode_batch: int = 0, decode_ctx: int = 0) -> float:
-        """Time to prefill a prompt in chunks of max_num_batched_tokens beside a running decode batch."""
-        total, done = 0.0, 0
+    def chunked_prefill_ms(self, prompt_len: int, decode_batch: int = 0, decode_ctx: int = 0, cached: int = 0) -> float:
+        """Time to prefill a prompt in chunks of max_num_batched_tokens beside a running decode batch; its first
+        `cached` tokens are in the prefix cache (only their attention is paid)."""
+        total, done = 0.0, cached
         budget = max(1, self.max_num_batched_tokens - decode_batch)
         while done < prompt_len:
             n = min(budget, prompt_len - done)

@@ -82,13 +82,13 @@ def start_wait_ms(cm: CostModel, w: WorkerLoad) -> float:
     return max(scheduled - w.since_step_ms, step if steps > 1 else 0.0)
 
 
-def ttft_ms(cm: CostModel, w: WorkerLoad, prompt_len: int) -> float:
+def ttft_ms(cm: CostModel, w: WorkerLoad, prompt_len: int, cached: int = 0) -> float:
     """Until the prompt's first token on worker w: the wait for the steps it has already scheduled, then the
-    queued prompts ahead of it and its own chunks beside its decode batch, slowed by decode batches of other
-    workers on its GPU."""
+    queued prompts ahead of it and its own chunks beside its decode batch (less the `cached` leading tokens
+    its prefix cache holds), slowed by decode batches of other workers on its GPU."""
     _, ahead = split_queue(cm, w)
     work = cm.queued_prefill_ms(ahead, w.decode_batch, w.decode_ctx) + \
-        cm.chunked_prefill_ms(prompt_len, w.decode_batch, w.decode_ctx)
+        cm.chunked_prefill_ms(prompt_len, w.decode_batch, w.decode_ctx, cached)
     return start_wait_ms(cm, w) + work * (1 + PREFILL_BESIDE_DECODE * w.sharing)
 
 

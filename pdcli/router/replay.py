@@ -31,6 +31,7 @@ class Record:
     workers: tuple[int, ...] = ()
     loads: dict[int, WorkerLoad] | None = None  # as recorded with the decision
     error: str | None = None
+    cached: dict = field(default_factory=dict)  # path -> prompt tokens the prefilling worker held (recorded)
 
     @property
     def ok(self) -> bool:
@@ -61,10 +62,11 @@ class Run:
 
 
 def _record(q: dict) -> Record:
-    loads = q.get("decision", {}).get("loads") if isinstance(q.get("decision"), dict) else None
+    decision = q.get("decision") if isinstance(q.get("decision"), dict) else {}
+    loads = decision.get("loads")
     return Record(q["arrival"], q["input_len"], q["output_len"], q.get("ttft_ms"), q.get("e2el_ms"), q.get("path", ""),
                   tuple(q.get("workers") or ()), {int(r): WorkerLoad(**w) for r, w in loads.items()} if loads else None,
-                  q.get("error"))
+                  q.get("error"), decision.get("cached_tokens") or {})
 
 
 def load_runs(folder: str) -> list[Run]:
@@ -167,10 +169,11 @@ def replay_run(run: Run, router) -> list[Replayed]:
         out_len = router.predictor.mean(r.input_len, r.output_len)
         w = [loads[k] for k in r.workers]
         if r.path == "disaggregated":
-            raw = router.predict(r.input_len, out_len, None, w[0], w[-1], _transfer_pair(run, r.workers))[r.path]
+            raw = router.predict(r.input_len, out_len, None, w[0], w[-1], _transfer_pair(run, r.workers),
+                                 r.cached)[r.path]
             roles = dict(ttft_ms=w[0].role, tpot_ms=w[-1].role)
         else:
-            raw = router.predict(r.input_len, out_len, w[0], None, None)[r.path]
+            raw = router.predict(r.input_len, out_len, w[0], None, None, cached=r.cached)[r.path]
             roles = dict(ttft_ms=w[0].role, tpot_ms=w[0].role)
         out.append(Replayed(r, raw, router.calibration.apply(roles, raw, out_len)))
         done.append((r, roles, raw))
