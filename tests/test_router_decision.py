@@ -63,3 +63,19 @@ def test_calibration_fades_without_traffic():
     assert cal.factor("decode", "tpot_ms") < 1.25
     now[0] = 10.0 + 200.0
     assert cal.factor("decode", "tpot_ms") == pytest.approx(1.0, abs=0.01)
+
+
+def test_starting_a_second_decode_batch_on_the_gpu_counts_against_the_handoff():
+    """One GPU, a collocated worker decoding 48 sequences and an idle decode worker beside it (MPS): a request
+    handed off would start a second decode batch, and both read all the weights each step; that slows the 48,
+    and the router counts it."""
+    coll = WorkerLoad(decode_batch=48, decode_ctx=48 * 600, device="cuda:0")
+    pre, dec = WorkerLoad(role="prefill", device="cuda:0"), WorkerLoad(role="decode", device="cuda:0")
+    r = router()
+    d = r.decide(256, 256, coll, pre, dec, "gpu-ipc", [coll, pre, dec])
+    assert d.path == "collocated"
+    busy_dec = WorkerLoad(role="decode", device="cuda:0", decode_batch=48, decode_ctx=48 * 600, sharing=1)
+    coll_shared = WorkerLoad(decode_batch=48, decode_ctx=48 * 600, device="cuda:0", sharing=1)
+    again = r.decide(256, 256, coll_shared, pre, busy_dec, "gpu-ipc", [coll_shared, pre, busy_dec])
+    extra = d.scores["disaggregated"] - d.scores["collocated"]
+    assert extra > again.scores["disaggregated"] - again.scores["collocated"]  # no second batch to start

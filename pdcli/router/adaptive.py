@@ -104,6 +104,11 @@ class AdaptiveRouter:
             landing[id(o)] = decision.Landing(o, o is decode_on, work)
         if id(decode_on) not in landing:
             landing[id(decode_on)] = decision.Landing(decode_on, True, 0.0)
+        if decode_on.decode_batch == 0 and decode_on.device != "cpu":  # its decode batch starts with this request
+            for o in others:
+                if o is not decode_on and o.device == decode_on.device and o.decode_batch:
+                    x = landing.setdefault(id(o), decision.Landing(o, False, 0.0))
+                    x.new_neighbour = True
         return list(landing.values())
 
     def observe(self, prompt_len: int, output_len: int, roles: dict | None = None, predicted_raw: dict | None = None,

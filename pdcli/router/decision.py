@@ -46,10 +46,12 @@ def miss_probability(predicted: float, limit: float | None) -> float:
 @dataclass
 class Landing:
     """What a path puts on one decode-capable worker: a decode slot for this request, its prompt's prefill
-    work (on the worker itself or beside it on its GPU)."""
+    work (on the worker itself or beside it on its GPU), a new decode batch beside it on its GPU."""
     load: WorkerLoad
     adds_decode: bool
     prefill_ms: float  # GPU work of the prompt landing among this worker's decode steps
+    new_neighbour: bool = False  # this request starts a decode batch on another worker of its GPU (MPS): its
+    # steps slow as with one more busy neighbour while this request decodes
 
 
 def others_cost(cm: CostModel, landings: list[Landing], slo: Slo, out_len: float) -> tuple[float, float]:
@@ -64,6 +66,9 @@ def others_cost(cm: CostModel, landings: list[Landing], slo: Slo, out_len: float
                                "decode_ctx": w.decode_ctx + w.decode_ctx // w.decode_batch}) if x.adds_decode else w
         remaining = max((w.mean_output_len or out_len) / 2, 1.0)  # their tokens to come, on average
         after = latency.step_ms(cm, bigger) + x.prefill_ms / remaining
+        if x.new_neighbour:  # over the part of their life this request decodes beside them
+            overlap = min(1.0, out_len / remaining)
+            after *= 1 + overlap / (1 + w.sharing)
         misses += w.decode_batch * (miss_probability(after, slo.tpot_ms) - miss_probability(before, slo.tpot_ms))
         added += w.decode_batch * remaining * (after - before)
     return misses, added
