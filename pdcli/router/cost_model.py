@@ -100,6 +100,11 @@ class CostModel:
         terms only (its fixed cost is the step's; an eager step's launch overhead hides behind the GPU)."""
         return prefill_marginal_features(n, c) @ np.asarray(self.prefill[2:], float)
 
+    def prefill_work_rate_ms(self, tokens_per_s: float, sq_tokens_per_s: float) -> float:
+        """GPU ms per second of prompts arriving at tokens_per_s tokens with sq_tokens_per_s squared lengths
+        (no cached prefix): prefill_work_ms summed over them."""
+        return self.prefill[2] * tokens_per_s + self.prefill[4] * sq_tokens_per_s / 2
+
     def decode_ms(self, b, s):
         return decode_features(b, s) @ np.asarray(self.decode)
 

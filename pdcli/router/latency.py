@@ -39,11 +39,14 @@ def prefill_share(cm: CostModel, w: WorkerLoad) -> float:
     workers on its GPU (under MPS a prefill beside a decode batch takes its share of the GPU), each costing its
     marginal GPU work (measured in served runs: what a prompt adds to the decode steps it rides on is its
     marginal work; the mixed step's fixed cost in the profile is mostly eager launch time, hidden there)."""
-    per_s = w.prefill_per_s if w.gpu_prefill_per_s is None else w.gpu_prefill_per_s
     tokens = w.prefill_tokens_per_s if w.gpu_prefill_tokens_per_s is None else w.gpu_prefill_tokens_per_s
-    if per_s <= 0:
+    squares = w.prefill_sq_tokens_per_s if w.gpu_prefill_sq_tokens_per_s is None else w.gpu_prefill_sq_tokens_per_s
+    if tokens <= 0:
         return 0.0
-    return per_s * float(cm.prefill_work_ms(tokens / per_s)) / 1e3
+    if not squares:  # a load without the squares (older records): all prompts of the mean length
+        per_s = w.prefill_per_s if w.gpu_prefill_per_s is None else w.gpu_prefill_per_s
+        squares = tokens * tokens / max(per_s, 1e-9)
+    return cm.prefill_work_rate_ms(tokens, squares) / 1e3
 
 
 def step_ms(cm: CostModel, w: WorkerLoad) -> float:

@@ -23,8 +23,10 @@ class WorkerLoad:
     # the forecast (LoadForecast): what is being routed to it, per second, averaged over the last ~10 s
     prefill_per_s: float = 0.0  # prompts to prefill here
     prefill_tokens_per_s: float = 0.0  # their tokens
+    prefill_sq_tokens_per_s: float = 0.0  # the sum of their squared lengths (attention within a prompt)
     gpu_prefill_per_s: float | None = None  # the same summed over the workers on its GPU (None: its own)
     gpu_prefill_tokens_per_s: float | None = None
+    gpu_prefill_sq_tokens_per_s: float | None = None
     decode_per_s: float = 0.0  # requests to decode here
     mean_output_len: float = 0.0  # their expected output length
 
@@ -144,6 +146,7 @@ class LoadForecast:
         self.tau = tau
         self.prefill: dict[int, EventRate] = {}
         self.prompts: dict[int, EventRate] = {}
+        self.prefill_sq: dict[int, EventRate] = {}
         self.decode: dict[int, EventRate] = {}
         self.out_tokens: dict[int, EventRate] = {}
 
@@ -155,6 +158,7 @@ class LoadForecast:
         or another."""
         self._rate(self.prefill, prefill_rank).add(t, prompt_len)
         self._rate(self.prompts, prefill_rank).add(t)
+        self._rate(self.prefill_sq, prefill_rank).add(t, float(prompt_len) ** 2)
         self._rate(self.decode, decode_rank).add(t)
         self._rate(self.out_tokens, decode_rank).add(t, out_len)
 
@@ -163,6 +167,7 @@ class LoadForecast:
         for rank, w in loads.items():
             w.prefill_tokens_per_s = self._rate(self.prefill, rank).at(t)
             w.prefill_per_s = self._rate(self.prompts, rank).at(t)
+            w.prefill_sq_tokens_per_s = self._rate(self.prefill_sq, rank).at(t)
             w.decode_per_s = self._rate(self.decode, rank).at(t)
             out = self._rate(self.out_tokens, rank).at(t)
             w.mean_output_len = out / w.decode_per_s if w.decode_per_s > 0 else 0.0
@@ -170,3 +175,4 @@ class LoadForecast:
             gpu = [o for o in loads.values() if o is w or (w.device != "cpu" and o.device == w.device)]
             w.gpu_prefill_per_s = sum(o.prefill_per_s for o in gpu)
             w.gpu_prefill_tokens_per_s = sum(o.prefill_tokens_per_s for o in gpu)
+            w.gpu_prefill_sq_tokens_per_s = sum(o.prefill_sq_tokens_per_s for o in gpu)
