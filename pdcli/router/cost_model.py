@@ -96,14 +96,19 @@ class CostModel:
         return prefill_form(params, n, c)
 
     def prefill_work_ms(self, n, c=0):
-        """The GPU work of n prompt tokens after c cached ones riding in decode steps: the prefill's marginal
-        terms only (its fixed cost is the step's; an eager step's launch overhead hides behind the GPU)."""
-        return prefill_marginal_features(n, c) @ np.asarray(self.prefill[2:], float)
+        """What a prompt of n tokens after c cached ones adds to the decode steps it rides on: the mixed step's
+        own overhead beyond a decode step's, and its marginal prefill work scaled as in a mixed step. The decode
+        rows' scale (kd) is left at 1: served runs did not show it (on one H100 a 1024-token prompt added 17-19
+        ms to the steps, this 19 ms; with kd = 3.9, 27 ms)."""
+        m0, _, kp = self.interference
+        return max(0.0, m0 - self.decode[0]) + kp * (prefill_marginal_features(n, c) @ np.asarray(self.prefill[2:], float))
 
-    def prefill_work_rate_ms(self, tokens_per_s: float, sq_tokens_per_s: float) -> float:
-        """GPU ms per second of prompts arriving at tokens_per_s tokens with sq_tokens_per_s squared lengths
+    def prefill_work_rate_ms(self, prompts_per_s: float, tokens_per_s: float, sq_tokens_per_s: float) -> float:
+        """GPU ms per second of prompts_per_s prompts of tokens_per_s tokens and sq_tokens_per_s squared lengths
         (no cached prefix): prefill_work_ms summed over them."""
-        return self.prefill[2] * tokens_per_s + self.prefill[4] * sq_tokens_per_s / 2
+        m0, _, kp = self.interference
+        return max(0.0, m0 - self.decode[0]) * prompts_per_s + \
+            kp * (self.prefill[2] * tokens_per_s + self.prefill[4] * sq_tokens_per_s / 2)
 
     def decode_ms(self, b, s):
         return decode_features(b, s) @ np.asarray(self.decode)

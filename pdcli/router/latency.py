@@ -37,16 +37,15 @@ def lifetime_batch(now: float, steady: float, life_ms: float, mean_life_ms: floa
 def prefill_share(cm: CostModel, w: WorkerLoad) -> float:
     """Share of the GPU's time its prefill work takes: the prompts routed per second to w and to the other
     workers on its GPU (under MPS a prefill beside a decode batch takes its share of the GPU), each costing its
-    marginal GPU work (measured in served runs: what a prompt adds to the decode steps it rides on is its
-    marginal work; the mixed step's fixed cost in the profile is mostly eager launch time, hidden there)."""
+    cost in the decode steps it rides on (CostModel.prefill_work_ms)."""
+    per_s = w.prefill_per_s if w.gpu_prefill_per_s is None else w.gpu_prefill_per_s
     tokens = w.prefill_tokens_per_s if w.gpu_prefill_tokens_per_s is None else w.gpu_prefill_tokens_per_s
     squares = w.prefill_sq_tokens_per_s if w.gpu_prefill_sq_tokens_per_s is None else w.gpu_prefill_sq_tokens_per_s
     if tokens <= 0:
         return 0.0
     if not squares:  # a load without the squares (older records): all prompts of the mean length
-        per_s = w.prefill_per_s if w.gpu_prefill_per_s is None else w.gpu_prefill_per_s
         squares = tokens * tokens / max(per_s, 1e-9)
-    return cm.prefill_work_rate_ms(tokens, squares) / 1e3
+    return cm.prefill_work_rate_ms(per_s, tokens, squares) / 1e3
 
 
 def step_ms(cm: CostModel, w: WorkerLoad) -> float:
@@ -107,5 +106,7 @@ def tpot_ms(cm: CostModel, w: WorkerLoad, prompt_len: int, out_len: float, itera
         batch = lifetime_batch(w.decode_batch, steady, out_len * tpot, mean_out * tpot) + 1
         ctx = batch * ctx_per_seq
         rho = min(prefill_share(cm, w), MAX_RHO)
-        tpot = float(cm.decode_ms(batch, ctx)) * slow / (1 - rho)
+        # at most every step carries a full chunk of prompt tokens: past that, prompts queue (TTFT grows)
+        full = float(cm.mixed_ms(batch, ctx, max(1, cm.max_num_batched_tokens - int(batch)), attention=False))
+        tpot = min(float(cm.decode_ms(batch, ctx)) / (1 - rho), full) * slow
     return tpot
