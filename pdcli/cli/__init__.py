@@ -7,7 +7,7 @@ import sys
 import typer
 
 from pdcli import __version__
-from pdcli.cli import bench, fit, generate, plot, profile, replay, serve
+from pdcli.cli import bench, fit, generate, plan, plot, profile, replay, serve
 
 app = typer.Typer(name="pdcli", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="LLM serving with prefill/decode disaggregation.")
@@ -39,6 +39,7 @@ app.command("bench")(bench.bench)
 app.command("plot")(plot.plot)
 app.command("serve")(serve.serve)
 app.command("replay")(replay.replay)
+app.command("plan")(plan.plan)
 
 
 def run() -> None:

@@ -79,7 +79,7 @@ class AdaptiveRouter:
         for path, p in pred.items():
             c = (cached or {}).get(path, 0)
             work = float(self.cm.prefill_work_ms(prompt_len - c, c))
-            landings = self._landings(path, work, coll, pre, dec, others or [])
+            landings = self._landings(path, work, coll, pre, dec, others or [], out_len)
             extra_misses, added = decision.others_cost(self.cm, landings, self.slo, out_len)
             if self.slo.any:
                 scores[path] = (decision.own_miss(p, self.slo, prompt_len) + extra_misses, p["e2e_ms"])
@@ -94,7 +94,7 @@ class AdaptiveRouter:
         return Decision(path, pred, raw, roles, out_len, decided_by=why, scores={k: v[0] for k, v in scores.items()})
 
     @staticmethod
-    def _landings(path: str, work: float, coll, pre, dec, others: list[WorkerLoad]) -> list:
+    def _landings(path: str, work: float, coll, pre, dec, others: list[WorkerLoad], out_len: float) -> list:
         """The decode-capable workers a path loads: its decode worker (a slot) and the workers on the GPU where
         the prompt is prefilled (its prefill work)."""
         prefill_on, decode_on = (coll, coll) if path == "collocated" else (pre, dec)
@@ -104,11 +104,10 @@ class AdaptiveRouter:
             landing[id(o)] = decision.Landing(o, o is decode_on, work)
         if id(decode_on) not in landing:
             landing[id(decode_on)] = decision.Landing(decode_on, True, 0.0)
-        if decode_on.decode_batch == 0 and decode_on.device != "cpu":  # its decode batch starts with this request
-            for o in others:
-                if o is not decode_on and o.device == decode_on.device and o.decode_batch:
-                    x = landing.setdefault(id(o), decision.Landing(o, False, 0.0))
-                    x.new_neighbour = True
+        ext = decision.extension_tokens(decode_on, out_len) if decode_on.device != "cpu" else 0.0
+        for o in others if ext else []:  # the decode batch it keeps going slows the GPU's other decode batches
+            if o is not decode_on and o.device == decode_on.device and o.decode_batch:
+                landing.setdefault(id(o), decision.Landing(o, False, 0.0)).extends_neighbour = ext
         return list(landing.values())
 
     def observe(self, prompt_len: int, output_len: int, roles: dict | None = None, predicted_raw: dict | None = None,

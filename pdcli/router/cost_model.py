@@ -120,6 +120,17 @@ class CostModel:
         return m0 + kd * (d1 * np.asarray(b, float) + d2 * np.asarray(s, float)) + \
             kp * (prefill_marginal_features(n, c) @ a)
 
+    def step_ms(self, decode_batch: int, decode_ctx: int, chunks: list[tuple[int, int]] = ()) -> float:
+        """One engine step: decode_batch sequences holding decode_ctx context tokens and prefill chunks (new
+        tokens, cached before them); a decode step, a prefill step or a mixed one."""
+        if not chunks:
+            return float(self.decode_ms(decode_batch, decode_ctx)) if decode_batch else 0.0
+        marginal = sum(float(prefill_marginal_features(n, c) @ np.asarray(self.prefill[2:], float)) for n, c in chunks)
+        if not decode_batch:
+            return max(self.prefill[0], self.prefill[1] + marginal)
+        m0, _, kp = self.interference  # served steps (async scheduling) show the decode rows' scale kd at 1
+        return float(self.decode_ms(decode_batch, decode_ctx)) + max(0.0, m0 - self.decode[0]) + kp * marginal
+
     def transfer_ms(self, num_tokens: int, pair: str = "default") -> float:
         t0, gbs = self.transfer.get(pair) or next(iter(self.transfer.values()))
         return t0 + num_tokens * self.kv_bytes_per_token / (gbs * 1e6)

@@ -50,8 +50,8 @@ class Landing:
     load: WorkerLoad
     adds_decode: bool
     prefill_ms: float  # GPU work of the prompt landing among this worker's decode steps
-    new_neighbour: bool = False  # this request starts a decode batch on another worker of its GPU (MPS): its
-    # steps slow as with one more busy neighbour while this request decodes
+    extends_neighbour: float = 0.0  # tokens by which this request keeps a decode batch going on another worker
+    # of its GPU (MPS) beyond when it would drain: this worker's steps slow as with one more busy neighbour
 
 
 def others_cost(cm: CostModel, landings: list[Landing], slo: Slo, out_len: float) -> tuple[float, float]:
@@ -66,12 +66,19 @@ def others_cost(cm: CostModel, landings: list[Landing], slo: Slo, out_len: float
                                "decode_ctx": w.decode_ctx + w.decode_ctx // w.decode_batch}) if x.adds_decode else w
         remaining = max((w.mean_output_len or out_len) / 2, 1.0)  # their tokens to come, on average
         after = latency.step_ms(cm, bigger) + x.prefill_ms / remaining
-        if x.new_neighbour:  # over the part of their life this request decodes beside them
-            overlap = min(1.0, out_len / remaining)
+        if x.extends_neighbour:  # over the part of their life the other batch runs on because of this request
+            overlap = min(1.0, x.extends_neighbour / remaining)
             after *= 1 + overlap / (1 + w.sharing)
         misses += w.decode_batch * (miss_probability(after, slo.tpot_ms) - miss_probability(before, slo.tpot_ms))
         added += w.decode_batch * remaining * (after - before)
     return misses, added
+
+
+def extension_tokens(w: WorkerLoad, out_len: float) -> float:
+    """How many of a new request's tokens keep worker w decoding past when its batch would drain: its last
+    sequence ends after ~B / (B + 1) of a mean output (the largest of B uniform remainders)."""
+    mean_out = w.mean_output_len or out_len
+    return max(0.0, out_len - mean_out * w.decode_batch / (w.decode_batch + 1))
 
 
 def own_miss(pred: dict, slo: Slo, prompt_len: int) -> float:

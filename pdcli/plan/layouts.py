@@ -1,0 +1,48 @@
+"""The layouts `pdcli plan` compares on N GPUs, and simulating one of them at a rate."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pdcli.bench.arrivals import arrival_times
+from pdcli.bench.metrics import summarize
+from pdcli.bench.workloads import make_requests
+from pdcli.plan.sim import SimSpec
+from pdcli.plan.simulator import Simulator
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str  # e.g. 8C, 2P6D, adaptive-8C
+    mode: str  # the routing policy: collocated | disaggregated | adaptive
+    specs: tuple[SimSpec, ...]
+    pd_on_collocated: bool = False
+
+
+def devices(gpus: int, gpus_per_node: int) -> list[str]:
+    return [f"node{i // gpus_per_node}:cuda:{i % gpus_per_node}" for i in range(gpus)]
+
+
+def enumerate_layouts(gpus: int, gpus_per_node: int) -> list[Layout]:
+    """All collocated; xPyD for every split; adaptive over collocated workers that prefill and decode for
+    each other (as `pdcli bench` lays them out)."""
+    devs = devices(gpus, gpus_per_node)
+    coll = tuple(SimSpec(i, "collocated", d) for i, d in enumerate(devs))
+    out = [Layout(f"{gpus}C", "collocated", coll)]
+    for p in range(1, gpus):
+        specs = tuple(SimSpec(i, "prefill" if i < p else "decode", d) for i, d in enumerate(devs))
+        out.append(Layout(f"{p}P{gpus - p}D", "disaggregated", specs))
+    if gpus >= 2:
+        out.append(Layout(f"adaptive-{gpus}C", "adaptive", coll, pd_on_collocated=True))
+    return out
+
+
+def simulate(layout: Layout, cm, rate: float, workload: str, duration: float, seed: int, slos: dict,
+             vocab: int = 32000, max_model_len: int = 16384, burstiness: float = 1.0, router_factory=None) -> dict:
+    """The layout's metrics at one rate over `duration` s of arrivals (pdcli bench's generators)."""
+    n = max(1, int(rate * duration))
+    reqs = make_requests(workload, n, seed, vocab, max_model_len)
+    router = router_factory() if router_factory and layout.mode == "adaptive" else None
+    sim = Simulator(cm, list(layout.specs), layout.mode, layout.pd_on_collocated, router)
+    recs = sim.run([len(r.prompt_ids) for r in reqs], [r.output_len for r in reqs],
+                   arrival_times(n, rate, burstiness, seed))
+    return summarize(recs, slos)

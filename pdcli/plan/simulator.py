@@ -1,0 +1,150 @@
+"""The simulation of one layout under one arrival trace: events are arrivals, ends of steps and landings of
+handed-off KV; routing is the coordinator's (policies on requests in flight; the cost-model router on
+loads built from the simulated workers)."""
+from __future__ import annotations
+
+import heapq
+import itertools
+
+from pdcli.bench.metrics import RequestRecord
+from pdcli.coordinator.policy import RouteInput, make_policy
+from pdcli.coordinator.routing import can_hand_off
+from pdcli.plan.sim import SimSeq, SimSpec, SimWorker, shared_step_ms
+from pdcli.router.cost_model import CostModel
+from pdcli.router.load import LoadForecast, WorkerLoad, mark_gpu_sharing
+
+
+def pair_kind(p: SimSpec, d: SimSpec) -> str:
+    """How KV moves between two simulated workers: the key of the fitted transfer cost."""
+    if p.device == d.device:
+        return "cpu-gloo" if p.device.endswith("cpu") else "gpu-ipc"
+    return "gpu-nccl" if p.device.split(":")[0] == d.device.split(":")[0] else "net"
+
+
+class Simulator:
+    def __init__(self, cm: CostModel, specs: list[SimSpec], mode: str, pd_on_collocated: bool = False, router=None,
+                 max_num_seqs: int = 256, net_gbps: float | None = None):
+        self.cm, self.policy, self.router, self.net_gbps = cm, make_policy(mode), router, net_gbps
+        self.workers = [SimWorker(s, cm, max_num_seqs, cm.max_num_batched_tokens) for s in specs]
+        self.pairs = [(p, d) for p in self.workers for d in self.workers
+                      if can_hand_off(p.spec, d.spec, pd_on_collocated)]
+        self.events: list = []
+        self.order = itertools.count()
+        self.turn = itertools.count()
+        self.forecast = LoadForecast()
+        self.now = 0.0
+
+    def push(self, t: float, kind: str, *data) -> None:
+        heapq.heappush(self.events, (t, next(self.order), kind, data))
+
+    def run(self, prompt_lens: list[int], output_lens: list[int], arrivals, paths: list[str] | None = None
+            ) -> list[RequestRecord]:
+        """paths: the path each request took in a recorded run (validation follows them), else routed here."""
+        seqs = [SimSeq(i, float(a), n, o) for i, (a, n, o) in enumerate(zip(arrivals, prompt_lens, output_lens))]
+        for s, path in zip(seqs, paths or []):
+            s.path = path
+        for s in seqs:
+            self.push(s.arrival, "arrive", s)
+        while self.events:
+            self.now, _, kind, data = heapq.heappop(self.events)
+            getattr(self, f"_on_{kind}")(*data)
+        return [RequestRecord(s.arrival, s.prompt_len, s.output_len, first_token=s.first, end=s.end, path=s.path,
+                              workers=s.workers, error=None if s.end is not None else "not finished")
+                for s in seqs]
+
+    # ---- events ----
+    def _on_arrive(self, seq: SimSeq) -> None:
+        first, second = self.route(seq)
+        seq.workers = (first.spec.rank,) if second is None else (first.spec.rank, second.spec.rank)
+        seq.path = "collocated" if second is None else "disaggregated"
+        first.waiting.append(seq)
+        first.inflight += 1
+        if second is not None:
+            second.inflight += 1
+        out = self.router.predictor.mean(seq.prompt_len, seq.output_len) if self.router else seq.output_len
+        self.forecast.route(self.now, first.spec.rank, (second or first).spec.rank, seq.prompt_len, out)
+        self.kick(first)
+
+    def _on_step_end(self, w: SimWorker, chunks: list) -> None:
+        prefilled, done = w.finish_step(chunks, self.now)
+        for seq in prefilled:
+            if len(seq.workers) == 1:
+                w.admit(seq)
+            else:
+                w.inflight -= 1
+                d = self.workers[seq.workers[1]]
+                self.push(self.now + self.transfer_ms(seq, w, d) / 1e3, "landed", seq, d)
+            if seq.output_len <= 1:
+                seq.end = self.now
+                self.workers[seq.workers[-1]].inflight -= 1
+        for seq in done:
+            w.inflight -= 1
+        self.kick(w)
+
+    def _on_landed(self, seq: SimSeq, d: SimWorker) -> None:
+        if seq.output_len > 1:
+            d.admit(seq)
+            self.kick(d)
+
+    def kick(self, w: SimWorker) -> None:
+        if not w.idle or not w.has_work:
+            return
+        chunks, alone = w.plan()
+        has_decodes = w.num_decoding > 0
+        neighbours = [o for o in self.workers if o is not w and o.spec.device == w.spec.device
+                      and not o.spec.device.endswith("cpu")]
+        ms = shared_step_ms(w, alone, has_decodes, neighbours, self.now)
+        w.busy_until, w.step_has_decodes = self.now + ms / 1e3, has_decodes
+        self.push(w.busy_until, "step_end", w, chunks)
+
+    def transfer_ms(self, seq: SimSeq, p: SimWorker, d: SimWorker) -> float:
+        kind = pair_kind(p.spec, d.spec)
+        if kind == "net" and kind not in self.cm.transfer and self.net_gbps:
+            return seq.prompt_len * self.cm.kv_bytes_per_token * 8 / (self.net_gbps * 1e6)
+        return self.cm.transfer_ms(seq.prompt_len, kind)
+
+    # ---- routing: the coordinator's rules on simulated state ----
+    def _least(self, pairs: list, key):
+        if not pairs:
+            return None
+        best = min(map(key, pairs))
+        tied = [pd for pd in pairs if key(pd) == best]
+        return tied[next(self.turn) % len(tied)]
+
+    def route(self, seq: SimSeq) -> tuple[SimWorker, SimWorker | None]:
+        colls = [w for w in self.workers if w.spec.role == "collocated"]
+        coll = min(colls, key=lambda w: w.inflight) if colls else None
+        if seq.path:  # recorded: the least loaded workers of that path
+            pair = self._least(self.pairs, lambda pd: (pd[0].inflight, pd[1].inflight))
+            return pair if seq.path == "disaggregated" and pair else (coll, None)
+        if self.policy.name == "adaptive" and self.router is not None and coll and self.pairs:
+            return self._by_cost_model(seq, colls)
+        pair = self._least(self.pairs, lambda pd: (pd[0].inflight, pd[1].inflight))
+        want = self.policy.choose(RouteInput(seq.prompt_len, None, prefill_queue=pair[0].inflight if pair else 0,
+                                             collocated_load=coll.inflight if coll else 0))
+        if pair and (want == "disaggregated" or coll is None):
+            return pair
+        return coll, None
+
+    def loads(self) -> dict[int, WorkerLoad]:
+        out = {}
+        for w in self.workers:
+            since = None if w.last_step_end is None else (self.now - w.last_step_end) * 1e3
+            fresh = sum(s.prompt_len - s.prefilled for s in w.waiting
+                        if w.last_step_end is None or s.arrival > w.last_step_end)
+            out[w.spec.rank] = WorkerLoad(queued_prefill_tokens=w.queued_tokens, decode_batch=w.num_decoding,
+                                          decode_ctx=w.decode_ctx, role=w.spec.role, since_step_ms=since,
+                                          async_steps=w.spec.role != "prefill", queued_since_step_tokens=fresh,
+                                          device=w.spec.device)
+        mark_gpu_sharing(out, {w.spec.rank: w.spec.device for w in self.workers})
+        self.forecast.apply(out, self.now)
+        return out
+
+    def _by_cost_model(self, seq: SimSeq, colls: list[SimWorker]) -> tuple[SimWorker, SimWorker | None]:
+        loads = self.loads()
+        load = lambda w: loads[w.spec.rank].queued_prefill_tokens + loads[w.spec.rank].decode_batch  # noqa: E731
+        coll = min(colls, key=load)
+        pre, dec = self._least(self.pairs, lambda pd: (load(pd[0]), load(pd[1])))
+        d = self.router.decide(seq.prompt_len, seq.output_len, loads[coll.spec.rank], loads[pre.spec.rank],
+                               loads[dec.spec.rank], pair_kind(pre.spec, dec.spec), list(loads.values()))
+        return (coll, None) if d.path == "collocated" else (pre, dec)

@@ -1,0 +1,72 @@
+"""pdcli plan: the simulator steps workers under the engine's rules with the cost model's step times."""
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from pdcli.cli import app
+from pdcli.plan.layouts import enumerate_layouts
+from pdcli.plan.sim import SimSpec
+from pdcli.plan.simulator import Simulator
+from test_cost_model import cost_model
+
+
+def one(specs, mode, prompts, outs, arrivals, **kw):
+    return Simulator(cost_model(), specs, mode, **kw).run(prompts, outs, arrivals)
+
+
+def test_one_request_takes_a_prefill_step_then_a_decode_step_per_token():
+    cm = cost_model()
+    [r] = one([SimSpec(0, "prefill", "n:cuda:0"), SimSpec(1, "decode", "n:cuda:1")], "disaggregated", [1000], [11], [0.0])
+    prefill = cm.step_ms(0, 0, [(1000, 0)])
+    assert r.ttft_ms == pytest.approx(prefill)  # a prefill worker reports its step's tokens at once
+    transfer = cm.transfer_ms(1000, "gpu-nccl")
+    steps = [cm.step_ms(1, 1000 + 1 + k, []) for k in range(10)]
+    assert r.e2el_ms == pytest.approx(prefill + transfer + sum(steps))
+    assert r.path == "disaggregated" and r.workers == (0, 1)
+
+
+def test_a_collocated_worker_batches_decodes_and_chunks_long_prompts():
+    cm = cost_model()  # max_num_batched_tokens 2048
+    recs = one([SimSpec(0, "collocated", "n:cuda:0")], "collocated", [5000, 10], [3, 3], [0.0, 0.0])
+    long, short = recs
+    # the 5000-token prompt takes three steps (2048 + 2048 + 904); the short one rides in the third
+    assert long.first_token == short.first_token and long.first_token > 0
+    chunks = cm.step_ms(0, 0, [(2048, 0)]) + cm.step_ms(0, 0, [(2048, 2048)]) + \
+        cm.step_ms(0, 0, [(904, 4096), (10, 0)])
+    # async scheduling: the tokens of a step reach the coordinator at the end of the next one
+    assert long.ttft_ms == pytest.approx(chunks + cm.step_ms(2, 5012, []))
+
+
+def test_layouts_for_n_gpus():
+    names = [lay.name for lay in enumerate_layouts(4, 2)]
+    assert names == ["4C", "1P3D", "2P2D", "3P1D", "adaptive-4C"]
+    assert {s.device for s in enumerate_layouts(4, 2)[0].specs} == {"node0:cuda:0", "node0:cuda:1", "node1:cuda:0",
+                                                                    "node1:cuda:1"}
+
+
+def test_plan_and_validate_commands(tmp_path):
+    from pdcli.router.fit import fit_profile, write_params
+    from test_cost_model import synthetic_profile
+
+    params = tmp_path / "params"
+    params.mkdir()
+    write_params(str(params), fit_profile(dict(synthetic_profile(), model="dummy:tiny-llama")))
+    r = CliRunner().invoke(app, ["plan", "--params-dir", str(params), "--gpus", "2", "--arrival-rate", "1,2",
+                                 "--duration", "10", "--slo-ttft-ms", "5000", "--slo-tpot-ms", "500", "--json"])
+    assert r.exit_code == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert {x["layout"] for x in rows} == {"2C", "1P1D", "adaptive-2C"} and len(rows) == 6
+    assert all(x["completed"] == x["num_prompts"] for x in rows)
+    run = tmp_path / "run"  # a recorded run: the simulation follows its paths
+    run.mkdir()
+    reqs = [dict(arrival=i * 0.5, input_len=200, output_len=20, ttft_ms=30.0, e2el_ms=300.0, path="collocated")
+            for i in range(20)]
+    json.dump(dict(mode="collocated", request_rate=2.0, layout=[dict(rank=0, role="collocated", device="cuda:0")],
+                   median_ttft_ms=30.0, median_tpot_ms=14.2, slo_attainment=1.0, goodput_slos=dict(ttft=5000),
+                   requests=reqs), open(run / "r.json", "w"))
+    r = CliRunner().invoke(app, ["plan", "--params-dir", str(params), "--validate", str(run), "--json"])
+    assert r.exit_code == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["rows"][0]["median_ttft_ms_measured"] == 30.0 and out["rows"][0]["median_ttft_ms_sim"] > 0
+    assert out["summary"]["runs"] == 1
