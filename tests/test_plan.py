@@ -55,9 +55,18 @@ def test_plan_and_validate_commands(tmp_path):
     r = CliRunner().invoke(app, ["plan", "--params-dir", str(params), "--gpus", "2", "--arrival-rate", "1,2",
                                  "--duration", "10", "--slo-ttft-ms", "5000", "--slo-tpot-ms", "500", "--json"])
     assert r.exit_code == 0, r.stderr
-    rows = json.loads(r.stdout)
+    rows = json.loads(r.stdout)["rows"]
     assert {x["layout"] for x in rows} == {"2C", "1P1D", "adaptive-2C"} and len(rows) == 6
     assert all(x["completed"] == x["num_prompts"] for x in rows)
+    r = CliRunner().invoke(app, ["plan", "--params-dir", str(params), "--gpus", "2", "--arrival-rate", "0.5,40",
+                                 "--find-max-rate", "--duration", "10", "--slo-tpot-ms", "500", "--layouts", "2C,1P1D",
+                                 "--out", str(tmp_path / "plan")])
+    assert r.exit_code == 0, r.stderr
+    assert "best:" in r.stdout and (tmp_path / "plan" / "plan_goodput.png").stat().st_size > 1000
+    found = json.load(open(tmp_path / "plan" / "plan.json"))["highest"]
+    assert set(found) == {"2C", "1P1D"} and all(v is None or 0.5 <= v <= 40 for v in found.values())
+    r = CliRunner().invoke(app, ["plan", "--params-dir", str(params), "--layouts", "3Q"])
+    assert r.exit_code == 2 and "bad layout" in r.stderr
     run = tmp_path / "run"  # a recorded run: the simulation follows its paths
     run.mkdir()
     reqs = [dict(arrival=i * 0.5, input_len=200, output_len=20, ttft_ms=30.0, e2el_ms=300.0, path="collocated")

@@ -14,13 +14,20 @@ from pdcli.cli.common import fail
 def plan(
     params_dir: Annotated[str, typer.Option(help="Fitted cost model folder (pdcli profile + pdcli fit).")],
     gpus: Annotated[int, typer.Option(help="GPUs to lay out.")] = 2,
-    gpus_per_node: Annotated[int, typer.Option(help="GPUs per node (handoffs across nodes use --net-gbps).")] = 8,
+    gpus_per_node: Annotated[int, typer.Option(help="GPUs per node.")] = 8,
+    net_gbps: Annotated[Optional[float], typer.Option(help="Gbit/s between nodes, for handoffs across nodes "
+                                                           "when the profile has no such transfer.")] = None,
     workload: Annotated[str, typer.Option(help="A pdcli bench workload.")] = "random",
     arrival_rate: Annotated[str, typer.Option(help="Requests/s, a comma list.")] = "8,16,32",
+    find_max_rate: Annotated[bool, typer.Option(help="Find each layout's highest rate with >= 90% SLO attainment "
+                                                     "(between the lowest and highest --arrival-rate).")] = False,
+    burstiness: Annotated[float, typer.Option(help="Gamma shape of the gaps: 1 = Poisson.")] = 1.0,
     slo_ttft_ms: Annotated[Optional[float], typer.Option()] = None,
     slo_tpot_ms: Annotated[Optional[float], typer.Option()] = None,
+    layouts: Annotated[Optional[str], typer.Option(help="Only these, e.g. 8C,2P6D,adaptive-8C.")] = None,
     duration: Annotated[float, typer.Option(help="Seconds of simulated arrivals per rate.")] = 60.0,
     seed: Annotated[int, typer.Option()] = 0,
+    out: Annotated[Optional[str], typer.Option(help="Folder for plan_goodput.png and plan.json.")] = None,
     validate: Annotated[Optional[str], typer.Option(help="Simulate the recorded runs in this folder instead.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout only.")] = False,
 ) -> None:
@@ -33,43 +40,80 @@ def plan(
         fail(str(e))
     if validate:
         return _validate(validate, cm, as_json)
-    from pdcli.plan.layouts import enumerate_layouts, simulate
+    try:
+        rates = sorted(float(r) for r in arrival_rate.split(","))
+        lays = _layouts(layouts, gpus, gpus_per_node)
+    except ValueError as e:
+        fail(str(e))
+    slos = {k: v for k, v in (("ttft", slo_ttft_ms), ("tpot", slo_tpot_ms)) if v is not None}
+    if find_max_rate and (not slos or len(rates) < 2):
+        fail("--find-max-rate needs an SLO (--slo-ttft-ms, --slo-tpot-ms) and two --arrival-rate bounds")
+    run = _runner(cm, workload, duration, seed, slos, burstiness, net_gbps, slo_ttft_ms, slo_tpot_ms)
+    rows, highest = _simulate(lays, rates, run, find_max_rate)
+    assumptions = _assumptions(cm, lays, net_gbps)
+    _report(rows, highest, lays, assumptions, out, as_json)
+
+
+def _layouts(text: str | None, gpus: int, gpus_per_node: int):
+    from pdcli.plan.layouts import enumerate_layouts, parse_layouts
+
+    return parse_layouts(text, gpus_per_node) if text else enumerate_layouts(gpus, gpus_per_node)
+
+
+def _runner(cm, workload, duration, seed, slos, burstiness, net_gbps, slo_ttft_ms, slo_tpot_ms):
+    from pdcli.plan.search import runner
     from pdcli.router.adaptive import AdaptiveRouter
 
-    try:
-        rates = [float(r) for r in arrival_rate.split(",")]
-    except ValueError:
-        fail(f"bad --arrival-rate {arrival_rate!r}: a comma list of numbers")
-    slos = {k: v for k, v in (("ttft", slo_ttft_ms), ("tpot", slo_tpot_ms)) if v is not None}
-    rows = [dict(layout=lay.name, rate=rate, **simulate(
-        lay, cm, rate, workload, duration, seed, slos,
-        router_factory=lambda: AdaptiveRouter(cm, slo_ttft_ms, slo_tpot_ms)))
-        for lay in enumerate_layouts(gpus, gpus_per_node) for rate in rates]
-    _print_plan(rows, slos, as_json)
+    return runner(cm, workload, duration, seed, slos, burstiness, lambda: AdaptiveRouter(cm, slo_ttft_ms, slo_tpot_ms),
+                  net_gbps)
 
 
-def _print_plan(rows: list[dict], slos: dict, as_json: bool) -> None:
+def _simulate(lays, rates, run, find_max_rate):
+    from pdcli.plan.search import at_rates, highest_rate
+
+    if not find_max_rate:
+        return at_rates(lays, rates, run), None
+    rows, highest = [], {}
+    for lay in lays:
+        highest[lay.name], found = highest_rate(lay, run, rates[0], rates[-1])
+        rows += found
+    return rows, highest
+
+
+def _assumptions(cm, lays, net_gbps) -> list[str]:
+    from pdcli.plan.layouts import cross_node
+
+    out = [f"step times from the fitted profile; transfers as profiled: {', '.join(cm.transfer) or 'none'}"]
+    if any(lay.mode != "collocated" for lay in lays) and "gpu-nccl" not in cm.transfer:
+        out.append(f"handoffs between GPUs of a node priced as the profile's {next(iter(cm.transfer), '?')} "
+                   "(profile on a machine with two GPUs to measure them)")
+    if any(cross_node(lay) for lay in lays) and "net" not in cm.transfer:
+        out.append(f"handoffs across nodes at {net_gbps} Gbit/s (--net-gbps)" if net_gbps else
+                   "handoffs across nodes at the profile's GPU-to-GPU transfer rate (pass --net-gbps)")
+    return out
+
+
+def _report(rows, highest, lays, assumptions, out, as_json) -> None:
     from rich.console import Console
-    from rich.table import Table
 
-    from pdcli.bench.metrics import max_rate_meeting
+    from pdcli.plan.report import highest_by_layout, plot_goodput, print_table
 
+    highest = highest_by_layout(rows, highest)
+    gpus = {lay.name: len({s.device for s in lay.specs}) for lay in lays}
+    if out:
+        import os
+
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "plan.json"), "w") as f:
+            json.dump(dict(rows=rows, highest=highest, assumptions=assumptions), f, indent=1, default=float)
     if as_json:
-        json.dump(rows, sys.stdout, indent=1, default=float)
+        json.dump(dict(rows=rows, highest=highest, assumptions=assumptions), sys.stdout, indent=1, default=float)
         sys.stdout.write("\n")
         return
-    table = Table(title="predicted by simulation")
-    for col in ("layout", "rate", "SLO ok", "TTFT p50/p90 ms", "TPOT p50/p90 ms", "goodput req/s"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r["layout"], str(r["rate"]), f"{r.get('slo_attainment', 1.0):.0%}",
-                      f"{r['median_ttft_ms']:.0f}/{r['p90_ttft_ms']:.0f}", f"{r['median_tpot_ms']:.1f}/{r['p90_tpot_ms']:.1f}",
-                      f"{r.get('request_goodput', r['request_throughput']):.1f}")
-    Console().print(table)
-    if slos:
-        best = {lay: max_rate_meeting([dict(request_rate=r["rate"], slo_attainment=r["slo_attainment"])
-                                       for r in rows if r["layout"] == lay]) for lay in dict.fromkeys(r["layout"] for r in rows)}
-        Console().print("highest rate with >= 90% SLO attainment: " + ", ".join(f"{k} {v}" for k, v in best.items()))
+    err = Console(stderr=True)
+    print_table(rows, highest, gpus, assumptions, Console())
+    if out:
+        err.print(f"plot -> {plot_goodput(rows, gpus, out)}")
 
 
 def _validate(folder: str, cm, as_json: bool) -> None:

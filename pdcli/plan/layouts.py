@@ -36,13 +36,41 @@ def enumerate_layouts(gpus: int, gpus_per_node: int) -> list[Layout]:
     return out
 
 
+def parse_layouts(text: str, gpus_per_node: int) -> list[Layout]:
+    """Explicit layouts: "8C", "2P6D", "adaptive-8C", comma separated."""
+    out = []
+    for name in filter(None, (t.strip() for t in text.split(","))):
+        n = name.removeprefix("adaptive-")
+        try:
+            if n.endswith("C") and n[:-1].isdigit():
+                gpus = int(n[:-1])
+                found = [lay for lay in enumerate_layouts(gpus, gpus_per_node) if lay.name == name]
+            else:
+                p, d = n.split("P")
+                gpus = int(p) + int(d.removesuffix("D"))
+                found = [lay for lay in enumerate_layouts(gpus, gpus_per_node) if lay.name == name]
+        except ValueError:
+            found = []
+        if not found:
+            raise ValueError(f"bad layout {name!r}: use NC, xPyD or adaptive-NC (e.g. 8C, 2P6D, adaptive-8C)")
+        out += found
+    return out
+
+
+def cross_node(layout: Layout) -> bool:
+    """Some P/D pair of the layout hands KV from one node to another."""
+    nodes = {s.device.split(":")[0] for s in layout.specs}
+    return len(nodes) > 1 and (layout.mode != "collocated")
+
+
 def simulate(layout: Layout, cm, rate: float, workload: str, duration: float, seed: int, slos: dict,
-             vocab: int = 32000, max_model_len: int = 16384, burstiness: float = 1.0, router_factory=None) -> dict:
+             vocab: int = 32000, max_model_len: int = 16384, burstiness: float = 1.0, router_factory=None,
+             net_gbps: float | None = None) -> dict:
     """The layout's metrics at one rate over `duration` s of arrivals (pdcli bench's generators)."""
     n = max(1, int(rate * duration))
     reqs = make_requests(workload, n, seed, vocab, max_model_len)
     router = router_factory() if router_factory and layout.mode == "adaptive" else None
-    sim = Simulator(cm, list(layout.specs), layout.mode, layout.pd_on_collocated, router)
+    sim = Simulator(cm, list(layout.specs), layout.mode, layout.pd_on_collocated, router, net_gbps=net_gbps)
     recs = sim.run([len(r.prompt_ids) for r in reqs], [r.output_len for r in reqs],
                    arrival_times(n, rate, burstiness, seed))
     return summarize(recs, slos)
