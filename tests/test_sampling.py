@@ -36,6 +36,18 @@ def test_top_k_top_p_min_p_restrict_support():
     assert set(sampler(logits, tensors(4000, temp=0)).tolist()) == {0}
 
 
+def test_a_hash_near_2_to_the_32_never_picks_a_masked_token():
+    """Key 4739 hashes token 2982 of a 4096-token vocabulary to 2**32 - 122: as fp32 that rounded up to 2**32, the
+    uniform to 1 and its Gumbel noise to +inf, so the token won (NaN against -inf: even where masked)."""
+    sampler = Sampler(4096, torch.device("cpu"))
+    logits = torch.full((2, 4096), float("-inf"))
+    logits[0, 7] = 0.0  # only token 7 allowed
+    logits[1] = 0.0
+    logits[1, 2982] = -30.0  # all but impossible
+    assert sampler(logits, tensors(2, vocab=4096, keys=[4739, 4739])).tolist()[0] == 7
+    assert sampler(logits, tensors(2, vocab=4096, keys=[4739, 4739])).tolist()[1] != 2982
+
+
 def test_sample_key_depends_on_every_field():
     keys = {sample_key(s, i, p) for s in (0, 1, 2**40) for i in (0, 1) for p in (0, 1, 7)}
     assert len(keys) == 18

@@ -56,7 +56,7 @@ class Sampler:
             probs = logits.softmax(dim=-1)
             logits = logits.masked_fill(probs < t.min_p[:, None] * probs.amax(dim=-1, keepdim=True), float("-inf"))
         h = mix32(t.keys[:, None] ^ self.vocab_hash[None, : logits.shape[1]])
-        u = (h.float() + 0.5) * (1.0 / 4294967296.0)  # uniform in (0, 1)
+        u = ((h >> 9).float() + 0.5) * (1.0 / 8388608.0)  # uniform in (0, 1): 23 bits + 0.5 are exact in fp32
         sampled = (logits - torch.log(-torch.log(u))).argmax(dim=-1)  # Gumbel-max
         return torch.where(t.temperatures == 0, greedy, sampled)
 
