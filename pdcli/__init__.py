@@ -2,10 +2,11 @@
 `LLM`, `SamplingParams` or the outputs, so `pdcli --help` answers at once."""
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput", "SampleLogprob",
+           "__version__"]
 
-_LAZY = {"LLM": "pdcli.llm", "SamplingParams": "pdcli.sampling_params", "RequestOutput": "pdcli.outputs",
-         "CompletionOutput": "pdcli.outputs"}
+_LAZY = {"LLM": "pdcli.llm", "SamplingParams": "pdcli.sampling_params", "StructuredOutputsParams": "pdcli.sampling_params",
+         "RequestOutput": "pdcli.outputs", "CompletionOutput": "pdcli.outputs", "SampleLogprob": "pdcli.outputs"}
 
 
 def __getattr__(name: str):

@@ -138,6 +138,7 @@ class StepTokens:
     indices: list[int]  # completion index (n > 1)
     token_ids: list[list[int]]
     finish_reasons: list[str | None]
+    logprobs: list[list | None] | None = None  # per entry: a SampleLogprob per token (None: not asked); None: nobody asked
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,12 +3,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+@dataclass(frozen=True, slots=True)
+class SampleLogprob:
+    """One sampled token's log-probability and its top alternatives', from the logits the sampler used: after
+    penalties, logit_bias, min_tokens and a grammar's mask, before temperature, top-k, top-p and min-p."""
+    logprob: float
+    top_ids: tuple[int, ...] = ()  # best first; as many as the request's logprobs
+    top_logprobs: tuple[float, ...] = ()
+
+
 @dataclass
 class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
     finish_reason: str | None = None  # stop | length | abort | error
+    logprobs: list[SampleLogprob] | None = None  # one per token of token_ids, when the request asked
 
 
 @dataclass
@@ -40,3 +50,4 @@ class StepDelta:
     text: str
     finished: bool
     finish_reason: str | None = None
+    logprobs: list[SampleLogprob] | None = None  # one per token of token_ids, when the request asked

@@ -24,7 +24,15 @@ from pdcli.workers.layout import WorkerSpec, transfer_pair
 
 logger = logging.getLogger("pdcli.coordinator")
 
-__all__ = ["CentralScheduler", "Tracked"]
+__all__ = ["CentralScheduler", "Overloaded", "Tracked"]
+
+
+class Overloaded(RuntimeError):
+    """More requests would wait for a first token than max_waiting allows."""
+
+    def __init__(self, waiting: int, limit: int):
+        super().__init__(f"the server is overloaded: {waiting} requests are waiting (at most {limit}); retry later")
+        self.waiting, self.limit = waiting, limit
 
 
 class CentralScheduler:
@@ -50,6 +58,8 @@ class CentralScheduler:
         self.lock = threading.RLock()
         self.requests: dict[str, Tracked] = {}
         self.active: set[str] = set()  # request ids not yet done
+        self.waiting: set[str] = set()  # request ids submitted that have no first token yet
+        self.max_waiting: int | None = None  # submit_all refuses requests past this many waiting
         self.ids = itertools.count()
         self.rng = random.Random(sampling_seed)  # seeds of unseeded requests, shared by P and D
         self.stats_replies: queue.Queue = queue.Queue()
@@ -124,6 +134,7 @@ class CentralScheduler:
             t = Tracked(rid, len(self.requests) + 1, list(prompt_ids), params, seed, "", time.perf_counter())
             self.requests[rid] = t
             self.active.add(rid)
+            self.waiting.add(rid)
             route = self.routing.route(t, mode, lambda: [self.requests[r] for r in self.active])
             if route is None:
                 self._fail(t, "no live worker can serve this request")
@@ -138,6 +149,13 @@ class CentralScheduler:
                 self.relay.start(t, route.worker, route.decode)
             logger.debug("%s: %d prompt tokens -> %s on %s", rid, len(t.prompt_ids), t.path, t.ranks)
             return t
+
+    def submit_all(self, prompts: list[list[int]], params: list[SamplingParams], request_ids: list[str]) -> list[Tracked]:
+        """Submit every prompt, or none: Overloaded when max_waiting requests would be waiting for a first token."""
+        with self.lock:
+            if self.max_waiting is not None and len(self.waiting) + len(prompts) > self.max_waiting:
+                raise Overloaded(len(self.waiting), self.max_waiting)
+            return [self.submit(p, sp, request_id=rid) for p, sp, rid in zip(prompts, params, request_ids)]
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
                  mode: str | None = None, timeout: float | None = None) -> list[RequestOutput]:
@@ -192,12 +210,17 @@ class CentralScheduler:
     def _on_step_tokens(self, w: WorkerHandle, msg: StepTokens) -> None:
         """One step of worker w landed now: each touched sequence's new tokens."""
         w.last_step_end = now = time.perf_counter()
-        for rid, index, ids, reason in zip(msg.request_ids, msg.indices, msg.token_ids, msg.finish_reasons):
+        for k, (rid, index, ids, reason) in enumerate(zip(msg.request_ids, msg.indices, msg.token_ids,
+                                                          msg.finish_reasons)):
             t = self.requests.get(rid)
             if t is None or t.done.is_set():
                 continue
-            t.first_token_time = t.first_token_time or now
+            if t.first_token_time is None:
+                t.first_token_time = now
+                self.waiting.discard(rid)
             t.tokens.setdefault(index, []).extend(ids)
+            if msg.logprobs is not None and msg.logprobs[k] is not None:
+                t.logprobs.setdefault(index, []).extend(msg.logprobs[k])
             if index == 0:
                 t.token_times.extend([now] * len(ids))
             self.accounting[t.path]["output_tokens"] += len(ids)
@@ -221,6 +244,7 @@ class CentralScheduler:
             self.router.observe(len(t.prompt_ids), n, t.decision.get("roles", {}).get(t.path),
                                 t.decision.get("predicted_raw", {}).get(t.path), measured)
         self.active.discard(t.rid)
+        self.waiting.discard(t.rid)
         for rank in t.ranks:
             self.workers[rank].inflight.discard(t.rid)
         t.done.set()

@@ -16,14 +16,18 @@ class OutputAssembler:
         return visible_token_ids(t.tokens.get(index, []), reason, self.eos_token_ids, t.params.stop_token_ids)
 
     def text(self, t: Tracked, ids: list[int]) -> str:
-        """Decoded output, cut at the first stop string (the worker stopped on it)."""
-        return cut_at_stop(self.tokenizer.decode(ids), t.params.stop, t.params.include_stop_str_in_output)
+        """Decoded output, cut at the first stop string (the worker stopped on it) after the min_tokens first."""
+        p = t.params
+        text = self.tokenizer.decode(ids)
+        head = len(self.tokenizer.decode(ids[:p.min_tokens])) if p.min_tokens and p.stop else 0
+        return text[:head] + cut_at_stop(text[head:], p.stop, p.include_stop_str_in_output)
 
     def output(self, t: Tracked) -> RequestOutput:
         outs = []
         for i in range(max(1, t.params.n)):
             reason = t.finish.get(i, "error" if t.error else None)
-            outs.append(CompletionOutput(i, self.text(t, self.visible(t, i, reason)), t.tokens.get(i, []), reason))
+            lps = t.logprobs.get(i, []) if t.params.logprobs is not None else None
+            outs.append(CompletionOutput(i, self.text(t, self.visible(t, i, reason)), t.tokens.get(i, []), reason, lps))
         return RequestOutput(t.rid, None, t.prompt_ids, outs, t.done.is_set(), error=t.error,
                              metrics=dict(arrival_time=t.arrival, first_token_time=t.first_token_time,
                                           finished_time=t.finish_time, path=t.path, decision=t.decision,

@@ -32,6 +32,7 @@ class Tracked:
     stage: Stage = Stage.QUEUED
     tokens: dict = field(default_factory=dict)  # completion index -> token ids
     finish: dict = field(default_factory=dict)  # completion index -> finish reason
+    logprobs: dict = field(default_factory=dict)  # completion index -> SampleLogprob per token (when asked)
     error: str | None = None
     first_token_time: float | None = None
     token_times: list = field(default_factory=list)  # arrival time of each token of completion 0

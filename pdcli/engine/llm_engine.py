@@ -63,7 +63,7 @@ class Request:
         first = [s.first_token_time for s in seqs if s.first_token_time is not None]
         return RequestOutput(
             request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
-            outputs=[CompletionOutput(s.index, s.text, s.output_token_ids, s.finish_reason) for s in seqs],
+            outputs=[CompletionOutput(s.index, s.text, s.output_token_ids, s.finish_reason, s.logprobs) for s in seqs],
             finished=self.finished, num_cached_tokens=seqs[0].num_cached_tokens,
             metrics={"arrival_time": seqs[0].arrival_time, "first_token_time": min(first) if first else None,
                      "finished_time": self.finished_time})
@@ -89,6 +89,8 @@ class LLMEngine:
         self.cache_capacity = self.runner.num_blocks * config.cache.block_size  # tokens
         self.max_model_len = min(max_len, self.cache_capacity)
         self.eos_token_ids = eos_token_ids(arch, self.tokenizer)
+        self.runner.eos_token_ids = self.eos_token_ids
+        self.structured = None  # StructuredOutputs, made for the first request with response_format
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len, self.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self.handoff: dict[str, Sequence] = {}  # request id -> sequence whose KV is being handed over
@@ -122,11 +124,22 @@ class LLMEngine:
         if seed is None:
             seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         seq = Sequence(request_id, ids, params, seed)
+        seq.grammar = self._grammar(params)
         seq.handoff_after_prefill = handoff
         self.requests[request_id] = Request(request_id, prompt if isinstance(prompt, str) else None, ids, params,
                                             stream, [seq])
         self.scheduler.add(seq)
         return request_id
+
+    def _grammar(self, params: SamplingParams):
+        """The matcher of params' response_format, or None; ValueError for a schema that does not compile."""
+        if params.structured_outputs is None:
+            return None
+        if self.structured is None:
+            from pdcli.engine.structured_output import StructuredOutputs
+
+            self.structured = StructuredOutputs(self.tokenizer, self.arch.vocab_size, self.eos_token_ids)
+        return self.structured.grammar(params.structured_outputs)
 
     def validate_prompt(self, ids: list[int]) -> None:
         limit = "the KV cache" if self.max_model_len == self.cache_capacity else "max_model_len"
@@ -154,14 +167,14 @@ class LLMEngine:
         prev, self._inflight = self._inflight, None
         deltas = self._land(prev) if prev is not None else []
         if launched is not None:
-            if self.async_scheduling and not launched.has_forks:
+            if self.async_scheduling and not launched.has_forks and not launched.has_grammar:
                 self._inflight = launched
             else:
                 deltas += self._land(launched)
         return deltas
 
     def _land(self, fut: StepFuture) -> list[StepDelta]:
-        touched = self.scheduler.update(fut.out, fut.result())
+        touched = self.scheduler.update(fut.out, fut.result(), fut.logprobs())
         now = time.perf_counter()
         deltas = []
         for seq in touched:
@@ -177,7 +190,7 @@ class LLMEngine:
                 if seq.is_finished and self.detokenize:
                     seq.text = self.tokenizer.decode(self._visible_output(seq))
             deltas.append(StepDelta(seq.request_id, seq.index, [seq.token_ids[-1]], delta, seq.is_finished,
-                                    seq.finish_reason))
+                                    seq.finish_reason, None if seq.logprobs is None else seq.logprobs[-1:]))
         for d in deltas:
             req = self.requests.get(d.request_id) if d.finished else None
             if req is not None and req.finished and req.finished_time is None:
@@ -195,7 +208,7 @@ class LLMEngine:
             delta = ""  # the stop token itself is not shown
         seq.text += delta
         stops = seq.params.stop
-        if stops and delta:
+        if stops and delta and len(seq.token_ids) - seq.num_prompt_tokens >= seq.params.min_tokens:
             end = stop_string_end(seq.text, delta, stops, seq.params.include_stop_str_in_output)
             if end >= 0:
                 delta = delta[:max(0, len(delta) - (len(seq.text) - end))]
@@ -230,6 +243,7 @@ class LLMEngine:
         """Blocks for a sequence's prompt KV (prefilled elsewhere, possibly not yet), or None while the
         pool is too full."""
         seq = Sequence(request_id, prompt_ids, params, seed)
+        seq.grammar = self._grammar(params)
         if not self.block_manager.allocate(seq, len(prompt_ids)):
             return None
         seq.status = SequenceStatus.HANDOFF

@@ -7,7 +7,8 @@ import torch
 
 from pdcli.config import CacheConfig, SchedulerConfig
 from pdcli.engine.cuda_graph import DecodeGraphs
-from pdcli.engine.sampler import Sampler, SamplingTensors, sample_key
+from pdcli.engine.logits_processors import PenaltyState, build_processors
+from pdcli.engine.sampler import LogprobsTensors, Sampler, SamplingTensors, sample_key
 from pdcli.engine.scheduler import SchedulerOutput
 from pdcli.engine.sequence import Sequence
 from pdcli.models.context import Context, set_context
@@ -36,6 +37,8 @@ class ModelRunner:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.sampler = Sampler(self.arch.vocab_size, self.device)
+        self.penalties = PenaltyState(self.arch.vocab_size, self.device)  # device tensors allocated on first use
+        self.eos_token_ids: set[int] = set()  # min_tokens masks them (set by the engine)
         self.num_blocks = self._num_kv_blocks(cache, sched)
         a = self.arch
         # [layers, k|v, num_blocks, block_size, kv_heads, head_dim]; zeroed so masked slots hold no NaN
@@ -253,16 +256,20 @@ class ModelRunner:
             return StepFuture(out, rows, counts, None, None)
         if any(c > 1 for c in counts):
             logits = logits.repeat_interleave(self._to_device(np.asarray(counts, dtype=np.int64)), dim=0)
-        tokens = self.sampler(logits, self._sampling_tensors(rows, counts))
+        t = self._sampling_tensors(rows, counts)
+        sampled = self.sampler.forward(logits, t)
+        tokens = sampled.sampled_token_ids
         self._prev_tokens = tokens
         self._prev_rows, r = {}, 0
         for seq, c in zip(rows, counts):
             self._prev_rows[seq.seq_id] = r
             r += c
-        return StepFuture(out, rows, counts, tokens, self.device)
+        has_grammar = t is not None and t.processors is not None and t.processors.has_grammar
+        return StepFuture(out, rows, counts, tokens, self.device, sampled.logprobs, has_grammar)
 
     def _sampling_tensors(self, rows: list[Sequence], counts: list[int]) -> SamplingTensors | None:
-        if all(s.params.temperature == 0 for s in rows):
+        extra = any(s.needs_processing for s in rows)
+        if not extra and all(s.params.temperature == 0 for s in rows):
             return None  # greedy: argmax only
         temps, top_k, top_p, min_p, keys = [], [], [], [], []
         vocab = self.arch.vocab_size
@@ -275,7 +282,7 @@ class ModelRunner:
                 min_p.append(p.min_p)
                 keys.append(sample_key(seq.seed, seq.index if c == 1 else k, len(seq)))
         dev = self._to_device
-        return SamplingTensors(
+        st = SamplingTensors(
             temperatures=dev(np.asarray(temps, dtype=np.float32)),
             top_k=dev(np.asarray(top_k, dtype=np.int64)),
             top_p=dev(np.asarray(top_p, dtype=np.float32)),
@@ -286,24 +293,33 @@ class ModelRunner:
             any_top_p=any(p < 1 for p in top_p),
             any_min_p=any(p > 0 for p in min_p),
         )
+        if extra:
+            st.processors = build_processors(rows, counts, vocab, self.eos_token_ids, self.penalties, dev)
+            st.num_logprobs = max((s.params.logprobs for s in rows if s.params.logprobs is not None), default=-1)
+        return st
 
 
 class StepFuture:
-    """The sampled tokens of a launched step; result() waits for them (copied to pinned host memory)."""
+    """The sampled tokens (and log-probabilities) of a launched step; result() waits for them (copied to pinned
+    host memory). has_grammar: a row's grammar needs this step's tokens before the next step's mask."""
 
     def __init__(self, out: SchedulerOutput, rows: list[Sequence], counts: list[int], tokens: torch.Tensor | None,
-                 device: torch.device | None):
-        self.out, self.rows, self.counts = out, rows, counts
+                 device: torch.device | None, logprobs: LogprobsTensors | None = None, has_grammar: bool = False):
+        self.out, self.rows, self.counts, self.has_grammar = out, rows, counts, has_grammar
         self.has_forks = any(c > 1 for c in counts)
-        self._host, self._event = None, None
+        self._host, self._event, self._logprobs = None, None, None
         if tokens is not None:
+            tensors = [tokens] if logprobs is None else [tokens, logprobs.sampled, logprobs.top_ids,
+                                                         logprobs.top_logprobs]
             if device.type == "cuda":
-                self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-                self._host.copy_(tokens, non_blocking=True)
+                host = [torch.empty(x.shape, dtype=x.dtype, pin_memory=True) for x in tensors]
+                for h, x in zip(host, tensors):
+                    h.copy_(x, non_blocking=True)
                 self._event = torch.cuda.Event()
                 self._event.record()
             else:
-                self._host = tokens
+                host = tensors
+            self._host, self._logprobs = host[0], (host[1:] or None)
 
     def result(self) -> list[list[int]]:
         """Per scheduled seq: its sampled tokens (empty mid-prefill)."""
@@ -313,4 +329,20 @@ class StepFuture:
             self._event.synchronize()
         it = iter(self._host.tolist())
         got = {seq.seq_id: [next(it) for _ in range(c)] for seq, c in zip(self.rows, self.counts)}
+        return [got.get(s.seq_id, []) for s in self.out.seqs]
+
+    def logprobs(self) -> list[list] | None:
+        """Per scheduled seq, aligned with result(): a SampleLogprob per sampled token (None where the request did
+        not ask); None when no row asked. Call after result()."""
+        if self._logprobs is None:
+            return None
+        from pdcli.outputs import SampleLogprob
+
+        sampled, top_ids, top_lps = (x.tolist() for x in self._logprobs)
+        got, r = {}, 0
+        for seq, c in zip(self.rows, self.counts):
+            k = seq.params.logprobs
+            got[seq.seq_id] = [None if k is None else SampleLogprob(sampled[i], tuple(top_ids[i][:k]),
+                                                                     tuple(top_lps[i][:k])) for i in range(r, r + c)]
+            r += c
         return [got.get(s.seq_id, []) for s in self.out.seqs]

@@ -7,8 +7,12 @@ and no per-request generator or host sync is needed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from pdcli.engine.logits_processors import LogitsProcessors
 
 _M32 = 0xFFFFFFFF
 
@@ -37,6 +41,21 @@ class SamplingTensors:
     any_top_k: bool
     any_top_p: bool
     any_min_p: bool
+    processors: "LogitsProcessors | None" = None  # penalties, logit_bias, min_tokens, a grammar's mask
+    num_logprobs: int = -1  # top alternatives to return per row (the most any row asked); -1: no logprobs
+
+
+@dataclass
+class LogprobsTensors:
+    sampled: torch.Tensor  # [N] fp32, the sampled token's log-probability
+    top_ids: torch.Tensor  # [N, k] int64, best first
+    top_logprobs: torch.Tensor  # [N, k] fp32
+
+
+@dataclass
+class SamplerOutput:
+    sampled_token_ids: torch.Tensor  # [N] int64
+    logprobs: LogprobsTensors | None = None
 
 
 class Sampler:
@@ -45,7 +64,26 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, t: SamplingTensors | None) -> torch.Tensor:
         # logits [N, V] -> token ids [N] int64; t None: all rows greedy
-        if t is None or t.all_greedy:
+        return self.forward(logits, t).sampled_token_ids
+
+    def forward(self, logits: torch.Tensor, t: SamplingTensors | None) -> SamplerOutput:
+        """Processors (in place on an fp32 copy), log-probabilities of the processed logits, then sampling."""
+        if t is None:
+            return SamplerOutput(logits.argmax(dim=-1))
+        if t.processors is not None:
+            logits = logits.to(torch.float32, copy=True)
+            t.processors.apply(logits)
+        logprobs = logits.float().log_softmax(dim=-1) if t.num_logprobs >= 0 else None
+        tokens = self.sample(logits, t)
+        if t.processors is not None:
+            t.processors.record(tokens)
+        if logprobs is None:
+            return SamplerOutput(tokens)
+        top_lp, top_ids = logprobs.topk(t.num_logprobs, dim=-1)
+        return SamplerOutput(tokens, LogprobsTensors(logprobs.gather(1, tokens[:, None])[:, 0], top_ids, top_lp))
+
+    def sample(self, logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+        if t.all_greedy:
             return logits.argmax(dim=-1)
         logits = logits.float()
         greedy = logits.argmax(dim=-1)

@@ -125,11 +125,12 @@ class Scheduler:
                 seq.num_pending += 1
             seq.num_computed_tokens += n
 
-    def update(self, out: SchedulerOutput, sampled: list[list[int]]) -> list[Sequence]:
+    def update(self, out: SchedulerOutput, sampled: list[list[int]], logprobs: list[list] | None = None) -> list[Sequence]:
         """Land a launched step's sampled tokens (one list per seq, empty while a prompt is still being
-        prefilled). Returns the sequences that got new tokens, forks included."""
+        prefilled) and their SampleLogprobs (aligned lists; None entries where nobody asked). Returns the
+        sequences that got new tokens, forks included."""
         touched = []
-        for seq, n, tokens in zip(out.seqs, out.num_new_tokens, sampled):
+        for i, (seq, n, tokens) in enumerate(zip(out.seqs, out.num_new_tokens, sampled)):
             if seq.is_finished:
                 continue  # finished or aborted while the step ran: its row is dropped
             if tokens:
@@ -138,8 +139,9 @@ class Scheduler:
             if not tokens:
                 continue
             children = [self._fork(seq, k) for k in range(1, len(tokens))]
-            for s, t in zip([seq, *children], tokens):
-                s.append_token(t)
+            lps = logprobs[i] if logprobs is not None else [None] * len(tokens)
+            for s, t, lp in zip([seq, *children], tokens, lps):
+                s.append_token(t, lp)
                 self._check_stop(s)
                 touched.append(s)
         return touched
@@ -152,7 +154,12 @@ class Scheduler:
 
     def _check_stop(self, seq: Sequence) -> None:
         p, token = seq.params, seq.token_ids[-1]
-        if not p.ignore_eos and token in self.eos_token_ids:
+        if len(seq.token_ids) - seq.num_prompt_tokens < p.min_tokens:
+            if self._at_limit(seq, len(seq.token_ids)):  # min_tokens: no stop token counts before it
+                self.finish(seq, "length")
+        elif seq.grammar is not None and seq.grammar.is_terminated:  # the grammar's output is complete
+            self.finish(seq, "stop")
+        elif not p.ignore_eos and token in self.eos_token_ids:
             self.finish(seq, "stop")
         elif token in p.stop_token_ids:
             self.finish(seq, "stop")

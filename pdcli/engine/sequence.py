@@ -40,6 +40,9 @@ class Sequence:
         self.handoff_after_prefill = False  # P/D: its KV goes to a decode worker once the first token is sampled
         self.text = ""  # detokenized output, stop strings removed
         self.detok = None  # DetokenizeWindow, while streaming
+        self.needs_processing = params.needs_processing  # penalties, logit_bias, min_tokens, logprobs, a grammar
+        self.grammar = None  # structured_output.Grammar, for response_format
+        self.logprobs: list | None = [] if params.logprobs is not None else None  # SampleLogprob per output token
 
     def __len__(self) -> int:
         """Tokens including the pending one: the length the scheduler plans with."""
@@ -73,7 +76,15 @@ class Sequence:
         child.index = index
         child.token_ids = list(self.token_ids)
         child.block_table = list(self.block_table)
+        if self.logprobs is not None:
+            child.logprobs = list(self.logprobs)
+        if self.grammar is not None:
+            child.grammar = self.grammar.fork(child.output_token_ids)
         return child
 
-    def append_token(self, token_id: int) -> None:
+    def append_token(self, token_id: int, logprob=None) -> None:
         self.token_ids.append(token_id)
+        if self.grammar is not None:
+            self.grammar.accept(token_id)
+        if self.logprobs is not None:
+            self.logprobs.append(logprob)

@@ -31,6 +31,7 @@ def worker_main(spec: WorkerSpec, model: str, engine_kwargs: dict, conn, dist_in
     """dist_init: (host, port) of the coordinator's TCPStore; nccl_pairs: the (prefill, decode) ranks that
     may hand KV over through NCCL; env: set before CUDA starts here (the MPS daemon's, workers/mps.py)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's: it stops its workers in order
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # so is SIGTERM (a drain), also when sent to the whole group
     os.environ.update(env or {})
     init_worker_logging(log_level, spec)
     try:
@@ -151,9 +152,10 @@ class Worker:
         """One engine step; one message with its tokens (also when none landed: it marks the step's end for the
         router), not one per sequence: the coordinator shares its process with the server."""
         deltas = self.engine.step()
+        logprobs = [d.logprobs for d in deltas] if any(d.logprobs is not None for d in deltas) else None
         self.conn.send(StepTokens([d.request_id for d in deltas], [d.index for d in deltas],
                                   [d.token_ids for d in deltas],
-                                  [d.finish_reason if d.finished else None for d in deltas]))
+                                  [d.finish_reason if d.finished else None for d in deltas], logprobs))
         finished = [d.request_id for d in deltas if d.finished and self.engine.pop_if_finished(d.request_id)]
         self.sender.after_step(finished)
 
