@@ -25,8 +25,8 @@ async def _send(session, url: str, model: str, req: BenchRequest, at: float, sta
             "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
     try:
         async with session.post(f"{url}/v1/completions", json=body, headers=headers) as r:
-            if r.status != 200:
-                rec.error = f"HTTP {r.status}: {(await r.text())[:200]}"
+            if r.status != 200:  # 429 (overloaded) and 503 (draining) fail with their reason
+                rec.error = http_error(r.status, await r.text())
                 return rec
             async for line in r.content:  # one SSE line at a time
                 if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
@@ -47,6 +47,15 @@ async def _send(session, url: str, model: str, req: BenchRequest, at: float, sta
     except Exception as e:  # connection refused, reset, timeout: the request failed, it is not dropped
         rec.error = f"{type(e).__name__}: {e}"
     return rec
+
+
+def http_error(status: int, text: str) -> str:
+    """'HTTP <status> <OpenAI error code>: <message>' (the part before ':' is the failure's reason)."""
+    try:
+        err = json.loads(text)["error"]
+        return f"HTTP {status} {err.get('code') or err.get('type') or ''}".rstrip() + f": {err.get('message', '')[:200]}"
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return f"HTTP {status}: {text[:200]}"
 
 
 async def _run(url, model, requests, arrivals, api_key, timeout, max_concurrency):

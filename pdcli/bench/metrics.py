@@ -85,6 +85,8 @@ def summarize(records: list[RequestRecord], goodput: dict[str, float] | None = N
     if goodput:
         good = sum(meets(r, goodput) for r in records)
         res.update(request_goodput=good / duration, slo_attainment=good / max(len(records), 1), goodput_slos=goodput)
+    reasons = [r.error.split(":", 1)[0][:80] for r in records if r.error is not None and not r.aborted]
+    res["failure_reasons"] = {k: reasons.count(k) for k in sorted(set(reasons))}  # e.g. 'HTTP 429 server_overloaded'
     paths = [r.path for r in records if r.path]
     res["routing_mix"] = {p: paths.count(p) / len(paths) for p in sorted(set(paths))} if paths else {}
     for suffix, key in (("", "predicted"), ("_raw", "predicted_raw")):

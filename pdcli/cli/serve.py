@@ -8,6 +8,7 @@ import typer
 from pdcli.cli.common import DEFAULT_MODEL, EXIT_INTERRUPTED, EXIT_RUNTIME, Device, Model, Mps, engine_options, fail
 
 GRACEFUL_S = 10  # s that open requests get after Ctrl-C (uvicorn's timeout_graceful_shutdown)
+DRAIN_TIMEOUT_S = 30.0  # s that requests in flight get after SIGTERM
 
 
 @engine_options
@@ -22,20 +23,23 @@ def serve(
     api_key: Annotated[Optional[str], typer.Option(help="Require 'Authorization: Bearer KEY' on /v1 routes.")] = None,
     served_model_name: Annotated[Optional[str], typer.Option(help="Model id clients use (default: --model).")] = None,
     params_dir: Annotated[Optional[str], typer.Option(help="Fitted cost model folder for --mode adaptive.")] = None,
+    max_waiting: Annotated[Optional[int], typer.Option(
+        min=1, help="Requests that may wait for a first token; more get 429 with Retry-After (default: no limit).")] = None,
+    drain_timeout: Annotated[float, typer.Option(
+        min=0, help="On SIGTERM: new requests get 503, those in flight get this many s, then exit 0.")] = DRAIN_TIMEOUT_S,
     device: Device = None,
     mps: Mps = None,
     engine: dict = None,
 ) -> None:
     """OpenAI-compatible HTTP server (completions, chat, models, health, metrics) over the chosen mode."""
     import torch
-    import uvicorn
     from rich.console import Console
 
     from pdcli.coordinator.central import CentralScheduler
     from pdcli.coordinator.policy import make_policy
-    from pdcli.logger import current_level
     from pdcli.models.loader import ModelLoadError
     from pdcli.server.app import create_app
+    from pdcli.server.drain import DrainingServer
     from pdcli.workers.layout import collocated_only, parse_layout
 
     err = Console(stderr=True, highlight=False)
@@ -54,11 +58,30 @@ def serve(
         fail(str(e), EXIT_RUNTIME)
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    cs.max_waiting = max_waiting
     app = create_app(cs, model, served_model_name or model, cs.max_model_len, api_key)
     err.print(f"pdcli serving {served_model_name or model} ({mode}, {len(layout)} worker(s)) on http://{host}:{port}/v1")
-    try:  # Ctrl-C: uvicorn stops taking requests and gives the open ones GRACEFUL_S; then the workers stop
-        uvicorn.run(app, host=host, port=port, log_level=logging.getLevelName(current_level()).lower(),
-                    timeout_graceful_shutdown=GRACEFUL_S)
+    _run_server(DrainingServer, app, cs, host, port, drain_timeout)
+
+
+def _run_server(server_cls, app, cs, host: str, port: int, drain_timeout: float) -> None:
+    """uvicorn.run's steps with our server: Ctrl-C: uvicorn stops taking requests and gives the open ones
+    GRACEFUL_S; SIGTERM: a drain (server/drain.py); then the workers stop."""
+    import uvicorn
+
+    from pdcli.logger import current_level
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=logging.getLevelName(current_level()).lower(),
+                            timeout_graceful_shutdown=GRACEFUL_S)
+    config.load_app()
+    server = server_cls(config, app.state.server, cs, drain_timeout)
+    try:
+        try:
+            server.run()
+        except KeyboardInterrupt:
+            pass
+        if not server.started:
+            raise typer.Exit(EXIT_RUNTIME)
     finally:
         try:
             cs.shutdown()

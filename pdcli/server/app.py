@@ -14,7 +14,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pdcli.inputs import PromptError, check_token_ids
 from pdcli.server.generation import Generation
 from pdcli.server.metrics import ServerMetrics
-from pdcli.server.protocol import APIError, chat_prompt, completion_prompts, sampling_params
+from pdcli.server.protocol import APIError, chat_prompt, check_parameters, completion_prompts, flag, sampling_params
+
+RETRY_AFTER_S = 1  # what an overloaded or draining server tells clients to wait
 
 
 class OpenAIServer:
@@ -23,10 +25,28 @@ class OpenAIServer:
     def __init__(self, cs, model_root: str, served_model_name: str, max_model_len: int, api_key: str | None):
         self.cs, self.model_root, self.name, self.max_model_len = cs, model_root, served_model_name, max_model_len
         self.api_key, self.metrics = api_key, ServerMetrics()
+        self.draining = False  # SIGTERM: new requests get 503 while those in flight finish (server/drain.py)
 
     def error(self, e: APIError, endpoint: str) -> JSONResponse:
         self.metrics.request(endpoint, e.status)
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    def refuse_if_draining(self) -> None:
+        if self.draining:
+            self.metrics.rejected["draining"] += 1
+            raise APIError("the server is shutting down and takes no new requests", 503, code="server_draining",
+                           type_="service_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    def start(self, gen: Generation) -> None:
+        """Submit the generation's prompts now; 429 with Retry-After when too many requests wait already."""
+        from pdcli.coordinator.central import Overloaded
+
+        try:
+            gen.start()
+        except Overloaded as e:
+            self.metrics.rejected["overloaded"] += 1
+            raise APIError(str(e), 429, code="server_overloaded", type_="rate_limit_error",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
 
     def check(self, request: Request, body: dict | None = None) -> None:
         given = request.headers.get("authorization") or ""
@@ -53,6 +73,7 @@ class OpenAIServer:
 
     def generation(self, body: dict, chat: bool) -> tuple[Generation, bool, dict]:
         """The request's prompts x n choices, whether to stream, the stream options; APIError on bad input."""
+        check_parameters(body, chat)
         tok = self.cs.tokenizer
         prompts = [chat_prompt(body, tok)] if chat else completion_prompts(body, tok)
         try:
@@ -60,7 +81,7 @@ class OpenAIServer:
                 check_token_ids(p, self.cs.vocab_size)
         except PromptError as e:
             raise APIError(str(e), param="prompt") from None
-        params = [sampling_params(body, len(p), self.max_model_len) for p in prompts]
+        params = [sampling_params(body, len(p), self.max_model_len, self.cs.vocab_size, chat) for p in prompts]
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise APIError("'stream' must be a boolean", param="stream")
@@ -68,13 +89,16 @@ class OpenAIServer:
         if not isinstance(opts, dict):
             raise APIError("'stream_options' must be an object", param="stream_options")
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        return Generation(self.cs, rid, prompts, params, chat, self.name, self.metrics), stream, opts
+        echo = not chat and flag(body, "echo")
+        return Generation(self.cs, rid, prompts, params, chat, self.name, self.metrics, echo), stream, opts
 
     async def handle(self, request: Request, endpoint: str, chat: bool):
         try:
+            self.refuse_if_draining()
             body = await self.parse(request)
             self.check(request, body)
             gen, stream, opts = self.generation(body, chat)
+            self.start(gen)
         except APIError as e:
             return self.error(e, endpoint)
         if stream:
@@ -89,10 +113,12 @@ class OpenAIServer:
 def create_app(cs, model_root: str, served_model_name: str, max_model_len: int, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="pdcli", docs_url=None, redoc_url=None)
     server = OpenAIServer(cs, model_root, served_model_name, max_model_len, api_key)
-    app.state.cs, app.state.metrics = cs, server.metrics
+    app.state.cs, app.state.metrics, app.state.server = cs, server.metrics, server
 
     @app.get("/health")
     async def health():
+        if server.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/v1/models")
@@ -106,7 +132,8 @@ def create_app(cs, model_root: str, served_model_name: str, max_model_len: int, 
     @app.get("/metrics")
     async def prometheus():
         stats = await asyncio.to_thread(cs.worker_stats)
-        return PlainTextResponse(server.metrics.render(stats, cs.accounting), media_type="text/plain; version=0.0.4")
+        text = server.metrics.render(stats, cs.accounting, len(cs.waiting), server.draining)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/completions")
     async def completions(request: Request):

@@ -1,5 +1,5 @@
-"""Prometheus text for /metrics: requests by endpoint and status, queues, KV blocks, TTFT/TPOT histograms,
-transfer bytes."""
+"""Prometheus text for /metrics: requests by endpoint and status, requests refused (overloaded, draining),
+requests waiting for a first token, queues, KV blocks, TTFT/TPOT histograms, transfer bytes."""
 from __future__ import annotations
 
 import bisect
@@ -30,6 +30,7 @@ class Histogram:
 class ServerMetrics:
     def __init__(self):
         self.requests: Counter = Counter()
+        self.rejected: Counter = Counter()  # reason (overloaded | draining) -> requests refused before submission
         self.ttft, self.tpot = Histogram(), Histogram()
 
     def request(self, endpoint: str, status: int) -> None:
@@ -45,9 +46,13 @@ class ServerMetrics:
         if n > 1:
             self.tpot.observe(((m["finished_time"] - m["arrival_time"]) * 1e3 - ttft) / (n - 1))
 
-    def render(self, worker_stats: list[dict], accounting: dict) -> str:
+    def render(self, worker_stats: list[dict], accounting: dict, waiting: int = 0, draining: bool = False) -> str:
         lines = ["# TYPE pdcli_requests_total counter"]
         lines += [f'pdcli_requests_total{{endpoint="{e}",status="{s}"}} {c}' for (e, s), c in sorted(self.requests.items())]
+        lines.append("# TYPE pdcli_requests_rejected_total counter")
+        lines += [f'pdcli_requests_rejected_total{{reason="{r}"}} {self.rejected[r]}' for r in ("overloaded", "draining")]
+        lines += ["# TYPE pdcli_requests_waiting_first_token gauge", f"pdcli_requests_waiting_first_token {waiting}",
+                  "# TYPE pdcli_draining gauge", f"pdcli_draining {int(draining)}"]
         for name, key in (("pdcli_num_requests_running", "running"), ("pdcli_num_requests_waiting", "waiting"),
                           ("pdcli_kv_blocks_free", "num_free_blocks"), ("pdcli_kv_blocks_total", "num_blocks")):
             lines.append(f"# TYPE {name} gauge")
