@@ -1,5 +1,5 @@
 """Every message between the coordinator and its workers: one frozen dataclass per kind, named fields, the
-same over a local pipe or (later) a TCP connection. KV data never travels here (workers/kv_transfer.py).
+same over a local pipe or a TCP connection to a worker on another node (pdcli/cluster/). KV data never travels here (workers/kv_transfer.py).
 
 A P/D handoff, message by message (docs/structure.md has the whole life of a request):
   coordinator -> decode   Reserve            blocks for the prompt's KV, reserved at once
@@ -88,6 +88,21 @@ class IpcCopyCancelled:
 class PeerPools:
     """Prefill worker: the CUDA IPC handles of the KV pools of the decode workers on its GPU."""
     handles: dict[int, tuple]  # decode rank -> handle
+
+
+@dataclass(frozen=True, slots=True)
+class PairSpec:
+    """A (prefill, decode) pair that hands KV over through a process group of its own: src is its rank 0."""
+    src: int
+    dst: int
+    prefix: str  # its keys on the coordinator's store; never reused
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectPeers:
+    """Join these pairs' process groups, in this order (every worker gets the pairs in one global order, so no
+    two wait for each other); answered by PeersConnected."""
+    pairs: list[PairSpec]
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +203,14 @@ class KVReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class PeersConnected:
+    """The pairs of a ConnectPeers this worker joined, and those it could not (pair -> error)."""
+    rank: int
+    connected: list[PairSpec]
+    failed: dict  # PairSpec -> str
+
+
+@dataclass(frozen=True, slots=True)
 class RequestFailed:
     request_id: str
     message: str
@@ -218,7 +241,7 @@ def dispatch(handlers: dict[type, object], msg, where: str, *context):
     return handler(*context, msg)
 
 
-TO_WORKER = (Submit, Reserve, SendKV, PostReceives, FirstToken, IpcCopyDone, IpcCopyCancelled, PeerPools, DropKV,
-             Abort, StatsRequest, Shutdown)
+TO_WORKER = (Submit, Reserve, SendKV, PostReceives, FirstToken, IpcCopyDone, IpcCopyCancelled, PeerPools,
+             ConnectPeers, DropKV, Abort, StatsRequest, Shutdown)
 TO_COORDINATOR = (Ready, WorkerFailed, StepTokens, Prefilled, Reserved, SendsAnnounced, KVSent, IpcCopyDropped,
-                  KVReceived, RequestFailed, WorkerStats)
+                  KVReceived, PeersConnected, RequestFailed, WorkerStats)

@@ -77,14 +77,17 @@ def _send_recv(rank: int, port: int, q) -> None:
     from pdcli.workers import kv_transfer
 
     kv_transfer.WHOLE_CHUNK_BYTES = 2 * 3 * 2 * 4 * 2 * 8 * 4  # two layers of 3 blocks (fp32)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    from datetime import timedelta
+
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
+    g = kv_transfer.pair_group(store, "pair/0-1/", rank, torch.device("cpu"), "127.0.0.1", timedelta(seconds=60))
     try:
         src = torch.randn(5, 2, 9, 2, 4, 8, generator=torch.Generator().manual_seed(1))
         kv_transfer.LAYER_SENDS = 2  # layer-wise: layers 0-2, then 3-4
         if rank == 0:
             for rid, blocks in (("a", [4, 0, 7]), ("b", [2, 8, 1])):  # one announced group of two
-                kv_transfer.wait_done(kv_transfer.send_kv(src, blocks, 1, 0, rid, None, None), None)
-            sender = kv_transfer.LayerSender(src, [("c", [3, 5], 1, 0), ("d", [6, 0, 2, 8], 1, 0)], None, None)
+                kv_transfer.wait_done(kv_transfer.send_kv(src, blocks, 1, 0, rid, None, None, g), None)
+            sender = kv_transfer.LayerSender(src, [("c", [3, 5], 1, 0), ("d", [6, 0, 2, 8], 1, 0)], None, None, {1: g})
             for layer in range(src.shape[0]):
                 sender(layer)
             for t in sender.transfers:
@@ -92,13 +95,13 @@ def _send_recv(rank: int, port: int, q) -> None:
                 assert len(t.works) == 2
         else:
             dst = torch.zeros_like(src)
-            ts = kv_transfer.recv_kv(dst, [("a", 3, 0), ("b", 3, 0)], 0, False, None, None)
+            ts = kv_transfer.recv_kv(dst, [("a", 3, 0), ("b", 3, 0)], 0, False, None, None, g)
             for t, blocks, to in zip(ts, ([4, 0, 7], [2, 8, 1]), ([0, 1, 2], [3, 4, 5])):
                 kv_transfer.wait_done(t, None)
                 assert len(t.works) == 3  # layers 0-1, 2-3, 4
                 kv_transfer.scatter_blocks(dst, to, t.bufs[0])
                 assert torch.equal(dst[:, :, to], src[:, :, blocks])
-            ts = kv_transfer.recv_kv(dst, [("c", 2, 0), ("d", 4, 0)], 0, True, None, None)
+            ts = kv_transfer.recv_kv(dst, [("c", 2, 0), ("d", 4, 0)], 0, True, None, None, g)
             for t, blocks, to in zip(ts, ([3, 5], [6, 0, 2, 8]), ([0, 1], [2, 3, 4, 5])):
                 kv_transfer.wait_done(t, None)
                 assert len(t.works) == 2
@@ -107,18 +110,16 @@ def _send_recv(rank: int, port: int, q) -> None:
         q.put(None)
     except Exception as err:  # noqa: BLE001
         q.put(repr(err))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_whole_and_layer_wise_sends_arrive_intact():
-    import socket
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    import torch.distributed as dist
+
+    master = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    port = master.port
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     procs = [ctx.Process(target=_send_recv, args=(r, port, q)) for r in range(2)]

@@ -8,7 +8,7 @@ import pytest
 from pdcli import SamplingParams
 from pdcli.coordinator.central import CentralScheduler
 from pdcli.coordinator.handoff_relay import HandoffRelay
-from pdcli.messages import (TO_COORDINATOR, TO_WORKER, Ready, StatsRequest, Submit, UnknownMessage, WorkerFailed,
+from pdcli.messages import (TO_COORDINATOR, TO_WORKER, PeersConnected, Ready, StatsRequest, Submit, UnknownMessage, WorkerFailed,
                             WorkerStats, dispatch)
 
 
@@ -25,7 +25,7 @@ def test_an_unknown_message_is_an_error_that_names_it():
 
 
 def test_each_side_handles_every_message_sent_to_it():
-    coordinator = set(CentralScheduler.HANDLERS) | set(HandoffRelay.HANDLERS) | {Ready, WorkerFailed}
+    coordinator = set(CentralScheduler.HANDLERS) | set(HandoffRelay.HANDLERS) | {Ready, WorkerFailed, PeersConnected}
     assert coordinator == set(TO_COORDINATOR)
 
 

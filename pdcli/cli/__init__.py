@@ -7,7 +7,7 @@ import sys
 import typer
 
 from pdcli import __version__
-from pdcli.cli import bench, fit, generate, plan, plot, profile, replay, serve
+from pdcli.cli import bench, fit, generate, node, plan, plot, profile, replay, serve
 
 app = typer.Typer(name="pdcli", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="LLM serving with prefill/decode disaggregation.")
@@ -40,6 +40,7 @@ app.command("plot")(plot.plot)
 app.command("serve")(serve.serve)
 app.command("replay")(replay.replay)
 app.command("plan")(plan.plan)
+app.command("node")(node.node)
 
 
 def run() -> None:

@@ -27,11 +27,17 @@ def serve(
         min=1, help="Requests that may wait for a first token; more get 429 with Retry-After (default: no limit).")] = None,
     drain_timeout: Annotated[float, typer.Option(
         min=0, help="On SIGTERM: new requests get 503, those in flight get this many s, then exit 0.")] = DRAIN_TIMEOUT_S,
+    dist_init_addr: Annotated[Optional[str], typer.Option(
+        help="HOST:PORT where nodes (`pdcli node`) join this head (its store and listener bind HOST only).")] = None,
+    nnodes: Annotated[int, typer.Option(min=1, help="Nodes in the cluster, this head included: wait for the others.")] = 1,
+    node_timeout: Annotated[float, typer.Option(min=0, help="s to wait for the other nodes at start-up.")] = 600.0,
     device: Device = None,
     mps: Mps = None,
     engine: dict = None,
 ) -> None:
-    """OpenAI-compatible HTTP server (completions, chat, models, health, metrics) over the chosen mode."""
+    """OpenAI-compatible HTTP server (completions, chat, models, health, metrics) over the chosen mode; with
+    --dist-init-addr, the head of a cluster whose nodes join with `pdcli node` (PDCLI_CLUSTER_TOKEN: its secret,
+    required unless the address is loopback)."""
     import torch
     from rich.console import Console
 
@@ -44,14 +50,18 @@ def serve(
 
     err = Console(stderr=True, highlight=False)
     kw = engine
+    cluster = None
     try:
         make_policy(mode)
         if not (collocated or prefill or decode):
             collocated = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
-        layout = parse_layout(collocated, prefill, decode)
+        layout = parse_layout(collocated, prefill, decode, whole=not dist_init_addr)
+        addr, key = _cluster_address(dist_init_addr, nnodes)
         with err.status(f"starting {len(layout)} worker(s) for {model}"):
-            cs = CentralScheduler(model, layout, mode=mode, params_dir=params_dir,
+            cs = CentralScheduler(model, layout, mode=mode, params_dir=params_dir, host=addr[0] if addr else "127.0.0.1",
                                   pd_on_collocated=collocated_only(layout, mode), mps=mps, **kw)
+        if addr:
+            cluster = _start_cluster(cs, model, kw, addr, key, nnodes, node_timeout, err)
     except (ValueError, ModelLoadError) as e:
         fail(str(e))
     except (RuntimeError, OSError, TimeoutError) as e:
@@ -60,11 +70,44 @@ def serve(
         raise typer.Exit(EXIT_INTERRUPTED) from None
     cs.max_waiting = max_waiting
     app = create_app(cs, model, served_model_name or model, cs.max_model_len, api_key)
-    err.print(f"pdcli serving {served_model_name or model} ({mode}, {len(layout)} worker(s)) on http://{host}:{port}/v1")
-    _run_server(DrainingServer, app, cs, host, port, drain_timeout)
+    err.print(f"pdcli serving {served_model_name or model} ({mode}, {len(cs.pool.live())} worker(s)) on "
+              f"http://{host}:{port}/v1")
+    _run_server(DrainingServer, app, cs, host, port, drain_timeout, cluster)
 
 
-def _run_server(server_cls, app, cs, host: str, port: int, drain_timeout: float) -> None:
+def _cluster_address(dist_init_addr: str | None, nnodes: int):
+    """(host, port) and the secret of the cluster's address, or (None, None) for a single host."""
+    from pdcli.cluster.transport import authkey, parse_addr
+
+    if not dist_init_addr:
+        if nnodes > 1:
+            raise ValueError("--nnodes > 1 needs --dist-init-addr HOST:PORT")
+        return None, None
+    addr = parse_addr(dist_init_addr)
+    return addr, authkey(addr[0])
+
+
+def _start_cluster(cs, model: str, kw: dict, addr, key: bytes, nnodes: int, node_timeout: float, err):
+    """Listen for nodes on addr, wait for nodes 1 .. nnodes - 1, check the whole layout; the head."""
+    from pdcli.cluster.fingerprint import model_fingerprint
+    from pdcli.cluster.head import ClusterHead
+    from pdcli.workers.layout import check_layout
+
+    try:
+        head = ClusterHead(cs, addr, key, model_fingerprint(model, kw))
+        with err.status(f"waiting for {nnodes - 1} node(s) on {addr[0]}:{addr[1]}"):
+            head.wait_for(nnodes, node_timeout)
+        check_layout([w.spec for w in cs.pool.live()])
+        cs.pool.wait_pairs()
+    except BaseException:
+        if "head" in locals():
+            head.close()
+        cs.shutdown()
+        raise
+    return head
+
+
+def _run_server(server_cls, app, cs, host: str, port: int, drain_timeout: float, cluster=None) -> None:
     """uvicorn.run's steps with our server: Ctrl-C: uvicorn stops taking requests and gives the open ones
     GRACEFUL_S; SIGTERM: a drain (server/drain.py); then the workers stop."""
     import uvicorn
@@ -83,6 +126,8 @@ def _run_server(server_cls, app, cs, host: str, port: int, drain_timeout: float)
         if not server.started:
             raise typer.Exit(EXIT_RUNTIME)
     finally:
+        if cluster is not None:
+            cluster.close()
         try:
             cs.shutdown()
         except KeyboardInterrupt:  # a second Ctrl-C: the workers were killed; exit as uvicorn does

@@ -20,7 +20,7 @@ from pdcli.coordinator.worker_pool import SHUTDOWN_S, WorkerHandle, WorkerPool
 from pdcli.messages import RequestFailed, StatsRequest, StepTokens, Submit, WorkerStats, dispatch
 from pdcli.outputs import RequestOutput
 from pdcli.sampling_params import SamplingParams
-from pdcli.workers.layout import WorkerSpec, transfer_pair
+from pdcli.workers.layout import WorkerSpec
 
 logger = logging.getLogger("pdcli.coordinator")
 
@@ -39,10 +39,11 @@ class CentralScheduler:
     def __init__(self, model: str, layout: list[WorkerSpec], mode: str = "collocated", sampling_seed: int = 0,
                  startup_timeout: float = 600.0, params_dir: str | None = None, slo_ttft_ms: float | None = None,
                  slo_tpot_ms: float | None = None, pd_on_collocated: bool = False, mps: bool | None = None,
-                 slo_ttft_per_token_ms: float = 0.0, **engine_kwargs):
+                 slo_ttft_per_token_ms: float = 0.0, host: str = "127.0.0.1", **engine_kwargs):
         """pd_on_collocated: collocated workers on different devices also prefill and decode for each other
         (the disaggregated path without dedicated P/D workers: no GPU is shared by two processes).
-        mps: run workers that share a GPU under CUDA MPS (None: where it can start; see workers/mps.py)."""
+        mps: run workers that share a GPU under CUDA MPS (None: where it can start; see workers/mps.py); host: the
+        address the workers' store listens on (a cluster's, pdcli/cluster/; else loopback)."""
         from pdcli.coordinator.policy import make_policy
         from pdcli.models.arch import ModelArch
         from pdcli.models.loader import resolve
@@ -66,9 +67,8 @@ class CentralScheduler:
         self.accounting = {p: dict(requests=0, output_tokens=0, failed=0, aborted=0, transfer_bytes=0, transfer_s=0.0)
                            for p in ("collocated", "disaggregated")}
         self._closed = False
-        nccl = [(p.rank, d.rank) for p in layout for d in layout
-                if can_hand_off(p, d, pd_on_collocated) and transfer_pair(p, d) == "gpu-nccl"]
-        self.pool = WorkerPool(model, layout, engine_kwargs, nccl, mps, startup_timeout)
+        self.pool = WorkerPool(model, layout, engine_kwargs, lambda p, d: can_hand_off(p, d, pd_on_collocated), mps,
+                               startup_timeout, host)
         self.workers, self.mps_on, self.max_model_len = self.pool.workers, self.pool.mps_on, self.pool.max_model_len
         from pdcli.config import CacheConfig
 
@@ -78,6 +78,15 @@ class CentralScheduler:
         self.relay = HandoffRelay(self.pool, self.requests, self._fail, self.accounting["disaggregated"])
         self.handlers = {**{kind: getattr(self, name) for kind, name in self.HANDLERS.items()}, **self.relay.handlers}
         self.pool.start_io(self._on_message, self._worker_died)
+        self.pool.wait_pairs()
+
+    def add_workers(self, handles: list[WorkerHandle]) -> None:
+        """Workers of a node that joined (pdcli/cluster/head.py), ready: routed to once their KV pairs are made."""
+        with self.lock:
+            self.pool.add_workers(handles)
+            self.routing.added(handles)
+            lens = [w.info.max_model_len for w in self.pool.live()]
+            self.max_model_len = min(lens) if lens else self.max_model_len
 
     # messages from the workers, besides the handoff's (HandoffRelay.HANDLERS) and the pool's (Ready, WorkerFailed)
     HANDLERS = {StepTokens: "_on_step_tokens", RequestFailed: "_on_request_failed", WorkerStats: "_on_stats"}
@@ -246,7 +255,7 @@ class CentralScheduler:
         self.active.discard(t.rid)
         self.waiting.discard(t.rid)
         for rank in t.ranks:
-            self.workers[rank].inflight.discard(t.rid)
+            self.pool[rank].inflight.discard(t.rid)
         t.done.set()
 
     def _fail(self, t: Tracked, message: str, finish: str = "error") -> None:

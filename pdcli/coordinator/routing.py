@@ -28,7 +28,7 @@ def can_hand_off(p: WorkerSpec, d: WorkerSpec, pd_on_collocated: bool) -> bool:
     if p.role == "prefill" and d.role == "decode":
         return True
     return pd_on_collocated and p.role in ("prefill", "collocated") and \
-        d.role in ("decode", "collocated") and (p.device != d.device or p.device == "cpu")
+        d.role in ("decode", "collocated") and (p.place != d.place or p.device == "cpu")
 
 
 class Routing:
@@ -43,8 +43,14 @@ class Routing:
         self._turn = itertools.count()
 
     def pairs(self) -> list[tuple[WorkerHandle, WorkerHandle]]:
-        live = self.pool.live()
-        return [(p, d) for p in live for d in live if can_hand_off(p.spec, d.spec, self.pd_on_collocated)]
+        live = self.pool.serving()
+        return [(p, d) for p in live for d in live
+                if can_hand_off(p.spec, d.spec, self.pd_on_collocated) and self.pool.can_transfer(p, d)]
+
+    def added(self, workers: list[WorkerHandle]) -> None:
+        """Workers that joined (another node's): their pools bound what the prefix index keeps of them."""
+        if self.prefixes is not None:
+            self.prefixes.capacity.update({w.spec.rank: w.info.num_blocks for w in workers})
 
     def _least(self, pairs: list, key):
         """The pair of least key; ties taken in turn (two collocated workers serve each other both ways)."""
@@ -57,7 +63,7 @@ class Routing:
     def route(self, t: Tracked, mode: str | None, active: Callable[[], list[Tracked]]) -> Route | None:
         """The route for t (its decision recorded in t.decision), or None if no live worker can serve it.
         active(): the requests not done, whose load the cost model weighs."""
-        colls = self.pool.live("collocated")
+        colls = self.pool.serving("collocated")
         coll = min(colls, key=lambda w: len(w.inflight)) if colls else None
         if t.params.n > 1:  # forks share KV inside one engine
             return Route("collocated", coll, None) if coll else None

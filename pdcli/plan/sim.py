@@ -32,6 +32,10 @@ class SimSpec:
     role: str  # collocated | prefill | decode
     device: str  # e.g. node0:cuda:3; workers with one device share the GPU
 
+    @property
+    def place(self) -> str:  # as WorkerSpec.place: the device string already names the node
+        return self.device
+
 
 @dataclass
 class SimWorker:

@@ -80,7 +80,7 @@ class LoadView:
     def snapshot(self, workers, requests) -> dict[int, WorkerLoad]:
         """workers: the coordinator's handles (spec, alive, last_step_end), by rank; requests: those not done."""
         now = time.perf_counter()
-        loads = {w.spec.rank: WorkerLoad(role=w.spec.role, async_steps=w.spec.role != "prefill", device=w.spec.device,
+        loads = {w.spec.rank: WorkerLoad(role=w.spec.role, async_steps=w.spec.role != "prefill", device=w.spec.place,
                                          since_step_ms=None if w.last_step_end is None else (now - w.last_step_end) * 1e3)
                  for w in workers}
         for t in requests:
@@ -88,7 +88,7 @@ class LoadView:
                 self._add(loads, workers, t)
         for r, w in loads.items():
             self.busy_avg[r] = (1 - BUSY_EMA) * self.busy_avg.get(r, 0.0) + BUSY_EMA * busy(w)
-        mark_gpu_sharing(loads, {w.spec.rank: w.spec.device for w in workers if w.alive}, self.busy_avg)
+        mark_gpu_sharing(loads, {w.spec.rank: w.spec.place for w in workers if w.alive}, self.busy_avg)
         self.forecast.apply(loads, now)
         return loads
 

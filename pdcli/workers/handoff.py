@@ -105,7 +105,7 @@ class HandoffSender:
         sender = LayerSender(self.engine.kv_cache, [(o.dest.request_id, o.blocks, o.dest.dst_rank, o.dest.tag)
                                                     for o in layers], self.transfers.side_stream,
                              {d: self.transfers.timing(d) for d in dsts},
-                             {d: self.groups.get((self.rank, d)) for d in dsts})
+                             {d: self.groups[(self.rank, d)] for d in dsts})
         self.new_layer_sends.extend(sender.transfers)
         return sender
 
@@ -150,7 +150,7 @@ class HandoffSender:
 
     def _send_whole(self, rid: str, blocks: list[int], d: SendKV) -> None:
         self._track(send_kv(self.engine.kv_cache, blocks, d.dst_rank, d.tag, rid, self.transfers.side_stream,
-                            self.transfers.timing(d.dst_rank), self.groups.get((self.rank, d.dst_rank))))
+                            self.transfers.timing(d.dst_rank), self.groups[(self.rank, d.dst_rank)]))
 
     def _track(self, t: PendingTransfer) -> None:
         self.in_flight.add(t)
@@ -214,7 +214,7 @@ class HandoffReceiver:
             self.post(Reserved(r.request_id, list(blocks) if r.ipc_copy else None))
 
     def on_post_receives(self, msg: PostReceives) -> None:
-        group = self.groups.get((msg.src_rank, self.rank))
+        group = self.groups[(msg.src_rank, self.rank)]
         for t in recv_kv(self.engine.kv_cache, [(i.request_id, i.num_blocks, i.tag) for i in msg.items], msg.src_rank,
                          msg.layerwise, self.transfers.side_stream, self.transfers.timing(msg.src_rank), group):
             self.receiving.add(t)

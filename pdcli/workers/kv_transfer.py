@@ -5,10 +5,11 @@ worker's pool mapped through CUDA IPC. Control messages never carry KV.
 
 NCCL matches the sends and receives of a pair of ranks by order, not by tag: the prefill worker decides
 the order and announces each group of sends; the decode worker posts its receives in announced order.
-Each direction between two GPUs has its own communicator (`connect_peers`)."""
+Each (prefill, decode) pair has its own two-rank process group (`pair_group`)."""
 from __future__ import annotations
 
 import contextlib
+from datetime import timedelta
 from dataclasses import dataclass, field
 
 import torch
@@ -17,24 +18,39 @@ import torch.distributed as dist
 from pdcli.kernels import ops
 
 
-def connect_peers(rank: int, pairs: list[tuple[int, int]], device: torch.device) -> dict[tuple[int, int], object]:
-    """A communicator for each (sender, receiver) pair of workers on different GPUs, set up now. One per
-    direction: NCCL runs a communicator's operations in order on one stream, so two workers sending to each
-    other through one would each wait in its send for a receive queued behind the other's send. Set up
-    lazily, the first receive would block in the setup until its sender's first send, which waits for that
-    very receive. Every rank creates every group, in one order, so no two workers wait for each other."""
-    groups = {}
+class PairGroup:
+    """The process group of one (prefill, decode) pair, of its own: two ranks, the sender 0 and the receiver
+    1, created on the coordinator's store under the pair's prefix when the pair is made (workers/peers.py).
+    Pairs come and go without touching the others; no global world."""
+
+    def __init__(self, backend, peer: int):
+        self.backend, self.peer = backend, peer  # peer: the other side's rank in this group (0 or 1)
+
+    def isend(self, t: torch.Tensor, tag: int):
+        return self.backend.send([t], self.peer, tag)
+
+    def irecv(self, t: torch.Tensor, tag: int):
+        return self.backend.recv([t], self.peer, tag)
+
+
+def pair_group(store, prefix: str, me: int, device: torch.device, host: str, timeout: timedelta) -> PairGroup:
+    """Join the two-rank group under `prefix` of `store` as rank `me` (0: sender, 1: receiver): gloo on the
+    CPU, bound to `host` (never every interface); NCCL between GPUs, connected at once by one send (set up
+    lazily, the first receive would block in the set-up until its sender's first send, which waits for that
+    very receive). Blocks until the peer joins or `timeout` passes."""
+    prefixed = dist.PrefixStore(prefix, store)
+    if device.type == "cpu":
+        opts = dist.ProcessGroupGloo._Options()
+        opts._timeout = timeout
+        opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+        return PairGroup(dist.ProcessGroupGloo(prefixed, me, 2, opts), 1 - me)
+    opts = dist.ProcessGroupNCCL.Options()
+    opts._timeout = timeout
+    g = PairGroup(dist.ProcessGroupNCCL(prefixed, me, 2, opts), 1 - me)
     x = torch.zeros(1, device=device)
-    for a, b in sorted(set(pairs)):
-        g = dist.new_group([a, b])
-        if rank in (a, b):
-            groups[(a, b)] = g
-        if rank == a:
-            dist.send(x, b, group=g)
-        elif rank == b:
-            dist.recv(x, a, group=g)
+    (g.isend(x, 0) if me == 0 else g.irecv(x, 0)).wait()
     torch.cuda.synchronize(device)
-    return groups
+    return g
 
 
 def block_index(kv_cache: torch.Tensor, blocks: list[int]) -> torch.Tensor:
@@ -131,7 +147,7 @@ def mark_done(t: PendingTransfer, stream: torch.cuda.Stream | None) -> None:
 
 
 def send_kv(kv_cache: torch.Tensor, blocks: list[int], dst: int, tag: int, request_id: str,
-            stream: torch.cuda.Stream | None, timing: torch.cuda.Stream | None, group=None) -> PendingTransfer:
+            stream: torch.cuda.Stream | None, timing: torch.cuda.Stream | None, group: PairGroup) -> PendingTransfer:
     """All layers after the work queued so far (the prefill that wrote them), in `layer_chunks`: each group
     gathered on `stream` and sent while the next is gathered."""
     t = PendingTransfer(request_id, dst, blocks)
@@ -148,7 +164,7 @@ def send_kv(kv_cache: torch.Tensor, blocks: list[int], dst: int, tag: int, reque
         buf = torch.empty(transfer_shape(kv_cache, len(blocks)), dtype=kv_cache.dtype, device=kv_cache.device)
         for sl in layer_chunks(kv_cache, len(blocks)):
             part = gather_layers(kv_cache, sl, idx, dst_idx, out=buf[sl])
-            t.add(part, dist.isend(part, dst, group=group, tag=tag))
+            t.add(part, group.isend(part, tag))
     mark_done(t, timing)
     return t
 
@@ -161,10 +177,10 @@ class LayerSender:
 
     def __init__(self, kv_cache: torch.Tensor, items: list[tuple[str, list[int], int, int]],
                  stream: torch.cuda.Stream | None, timing: dict[int, torch.cuda.Stream] | None,
-                 groups: dict[int, object] | None = None):
+                 groups: dict[int, PairGroup]):
         # items: (request id, blocks, dst rank, tag); timing: a stream per dst rank for mark_done; groups: the
-        # process group per dst rank (None: the default one)
-        self.kv_cache, self.stream, self.timing, self.groups = kv_cache, stream, timing, groups or {}
+        # pair's process group per dst rank
+        self.kv_cache, self.stream, self.timing, self.groups = kv_cache, stream, timing, groups
         self.num_layers = kv_cache.shape[0]
         self.send_after = {g.stop - 1: g for g in layer_groups(self.num_layers)}  # last layer -> its group
         dev = kv_cache.device
@@ -201,11 +217,11 @@ class LayerSender:
     def _send(self, layers: slice) -> None:
         for t, idx, dst_idx, tag in self.items:
             buf = gather_layers(self.kv_cache, layers, idx, dst_idx)  # [len(layers), 2, n, block_size, Hk, D]
-            t.add(buf, dist.isend(buf, t.peer, group=self.groups.get(t.peer), tag=tag))
+            t.add(buf, self.groups[t.peer].isend(buf, tag))
 
 
 def recv_kv(kv_cache: torch.Tensor, items: list[tuple[str, int, int]], src: int, layers: bool,
-            stream: torch.cuda.Stream | None, timing: torch.cuda.Stream | None, group=None) -> list[PendingTransfer]:
+            stream: torch.cuda.Stream | None, timing: torch.cuda.Stream | None, group: PairGroup) -> list[PendingTransfer]:
     """Post the receives of one announced group of sends from `src`, in its order. items: (request id,
     number of blocks, tag). The KV lands in a buffer per request; `scatter_blocks` moves it into the
     reserved blocks (if they are still reserved) once complete."""
@@ -216,11 +232,11 @@ def recv_kv(kv_cache: torch.Tensor, items: list[tuple[str, int, int]], src: int,
         if layers:  # group-major, as LayerSender sends
             for sl in layer_groups(kv_cache.shape[0]):
                 for t, buf, (_, _, tag) in zip(ts, bufs, items):
-                    t.add(buf[sl], dist.irecv(buf[sl], src, group=group, tag=tag))
+                    t.add(buf[sl], group.irecv(buf[sl], tag))
         else:  # request by request, each in the groups send_kv sends
             for t, buf, (_, n, tag) in zip(ts, bufs, items):
                 for sl in layer_chunks(kv_cache, n):
-                    t.add(buf[sl], dist.irecv(buf[sl], src, group=group, tag=tag))
+                    t.add(buf[sl], group.irecv(buf[sl], tag))
     for t, buf in zip(ts, bufs):
         t.bufs = [buf]  # the whole buffer, for the scatter
         mark_done(t, timing)

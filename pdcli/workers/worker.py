@@ -14,57 +14,51 @@ import torch
 import torch.distributed as dist
 
 from pdcli.logger import init_worker_logging
-from pdcli.messages import (Abort, DropKV, FirstToken, IpcCopyCancelled, IpcCopyDone, PeerPools, PostReceives, Ready,
-                            Reserve, SendKV, Shutdown, StatsRequest, StepTokens, Submit, WorkerFailed, WorkerStats,
-                            RequestFailed, dispatch)
+from pdcli.messages import (Abort, ConnectPeers, DropKV, FirstToken, IpcCopyCancelled, IpcCopyDone, PeerPools,
+                            PostReceives, Ready, Reserve, SendKV, Shutdown, StatsRequest, StepTokens, Submit,
+                            WorkerFailed, WorkerStats, RequestFailed, dispatch)
 from pdcli.workers.handoff import HandoffReceiver, HandoffSender
-from pdcli.workers.kv_transfer import connect_peers, export_pool
+from pdcli.workers.kv_transfer import export_pool
 from pdcli.workers.layout import WorkerSpec
+from pdcli.workers.peers import PAIR_TIMEOUT_S, Peers
 from pdcli.workers.transfers import Transfers
 
 logger = logging.getLogger("pdcli.worker")
 
 
-def worker_main(spec: WorkerSpec, model: str, engine_kwargs: dict, conn, dist_init: tuple[str, int],
-                layout: list[WorkerSpec], nccl_pairs: list[tuple[int, int]], env: dict | None = None,
-                log_level: int = logging.WARNING) -> None:
-    """dist_init: (host, port) of the coordinator's TCPStore; nccl_pairs: the (prefill, decode) ranks that
-    may hand KV over through NCCL; env: set before CUDA starts here (the MPS daemon's, workers/mps.py)."""
+def worker_main(spec: WorkerSpec, model: str, engine_kwargs: dict, conn, store_addr: tuple[str, int], host: str,
+                threads: int, env: dict | None = None, log_level: int = logging.WARNING) -> None:
+    """conn: the pipe to a local coordinator, or a `cluster.transport.Dial` (a worker on another node dials the
+    head); store_addr: (host, port) of the coordinator's TCPStore, on which its KV pairs' groups meet; host:
+    the address this worker's groups listen on; threads: CPU threads (the node's cores over its workers);
+    env: set before CUDA starts here (the MPS daemon's, workers/mps.py)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's: it stops its workers in order
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # so is SIGTERM (a drain), also when sent to the whole group
     os.environ.update(env or {})
     init_worker_logging(log_level, spec)
     try:
-        engine, groups = _start(spec, model, engine_kwargs, dist_init, layout, nccl_pairs)
-        Worker(spec, engine, conn, groups).run()
-    except (KeyboardInterrupt, EOFError, BrokenPipeError):
+        if hasattr(conn, "connect"):
+            conn = conn.connect()
+        engine, peers = _start(spec, model, engine_kwargs, store_addr, host, threads)
+        Worker(spec, engine, conn, peers).run()
+    except (KeyboardInterrupt, EOFError, BrokenPipeError, ConnectionError):
         pass
     except Exception:
         logger.exception("worker failed")
         try:
             conn.send(WorkerFailed(traceback.format_exc()))
-        except (BrokenPipeError, OSError):
+        except (BrokenPipeError, OSError, AttributeError):
             pass
         raise
-    finally:
-        if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:  # a dead peer can make teardown fail; the process exits anyway
-                pass
 
 
-def _start(spec: WorkerSpec, model: str, engine_kwargs: dict, dist_init: tuple[str, int], layout: list[WorkerSpec],
-           nccl_pairs: list[tuple[int, int]]):
-    """The process group (gloo on CPU, NCCL on GPUs, a communicator per P/D direction), then the engine."""
+def _start(spec: WorkerSpec, model: str, engine_kwargs: dict, store_addr: tuple[str, int], host: str, threads: int):
+    """The engine, and a client of the coordinator's store for the KV pairs' groups (made later: ConnectPeers)."""
     if spec.device == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, len(layout))))
+        torch.set_num_threads(max(1, threads))
     else:
         torch.cuda.set_device(torch.device(spec.device))
-    backend = "gloo" if spec.device == "cpu" else "nccl"
-    store = dist.TCPStore(dist_init[0], dist_init[1], is_master=False, timeout=timedelta(seconds=300))
-    dist.init_process_group(backend, store=store, rank=spec.rank, world_size=len(layout))
-    groups = connect_peers(spec.rank, nccl_pairs, torch.device(spec.device)) if backend == "nccl" else {}
+    store = dist.TCPStore(store_addr[0], store_addr[1], is_master=False, timeout=timedelta(seconds=PAIR_TIMEOUT_S))
     from pdcli.config import EngineConfig
     from pdcli.engine.llm_engine import LLMEngine
 
@@ -73,16 +67,17 @@ def _start(spec: WorkerSpec, model: str, engine_kwargs: dict, dist_init: tuple[s
     engine = LLMEngine(EngineConfig.from_kwargs(model, device=spec.device, **engine_kwargs))
     engine.detokenize = False  # text is the coordinator's
     logger.info("engine ready: %d KV blocks, %s attention", engine.num_blocks, engine.kernel_path)
-    return engine, groups
+    return engine, Peers(spec.rank, torch.device(spec.device), store, host)
 
 
 IDLE_POLL_S = 0.02  # an idle worker waits this long for a message before it polls its transfers again
 
 
 class Worker:
-    def __init__(self, spec: WorkerSpec, engine, conn, groups: dict | None = None):
+    def __init__(self, spec: WorkerSpec, engine, conn, peers: Peers | None = None):
         self.spec, self.engine, self.conn = spec, engine, conn
-        groups = groups or {}  # (sender rank, receiver rank) -> its process group (NCCL); else the default
+        self.peers = peers or Peers(spec.rank, torch.device(spec.device))
+        groups = self.peers.groups  # (sender rank, receiver rank) -> the pair's process group, as pairs are made
         self.transfers = Transfers(engine.kv_cache)
         self.sender = HandoffSender(engine, spec.rank, conn.send, self.transfers, groups)
         self.receiver = HandoffReceiver(engine, spec.rank, conn.send, self.transfers, groups)
@@ -91,7 +86,8 @@ class Worker:
             Submit: self.on_submit, Reserve: r.on_reserve, SendKV: s.on_send_kv, PostReceives: r.on_post_receives,
             FirstToken: r.on_first_token, IpcCopyDone: lambda m: r.on_copy_done(m.request_id, m.nbytes),
             IpcCopyCancelled: lambda m: r.on_copy_done(m.request_id, None),
-            PeerPools: lambda m: s.peer_handles.update(m.handles), DropKV: self.on_drop, Abort: self.on_abort,
+            PeerPools: lambda m: s.peer_handles.update(m.handles),
+            ConnectPeers: lambda m: conn.send(self.peers.connect(m)), DropKV: self.on_drop, Abort: self.on_abort,
             StatsRequest: lambda m: conn.send(self.stats()), Shutdown: lambda m: False,
         }
 
