@@ -280,3 +280,35 @@ def build_profile(engine: LLMEngine, model: str, steps: dict, transfer: dict, co
                 max_num_batched_tokens=engine.config.scheduler.max_num_batched_tokens,
                 kv_bytes_per_token=engine.arch.kv_bytes_per_token * engine.dtype.itemsize,
                 provenance=prov, transfer=transfer, **steps)
+
+
+def profile_transfer_net(model: str, device: str, engine_kwargs: dict, addr: tuple[str, int], node_timeout: float,
+                         progress=None, lengths=TRANSFER_LENGTHS, repeats: int = TRANSFER_REPEATS, est_s: float = 0.0,
+                         budget_s: float | None = None) -> dict:
+    """The cross-node pair ("net"): a prefill worker on `device` here, the decode worker of the node that joins
+    at addr (`pdcli node --node-rank 1 --decode DEVICE`); as profile_transfer otherwise."""
+    from pdcli.cluster.fingerprint import model_fingerprint
+    from pdcli.cluster.head import ClusterHead
+    from pdcli.cluster.transport import authkey
+    from pdcli.coordinator.central import CentralScheduler
+    from pdcli.workers.layout import parse_layout
+
+    stage = "KV transfer (net)"
+    with CentralScheduler(model, parse_layout("", device, "", whole=False), mode="disaggregated", host=addr[0],
+                          **engine_kwargs) as cs:
+        head = ClusterHead(cs, addr, authkey(addr[0]), model_fingerprint(model, engine_kwargs))
+        try:
+            if progress:
+                progress.say(f"waiting for node 1 (a decode worker) at {addr[0]}:{addr[1]}")
+            head.wait_for(2, node_timeout)
+            cs.pool.wait_pairs()
+            if not cs.routing.pairs():
+                raise RuntimeError("node 1 brought no decode worker that this prefill worker can reach")
+            if progress:
+                progress.update(stage, 0, len(lengths) * repeats, est_s, unit="transfers")
+            rng = random.Random(0)
+            sp = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+            cs.generate([[rng.randrange(3, 256) for _ in range(lengths[0])]], sp, timeout=300)  # warm-up
+            return {"net": time_transfers(cs, lengths, repeats, stage, progress, est_s, budget_s)}
+        finally:
+            head.close()

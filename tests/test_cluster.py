@@ -205,3 +205,46 @@ def test_a_node_that_comes_back_joins_as_new_and_a_killed_one_is_lost(cluster):
     assert all(code == 500 and took < LOST_S for code, took in results), results
     survivors_serve(base)
     assert roles(base) == {"collocated": 1, "prefill": 1}
+
+
+def test_profile_measures_handoffs_to_a_node(tiny_model_dir):
+    """`pdcli profile --dist-init-addr`: the cross-node pair's transfers, timed like the local ones (bytes =
+    tokens x KV bytes per token), for `pdcli fit`'s "net" entry."""
+    from pdcli.profiler import profile_transfer_net
+
+    path = tiny_model_dir("llama-gqa")
+    cport = free_port()
+    node = start_node(path, f"127.0.0.1:{cport}", 1, "decode")
+    try:
+        got = profile_transfer_net(path, "cpu", dict(num_kv_blocks=1024, block_size=8, max_model_len=4096),
+                                   ("127.0.0.1", cport), 120, lengths=(16, 256), repeats=2)["net"]
+    finally:
+        node.communicate(timeout=60)  # the head stopped: the node follows, exit 0
+    assert node.returncode == 0
+    assert sorted(got["tokens"]) == [16, 16, 256, 256] and all(ms > 0 for ms in got["ms"])
+    per_token = {b / n for n, b in zip(got["tokens"], got["bytes"])}
+    assert len(per_token) == 1  # 2 layers x K|V x 2 KV heads x head_dim 16 x fp32
+
+
+def test_workers_are_keyed_by_node_and_device():
+    from pdcli.router.cost_model import CostModel
+    from pdcli.workers.layout import WorkerSpec, transfer_pair
+
+    a, b = WorkerSpec(0, "prefill", "cuda:0"), WorkerSpec(1, "decode", "cuda:0", node=1)
+    assert (a.place, b.place) == ("cuda:0", "n1/cuda:0")
+    assert transfer_pair(a, b) == "net" and transfer_pair(a, WorkerSpec(2, "decode", "cuda:0")) == "gpu-ipc"
+    cm = CostModel([1, 0, 0, 0, 0], [1, 0, 0], [0, 1, 1], {"gpu-ipc": (0.5, 100.0)}, 2048, 1000)
+    assert "100 Gbit/s" in cm.assume_net(100)
+    assert cm.transfer_ms(1000, "net") == pytest.approx(1000 * 1000 * 8 / (100 * 1e6))  # 1 MB at 100 Gbit/s
+    assert cm.assume_net(25) is None  # the profiled (or first) net entry stays
+
+
+def test_a_cluster_off_loopback_needs_a_token(monkeypatch):
+    from pdcli.cluster.transport import ClusterError, authkey
+
+    monkeypatch.delenv("PDCLI_CLUSTER_TOKEN", raising=False)
+    assert authkey("127.0.0.1") and authkey("localhost")
+    with pytest.raises(ClusterError, match="PDCLI_CLUSTER_TOKEN"):
+        authkey("10.1.2.3")
+    monkeypatch.setenv("PDCLI_CLUSTER_TOKEN", "s3cret")
+    assert authkey("10.1.2.3") == b"s3cret"

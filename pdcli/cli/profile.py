@@ -74,6 +74,10 @@ def profile(
              "shapes and repeats are fitted to it from a few probe steps (smaller ones on a CPU); a quarter goes "
              "to the KV transfer.")] = DEFAULT_MAX_SECONDS,
     transfer: Annotated[bool, typer.Option("--transfer/--no-transfer", help="Also measure the KV transfer path.")] = True,
+    dist_init_addr: Annotated[Optional[str], typer.Option(
+        help="HOST:PORT: also measure handoffs across nodes, to the decode worker of a `pdcli node --node-rank 1` "
+             "that joins there.")] = None,
+    node_timeout: Annotated[float, typer.Option(min=0, help="s to wait for that node.")] = 600.0,
     engine: dict = None,
 ) -> None:
     """Measure prefill, decode, interference and KV transfer on this hardware -> profile_data.pt."""
@@ -88,9 +92,12 @@ def profile(
     try:
         with progress:
             data, folder = _measure(model, dict(engine, device=device), out, max_seconds, transfer, progress)
+            if transfer and dist_init_addr:
+                data["transfer"].update(_measure_net(model, dict(engine, device=device), dist_init_addr,
+                                                     node_timeout, progress))
     except (ValueError, ModelLoadError) as e:
         fail(str(e))
-    except (RuntimeError, OSError) as e:
+    except (RuntimeError, OSError, TimeoutError) as e:
         fail(str(e), EXIT_RUNTIME)
     import torch
 
@@ -133,3 +140,16 @@ def _measure(model: str, kw: dict, out: str | None, max_seconds: float, transfer
         except RuntimeError as e:
             progress.say(f"no transfer profile: {e}")
     return data, folder
+
+
+def _measure_net(model: str, kw: dict, dist_init_addr: str, node_timeout: float, progress) -> dict:
+    """Handoffs to a node's decode worker: {"net": columns}."""
+    import torch
+
+    from pdcli.cluster.transport import parse_addr
+    from pdcli.profiler import profile_transfer_net
+
+    addr = parse_addr(dist_init_addr)
+    dev = kw.get("device") or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    return profile_transfer_net(model, dev, {k: v for k, v in kw.items() if k != "device"}, addr, node_timeout,
+                                progress)

@@ -31,6 +31,9 @@ def serve(
         help="HOST:PORT where nodes (`pdcli node`) join this head (its store and listener bind HOST only).")] = None,
     nnodes: Annotated[int, typer.Option(min=1, help="Nodes in the cluster, this head included: wait for the others.")] = 1,
     node_timeout: Annotated[float, typer.Option(min=0, help="s to wait for the other nodes at start-up.")] = 600.0,
+    net_gbps: Annotated[Optional[float], typer.Option(
+        min=0, help="Gbit/s between nodes: the router's price of a handoff across nodes when the profile has "
+        "no measured cross-node pair.")] = None,
     device: Device = None,
     mps: Mps = None,
     engine: dict = None,
@@ -62,6 +65,11 @@ def serve(
                                   pd_on_collocated=collocated_only(layout, mode), mps=mps, **kw)
         if addr:
             cluster = _start_cluster(cs, model, kw, addr, key, nnodes, node_timeout, err)
+            if cs.router is not None:
+                assumed = cs.router.cm.assume_net(net_gbps)
+                err.print(f"assumed: {assumed}" if assumed else "handoffs across nodes priced as profiled (net)"
+                          if "net" in cs.router.cm.transfer else "handoffs across nodes priced as the profile's "
+                          f"{next(iter(cs.router.cm.transfer))} transfers (pass --net-gbps)")
     except (ValueError, ModelLoadError) as e:
         fail(str(e))
     except (RuntimeError, OSError, TimeoutError) as e:

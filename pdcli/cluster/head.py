@@ -74,12 +74,18 @@ class ClusterHead:
                 raise TimeoutError(f"node rank(s) {missing} did not join within {timeout:.0f} s")
 
     def close(self) -> None:
-        """Stop admitting; tell every node the head stops."""
+        """Stop admitting; tell every node the head stops, and close its control connection (the pool stops
+        the node's workers)."""
         self.closed = True
         self.sock.close()
         for n in list(self.nodes.values()):
             if n.state != "gone":
                 n.send(Stop())
+                n.state = "gone"
+                try:
+                    n.conn.close()
+                except OSError:
+                    pass
 
     # ---- connections ----
     def _accept_loop(self) -> None:

@@ -24,7 +24,8 @@ def pair_kind(p: SimSpec, d: SimSpec) -> str:
 class Simulator:
     def __init__(self, cm: CostModel, specs: list[SimSpec], mode: str, pd_on_collocated: bool = False, router=None,
                  max_num_seqs: int = 256, net_gbps: float | None = None):
-        self.cm, self.policy, self.router, self.net_gbps = cm, make_policy(mode), router, net_gbps
+        self.cm, self.policy, self.router = cm, make_policy(mode), router
+        cm.assume_net(net_gbps)
         self.workers = [SimWorker(s, cm, max_num_seqs, cm.max_num_batched_tokens) for s in specs]
         self.pairs = [(p, d) for p in self.workers for d in self.workers
                       if can_hand_off(p.spec, d.spec, pd_on_collocated)]
@@ -98,10 +99,7 @@ class Simulator:
         self.push(w.busy_until, "step_end", w, chunks)
 
     def transfer_ms(self, seq: SimSeq, p: SimWorker, d: SimWorker) -> float:
-        kind = pair_kind(p.spec, d.spec)
-        if kind == "net" and kind not in self.cm.transfer and self.net_gbps:
-            return seq.prompt_len * self.cm.kv_bytes_per_token * 8 / (self.net_gbps * 1e6)
-        return self.cm.transfer_ms(seq.prompt_len, kind)
+        return self.cm.transfer_ms(seq.prompt_len, pair_kind(p.spec, d.spec))
 
     # ---- routing: the coordinator's rules on simulated state ----
     def _least(self, pairs: list, key):

@@ -131,6 +131,14 @@ class CostModel:
         m0, _, kp = self.interference  # served steps (async scheduling) show the decode rows' scale kd at 1
         return float(self.decode_ms(decode_batch, decode_ctx)) + max(0.0, m0 - self.decode[0]) + kp * marginal
 
+    def assume_net(self, gbit_s: float | None) -> str | None:
+        """Handoffs across nodes ("net") at gbit_s Gbit/s with no start-up cost, where the profile has no
+        measured cross-node pair: the assumption in one line (None: nothing assumed)."""
+        if "net" in self.transfer or not gbit_s:
+            return None
+        self.transfer["net"] = (0.0, gbit_s / 8)
+        return f"handoffs across nodes priced at {gbit_s:g} Gbit/s (--net-gbps; not profiled)"
+
     def transfer_ms(self, num_tokens: int, pair: str = "default") -> float:
         t0, gbs = self.transfer.get(pair) or next(iter(self.transfer.values()))
         return t0 + num_tokens * self.kv_bytes_per_token / (gbs * 1e6)
