@@ -248,3 +248,11 @@ def test_a_cluster_off_loopback_needs_a_token(monkeypatch):
         authkey("10.1.2.3")
     monkeypatch.setenv("PDCLI_CLUSTER_TOKEN", "s3cret")
     assert authkey("10.1.2.3") == b"s3cret"
+
+
+def test_a_head_whose_nodes_do_not_come_says_which(tiny_model_dir):
+    head = pdcli("serve", "--model", tiny_model_dir("llama-gqa"), "--device", "cpu", "--port", str(free_port()),
+                 "--dist-init-addr", f"127.0.0.1:{free_port()}", "--nnodes", "3", "--node-timeout", "2", *ENGINE)
+    out, err = head.communicate(timeout=120)
+    assert head.returncode == 1
+    assert err.strip().splitlines()[-1] == "error: node rank(s) 1, 2 did not join within 2 s"
