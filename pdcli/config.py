@@ -53,6 +53,10 @@ class EngineConfig:
     # schedule step i + 1 while the device runs step i; None: on a GPU only (on the CPU the host runs the step
     # itself, so nothing overlaps and a finishing sequence's next step is wasted)
     async_scheduling: bool | None = None
+    # one engine over this many devices (vLLM's name): rank 0 here, ranks 1.. in follower processes; devices:
+    # tp_devices, else `device` for each rank on a CPU, consecutive GPUs from `device` on CUDA
+    tensor_parallel_size: int = 1
+    tp_devices: tuple[str, ...] | None = None
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import queue
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Callable
 
+from pdcli.distributed.store import host_store
 from pdcli.logger import current_level
 from pdcli.messages import ConnectPeers, PairSpec, PeerPools, PeersConnected, Ready, Shutdown, WorkerFailed
 from pdcli.workers.layout import WorkerSpec, transfer_pair
@@ -24,16 +24,6 @@ from pdcli.workers.worker import worker_main
 logger = logging.getLogger("pdcli.coordinator")
 
 SHUTDOWN_S = 10.0  # a worker still running this long after it was told to stop is killed
-
-
-def bound_listener(host: str = "127.0.0.1", port: int = 0) -> int:
-    """A listening socket on `host` only for the store (TCPStore alone binds every interface, unauthenticated);
-    its descriptor is handed over, the store owns it."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(128)
-    return sock.detach()
 
 
 def same_gpu(a: WorkerSpec, b: WorkerSpec) -> bool:
@@ -67,12 +57,9 @@ class WorkerPool:
         """layout: the local workers; can_pair(p, d): p may hand KV to d (the pairs whose process groups are made);
         mps: run workers that share a GPU under CUDA MPS (None: where it can start; see workers/mps.py); host:
         the address the store (and the workers' groups) listen on: the cluster's, else loopback."""
-        import torch.distributed as dist
-
         # the workers' rendezvous store lives here, not in rank 0: a worker that stops first cannot take it down
         # under the others (NCCL's monitor thread then logs connection errors at every shutdown)
-        self._store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False,
-                                    master_listen_fd=bound_listener(host))
+        self._store = host_store(host)
         self.host, self.store_addr = host, (host, self._store.port)
         self.can_pair = can_pair or (lambda p, d: False)
         self.workers: list[WorkerHandle] = []

@@ -5,6 +5,7 @@ import itertools
 import random
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 
@@ -44,6 +45,32 @@ def resolve_dtype(dtype: str, device: torch.device, arch: ModelArch) -> torch.dt
     return DTYPES[dtype]
 
 
+def build_runner(config: EngineConfig, rank: int, device: str, store_port: int | None = None, store=None,
+                 source=None) -> ModelRunner:
+    """This rank's model and runner; with tensor_parallel_size > 1 inside the TP group, whose ranks meet on the
+    store rank 0 hosts (`store` there, `store_port` elsewhere)."""
+    import torch.distributed as dist
+
+    from pdcli.distributed.tp import TPGroup, tp_group, using_tp
+
+    dev = resolve_device(device)
+    source = source or resolve(config.model)
+    arch = ModelArch.from_hf_config(source.hf_config)
+    max_len = config.scheduler.max_model_len or arch.max_position_embeddings
+    tp = TPGroup()
+    if config.tensor_parallel_size > 1:
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        if store is None:
+            store = dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=timedelta(seconds=60))
+        tp = tp_group(store, "pdcli/tp/", rank, config.tensor_parallel_size, dev)
+    with using_tp(tp):
+        torch.manual_seed(config.seed)
+        model = build_model(source, dev, resolve_dtype(config.dtype, dev, arch), max_len, config.seed)
+        eager = config.enforce_eager or tp.size > 1  # CUDA graphs with TP: not yet
+        return ModelRunner(model, config.cache, config.scheduler, max_len, eager)
+
+
 @dataclass
 class Request:
     request_id: str
@@ -81,9 +108,8 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype, self.device, arch)
         self.tokenizer = source.tokenizer
         max_len = config.scheduler.max_model_len or arch.max_position_embeddings
-        torch.manual_seed(config.seed)
-        model = build_model(source, self.device, self.dtype, max_len, config.seed)
-        self.runner = ModelRunner(model, config.cache, config.scheduler, max_len, config.enforce_eager)
+        self.followers = []  # tensor parallelism's ranks 1.. (distributed/followers.py): (process, pipe)
+        self.runner = self._start_runner(config, source)
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
                                           config.cache.enable_prefix_caching)
         self.cache_capacity = self.runner.num_blocks * config.cache.block_size  # tokens
@@ -98,10 +124,43 @@ class LLMEngine:
         self._rng = random.Random(config.seed)
         self.detokenize = True  # workers leave text to the coordinator (stop strings still need it here)
         self.async_scheduling = config.async_scheduling if config.async_scheduling is not None else \
-            self.device.type == "cuda"
+            self.device.type == "cuda" and config.tensor_parallel_size == 1
         self._inflight: StepFuture | None = None  # launched step whose tokens have not landed
         gc.freeze()  # what start-up made (torch, the model) lives on: later collections skip it (as vLLM does)
         gc.enable()  # (a caller may have turned collection off while loading)
+
+    def _start_runner(self, config: EngineConfig, source) -> ModelRunner:
+        size = config.tensor_parallel_size
+        if size == 1:
+            return build_runner(config, 0, str(self.device), source=source)
+        from pdcli.distributed.followers import start_followers, tp_devices
+        from pdcli.distributed.store import host_store
+        from pdcli.distributed.tp import check_tp
+        from pdcli.logger import current_level
+
+        check_tp(self.arch.num_attention_heads, self.arch.num_key_value_heads, size)
+        if config.async_scheduling:
+            raise ValueError("async_scheduling is not supported with tensor_parallel_size > 1 yet")
+        devices = tp_devices(str(self.device), size, config.tp_devices)
+        store = host_store()
+        self.followers = start_followers(config, devices, store.port, current_level())
+        runner = build_runner(config, 0, devices[0], store=store, source=source)
+        runner.tp_followers = [conn for _, conn in self.followers]
+        return runner
+
+    def close(self) -> None:
+        """Stop the tensor-parallel followers (if any)."""
+        from pdcli.distributed.followers import TPStop
+
+        for proc, conn in self.followers:
+            try:
+                conn.send(TPStop())
+            except (BrokenPipeError, OSError):
+                pass
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+        self.followers = []
 
     # ---- requests ----
     def encode(self, prompt: str | list[int], chat: bool = False) -> list[int]:

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from pdcli.config import CacheConfig, SchedulerConfig
+from pdcli.distributed.tp import get_tp
 from pdcli.engine.cuda_graph import DecodeGraphs
 from pdcli.engine.logits_processors import PenaltyState, build_processors
 from pdcli.engine.sampler import LogprobsTensors, Sampler, SamplingTensors, sample_key
@@ -39,20 +40,23 @@ class ModelRunner:
         self.sampler = Sampler(self.arch.vocab_size, self.device)
         self.penalties = PenaltyState(self.arch.vocab_size, self.device)  # device tensors allocated on first use
         self.eos_token_ids: set[int] = set()  # min_tokens masks them (set by the engine)
-        self.num_blocks = self._num_kv_blocks(cache, sched)
+        attn = model.kv_layers()[0]
+        self.num_heads, self.num_kv_heads = attn.num_heads, attn.num_kv_heads  # this rank's (tensor parallel)
+        self.tp = get_tp()
+        self.num_blocks = self.tp.min(self._num_kv_blocks(cache, sched))  # the smallest rank's pool
         a = self.arch
-        # [layers, k|v, num_blocks, block_size, kv_heads, head_dim]; zeroed so masked slots hold no NaN
-        self.kv_cache = zeros((a.num_hidden_layers, 2, self.num_blocks, self.block_size, a.num_key_value_heads,
+        # [layers, k|v, num_blocks, block_size, kv_heads (this rank's), head_dim]; zeroed so masked slots hold no NaN
+        self.kv_cache = zeros((a.num_hidden_layers, 2, self.num_blocks, self.block_size, self.num_kv_heads,
                                a.head_dim), self.dtype, self.device)
         for i, attn in enumerate(model.kv_layers()):
             attn.k_cache, attn.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
-        self.kernel_path = ops.kernel_path(self.device, self.dtype, a.head_dim,
-                                           a.num_attention_heads // a.num_key_value_heads)
+        self.kernel_path = ops.kernel_path(self.device, self.dtype, a.head_dim, self.num_heads // self.num_kv_heads)
         self._prev_tokens: torch.Tensor | None = None  # device tokens sampled by the last launch
         self._prev_rows: dict[int, int] = {}  # seq_id -> its row in _prev_tokens
         # (seqs, new tokens) of an eager step -> the callback its forward calls after each layer, or None:
         # a worker's layer-wise KV sends of the prompts it prefills for another worker
         self.kv_sender: Callable[[list[Sequence], list[int]], Callable[[int], None] | None] | None = None
+        self.tp_followers: list | None = None  # rank 0 of a TP group: pipes to ranks 1.. (distributed/followers.py)
         self.graphs = None
         if self.kernel_path == "cuda" and not enforce_eager:
             self.graphs = DecodeGraphs(model, self.device, sched.max_num_seqs, max_model_len, self.block_size)
@@ -60,7 +64,9 @@ class ModelRunner:
 
     @property
     def block_bytes(self) -> int:
-        return self.arch.kv_bytes_per_token * self.block_size * self.dtype.itemsize
+        # this rank's part of the KV heads
+        per_token = self.arch.kv_bytes_per_token * self.num_kv_heads // self.arch.num_key_value_heads
+        return per_token * self.block_size * self.dtype.itemsize
 
     def _num_kv_blocks(self, cache: CacheConfig, sched: SchedulerConfig) -> int:
         if cache.num_kv_blocks is not None:
@@ -88,7 +94,7 @@ class ModelRunner:
         lens = [seq_len] * (num_tokens // seq_len) + ([num_tokens % seq_len] if num_tokens % seq_len else [])
         num_blocks = sum(-(-n // self.block_size) for n in lens)
         a = self.arch
-        tmp = torch.zeros(a.num_hidden_layers, 2, num_blocks, self.block_size, a.num_key_value_heads, a.head_dim,
+        tmp = torch.zeros(a.num_hidden_layers, 2, num_blocks, self.block_size, self.num_kv_heads, a.head_dim,
                           dtype=self.dtype, device=self.device)
         for i, attn in enumerate(self.model.kv_layers()):
             attn.k_cache, attn.v_cache = tmp[i, 0], tmp[i, 1]
@@ -182,8 +188,22 @@ class ModelRunner:
         the previous launch (still pending on the host) reads it from that step's device output."""
         self.copy_blocks(out.block_copies)
         seqs, lens, starts, logits_indices, rows, ids = self._prepare_inputs(out)
+        if self.tp_followers:  # the followers run the same forward pass (no pending tokens: no async with TP)
+            from pdcli.distributed.followers import TPStep
+
+            step = TPStep(out.block_copies, ids.cpu().numpy(), [s.block_table for s in seqs], starts, lens,
+                          logits_indices, bool(rows))
+            for conn in self.tp_followers:
+                conn.send(step)
         logits = self._run_model(out, seqs, lens, starts, logits_indices, rows, ids)
         return self._sample(out, rows, logits)
+
+    @torch.inference_mode()
+    def follow(self, step) -> None:
+        """A follower rank's part of rank 0's step (a TPStep): its shard of the same forward pass."""
+        self.copy_blocks(step.block_copies)
+        self._forward(self._to_device(step.input_ids), step.block_tables, step.starts, step.lens,
+                      step.logits_indices, step.logits)
 
     def _prepare_inputs(self, out: SchedulerOutput) -> tuple[list[Sequence], list[int], list[int], list[int],
                                                               list[Sequence], torch.Tensor]:
@@ -235,15 +255,20 @@ class ModelRunner:
                                 dtype=np.int64, count=len(starts))
             hidden = self.graphs.run(ids, pos, slots, [p + 1 for p in starts], [s.block_table for s in seqs])
             return self.model.compute_logits(hidden)
-        positions, ctx = self._prepare([s.block_table for s in seqs], starts, lens, logits_indices)
-        if self.kv_sender is not None:
-            ctx.after_layer = self.kv_sender(seqs, lens)
+        after_layer = self.kv_sender(seqs, lens) if self.kv_sender is not None else None
+        return self._forward(ids, [s.block_table for s in seqs], starts, lens, logits_indices, bool(rows), after_layer)
+
+    def _forward(self, ids: torch.Tensor, block_tables: list[list[int]], starts: list[int], lens: list[int],
+                 logits_indices: list[int], logits: bool, after_layer=None) -> torch.Tensor | None:
+        """The eager forward pass of a flat batch: logits [len(logits_indices), vocab], or None."""
+        positions, ctx = self._prepare(block_tables, starts, lens, logits_indices)
+        ctx.after_layer = after_layer
         set_context(ctx)
         try:
             hidden = self.model(ids, self._to_device(positions))
             if ctx.last_layer is None:
                 hidden = hidden[ctx.logits_indices]
-            return self.model.compute_logits(hidden) if rows else None
+            return self.model.compute_logits(hidden) if logits else None
         finally:
             set_context(None)
 

@@ -7,22 +7,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pdcli.distributed.tp import get_tp, kv_head_range, shard_range
 from pdcli.kernels import ops
 from pdcli.models.arch import ModelArch
 from pdcli.models.context import get_context
-from pdcli.models.layers import Embedding, Linear, PackedLinear, RMSNorm, SiluAndMul
+from pdcli.models.layers import Embedding, LMHead, PackedLinear, RMSNorm, RowLinear, SiluAndMul
 from pdcli.models.rotary import RotaryEmbedding
 
 
 class Attention(nn.Module):
     def __init__(self, arch: ModelArch, rotary: RotaryEmbedding):
         super().__init__()
-        d = arch.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = arch.num_attention_heads, arch.num_key_value_heads, d
+        d, tp = arch.head_dim, get_tp()
+        q0, q1 = shard_range(arch.num_attention_heads, tp)  # this rank's heads
+        k0, k1 = kv_head_range(arch.num_key_value_heads, tp)
+        self.num_heads, self.num_kv_heads, self.head_dim = q1 - q0, k1 - k0, d
         self.scale = d ** -0.5
-        self.qkv_proj = PackedLinear(arch.hidden_size, {"q": self.num_heads * d, "k": self.num_kv_heads * d,
-                                                        "v": self.num_kv_heads * d}, bias=arch.attention_bias)
-        self.o_proj = Linear(self.num_heads * d, arch.hidden_size, bias=False)
+        self.qkv_proj = PackedLinear(arch.hidden_size, {"q": (q0 * d, q1 * d), "k": (k0 * d, k1 * d),
+                                                        "v": (k0 * d, k1 * d)}, bias=arch.attention_bias)
+        self.o_proj = RowLinear(arch.num_attention_heads * d, arch.hidden_size, bias=False)
         if arch.qk_norm:
             self.q_norm = RMSNorm(d, arch.rms_norm_eps)
             self.k_norm = RMSNorm(d, arch.rms_norm_eps)
@@ -47,8 +50,9 @@ class MLP(nn.Module):
     def __init__(self, arch: ModelArch):
         super().__init__()
         i = arch.intermediate_size
-        self.gate_up_proj = PackedLinear(arch.hidden_size, {"gate": i, "up": i}, bias=False)
-        self.down_proj = Linear(i, arch.hidden_size, bias=False)
+        lo, hi = shard_range(i, get_tp())
+        self.gate_up_proj = PackedLinear(arch.hidden_size, {"gate": (lo, hi), "up": (lo, hi)}, bias=False)
+        self.down_proj = RowLinear(i, arch.hidden_size, bias=False)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,7 +111,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.arch = arch
         self.model = Model(arch, max_model_len)
-        self.lm_head = Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        self.lm_head = LMHead(arch.hidden_size, arch.vocab_size)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

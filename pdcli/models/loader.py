@@ -117,6 +117,11 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]]) -
             model.get_submodule(module).load_shard(pname, shard, tensor)
             loaded.add(f"{module}.{pname}")
         elif name in params:
+            module, _, pname = name.rpartition(".")
+            shard = getattr(model.get_submodule(module), "shard", None)
+            if shard is not None:  # a tensor-parallel layer keeps its part (a copy: not a view of the whole)
+                part = shard(pname, tensor)
+                tensor = part if part.shape == tensor.shape else part.clone()
             if params[name].shape != tensor.shape:
                 raise ModelLoadError(f"weight {name} has shape {tuple(tensor.shape)}, "
                                      f"expected {tuple(params[name].shape)}")
