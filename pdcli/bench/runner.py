@@ -20,21 +20,26 @@ def prompt_seed(seed: int, rate_index: int) -> int:
     return seed + 1_000_003 * rate_index
 
 
-def layout_for(mode: str, devices: list[str], num_prefill: int | None = None) -> list[WorkerSpec]:
+def layout_for(mode: str, devices: list[str], num_prefill: int | None = None, tp: int = 1) -> list[WorkerSpec]:
     """The same devices for every mode: all collocated; or split into prefill and decode workers (the first
     num_prefill devices prefill, by default half of them); or (adaptive, threshold) on two or more devices a
     collocated worker on each, which also prefill and decode for each other (`layout.collocated_only`), so
     the router can take either path without two processes sharing a GPU; on one device a collocated, a
     prefill and a decode worker."""
+    if tp > 1:  # each worker spans tp devices: the list becomes one of groups (all CPUs: tp CPU ranks each)
+        if len(devices) % tp and any(d != "cpu" for d in devices):
+            raise ValueError(f"{len(devices)} devices are not a multiple of --tensor-parallel-size {tp}")
+        devices = devices if all(d == "cpu" for d in devices) else \
+            ["+".join(devices[i:i + tp]) for i in range(0, len(devices), tp)]
     n = len(devices)
     k = max(1, n // 2) if num_prefill is None else num_prefill
     if n >= 2 and not 1 <= k < n:
         raise ValueError(f"--num-prefill must leave a decode device: 1 to {n - 1} of {n} devices, got {k}")
     if mode == "collocated" or (mode in ("adaptive", "threshold") and n >= 2):
-        return parse_layout(",".join(devices))
+        return parse_layout(",".join(devices), tp=tp)
     if mode == "disaggregated":
-        return parse_layout("", ",".join(devices[:k]), ",".join(devices[k:] or devices[:1]))
-    return parse_layout(devices[0], devices[0], devices[0])
+        return parse_layout("", ",".join(devices[:k]), ",".join(devices[k:] or devices[:1]), tp=tp)
+    return parse_layout(devices[0], devices[0], devices[0], tp=tp)
 
 
 PROGRESS_S = 0.25  # the progress line is redrawn at most this often while requests are sent

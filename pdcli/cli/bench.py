@@ -300,7 +300,7 @@ def _start_workers(b: _Bench, m: str, err):
     from pdcli.workers.layout import collocated_only
 
     try:
-        layout = layout_for(m, b.devs, b.num_prefill)
+        layout = layout_for(m, b.devs, b.num_prefill, b.engine.get("tensor_parallel_size") or 1)
     except ValueError as e:
         fail(str(e))
     began = time.perf_counter()

@@ -31,6 +31,10 @@ PrefixCaching = Annotated[bool, typer.Option("--enable-prefix-caching/--no-enabl
 AdmissionReserve = Annotated[float, typer.Option(
     help="Admit new sequences only while free KV also covers this fraction of running ones' remaining "
          "max_tokens (learned from finished ones); 0: admit greedily, preempt when full.")]
+TensorParallelSize = Annotated[int, typer.Option(
+    "--tensor-parallel-size", "-tp", min=1,
+    help="Devices per engine (tensor parallelism): each worker takes that many consecutive devices of its list, "
+         "or a `+` group (cuda:0+cuda:1).")]
 Mps = Annotated[Optional[bool], typer.Option(
     "--mps/--no-mps", help="Run workers that share a GPU under CUDA MPS, so their kernels overlap "
                            "(default: when MPS can start; else they are time-sliced).")]
@@ -52,6 +56,7 @@ ENGINE_OPTIONS = (
     ("enable_prefix_caching", PrefixCaching, CacheConfig.enable_prefix_caching),
     ("admission_reserve", AdmissionReserve, SchedulerConfig.admission_reserve),
     ("async_scheduling", AsyncScheduling, EngineConfig.async_scheduling),
+    ("tensor_parallel_size", TensorParallelSize, EngineConfig.tensor_parallel_size),
 )
 
 

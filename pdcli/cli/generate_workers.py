@@ -25,7 +25,7 @@ def start_coordinator(prompts, model, chat, sampling, device, mode, collocated, 
         if not (collocated or prefill or decode):
             dev = device or "cpu"
             collocated, prefill, decode = dev, dev, dev  # one of each role on the device
-        layout = parse_layout(collocated, prefill, decode)
+        layout = parse_layout(collocated, prefill, decode, tp=engine_kwargs.get("tensor_parallel_size") or 1)
         tok = resolve(model).tokenizer
         use_chat = bool(tok.chat_template) if chat is None else chat
         ids = [tok.apply_chat_template([{"role": "user", "content": p}]) if use_chat else tok.encode(p) for p in prompts]

@@ -31,7 +31,8 @@ def node(
         addr = parse_addr(dist_init_addr)
         if not (collocated or prefill or decode):
             raise ValueError("give this node's workers: --collocated, --prefill and/or --decode DEVICES")
-        n = Node(model, addr, node_rank, parse_layout(collocated, prefill, decode, whole=False), engine, mps)
+        n = Node(model, addr, node_rank, parse_layout(collocated, prefill, decode, whole=False,
+                                                          tp=engine["tensor_parallel_size"]), engine, mps)
         accepted = n.join()
     except (ValueError, ModelLoadError) as e:
         fail(str(e))

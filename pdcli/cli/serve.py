@@ -58,7 +58,7 @@ def serve(
         make_policy(mode)
         if not (collocated or prefill or decode):
             collocated = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
-        layout = parse_layout(collocated, prefill, decode, whole=not dist_init_addr)
+        layout = parse_layout(collocated, prefill, decode, whole=not dist_init_addr, tp=kw["tensor_parallel_size"])
         addr, key = _cluster_address(dist_init_addr, nnodes)
         with err.status(f"starting {len(layout)} worker(s) for {model}"):
             cs = CentralScheduler(model, layout, mode=mode, params_dir=params_dir, host=addr[0] if addr else "127.0.0.1",

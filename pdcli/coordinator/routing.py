@@ -23,7 +23,7 @@ class Route(NamedTuple):
 def can_hand_off(p: WorkerSpec, d: WorkerSpec, pd_on_collocated: bool) -> bool:
     """p may prefill for d: a prefill and a decode worker (on one GPU: through CUDA IPC), or, with
     pd_on_collocated, two collocated workers (or one and a P/D worker) on different devices."""
-    if p.rank == d.rank:
+    if p.rank == d.rank or p.tp_size != d.tp_size:  # KV shards go rank i to rank i
         return False
     if p.role == "prefill" and d.role == "decode":
         return True

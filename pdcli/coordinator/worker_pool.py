@@ -321,7 +321,9 @@ def spawn_worker(spec: WorkerSpec, layout: list[WorkerSpec], model: str, engine_
         kwargs["gpu_memory_utilization"] = util / sharing
     env = mps.env if mps and gpu else {}
     threads = max(1, (os.cpu_count() or 1) // max(1, len(layout)))
-    proc = mp.get_context("spawn").Process(target=worker_main, daemon=True, name=f"pdcli-{spec.role}-{spec.rank}",
+    # a tensor-parallel worker starts its follower ranks itself: a daemonic process may not have children
+    proc = mp.get_context("spawn").Process(target=worker_main, daemon=spec.tp_size == 1,
+                                           name=f"pdcli-{spec.role}-{spec.rank}",
                                            args=(spec, model, kwargs, conn, store_addr, host, threads, env,
                                                  current_level()))
     proc.start()

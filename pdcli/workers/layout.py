@@ -10,8 +10,13 @@ ROLES = ("collocated", "prefill", "decode")
 class WorkerSpec:
     rank: int  # rank in the KV-transfer process group
     role: str  # collocated | prefill | decode
-    device: str  # cpu | cuda:N
+    device: str  # cpu | cuda:N (with tensor parallelism: rank 0's)
     node: int = 0  # the node it runs on (0: the head's)
+    tp_devices: tuple[str, ...] = ()  # tensor parallelism: every rank's device, rank 0's first; () for one
+
+    @property
+    def tp_size(self) -> int:
+        return max(1, len(self.tp_devices))
 
     @property
     def place(self) -> str:
@@ -21,16 +26,43 @@ class WorkerSpec:
 
 
 def parse_layout(collocated: str = "", prefill: str = "", decode: str = "", first_rank: int = 0,
-                 node: int = 0, whole: bool = True) -> list[WorkerSpec]:
+                 node: int = 0, whole: bool = True, tp: int = 1) -> list[WorkerSpec]:
     """One worker per listed device, ranks in the order collocated, prefill, decode (from first_rank); whole:
-    the layout must serve on its own (`check_layout`), not only as a part of a cluster's."""
+    the layout must serve on its own (`check_layout`), not only as a part of a cluster's. With tp > 1 each
+    worker spans tp devices: a `+` group (`cuda:0+cuda:1`), or tp consecutive GPUs of a plain list, or tp
+    CPU ranks for `cpu`."""
     specs = []
     for role, devices in zip(ROLES, (collocated, prefill, decode)):
-        for dev in filter(None, (d.strip() for d in (devices or "").split(","))):
-            if dev != "cpu" and not (dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit())):
-                raise ValueError(f"bad device {dev!r} for --{role}: use cpu, cuda or cuda:N")
-            specs.append(WorkerSpec(first_rank + len(specs), role, "cuda:0" if dev == "cuda" else dev, node))
+        for group in _groups(role, [d.strip() for d in (devices or "").split(",") if d.strip()], tp):
+            tp_devices = tuple(group) if len(group) > 1 else ()
+            specs.append(WorkerSpec(first_rank + len(specs), role, group[0], node, tp_devices))
     return check_layout(specs) if whole else specs
+
+
+def _device(role: str, dev: str) -> str:
+    if dev != "cpu" and not (dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise ValueError(f"bad device {dev!r} for --{role}: use cpu, cuda or cuda:N")
+    return "cuda:0" if dev == "cuda" else dev
+
+
+def _groups(role: str, items: list[str], tp: int) -> list[list[str]]:
+    """The devices of each worker of a role."""
+    if tp < 1:
+        raise ValueError(f"--tensor-parallel-size must be at least 1, got {tp}")
+    out, plain = [], []
+    for item in items:
+        group = [_device(role, d.strip()) for d in item.split("+")]
+        if len(group) > 1:
+            if len(group) != tp:
+                raise ValueError(f"--{role} {item} is a group of {len(group)} devices but --tensor-parallel-size is {tp}")
+            out.append(group)
+        elif group[0] == "cpu":
+            out.append(["cpu"] * tp)
+        else:
+            plain.append(group[0])
+    if len(plain) % tp:
+        raise ValueError(f"--{role} lists {len(plain)} GPU(s): not a multiple of --tensor-parallel-size {tp}")
+    return out + [plain[i:i + tp] for i in range(0, len(plain), tp)]
 
 
 def check_layout(specs: list[WorkerSpec]) -> list[WorkerSpec]:

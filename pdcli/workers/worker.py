@@ -64,6 +64,7 @@ def _start(spec: WorkerSpec, model: str, engine_kwargs: dict, store_addr: tuple[
 
     if spec.role == "prefill":  # a prefill worker hands each sequence off on its first token
         engine_kwargs = dict(engine_kwargs, async_scheduling=False)
+    engine_kwargs = dict(engine_kwargs, tensor_parallel_size=spec.tp_size, tp_devices=spec.tp_devices or None)
     engine = LLMEngine(EngineConfig.from_kwargs(model, device=spec.device, **engine_kwargs))
     engine.detokenize = False  # text is the coordinator's
     logger.info("engine ready: %d KV blocks, %s attention", engine.num_blocks, engine.kernel_path)
@@ -122,6 +123,7 @@ class Worker:
     def close(self) -> None:
         self.transfers.synchronize()
         self.sender.close()
+        self.engine.close()  # its tensor-parallel followers, if any
         if self.engine.kv_cache.is_cuda:
             torch.cuda.synchronize()
             torch.cuda.ipc_collect()
