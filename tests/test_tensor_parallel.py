@@ -100,3 +100,70 @@ def test_a_dead_follower_fails_the_step_at_once(tiny_model_dir, prompts):
 def test_a_split_the_model_cannot_take_is_refused(size, says, tiny_model_dir):
     with pytest.raises(ValueError, match=says):
         LLM(tiny_model_dir("llama-gqa"), device="cpu", num_kv_blocks=16, tensor_parallel_size=size)
+
+
+def test_disaggregated_tp2_on_both_sides_equals_collocated(tiny_model_dir, prompts):
+    """Each prefill rank's KV shard goes to the decode worker's rank of the same index, layer-wise and whole."""
+    from pdcli.coordinator.central import CentralScheduler
+    from pdcli.workers.layout import parse_layout
+    from test_disagg import wait_pools_full
+
+    path = tiny_model_dir("qwen3-gqa")
+    want = [o.outputs[0].token_ids for o in LLM(path, device="cpu", num_kv_blocks=64, block_size=8).generate(
+        prompts, GREEDY)]
+    with CentralScheduler(path, parse_layout("", "cpu", "cpu", tp=2), mode="disaggregated", num_kv_blocks=64,
+                          block_size=8) as cs:
+        assert [w.spec.tp_size for w in cs.workers] == [2, 2]
+        for layerwise in (True, False):
+            cs.kv_layerwise = layerwise
+            outs = cs.generate(prompts, GREEDY, timeout=120)
+            assert [o.token_ids for o in outs] == want
+            assert {o.metrics["path"] for o in outs} == {"disaggregated"}
+        stats = wait_pools_full(cs)
+        assert all(s["num_free_blocks"] == s["num_blocks"] for s in stats), stats
+
+
+def _children(pid: int) -> list[int]:
+    from test_serve import children
+
+    return children(pid)
+
+
+def test_a_killed_follower_ends_the_workers_requests_with_errors(tiny_model_dir, prompts):
+    import os
+    import signal
+
+    from pdcli.coordinator.central import CentralScheduler
+    from pdcli.workers.layout import parse_layout
+
+    long = SamplingParams(temperature=0, max_tokens=3000, ignore_eos=True)
+    with CentralScheduler(tiny_model_dir("llama-gqa"), parse_layout("cpu", tp=2), num_kv_blocks=2048,
+                          block_size=8, max_model_len=4096) as cs:
+        tracked = [cs.submit(p, long) for p in prompts]
+        deadline = time.monotonic() + 60
+        while not all(t.first_token_time for t in tracked) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        followers = [c for c in _children(cs.workers[0].proc.pid)
+                     if "spawn_main" in open(f"/proc/{c}/cmdline").read().replace("\0", " ")]
+        assert len(followers) == 1
+        os.kill(followers[0], signal.SIGKILL)
+        killed = time.monotonic()
+        for t in tracked:
+            assert t.done.wait(10), "a request of the broken worker hung"
+        assert time.monotonic() - killed < 10
+        assert all(cs.output(t).error for t in tracked)
+
+
+def test_layouts_with_tensor_parallelism():
+    from pdcli.workers.layout import parse_layout
+
+    p, d = parse_layout("", "cuda:0+cuda:1", "cuda:2,cuda:3", tp=2)
+    assert (p.device, p.tp_devices, d.device, d.tp_devices) == ("cuda:0", ("cuda:0", "cuda:1"), "cuda:2",
+                                                                ("cuda:2", "cuda:3"))
+    assert [s.tp_devices for s in parse_layout("cpu", tp=2)] == [("cpu", "cpu")]
+    assert [s.tp_devices for s in parse_layout("cuda:0,cuda:1,cuda:2,cuda:3", tp=2)] == [
+        ("cuda:0", "cuda:1"), ("cuda:2", "cuda:3")]
+    with pytest.raises(ValueError, match="group of 2 devices but --tensor-parallel-size is 1"):
+        parse_layout("cuda:0+cuda:1")
+    with pytest.raises(ValueError, match="not a multiple of --tensor-parallel-size 2"):
+        parse_layout("cuda:0,cuda:1,cuda:2", tp=2)

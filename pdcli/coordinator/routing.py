@@ -25,6 +25,8 @@ def can_hand_off(p: WorkerSpec, d: WorkerSpec, pd_on_collocated: bool) -> bool:
     pd_on_collocated, two collocated workers (or one and a P/D worker) on different devices."""
     if p.rank == d.rank or p.tp_size != d.tp_size:  # KV shards go rank i to rank i
         return False
+    if p.tp_size > 1 and transfer_pair(p, d) == "gpu-ipc":  # one CUDA IPC copy per shard: not yet
+        return False
     if p.role == "prefill" and d.role == "decode":
         return True
     return pd_on_collocated and p.role in ("prefill", "collocated") and \

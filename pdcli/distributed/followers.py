@@ -26,6 +26,7 @@ class TPStep:
     lens: list[int]
     logits_indices: list[int]
     logits: bool  # compute the logits (their all-gather is a collective)
+    layer_sends: list | None = None  # a prefill worker's layer-wise KV sends in this pass (distributed/tp_kv.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,15 +65,20 @@ def follower_main(config, rank: int, device: str, store_port: int, conn, log_lev
     from pdcli.logger import init_logging
 
     init_logging(logging.getLevelName(log_level).lower(), f" [tp {rank} {device}]")
+    from pdcli.distributed.tp_kv import FollowerKV
     from pdcli.engine.llm_engine import build_runner
 
     try:
         runner = build_runner(config, rank, device, store_port)
+        kv = FollowerKV(runner, rank)
         while True:
             msg = conn.recv()
             if isinstance(msg, TPStop):
                 return
-            runner.follow(msg)
+            if isinstance(msg, TPStep):
+                runner.follow(msg, kv)
+            else:
+                kv.handle(msg)
     except (EOFError, KeyboardInterrupt, BrokenPipeError):
         pass
     except Exception:

@@ -188,22 +188,31 @@ class ModelRunner:
         the previous launch (still pending on the host) reads it from that step's device output."""
         self.copy_blocks(out.block_copies)
         seqs, lens, starts, logits_indices, rows, ids = self._prepare_inputs(out)
+        graph = self.graphs is not None and out.is_decode_only and self.graphs.bucket(len(out.seqs))
+        after_layer = self.kv_sender(seqs, lens) if self.kv_sender is not None and not graph else None
         if self.tp_followers:  # the followers run the same forward pass (no pending tokens: no async with TP)
             from pdcli.distributed.followers import TPStep
 
-            step = TPStep(out.block_copies, ids.cpu().numpy(), [s.block_table for s in seqs], starts, lens,
-                          logits_indices, bool(rows))
-            for conn in self.tp_followers:
-                conn.send(step)
-        logits = self._run_model(out, seqs, lens, starts, logits_indices, rows, ids)
+            self.tp_broadcast(TPStep(out.block_copies, ids.cpu().numpy(), [s.block_table for s in seqs], starts,
+                                     lens, logits_indices, bool(rows), getattr(after_layer, "spec", None)))
+        logits = self._run_model(out, seqs, lens, starts, logits_indices, rows, ids, after_layer)
         return self._sample(out, rows, logits)
 
+    def tp_broadcast(self, msg) -> None:
+        """To every follower rank, in order (a no-op without tensor parallelism)."""
+        for conn in self.tp_followers or ():
+            conn.send(msg)
+
     @torch.inference_mode()
-    def follow(self, step) -> None:
-        """A follower rank's part of rank 0's step (a TPStep): its shard of the same forward pass."""
+    def follow(self, step, kv=None) -> None:
+        """A follower rank's part of rank 0's step (a TPStep): its shard of the same forward pass, with its
+        shard of the step's layer-wise KV sends (kv: distributed/tp_kv.FollowerKV)."""
         self.copy_blocks(step.block_copies)
+        sender = kv.layer_sender(step.layer_sends) if step.layer_sends else None
         self._forward(self._to_device(step.input_ids), step.block_tables, step.starts, step.lens,
-                      step.logits_indices, step.logits)
+                      step.logits_indices, step.logits, sender)
+        if kv is not None:
+            kv.after_forward(sender)
 
     def _prepare_inputs(self, out: SchedulerOutput) -> tuple[list[Sequence], list[int], list[int], list[int],
                                                               list[Sequence], torch.Tensor]:
@@ -245,7 +254,8 @@ class ModelRunner:
         ids[at] = self._prev_tokens[src]
 
     def _run_model(self, out: SchedulerOutput, seqs: list[Sequence], lens: list[int], starts: list[int],
-                   logits_indices: list[int], rows: list[Sequence], ids: torch.Tensor) -> torch.Tensor | None:
+                   logits_indices: list[int], rows: list[Sequence], ids: torch.Tensor,
+                   after_layer=None) -> torch.Tensor | None:
         """The step's logits (None when no seq samples): a decode-only batch replays the CUDA graph of its size
         when there is one, else the model runs eagerly, calling the KV sender's hook after each layer."""
         if self.graphs is not None and out.is_decode_only and self.graphs.bucket(len(out.seqs)):
@@ -255,7 +265,6 @@ class ModelRunner:
                                 dtype=np.int64, count=len(starts))
             hidden = self.graphs.run(ids, pos, slots, [p + 1 for p in starts], [s.block_table for s in seqs])
             return self.model.compute_logits(hidden)
-        after_layer = self.kv_sender(seqs, lens) if self.kv_sender is not None else None
         return self._forward(ids, [s.block_table for s in seqs], starts, lens, logits_indices, bool(rows), after_layer)
 
     def _forward(self, ids: torch.Tensor, block_tables: list[list[int]], starts: list[int], lens: list[int],

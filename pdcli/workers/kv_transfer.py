@@ -181,6 +181,7 @@ class LayerSender:
         # items: (request id, blocks, dst rank, tag); timing: a stream per dst rank for mark_done; groups: the
         # pair's process group per dst rank
         self.kv_cache, self.stream, self.timing, self.groups = kv_cache, stream, timing, groups
+        self.spec = items  # what a tensor-parallel follower sends of its shard (distributed/tp_kv.py)
         self.num_layers = kv_cache.shape[0]
         self.send_after = {g.stop - 1: g for g in layer_groups(self.num_layers)}  # last layer -> its group
         dev = kv_cache.device

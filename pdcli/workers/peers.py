@@ -18,15 +18,22 @@ PAIR_TIMEOUT_S = 30.0  # joining a pair's group, and each transfer on it, fails 
 
 class Peers:
     def __init__(self, rank: int, device: torch.device, store=None, host: str = "127.0.0.1",
-                 timeout_s: float = PAIR_TIMEOUT_S):
-        """store: a client of the coordinator's store (None: no pairs); host: the address this worker's groups
-        listen on (gloo binds it, never every interface)."""
+                 timeout_s: float = PAIR_TIMEOUT_S, store_addr: tuple[str, int] | None = None, mirror=None):
+        """store: a client of the coordinator's store (None: no pairs), at store_addr; host: the address this
+        worker's groups listen on (gloo binds it, never every interface); mirror: sends a message to this
+        worker's tensor-parallel followers, which join their shards' pairs too (distributed/tp_kv.py)."""
         self.rank, self.device, self.store, self.host = rank, device, store, host
+        self.store_addr, self.mirror = store_addr, mirror
         self.timeout = timedelta(seconds=timeout_s)
         self.groups: dict[tuple[int, int], PairGroup] = {}  # (sender rank, receiver rank) -> its group
 
     def connect(self, msg: ConnectPeers) -> PeersConnected:
         connected, failed = [], {}
+        if self.mirror is not None:
+            from pdcli.distributed.tp_kv import TPConnectPairs
+
+            self.mirror(TPConnectPairs(self.store_addr, self.host, self.rank,
+                                       [p for p in msg.pairs if self.rank in (p.src, p.dst)]))
         for p in msg.pairs:
             if self.rank not in (p.src, p.dst) or (p.src, p.dst) in self.groups:
                 continue

@@ -68,7 +68,8 @@ def _start(spec: WorkerSpec, model: str, engine_kwargs: dict, store_addr: tuple[
     engine = LLMEngine(EngineConfig.from_kwargs(model, device=spec.device, **engine_kwargs))
     engine.detokenize = False  # text is the coordinator's
     logger.info("engine ready: %d KV blocks, %s attention", engine.num_blocks, engine.kernel_path)
-    return engine, Peers(spec.rank, torch.device(spec.device), store, host)
+    mirror = engine.runner.tp_broadcast if engine.followers else None
+    return engine, Peers(spec.rank, torch.device(spec.device), store, host, store_addr=store_addr, mirror=mirror)
 
 
 IDLE_POLL_S = 0.02  # an idle worker waits this long for a message before it polls its transfers again
