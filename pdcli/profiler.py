@@ -203,10 +203,15 @@ def profile_engine(engine: LLMEngine, progress=None, max_seconds: float = 90.0,
     return run_steps(StepTimer(engine), plan, progress)
 
 
-def transfer_pairs(device: str) -> list[tuple[str, str]]:
-    """(prefill device, decode device): gloo on CPU; on a GPU the same-GPU pair, and the next GPU if any."""
+def transfer_pairs(device: str, tp: int = 1) -> list[tuple[str, str]]:
+    """(prefill device, decode device): gloo on CPU; on a GPU the same-GPU pair, and the next GPU if any; with
+    tp > 1, a worker's tp GPUs from `device` and the next tp for the decode worker."""
     if device == "cpu":
         return [("cpu", "cpu")]
+    if tp > 1:
+        first = int(device.split(":")[1]) if ":" in device else 0
+        grp = lambda k: "+".join(f"cuda:{first + k + i}" for i in range(tp))  # noqa: E731
+        return [(grp(0), grp(tp))] if torch.cuda.device_count() >= first + 2 * tp else []
     pairs = [(device, device)]
     if torch.cuda.device_count() > 1:
         idx = int(device.split(":")[1]) if ":" in device else 0
@@ -251,8 +256,9 @@ def profile_transfer(model: str, device: str, engine_kwargs: dict, progress=None
     from pdcli.workers.layout import parse_layout, transfer_pair
 
     result = {}
-    for pre, dec in transfer_pairs(device):
-        layout = parse_layout("", pre, dec)
+    tp = engine_kwargs.get("tensor_parallel_size") or 1
+    for pre, dec in transfer_pairs(device, tp):
+        layout = parse_layout("", pre, dec, tp=tp)
         kind = transfer_pair(*layout)
         stage = f"KV transfer ({kind})"
         if progress:

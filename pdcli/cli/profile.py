@@ -121,7 +121,8 @@ def _measure(model: str, kw: dict, out: str | None, max_seconds: float, transfer
     progress.say(f"loading {model}")
     llm = LLM(model, **kw)
     engine = llm.engine
-    folder = out or os.path.join("profiles", slug(device_name(engine.device)), slug(model))
+    tp = kw.get("tensor_parallel_size") or 1  # a TP size is profiled on its own (its steps, its shards' transfers)
+    folder = out or os.path.join("profiles", slug(device_name(engine.device)), slug(model) + (f"-tp{tp}" if tp > 1 else ""))
     progress.say(f"probing step times on {device_name(engine.device)} for a plan of ~{max_seconds:.0f} s")
     plan = plan_engine(engine, max_seconds, transfer)
     progress.say(f"plan: {describe(plan)}")

@@ -27,6 +27,7 @@ class TPStep:
     logits_indices: list[int]
     logits: bool  # compute the logits (their all-gather is a collective)
     layer_sends: list | None = None  # a prefill worker's layer-wise KV sends in this pass (distributed/tp_kv.py)
+    graph: bool = False  # a decode-only batch replayed from its captured CUDA graph
 
 
 @dataclass(frozen=True, slots=True)

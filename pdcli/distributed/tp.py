@@ -89,6 +89,8 @@ def tp_group(store, prefix: str, rank: int, size: int, device: torch.device, hos
     opts._timeout = timeout
     g = TPGroup(rank, size, dist.ProcessGroupNCCL(dist.PrefixStore(prefix, store), rank, size, opts))
     g._cpu = gloo(prefix + "cpu/")
+    g.all_reduce(torch.zeros(1, device=device))  # the communicator made now, not inside a CUDA graph's capture
+    torch.cuda.synchronize(device)
     return g
 
 

@@ -67,8 +67,7 @@ def build_runner(config: EngineConfig, rank: int, device: str, store_port: int |
     with using_tp(tp):
         torch.manual_seed(config.seed)
         model = build_model(source, dev, resolve_dtype(config.dtype, dev, arch), max_len, config.seed)
-        eager = config.enforce_eager or tp.size > 1  # CUDA graphs with TP: not yet
-        return ModelRunner(model, config.cache, config.scheduler, max_len, eager)
+        return ModelRunner(model, config.cache, config.scheduler, max_len, config.enforce_eager)
 
 
 @dataclass

@@ -188,14 +188,14 @@ class ModelRunner:
         the previous launch (still pending on the host) reads it from that step's device output."""
         self.copy_blocks(out.block_copies)
         seqs, lens, starts, logits_indices, rows, ids = self._prepare_inputs(out)
-        graph = self.graphs is not None and out.is_decode_only and self.graphs.bucket(len(out.seqs))
+        graph = bool(self.graphs is not None and out.is_decode_only and self.graphs.bucket(len(out.seqs)))
         after_layer = self.kv_sender(seqs, lens) if self.kv_sender is not None and not graph else None
         if self.tp_followers:  # the followers run the same forward pass (no pending tokens: no async with TP)
             from pdcli.distributed.followers import TPStep
 
             self.tp_broadcast(TPStep(out.block_copies, ids.cpu().numpy(), [s.block_table for s in seqs], starts,
-                                     lens, logits_indices, bool(rows), getattr(after_layer, "spec", None)))
-        logits = self._run_model(out, seqs, lens, starts, logits_indices, rows, ids, after_layer)
+                                     lens, logits_indices, bool(rows), getattr(after_layer, "spec", None), graph))
+        logits = self._run_model(out, seqs, lens, starts, logits_indices, rows, ids, after_layer, graph)
         return self._sample(out, rows, logits)
 
     def tp_broadcast(self, msg) -> None:
@@ -208,9 +208,12 @@ class ModelRunner:
         """A follower rank's part of rank 0's step (a TPStep): its shard of the same forward pass, with its
         shard of the step's layer-wise KV sends (kv: distributed/tp_kv.FollowerKV)."""
         self.copy_blocks(step.block_copies)
+        ids = self._to_device(step.input_ids)
+        if step.graph:  # the same graph as rank 0's: its NCCL all-reduces are captured in it
+            self.model.compute_logits(self._replay(ids, step.block_tables, step.starts))
+            return
         sender = kv.layer_sender(step.layer_sends) if step.layer_sends else None
-        self._forward(self._to_device(step.input_ids), step.block_tables, step.starts, step.lens,
-                      step.logits_indices, step.logits, sender)
+        self._forward(ids, step.block_tables, step.starts, step.lens, step.logits_indices, step.logits, sender)
         if kv is not None:
             kv.after_forward(sender)
 
@@ -255,17 +258,20 @@ class ModelRunner:
 
     def _run_model(self, out: SchedulerOutput, seqs: list[Sequence], lens: list[int], starts: list[int],
                    logits_indices: list[int], rows: list[Sequence], ids: torch.Tensor,
-                   after_layer=None) -> torch.Tensor | None:
+                   after_layer=None, graph: bool = False) -> torch.Tensor | None:
         """The step's logits (None when no seq samples): a decode-only batch replays the CUDA graph of its size
-        when there is one, else the model runs eagerly, calling the KV sender's hook after each layer."""
-        if self.graphs is not None and out.is_decode_only and self.graphs.bucket(len(out.seqs)):
-            bs = self.block_size
-            pos = np.asarray(starts, dtype=np.int64)
-            slots = np.fromiter((s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, starts)),
-                                dtype=np.int64, count=len(starts))
-            hidden = self.graphs.run(ids, pos, slots, [p + 1 for p in starts], [s.block_table for s in seqs])
-            return self.model.compute_logits(hidden)
+        when there is one (graph), else the model runs eagerly, calling the KV sender's hook after each layer."""
+        if graph:
+            return self.model.compute_logits(self._replay(ids, [s.block_table for s in seqs], starts))
         return self._forward(ids, [s.block_table for s in seqs], starts, lens, logits_indices, bool(rows), after_layer)
+
+    def _replay(self, ids: torch.Tensor, block_tables: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """A decode-only batch through its captured graph: hidden states [n, hidden]."""
+        bs = self.block_size
+        pos = np.asarray(starts, dtype=np.int64)
+        slots = np.fromiter((bt[p // bs] * bs + p % bs for bt, p in zip(block_tables, starts)), dtype=np.int64,
+                            count=len(starts))
+        return self.graphs.run(ids, pos, slots, [p + 1 for p in starts], block_tables)
 
     def _forward(self, ids: torch.Tensor, block_tables: list[list[int]], starts: list[int], lens: list[int],
                  logits_indices: list[int], logits: bool, after_layer=None) -> torch.Tensor | None:
