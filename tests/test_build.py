@@ -48,3 +48,42 @@ def test_no_gpu_falls_back_to_reference(monkeypatch):
 def test_disable_env_wins(monkeypatch):
     monkeypatch.setenv("PDCLI_DISABLE_KERNEL", "1")
     assert build.unavailable_reason() == "PDCLI_DISABLE_KERNEL is set"
+
+
+TINY_SRC = """#include <pybind11/pybind11.h>
+#include <cstdint>
+int64_t twice(int64_t x) { return 2 * x; }
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("twice", &twice); }
+"""
+TINY_BUILD = """
+import sys
+from torch.utils.cpp_extension import load
+from pdcli.kernels.build import build_once
+d, src = sys.argv[1], sys.argv[2]
+m = build_once("pdcli_tiny_ext", d, lambda: load(name="pdcli_tiny_ext", sources=[src], build_directory=d))
+print(m.twice(21))
+"""
+
+
+def test_a_build_killed_midway_never_blocks_a_later_start(tmp_path):
+    """torch's cpp_extension leaves its `lock` file behind when a build is killed, and every later build of that
+    directory then waits on it for ever; build_once (an flock the kernel drops with its holder) clears it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    d, src = tmp_path / "build", tmp_path / "tiny.cpp"
+    d.mkdir()
+    src.write_text(TINY_SRC)
+    cmd = [sys.executable, "-c", TINY_BUILD, str(d), str(src)]
+    first = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (d / "build.ninja").exists():  # the build has started (its lock taken before)
+        assert first.poll() is None and time.monotonic() < deadline, "the first build did not start"
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(30)
+    assert (d / "lock").exists()  # what a killed build leaves
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0 and again.stdout.strip().splitlines()[-1] == "42", again.stderr[-2000:]

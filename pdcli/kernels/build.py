@@ -70,22 +70,50 @@ def load():
     reason = unavailable_reason()
     if reason:
         raise KernelUnavailable(reason)
-    from torch.utils.cpp_extension import load as cpp_load
-
     major, minor = torch.cuda.get_device_capability()
     arch = f"{major}.{minor}"
     key = build_key(arch)
     build_dir = os.path.join(build_root(), key)
     os.makedirs(build_dir, exist_ok=True)
     name = f"pdcli_kernels_{key}"
-    built = os.path.join(build_dir, f"{name}.so")
-    if os.path.exists(built):  # the key covers every input of the build: load it without asking ninja
-        import importlib.util
+    if os.path.exists(os.path.join(build_dir, f"{name}.so")):  # the key covers every input: no need to ask ninja
+        return load_built(name, build_dir)
+    return build_once(name, build_dir, lambda: _build(name, build_dir, arch))
 
-        spec = importlib.util.spec_from_file_location(name, built)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+
+def load_built(name: str, build_dir: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(build_dir, f"{name}.so"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_once(name: str, build_dir: str, build):
+    """One build at a time per build directory, under an flock the kernel drops when its holder dies: a build
+    killed midway never blocks a later start. torch's own lock (a `lock` file it removes when done) is left
+    behind by a killed build; holding the flock, no one else is building, so such a file is stale and goes."""
+    import fcntl
+
+    with open(f"{build_dir}.flock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            if os.path.exists(os.path.join(build_dir, f"{name}.so")):  # built by another process meanwhile
+                return load_built(name, build_dir)
+            stale = os.path.join(build_dir, "lock")
+            if os.path.exists(stale):
+                logger.warning("removing %s, left by a kernel build that was killed", stale)
+                os.remove(stale)
+            return build()
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build(name: str, build_dir: str, arch: str):
+    from torch.utils.cpp_extension import load as cpp_load
+
+    major, minor = arch.split(".")
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch
     kwargs = dict(name=name, sources=[os.path.join(CSRC, s) for s in SOURCES],
                   build_directory=build_dir, extra_cflags=["-O3", "-std=c++17"],
