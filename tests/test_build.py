@@ -87,3 +87,17 @@ def test_a_build_killed_midway_never_blocks_a_later_start(tmp_path):
     assert (d / "lock").exists()  # what a killed build leaves
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert again.returncode == 0 and again.stdout.strip().splitlines()[-1] == "42", again.stderr[-2000:]
+
+
+def test_the_regression_check_flags_figures_worse_by_more_than_5_percent():
+    from pdcli.benchmarks.check import compare
+
+    old = dict(device="H200", decode_step_llama3_8b_bs1_ms=10.0, ttft_llama3_8b_2k_ms=40.0,
+               offline_qwen3_8b_out_tok_s=10000.0, prefill_attn_8k_tflops=320.0, prefill_attn_8k_sdpa_tflops=540.0,
+               hf_generate_llama3_8b_bs1_ms=20.0)
+    new = dict(old, decode_step_llama3_8b_bs1_ms=10.4, ttft_llama3_8b_2k_ms=42.5, offline_qwen3_8b_out_tok_s=9400.0,
+               prefill_attn_8k_tflops=400.0, prefill_attn_8k_sdpa_tflops=400.0, hf_generate_llama3_8b_bs1_ms=30.0)
+    rows = {r["key"]: r for r in compare(new, old)}
+    assert "device" not in rows
+    assert [k for k, r in rows.items() if r["worse"]] == ["ttft_llama3_8b_2k_ms", "offline_qwen3_8b_out_tok_s"]
+    assert rows["prefill_attn_8k_sdpa_tflops"]["reference"] and rows["hf_generate_llama3_8b_bs1_ms"]["reference"]
