@@ -34,3 +34,33 @@ def test_split_attention_equals_one_call():
     ctx.num_decode_seqs, ctx.prefill_query_start_loc = 0, None
     torch.testing.assert_close(ops.split_attention(q, ctx, ops.reference_decode, ops.reference_prefill, k, v, d ** -0.5), whole,
                                rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_fp32_reference_equals_the_reference():
+    """The long-context check's reference (per sequence and chunk of queries) is the same attention: varlen,
+    cached prefixes, GQA, chunks smaller than a prompt, poisoned slots outside every context."""
+    from pdcli.kernels import reference
+
+    gen = torch.Generator().manual_seed(0)
+    q_lens, prefixes, hq, hk, d, bs = [37, 5, 61], [0, 19, 8], 4, 2, 16, 8
+    ctx = [p + n for p, n in zip(prefixes, q_lens)]
+    blocks = [-(-c // bs) for c in ctx]
+    num_blocks = sum(blocks) + 3
+    perm = torch.randperm(num_blocks, generator=gen).int()
+    tables = torch.zeros(len(ctx), max(blocks) + 2, dtype=torch.int32)
+    kc = torch.full((num_blocks, bs, hk, d), 20.0)
+    vc = torch.full_like(kc, 20.0)
+    start = 0
+    for b, (c, nb) in enumerate(zip(ctx, blocks)):
+        tables[b, :nb] = perm[start:start + nb]
+        start += nb
+        slots = (tables[b, :nb].long()[:, None] * bs + torch.arange(bs)).flatten()[:c]
+        kc.view(-1, hk, d)[slots] = torch.randn(c, hk, d, generator=gen)
+        vc.view(-1, hk, d)[slots] = torch.randn(c, hk, d, generator=gen)
+    q = torch.randn(sum(q_lens), hq, d, generator=gen)
+    qsl = torch.tensor([0] + q_lens).cumsum(0).int()
+    lens = torch.tensor(ctx, dtype=torch.int32)
+    want = reference.paged_attention(q.double(), kc.double(), vc.double(), tables, lens, qsl, max(q_lens), max(ctx),
+                                     d ** -0.5)
+    got = reference.paged_attention_fp32_chunked(q, kc, vc, tables, lens, qsl, d ** -0.5, chunk=16)
+    assert got.dtype == torch.float32 and torch.allclose(got.double(), want, atol=1e-5)

@@ -52,6 +52,32 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return out.transpose(1, 2)[q_valid]
 
 
+def paged_attention_fp32_chunked(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                 block_tables: torch.Tensor, context_lens: torch.Tensor,
+                                 query_start_loc: torch.Tensor, scale: float, chunk: int = 128) -> torch.Tensor:
+    """paged_attention in fp32, per sequence and per `chunk` queries: memory chunk x context x heads, not
+    context^2 (a 32k-token prompt's check fits where the math path's SDPA would ask for 128 GiB). fp32 [T, Hq, D]."""
+    hq, hk, d = q.shape[1], k_cache.shape[2], q.shape[2]
+    g, block_size = hq // hk, k_cache.shape[1]
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    for b in range(context_lens.shape[0]):
+        q0, q1, ctx = int(query_start_loc[b]), int(query_start_loc[b + 1]), int(context_lens[b])
+        qlen = q1 - q0
+        table = block_tables[b, :-(-ctx // block_size)].long()
+        k = k_cache[table].flatten(0, 1)[:ctx].float()  # [ctx, Hk, D]
+        v = v_cache[table].flatten(0, 1)[:ctx].float()
+        for i0 in range(0, qlen, chunk):
+            i1 = min(qlen, i0 + chunk)
+            seen = ctx - qlen + i1  # keys the chunk's last query sees
+            qc = q[q0 + i0:q0 + i1].float().view(i1 - i0, hk, g, d)
+            s = torch.einsum("qhgd,khd->hgqk", qc, k[:seen]) * scale  # [Hk, G, c, seen]
+            last = ctx - qlen + torch.arange(i0, i1, device=q.device)  # each query's last visible key
+            s.masked_fill_(torch.arange(seen, device=q.device)[None] > last[:, None], float("-inf"))
+            o = torch.einsum("hgqk,khd->qhgd", s.softmax(dim=-1), v[:seen])
+            out[q0 + i0:q0 + i1] = o.reshape(i1 - i0, hq, d)
+    return out
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # x [..., dim]: statistics in fp32, then back to x's dtype before the weight (as HF does)
     dtype = x.dtype
