@@ -36,6 +36,8 @@ class SimSpec:
     def place(self) -> str:  # as WorkerSpec.place: the device string already names the node
         return self.device
 
+    tp_size = 1  # the planner's workers hold a whole model each
+
 
 @dataclass
 class SimWorker:
