@@ -101,3 +101,20 @@ def test_the_regression_check_flags_figures_worse_by_more_than_5_percent():
     assert "device" not in rows
     assert [k for k, r in rows.items() if r["worse"]] == ["ttft_llama3_8b_2k_ms", "offline_qwen3_8b_out_tok_s"]
     assert rows["prefill_attn_8k_sdpa_tflops"]["reference"] and rows["hf_generate_llama3_8b_bs1_ms"]["reference"]
+
+
+def test_per_op_roofline():
+    from pdcli.benchmarks.roofline import decode_step_ops, offline_bound_tok_s, roofline_ms
+    from pdcli.models.arch import ModelArch
+    from pdcli.models.presets import PRESETS
+
+    arch = ModelArch.from_hf_config(PRESETS["llama3-8b"])
+    bw, mm = 4.0e12, 700e12
+    weights = arch.num_params() * 2 - arch.vocab_size * arch.hidden_size * 2  # the embedding table: rows gathered
+    one = roofline_ms(decode_step_ops(arch, 1, 256), bw, mm)
+    assert weights / bw * 1e3 < one < 1.01 * weights / bw * 1e3  # batch 1: the weight read
+    ops = decode_step_ops(arch, 256, 256)
+    assert sum(o["flops"] for o in ops) / mm * 1e3 < roofline_ms(ops, bw, mm)
+    assert roofline_ms(ops, bw, mm) > sum(o["bytes"] for o in ops) / bw * 1e3  # the GEMMs' FLOPs count at 256
+    tok_s, batch = offline_bound_tok_s(arch, 512, 1024, 1024, 256 * 2048, bw, mm)
+    assert batch == 256 and tok_s == 256 / roofline_ms(decode_step_ops(arch, 256, 1536), bw, mm) * 1e3

@@ -16,6 +16,7 @@ import time
 import torch
 
 from pdcli import LLM, SamplingParams
+from pdcli.benchmarks.roofline import decode_step_ops, offline_bound_tok_s, roofline_ms
 from pdcli.benchmarks.results import provenance, write
 from pdcli.benchmarks.device import copy_bandwidth, device_slug, matmul_rate
 from pdcli.models.arch import ModelArch
@@ -190,7 +191,7 @@ def offline(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) ->
                 output_tok_s=n_out / dt, preemptions=llm.engine.scheduler.num_preemptions, timing=timing)
 
 
-def run_offline(which: str, quick: bool, log) -> dict:
+def run_offline(which: str, quick: bool, log, bw: float | None = None, mm: float | None = None) -> dict:
     """offline: dummy:qwen3-8b, 512 prompts of 1024 tokens -> 1024 each; nanovllm: nano-vllm's protocol
     (dummy:qwen3-0.6b, 256 prompts, input and output lengths uniform in [100, 1024], seed 0)."""
     if which == "offline":
@@ -199,8 +200,12 @@ def run_offline(which: str, quick: bool, log) -> dict:
         rng = random.Random(0)
         prompts = [[rng.randrange(1000, 100000) for _ in range(1024)] for _ in range(n)]
         res = offline(llm, prompts, SamplingParams(temperature=0, max_tokens=1024, ignore_eos=True))
-        log(f"offline qwen3-8b {n}x1024->1024: {res['output_tok_s']:.0f} out tok/s ({res['seconds']:.1f} s) "
-            f"{res['timing']}")
+        if bw and mm:
+            e = llm.engine
+            res["bound_tok_s"], res["bound_batch"] = offline_bound_tok_s(
+                e.arch, n, 1024, 1024, e.runner.num_blocks * e.config.cache.block_size, bw, mm)
+        log(f"offline qwen3-8b {n}x1024->1024: {res['output_tok_s']:.0f} out tok/s ({res['seconds']:.1f} s; bound "
+            f"{res.get('bound_tok_s', float('nan')):.0f} at batch {res.get('bound_batch')}) {res['timing']}")
     else:
         llm = LLM("dummy:qwen3-0.6b", device="cuda", max_model_len=4096, max_num_seqs=256)
         random.seed(0)
@@ -215,7 +220,7 @@ def run_offline(which: str, quick: bool, log) -> dict:
     return res
 
 
-PARTS = ("hf", "decode", "breakdown", "ttft", "offline", "nanovllm")
+PARTS = ("hf", "decode", "breakdown", "ttft", "ttft32k", "offline", "nanovllm")
 
 
 def parse_args(argv) -> argparse.Namespace:
@@ -227,15 +232,51 @@ def parse_args(argv) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def decode_rows(llm: LLM, wbytes: int, kv_tok: int, bw: float, log) -> list[dict]:
-    """Decode step time at batch 1 to 256 (context 256) against its floor: weights and KV read at copy bandwidth."""
+def decode_rows(llm: LLM, wbytes: int, arch: ModelArch, bw: float, mm: float, log) -> list[dict]:
+    """Decode step time at batch 1 to 256 (context 256) against its floors: weights and KV read at copy
+    bandwidth (roofline_ms), and the per-op roofline (op_roofline_ms: each op's max of bytes / bandwidth and
+    FLOPs / matmul rate, summed; benchmarks/roofline.py)."""
     rows = []
+    kv_tok = arch.kv_bytes_per_token * 2
     for b in (1, 8, 64, 256):
         ms = decode_steps(llm, b, 256, 24)
         floor = (wbytes + b * 270 * kv_tok) / bw * 1e3
-        rows.append(dict(batch=b, context=256, step_ms=ms, roofline_ms=floor, out_tok_s=b / ms * 1e3))
-        log(f"decode llama3-8b bs{b}: {ms:.2f} ms/step (floor {floor:.2f} ms)")
+        op_floor = roofline_ms(decode_step_ops(arch, b, 270), bw, mm)
+        rows.append(dict(batch=b, context=256, step_ms=ms, roofline_ms=floor, op_roofline_ms=op_floor,
+                         out_tok_s=b / ms * 1e3))
+        log(f"decode llama3-8b bs{b}: {ms:.2f} ms/step (bytes floor {floor:.2f} ms, per-op roofline {op_floor:.2f} ms,"
+            f" {ms / op_floor:.2f}x)")
     return rows
+
+
+def sdpa_causal_flop_s(n: int, hq: int = 32, hk: int = 8, d: int = 128) -> float:
+    """PyTorch's causal SDPA rate (bf16, contiguous, cuDNN or flash) on one n-token prompt, FLOP/s."""
+    import torch.nn.functional as F
+
+    from pdcli.benchmarks.device import time_us
+
+    gen = torch.Generator(device="cuda").manual_seed(n)
+    q = torch.randn(1, hq, n, d, generator=gen, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, hk, n, d, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    us = time_us(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), iters=5)
+    return 4 * hq * d * n * (n + 1) / 2 / (us * 1e-6)
+
+
+def ttft_32k(wbytes: int, arch: ModelArch, mm: float, log) -> dict:
+    """TTFT of a fresh 32k-token prompt against its floor: the linear FLOPs at the matmul rate plus the attention
+    FLOPs at SDPA's rate, both measured in this run."""
+    n = 32768
+    llm = LLM("dummy:llama3-8b", device="cuda", max_model_len=n + 64)
+    ms = ttft_ms(llm, n, reps=3)
+    del llm
+    free_gpu()
+    sdpa = sdpa_causal_flop_s(n, arch.num_attention_heads, arch.num_key_value_heads, arch.head_dim)
+    linear = 2 * (wbytes / 2 - arch.vocab_size * arch.hidden_size) * n  # the embedding table is gathered
+    attn = 4 * arch.num_hidden_layers * arch.num_attention_heads * arch.head_dim * n * (n + 1) / 2
+    floor = (linear / mm + attn / sdpa) * 1e3
+    log(f"TTFT llama3-8b 32k: {ms:.0f} ms (floor {floor:.0f} ms: linear at {mm / 1e12:.0f}, attention at SDPA's "
+        f"{sdpa / 1e12:.0f} TFLOP/s; {ms / floor:.2f}x)")
+    return dict(prompt_len=n, ttft_ms=ms, floor_ms=floor, sdpa_flop_s=sdpa)
 
 
 def breakdowns(llm: LLM, log) -> tuple[list[dict], dict]:
@@ -270,11 +311,12 @@ def bench_llama3_8b(parts: set[str], bw: float, mm: float, log) -> dict:
     wbytes = weight_bytes("llama3-8b")
     arch = ModelArch.from_hf_config(PRESETS["llama3-8b"])
     out = dict(kernel_path=llm.engine.runner.kernel_path if llm else None)
-    out["decode"] = decode_rows(llm, wbytes, arch.kv_bytes_per_token * 2, bw, log) if "decode" in parts else []
+    out["decode"] = decode_rows(llm, wbytes, arch, bw, mm, log) if "decode" in parts else []
     out["breakdown"], out["prefill_breakdown"] = breakdowns(llm, log) if "breakdown" in parts else ([], None)
     out["prefill"] = ttft_rows(llm, wbytes, arch, mm, log) if "ttft" in parts else []
     del llm
     free_gpu()
+    out["ttft_32k"] = ttft_32k(wbytes, arch, mm, log) if "ttft32k" in parts else None
     return out
 
 
@@ -299,16 +341,24 @@ def main(argv=None) -> int:
         for part in sorted(parts & {"offline", "nanovllm"}):
             log(f"{part}: {run_offline(part, args.quick, log)['output_tok_s']:.0f} out tok/s")
         return 0
-    q8 = run_offline("offline", args.quick, log)
+    q8 = run_offline("offline", args.quick, log, bw, mm)
     nv = run_offline("nanovllm", args.quick, log)
     summary = dict(device=torch.cuda.get_device_name(), kernel_path=llama["kernel_path"],
                    decode_step_llama3_8b_bs1_ms=llama["decode"][0]["step_ms"], hf_generate_llama3_8b_bs1_ms=hf_ms,
                    ttft_llama3_8b_2k_ms=next(p["ttft_ms"] for p in llama["prefill"] if p["prompt_len"] == 2048),
-                   offline_qwen3_8b_out_tok_s=q8["output_tok_s"], offline_nanovllm_protocol_out_tok_s=nv["output_tok_s"])
+                   offline_qwen3_8b_out_tok_s=q8["output_tok_s"], offline_nanovllm_protocol_out_tok_s=nv["output_tok_s"],
+                   offline_qwen3_8b_bound_tok_s=q8.get("bound_tok_s"))
+    for row in llama["decode"]:
+        if row["batch"] in (64, 256):
+            summary[f"decode_step_llama3_8b_bs{row['batch']}_ms"] = row["step_ms"]
+            summary[f"decode_step_llama3_8b_bs{row['batch']}_roofline_ms"] = row["op_roofline_ms"]
+    if llama["ttft_32k"]:
+        summary["ttft_llama3_8b_32k_ms"] = llama["ttft_32k"]["ttft_ms"]
+        summary["ttft_llama3_8b_32k_floor_ms"] = llama["ttft_32k"]["floor_ms"]
     res = dict(copy_bw_bytes_s=bw, matmul_bf16_flop_s=mm, kernel_path=llama["kernel_path"], summary=summary,
                decode_llama3_8b=llama["decode"], decode_llama3_8b_breakdown=llama["breakdown"],
                prefill_llama3_8b=llama["prefill"], prefill_llama3_8b_breakdown=llama["prefill_breakdown"],
-               offline_qwen3_8b=q8, offline_nanovllm_protocol=nv,
+               offline_qwen3_8b=q8, offline_nanovllm_protocol=nv, ttft_llama3_8b_32k=llama["ttft_32k"],
                provenance=provenance("pdcli.benchmarks.engine", argv, quick=args.quick))
     path = write(args.out, f"engine_{device_slug()}", res)
     log(f"wrote {path}")

@@ -1,0 +1,41 @@
+"""Per-op rooflines of a decoder's steps: each op's own bound, max(bytes / copy bandwidth, FLOPs / matmul rate),
+summed over the step's ops (a bytes-only floor misses the GEMMs' FLOPs at large batches); the offline
+throughput bound at the batch the KV pool holds."""
+from __future__ import annotations
+
+from pdcli.models.arch import ModelArch
+
+
+def _linear(name: str, rows: int, n_in: int, n_out: int, b: int) -> dict:
+    return dict(name=name, bytes=(n_in * n_out + rows * (n_in + n_out)) * b, flops=2 * rows * n_in * n_out)
+
+
+def decode_step_ops(arch: ModelArch, batch: int, context: int, dtype_bytes: int = 2) -> list[dict]:
+    """The ops of one decode step of `batch` sequences at `context` tokens: name, bytes, FLOPs (all layers)."""
+    a, b, n = arch, dtype_bytes, batch
+    h, d, hq, hk, i = a.hidden_size, a.head_dim, a.num_attention_heads, a.num_key_value_heads, a.intermediate_size
+    per_layer = [
+        _linear("qkv", n, h, (hq + 2 * hk) * d, b),
+        dict(name="attention", bytes=n * (context * 2 * hk * d + 2 * hq * d) * b, flops=4 * n * context * hq * d),
+        _linear("o", n, hq * d, h, b),
+        _linear("gate_up", n, h, 2 * i, b),
+        _linear("down", n, i, h, b),
+        dict(name="norms, rope, activation", bytes=n * (6 * h + 3 * i + 2 * (hq + 2 * hk) * d) * b, flops=0),
+    ]
+    layers = [dict(op, bytes=op["bytes"] * a.num_hidden_layers, flops=op["flops"] * a.num_hidden_layers)
+              for op in per_layer]
+    return [dict(name="embed", bytes=2 * n * h * b, flops=0), *layers, _linear("lm_head", n, h, a.vocab_size, b)]
+
+
+def roofline_ms(ops: list[dict], copy_bw: float, matmul_rate: float) -> float:
+    """Sum over ops of max(bytes / copy_bw, FLOPs / matmul_rate), in ms (bytes/s, FLOP/s)."""
+    return sum(max(o["bytes"] / copy_bw, o["flops"] / matmul_rate) for o in ops) * 1e3
+
+
+def offline_bound_tok_s(arch: ModelArch, num_prompts: int, input_len: int, output_len: int, pool_tokens: int,
+                        copy_bw: float, matmul_rate: float, dtype_bytes: int = 2) -> tuple[float, int]:
+    """Output tokens/s at best for num_prompts x (input_len -> output_len) decoded at the batch the pool holds
+    (each sequence at its mean context), prefill aside; and that batch."""
+    batch = max(1, min(num_prompts, pool_tokens // (input_len + output_len)))
+    step = roofline_ms(decode_step_ops(arch, batch, input_len + output_len // 2, dtype_bytes), copy_bw, matmul_rate)
+    return batch / step * 1e3, batch
