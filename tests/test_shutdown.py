@@ -33,9 +33,16 @@ def group_alive(pgid: int) -> list[int]:
     return out
 
 
+def _as_a_terminal_job() -> None:
+    """Ctrl-C's default action, as in a terminal: a test run started in the background of a shell inherits
+    SIGINT ignored (POSIX, for asynchronous commands), and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "pdcli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)  # its own process group, as a terminal job
+                            text=True, start_new_session=True,  # its own process group, as a terminal job
+                            preexec_fn=_as_a_terminal_job)
 
 
 def wait_for(proc: subprocess.Popen, what, timeout: float = 120.0) -> None:
