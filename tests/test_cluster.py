@@ -21,8 +21,11 @@ LOST_S = 10.0  # a lost node's requests end within this
 
 
 def pdcli(*args: str, env: dict | None = None) -> subprocess.Popen:
+    """A pdcli process in its own group, with Ctrl-C's default action (a shell's background job would inherit
+    SIGINT ignored)."""
     return subprocess.Popen([sys.executable, "-m", "pdcli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env or ENV, start_new_session=True)
+                            text=True, env=env or ENV, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def start_node(path: str, addr: str, rank: int, role: str, env: dict | None = None) -> subprocess.Popen:
@@ -205,6 +208,16 @@ def test_a_node_that_comes_back_joins_as_new_and_a_killed_one_is_lost(cluster):
     assert all(code == 500 and took < LOST_S for code, took in results), results
     survivors_serve(base)
     assert roles(base) == {"collocated": 1, "prefill": 1}
+
+
+def test_a_node_leaves_on_ctrl_c_and_the_head_routes_around_it(cluster):
+    base, node = cluster["base"], cluster["nodes"][1]
+    os.killpg(node.pid, signal.SIGINT)
+    _, err = node.communicate(timeout=60)
+    assert node.returncode == 0, err
+    assert "leaving" in err
+    assert roles(base) == {"collocated": 1}
+    survivors_serve(base)
 
 
 def test_profile_measures_handoffs_to_a_node(tiny_model_dir):
