@@ -85,9 +85,13 @@ def tp_group(store, prefix: str, rank: int, size: int, device: torch.device, hos
 
     if device.type == "cpu":
         return TPGroup(rank, size, gloo(prefix))
-    opts = dist.ProcessGroupNCCL.Options()
+    opts = dist.ProcessGroupNCCL.Options()  # as torch's own new_group sets one up
+    opts.is_high_priority_stream = False
     opts._timeout = timeout
-    g = TPGroup(rank, size, dist.ProcessGroupNCCL(dist.PrefixStore(prefix, store), rank, size, opts))
+    opts.group_name = prefix
+    backend = dist.ProcessGroupNCCL(dist.PrefixStore(prefix, store), rank, size, opts)
+    backend._set_sequence_number_for_group()
+    g = TPGroup(rank, size, backend)
     g._cpu = gloo(prefix + "cpu/")
     g.all_reduce(torch.zeros(1, device=device))  # the communicator made now, not inside a CUDA graph's capture
     torch.cuda.synchronize(device)

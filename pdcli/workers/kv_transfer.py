@@ -44,9 +44,13 @@ def pair_group(store, prefix: str, me: int, device: torch.device, host: str, tim
         opts._timeout = timeout
         opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
         return PairGroup(dist.ProcessGroupGloo(prefixed, me, 2, opts), 1 - me)
-    opts = dist.ProcessGroupNCCL.Options()
+    opts = dist.ProcessGroupNCCL.Options()  # as torch's own new_group sets one up
+    opts.is_high_priority_stream = False
     opts._timeout = timeout
-    g = PairGroup(dist.ProcessGroupNCCL(prefixed, me, 2, opts), 1 - me)
+    opts.group_name = prefix
+    backend = dist.ProcessGroupNCCL(prefixed, me, 2, opts)
+    backend._set_sequence_number_for_group()
+    g = PairGroup(backend, 1 - me)
     x = torch.zeros(1, device=device)
     (g.isend(x, 0) if me == 0 else g.irecv(x, 0)).wait()
     torch.cuda.synchronize(device)
