@@ -118,3 +118,23 @@ def test_per_op_roofline():
     assert roofline_ms(ops, bw, mm) > sum(o["bytes"] for o in ops) / bw * 1e3  # the GEMMs' FLOPs count at 256
     tok_s, batch = offline_bound_tok_s(arch, 512, 1024, 1024, 256 * 2048, bw, mm)
     assert batch == 256 and tok_s == 256 / roofline_ms(decode_step_ops(arch, 256, 1536), bw, mm) * 1e3
+
+
+def test_the_skinny_matmul_is_used_only_where_it_was_faster():
+    from pdcli.kernels import gemv_choice
+
+    def fake_gemv(y, x, w, bias):
+        y.copy_(x @ w.T)
+
+    w_fast, w_slow = torch.randn(16, 32), torch.randn(48, 32)
+    # (gemv us, cuBLAS us) for 1-4 rows: the kernel faster on the 16x32 weight, slower on the 48x32 one
+    timings = iter([1.0, 2.0] * 4 + [3.0, 2.0] * 4)
+    rows = gemv_choice.tune([w_fast, w_slow], fake_gemv, time_us=lambda fn: next(timings))
+    try:
+        assert [r["path"] for r in rows] == ["gemv"] * 4 + ["cublas"] * 4
+        assert gemv_choice.use_gemv(2, 16, 32) and not gemv_choice.use_gemv(2, 48, 32)
+        assert gemv_choice.use_gemv(2, 99, 32)  # a shape never timed keeps the kernel
+    finally:
+        for m in gemv_choice.ROWS:
+            gemv_choice._choice.pop((m, 16, 32), None)
+            gemv_choice._choice.pop((m, 48, 32), None)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pdcli import envs
-from pdcli.kernels import build, reference
+from pdcli.kernels import build, gemv_choice, reference
 from pdcli.models.context import Context
 
 _HALF = (torch.bfloat16, torch.float16)
@@ -48,8 +48,10 @@ def copy_blocks(dst: torch.Tensor, src: torch.Tensor, src_idx: torch.Tensor, dst
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [m, k] @ weight [n, k]^T (+ bias): the gemv kernel for 1-4 rows unless PDCLI_GEMV=0, else torch."""
-    if x.dim() == 2 and 1 <= x.shape[0] <= 4 and envs.gemv() and weight.is_contiguous():
+    """x [m, k] @ weight [n, k]^T (+ bias): the gemv kernel for 1-4 rows where it beats cuBLAS on this GPU
+    (kernels/gemv_choice.py) unless PDCLI_GEMV=0, else torch."""
+    if x.dim() == 2 and 1 <= x.shape[0] <= 4 and envs.gemv() and weight.is_contiguous() and \
+            gemv_choice.use_gemv(x.shape[0], weight.shape[0], weight.shape[1]):
         mod = _elementwise_module(x)
         if mod is not None and x.stride(-1) == 1:
             y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
