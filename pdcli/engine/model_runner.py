@@ -211,7 +211,7 @@ class ModelRunner:
         if self.tp_followers:  # the followers run the same forward pass (no pending tokens: no async with TP)
             from pdcli.distributed.followers import TPStep
 
-            self.tp_broadcast(TPStep(out.block_copies, ids.cpu().numpy(), [s.block_table for s in seqs], starts,
+            self.tp_broadcast(TPStep(out.block_copies, self._host_ids, [s.block_table for s in seqs], starts,
                                      lens, logits_indices, bool(rows), getattr(after_layer, "spec", None), graph))
         logits = self._run_model(out, seqs, lens, starts, logits_indices, rows, ids, after_layer, graph)
         return self._sample(out, rows, logits)
@@ -263,7 +263,8 @@ class ModelRunner:
             if start + n == len(seq):
                 logits_indices.append(offset - 1)
                 rows.append(seq)
-        ids = self._to_device(np.asarray(input_ids, dtype=np.int64))
+        self._host_ids = np.asarray(input_ids, dtype=np.int64)  # pending tokens as 0 (none with TP: no async)
+        ids = self._to_device(self._host_ids)
         if pending_at:
             self._patch_pending(ids, pending_at, pending_src)
         return seqs, lens, starts, logits_indices, rows, ids
