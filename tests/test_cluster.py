@@ -269,3 +269,47 @@ def test_a_head_whose_nodes_do_not_come_says_which(tiny_model_dir):
     out, err = head.communicate(timeout=120)
     assert head.returncode == 1
     assert err.strip().splitlines()[-1] == "error: node rank(s) 1, 2 did not join within 2 s"
+
+
+def test_tensor_parallel_workers_hand_kv_across_nodes(tiny_model_dir, prompts):
+    """Prefill (tp=2) on node 1, decode (tp=2) on node 2: each rank's KV shard crosses to its peer rank."""
+    from pdcli import LLM, SamplingParams
+
+    path = tiny_model_dir("llama-gqa")
+    port, cport = free_port(), free_port()
+    addr, base = f"127.0.0.1:{cport}", f"http://127.0.0.1:{port}"
+    tp = ["-tp", "2"]
+    head = pdcli("serve", "--model", path, "--mode", "disaggregated", "--collocated", "cpu", "--port", str(port),
+                 "--served-model-name", "tiny", "--dist-init-addr", addr, "--nnodes", "3", *ENGINE, *tp)
+    nodes = [pdcli("node", "--model", path, "--dist-init-addr", addr, "--node-rank", str(r), f"--{role}", "cpu",
+                   *ENGINE, *tp) for r, role in ((1, "prefill"), (2, "decode"))]
+
+    def up() -> bool:
+        assert head.poll() is None, head.communicate()
+        try:
+            return httpx.get(f"{base}/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(up, 180, "the cluster did not start")
+        want = [o.outputs[0].token_ids for o in LLM(path, device="cpu", num_kv_blocks=64, block_size=8).generate(
+            prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))]
+        from pdcli.models.loader import resolve
+
+        decode = resolve(path).tokenizer.decode
+        got = [complete(base, p, 12).json()["choices"][0]["text"] for p in prompts]
+        assert got == [decode(ids) for ids in want]
+        text = httpx.get(f"{base}/metrics", timeout=30).text
+        assert f'pdcli_path_requests_total{{path="disaggregated"}} {len(prompts)}' in text
+        free, total = kv_free(base)
+        assert free == total == 3 * 1024
+    finally:
+        for p in [head, *nodes]:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGINT)
+        for p in [head, *nodes]:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
