@@ -167,3 +167,18 @@ def test_layouts_with_tensor_parallelism():
         parse_layout("cuda:0+cuda:1")
     with pytest.raises(ValueError, match="not a multiple of --tensor-parallel-size 2"):
         parse_layout("cuda:0,cuda:1,cuda:2", tp=2)
+
+
+def test_tp2_with_async_scheduling_equals_tp1(engines, tiny_model_dir, prompts):
+    """Async scheduling (as on GPUs): step i + 1 is sent before step i's tokens land; the followers patch them in
+    from rank 0's broadcast, as rank 0 does from its own device output."""
+    path = tiny_model_dir("llama-gqa")
+    params = [GREEDY, SamplingParams(n=2, temperature=0, max_tokens=16, ignore_eos=True),
+              SamplingParams(temperature=1.0, seed=3, max_tokens=16, ignore_eos=True), GREEDY]
+    kw = dict(max_num_batched_tokens=32, num_kv_blocks=64)
+    want = [[c.token_ids for c in o.outputs] for o in engines(path, **kw).generate(prompts, params)]
+    tp2 = engines(path, tensor_parallel_size=2, async_scheduling=True, **kw)
+    assert tp2.engine.async_scheduling
+    got = [[c.token_ids for c in o.outputs] for o in tp2.generate(prompts, params)]
+    assert got == want
+    assert_pool_full(tp2)

@@ -1,8 +1,9 @@
 """Tensor parallelism's follower ranks: processes that hold their shard of the model and its KV heads and run
 each step's forward pass as rank 0 tells them (nano-vllm's design). Rank 0 keeps the scheduler, the block
 manager and every channel to the outside; it sends each step's host-side inputs (`TPStep`) before running
-the same forward itself; only rank 0 samples (the logits are gathered on every rank, the tokens are rank 0's
-and come back to the followers as the next step's input ids). A follower that dies makes rank 0's next
+the same forward itself. Only rank 0 samples: it broadcasts the step's tokens over the TP group (in stream
+order, after the logits' all-gather), and a follower patches them into the next step's input ids where rank 0
+had not yet landed them (async scheduling), as rank 0 does. A follower that dies makes rank 0's next
 collective fail (gloo at once; NCCL after the group's timeout), so its engine's requests end with errors."""
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ class TPStep:
     logits: bool  # compute the logits (their all-gather is a collective)
     layer_sends: list | None = None  # a prefill worker's layer-wise KV sends in this pass (distributed/tp_kv.py)
     graph: bool = False  # a decode-only batch replayed from its captured CUDA graph
+    pending: tuple = ([], [])  # (rows of input_ids, rows of the last step's tokens): tokens not yet on the host
+    num_sampled: int = 0  # tokens rank 0 samples in this step and broadcasts after it
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,14 @@ class TPGroup:
         self.backend.allgather([parts], [x]).wait()
         return torch.cat(parts, dim=-1)
 
+    def broadcast(self, x: torch.Tensor, root: int = 0) -> torch.Tensor:
+        """Rank root's x on every rank, in place."""
+        if self.size > 1:
+            opts = dist.BroadcastOptions()
+            opts.rootRank = root
+            self.backend.broadcast([x], opts).wait()
+        return x
+
     def min(self, value: int) -> int:
         if self.size == 1:
             return value

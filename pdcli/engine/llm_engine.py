@@ -123,7 +123,7 @@ class LLMEngine:
         self._rng = random.Random(config.seed)
         self.detokenize = True  # workers leave text to the coordinator (stop strings still need it here)
         self.async_scheduling = config.async_scheduling if config.async_scheduling is not None else \
-            self.device.type == "cuda" and config.tensor_parallel_size == 1
+            self.device.type == "cuda"
         self._inflight: StepFuture | None = None  # launched step whose tokens have not landed
         gc.freeze()  # what start-up made (torch, the model) lives on: later collections skip it (as vLLM does)
         gc.enable()  # (a caller may have turned collection off while loading)
@@ -138,8 +138,6 @@ class LLMEngine:
         from pdcli.logger import current_level
 
         check_tp(self.arch.num_attention_heads, self.arch.num_key_value_heads, size)
-        if config.async_scheduling:
-            raise ValueError("async_scheduling is not supported with tensor_parallel_size > 1 yet")
         devices = tp_devices(str(self.device), size, config.tp_devices)
         store = host_store()
         self.followers = start_followers(config, devices, store.port, current_level())

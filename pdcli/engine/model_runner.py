@@ -208,11 +208,12 @@ class ModelRunner:
         seqs, lens, starts, logits_indices, rows, ids = self._prepare_inputs(out)
         graph = bool(self.graphs is not None and out.is_decode_only and self.graphs.bucket(len(out.seqs)))
         after_layer = self.kv_sender(seqs, lens) if self.kv_sender is not None and not graph else None
-        if self.tp_followers:  # the followers run the same forward pass (no pending tokens: no async with TP)
+        if self.tp_followers:  # the followers run the same forward pass; pending tokens from the last broadcast
             from pdcli.distributed.followers import TPStep
 
             self.tp_broadcast(TPStep(out.block_copies, self._host_ids, [s.block_table for s in seqs], starts,
-                                     lens, logits_indices, bool(rows), getattr(after_layer, "spec", None), graph))
+                                     lens, logits_indices, bool(rows), getattr(after_layer, "spec", None), graph,
+                                     self._pending, sum(s.num_samples for s in rows)))
         logits = self._run_model(out, seqs, lens, starts, logits_indices, rows, ids, after_layer, graph)
         return self._sample(out, rows, logits)
 
@@ -227,13 +228,18 @@ class ModelRunner:
         shard of the step's layer-wise KV sends (kv: distributed/tp_kv.FollowerKV)."""
         self.copy_blocks(step.block_copies)
         ids = self._to_device(step.input_ids)
+        if step.pending[0]:  # tokens rank 0 sampled last step and had not landed when it sent this one
+            self._patch_pending(ids, *step.pending)
         if step.graph:  # the same graph as rank 0's: its NCCL all-reduces are captured in it
             self.model.compute_logits(self._replay(ids, step.block_tables, step.starts))
-            return
-        sender = kv.layer_sender(step.layer_sends) if step.layer_sends else None
-        self._forward(ids, step.block_tables, step.starts, step.lens, step.logits_indices, step.logits, sender)
-        if kv is not None:
-            kv.after_forward(sender)
+        else:
+            sender = kv.layer_sender(step.layer_sends) if step.layer_sends else None
+            self._forward(ids, step.block_tables, step.starts, step.lens, step.logits_indices, step.logits, sender)
+            if kv is not None:
+                kv.after_forward(sender)
+        self._prev_tokens = None
+        if step.num_sampled:  # rank 0's tokens, in stream order: the next step's pending inputs
+            self._prev_tokens = self.tp.broadcast(torch.empty(step.num_sampled, dtype=torch.long, device=self.device))
 
     def _prepare_inputs(self, out: SchedulerOutput) -> tuple[list[Sequence], list[int], list[int], list[int],
                                                               list[Sequence], torch.Tensor]:
@@ -263,8 +269,10 @@ class ModelRunner:
             if start + n == len(seq):
                 logits_indices.append(offset - 1)
                 rows.append(seq)
-        self._host_ids = np.asarray(input_ids, dtype=np.int64)  # pending tokens as 0 (none with TP: no async)
-        ids = self._to_device(self._host_ids)
+        self._host_ids = np.asarray(input_ids, dtype=np.int64)  # pending tokens as 0, patched on the device
+        self._pending = (pending_at, pending_src)
+        # (on the CPU the device tensor would share the host array: the followers get it unpatched either way)
+        ids = self._to_device(self._host_ids.copy() if self.tp_followers else self._host_ids)
         if pending_at:
             self._patch_pending(ids, pending_at, pending_src)
         return seqs, lens, starts, logits_indices, rows, ids
@@ -318,6 +326,8 @@ class ModelRunner:
         t = self._sampling_tensors(rows, counts)
         sampled = self.sampler.forward(logits, t)
         tokens = sampled.sampled_token_ids
+        if self.tp_followers:  # only rank 0 samples; every rank feeds its tokens back in (async scheduling)
+            self.tp.broadcast(tokens)
         self._prev_tokens = tokens
         self._prev_rows, r = {}, 0
         for seq, c in zip(rows, counts):
