@@ -112,7 +112,7 @@ def test_disaggregated_tp2_on_both_sides_equals_collocated(tiny_model_dir, promp
     want = [o.outputs[0].token_ids for o in LLM(path, device="cpu", num_kv_blocks=64, block_size=8).generate(
         prompts, GREEDY)]
     with CentralScheduler(path, parse_layout("", "cpu", "cpu", tp=2), mode="disaggregated", num_kv_blocks=64,
-                          block_size=8) as cs:
+                          block_size=8, async_scheduling=True) as cs:  # as on GPUs (the decode worker's steps)
         assert [w.spec.tp_size for w in cs.workers] == [2, 2]
         for layerwise in (True, False):
             cs.kv_layerwise = layerwise
