@@ -285,7 +285,8 @@ def test_workers_sharing_a_gpu_are_priced_by_their_decodes_and_the_gpus_prefill_
     """Workers on one GPU: another worker's decode batch slows a decode step (both read the weights: ~2x) and a
     prefill a little; the prefill work routed to any worker on the GPU takes its share rho of the GPU's time,
     stretching every decode step on it by 1 / (1 - rho). Idle neighbours and CPU workers do not count."""
-    from pdcli.router.latency import PREFILL_BESIDE_DECODE, prefill_share
+    from pdcli.router.cost_model import PREFILL_BESIDE_DECODE
+    from pdcli.router.latency import prefill_share
     from pdcli.router.load import LoadForecast, mark_gpu_sharing
 
     loads = {0: load(8), 1: load(0, queued=4000), 2: load(4), 3: load(4)}
@@ -299,9 +300,17 @@ def test_workers_sharing_a_gpu_are_priced_by_their_decodes_and_the_gpus_prefill_
     alone = r.predict(2000, 200, load(8), load(0), load(8))
     shared = r.predict(2000, 200, WorkerLoad(decode_batch=8, decode_ctx=8 * 1500, sharing=1, sharing_avg=1.0),
                        load(0), load(8))
-    assert shared["collocated"]["ttft_ms"] == pytest.approx((1 + PREFILL_BESIDE_DECODE) * alone["collocated"]["ttft_ms"])
+    assert shared["collocated"]["ttft_ms"] == pytest.approx(PREFILL_BESIDE_DECODE * alone["collocated"]["ttft_ms"])
     assert shared["collocated"]["tpot_ms"] == pytest.approx(2 * alone["collocated"]["tpot_ms"])
     assert shared["disaggregated"] == alone["disaggregated"]
+    # with the factors `pdcli profile` measured on the device, those instead
+    r.cm.sharing = dict(decode_beside_decode=1.6, prefill_beside_decode=1.2)
+    alone = r.predict(2000, 200, load(8), load(0), load(8))
+    shared = r.predict(2000, 200, WorkerLoad(decode_batch=8, decode_ctx=8 * 1500, sharing=1, sharing_avg=1.0),
+                       load(0), load(8))
+    assert shared["collocated"]["ttft_ms"] == pytest.approx(1.2 * alone["collocated"]["ttft_ms"])
+    assert shared["collocated"]["tpot_ms"] == pytest.approx(1.6 * alone["collocated"]["tpot_ms"])
+    r.cm.sharing = {}
     # a prefill worker on the decode worker's GPU: its prompts take their share of that GPU
     pre, dec = WorkerLoad(role="prefill", device="cuda:0"), WorkerLoad(role="decode", device="cuda:0", decode_batch=8,
                                                                           decode_ctx=8 * 1500)
@@ -406,3 +415,21 @@ def test_collocated_workers_serving_both_paths_share_one_correction():
     for path in ("collocated", "disaggregated"):
         ratio = later.predicted[path]["ttft_ms"] / later.predicted_raw[path]["ttft_ms"]
         assert ratio == pytest.approx(2.0, rel=0.05)
+
+
+def test_profiled_sharing_factors_reach_the_cost_model(tmp_path):
+    """`pdcli profile --sharing` measures a decode and a prefill step beside a decoding neighbour on the same
+    device (two fresh processes; on this CPU they split the cores); fit and load carry the factors."""
+    from pdcli.profile_sharing import SharingShapes, profile_sharing
+
+    got = profile_sharing("dummy:tiny-llama", "cpu", {}, SharingShapes(batch=4, ctx=32, prompt=64, reps=3, block_size=8),
+                          timeout_s=120)
+    for k in ("decode_beside_decode", "prefill_beside_decode"):
+        assert 0.2 < got[k] < 20, got  # measured (noisy on 2 busy cores), not a constant
+    assert got["decode_beside_decode"] == got["decode_beside_ms"] / got["decode_alone_ms"]
+    torch.save(dict(synthetic_profile(), sharing=got), tmp_path / "profile_data.pt")
+    write_params(str(tmp_path), fit_profile(load_profile(str(tmp_path))))
+    cm = load_cost_model(str(tmp_path))
+    assert cm.decode_neighbour_extra == pytest.approx(max(0, got["decode_beside_decode"] - 1))
+    assert cm.prefill_neighbour_extra == pytest.approx(max(0, got["prefill_beside_decode"] - 1))
+    assert CostModel(**{**cm.__dict__, "sharing": {}}).decode_neighbour_extra == 1.0  # unmeasured: 2x

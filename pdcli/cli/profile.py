@@ -78,6 +78,9 @@ def profile(
         help="HOST:PORT: also measure handoffs across nodes, to the decode worker of a `pdcli node --node-rank 1` "
              "that joins there.")] = None,
     node_timeout: Annotated[float, typer.Option(min=0, help="s to wait for that node.")] = 600.0,
+    sharing: Annotated[Optional[bool], typer.Option(
+        "--sharing/--no-sharing", help="Also measure how a second worker's decode batch on the same device "
+        "slows a decode and a prefill step (under MPS on a GPU); default: on GPUs.")] = None,
     engine: dict = None,
 ) -> None:
     """Measure prefill, decode, interference and KV transfer on this hardware -> profile_data.pt."""
@@ -92,6 +95,8 @@ def profile(
     try:
         with progress:
             data, folder = _measure(model, dict(engine, device=device), out, max_seconds, transfer, progress)
+            if sharing if sharing is not None else _on_gpu(device):
+                data["sharing"] = _measure_sharing(model, dict(engine, device=device), progress)
             if transfer and dist_init_addr:
                 data["transfer"].update(_measure_net(model, dict(engine, device=device), dist_init_addr,
                                                      node_timeout, progress))
@@ -141,6 +146,26 @@ def _measure(model: str, kw: dict, out: str | None, max_seconds: float, transfer
         except RuntimeError as e:
             progress.say(f"no transfer profile: {e}")
     return data, folder
+
+
+def _on_gpu(device: str | None) -> bool:
+    import torch
+
+    return device.startswith("cuda") if device else torch.cuda.is_available()
+
+
+def _measure_sharing(model: str, kw: dict, progress) -> dict:
+    """A decode and a prefill step beside a decoding neighbour on the same device (profile_sharing.py)."""
+    import torch
+
+    from pdcli.profile_sharing import profile_sharing
+
+    dev = kw.get("device") or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    progress.say("timing steps beside a second worker's decode batch on the same device")
+    got = profile_sharing(model, dev, {k: v for k, v in kw.items() if k != "device"})
+    progress.say(f"beside a decoding neighbour: decode step x{got['decode_beside_decode']:.2f}, prefill "
+                 f"x{got['prefill_beside_decode']:.2f}{' (MPS)' if got['mps'] else ''}")
+    return got
 
 
 def _measure_net(model: str, kw: dict, dist_init_addr: str, node_timeout: float, progress) -> dict:

@@ -10,7 +10,6 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from pdcli.router.cost_model import CostModel
-from pdcli.router.latency import PREFILL_BESIDE_DECODE
 
 
 @dataclass
@@ -133,10 +132,10 @@ def shared_step_ms(worker: SimWorker, alone_ms: float, has_decodes: bool, neighb
                    now: float) -> float:
     """A step's time beside the other workers on its GPU: a decode batch reads the weights beside another
     (each runs at ~1 / (1 + decoding neighbours)) and waits behind a neighbour's prefill; a prefill beside
-    decoding neighbours runs a little slower (router/latency.py's constants)."""
+    decoding neighbours runs a little slower (the cost model's profiled factors, as the router prices them)."""
     busy = [n for n in neighbours if not n.idle]
     decoding = sum(1 for n in busy if n.step_has_decodes)
     if not has_decodes:
-        return alone_ms * (1 + PREFILL_BESIDE_DECODE * decoding)
+        return alone_ms * (1 + worker.cm.prefill_neighbour_extra * decoding)
     waits = sum(max(0.0, (n.busy_until - now) * 1e3) for n in busy if not n.step_has_decodes)
-    return alone_ms * (1 + decoding) + waits
+    return alone_ms * (1 + worker.cm.decode_neighbour_extra * decoding) + waits

@@ -15,7 +15,7 @@ new-token x context-token pair). All times in ms.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.optimize import least_squares, lsq_linear
@@ -81,6 +81,13 @@ def fit_prefill(n, c, y) -> Fit:
     return Fit.of(params, y, prefill_form(params, n, c))
 
 
+# without a measurement: two decode batches on one GPU each read all the weights (~2x each), and a prefill beside
+# a decode batch ran ~1.35x its time alone (one H100: results/bench/h100_sweep_fresh, TTFT of the prefill
+# worker 32-36 ms against 24 ms alone)
+DECODE_BESIDE_DECODE = 2.0
+PREFILL_BESIDE_DECODE = 1.35
+
+
 @dataclass
 class CostModel:
     prefill: list[float]  # p0, a0, a1, a2, a3
@@ -89,6 +96,19 @@ class CostModel:
     transfer: dict  # pair kind -> (t0 ms, GB/s)
     max_num_batched_tokens: int
     kv_bytes_per_token: int
+    # a step beside another worker's decode batch on one device (MPS on a GPU), over its time alone, measured by
+    # `pdcli profile` (profile_sharing.py): decode_beside_decode, prefill_beside_decode; absent: the defaults
+    sharing: dict = field(default_factory=dict)
+
+    @property
+    def decode_neighbour_extra(self) -> float:
+        """What each decoding neighbour adds to a decode step, as a fraction of its time alone."""
+        return max(0.0, self.sharing.get("decode_beside_decode", DECODE_BESIDE_DECODE) - 1.0)  # noise below 1
+
+    @property
+    def prefill_neighbour_extra(self) -> float:
+        """What each decoding neighbour adds to a prefill step, as a fraction of its time alone."""
+        return max(0.0, self.sharing.get("prefill_beside_decode", PREFILL_BESIDE_DECODE) - 1.0)
 
     def prefill_ms(self, n, c=0, attention: bool = True):
         """attention=False leaves out the attention terms (many short sequences rather than one long one)."""

@@ -68,7 +68,8 @@ def others_cost(cm: CostModel, landings: list[Landing], slo: Slo, out_len: float
         after = latency.step_ms(cm, bigger) + x.prefill_ms / remaining
         if x.extends_neighbour:  # over the part of their life the other batch runs on because of this request
             overlap = min(1.0, x.extends_neighbour / remaining)
-            after *= 1 + overlap / (1 + w.sharing)
+            e = cm.decode_neighbour_extra  # one more decoding neighbour: (1 + e (k + 1)) / (1 + e k)
+            after *= 1 + overlap * e / (1 + e * w.sharing)
         misses += w.decode_batch * (miss_probability(after, slo.tpot_ms) - miss_probability(before, slo.tpot_ms))
         added += w.decode_batch * remaining * (after - before)
     return misses, added

@@ -117,7 +117,9 @@ def fit_profile(data: dict, folder: str | None = None) -> dict:
     return dict(schema_version=PARAMS_SCHEMA_VERSION, model=data["model"], device=data.get("device"),
                 provenance=data.get("provenance", {}), max_num_batched_tokens=int(data["max_num_batched_tokens"]),
                 kv_bytes_per_token=int(data["kv_bytes_per_token"]), prefill=prefill.to_dict(),
-                decode=decode.to_dict(), interference=inter.to_dict(), transfer=transfer)
+                decode=decode.to_dict(), interference=inter.to_dict(), transfer=transfer,
+                sharing={k: float(v) for k, v in data.get("sharing", {}).items()
+                         if k in ("decode_beside_decode", "prefill_beside_decode")})
 
 
 def write_params(folder: str, params: dict) -> str:
@@ -146,6 +148,7 @@ def load_cost_model(folder: str, model: str | None = None) -> CostModel:
         return CostModel(prefill=p["prefill"]["params"], decode=p["decode"]["params"],
                          interference=p["interference"]["params"],
                          transfer={k: (v["t0_ms"], v["gb_s"]) for k, v in p["transfer"].items()},
-                         max_num_batched_tokens=p["max_num_batched_tokens"], kv_bytes_per_token=p["kv_bytes_per_token"])
+                         max_num_batched_tokens=p["max_num_batched_tokens"], kv_bytes_per_token=p["kv_bytes_per_token"],
+                         sharing=dict(p.get("sharing") or {}))
     except (KeyError, IndexError, TypeError) as e:
         raise ProfileError(f"{path} lacks {e}: {again}") from e

@@ -4,7 +4,8 @@ the router predicts per path and what the planner simulates with. All times in m
 TPOT on a decoding worker is the time of its steps over the request's life. Its batch then holds those
 running now, which leave, and those that arrive meanwhile (Little's law: arrival rate x time in decode);
 prompts that arrive meanwhile ride in its steps as prefill chunks, taking a share rho of the GPU's time, so
-  TPOT = decode_step(forecast batch) x (1 + busy GPU neighbours) / (1 - rho)
+  TPOT = decode_step(forecast batch) x (1 + e x busy GPU neighbours) / (1 - rho)
+where e is what a decoding neighbour adds to a step (CostModel.decode_neighbour_extra: profiled, else 1).
 TTFT is the wait for the steps already scheduled, then the prompts queued ahead and its own chunks, slowed
 by the GPU's neighbours and the prefill share they take.
 """
@@ -14,9 +15,6 @@ from pdcli.router.cost_model import CostModel
 from pdcli.router.load import WorkerLoad
 
 MAX_RHO = 0.95  # a worker past this share of prefill work is saturated: its latencies grow without bound
-# a prefill beside another worker's decode batch on one GPU (MPS) ran ~1.35x its time alone (one H100:
-# results/bench/h100_sweep_fresh, TTFT of the prefill worker 32-36 ms against 24 ms alone, less ~0 overhead)
-PREFILL_BESIDE_DECODE = 0.35
 # where when a worker's last step ended is not known (replays of runs that did not record it): the wait for
 # the steps it has scheduled, in steps, as served runs measured it at low load (0.6-1.1 of a step, one H100)
 UNSEEN_STEP_WAIT = 0.8
@@ -50,7 +48,8 @@ def prefill_share(cm: CostModel, w: WorkerLoad) -> float:
 
 def step_ms(cm: CostModel, w: WorkerLoad) -> float:
     """A step of worker w's decode batch now, stretched by the GPU's prefill share and decode neighbours."""
-    return float(cm.decode_ms(w.decode_batch, w.decode_ctx)) * (1 + w.sharing) / (1 - min(prefill_share(cm, w), MAX_RHO))
+    return float(cm.decode_ms(w.decode_batch, w.decode_ctx)) * (1 + cm.decode_neighbour_extra * w.sharing) / \
+        (1 - min(prefill_share(cm, w), MAX_RHO))
 
 
 def split_queue(cm: CostModel, w: WorkerLoad) -> tuple[int, int]:
@@ -91,7 +90,7 @@ def ttft_ms(cm: CostModel, w: WorkerLoad, prompt_len: int, cached: int = 0) -> f
     _, ahead = split_queue(cm, w)
     work = cm.queued_prefill_ms(ahead, w.decode_batch, w.decode_ctx) + \
         cm.chunked_prefill_ms(prompt_len, w.decode_batch, w.decode_ctx, cached)
-    return start_wait_ms(cm, w) + work * (1 + PREFILL_BESIDE_DECODE * w.sharing)
+    return start_wait_ms(cm, w) + work * (1 + cm.prefill_neighbour_extra * w.sharing)
 
 
 def tpot_ms(cm: CostModel, w: WorkerLoad, prompt_len: int, out_len: float, iterations: int = 4) -> float:
@@ -99,7 +98,7 @@ def tpot_ms(cm: CostModel, w: WorkerLoad, prompt_len: int, out_len: float, itera
     out_len = max(out_len, 1.0)
     mean_out = w.mean_output_len or out_len
     ctx_per_seq = w.decode_ctx / w.decode_batch if w.decode_batch else prompt_len + out_len / 2
-    slow = 1 + w.sharing_avg  # decode batches of other workers on the GPU (both read the weights each step)
+    slow = 1 + cm.decode_neighbour_extra * w.sharing_avg  # decode batches of other workers on the GPU
     tpot = float(cm.decode_ms(w.decode_batch + 1, w.decode_ctx + prompt_len + out_len / 2)) * slow
     for _ in range(iterations):  # the batch depends on how long decodes last, which depends on the batch
         steady = w.decode_per_s * mean_out * tpot / 1e3
