@@ -248,10 +248,31 @@ def time_transfers(cs, lengths: tuple[int, ...], repeats: int, stage: str, progr
     return out
 
 
+SERVED_PROMPTS = 8  # the burst through the first pair that times the prefill worker as it serves
+
+
+def time_served_prefill(cs, prompt_len: int, n: int = SERVED_PROMPTS, seed: int = 1) -> dict:
+    """n prompts of prompt_len tokens sent at once through a prefill -> decode pair: when the last first token
+    came (ms after the burst), what a prefill worker serves (its loop, the handoffs) against what its
+    profiled steps alone predict (`pdcli fit` takes the ratio)."""
+    rng = random.Random(seed)
+    sp = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    ts = [cs.submit([rng.randrange(3, 256) for _ in range(prompt_len)], sp, mode="disaggregated") for _ in range(n)]
+    for t in ts:
+        t.done.wait(300)
+    ok = [t for t in ts if t.error is None and t.first_token_time is not None]
+    if len(ok) < n:
+        raise RuntimeError(f"{n - len(ok)} of the {n} prompts of the served-prefill burst failed")
+    began = min(t.arrival for t in ts)
+    return dict(prompts=n, prompt_len=prompt_len, last_first_token_ms=(max(t.first_token_time for t in ok) - began) * 1e3)
+
+
 def profile_transfer(model: str, device: str, engine_kwargs: dict, progress=None, lengths=TRANSFER_LENGTHS,
-                     repeats: int = TRANSFER_REPEATS, est_s: float = 0.0, budget_s: float | None = None) -> dict:
+                     repeats: int = TRANSFER_REPEATS, est_s: float = 0.0, budget_s: float | None = None,
+                     served: dict | None = None) -> dict:
     """KV transfer time vs tokens through real prefill -> decode worker pairs (transfer_pairs), prompts of
-    each of lengths (tokens) handed off repeats times; est_s, budget_s: seconds, see time_transfers."""
+    each of lengths (tokens) handed off repeats times; est_s, budget_s: seconds, see time_transfers. served: a
+    dict filled with the first pair's `time_served_prefill` of its longest length."""
     from pdcli.coordinator.central import CentralScheduler
     from pdcli.workers.layout import parse_layout, transfer_pair
 
@@ -269,6 +290,8 @@ def profile_transfer(model: str, device: str, engine_kwargs: dict, progress=None
             cs.generate([[rng.randrange(3, 256) for _ in range(lengths[0])]], sp, timeout=300)  # warm-up: the
             # first transfer sets the path up (20 ms against 0.8 on the H100's same-GPU pair) and is not timed
             result[kind] = time_transfers(cs, lengths, repeats, stage, progress, est_s, budget_s)
+            if served is not None and not served:
+                served.update(time_served_prefill(cs, max(lengths)))
     return result
 
 

@@ -433,3 +433,32 @@ def test_profiled_sharing_factors_reach_the_cost_model(tmp_path):
     assert cm.decode_neighbour_extra == pytest.approx(max(0, got["decode_beside_decode"] - 1))
     assert cm.prefill_neighbour_extra == pytest.approx(max(0, got["prefill_beside_decode"] - 1))
     assert CostModel(**{**cm.__dict__, "sharing": {}}).decode_neighbour_extra == 1.0  # unmeasured: 2x
+
+
+def test_a_prefill_worker_as_it_serves_scales_its_prefill_prices(tmp_path):
+    """The profile's burst through a real pair (on this CPU, tiny model) -> `fit`'s scale = the last first token
+    measured over what the fitted steps predict for the burst; the router prices a dedicated prefill worker's
+    prompts (and the planner its steps) with it, nobody else's."""
+    from pdcli.profiler import profile_transfer
+    from pdcli.router import latency
+
+    served = {}
+    profile_transfer("dummy:tiny-llama", "cpu", dict(num_kv_blocks=256), lengths=(32, 64), repeats=1, served=served)
+    assert served["prompts"] == 8 and served["prompt_len"] == 64 and served["last_first_token_ms"] > 0
+    data = synthetic_profile()
+    cm0 = _fitted(data)
+    want = float(cm0.queued_prefill_ms(7 * 64) + cm0.chunked_prefill_ms(64))
+    data["served_prefill"] = dict(prompts=8, prompt_len=64, last_first_token_ms=1.5 * want)
+    torch.save(data, tmp_path / "profile_data.pt")
+    write_params(str(tmp_path), fit_profile(load_profile(str(tmp_path))))
+    cm = load_cost_model(str(tmp_path))
+    assert cm.prefill_role_scale == pytest.approx(1.5)
+    queued = dict(queued_prefill_tokens=3000, steps_seen=True, since_step_ms=None)
+    pre, coll = WorkerLoad(role="prefill", **queued), WorkerLoad(role="collocated", **queued)
+    assert latency.ttft_ms(cm, pre, 1000) == pytest.approx(1.5 * latency.ttft_ms(cm, coll, 1000))
+
+
+def _fitted(data: dict) -> CostModel:
+    p = fit_profile(data)
+    return CostModel(p["prefill"]["params"], p["decode"]["params"], p["interference"]["params"], {},
+                     p["max_num_batched_tokens"], p["kv_bytes_per_token"])

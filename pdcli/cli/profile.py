@@ -139,10 +139,13 @@ def _measure(model: str, kw: dict, out: str | None, max_seconds: float, transfer
         del llm, engine
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
         progress.say("starting a prefill and a decode worker for the KV transfer")
+        served = {}
         try:
             data["transfer"] = profile_transfer(model, dev, {k: v for k, v in kw.items() if k != "device"}, progress,
                                                 plan.transfer_lengths, plan.transfer_repeats, plan.transfer_est_s,
-                                                plan.transfer_budget_s)
+                                                plan.transfer_budget_s, served)
+            if served:
+                data["served_prefill"] = served
         except RuntimeError as e:
             progress.say(f"no transfer profile: {e}")
     return data, folder

@@ -79,6 +79,8 @@ class SimWorker:
             chunks.append((seq, n))
             budget -= n
         ms = self.cm.step_ms(batch, self.decode_ctx, [(n, seq.prefilled) for seq, n in chunks])
+        if self.spec.role == "prefill":  # a dedicated prefill worker as the profile saw it serve
+            ms *= self.cm.prefill_role_scale
         return chunks, ms
 
     def admit(self, seq: SimSeq) -> None:

@@ -99,6 +99,13 @@ class CostModel:
     # a step beside another worker's decode batch on one device (MPS on a GPU), over its time alone, measured by
     # `pdcli profile` (profile_sharing.py): decode_beside_decode, prefill_beside_decode; absent: the defaults
     sharing: dict = field(default_factory=dict)
+    # a prefill worker as it serves (its loop, the handoffs) over its profiled steps: `pdcli fit` from the
+    # profile's burst through a real pair (profiler.time_served_prefill); absent: 1
+    prefill_worker: dict = field(default_factory=dict)
+
+    @property
+    def prefill_role_scale(self) -> float:
+        return min(5.0, max(0.5, float(self.prefill_worker.get("scale", 1.0))))
 
     @property
     def decode_neighbour_extra(self) -> float:

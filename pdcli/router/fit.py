@@ -114,12 +114,29 @@ def fit_profile(data: dict, folder: str | None = None) -> dict:
         f = fit_linear(np.stack([np.ones(len(sizes)), sizes], -1), med)
         slope = max(f.params[1], 1e-15)
         transfer[pair] = dict(f.to_dict(), t0_ms=f.params[0], gb_s=1.0 / (slope * 1e6))
+    prefill_worker = served_prefill_scale(data, prefill.params, decode.params, inter.params)
     return dict(schema_version=PARAMS_SCHEMA_VERSION, model=data["model"], device=data.get("device"),
                 provenance=data.get("provenance", {}), max_num_batched_tokens=int(data["max_num_batched_tokens"]),
                 kv_bytes_per_token=int(data["kv_bytes_per_token"]), prefill=prefill.to_dict(),
                 decode=decode.to_dict(), interference=inter.to_dict(), transfer=transfer,
                 sharing={k: float(v) for k, v in data.get("sharing", {}).items()
-                         if k in ("decode_beside_decode", "prefill_beside_decode")})
+                         if k in ("decode_beside_decode", "prefill_beside_decode")}, prefill_worker=prefill_worker)
+
+
+def served_prefill_scale(data: dict, prefill: list, decode: list, interference: list) -> dict:
+    """The profile's burst through a real pair (its last first token) over what the fitted steps predict for it:
+    the queue of the burst's other prompts, then the last one's own chunks. {} without a burst."""
+    s = data.get("served_prefill")
+    if not s:
+        return {}
+    from pdcli.router.cost_model import CostModel
+
+    cm = CostModel(list(prefill), list(decode), list(interference), {}, int(data["max_num_batched_tokens"]),
+                   int(data["kv_bytes_per_token"]))
+    n, length = int(s["prompts"]), int(s["prompt_len"])
+    predicted = cm.queued_prefill_ms((n - 1) * length) + cm.chunked_prefill_ms(length)
+    return dict(scale=s["last_first_token_ms"] / predicted, measured_ms=s["last_first_token_ms"],
+                predicted_ms=predicted, prompts=n, prompt_len=length)
 
 
 def write_params(folder: str, params: dict) -> str:
@@ -149,6 +166,6 @@ def load_cost_model(folder: str, model: str | None = None) -> CostModel:
                          interference=p["interference"]["params"],
                          transfer={k: (v["t0_ms"], v["gb_s"]) for k, v in p["transfer"].items()},
                          max_num_batched_tokens=p["max_num_batched_tokens"], kv_bytes_per_token=p["kv_bytes_per_token"],
-                         sharing=dict(p.get("sharing") or {}))
+                         sharing=dict(p.get("sharing") or {}), prefill_worker=dict(p.get("prefill_worker") or {}))
     except (KeyError, IndexError, TypeError) as e:
         raise ProfileError(f"{path} lacks {e}: {again}") from e

@@ -90,7 +90,8 @@ def ttft_ms(cm: CostModel, w: WorkerLoad, prompt_len: int, cached: int = 0) -> f
     _, ahead = split_queue(cm, w)
     work = cm.queued_prefill_ms(ahead, w.decode_batch, w.decode_ctx) + \
         cm.chunked_prefill_ms(prompt_len, w.decode_batch, w.decode_ctx, cached)
-    return start_wait_ms(cm, w) + work * (1 + cm.prefill_neighbour_extra * w.sharing)
+    served = cm.prefill_role_scale if w.role == "prefill" else 1.0  # a dedicated prefill worker as profiled serving
+    return start_wait_ms(cm, w) + work * served * (1 + cm.prefill_neighbour_extra * w.sharing)
 
 
 def tpot_ms(cm: CostModel, w: WorkerLoad, prompt_len: int, out_len: float, iterations: int = 4) -> float:
