@@ -149,8 +149,8 @@ class WorkerPool:
             for ps in specs:
                 self._pairs_made.add((ps.src, ps.dst))
                 self._pairs_pending[ps] = {ps.src, ps.dst}
-        for rank in sorted({r for ps in specs for r in (ps.src, ps.dst)}):
-            self.send(self[rank], ConnectPeers([ps for ps in specs if rank in (ps.src, ps.dst)]))
+            for rank in sorted({r for ps in specs for r in (ps.src, ps.dst)}):  # queued under the lock: one order
+                self.send(self[rank], ConnectPeers([ps for ps in specs if rank in (ps.src, ps.dst)]))
 
     def _on_peers_connected(self, msg: PeersConnected) -> None:
         with self._pair_lock:
