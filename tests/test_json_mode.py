@@ -78,3 +78,26 @@ def test_a_schema_xgrammar_cannot_compile_is_refused():
         StructuredOutputsParams(json="{not json")
     with pytest.raises(ValueError):
         StructuredOutputsParams()
+
+
+def test_async_grammar_steps_overlap_the_forward_and_sample_as_sync_ones(tiny_model_dir, prompts):
+    """With async scheduling a grammar step's forward pass is launched while the step before is still in flight;
+    its bitmask is filled once that step has landed. Seeded sampling then gives the synchronous loop's tokens."""
+    fmt = StructuredOutputsParams(json=BOOL_SCHEMA)
+    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=20, structured_outputs=fmt) for s in (1, 2)] + \
+        [SamplingParams(temperature=0.8, seed=3, max_tokens=12, ignore_eos=True)]
+    kw = dict(device="cpu", block_size=8, num_kv_blocks=128)
+    sync = LLM(tiny_model_dir("llama-gqa"), async_scheduling=False, **kw).generate(prompts[:3], params)
+    llm = LLM(tiny_model_dir("llama-gqa"), async_scheduling=True, **kw)
+    engine, forward = llm.engine, llm.engine.runner.launch_forward
+    overlapped = []
+
+    def spy(out, defer_grammar=False):
+        overlapped.append(engine._inflight is not None and defer_grammar)
+        return forward(out, defer_grammar)
+
+    engine.runner.launch_forward = spy
+    outs = llm.generate(prompts[:3], params)
+    assert sum(overlapped) >= 5
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in sync]
+    assert all(json.loads(o.text)["ok"] in (True, False) for o in outs[:2])

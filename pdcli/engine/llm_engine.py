@@ -216,6 +216,8 @@ class LLMEngine:
         of this one. With async scheduling the host schedules and prepares step i + 1 while the device
         runs step i; a sequence that finishes in step i has a wasted row in step i + 1."""
         out = self.scheduler.schedule()
+        if out.seqs and self.async_scheduling and any(s.grammar is not None for s in out.seqs):
+            return self._step_with_grammar(out)
         launched = None
         if out.seqs:
             launched = self.runner.launch(out)
@@ -227,6 +229,21 @@ class LLMEngine:
                 self._inflight = launched
             else:
                 deltas += self._land(launched)
+        return deltas
+
+    def _step_with_grammar(self, out) -> list[StepDelta]:
+        """Async scheduling with grammar rows: the forward pass first, then the step before lands (its tokens
+        advance the matchers), then this step's bitmask is filled and its tokens sampled; the host's grammar work
+        overlaps the forward pass instead of waiting for a whole step."""
+        fwd = self.runner.launch_forward(out, defer_grammar=True)
+        self.scheduler.advance(out)
+        prev, self._inflight = self._inflight, None
+        deltas = self._land(prev) if prev is not None else []
+        launched = self.runner.sample_step(fwd)
+        if launched.has_forks:  # forks are made when their first tokens land
+            deltas += self._land(launched)
+        else:
+            self._inflight = launched
         return deltas
 
     def _land(self, fut: StepFuture) -> list[StepDelta]:

@@ -83,6 +83,15 @@ class LogitsProcessors:
     record_rows: torch.Tensor | None = None  # rows whose sampled token joins their sequence's counts
     record_slots: torch.Tensor | None = None
     state: PenaltyState | None = None
+    deferred: tuple | None = None  # (grammars, their rows, vocab, to_device): the bitmask, filled by fill_deferred
+
+    def fill_deferred(self) -> None:
+        """The grammar rows' bitmask, from their matchers' state now (async scheduling fills it once the step
+        before has landed, while this step's forward runs)."""
+        if self.deferred is not None:
+            grammars, rows, vocab, to_device = self.deferred
+            self.deferred = None
+            self.bitmask, self.bitmask_rows = _grammar_bitmask(grammars, rows, vocab, to_device)
 
     def apply(self, logits: torch.Tensor) -> None:
         """In place on fp32 logits [N, V]."""
@@ -110,7 +119,7 @@ class LogitsProcessors:
 
     @property
     def has_grammar(self) -> bool:
-        return self.bitmask is not None
+        return self.bitmask is not None or self.deferred is not None
 
 
 @dataclass
@@ -143,9 +152,17 @@ def _add_seq(acc: _Rows, seq: Sequence, r: int, c: int, vocab: int, eos_token_id
         acc.records.append((r, slot))  # of n first samples, the parent's own; each fork fills its slot itself
 
 
+def _grammar_bitmask(grammars: list, rows: list[int], vocab: int, to_device: ToDevice):
+    bitmask = allocate_bitmask(len(grammars), vocab)
+    for i, g in enumerate(grammars):
+        g.fill(bitmask, i)
+    return to_device(bitmask.numpy()), to_device(np.asarray(rows))
+
+
 def build_processors(rows: list[Sequence], counts: list[int], vocab: int, eos_token_ids: set[int],
-                     state: PenaltyState, to_device: ToDevice) -> LogitsProcessors | None:
-    """The processors of the rows that use any (seq.needs_processing); None when none does."""
+                     state: PenaltyState, to_device: ToDevice, defer_grammar: bool = False) -> LogitsProcessors | None:
+    """The processors of the rows that use any (seq.needs_processing); None when none does. defer_grammar: the
+    grammar bitmask is left to `fill_deferred` (the matchers have not seen the step before's tokens yet)."""
     acc = _Rows([], [], [], [], [], [])
     state.sweep()
     r = 0
@@ -157,10 +174,9 @@ def build_processors(rows: list[Sequence], counts: list[int], vocab: int, eos_to
         return None  # logprobs only
     out = LogitsProcessors(state=state)
     if acc.grammars:
-        bitmask = allocate_bitmask(len(acc.grammars), vocab)
-        for i, g in enumerate(acc.grammars):
-            g.fill(bitmask, i)
-        out.bitmask, out.bitmask_rows = to_device(bitmask.numpy()), to_device(np.asarray(acc.grammar_rows))
+        out.deferred = (acc.grammars, acc.grammar_rows, vocab, to_device)
+        if not defer_grammar:
+            out.fill_deferred()
     if acc.banned:
         out.banned = to_device(np.asarray(acc.banned, dtype=np.int64).T.copy())
     if acc.bias:

@@ -201,10 +201,15 @@ class ModelRunner:
         """Run one step and wait for it; returns the sampled tokens per scheduled seq (empty mid-prefill)."""
         return self.launch(out).result()
 
-    @torch.inference_mode()
     def launch(self, out: SchedulerOutput) -> "StepFuture":
         """Queue one step on the device and return at once. A decode row whose input token was sampled by
         the previous launch (still pending on the host) reads it from that step's device output."""
+        return self.sample_step(self.launch_forward(out))
+
+    @torch.inference_mode()
+    def launch_forward(self, out: SchedulerOutput, defer_grammar: bool = False) -> tuple:
+        """Queue the step's forward pass; its sampling inputs are built now (they depend on the sequences'
+        lengths before `Scheduler.advance`), a grammar's bitmask later with defer_grammar. -> sample_step."""
         self.copy_blocks(out.block_copies)
         seqs, lens, starts, logits_indices, rows, ids = self._prepare_inputs(out)
         graph = bool(self.graphs is not None and out.is_decode_only and self.graphs.bucket(len(out.seqs)))
@@ -216,7 +221,17 @@ class ModelRunner:
                                      lens, logits_indices, bool(rows), getattr(after_layer, "spec", None), graph,
                                      self._pending, sum(s.num_samples for s in rows)))
         logits = self._run_model(out, seqs, lens, starts, logits_indices, rows, ids, after_layer, graph)
-        return self._sample(out, rows, logits)
+        counts = [s.num_samples for s in rows]
+        t = self._sampling_tensors(rows, counts, defer_grammar) if logits is not None else None
+        return out, rows, counts, logits, t
+
+    @torch.inference_mode()
+    def sample_step(self, launched: tuple) -> "StepFuture":
+        """Sample a launch_forward's step (filling a deferred grammar bitmask from the matchers now)."""
+        out, rows, counts, logits, t = launched
+        if t is not None and t.processors is not None:
+            t.processors.fill_deferred()
+        return self._sample(out, rows, counts, logits, t)
 
     def tp_broadcast(self, msg) -> None:
         """To every follower rank, in order (a no-op without tensor parallelism)."""
@@ -315,16 +330,15 @@ class ModelRunner:
         finally:
             set_context(None)
 
-    def _sample(self, out: SchedulerOutput, rows: list[Sequence], logits: torch.Tensor | None) -> "StepFuture":
+    def _sample(self, out: SchedulerOutput, rows: list[Sequence], counts: list[int], logits: torch.Tensor | None,
+                t: SamplingTensors | None) -> "StepFuture":
         """Sample each row's num_samples tokens; kept on the device (_prev_tokens, _prev_rows) as the next
         launch's pending inputs."""
-        counts = [s.num_samples for s in rows]
         if logits is None:
             self._prev_tokens, self._prev_rows = None, {}
             return StepFuture(out, rows, counts, None, None)
         if any(c > 1 for c in counts):
             logits = logits.repeat_interleave(self._to_device(np.asarray(counts, dtype=np.int64)), dim=0)
-        t = self._sampling_tensors(rows, counts)
         sampled = self.sampler.forward(logits, t)
         tokens = sampled.sampled_token_ids
         if self.tp_followers:  # only rank 0 samples; every rank feeds its tokens back in (async scheduling)
@@ -337,7 +351,8 @@ class ModelRunner:
         has_grammar = t is not None and t.processors is not None and t.processors.has_grammar
         return StepFuture(out, rows, counts, tokens, self.device, sampled.logprobs, has_grammar)
 
-    def _sampling_tensors(self, rows: list[Sequence], counts: list[int]) -> SamplingTensors | None:
+    def _sampling_tensors(self, rows: list[Sequence], counts: list[int],
+                          defer_grammar: bool = False) -> SamplingTensors | None:
         extra = any(s.needs_processing for s in rows)
         if not extra and all(s.params.temperature == 0 for s in rows):
             return None  # greedy: argmax only
@@ -364,6 +379,6 @@ class ModelRunner:
             any_min_p=any(p > 0 for p in min_p),
         )
         if extra:
-            st.processors = build_processors(rows, counts, vocab, self.eos_token_ids, self.penalties, dev)
+            st.processors = build_processors(rows, counts, vocab, self.eos_token_ids, self.penalties, dev, defer_grammar)
             st.num_logprobs = max((s.params.logprobs for s in rows if s.params.logprobs is not None), default=-1)
         return st
