@@ -27,7 +27,8 @@ LEAVE_S = 30.0  # a leaving node's requests get this long to finish; then they e
 
 
 @dataclass(eq=False)
-class Node:
+class JoinedNode:
+    """A node as the head sees it, from its JoinRequest until it is gone."""
     rank: int
     join_id: int
     conn: object
@@ -52,7 +53,7 @@ class ClusterHead:
         self.cs, self.pool, self.key, self.fingerprint = cs, cs.pool, key, fingerprint
         self.startup_timeout = startup_timeout
         self.lock = threading.Condition()
-        self.nodes: dict[int, Node] = {}  # join id -> node (gone ones kept: their late workers are refused)
+        self.nodes: dict[int, JoinedNode] = {}  # join id -> node (gone ones kept: their late workers are refused)
         self._ranks = itertools.count(max((w.spec.rank for w in self.pool.workers), default=-1) + 1)
         self._join_ids = itertools.count(1)
         self.closed = False
@@ -129,7 +130,7 @@ class ClusterHead:
                 jid = next(self._join_ids)
                 specs = {r: WorkerSpec(r, role, dev, req.node_rank) for r, (role, dev) in
                          zip((next(self._ranks) for _ in req.workers), req.workers)}
-                node = self.nodes[jid] = Node(req.node_rank, jid, conn, specs,
+                node = self.nodes[jid] = JoinedNode(req.node_rank, jid, conn, specs,
                                               time.monotonic() + self.startup_timeout)
         if reason is not None:
             logger.warning("refused node %d from %s: %s", req.node_rank, peer, reason)
@@ -140,7 +141,7 @@ class ClusterHead:
         node.send(JoinAccepted(jid, list(specs), self.pool.store_addr))
         self._serve(node)
 
-    def _serve(self, node: Node) -> None:
+    def _serve(self, node: JoinedNode) -> None:
         """The node's control connection, until it is gone."""
         while node.state != "gone":
             try:
@@ -198,7 +199,7 @@ class ClusterHead:
                     node.send(JoinRefused(f"its workers did not start in {self.startup_timeout:.0f} s"))
                     self.lose(node, "its workers did not start in time")
 
-    def _leave(self, node: Node) -> None:
+    def _leave(self, node: JoinedNode) -> None:
         node.state = "leaving"
         handles = list(node.ready.values())
         for w in handles:
@@ -208,7 +209,7 @@ class ClusterHead:
             time.sleep(0.1)
         self.lose(node, "it left")
 
-    def lose(self, node: Node, why: str) -> None:
+    def lose(self, node: JoinedNode, why: str) -> None:
         """The node is gone: its workers fenced off and their requests ended; its connection closed."""
         with self.lock:
             if node.state == "gone":
