@@ -18,6 +18,8 @@ def cache_dir() -> str:
     return os.environ.get("PDCLI_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "pdcli"))
 
 
-def gemv() -> bool:
-    """The skinny-matmul kernel for linears with 1-4 rows (on: faster than cuBLAS on H100, PDCLI_GEMV=0 for cuBLAS)."""
-    return _bool("PDCLI_GEMV", default=True)
+def gemv_mode() -> str:
+    """The skinny-matmul kernel for linears with 1-4 rows: "tuned" (default: where it beat cuBLAS when timed
+    per shape at start), "off" (PDCLI_GEMV=0: cuBLAS always), "always" (PDCLI_GEMV=always: A/B runs, tests)."""
+    value = os.environ.get("PDCLI_GEMV", "1").strip().lower()
+    return "always" if value == "always" else "tuned" if _bool("PDCLI_GEMV", default=True) else "off"

@@ -147,7 +147,7 @@ def test_engine_with_gemv_matches_without(dtype, tiny_model_dir, prompts, monkey
     forced = prompts[3][:16]
     monkeypatch.setenv("PDCLI_GEMV", "0")
     base = pdcli_decode_logits(LLM(path, device="cuda", dtype=dtype, num_kv_blocks=64), prompts[2], forced)
-    monkeypatch.setenv("PDCLI_GEMV", "1")
+    monkeypatch.setenv("PDCLI_GEMV", "always")  # the kernel on every 1-4 row shape, timed faster or not
     ours = pdcli_decode_logits(LLM(path, device="cuda", dtype=dtype, num_kv_blocks=64), prompts[2], forced)
     err = ((ours - base).norm() / base.norm()).item()
     assert err < (2e-2 if dtype == "bfloat16" else 3e-3), err

@@ -70,7 +70,7 @@ class ModelRunner:
         from pdcli.kernels import build, gemv_choice
 
         mod = build.get()
-        if mod is None or not envs.gemv():
+        if mod is None or envs.gemv_mode() != "tuned":
             return []
         weights = [m.weight for m in self.model.modules() if isinstance(m, torch.nn.Linear)]
         try:

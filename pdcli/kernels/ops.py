@@ -50,8 +50,8 @@ def copy_blocks(dst: torch.Tensor, src: torch.Tensor, src_idx: torch.Tensor, dst
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [m, k] @ weight [n, k]^T (+ bias): the gemv kernel for 1-4 rows where it beats cuBLAS on this GPU
     (kernels/gemv_choice.py) unless PDCLI_GEMV=0, else torch."""
-    if x.dim() == 2 and 1 <= x.shape[0] <= 4 and envs.gemv() and weight.is_contiguous() and \
-            gemv_choice.use_gemv(x.shape[0], weight.shape[0], weight.shape[1]):
+    mode = envs.gemv_mode() if x.dim() == 2 and 1 <= x.shape[0] <= 4 and weight.is_contiguous() else "off"
+    if mode == "always" or (mode == "tuned" and gemv_choice.use_gemv(x.shape[0], weight.shape[0], weight.shape[1])):
         mod = _elementwise_module(x)
         if mod is not None and x.stride(-1) == 1:
             y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
