@@ -167,6 +167,12 @@ def test_layouts_with_tensor_parallelism():
         parse_layout("cuda:0+cuda:1")
     with pytest.raises(ValueError, match="not a multiple of --tensor-parallel-size 2"):
         parse_layout("cuda:0,cuda:1,cuda:2", tp=2)
+    from pdcli.bench.runner import layout_for
+
+    p, d = layout_for("disaggregated", [f"cuda:{i}" for i in range(4)], tp=2)  # bench: the list in tp groups
+    assert (p.role, p.tp_devices, d.role, d.tp_devices) == ("prefill", ("cuda:0", "cuda:1"), "decode",
+                                                            ("cuda:2", "cuda:3"))
+    assert [s.tp_devices for s in layout_for("collocated", ["cpu", "cpu"], tp=2)] == [("cpu", "cpu")] * 2
 
 
 def test_tp2_with_async_scheduling_equals_tp1(engines, tiny_model_dir, prompts):
