@@ -106,6 +106,8 @@ def test_greedy_through_two_nodes_equals_collocated_and_transformers(cluster, pr
         got.append((choice["text"], choice["logprobs"]["tokens"]))
     text = httpx.get(f"{base}/metrics", timeout=30).text
     assert f'pdcli_path_requests_total{{path="disaggregated"}} {len(prompts)}' in text
+    assert 'role="collocated",node="0"' in text and 'role="prefill",node="1"' in text and \
+        'role="decode",node="2"' in text  # each worker's node in its labels
     tok = local.engine.tokenizer
     assert got == [(tok.decode(ids), [tok.decode([t]) for t in ids]) for ids in want]
     forked = complete(base, prompts[0], 12, n=2)  # n > 1: the collocated worker on the head

@@ -201,7 +201,10 @@ class CentralScheduler:
         live = self.pool.live()
         for w in live:
             self.pool.send(w, StatsRequest())
-        return sorted((self.stats_replies.get(timeout=timeout) for _ in live), key=lambda s: s["rank"])
+        stats = [self.stats_replies.get(timeout=timeout) for _ in live]
+        for s in stats:
+            s["node"] = self.pool[s["rank"]].spec.node
+        return sorted(stats, key=lambda s: s["rank"])
 
     # ---- messages from the workers (on the pipe reader thread) ----
     def _on_message(self, w: WorkerHandle, msg) -> None:

@@ -56,12 +56,17 @@ class ServerMetrics:
         for name, key in (("pdcli_num_requests_running", "running"), ("pdcli_num_requests_waiting", "waiting"),
                           ("pdcli_kv_blocks_free", "num_free_blocks"), ("pdcli_kv_blocks_total", "num_blocks")):
             lines.append(f"# TYPE {name} gauge")
-            lines += [f'{name}{{rank="{w["rank"]}",role="{w["role"]}"}} {w[key]}' for w in worker_stats]
+            lines += [f'{name}{{{_worker(w)}}} {w[key]}' for w in worker_stats]
         lines.append("# TYPE pdcli_kv_cache_usage gauge")
-        lines += [f'pdcli_kv_cache_usage{{rank="{w["rank"]}",role="{w["role"]}"}} '
+        lines += [f'pdcli_kv_cache_usage{{{_worker(w)}}} '
                   f'{1 - w["num_free_blocks"] / max(1, w["num_blocks"]):.6f}' for w in worker_stats]
         for path, acc in accounting.items():
             for key in ("requests", "output_tokens", "failed", "aborted", "transfer_bytes"):
                 lines.append(f'pdcli_path_{key}_total{{path="{path}"}} {acc[key]}')
         lines += self.ttft.lines("pdcli_time_to_first_token_ms") + self.tpot.lines("pdcli_time_per_output_token_ms")
         return "\n".join(lines) + "\n"
+
+
+def _worker(w: dict) -> str:
+    """A worker's labels: its rank, role and node (0: the head's)."""
+    return f'rank="{w["rank"]}",role="{w["role"]}",node="{w.get("node", 0)}"'
