@@ -65,6 +65,12 @@ def test_plan_and_validate_commands(tmp_path):
     assert "best:" in r.stdout and (tmp_path / "plan" / "plan_goodput.png").stat().st_size > 1000
     found = json.load(open(tmp_path / "plan" / "plan.json"))["highest"]
     assert set(found) == {"2C", "1P1D"} and all(v is None or 0.5 <= v <= 40 for v in found.values())
+    tight = ["plan", "--params-dir", str(params), "--gpus", "1", "--arrival-rate", "2", "--duration", "10",
+             "--slo-ttft-ms", "1", "--json"]  # a TTFT SLO no prompt meets, unless it grows per prompt token
+    strict = json.loads(CliRunner().invoke(app, tight).stdout)["rows"][0]["slo_attainment"]
+    r = CliRunner().invoke(app, [*tight, "--slo-ttft-per-token-ms", "100"])
+    assert r.exit_code == 0, r.stderr
+    assert strict == 0 and json.loads(r.stdout)["rows"][0]["slo_attainment"] == 1
     r = CliRunner().invoke(app, ["plan", "--params-dir", str(params), "--layouts", "3Q"])
     assert r.exit_code == 2 and "bad layout" in r.stderr
     run = tmp_path / "run"  # a recorded run: the simulation follows its paths

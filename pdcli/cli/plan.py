@@ -24,6 +24,8 @@ def plan(
     burstiness: Annotated[float, typer.Option(help="Gamma shape of the gaps: 1 = Poisson.")] = 1.0,
     slo_ttft_ms: Annotated[Optional[float], typer.Option()] = None,
     slo_tpot_ms: Annotated[Optional[float], typer.Option()] = None,
+    slo_ttft_per_token_ms: Annotated[float, typer.Option(
+        min=0, help="The TTFT SLO grows by this per prompt token (as pdcli bench's).")] = 0.0,
     layouts: Annotated[Optional[str], typer.Option(help="Only these, e.g. 8C,2P6D,adaptive-8C.")] = None,
     duration: Annotated[float, typer.Option(help="Seconds of simulated arrivals per rate.")] = 60.0,
     seed: Annotated[int, typer.Option()] = 0,
@@ -46,9 +48,12 @@ def plan(
     except ValueError as e:
         fail(str(e))
     slos = {k: v for k, v in (("ttft", slo_ttft_ms), ("tpot", slo_tpot_ms)) if v is not None}
+    if slo_ttft_ms is not None and slo_ttft_per_token_ms:
+        slos["ttft_per_token"] = slo_ttft_per_token_ms
     if find_max_rate and (not slos or len(rates) < 2):
         fail("--find-max-rate needs an SLO (--slo-ttft-ms, --slo-tpot-ms) and two --arrival-rate bounds")
-    run = _runner(cm, workload, duration, seed, slos, burstiness, net_gbps, slo_ttft_ms, slo_tpot_ms)
+    run = _runner(cm, workload, duration, seed, slos, burstiness, net_gbps, slo_ttft_ms, slo_tpot_ms,
+                  slo_ttft_per_token_ms)
     rows, highest = _simulate(lays, rates, run, find_max_rate)
     assumptions = _assumptions(cm, lays, net_gbps)
     _report(rows, highest, lays, assumptions, out, as_json)
@@ -60,12 +65,12 @@ def _layouts(text: str | None, gpus: int, gpus_per_node: int):
     return parse_layouts(text, gpus_per_node) if text else enumerate_layouts(gpus, gpus_per_node)
 
 
-def _runner(cm, workload, duration, seed, slos, burstiness, net_gbps, slo_ttft_ms, slo_tpot_ms):
+def _runner(cm, workload, duration, seed, slos, burstiness, net_gbps, slo_ttft_ms, slo_tpot_ms, per_token):
     from pdcli.plan.search import runner
     from pdcli.router.adaptive import AdaptiveRouter
 
-    return runner(cm, workload, duration, seed, slos, burstiness, lambda: AdaptiveRouter(cm, slo_ttft_ms, slo_tpot_ms),
-                  net_gbps)
+    return runner(cm, workload, duration, seed, slos, burstiness,
+                  lambda: AdaptiveRouter(cm, slo_ttft_ms, slo_tpot_ms, slo_ttft_per_token_ms=per_token), net_gbps)
 
 
 def _simulate(lays, rates, run, find_max_rate):
