@@ -1,8 +1,8 @@
-"""How much a neighbour's decode batch slows this worker's steps when two workers share one device (under MPS
-on a GPU, as `pdcli serve` runs them): a decode step and a prefill step timed alone, then beside a second
-process that decodes without pause. The router and the planner price GPU neighbours with these factors
-(CostModel.sharing) instead of constants: one H100 ran a decode step ~1.65x beside another decode batch, not
-the 2x a pure weight-read model says, and a prefill ~1.35x.
+"""How much a neighbour slows this worker's steps when two workers share one device (under MPS on a GPU, as
+`pdcli serve` runs them): a decode step and a prefill step timed alone, then beside a second process that
+decodes without pause, then a decode step beside it prefilling without pause. The router and the planner
+price GPU neighbours with these factors (CostModel.sharing) instead of constants and of time-slicing (a decode
+waiting for a neighbour's whole prefill).
 
 Both processes are fresh (an MPS client must start after its daemon); each holds a KV pool just large
 enough for its batch."""
@@ -43,8 +43,13 @@ def _engine(model: str, device: str, engine_kwargs: dict, shapes: SharingShapes,
                                               block_size=shapes.block_size, **kw))
 
 
-def _neighbour(model, device, engine_kwargs, shapes, env, ready, stop, go) -> None:
-    """Decode steps of a full batch, without pause, from `go` until `stop`."""
+IDLE, DECODING, PREFILLING = 0, 1, 2  # the neighbour's mode
+
+
+def _neighbour(model, device, engine_kwargs, shapes, env, ready, stop, mode) -> None:
+    """Steps without pause in the mode asked (a full decode batch, or prefills of a prompt) until `stop`."""
+    import time
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from pdcli.engine.scheduler import SchedulerOutput
     from pdcli.profiler import StepTimer
@@ -52,16 +57,21 @@ def _neighbour(model, device, engine_kwargs, shapes, env, ready, stop, go) -> No
     engine = _engine(model, device, engine_kwargs, shapes, env)
     timer = StepTimer(engine, seed=1)
     seqs = [timer.prepared(shapes.ctx, shapes.ctx - 1) for _ in range(shapes.batch)]
-    out = SchedulerOutput(seqs, [1] * len(seqs))
-    engine.runner.execute(out)
-    ready.set()
-    go.wait()
-    while not stop.is_set():
+    prompt = timer.prepared(shapes.prompt, 0)
+    steps = {DECODING: SchedulerOutput(seqs, [1] * len(seqs)), PREFILLING: SchedulerOutput([prompt], [shapes.prompt])}
+    for out in steps.values():
         engine.runner.execute(out)
+    ready.set()
+    while not stop.is_set():
+        out = steps.get(mode.value)
+        if out is None:
+            time.sleep(0.001)
+        else:
+            engine.runner.execute(out)
 
 
-def _measured(model, device, engine_kwargs, shapes, env, ready, go, stop, results) -> None:
-    """Decode and prefill step times alone, then (after `go`) beside the neighbour."""
+def _measured(model, device, engine_kwargs, shapes, env, ready, mode, stop, results) -> None:
+    """Decode and prefill step times alone, beside the neighbour decoding, a decode step beside it prefilling."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from pdcli.profiler import StepTimer
 
@@ -74,11 +84,13 @@ def _measured(model, device, engine_kwargs, shapes, env, ready, go, stop, result
                     timer.prefill_ms(shapes.prompt, 0, shapes.reps))
 
         alone = both()
-        go.set()
+        mode.value = DECODING
         beside = both()
+        mode.value = PREFILLING
+        beside_prefill = timer.decode_ms(shapes.batch, shapes.ctx, shapes.reps)
         stop.set()
         results.put(dict(decode_alone_ms=alone[0], prefill_alone_ms=alone[1], decode_beside_ms=beside[0],
-                         prefill_beside_ms=beside[1]))
+                         prefill_beside_ms=beside[1], decode_beside_prefill_ms=beside_prefill))
     except Exception as err:  # noqa: BLE001 (reported by the parent)
         stop.set()
         results.put(dict(error=f"{type(err).__name__}: {err}"))
@@ -95,15 +107,16 @@ def profile_sharing(model: str, device: str, engine_kwargs: dict, shapes: Sharin
         if device.startswith("cuda") else None
     env = daemon.env if daemon else {}
     ctx = mp.get_context("spawn")
-    ready, go, stop, results = ctx.Event(), ctx.Event(), ctx.Event(), ctx.Queue()
+    ready, stop, results, mode = ctx.Event(), ctx.Event(), ctx.Queue(), ctx.Value("i", IDLE)
     if device.startswith("cuda"):  # two engines on one GPU: each its share of the memory
         from pdcli.config import CacheConfig
 
         util = engine_kwargs.get("gpu_memory_utilization") or CacheConfig.gpu_memory_utilization
         engine_kwargs = dict(engine_kwargs, gpu_memory_utilization=util / 2)
     args = (model, device, engine_kwargs, shapes, env)
-    procs = [ctx.Process(target=_neighbour, args=(*args, ready, stop, go), daemon=True, name="pdcli-neighbour"),
-             ctx.Process(target=_measured, args=(*args, ready, go, stop, results), daemon=True, name="pdcli-measured")]
+    procs = [ctx.Process(target=_neighbour, args=(*args, ready, stop, mode), daemon=True, name="pdcli-neighbour"),
+             ctx.Process(target=_measured, args=(*args, ready, mode, stop, results), daemon=True,
+                         name="pdcli-measured")]
     try:
         for p in procs:
             p.start()
@@ -115,7 +128,6 @@ def profile_sharing(model: str, device: str, engine_kwargs: dict, shapes: Sharin
             raise RuntimeError(f"the GPU-sharing measurement failed: {got['error']}")
     finally:
         stop.set()
-        go.set()
         for p in procs:
             p.join(30)
             if p.is_alive():
@@ -123,5 +135,6 @@ def profile_sharing(model: str, device: str, engine_kwargs: dict, shapes: Sharin
         if daemon is not None:
             daemon.stop()
     return dict(got, decode_beside_decode=got["decode_beside_ms"] / got["decode_alone_ms"],
-                prefill_beside_decode=got["prefill_beside_ms"] / got["prefill_alone_ms"], mps=daemon is not None,
+                prefill_beside_decode=got["prefill_beside_ms"] / got["prefill_alone_ms"],
+                decode_beside_prefill=got["decode_beside_prefill_ms"] / got["decode_alone_ms"], mps=daemon is not None,
                 batch=shapes.batch, ctx=shapes.ctx, prompt=shapes.prompt)

@@ -424,7 +424,7 @@ def test_profiled_sharing_factors_reach_the_cost_model(tmp_path):
 
     got = profile_sharing("dummy:tiny-llama", "cpu", {}, SharingShapes(batch=4, ctx=32, prompt=64, reps=3, block_size=8),
                           timeout_s=120)
-    for k in ("decode_beside_decode", "prefill_beside_decode"):
+    for k in ("decode_beside_decode", "prefill_beside_decode", "decode_beside_prefill"):
         assert 0.2 < got[k] < 20, got  # measured (noisy on 2 busy cores), not a constant
     assert got["decode_beside_decode"] == got["decode_beside_ms"] / got["decode_alone_ms"]
     torch.save(dict(synthetic_profile(), sharing=got), tmp_path / "profile_data.pt")
@@ -432,7 +432,34 @@ def test_profiled_sharing_factors_reach_the_cost_model(tmp_path):
     cm = load_cost_model(str(tmp_path))
     assert cm.decode_neighbour_extra == pytest.approx(max(0, got["decode_beside_decode"] - 1))
     assert cm.prefill_neighbour_extra == pytest.approx(max(0, got["prefill_beside_decode"] - 1))
+    assert cm.decode_beside_prefill_extra == pytest.approx(max(0, got["decode_beside_prefill"] - 1))
     assert CostModel(**{**cm.__dict__, "sharing": {}}).decode_neighbour_extra == 1.0  # unmeasured: 2x
+    assert CostModel(**{**cm.__dict__, "sharing": {}}).decode_beside_prefill_extra is None  # unmeasured: it waits
+
+
+def test_a_measured_decode_beside_prefill_factor_replaces_waiting_for_the_neighbours_prefill():
+    """Unmeasured, a decode step on a GPU whose neighbour prefills is stretched by the GPU's whole prefill share
+    (1 / (1 - rho): time-slicing); measured, by its own prompts' share only, times 1 + e x the neighbours'
+    prefilling time. The planner's steps the same way: beside a prefilling neighbour, x (1 + e), no wait."""
+    from types import SimpleNamespace
+
+    from pdcli.plan.sim import shared_step_ms
+    from pdcli.router import latency
+
+    cm = _fitted(synthetic_profile())
+    dec = WorkerLoad(role="decode", decode_batch=8, decode_ctx=8 * 1500, device="cuda:0", prefill_per_s=0.0,
+                     gpu_prefill_per_s=2.0, gpu_prefill_tokens_per_s=4000.0, gpu_prefill_sq_tokens_per_s=8e6)
+    alone = float(cm.decode_ms(8, 8 * 1500))
+    rho = latency.prefill_share(cm, dec)
+    assert 0 < rho < 0.95 and latency.step_ms(cm, dec) == pytest.approx(alone / (1 - rho))
+    cm.sharing = dict(decode_beside_prefill=1.3, prefill_beside_decode=1.2)
+    busy = min(1.0, rho * 1.2)  # the neighbour's prefills, slower beside this decode batch
+    assert latency.step_ms(cm, dec) == pytest.approx(alone * (1 + 0.3 * busy))
+    me = SimpleNamespace(cm=cm)
+    neighbour = SimpleNamespace(idle=False, step_has_decodes=False, busy_until=1.0)
+    assert shared_step_ms(me, 10.0, True, [neighbour], 0.0) == pytest.approx(13.0)
+    cm.sharing = {}
+    assert shared_step_ms(me, 10.0, True, [neighbour], 0.0) == pytest.approx(10.0 + 1000.0)  # waits 1 s
 
 
 def test_a_prefill_worker_as_it_serves_scales_its_prefill_prices(tmp_path):

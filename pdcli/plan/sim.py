@@ -137,7 +137,11 @@ def shared_step_ms(worker: SimWorker, alone_ms: float, has_decodes: bool, neighb
     decoding neighbours runs a little slower (the cost model's profiled factors, as the router prices them)."""
     busy = [n for n in neighbours if not n.idle]
     decoding = sum(1 for n in busy if n.step_has_decodes)
+    cm = worker.cm
     if not has_decodes:
-        return alone_ms * (1 + worker.cm.prefill_neighbour_extra * decoding)
-    waits = sum(max(0.0, (n.busy_until - now) * 1e3) for n in busy if not n.step_has_decodes)
-    return alone_ms * (1 + worker.cm.decode_neighbour_extra * decoding) + waits
+        return alone_ms * (1 + cm.prefill_neighbour_extra * decoding)
+    prefilling = [n for n in busy if not n.step_has_decodes]
+    if cm.decode_beside_prefill_extra is not None:  # measured: it runs beside them, slower (MPS)
+        return alone_ms * (1 + cm.decode_neighbour_extra * decoding + cm.decode_beside_prefill_extra * len(prefilling))
+    waits = sum(max(0.0, (n.busy_until - now) * 1e3) for n in prefilling)  # unmeasured: it waits for them
+    return alone_ms * (1 + cm.decode_neighbour_extra * decoding) + waits

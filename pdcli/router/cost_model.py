@@ -113,6 +113,13 @@ class CostModel:
         return max(0.0, self.sharing.get("decode_beside_decode", DECODE_BESIDE_DECODE) - 1.0)  # noise below 1
 
     @property
+    def decode_beside_prefill_extra(self) -> float | None:
+        """What a neighbour's prefill adds to a decode step, as a fraction of its time alone; None unmeasured
+        (then a decode step waits for the neighbour's prefill, as under time-slicing)."""
+        f = self.sharing.get("decode_beside_prefill")
+        return None if f is None else max(0.0, f - 1.0)
+
+    @property
     def prefill_neighbour_extra(self) -> float:
         """What each decoding neighbour adds to a prefill step, as a fraction of its time alone."""
         return max(0.0, self.sharing.get("prefill_beside_decode", PREFILL_BESIDE_DECODE) - 1.0)

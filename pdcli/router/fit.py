@@ -120,7 +120,8 @@ def fit_profile(data: dict, folder: str | None = None) -> dict:
                 kv_bytes_per_token=int(data["kv_bytes_per_token"]), prefill=prefill.to_dict(),
                 decode=decode.to_dict(), interference=inter.to_dict(), transfer=transfer,
                 sharing={k: float(v) for k, v in data.get("sharing", {}).items()
-                         if k in ("decode_beside_decode", "prefill_beside_decode")}, prefill_worker=prefill_worker)
+                         if k in ("decode_beside_decode", "prefill_beside_decode", "decode_beside_prefill")},
+                prefill_worker=prefill_worker)
 
 
 def served_prefill_scale(data: dict, prefill: list, decode: list, interference: list) -> dict:

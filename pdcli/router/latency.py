@@ -36,9 +36,25 @@ def prefill_share(cm: CostModel, w: WorkerLoad) -> float:
     """Share of the GPU's time its prefill work takes: the prompts routed per second to w and to the other
     workers on its GPU (under MPS a prefill beside a decode batch takes its share of the GPU), each costing its
     cost in the decode steps it rides on (CostModel.prefill_work_ms)."""
-    per_s = w.prefill_per_s if w.gpu_prefill_per_s is None else w.gpu_prefill_per_s
-    tokens = w.prefill_tokens_per_s if w.gpu_prefill_tokens_per_s is None else w.gpu_prefill_tokens_per_s
-    squares = w.prefill_sq_tokens_per_s if w.gpu_prefill_sq_tokens_per_s is None else w.gpu_prefill_sq_tokens_per_s
+    if w.gpu_prefill_per_s is None:
+        return _share(cm, w.prefill_per_s, w.prefill_tokens_per_s, w.prefill_sq_tokens_per_s)
+    return _share(cm, w.gpu_prefill_per_s, w.gpu_prefill_tokens_per_s, w.gpu_prefill_sq_tokens_per_s)
+
+
+def prefill_stretch(cm: CostModel, w: WorkerLoad) -> tuple[float, float]:
+    """(rho, m): a decode step of w takes its time alone x m / (1 - rho). Unmeasured (time-slicing): rho is all
+    of the GPU's prefill share, m 1. Measured (`pdcli profile --sharing`: decode_beside_prefill): rho is w's own
+    prompts' share (they ride in its steps), and the neighbours' prefilling time slows its steps by the factor."""
+    total = prefill_share(cm, w)
+    e = cm.decode_beside_prefill_extra
+    if e is None:
+        return min(total, MAX_RHO), 1.0
+    own = _share(cm, w.prefill_per_s, w.prefill_tokens_per_s, w.prefill_sq_tokens_per_s)
+    neighbours = max(0.0, total - own) * (1 + cm.prefill_neighbour_extra)  # their prefills run slower beside us
+    return min(own, MAX_RHO), 1 + e * min(1.0, neighbours)
+
+
+def _share(cm: CostModel, per_s: float, tokens: float, squares: float) -> float:
     if tokens <= 0:
         return 0.0
     if not squares:  # a load without the squares (older records): all prompts of the mean length
@@ -48,8 +64,8 @@ def prefill_share(cm: CostModel, w: WorkerLoad) -> float:
 
 def step_ms(cm: CostModel, w: WorkerLoad) -> float:
     """A step of worker w's decode batch now, stretched by the GPU's prefill share and decode neighbours."""
-    return float(cm.decode_ms(w.decode_batch, w.decode_ctx)) * (1 + cm.decode_neighbour_extra * w.sharing) / \
-        (1 - min(prefill_share(cm, w), MAX_RHO))
+    rho, m = prefill_stretch(cm, w)
+    return float(cm.decode_ms(w.decode_batch, w.decode_ctx)) * (1 + cm.decode_neighbour_extra * w.sharing) * m / (1 - rho)
 
 
 def split_queue(cm: CostModel, w: WorkerLoad) -> tuple[int, int]:
@@ -105,8 +121,8 @@ def tpot_ms(cm: CostModel, w: WorkerLoad, prompt_len: int, out_len: float, itera
         steady = w.decode_per_s * mean_out * tpot / 1e3
         batch = lifetime_batch(w.decode_batch, steady, out_len * tpot, mean_out * tpot) + 1
         ctx = batch * ctx_per_seq
-        rho = min(prefill_share(cm, w), MAX_RHO)
+        rho, m = prefill_stretch(cm, w)
         # at most every step carries a full chunk of prompt tokens: past that, prompts queue (TTFT grows)
         full = float(cm.mixed_ms(batch, ctx, max(1, cm.max_num_batched_tokens - int(batch)), attention=False))
-        tpot = min(float(cm.decode_ms(batch, ctx)) / (1 - rho), full) * slow
+        tpot = min(float(cm.decode_ms(batch, ctx)) / (1 - rho), full) * slow * m
     return tpot
