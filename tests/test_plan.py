@@ -26,6 +26,15 @@ def test_one_request_takes_a_prefill_step_then_a_decode_step_per_token():
     assert r.path == "disaggregated" and r.workers == (0, 1)
 
 
+def test_a_worker_that_goes_idle_reports_its_last_step_at_once():
+    """Async scheduling holds a step's tokens until the next step ends; with no next step (the worker is idle)
+    the engine lands them at once: a request's end is not the next arrival's."""
+    cm = cost_model()
+    first, _ = one([SimSpec(0, "collocated", "n:cuda:0")], "collocated", [100, 100], [5, 5], [0.0, 30.0])
+    assert first.e2el_ms < 1000
+    assert first.e2el_ms == pytest.approx(cm.step_ms(0, 0, [(100, 0)]) + sum(cm.step_ms(1, 101 + k, []) for k in range(4)))
+
+
 def test_a_collocated_worker_batches_decodes_and_chunks_long_prompts():
     cm = cost_model()  # max_num_batched_tokens 2048
     recs = one([SimSpec(0, "collocated", "n:cuda:0")], "collocated", [5000, 10], [3, 3], [0.0, 0.0])

@@ -81,6 +81,8 @@ class Simulator:
         for seq in done:
             w.inflight -= 1
         self.kick(w)
+        if w.idle:  # no step launched after it: the engine lands this one at once (nothing to wait for)
+            w.lagged = []
 
     def _on_landed(self, seq: SimSeq, d: SimWorker) -> None:
         if seq.output_len > 1:
