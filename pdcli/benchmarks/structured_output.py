@@ -29,7 +29,7 @@ PROMPT = "Describe a fictional person as a JSON object with name, age, email and
 def library_costs(llm: LLM, steps: int = 64, walks: int = 8) -> dict:
     """Host microseconds per token: fill the next token's mask and advance by a token it allows (random walks
     over the schema's grammar), xgrammar and, if importable, outlines-core."""
-    from pdcli.engine.structured_output import StructuredOutputs, allocate_bitmask
+    from pdcli.engine.structured_output import StructuredOutputs
 
     eng = llm.engine
     so = StructuredOutputs(eng.tokenizer, eng.arch.vocab_size, eng.eos_token_ids)
@@ -37,23 +37,12 @@ def library_costs(llm: LLM, steps: int = 64, walks: int = 8) -> dict:
     began = time.perf_counter()
     so.grammar(params)
     out = dict(xgrammar_first_compile_ms=(time.perf_counter() - began) * 1e3)
-    gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(eng.arch.vocab_size, generator=gen) * 3
-    costs = []
-    for _ in range(walks):
-        g, mask = so.grammar(params), allocate_bitmask(1, eng.arch.vocab_size)
-        for _ in range(steps):
-            if g.is_terminated:
-                break
-            t0 = time.perf_counter()
-            g.fill(mask, 0)
-            t1 = time.perf_counter()
-            allowed = _allowed(mask[0], eng.arch.vocab_size)
-            tok = _pick(allowed, logits, gen)
-            t2 = time.perf_counter()
-            g.accept(tok)
-            costs.append((t1 - t0) + (time.perf_counter() - t2))
-    out.update(_stats("xgrammar", costs))
+
+    def xgrammar():
+        g = so.grammar(params)
+        return (lambda mask: g.fill(mask, 0)), g.accept, (lambda: g.is_terminated)
+
+    out.update(_stats("xgrammar", _walk_costs(xgrammar, eng.arch.vocab_size, steps, walks)))
     out.update(_outlines_core(eng, steps, walks))
     return out
 
@@ -86,8 +75,6 @@ def _outlines_core(eng, steps: int, walks: int) -> dict:
     inner = getattr(eng.tokenizer, "tok", None)
     if inner is None or not hasattr(inner, "get_vocab"):
         return {}
-    from pdcli.engine.structured_output import allocate_bitmask
-
     bytes_of = _byte_decoder()
     eos = min(eng.eos_token_ids)
     vocab = {}
@@ -97,23 +84,36 @@ def _outlines_core(eng, steps: int, walks: int) -> dict:
     began = time.perf_counter()
     index = oc.Index(build_regex_from_schema(json.dumps(SCHEMA)), oc.Vocabulary(eos, vocab))
     out = dict(outlines_core_index_ms=(time.perf_counter() - began) * 1e3)
-    gen, costs = torch.Generator().manual_seed(0), []
-    logits = torch.randn(eng.arch.vocab_size, generator=gen) * 3
+
+    def outlines_core():
+        guide = oc.Guide(index)
+        return (lambda mask: guide.write_mask_into(mask.data_ptr(), mask.numel(), 4)), guide.advance, guide.is_finished
+
+    out.update(_stats("outlines_core", _walk_costs(outlines_core, eng.arch.vocab_size, steps, walks)))
+    return out
+
+
+def _walk_costs(start, vocab: int, steps: int, walks: int) -> list[float]:
+    """Host seconds per token (mask fill + advance) of random walks; start() -> (fill(mask), accept(token),
+    finished()) of a fresh matcher."""
+    from pdcli.engine.structured_output import allocate_bitmask
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(vocab, generator=gen) * 3
+    costs = []
     for _ in range(walks):
-        guide, mask = oc.Guide(index), allocate_bitmask(1, eng.arch.vocab_size)
+        (fill, accept, finished), mask = start(), allocate_bitmask(1, vocab)
         for _ in range(steps):
-            if guide.is_finished():
+            if finished():
                 break
             t0 = time.perf_counter()
-            guide.write_mask_into(mask.data_ptr(), mask.numel(), 4)
+            fill(mask)
             t1 = time.perf_counter()
-            allowed = _allowed(mask[0], eng.arch.vocab_size)
-            tok = _pick(allowed, logits, gen)
+            tok = _pick(_allowed(mask[0], vocab), logits, gen)
             t2 = time.perf_counter()
-            guide.advance(tok)
+            accept(tok)
             costs.append((t1 - t0) + (time.perf_counter() - t2))
-    out.update(_stats("outlines_core", costs))
-    return out
+    return costs
 
 
 def _byte_decoder() -> dict[str, int]:
