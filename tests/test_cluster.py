@@ -3,6 +3,7 @@ the collocated path and transformers; a node with a wrong token or another model
 socket on a wildcard address; a stopped (hung) node is fenced off by the heartbeat, a killed one is lost at
 once; the survivors keep serving and their pools are full. One cluster for the module, every wait bounded."""
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import httpx
 import pytest
 
 from test_serve import children, free_port, kv_free
+from test_shutdown import _as_a_terminal_job
 from tiny_models import hf_greedy
 
 ENGINE = ["--num-kv-blocks", "1024", "--block-size", "8", "--max-model-len", "4096"]
@@ -24,13 +26,13 @@ def pdcli(*args: str, env: dict | None = None) -> subprocess.Popen:
     """A pdcli process in its own group, with Ctrl-C's default action (a shell's background job would inherit
     SIGINT ignored)."""
     return subprocess.Popen([sys.executable, "-m", "pdcli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env or ENV, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            text=True, env=env or ENV, start_new_session=True, preexec_fn=_as_a_terminal_job)
 
 
-def start_node(path: str, addr: str, rank: int, role: str, env: dict | None = None) -> subprocess.Popen:
+def start_node(path: str, addr: str, rank: int, role: str, *extra: str,
+               env: dict | None = None) -> subprocess.Popen:
     return pdcli("node", "--model", path, "--dist-init-addr", addr, "--node-rank", str(rank), f"--{role}", "cpu",
-                 *ENGINE, env=env)
+                 *ENGINE, *extra, env=env)
 
 
 def roles(base: str) -> dict[str, int]:
@@ -51,16 +53,17 @@ def wait_until(what, timeout: float, why: str) -> None:
         time.sleep(0.2)
 
 
-@pytest.fixture(scope="module")
-def cluster(tiny_model_dir):
-    path = tiny_model_dir("llama-gqa")
+@contextlib.contextmanager
+def running_cluster(path: str, *extra: str):
+    """A head (collocated worker) and nodes 1 (prefill) and 2 (decode), all with `extra` flags, serving; each
+    process stopped (Ctrl-C, else killed) after."""
     port, cport = free_port(), free_port()
     addr, base = f"127.0.0.1:{cport}", f"http://127.0.0.1:{port}"
     head = pdcli("serve", "--model", path, "--mode", "disaggregated", "--collocated", "cpu", "--port", str(port),
                  "--served-model-name", "tiny", "--dist-init-addr", addr, "--nnodes", "3", "--node-timeout", "150",
-                 *ENGINE)
-    nodes = {1: start_node(path, addr, 1, "prefill"), 2: start_node(path, addr, 2, "decode")}
-    c = dict(path=path, addr=addr, base=base, head=head, nodes=nodes)
+                 *ENGINE, *extra)
+    c = dict(path=path, addr=addr, base=base, head=head,
+             nodes={1: start_node(path, addr, 1, "prefill", *extra), 2: start_node(path, addr, 2, "decode", *extra)})
 
     def up() -> bool:
         assert head.poll() is None, head.communicate()
@@ -81,6 +84,12 @@ def cluster(tiny_model_dir):
                 p.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model_dir):
+    with running_cluster(tiny_model_dir("llama-gqa")) as c:
+        yield c
 
 
 def complete(base: str, prompt, max_tokens: int, **kw) -> httpx.Response:
@@ -276,42 +285,16 @@ def test_a_head_whose_nodes_do_not_come_says_which(tiny_model_dir):
 def test_tensor_parallel_workers_hand_kv_across_nodes(tiny_model_dir, prompts):
     """Prefill (tp=2) on node 1, decode (tp=2) on node 2: each rank's KV shard crosses to its peer rank."""
     from pdcli import LLM, SamplingParams
+    from pdcli.models.loader import resolve
 
     path = tiny_model_dir("llama-gqa")
-    port, cport = free_port(), free_port()
-    addr, base = f"127.0.0.1:{cport}", f"http://127.0.0.1:{port}"
-    tp = ["-tp", "2"]
-    head = pdcli("serve", "--model", path, "--mode", "disaggregated", "--collocated", "cpu", "--port", str(port),
-                 "--served-model-name", "tiny", "--dist-init-addr", addr, "--nnodes", "3", *ENGINE, *tp)
-    nodes = [pdcli("node", "--model", path, "--dist-init-addr", addr, "--node-rank", str(r), f"--{role}", "cpu",
-                   *ENGINE, *tp) for r, role in ((1, "prefill"), (2, "decode"))]
-
-    def up() -> bool:
-        assert head.poll() is None, head.communicate()
-        try:
-            return httpx.get(f"{base}/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_until(up, 180, "the cluster did not start")
+    with running_cluster(path, "-tp", "2") as c:
         want = [o.outputs[0].token_ids for o in LLM(path, device="cpu", num_kv_blocks=64, block_size=8).generate(
             prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))]
-        from pdcli.models.loader import resolve
-
         decode = resolve(path).tokenizer.decode
-        got = [complete(base, p, 12).json()["choices"][0]["text"] for p in prompts]
+        got = [complete(c["base"], p, 12).json()["choices"][0]["text"] for p in prompts]
         assert got == [decode(ids) for ids in want]
-        text = httpx.get(f"{base}/metrics", timeout=30).text
+        text = httpx.get(f"{c['base']}/metrics", timeout=30).text
         assert f'pdcli_path_requests_total{{path="disaggregated"}} {len(prompts)}' in text
-        free, total = kv_free(base)
+        free, total = kv_free(c["base"])
         assert free == total == 3 * 1024
-    finally:
-        for p in [head, *nodes]:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGINT)
-        for p in [head, *nodes]:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)

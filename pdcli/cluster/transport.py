@@ -55,41 +55,31 @@ def dial(addr: tuple[str, int], key: bytes, timeout: float = HANDSHAKE_S) -> tup
     """Connect to the head and authenticate both ways: (the connection, this side's address on it). A wrong
     secret raises multiprocessing's AuthenticationError."""
     sock = socket.create_connection(addr, timeout=timeout)
-    sock.settimeout(None)
     local = sock.getsockname()[0]
-    _timeout(sock, timeout)
-    conn = Connection(sock.detach())
-    try:
-        answer_challenge(conn, key)
-        deliver_challenge(conn, key)
-    except BaseException:
-        conn.close()
-        raise
-    _timeout_fd(conn, 0)
-    return conn, local
+    return _handshake(sock, key, timeout, head=False), local
 
 
 def accept(sock: socket.socket, key: bytes, timeout: float = HANDSHAKE_S) -> Connection:
     """The head's side of `dial` on an accepted socket."""
+    return _handshake(sock, key, timeout, head=True)
+
+
+def _handshake(sock: socket.socket, key: bytes, timeout: float, head: bool) -> Connection:
+    """The challenge both ways (the head's first), its reads bounded by `timeout`; the socket becomes the
+    connection (a descriptor of the same socket: the option set here holds for both)."""
     sock.settimeout(None)
     _timeout(sock, timeout)
-    conn = Connection(sock.detach())
+    conn = Connection(os.dup(sock.fileno()))
     try:
-        deliver_challenge(conn, key)
-        answer_challenge(conn, key)
+        for step in (deliver_challenge, answer_challenge) if head else (answer_challenge, deliver_challenge):
+            step(conn, key)
+        _timeout(sock, 0)
     except BaseException:
         conn.close()
         raise
-    _timeout_fd(conn, 0)
-    return conn
-
-
-def _timeout_fd(conn: Connection, seconds: float) -> None:
-    s = socket.socket(fileno=os.dup(conn.fileno()))
-    try:
-        _timeout(s, seconds)
     finally:
-        s.close()
+        sock.close()
+    return conn
 
 
 @dataclass(frozen=True)

@@ -124,8 +124,10 @@ class WorkerPool:
         for p in self.live("prefill"):
             peers = {d.spec.rank: d.info.kv_ipc for d in self.live("decode")
                      if (p in new or d in new) and same_gpu(p.spec, d.spec)}
-            if peers:
-                self.send(p, PeerPools(peers)) if self._io_started else p.conn.send(PeerPools(peers))
+            if peers and self._io_started:
+                self.send(p, PeerPools(peers))
+            elif peers:  # at start-up, before the sender threads
+                p.conn.send(PeerPools(peers))
 
     def add_workers(self, handles: list[WorkerHandle]) -> None:
         """Workers that joined from another node (ready, their connections open): served from now on, their

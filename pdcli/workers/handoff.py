@@ -40,6 +40,13 @@ class SendState(enum.Enum):
     SENT_EARLY = "sent early"
 
 
+def _mirror(engine, message) -> None:
+    """A data-plane call for the engine's tensor-parallel followers, on their KV shards (distributed/tp_kv.py);
+    message() is built only when there are followers."""
+    if engine.runner.tp_followers:
+        engine.runner.tp_broadcast(message())
+
+
 @dataclass
 class Outgoing:
     dest: SendKV
@@ -150,7 +157,7 @@ class HandoffSender:
                                 self.transfers.side_stream))
 
     def _send_whole(self, rid: str, blocks: list[int], d: SendKV) -> None:
-        self.engine.runner.tp_broadcast(TPSendKV(rid, blocks, d.dst_rank, d.tag))  # the followers' shards
+        _mirror(self.engine, lambda: TPSendKV(rid, blocks, d.dst_rank, d.tag))
         self._track(send_kv(self.engine.kv_cache, blocks, d.dst_rank, d.tag, rid, self.transfers.side_stream,
                             self.transfers.timing(d.dst_rank), self.groups[(self.rank, d.dst_rank)]))
 
@@ -217,8 +224,8 @@ class HandoffReceiver:
 
     def on_post_receives(self, msg: PostReceives) -> None:
         group = self.groups[(msg.src_rank, self.rank)]
-        self.engine.runner.tp_broadcast(TPRecvKV([(i.request_id, i.num_blocks, i.tag) for i in msg.items],
-                                                 msg.src_rank, msg.layerwise))
+        _mirror(self.engine, lambda: TPRecvKV([(i.request_id, i.num_blocks, i.tag) for i in msg.items], msg.src_rank,
+                                              msg.layerwise))
         for t in recv_kv(self.engine.kv_cache, [(i.request_id, i.num_blocks, i.tag) for i in msg.items], msg.src_rank,
                          msg.layerwise, self.transfers.side_stream, self.transfers.timing(msg.src_rank), group):
             self.receiving.add(t)
@@ -250,7 +257,7 @@ class HandoffReceiver:
         if inc.state is RecvState.WAITING_BLOCKS:
             self.waiting.remove(rid)
         self.receiving = {t for t in self.receiving if t.request_id != rid}  # landing nowhere
-        self.engine.runner.tp_broadcast(TPDropRecv(rid))
+        _mirror(self.engine, lambda: TPDropRecv(rid))
         copying = inc.state is not RecvState.WAITING_BLOCKS and inc.reserve.ipc_copy and inc.kv_bytes is None
         if wait_for_ipc_copy and copying:
             self.incoming[rid] = Incoming(inc.reserve, RecvState.COPY_ABORTED)
@@ -269,7 +276,7 @@ class HandoffReceiver:
         if problem is None and t.bufs[0].shape[2] != len(blocks):
             problem = f"KV of {t.bufs[0].shape[2]} blocks for {len(blocks)} reserved ones"
         if problem is not None:
-            e.runner.tp_broadcast(TPDropRecv(rid))
+            _mirror(e, lambda: TPDropRecv(rid))
             self.incoming.pop(rid, None)
             e.release(rid)
             self.post(RequestFailed(rid, problem))
@@ -277,7 +284,7 @@ class HandoffReceiver:
         buf = t.bufs[0]
         if buf.is_cuda:
             buf.record_stream(torch.cuda.current_stream(buf.device))  # allocated on the side stream
-        e.runner.tp_broadcast(TPScatter(rid, list(blocks)))  # the followers' shards land before the next step
+        _mirror(e, lambda: TPScatter(rid, list(blocks)))  # the followers' shards land before the next step
         scatter_blocks(e.kv_cache, blocks, buf)
         if rid in self.incoming:
             self.incoming[rid].kv_bytes = t.nbytes
