@@ -26,7 +26,7 @@ TRANSFER_STEP_FACTOR = 2.0  # a handoff costs about 2 prefill steps of its lengt
 ALLOC_S_PER_TOKEN = 1e-6  # building and allocating a profiled sequence, per token
 PROBE_STEP_SHARE = 0.02  # of the budget: no probe step doubles past this (its two runs)
 # component -> (points, {shape: distinct values}) the planner asks of a grid: 2x the fit's parameters at least
-PLAN_NEEDS = dict(prefill=(10, dict(n=4, c=3)), decode=(8, dict(batch=3, ctx=2)), mixed=(6, dict(batch=2, n=2)))
+PLAN_NEEDS = dict(prefill=(10, dict(n=4, c=3)), decode=(8, dict(batch=3, ctx=2)), mixed=(6, dict(batch=2, n=3)))
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ def fit(
     for col in ("component", "parameters", "R²", "max rel err", "points"):
         table.add_column(col)
     names = dict(prefill="p0 floor ms, a0 ms, a1 ms/tok, a2 ms/(tok·prefix tok), a3 ms/tok²",
-                 decode="d0 ms, d1 ms/seq, d2 ms/ctx-tok", interference="m0 ms, kd, kp (mixed step)")
+                 decode="d0 ms, d1 ms/seq, d2 ms/ctx-tok", interference="m0 ms, kd, kp, mf ms (mixed step)")
     for comp in ("prefill", "decode", "interference"):
         f = params[comp]
         table.add_row(comp, ", ".join(f"{v:.3g}" for v in f["params"]) + f"  ({names[comp]})", f"{f['r2']:.4f}",

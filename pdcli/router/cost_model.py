@@ -8,9 +8,11 @@ new-token x context-token pair). All times in ms.
                       the cached prefix (a2, paged kernel) and among the new tokens (a3) run at their own
                       rates; p0 is the floor of a short eager step (kernel launches)
   decode(B, S)      = d0 + d1 B + d2 S                            B sequences holding S context tokens in all
-  mixed(B, S, n, c) = m0 + kd (d1 B + d2 S) + kp (a1 n + a2 n c + a3 n^2 / 2)
+  mixed(B, S, n, c) = m0 + kd (d1 B + d2 S) + max(mf, kp (a1 n + a2 n c + a3 n^2 / 2))
                                                                   one step carrying decode rows and a prefill chunk:
-                                                                  its own fixed cost, the two marginal costs scaled
+                                                                  its own fixed cost, the decode rows' marginal cost
+                                                                  scaled, the chunk's work scaled but at least mf (the
+                                                                  weights are read once whatever the chunk)
   transfer(bytes)   = t0 + bytes / (gb_s * 1e6)
 """
 from __future__ import annotations
@@ -35,6 +37,18 @@ def decode_features(b, s) -> np.ndarray:
 def prefill_form(params, n, c) -> np.ndarray:
     p0, a0, *a = params
     return np.maximum(p0, a0 + prefill_marginal_features(n, c) @ np.asarray(a, float))
+
+
+def mixed_params(params) -> tuple[float, float, float, float]:
+    """(m0, kd, kp, mf); params.json files before the floor have three (mf = 0: the sum form)."""
+    m0, kd, kp, *rest = params
+    return m0, kd, kp, (rest[0] if rest else 0.0)
+
+
+def mixed_form(params, dec_marginal, pre_marginal) -> np.ndarray:
+    """A mixed step from its decode rows' marginal cost (d1 B + d2 S) and its chunk's (a1 n + a2 n c + a3 n^2 / 2)."""
+    m0, kd, kp, mf = mixed_params(params)
+    return m0 + kd * np.asarray(dec_marginal, float) + np.maximum(mf, kp * np.asarray(pre_marginal, float))
 
 
 @dataclass
@@ -67,18 +81,59 @@ def fit_linear(x: np.ndarray, y: np.ndarray) -> Fit:
 
 
 def fit_prefill(n, c, y) -> Fit:
-    """prefill_form by relative least squares, non-negative, started from the linear fit of the points
-    above the floor."""
-    y = np.asarray(y, float)
-    x = np.concatenate([np.ones((len(y), 1)), prefill_marginal_features(n, c)], axis=1)
+    """prefill_form by relative least squares, non-negative, in two stages: the floor, fixed cost, per-token and
+    self-attention rates from the steps without a cached prefix, then the prefix-attention rate from what a prefix
+    adds. Fitted all at once, the paged kernel's latency on a few new tokens after a long prefix (one H100: 16
+    tokens after 16k took 26 ms, 9 without) raised the fixed cost and lowered the per-token rate below what the GPU
+    can do (0.0133 ms per token of an 8B model: 1.2 PFLOP/s), and a step of eight 1k prompts was priced at 2/3 of
+    its time. Too few steps without a prefix: all at once."""
+    n, c, y = np.asarray(n, float), np.asarray(c, float), np.asarray(y, float)
+    own = c == 0
+    if own.sum() < 4 or len(np.unique(n[own])) < 3:
+        params = _fit_prefill_joint(n, c, y)
+        return Fit.of(params, y, prefill_form(params, n, c))
+    p0, a0, a1, _, a3 = _fit_prefill_joint(n[own], c[own], y[own], prefix=False)
+    res = least_squares(lambda q: (prefill_form([p0, a0, a1, q[0] * 1e-6, a3], n[~own], c[~own]) - y[~own]) / y[~own],
+                        [1.0], bounds=(0, np.inf))
+    params = [p0, a0, a1, float(res.x[0]) * 1e-6, a3]
+    return Fit.of(params, y, prefill_form(params, n, c))
+
+
+def _fit_prefill_joint(n, c, y, prefix: bool = True) -> list[float]:
+    """[p0, a0, a1, a2, a3] of prefill_form (a2 = 0 without prefix), started from the linear fit of the points above
+    the floor."""
+    cols = [np.ones(len(y)), n, n * c, n * n / 2]
+    x = np.stack(cols if prefix else [cols[0], cols[1], cols[3]], axis=1)
     above = y > 1.5 * y.min()
-    lin = fit_linear(x[above], y[above]) if above.sum() >= 4 else fit_linear(x, y)
-    p_init = np.array([y.min(), *lin.params]) + 1e-12
+    lin = list((fit_linear(x[above], y[above]) if above.sum() >= 4 else fit_linear(x, y)).params)
+    if not prefix:
+        lin.insert(2, 0.0)
+    p_init = np.array([y.min(), *lin]) + 1e-12
     scale = np.maximum(np.abs(p_init), 1e-12)
-    res = least_squares(lambda q: (prefill_form(q * scale, n, c) - y) / y, p_init / scale,
+    free = np.ones(5, bool) if prefix else np.array([1, 1, 1, 0, 1], bool)
+
+    def form(q):
+        p = p_init.copy()
+        p[free] = q * scale[free]
+        return p
+
+    res = least_squares(lambda q: (prefill_form(form(q), n, c) - y) / y, p_init[free] / scale[free],
+                        bounds=(0, np.inf))
+    return [float(v) for v in form(res.x)]
+
+
+def fit_mixed(dec_marginal, pre_marginal, y) -> Fit:
+    """mixed_form by relative least squares, non-negative, started from the sum form's linear fit. The floor
+    matters: on one H100 a chunk of 1024 tokens beside 4 decodes took 25.5 ms, of 4096 108 ms, of 64 8.1 ms; summed
+    (no floor), the 64-token steps pulled m0 up and kp down, and the 1024-token ones came out 14% high."""
+    dec_marginal, pre_marginal, y = (np.asarray(v, float) for v in (dec_marginal, pre_marginal, y))
+    lin = fit_linear(np.stack([np.ones_like(y), dec_marginal, pre_marginal], -1), y)
+    p_init = np.array([*lin.params, 0.5 * y.min()]) + 1e-12
+    scale = np.maximum(np.abs(p_init), 1e-12)
+    res = least_squares(lambda q: (mixed_form(q * scale, dec_marginal, pre_marginal) - y) / y, p_init / scale,
                         bounds=(0, np.inf))
     params = res.x * scale
-    return Fit.of(params, y, prefill_form(params, n, c))
+    return Fit.of(params, y, mixed_form(params, dec_marginal, pre_marginal))
 
 
 # without a measurement: two decode batches on one GPU each read all the weights (~2x each), and a prefill beside
@@ -92,7 +147,7 @@ PREFILL_BESIDE_DECODE = 1.35
 class CostModel:
     prefill: list[float]  # p0, a0, a1, a2, a3
     decode: list[float]  # d0, d1, d2
-    interference: list[float]  # m0, kd, kp (mixed steps)
+    interference: list[float]  # m0, kd, kp, mf (mixed steps; mf absent in older params: 0)
     transfer: dict  # pair kind -> (t0 ms, GB/s)
     max_num_batched_tokens: int
     kv_bytes_per_token: int
@@ -130,29 +185,30 @@ class CostModel:
         return prefill_form(params, n, c)
 
     def prefill_work_ms(self, n, c=0):
-        """What a prompt of n tokens after c cached ones adds to the decode steps it rides on: the mixed step's
-        own overhead beyond a decode step's, and its marginal prefill work scaled as in a mixed step. The decode
+        """What a prompt of n tokens after c cached ones adds to the decode steps it rides on: a mixed step's
+        own overhead and its chunk's work (at least the weights' read) beyond a decode step's fixed cost. The decode
         rows' scale (kd) is left at 1: served runs did not show it (on one H100 a 1024-token prompt added 17-19
-        ms to the steps, this 19 ms; with kd = 3.9, 27 ms)."""
-        m0, _, kp = self.interference
-        return max(0.0, m0 - self.decode[0]) + kp * (prefill_marginal_features(n, c) @ np.asarray(self.prefill[2:], float))
+        ms to the steps, this 19 ms; with kd = 3.9, 23 ms)."""
+        m0, _, kp, mf = mixed_params(self.interference)
+        marginal = prefill_marginal_features(n, c) @ np.asarray(self.prefill[2:], float)
+        return np.maximum(0.0, m0 + np.maximum(mf, kp * marginal) - self.decode[0])
 
     def prefill_work_rate_ms(self, prompts_per_s: float, tokens_per_s: float, sq_tokens_per_s: float) -> float:
         """GPU ms per second of prompts_per_s prompts of tokens_per_s tokens and sq_tokens_per_s squared lengths
-        (no cached prefix): prefill_work_ms summed over them."""
-        m0, _, kp = self.interference
-        return max(0.0, m0 - self.decode[0]) * prompts_per_s + \
-            kp * (self.prefill[2] * tokens_per_s + self.prefill[4] * sq_tokens_per_s / 2)
+        (no cached prefix): prefill_work_ms summed over them, exact when all are on one side of the floor mf, else
+        the sum of the means' (a little less)."""
+        m0, _, kp, mf = mixed_params(self.interference)
+        work = kp * (self.prefill[2] * tokens_per_s + self.prefill[4] * sq_tokens_per_s / 2)
+        return max(0.0, (m0 - self.decode[0]) * prompts_per_s + max(mf * prompts_per_s, work))
 
     def decode_ms(self, b, s):
         return decode_features(b, s) @ np.asarray(self.decode)
 
     def mixed_ms(self, b, s, n, c=0, attention: bool = True):
-        m0, kd, kp = self.interference
         _, d1, d2 = self.decode
         a = np.asarray(self.prefill[2:] if attention else [self.prefill[2], 0.0, 0.0], float)
-        return m0 + kd * (d1 * np.asarray(b, float) + d2 * np.asarray(s, float)) + \
-            kp * (prefill_marginal_features(n, c) @ a)
+        return mixed_form(self.interference, d1 * np.asarray(b, float) + d2 * np.asarray(s, float),
+                          prefill_marginal_features(n, c) @ a)
 
     def step_ms(self, decode_batch: int, decode_ctx: int, chunks: list[tuple[int, int]] = ()) -> float:
         """One engine step: decode_batch sequences holding decode_ctx context tokens and prefill chunks (new
@@ -162,8 +218,9 @@ class CostModel:
         marginal = sum(float(prefill_marginal_features(n, c) @ np.asarray(self.prefill[2:], float)) for n, c in chunks)
         if not decode_batch:
             return max(self.prefill[0], self.prefill[1] + marginal)
-        m0, _, kp = self.interference  # served steps (async scheduling) show the decode rows' scale kd at 1
-        return float(self.decode_ms(decode_batch, decode_ctx)) + max(0.0, m0 - self.decode[0]) + kp * marginal
+        # served steps (async scheduling) show the decode rows' scale kd at 1
+        m0, _, kp, mf = mixed_params(self.interference)
+        return float(self.decode_ms(decode_batch, decode_ctx)) + max(0.0, m0 + max(mf, kp * marginal) - self.decode[0])
 
     def assume_net(self, gbit_s: float | None) -> str | None:
         """Handoffs across nodes ("net") at gbit_s Gbit/s with no start-up cost, where the profile has no

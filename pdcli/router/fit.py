@@ -7,7 +7,7 @@ import os
 import numpy as np
 import torch
 
-from pdcli.router.cost_model import CostModel, decode_features, fit_linear, fit_prefill, prefill_marginal_features
+from pdcli.router.cost_model import CostModel, decode_features, fit_linear, fit_mixed, fit_prefill, prefill_marginal_features
 
 SCHEMA_VERSION = 1  # profile_data.pt
 PARAMS_SCHEMA_VERSION = 2  # params.json (2: prefill floor and separate prefix/self attention rates, mixed-step form)
@@ -39,7 +39,7 @@ def load_profile(folder: str) -> dict:
 # component -> (points, {shape: distinct values}) a fit needs: its parameters + 1, and shapes that pin each term
 FIT_NEEDS = dict(prefill=(6, {"chunk size": 3, "prefix context": 2}),
                  decode=(4, {"batch size": 2, "context per sequence": 2}),
-                 mixed=(4, {"batch size": 2, "chunk size": 2}))
+                 mixed=(5, {"batch size": 2, "chunk size": 3}))
 COMPONENT_NAMES = dict(prefill="prefill", decode="decode", mixed="mixed steps (interference)")
 DEFAULT_MAX_SECONDS = 120.0  # `pdcli profile --max-seconds`
 
@@ -104,7 +104,7 @@ def fit_profile(data: dict, folder: str | None = None) -> dict:
     _, d1, d2 = decode.params
     dec_marg = d1 * np.asarray(m["batch"], float) + d2 * np.asarray(m["ctx"], float)
     pre_marg = prefill_marginal_features(m["n"], m["c"]) @ np.asarray(prefill.params[2:])
-    inter = fit_linear(np.stack([np.ones_like(dec_marg), dec_marg, pre_marg], -1), np.asarray(m["ms"], float))
+    inter = fit_mixed(dec_marg, pre_marg, np.asarray(m["ms"], float))
     transfer = {}
     for pair, t in data["transfer"].items():
         # median of the repeats of each size: a first (warm-up) transfer can be 20x the others

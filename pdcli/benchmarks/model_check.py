@@ -1,0 +1,55 @@
+"""The cost model against the committed runs, in one command: `pdcli replay` (the router's predictions) and
+`pdcli plan --validate` (the simulator) on every run the issues name, each with the profile it ran with ->
+results/router/replay_committed_runs.json and results/plan_validation.json. CPU only; seconds."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pdcli.benchmarks.results import provenance, write
+
+H100 = "profiles/nvidia-h100-80gb-hbm3/dummy-llama3-8b"
+H200 = "profiles/nvidia-h200/dummy-llama3-8b"
+# (run folder, the profile it ran with); not the superseded sweep_2xh200, router_validation_2xh200,
+# distserve_3of4xh200
+REPLAY_RUNS = (("results/bench/h100_sweep_fresh", H100), ("results/multi_gpu/sweep_2xh100", H100),
+               ("results/multi_gpu/distserve_2xh100", H100))
+PLAN_RUNS = (("results/multi_gpu/sweep_2xh100", H100), ("results/bench/h100_sweep_fresh", H100),
+             ("results/multi_gpu/distserve_2xh100", H100), ("results/router/h200_bimodal_first", H200))
+NOT_VALIDATED = {"results/bench/h100_mps": "recorded no per-request records (no --save-detailed)"}
+
+
+def replay_committed(runs=REPLAY_RUNS) -> dict:
+    from pdcli.router.fit import load_cost_model
+    from pdcli.router.replay import load_runs, replay_table
+
+    return {folder: replay_table(load_runs(folder), load_cost_model(params)) for folder, params in runs}
+
+
+def validate_committed(runs=PLAN_RUNS) -> tuple[list[dict], dict]:
+    from pdcli.plan.validate import summarize_validation, validate_runs
+    from pdcli.router.fit import load_cost_model
+
+    rows = []
+    for folder, params in runs:
+        rows += [dict(r, params_dir=params) for r in validate_runs(folder, load_cost_model(params))]
+    return rows, summarize_validation(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default="results")
+    args = ap.parse_args(argv)
+    prov = provenance("pdcli.benchmarks.model_check", argv)
+    replays = dict(params_dir=dict(REPLAY_RUNS), runs=replay_committed(), provenance=prov,
+                   note="state 'rebuilt': these runs recorded no loads")
+    print(f"replay -> {write(args.out + '/router', 'replay_committed_runs', replays)}")
+    rows, summary = validate_committed()
+    path = write(args.out, "plan_validation", dict(summary=summary, rows=rows, not_validated=NOT_VALIDATED,
+                                                   provenance=prov))
+    print(f"plan validation -> {path}")
+    print({k: v for k, v in summary.items() if k != "highest_rates"})
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
