@@ -18,6 +18,12 @@ def cache_dir() -> str:
     return os.environ.get("PDCLI_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "pdcli"))
 
 
+def prefill_kernel() -> str:
+    """The paged prefill attention kernel: "mma" (default: mma.sync, any sm_80+ GPU) or "wgmma"
+    (PDCLI_PREFILL_KERNEL=wgmma: Hopper's tensor cores where the build has them; not yet measured on a GPU)."""
+    return "wgmma" if os.environ.get("PDCLI_PREFILL_KERNEL", "").strip().lower() == "wgmma" else "mma"
+
+
 def gemv_mode() -> str:
     """The skinny-matmul kernel for linears with 1-4 rows: "tuned" (default: where it beat cuBLAS when timed
     per shape at start), "off" (PDCLI_GEMV=0: cuBLAS always), "always" (PDCLI_GEMV=always: A/B runs, tests)."""

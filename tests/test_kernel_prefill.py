@@ -45,14 +45,14 @@ def make_case(q_lens, prefixes, num_heads, num_kv_heads, head_dim, block_size, d
 
 
 def check(mod, q_lens, prefixes, num_heads, num_kv_heads, head_dim, block_size, dtype, max_query_len=None,
-          seed=0):
+          seed=0, fn=None):
     q, k_cache, v_cache, tables, context_lens, qsl = make_case(q_lens, prefixes, num_heads, num_kv_heads, head_dim,
                                                                block_size, dtype, seed)
     max_query_len = max_query_len or max(q_lens)
     max_context_len = int(context_lens.max())
     scale = head_dim ** -0.5
     out = torch.full_like(q, float("nan"))
-    mod.prefill_attention(out, q, k_cache, v_cache, tables, context_lens, qsl, max_query_len, scale)
+    (fn or mod.prefill_attention)(out, q, k_cache, v_cache, tables, context_lens, qsl, max_query_len, scale)
     torch.cuda.synchronize()
     assert torch.isfinite(out).all(), "some output elements were not written (or are inf/nan)"
 
@@ -106,6 +106,32 @@ def test_prefill_rejects_bad_head_dim(mod):
     q = torch.randn(4, 2, 96, dtype=torch.bfloat16, device="cuda")
     with pytest.raises(RuntimeError):
         mod.prefill_attention(torch.empty_like(q), q, k_cache, v_cache, tables, context_lens, qsl, 4, 0.1)
+
+
+@pytest.fixture(scope="module")
+def wgmma(mod):
+    if not mod.has_prefill_attention_wgmma(128):
+        pytest.skip("this build has no wgmma prefill kernel (it needs an sm_90a GPU)")
+    return mod.prefill_attention_wgmma
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_wgmma_prefill_matches_reference(mod, wgmma, dtype, group, block_size):
+    check(mod, Q_LENS, PREFIXES, 2 * group, 2, 128, block_size, dtype, fn=wgmma)
+
+
+def test_wgmma_prefill_long_and_padded(mod, wgmma):
+    # many key tiles (and query tiles) after a long prefix, a fresh prompt, a tile that crosses 4k
+    check(mod, [1000, 777, 4100], [1500, 0, 300], 8, 2, 128, 16, torch.bfloat16, seed=1, fn=wgmma)
+    check(mod, [3, 129, 1], [10, 0, 5], 4, 4, 128, 8, torch.float16, max_query_len=133, seed=2, fn=wgmma)
+
+
+def test_wgmma_prefill_rejects_head_dim_64(mod, wgmma):
+    q, k_cache, v_cache, tables, context_lens, qsl = make_case([4], [0], 2, 2, 64, 16, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="wgmma"):
+        wgmma(torch.empty_like(q), q, k_cache, v_cache, tables, context_lens, qsl, 4, 0.1)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -88,6 +88,10 @@ def test_plan_and_validate_commands(tmp_path):
     lays = {lay.name: lay for lay in enumerate_layouts(1, 8)}
     assert [s.role for s in lays["adaptive-CPD-shared"].specs] == ["collocated", "prefill", "decode"]
     assert len({s.device for s in lays["adaptive-CPD-shared"].specs}) == 1
+    across = json.loads(CliRunner().invoke(app, ["plan", "--params-dir", str(params), "--gpus-per-node", "1",
+                                                 "--net-gbps", "100", "--layouts", "1P1D", "--arrival-rate", "1",
+                                                 "--duration", "5", "--json"]).stdout)
+    assert any("100.0 Gbit/s (--net-gbps)" in a for a in across["assumptions"])  # said, though the run adds "net"
     r = CliRunner().invoke(app, ["plan", "--params-dir", str(params), "--layouts", "3Q"])
     assert r.exit_code == 2 and "bad layout" in r.stderr
     run = tmp_path / "run"  # a recorded run: the simulation follows its paths

@@ -11,6 +11,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from pdcli import envs
 from pdcli.benchmarks.device import copy_bandwidth, device_slug, matmul_rate, time_us
 from pdcli.benchmarks.results import provenance, write
 from pdcli.kernels import build, reference
@@ -130,7 +131,13 @@ def bench_gemv(mod, m, name, dtype=torch.bfloat16, copy_bw=None):
 PREFILL_LENS = (2048, 8192, 32768)
 
 
-def bench_prefill(mod, seq_len, hq=32, hk=8, d=128, block_size=16, dtype=torch.bfloat16):
+def prefill_kernels(mod, head_dim: int = 128) -> list[str]:
+    """The prefill attention kernels this build has: "mma" (mma.sync), and "wgmma" on an sm_90a GPU."""
+    return ["mma", *(["wgmma"] if mod.has_prefill_attention_wgmma(head_dim) else [])]
+
+
+def bench_prefill(mod, seq_len, hq=32, hk=8, d=128, block_size=16, dtype=torch.bfloat16, kernel="mma"):
+    fn = mod.prefill_attention_wgmma if kernel == "wgmma" else mod.prefill_attention
     gen = torch.Generator(device="cuda").manual_seed(seq_len)
     kc, vc, tables, k, v = make_paged(1, seq_len, hk, d, block_size, dtype, gen)
     q = torch.randn(seq_len, hq, d, generator=gen, device="cuda", dtype=dtype)
@@ -140,16 +147,16 @@ def bench_prefill(mod, seq_len, hq=32, hk=8, d=128, block_size=16, dtype=torch.b
     flops = 4 * hq * d * seq_len * (seq_len + 1) / 2  # causal: QK^T and PV over the lower triangle
     sdpa = lambda: F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, is_causal=True, scale=scale,  # noqa: E731
                                                   enable_gqa=True)
-    row = dict(seq_len=seq_len, hq=hq, hk=hk, head_dim=d, sdpa_us=time_us(sdpa, iters=10))
+    row = dict(seq_len=seq_len, kernel=kernel, hq=hq, hk=hk, head_dim=d, sdpa_us=time_us(sdpa, iters=10))
     row["sdpa_tflops"] = flops / row["sdpa_us"] / 1e6
     out = torch.full_like(q, float("nan"))
-    mod.prefill_attention(out, q, kc, vc, tables, lens, qsl, seq_len, scale)
+    fn(out, q, kc, vc, tables, lens, qsl, seq_len, scale)
     ref = sdpa()[0].transpose(0, 1)
     # fp32 truth per chunk of queries (the math path's SDPA would ask for 128 GiB at 32k)
     ref32 = reference.paged_attention_fp32_chunked(q, kc, vc, tables, lens, qsl, scale)
     row.update(rel_err=rel_err(out, ref32), sdpa_rel_err=rel_err(ref, ref32))
     row["correct"] = bool(row["rel_err"] <= 2 * row["sdpa_rel_err"] + 1e-3 and not out.isnan().any())
-    row["us"] = time_us(lambda: mod.prefill_attention(out, q, kc, vc, tables, lens, qsl, seq_len, scale), iters=10)
+    row["us"] = time_us(lambda: fn(out, q, kc, vc, tables, lens, qsl, seq_len, scale), iters=10)
     row["tflops"] = flops / row["us"] / 1e6
     return row
 
@@ -164,7 +171,7 @@ def print_decode(r: dict) -> None:
 
 
 def print_prefill(r: dict) -> None:
-    print(f"prefill {r['seq_len']:>5}: ours {r['tflops']:6.1f} TFLOP/s  sdpa {r['sdpa_tflops']:6.1f} "
+    print(f"prefill {r['seq_len']:>5} {r['kernel']:>5}: ours {r['tflops']:6.1f} TFLOP/s  sdpa {r['sdpa_tflops']:6.1f} "
           f"TFLOP/s correct={r['correct']}")
 
 
@@ -190,7 +197,7 @@ def bench_all(mod, copy_bw: float) -> dict[str, list[dict]]:
     decode.append(bench_decode(mod, 64, 4096, dtype=torch.float16, copy_bw=copy_bw))
     decode.append(bench_decode(mod, 64, 4096, copy_bw=copy_bw, shuffle=False))
     store = [bench_store(mod, n) for n in (64, 512, 4096, 16384)]
-    prefill = [bench_prefill(mod, n) for n in PREFILL_LENS]
+    prefill = [bench_prefill(mod, n, kernel=k) for k in prefill_kernels(mod) for n in PREFILL_LENS]
     gemv = [bench_gemv(mod, m, name, copy_bw=copy_bw) for m in (1, 4) for name in GEMV_SHAPES]
     for r in decode:
         print_decode(r)
@@ -205,19 +212,22 @@ def bench_all(mod, copy_bw: float) -> dict[str, list[dict]]:
 
 def summary(decode: list[dict], prefill: list[dict]) -> dict:
     """The headline figures: B64 ctx4k decode attention (shuffled and in-order blocks, each beside SDPA), B1
-    ctx32k decode's share of copy bandwidth and 8k prefill TFLOP/s."""
+    ctx32k decode's share of copy bandwidth, 8k and 32k prefill TFLOP/s of the kernel the engine runs
+    (envs.prefill_kernel) and, where the build has it, of the wgmma kernel."""
     d64 = decode[0]  # bf16, shuffled blocks
     d64_in_order = next(r for r in decode if r["batch"] == 64 and r["blocks"] == "in order")
     d1 = next(r for r in decode if r["batch"] == 1 and r["ctx"] == 32768)
-    p8 = next(r for r in prefill if r["seq_len"] == 8192)
-    p32 = next(r for r in prefill if r["seq_len"] == 32768)
+    engine = envs.prefill_kernel() if any(r["kernel"] == "wgmma" for r in prefill) else "mma"
+    p8, p32 = (next(r for r in prefill if r["seq_len"] == n and r["kernel"] == engine) for n in (8192, 32768))
+    wgmma = {f"prefill_attn_{n // 1024}k_wgmma_tflops": r["tflops"] for r in prefill for n in (8192, 32768)
+             if r["kernel"] == "wgmma" and r["seq_len"] == n}
     return dict(device=torch.cuda.get_device_name(), kernel_path="cuda",
                 decode_attn_b64_ctx4k_us=d64["us"], decode_attn_b64_ctx4k_sdpa_us=d64["sdpa_contiguous_us"],
                 decode_attn_b64_ctx4k_in_order_us=d64_in_order["us"],
                 decode_attn_b64_ctx4k_in_order_sdpa_us=d64_in_order["sdpa_contiguous_us"],
                 decode_attn_b1_ctx32k_bw_frac=d1["frac_copy_bw"], prefill_attn_8k_tflops=p8["tflops"],
                 prefill_attn_8k_sdpa_tflops=p8["sdpa_tflops"], prefill_attn_32k_tflops=p32["tflops"],
-                prefill_attn_32k_sdpa_tflops=p32["sdpa_tflops"])
+                prefill_attn_32k_sdpa_tflops=p32["sdpa_tflops"], prefill_attn_kernel=engine, **wgmma)
 
 
 def main(argv=None) -> int:
@@ -227,7 +237,7 @@ def main(argv=None) -> int:
         return 2
     mod = build.load()
     if args.prefill_only:
-        for r in [bench_prefill(mod, n) for n in PREFILL_LENS]:
+        for r in [bench_prefill(mod, n, kernel=k) for k in prefill_kernels(mod) for n in PREFILL_LENS]:
             print_prefill(r)
         return 0
     if args.gemv_only:

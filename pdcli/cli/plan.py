@@ -54,8 +54,8 @@ def plan(
         fail("--find-max-rate needs an SLO (--slo-ttft-ms, --slo-tpot-ms) and two --arrival-rate bounds")
     run = _runner(cm, workload, duration, seed, slos, burstiness, net_gbps, slo_ttft_ms, slo_tpot_ms,
                   slo_ttft_per_token_ms)
+    assumptions = _assumptions(cm, lays, net_gbps)  # before simulating: the simulator adds the assumed "net" pair
     rows, highest = _simulate(lays, rates, run, find_max_rate)
-    assumptions = _assumptions(cm, lays, net_gbps)
     _report(rows, highest, lays, assumptions, out, as_json)
 
 

@@ -21,7 +21,10 @@ void launch_decode_attention(void* out, float* part_o, float* part_lse, const vo
 void launch_prefill_attention(void* out, const void* q, const void* k_cache, const void* v_cache,
                               const int* block_tables, const int* context_lens, const int* query_start_loc,
                               int num_heads, int num_kv_heads, int head_dim, int table_width, int block_size,
-                              int batch, int max_query_len, float scale, bool bf16, cudaStream_t stream);
+                              int batch, int max_query_len, float scale, bool bf16, bool wgmma, cudaStream_t stream);
+namespace pdcli {
+bool prefill_attention_sm90_available(int head_dim);
+}
 void launch_rms_norm(void* out, void* residual, void* x, const void* weight, int64_t rows, int dim, int64_t x_stride,
                      int64_t out_stride, int64_t res_stride, float eps, bool bf16, cudaStream_t stream);
 void launch_silu_and_mul(void* out, const void* x, int64_t rows, int d, int64_t x_stride, int64_t out_stride, bool bf16,
@@ -270,10 +273,11 @@ void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
 // Varlen chunked prefill: sequence b's new tokens q[query_start_loc[b]:query_start_loc[b+1]] attend causally
 // (bottom-right aligned) to its context_lens[b] cached tokens, which include themselves.
 // out, q [T, Hq, D] contiguous; query_start_loc [B + 1] int32; max_query_len >= every q_len, <= T.
-void prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                       torch::Tensor block_tables, torch::Tensor context_lens, torch::Tensor query_start_loc,
-                       int64_t max_query_len, double scale) {
-  const char* op = "prefill_attention";
+// wgmma: the sm_90a kernel (prefill_attention_wgmma; has_prefill_attention_wgmma says whether this build has it).
+void prefill_attention_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                            torch::Tensor block_tables, torch::Tensor context_lens, torch::Tensor query_start_loc,
+                            int64_t max_query_len, double scale, bool wgmma) {
+  const char* op = wgmma ? "prefill_attention_wgmma" : "prefill_attention";
   check_cache(q, k_cache, v_cache, op);
   check_heads(q, k_cache, op);
   TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && out.sizes() == q.sizes() &&
@@ -285,6 +289,8 @@ void prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache
                   query_start_loc.scalar_type() == torch::kInt32 && query_start_loc.is_contiguous(), op,
               ": query_start_loc must be contiguous int32 [B + 1]");
   TORCH_CHECK(T * q.size(1) * q.size(2) < (int64_t(1) << 62), op, ": q too large");
+  TORCH_CHECK(!wgmma || pdcli::prefill_attention_sm90_available(int(q.size(2))), op,
+              ": this build has no wgmma kernel for head_dim ", num(q.size(2)), " (it needs sm_90a and head_dim 128)");
   if (T == 0 || B == 0 || max_query_len <= 0) return;
   TORCH_CHECK(max_query_len <= T && max_query_len <= 65535LL * 128, op, ": max_query_len ", num(max_query_len),
               " exceeds the number of tokens ", num(T), " or 65535 * 128");
@@ -292,8 +298,24 @@ void prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache
   launch_prefill_attention(out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr<int>(),
                            context_lens.data_ptr<int>(), query_start_loc.data_ptr<int>(), q.size(1), k_cache.size(2),
                            q.size(2), block_tables.size(1), k_cache.size(1), B, max_query_len, float(scale),
-                           q.scalar_type() == torch::kBFloat16, at::cuda::getCurrentCUDAStream());
+                           q.scalar_type() == torch::kBFloat16, wgmma, at::cuda::getCurrentCUDAStream());
 }
+
+void prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                       torch::Tensor block_tables, torch::Tensor context_lens, torch::Tensor query_start_loc,
+                       int64_t max_query_len, double scale) {
+  prefill_attention_impl(out, q, k_cache, v_cache, block_tables, context_lens, query_start_loc, max_query_len, scale,
+                         false);
+}
+
+void prefill_attention_wgmma(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                             torch::Tensor block_tables, torch::Tensor context_lens, torch::Tensor query_start_loc,
+                             int64_t max_query_len, double scale) {
+  prefill_attention_impl(out, q, k_cache, v_cache, block_tables, context_lens, query_start_loc, max_query_len, scale,
+                         true);
+}
+
+bool has_prefill_attention_wgmma(int64_t head_dim) { return pdcli::prefill_attention_sm90_available(int(head_dim)); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("copy_blocks", &copy_blocks, "KV blocks from src[:, src_idx] to dst[:, dst_idx] (16-byte copies)");
@@ -302,6 +324,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention_num_splits", &decode_attention_num_splits,
         "split-KV count decode_attention picks for (batch, kv heads, max context, head_dim)");
   m.def("prefill_attention", &prefill_attention, "paged varlen causal prefill attention");
+  m.def("prefill_attention_wgmma", &prefill_attention_wgmma, "the same on Hopper tensor cores (wgmma, sm_90a)");
+  m.def("has_prefill_attention_wgmma", &has_prefill_attention_wgmma,
+        "whether this build has prefill_attention_wgmma for head_dim");
   m.def("rms_norm", &rms_norm, "RMSNorm");
   m.def("fused_add_rms_norm", &fused_add_rms_norm, "residual add + RMSNorm, in place");
   m.def("silu_and_mul", &silu_and_mul, "SiLU(gate) * up");

@@ -18,6 +18,7 @@
 #include <type_traits>
 
 #include "mma.cuh"
+#include "prefill_params.cuh"
 
 namespace {
 
@@ -50,24 +51,8 @@ struct Traits {
   static_assert(kKVRowStep % 8 == 0 && kBlockN % kKVRowStep == 0 && kThreads >= kBlockN, "K/V loads");
 };
 
-struct Params {
-  void* out;            // [T, Hq, D]
-  const void* q;        // [T, Hq, D]
-  const void* k_cache;  // [num_blocks, block_size, Hk, D]
-  const void* v_cache;
-  const int* block_tables;     // [B, W]
-  const int* context_lens;     // [B], includes the new tokens
-  const int* query_start_loc;  // [B + 1]
-  int num_heads;     // Hq
-  int num_kv_heads;  // Hk
-  int group;         // Hq / Hk
-  int table_width;   // W
-  int block_shift;   // log2(block_size)
-  float scale_log2;  // softmax scale * log2(e)
-};
-
 template <typename T, typename Tr>
-__global__ void __launch_bounds__(Tr::kThreads, 2) prefill_attention_kernel(const Params p) {
+__global__ void __launch_bounds__(Tr::kThreads, 2) prefill_attention_kernel(const PrefillParams p) {
   constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, kChunks = Tr::kChunks;
   constexpr int MT = Tr::kMTiles, NT = Tr::kNTiles, DT = Tr::kDTiles;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -313,7 +298,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 2) prefill_attention_kernel(cons
 }
 
 template <typename T, typename Tr>
-void launch(const Params& p, int batch, int max_query_len, cudaStream_t stream) {
+void launch(const PrefillParams& p, int batch, int max_query_len, cudaStream_t stream) {
   auto kernel = prefill_attention_kernel<T, Tr>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes));
   const dim3 grid(p.num_heads, batch, (max_query_len + Tr::kBlockM - 1) / Tr::kBlockM);
@@ -340,7 +325,7 @@ int d128_tile() {
 }
 
 template <typename T>
-void dispatch_head_dim(const Params& p, int head_dim, int batch, int max_query_len, cudaStream_t stream) {
+void dispatch_head_dim(const PrefillParams& p, int head_dim, int batch, int max_query_len, cudaStream_t stream) {
   if (head_dim == 64) {
     launch<T, Traits<64, 128, 64, 4>>(p, batch, max_query_len, stream);
     return;
@@ -355,12 +340,13 @@ void dispatch_head_dim(const Params& p, int head_dim, int batch, int max_query_l
 
 }  // namespace
 
-// Inputs are validated by the caller (bindings.cpp); errors here come only from the CUDA runtime.
+// Inputs are validated by the caller (bindings.cpp); errors here come only from the CUDA runtime. wgmma: the
+// sm_90a kernel (prefill_attention_sm90.cu; the caller checked prefill_attention_sm90_available).
 void launch_prefill_attention(void* out, const void* q, const void* k_cache, const void* v_cache,
                               const int* block_tables, const int* context_lens, const int* query_start_loc,
                               int num_heads, int num_kv_heads, int head_dim, int table_width, int block_size,
-                              int batch, int max_query_len, float scale, bool bf16, cudaStream_t stream) {
-  Params p;
+                              int batch, int max_query_len, float scale, bool bf16, bool wgmma, cudaStream_t stream) {
+  PrefillParams p;
   p.out = out;
   p.q = q;
   p.k_cache = k_cache;
@@ -376,6 +362,10 @@ void launch_prefill_attention(void* out, const void* q, const void* k_cache, con
   while ((1 << shift) < block_size) ++shift;
   p.block_shift = shift;
   p.scale_log2 = scale * 1.4426950408889634f;  // log2(e)
+  if (wgmma) {
+    pdcli::launch_prefill_attention_sm90(p, batch, max_query_len, bf16, stream);
+    return;
+  }
   if (bf16)
     dispatch_head_dim<__nv_bfloat16>(p, head_dim, batch, max_query_len, stream);
   else

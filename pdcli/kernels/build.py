@@ -19,8 +19,8 @@ from pdcli import envs
 logger = logging.getLogger("pdcli.kernels")
 
 CSRC = os.path.join(os.path.dirname(os.path.dirname(__file__)), "csrc")
-SOURCES = ("bindings.cpp", "store_kvcache.cu", "decode_attention.cu", "prefill_attention.cu", "layernorm.cu",
-           "activation.cu", "rotary.cu", "gemv.cu", "copy_blocks.cu")
+SOURCES = ("bindings.cpp", "store_kvcache.cu", "decode_attention.cu", "prefill_attention.cu",
+           "prefill_attention_sm90.cu", "layernorm.cu", "activation.cu", "rotary.cu", "gemv.cu", "copy_blocks.cu")
 
 
 class KernelUnavailable(RuntimeError):
@@ -119,7 +119,8 @@ def _build(name: str, build_dir: str, arch: str):
                   build_directory=build_dir, extra_cflags=["-O3", "-std=c++17"],
                   extra_cuda_cflags=["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
                                      "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__",
-                                     "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF_CONVERSIONS__"],
+                                     "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+                                     *arch_flags(arch)],
                   verbose=False)
     start = time.perf_counter()
     try:
@@ -132,6 +133,13 @@ def _build(name: str, build_dir: str, arch: str):
     except Exception as e:  # a compiler error is reported, then the reference path takes over
         raise KernelUnavailable(f"kernel build failed: {str(e).splitlines()[-1] if str(e) else e!r}") from e
     return module
+
+
+def arch_flags(arch: str) -> list[str]:
+    """nvcc flags of the target: on Hopper (9.0) sm_90a, whose wgmma the prefill kernel uses (named here: an
+    arch flag of ours makes torch add none of its own, and not every torch knows "9.0a"); else torch's from
+    TORCH_CUDA_ARCH_LIST."""
+    return ["-gencode=arch=compute_90a,code=sm_90a", "-DPDCLI_SM90A"] if arch == "9.0" else []
 
 
 _warned = False
