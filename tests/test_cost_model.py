@@ -8,7 +8,8 @@ import torch
 
 from pdcli.router.adaptive import AdaptiveRouter
 from pdcli.router.load import WorkerLoad
-from pdcli.router.cost_model import CostModel, decode_features, fit_prefill, prefill_form, prefill_marginal_features
+from pdcli.router.cost_model import (CostModel, decode_features, fit_prefill, mixed_form, prefill_form,
+                                     prefill_marginal_features)
 from pdcli.router.fit import SCHEMA_VERSION, ProfileError, fit_profile, load_cost_model, load_profile, write_params
 from pdcli.router.predictor import NIG, OutputLengthPredictor
 
@@ -70,8 +71,17 @@ def test_fitter_recovers_known_parameters():
     assert prefill_marginal_features([3], [5]).tolist() == [[3, 15, 4.5]]  # [n, n c, n^2 / 2]
     assert prefill_form(TRUE["prefill"], pre["n"], pre["c"]) == pytest.approx(pre["ms"], rel=1e-12)
     assert decode_features(dec["batch"], dec["ctx"]) @ TRUE["decode"] == pytest.approx(dec["ms"], rel=1e-12)
+    d1, d2 = TRUE["decode"][1:]
+    dec = d1 * np.array(mix["batch"]) + d2 * np.array(mix["ctx"])
+    pre = prefill_marginal_features(mix["n"], mix["c"]) @ np.array(TRUE["prefill"][2:])
+    assert mixed_form(TRUE["mixed"], dec, pre) == pytest.approx(mix["ms"], rel=1e-12)
+    # served (the router, the planner): the decode step plus the chunk's work beyond its fixed cost, kd at 1
     cm = CostModel(TRUE["prefill"], TRUE["decode"], TRUE["mixed"], {}, 8192, 4096)
-    assert cm.mixed_ms(mix["batch"], mix["ctx"], mix["n"], mix["c"]) == pytest.approx(mix["ms"], rel=1e-12)
+    m0, _, kp, mf = TRUE["mixed"]
+    decode_step = cm.decode_ms(np.array(mix["batch"]), np.array(mix["ctx"]))
+    served = decode_step + np.maximum(0, m0 + np.maximum(mf, kp * pre) - TRUE["decode"][0])
+    assert cm.mixed_ms(mix["batch"], mix["ctx"], mix["n"], mix["c"]) == pytest.approx(served, rel=1e-12)
+    assert cm.step_ms(8, 8 * 1024, [(1024, 0)]) == pytest.approx(float(cm.mixed_ms(8, 8 * 1024, 1024)), rel=1e-12)
     # and the fit of a noisy profile recovers the parameters
     params = fit_profile(synthetic_profile())
     assert params["prefill"]["params"] == pytest.approx(TRUE["prefill"], rel=0.1)

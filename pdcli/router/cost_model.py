@@ -205,10 +205,16 @@ class CostModel:
         return decode_features(b, s) @ np.asarray(self.decode)
 
     def mixed_ms(self, b, s, n, c=0, attention: bool = True):
-        _, d1, d2 = self.decode
+        """A served step of b decode rows holding s context tokens and a chunk of n tokens after c cached ones:
+        the decode step plus the chunk's work beyond its fixed cost (prefill_work_ms: kd, the profiled eager
+        steps' scale of the decode rows, did not show in served runs)."""
         a = np.asarray(self.prefill[2:] if attention else [self.prefill[2], 0.0, 0.0], float)
-        return mixed_form(self.interference, d1 * np.asarray(b, float) + d2 * np.asarray(s, float),
-                          prefill_marginal_features(n, c) @ a)
+        return self._served_mixed(b, s, prefill_marginal_features(n, c) @ a)
+
+    def _served_mixed(self, b, s, marginal):
+        m0, _, kp, mf = mixed_params(self.interference)
+        return self.decode_ms(b, s) + np.maximum(0.0, m0 + np.maximum(mf, kp * np.asarray(marginal, float)) -
+                                                 self.decode[0])
 
     def step_ms(self, decode_batch: int, decode_ctx: int, chunks: list[tuple[int, int]] = ()) -> float:
         """One engine step: decode_batch sequences holding decode_ctx context tokens and prefill chunks (new
@@ -218,9 +224,7 @@ class CostModel:
         marginal = sum(float(prefill_marginal_features(n, c) @ np.asarray(self.prefill[2:], float)) for n, c in chunks)
         if not decode_batch:
             return max(self.prefill[0], self.prefill[1] + marginal)
-        # served steps (async scheduling) show the decode rows' scale kd at 1
-        m0, _, kp, mf = mixed_params(self.interference)
-        return float(self.decode_ms(decode_batch, decode_ctx)) + max(0.0, m0 + max(mf, kp * marginal) - self.decode[0])
+        return float(self._served_mixed(decode_batch, decode_ctx, marginal))
 
     def assume_net(self, gbit_s: float | None) -> str | None:
         """Handoffs across nodes ("net") at gbit_s Gbit/s with no start-up cost, where the profile has no
