@@ -128,6 +128,20 @@ def test_wgmma_prefill_long_and_padded(mod, wgmma):
     check(mod, [3, 129, 1], [10, 0, 5], 4, 4, 128, 8, torch.float16, max_query_len=133, seed=2, fn=wgmma)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_wgmma_products_on_one_tile(mod, wgmma, dtype):
+    """The kernel's two wgmma forms apart (wgmma_probe): S = A K^T from K-major tiles, O = half(S) V with S's
+    accumulators as the register operand and V N-major; against fp32 matmuls of the same inputs."""
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    a, k, v = (torch.randn(n, 128, generator=gen, device="cuda").to(dtype) for n in (64, 128, 128))
+    s_out, o_out = (torch.full((64, 128), float("nan"), device="cuda") for _ in range(2))
+    mod.wgmma_probe(a, k, v, s_out, o_out)
+    s_ref = a.float() @ k.float().T
+    torch.testing.assert_close(s_out, s_ref, rtol=1e-4, atol=1e-3)  # fp32 accumulation of exact products
+    o_ref = s_ref.to(dtype).float() @ v.float()
+    torch.testing.assert_close(o_out, o_ref, rtol=1e-3, atol=0.5)  # the rounding of S to dtype apart
+
+
 def test_wgmma_prefill_rejects_head_dim_64(mod, wgmma):
     q, k_cache, v_cache, tables, context_lens, qsl = make_case([4], [0], 2, 2, 64, 16, torch.bfloat16)
     with pytest.raises(RuntimeError, match="wgmma"):

@@ -24,6 +24,8 @@ void launch_prefill_attention(void* out, const void* q, const void* k_cache, con
                               int batch, int max_query_len, float scale, bool bf16, bool wgmma, cudaStream_t stream);
 namespace pdcli {
 bool prefill_attention_sm90_available(int head_dim);
+void launch_wgmma_probe(const void* a, const void* k, const void* v, float* s_out, float* o_out, bool bf16,
+                        cudaStream_t stream);
 }
 void launch_rms_norm(void* out, void* residual, void* x, const void* weight, int64_t rows, int dim, int64_t x_stride,
                      int64_t out_stride, int64_t res_stride, float eps, bool bf16, cudaStream_t stream);
@@ -317,6 +319,26 @@ void prefill_attention_wgmma(torch::Tensor out, torch::Tensor q, torch::Tensor k
 
 bool has_prefill_attention_wgmma(int64_t head_dim) { return pdcli::prefill_attention_sm90_available(int(head_dim)); }
 
+// The wgmma kernel's two products on one tile: s_out = a k^T, o_out = half(s_out) v (fp32 [64, 128] each);
+// a [64, 128], k and v [128, 128], contiguous, bf16 or fp16 alike, on one GPU.
+void wgmma_probe(torch::Tensor a, torch::Tensor k, torch::Tensor v, torch::Tensor s_out, torch::Tensor o_out) {
+  const char* op = "wgmma_probe";
+  TORCH_CHECK(pdcli::prefill_attention_sm90_available(128), op, ": this build has no wgmma kernel (it needs sm_90a)");
+  for (const auto& t : {a, k, v})
+    TORCH_CHECK(t.is_cuda() && t.is_contiguous() && t.dim() == 2 && t.size(1) == 128 && t.device() == a.device() &&
+                    t.scalar_type() == a.scalar_type() &&
+                    (t.scalar_type() == torch::kBFloat16 || t.scalar_type() == torch::kHalf), op,
+                ": a, k, v must be contiguous bf16 or fp16 [rows, 128] on one GPU");
+  TORCH_CHECK(a.size(0) == 64 && k.size(0) == 128 && v.size(0) == 128, op, ": a is [64, 128], k and v [128, 128]");
+  for (const auto& t : {s_out, o_out})
+    TORCH_CHECK(t.device() == a.device() && t.is_contiguous() && t.scalar_type() == torch::kFloat32 &&
+                    t.sizes() == a.sizes(), op, ": s_out and o_out must be contiguous fp32 [64, 128]");
+  const c10::cuda::CUDAGuard guard(a.device());
+  pdcli::launch_wgmma_probe(a.data_ptr(), k.data_ptr(), v.data_ptr(), s_out.data_ptr<float>(),
+                            o_out.data_ptr<float>(), a.scalar_type() == torch::kBFloat16,
+                            at::cuda::getCurrentCUDAStream());
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("copy_blocks", &copy_blocks, "KV blocks from src[:, src_idx] to dst[:, dst_idx] (16-byte copies)");
   m.def("store_kvcache", &store_kvcache, "write new K/V rows into their cache slots");
@@ -327,6 +349,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("prefill_attention_wgmma", &prefill_attention_wgmma, "the same on Hopper tensor cores (wgmma, sm_90a)");
   m.def("has_prefill_attention_wgmma", &has_prefill_attention_wgmma,
         "whether this build has prefill_attention_wgmma for head_dim");
+  m.def("wgmma_probe", &wgmma_probe, "the wgmma prefill kernel's two products on one tile (bring-up)");
   m.def("rms_norm", &rms_norm, "RMSNorm");
   m.def("fused_add_rms_norm", &fused_add_rms_norm, "residual add + RMSNorm, in place");
   m.def("silu_and_mul", &silu_and_mul, "SiLU(gate) * up");

@@ -38,12 +38,6 @@ struct Sm90Params {
   uint32_t k_sbo, v_lbo, v_sbo;
 };
 
-#ifdef PDCLI_HAS_WGMMA
-// Byte offset of (row, 16-byte chunk c of 16) in a tile of two 128-byte swizzled halves.
-__device__ __forceinline__ uint32_t tile_off(int row, int c) {
-  return (c >> 3) * kHalfBytes + row * 128 + (((c & 7) ^ (row & 7)) << 4);
-}
-#endif
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) prefill_attention_sm90_kernel(const Sm90Params sp) {
@@ -83,7 +77,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_sm90_kernel(con
   //      r & 7, so its shared-memory destinations are one offset plus j * 2048 ----
   const int c = tid & 15;
   const int r0 = tid >> 4;
-  const uint32_t dst0 = tile_off(r0, c);
+  const uint32_t dst0 = sw128_tile_off(r0, c, kHalfBytes);
   {
     const int64_t q_row_stride = (int64_t)p.num_heads * kD;
     const T* q_base = reinterpret_cast<const T*>(p.q) + ((int64_t)(q_begin + m0) * p.num_heads + head) * kD + c * 8;
@@ -240,12 +234,20 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_sm90_kernel(con
 #endif
 }
 
-uint32_t desc_override(int i, uint32_t fallback) {  // PDCLI_WGMMA_DESC="k_sbo,v_lbo,v_sbo" (bytes)
+}  // namespace
+
+namespace pdcli {
+
+uint32_t wgmma_desc_override(int i, uint32_t fallback) {  // PDCLI_WGMMA_DESC="k_sbo,v_lbo,v_sbo" (bytes)
   const char* env = std::getenv("PDCLI_WGMMA_DESC");
   unsigned v[3];
   if (env && std::sscanf(env, "%u,%u,%u", &v[0], &v[1], &v[2]) == 3) return v[i];
   return fallback;
 }
+
+}  // namespace pdcli
+
+namespace {
 
 template <typename T>
 void launch(const Sm90Params& sp, int batch, int max_query_len, cudaStream_t stream) {
@@ -275,9 +277,9 @@ void launch_prefill_attention_sm90(const PrefillParams& p, int batch, int max_qu
                                    cudaStream_t stream) {
   Sm90Params sp;
   sp.p = p;
-  sp.k_sbo = desc_override(0, 1024);
-  sp.v_lbo = desc_override(1, kHalfBytes);
-  sp.v_sbo = desc_override(2, 1024);
+  sp.k_sbo = wgmma_desc_override(0, 1024);
+  sp.v_lbo = wgmma_desc_override(1, kHalfBytes);
+  sp.v_sbo = wgmma_desc_override(2, 1024);
   if (bf16)
     launch<__nv_bfloat16>(sp, batch, max_query_len, stream);
   else

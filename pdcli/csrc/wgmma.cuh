@@ -23,6 +23,12 @@ __device__ __forceinline__ uint64_t wgmma_desc_sw128(uint32_t smem_addr, uint32_
          ((uint64_t)((sbo >> 4) & 0x3FFF) << 32) | (1ull << 62);
 }
 
+// Byte offset of (row, 16-byte chunk c) in a [rows][128 columns] tile kept as two [rows][64 columns] halves of
+// half_bytes = rows * 128 each.
+__device__ __forceinline__ uint32_t sw128_tile_off(int row, int c, int half_bytes) {
+  return (c >> 3) * half_bytes + row * 128 + (((c & 7) ^ (row & 7)) << 4);
+}
+
 __device__ __forceinline__ void wgmma_fence() {
 #ifdef PDCLI_HAS_WGMMA
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
