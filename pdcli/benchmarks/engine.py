@@ -320,6 +320,15 @@ def bench_llama3_8b(parts: set[str], bw: float, mm: float, log) -> dict:
     return out
 
 
+
+def prefill_attn_kernel() -> str:
+    """The paged prefill attention the engine runs here: "wgmma" where chosen and built, else "mma"."""
+    from pdcli import envs
+    from pdcli.kernels import build
+
+    mod = build.get()
+    return "wgmma" if envs.prefill_kernel() == "wgmma" and mod and mod.has_prefill_attention_wgmma(128) else "mma"
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     parts = set(args.only.split(",")) if args.only else set(PARTS)
@@ -353,6 +362,7 @@ def main(argv=None) -> int:
             summary[f"decode_step_llama3_8b_bs{row['batch']}_ms"] = row["step_ms"]
             summary[f"decode_step_llama3_8b_bs{row['batch']}_roofline_ms"] = row["op_roofline_ms"]
     if llama["ttft_32k"]:
+        summary["prefill_attn_kernel"] = prefill_attn_kernel()  # the paged prefill chunks after the first
         summary["ttft_llama3_8b_32k_ms"] = llama["ttft_32k"]["ttft_ms"]
         summary["ttft_llama3_8b_32k_floor_ms"] = llama["ttft_32k"]["floor_ms"]
     res = dict(copy_bw_bytes_s=bw, matmul_bf16_flop_s=mm, kernel_path=llama["kernel_path"], summary=summary,
