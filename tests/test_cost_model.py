@@ -485,7 +485,7 @@ def test_a_prefill_worker_as_it_serves_scales_its_prefill_prices(tmp_path):
     assert served["prompts"] == 8 and served["prompt_len"] == 64 and served["last_first_token_ms"] > 0
     data = synthetic_profile()
     cm0 = _fitted(data)
-    want = float(cm0.queued_prefill_ms(7 * 64) + cm0.chunked_prefill_ms(64))
+    want = float(cm0.queued_prefill_ms(7 * 64, sq_tokens=7 * 64**2) + cm0.chunked_prefill_ms(64))  # 7 queued, then its own
     data["served_prefill"] = dict(prompts=8, prompt_len=64, last_first_token_ms=1.5 * want)
     torch.save(data, tmp_path / "profile_data.pt")
     write_params(str(tmp_path), fit_profile(load_profile(str(tmp_path))))

@@ -133,6 +133,8 @@ class Simulator:
             fresh = sum(s.prompt_len - s.prefilled for s in w.waiting
                         if w.last_step_end is None or s.arrival > w.last_step_end)
             out[w.spec.rank] = WorkerLoad(queued_prefill_tokens=w.queued_tokens, decode_batch=w.num_decoding,
+                                          queued_prefill_sq_tokens=sum((s.prompt_len - s.prefilled) ** 2
+                                                                       for s in w.waiting),
                                           decode_ctx=w.decode_ctx, role=w.spec.role, since_step_ms=since,
                                           async_steps=w.spec.role != "prefill", queued_since_step_tokens=fresh,
                                           device=w.spec.device)

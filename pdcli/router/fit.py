@@ -135,7 +135,7 @@ def served_prefill_scale(data: dict, prefill: list, decode: list, interference: 
     cm = CostModel(list(prefill), list(decode), list(interference), {}, int(data["max_num_batched_tokens"]),
                    int(data["kv_bytes_per_token"]))
     n, length = int(s["prompts"]), int(s["prompt_len"])
-    predicted = cm.queued_prefill_ms((n - 1) * length) + cm.chunked_prefill_ms(length)
+    predicted = cm.queued_prefill_ms((n - 1) * length, sq_tokens=(n - 1) * length**2) + cm.chunked_prefill_ms(length)
     return dict(scale=s["last_first_token_ms"] / predicted, measured_ms=s["last_first_token_ms"],
                 predicted_ms=predicted, prompts=n, prompt_len=length)
 

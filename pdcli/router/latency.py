@@ -80,6 +80,11 @@ def split_queue(cm: CostModel, w: WorkerLoad) -> tuple[int, int]:
     return held, w.queued_since_step_tokens + older - held
 
 
+def queued_sq(w: WorkerLoad, tokens: int) -> float:
+    """The part of w's queued squared prompt lengths that goes with `tokens` of its queued tokens (pro rata)."""
+    return w.queued_prefill_sq_tokens * tokens / w.queued_prefill_tokens if w.queued_prefill_tokens else 0.0
+
+
 def start_wait_ms(cm: CostModel, w: WorkerLoad) -> float:
     """Expected wait before a prompt arriving now runs its first step on worker w: the steps already scheduled
     (the one running and, with async scheduling, the one behind it), priced by the cost model (decode rows and
@@ -94,8 +99,9 @@ def start_wait_ms(cm: CostModel, w: WorkerLoad) -> float:
         return UNSEEN_STEP_WAIT * step if w.async_steps else 0.5 * step
     if w.since_step_ms is None:  # no step yet
         return 0.0
-    scheduled = steps * step + (cm.prefill_in_decode_ms(held, w.decode_batch, w.decode_ctx) if w.decode_batch
-                                else cm.queued_prefill_ms(held))
+    sq = queued_sq(w, held)
+    scheduled = steps * step + (cm.prefill_in_decode_ms(held, w.decode_batch, w.decode_ctx, sq) if w.decode_batch
+                                else cm.queued_prefill_ms(held, sq_tokens=sq))
     return max(scheduled - w.since_step_ms, step if steps > 1 else 0.0)
 
 
@@ -104,7 +110,7 @@ def ttft_ms(cm: CostModel, w: WorkerLoad, prompt_len: int, cached: int = 0) -> f
     queued prompts ahead of it and its own chunks beside its decode batch (less the `cached` leading tokens
     its prefix cache holds), slowed by decode batches of other workers on its GPU."""
     _, ahead = split_queue(cm, w)
-    work = cm.queued_prefill_ms(ahead, w.decode_batch, w.decode_ctx) + \
+    work = cm.queued_prefill_ms(ahead, w.decode_batch, w.decode_ctx, queued_sq(w, ahead)) + \
         cm.chunked_prefill_ms(prompt_len, w.decode_batch, w.decode_ctx, cached)
     served = cm.prefill_role_scale if w.role == "prefill" else 1.0  # a dedicated prefill worker as profiled serving
     return start_wait_ms(cm, w) + work * served * (1 + cm.prefill_neighbour_extra * w.sharing)

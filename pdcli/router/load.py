@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields
 @dataclass
 class WorkerLoad:
     queued_prefill_tokens: int = 0  # prompt tokens admitted but not yet prefilled
+    queued_prefill_sq_tokens: int = 0  # the sum of those prompts' squared lengths (attention within each)
     decode_batch: int = 0  # sequences decoding
     decode_ctx: int = 0  # their context tokens in all
     inflight_transfers: int = 0
@@ -98,6 +99,7 @@ class LoadView:
         if t.stage in ("collocated", "prefill") and generated == 0:
             w = loads[t.prefill_rank]
             w.queued_prefill_tokens += len(t.prompt_ids)
+            w.queued_prefill_sq_tokens += len(t.prompt_ids) ** 2
             last = workers[t.prefill_rank].last_step_end
             if last is None or t.arrival > last:  # not in a step the worker has already scheduled
                 w.queued_since_step_tokens += len(t.prompt_ids)

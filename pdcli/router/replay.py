@@ -126,6 +126,7 @@ def rebuilt_loads(run: Run, i: int, forecast: LoadForecast) -> dict[int, WorkerL
             continue
         if r.first > t:
             loads[r.workers[0]].queued_prefill_tokens += r.input_len
+            loads[r.workers[0]].queued_prefill_sq_tokens += r.input_len ** 2
             loads[r.workers[0]].queued_since_step_tokens += r.input_len
         elif r.end > t:
             w = loads[r.workers[-1]]
