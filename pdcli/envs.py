@@ -19,9 +19,11 @@ def cache_dir() -> str:
 
 
 def prefill_kernel() -> str:
-    """The paged prefill attention kernel: "mma" (default: mma.sync, any sm_80+ GPU) or "wgmma"
-    (PDCLI_PREFILL_KERNEL=wgmma: Hopper's tensor cores where the build has them; not yet measured on a GPU)."""
-    return "wgmma" if os.environ.get("PDCLI_PREFILL_KERNEL", "").strip().lower() == "wgmma" else "mma"
+    """The paged prefill attention kernel: "mma" (default: mma.sync, any sm_80+ GPU), "wgmma" or "wgmma_ws"
+    (PDCLI_PREFILL_KERNEL: Hopper's tensor cores, plain or warp-specialised, where the build has them; not yet
+    run on a GPU)."""
+    value = os.environ.get("PDCLI_PREFILL_KERNEL", "").strip().lower()
+    return value if value in ("wgmma", "wgmma_ws") else "mma"
 
 
 def gemv_mode() -> str:

@@ -108,11 +108,12 @@ def test_prefill_rejects_bad_head_dim(mod):
         mod.prefill_attention(torch.empty_like(q), q, k_cache, v_cache, tables, context_lens, qsl, 4, 0.1)
 
 
-@pytest.fixture(scope="module")
-def wgmma(mod):
+@pytest.fixture(scope="module", params=["wgmma", "wgmma_ws"])
+def wgmma(mod, request):
+    """The Hopper kernels: plain, and warp-specialised (a loader warpgroup, two compute warpgroups in turn)."""
     if not mod.has_prefill_attention_wgmma(128):
         pytest.skip("this build has no wgmma prefill kernel (it needs an sm_90a GPU)")
-    return mod.prefill_attention_wgmma
+    return getattr(mod, f"prefill_attention_{request.param}")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -322,12 +322,13 @@ def bench_llama3_8b(parts: set[str], bw: float, mm: float, log) -> dict:
 
 
 def prefill_attn_kernel() -> str:
-    """The paged prefill attention the engine runs here: "wgmma" where chosen and built, else "mma"."""
+    """The paged prefill attention the engine runs here: "wgmma" / "wgmma_ws" where chosen and built, else "mma"."""
     from pdcli import envs
     from pdcli.kernels import build
 
     mod = build.get()
-    return "wgmma" if envs.prefill_kernel() == "wgmma" and mod and mod.has_prefill_attention_wgmma(128) else "mma"
+    kernel = envs.prefill_kernel()
+    return kernel if kernel != "mma" and mod and mod.has_prefill_attention_wgmma(128) else "mma"
 
 def main(argv=None) -> int:
     args = parse_args(argv)

@@ -132,12 +132,13 @@ PREFILL_LENS = (2048, 8192, 32768)
 
 
 def prefill_kernels(mod, head_dim: int = 128) -> list[str]:
-    """The prefill attention kernels this build has: "mma" (mma.sync), and "wgmma" on an sm_90a GPU."""
-    return ["mma", *(["wgmma"] if mod.has_prefill_attention_wgmma(head_dim) else [])]
+    """The prefill attention kernels this build has: "mma" (mma.sync), and on an sm_90a GPU "wgmma" and its
+    warp-specialised variant "wgmma_ws"."""
+    return ["mma", *(["wgmma", "wgmma_ws"] if mod.has_prefill_attention_wgmma(head_dim) else [])]
 
 
 def bench_prefill(mod, seq_len, hq=32, hk=8, d=128, block_size=16, dtype=torch.bfloat16, kernel="mma"):
-    fn = mod.prefill_attention_wgmma if kernel == "wgmma" else mod.prefill_attention
+    fn = getattr(mod, "prefill_attention" if kernel == "mma" else f"prefill_attention_{kernel}")
     gen = torch.Generator(device="cuda").manual_seed(seq_len)
     kc, vc, tables, k, v = make_paged(1, seq_len, hk, d, block_size, dtype, gen)
     q = torch.randn(seq_len, hq, d, generator=gen, device="cuda", dtype=dtype)
@@ -217,10 +218,10 @@ def summary(decode: list[dict], prefill: list[dict]) -> dict:
     d64 = decode[0]  # bf16, shuffled blocks
     d64_in_order = next(r for r in decode if r["batch"] == 64 and r["blocks"] == "in order")
     d1 = next(r for r in decode if r["batch"] == 1 and r["ctx"] == 32768)
-    engine = envs.prefill_kernel() if any(r["kernel"] == "wgmma" for r in prefill) else "mma"
+    engine = envs.prefill_kernel() if any(r["kernel"] != "mma" for r in prefill) else "mma"
     p8, p32 = (next(r for r in prefill if r["seq_len"] == n and r["kernel"] == engine) for n in (8192, 32768))
-    wgmma = {f"prefill_attn_{n // 1024}k_wgmma_tflops": r["tflops"] for r in prefill for n in (8192, 32768)
-             if r["kernel"] == "wgmma" and r["seq_len"] == n}
+    wgmma = {f"prefill_attn_{n // 1024}k_{r['kernel']}_tflops": r["tflops"] for r in prefill for n in (8192, 32768)
+             if r["kernel"] != "mma" and r["seq_len"] == n}
     return dict(device=torch.cuda.get_device_name(), kernel_path="cuda",
                 decode_attn_b64_ctx4k_us=d64["us"], decode_attn_b64_ctx4k_sdpa_us=d64["sdpa_contiguous_us"],
                 decode_attn_b64_ctx4k_in_order_us=d64_in_order["us"],

@@ -340,12 +340,13 @@ void dispatch_head_dim(const PrefillParams& p, int head_dim, int batch, int max_
 
 }  // namespace
 
-// Inputs are validated by the caller (bindings.cpp); errors here come only from the CUDA runtime. wgmma: the
-// sm_90a kernel (prefill_attention_sm90.cu; the caller checked prefill_attention_sm90_available).
+// Inputs are validated by the caller (bindings.cpp); errors here come only from the CUDA runtime. impl: 0 the
+// mma.sync kernel, 1 the sm_90a wgmma kernel (prefill_attention_sm90.cu), 2 its warp-specialised variant
+// (prefill_attention_sm90_ws.cu); for 1 and 2 the caller checked prefill_attention_sm90_available.
 void launch_prefill_attention(void* out, const void* q, const void* k_cache, const void* v_cache,
                               const int* block_tables, const int* context_lens, const int* query_start_loc,
                               int num_heads, int num_kv_heads, int head_dim, int table_width, int block_size,
-                              int batch, int max_query_len, float scale, bool bf16, bool wgmma, cudaStream_t stream) {
+                              int batch, int max_query_len, float scale, bool bf16, int impl, cudaStream_t stream) {
   PrefillParams p;
   p.out = out;
   p.q = q;
@@ -362,8 +363,12 @@ void launch_prefill_attention(void* out, const void* q, const void* k_cache, con
   while ((1 << shift) < block_size) ++shift;
   p.block_shift = shift;
   p.scale_log2 = scale * 1.4426950408889634f;  // log2(e)
-  if (wgmma) {
+  if (impl == 1) {
     pdcli::launch_prefill_attention_sm90(p, batch, max_query_len, bf16, stream);
+    return;
+  }
+  if (impl == 2) {
+    pdcli::launch_prefill_attention_sm90_ws(p, batch, max_query_len, bf16, stream);
     return;
   }
   if (bf16)

@@ -17,6 +17,7 @@
 #include "mma.cuh"
 #include "prefill_params.cuh"
 #include "wgmma.cuh"
+#include "wgmma_softmax.cuh"
 
 namespace {
 
@@ -43,7 +44,6 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) prefill_attention_sm90_kernel(const Sm90Params sp) {
 #ifdef PDCLI_HAS_WGMMA
   const PrefillParams& p = sp.p;
-  constexpr int NT = kBN / 8;  // n8 column blocks of S (and of O: kD / 8)
   extern __shared__ unsigned char smem_raw[];
   const uint32_t raw_u = smem_u32(smem_raw);
   const uint32_t pad = ((raw_u + 1023) & ~1023u) - raw_u;  // swizzle atoms must be 1024-byte aligned
@@ -118,13 +118,12 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_sm90_kernel(con
   if (n_tiles > 0) issue_kv(0, 0);
   cp_async_commit();  // group: Q + tile 0
 
-  float o[64];  // O accumulator, C layout: o[4 dt + e] = (row lane/4 + 8 (e / 2), col 8 dt + 2 (lane % 4) + e % 2)
-  float s[64];  // S, same layout over keys
+  float o[64];  // O accumulator (wgmma_softmax.cuh's layout), S the same over keys
+  float s[64];
 #pragma unroll
   for (int i = 0; i < 64; ++i) o[i] = s[i] = 0.f;
-  float row_max[2] = {-INFINITY, -INFINITY};  // running max of raw scores, rows lane/4 and lane/4 + 8
-  float row_sum[2] = {0.f, 0.f};              // this thread's partial sums of exp2 (quad-reduced at the end)
-  const float sl2 = p.scale_log2;
+  SoftmaxState st;
+  softmax_init(st);
 
   for (int n = 0; n < n_tiles; ++n) {
     const int slot_ahead = tid < kBN ? slot_of(n + 2) : 0;
@@ -151,54 +150,16 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_sm90_kernel(con
 #pragma unroll
     for (int i = 0; i < 64; ++i) fence_operand(s[i]);
 
-    // ---- causal mask (bottom-right), only on tiles crossing the diagonal ----
-    if (n >= n_unmasked) {
-      const int limit = ctx_off + m0 + warp_row0 + (lane >> 2) - n * kBN - (lane & 3) * 2;
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if (nt * 8 + (e & 1) > limit + (e >> 1) * 8) s[4 * nt + e] = -INFINITY;
-    }
+    if (n >= n_unmasked) mask_causal(s, ctx_off + m0 + warp_row0 + (lane >> 2) - n * kBN - (lane & 3) * 2);
+    softmax_tile(s, o, st, p.scale_log2);
 
-    // ---- online softmax; a row with no visible key so far keeps max -inf and sum 0 ----
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      float mx = row_max[hh];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[4 * nt + 2 * hh], s[4 * nt + 2 * hh + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_scaled = mx == -INFINITY ? 0.f : mx * sl2;
-      const float corr = exp2f(row_max[hh] * sl2 - m_scaled);
-      row_max[hh] = mx;
-      row_sum[hh] *= corr;
-#pragma unroll
-      for (int dt = 0; dt < kD / 8; ++dt) {
-        o[4 * dt + 2 * hh] *= corr;
-        o[4 * dt + 2 * hh + 1] *= corr;
-      }
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int e = 2 * hh; e < 2 * hh + 2; ++e) {
-          const float pr = exp2f(fmaf(s[4 * nt + e], sl2, -m_scaled));
-          row_sum[hh] += pr;
-          s[4 * nt + e] = pr;
-        }
-    }
-
-    // ---- O += P V: P's A fragment for keys [16kk, 16kk + 16) is S blocks 2kk, 2kk + 1 ----
+    // ---- O += P V ----
     uint32_t pa[kBN / 16][4];
+    pack_p<T>(s, pa);
 #pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      pa[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
-      pa[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
-      pa[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
-      pa[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
+    for (int kk = 0; kk < kBN / 16; ++kk)
 #pragma unroll
       for (int i = 0; i < 4; ++i) fence_operand(pa[kk][i]);
-    }
 #pragma unroll
     for (int i = 0; i < 64; ++i) fence_operand(o[i]);
     wgmma_fence();
@@ -214,23 +175,8 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_sm90_kernel(con
     __syncthreads();  // every warpgroup is done with stage n & 1 before it is refilled
   }
   cp_async_wait<0>();
-
-  // ---- epilogue: O / l straight to global memory (4 lanes write 16 contiguous bytes of a row) ----
-  T* out = reinterpret_cast<T*>(p.out);
-#pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    float l = row_sum[hh];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    const int row = warp_row0 + (lane >> 2) + hh * 8;
-    if (row < rows_here) {
-      T* dst = out + ((int64_t)(q_begin + m0 + row) * p.num_heads + head) * kD + (lane & 3) * 2;
-#pragma unroll
-      for (int dt = 0; dt < kD / 8; ++dt)
-        *reinterpret_cast<uint32_t*>(dst + dt * 8) = pack2<T>(o[4 * dt + 2 * hh] * inv, o[4 * dt + 2 * hh + 1] * inv);
-    }
-  }
+  store_o<T>(o, st, reinterpret_cast<T*>(p.out) + ((int64_t)(q_begin + m0) * p.num_heads + head) * kD,
+             (int64_t)p.num_heads * kD, warp_row0, rows_here, lane);
 #endif
 }
 

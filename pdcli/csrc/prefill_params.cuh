@@ -25,6 +25,9 @@ struct PrefillParams {
 // prefill_attention_sm90.cu: whether this build has the wgmma kernel for head_dim (built for sm_90a), and its launch.
 bool prefill_attention_sm90_available(int head_dim);
 void launch_prefill_attention_sm90(const PrefillParams& p, int batch, int max_query_len, bool bf16, cudaStream_t stream);
+// prefill_attention_sm90_ws.cu: the warp-specialised variant (a loader warpgroup, two compute warpgroups in turn).
+void launch_prefill_attention_sm90_ws(const PrefillParams& p, int batch, int max_query_len, bool bf16,
+                                      cudaStream_t stream);
 // The wgmma descriptor stride i (0: K-major 8-row step, 1: N-major next-64-columns step, 2: N-major 8-row step),
 // bytes: PDCLI_WGMMA_DESC="k_sbo,v_lbo,v_sbo" when set, else fallback.
 uint32_t wgmma_desc_override(int i, uint32_t fallback);

@@ -51,6 +51,35 @@ __device__ __forceinline__ void fence_proxy_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #endif
 }
+// mbarriers (shared::cta) and named barriers, for the warp-specialised kernel.
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+#ifdef PDCLI_HAS_WGMMA
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+#ifdef PDCLI_HAS_WGMMA
+  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar) : "memory");
+#endif
+}
+// Waits for the completion of the barrier's phase of this parity (a fresh barrier counts parity 1 as done). A
+// wait past ~10 s of clocks gives up (what follows computes garbage, which the tests catch) instead of hanging
+// the GPU; a __trap() there made ptxas cap the compute warpgroups' registers and serialise their wgmma.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+#ifdef PDCLI_HAS_WGMMA
+  const long long start = clock64();
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+  } while (!done && clock64() - start < 20000000000LL);
+#endif
+}
+// Named barrier `id` (1..15) over 256 threads: sync waits for all 256, arrive counts one without waiting.
+__device__ __forceinline__ void named_sync(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
+__device__ __forceinline__ void named_arrive(int id) { asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory"); }
+
 // Keeps the compiler from moving accesses of a register across the wgmma fences and waits.
 __device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
 __device__ __forceinline__ void fence_operand(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }

@@ -11,6 +11,7 @@
 #include "mma.cuh"
 #include "prefill_params.cuh"
 #include "wgmma.cuh"
+#include "wgmma_softmax.cuh"
 
 namespace {
 
@@ -61,14 +62,11 @@ __global__ void __launch_bounds__(128, 1) wgmma_probe_kernel(const ProbeParams p
 #pragma unroll
   for (int i = 0; i < 64; ++i) fence_operand(s[i]);
   uint32_t pa[8][4];
+  pack_p<T>(s, pa);
 #pragma unroll
-  for (int kk = 0; kk < 8; ++kk) {
+  for (int kk = 0; kk < 8; ++kk)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      pa[kk][i] = pack2<T>(s[8 * kk + 2 * i], s[8 * kk + 2 * i + 1]);
-      fence_operand(pa[kk][i]);
-    }
-  }
+    for (int i = 0; i < 4; ++i) fence_operand(pa[kk][i]);
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < 8; ++kk)

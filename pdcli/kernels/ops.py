@@ -121,8 +121,9 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx
 
 def prefill_kernel(mod, head_dim: int):
     """The compiled paged prefill attention to use (envs.prefill_kernel; wgmma only where this build has it)."""
-    if envs.prefill_kernel() == "wgmma" and mod.has_prefill_attention_wgmma(head_dim):
-        return mod.prefill_attention_wgmma
+    kernel = envs.prefill_kernel()
+    if kernel != "mma" and mod.has_prefill_attention_wgmma(head_dim):
+        return getattr(mod, f"prefill_attention_{kernel}")
     return mod.prefill_attention
 
 
