@@ -63,8 +63,8 @@ __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
 #endif
 }
 // Waits for the completion of the barrier's phase of this parity (a fresh barrier counts parity 1 as done). A
-// wait past ~10 s of clocks gives up (what follows computes garbage, which the tests catch) instead of hanging
-// the GPU; a __trap() there made ptxas cap the compute warpgroups' registers and serialise their wgmma.
+// wait past 1e9 clocks (~0.5 s; a tile takes microseconds) gives up (what follows computes garbage, which the tests
+// catch) instead of hanging the GPU; a __trap() there made ptxas cap the compute warpgroups' registers and serialise their wgmma.
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
 #ifdef PDCLI_HAS_WGMMA
   const long long start = clock64();
@@ -73,7 +73,7 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
     asm volatile(
         "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
         : "=r"(done) : "r"(bar), "r"(parity) : "memory");
-  } while (!done && clock64() - start < 20000000000LL);
+  } while (!done && clock64() - start < 1000000000LL);
 #endif
 }
 // Named barrier `id` (1..15) over 256 threads: sync waits for all 256, arrive counts one without waiting.
