@@ -20,10 +20,11 @@ def cache_dir() -> str:
 
 def prefill_kernel() -> str:
     """The paged prefill attention kernel: "mma" (default: mma.sync, any sm_80+ GPU), "wgmma" or "wgmma_ws"
-    (PDCLI_PREFILL_KERNEL: Hopper's tensor cores, plain or warp-specialised, where the build has them; not yet
-    run on a GPU)."""
+    (PDCLI_PREFILL_KERNEL: Hopper's tensor cores, plain or warp-specialised, where the build has them), "auto"
+    (per chunk length, the fastest of those that matched the reference when the engine started:
+    kernels/prefill_choice.py). The Hopper kernels have not yet run on a GPU: the default stays mma."""
     value = os.environ.get("PDCLI_PREFILL_KERNEL", "").strip().lower()
-    return value if value in ("wgmma", "wgmma_ws") else "mma"
+    return value if value in ("wgmma", "wgmma_ws", "auto") else "mma"
 
 
 def gemv_mode() -> str:

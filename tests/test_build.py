@@ -138,3 +138,27 @@ def test_the_skinny_matmul_is_used_only_where_it_was_faster():
         for m in gemv_choice.ROWS:
             gemv_choice._choice.pop((m, 16, 32), None)
             gemv_choice._choice.pop((m, 48, 32), None)
+
+
+def test_the_prefill_kernel_is_chosen_per_chunk_length_among_those_that_match_the_reference():
+    """PDCLI_PREFILL_KERNEL=auto: a kernel whose output disagrees with the reference is never used however fast
+    it times; among the others the fastest per chunk-length bucket; untuned, mma.sync."""
+    from pdcli.kernels import prefill_choice
+    from pdcli.kernels.ops import reference_prefill
+
+    def wrong(out, *args):
+        out.zero_()
+
+    assert prefill_choice.kernel_for(5000) == "mma"
+    kernels = dict(mma=reference_prefill, wgmma=reference_prefill, wgmma_ws=wrong)
+    shapes = ((256, 0), (1024, 64))
+    timings = iter([3.0, 5.0, 9.0, 4.0])  # (mma, wgmma) per shape: mma faster on short chunks, wgmma on long
+    try:
+        rows = prefill_choice.tune(kernels, 4, 2, 16, 16, torch.float32, "cpu", time_us=lambda fn: next(timings),
+                                   shapes=shapes)
+        assert [r["choice"] for r in rows] == ["mma", "wgmma"]
+        assert all("wgmma_ws_us" not in r for r in rows)  # failed the check: not even timed
+        assert prefill_choice.kernel_for(100) == "mma" and prefill_choice.kernel_for(700) == "wgmma"
+        assert prefill_choice.kernel_for(50000) == "wgmma"  # past the longest bucket: the longest's
+    finally:
+        prefill_choice._choice.clear()

@@ -328,6 +328,10 @@ def prefill_attn_kernel() -> str:
 
     mod = build.get()
     kernel = envs.prefill_kernel()
+    if kernel == "auto":
+        from pdcli.kernels import prefill_choice
+
+        kernel = prefill_choice.kernel_for(8192)  # the 32k prompt's chunks
     return kernel if kernel != "mma" and mod and mod.has_prefill_attention_wgmma(128) else "mma"
 
 def main(argv=None) -> int:

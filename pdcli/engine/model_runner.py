@@ -14,7 +14,7 @@ from pdcli.engine.scheduler import SchedulerOutput
 from pdcli.engine.sequence import Sequence
 from pdcli.engine.step_future import StepFuture
 from pdcli.models.context import Context, set_context
-from pdcli.kernels import ops
+from pdcli.kernels import ops, tuning
 from pdcli.models.decoder import CausalLM
 
 
@@ -58,28 +58,15 @@ class ModelRunner:
         # a worker's layer-wise KV sends of the prompts it prefills for another worker
         self.kv_sender: Callable[[list[Sequence], list[int]], Callable[[int], None] | None] | None = None
         self.tp_followers: list | None = None  # rank 0 of a TP group: pipes to ranks 1.. (distributed/followers.py)
-        self.gemv_choice = self._tune_gemv() if self.kernel_path == "cuda" else []
+        # per-shape kernel choices timed on this GPU, before any graph is captured (kernels/tuning.py)
+        self.gemv_choice = tuning.tune_gemv(self.model) if self.kernel_path == "cuda" else []
+        self.prefill_choice = tuning.tune_prefill(self.num_heads, self.num_kv_heads, self.arch.head_dim,
+                                                  self.block_size, self.dtype, self.device) \
+            if self.kernel_path == "cuda" else []
         self.graphs = None
         if self.kernel_path == "cuda" and not enforce_eager:
             self.graphs = DecodeGraphs(model, self.device, sched.max_num_seqs, max_model_len, self.block_size)
             self.graphs.capture()
-
-    def _tune_gemv(self) -> list[dict]:
-        """The skinny matmul or cuBLAS per linear shape at 1-4 rows, timed here (before any graph is captured)."""
-        from pdcli import envs
-        from pdcli.kernels import build, gemv_choice
-
-        mod = build.get()
-        if mod is None or envs.gemv_mode() != "tuned":
-            return []
-        weights = [m.weight for m in self.model.modules() if isinstance(m, torch.nn.Linear)]
-        try:
-            return gemv_choice.tune(weights, mod.gemv)
-        except Exception as err:  # a timing failure leaves the kernel's default, never the engine down
-            import logging
-
-            logging.getLogger("pdcli.engine").warning("skinny-matmul timing failed (%s): kernel for 1-4 rows", err)
-            return []
 
     @property
     def block_bytes(self) -> int:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pdcli import envs
-from pdcli.kernels import build, gemv_choice, reference
+from pdcli.kernels import build, gemv_choice, prefill_choice, reference
 from pdcli.models.context import Context
 
 _HALF = (torch.bfloat16, torch.float16)
@@ -112,16 +112,20 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx
     if mod is not None and ctx.block_tables.shape[0] == 1 and ctx.max_context_len == ctx.max_query_len == q.shape[0]:
         return fresh_prefill_attention(q, k_cache, v_cache, ctx.block_tables[0], scale)
     if mod is not None:
-        return split_attention(q, ctx, mod.decode_attention, prefill_kernel(mod, q.shape[-1]), k_cache, v_cache, scale)
+        return split_attention(q, ctx, mod.decode_attention, prefill_kernel(mod, q.shape[-1], ctx.max_query_len),
+                               k_cache, v_cache, scale)
     if ctx.prefill_query_start_loc is not None:  # decodes and prompts apart: no decode row padded to a chunk
         return split_attention(q, ctx, reference_decode, reference_prefill, k_cache, v_cache, scale)
     return reference.paged_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, ctx.query_start_loc,
                                      ctx.max_query_len, ctx.max_context_len, scale)
 
 
-def prefill_kernel(mod, head_dim: int):
-    """The compiled paged prefill attention to use (envs.prefill_kernel; wgmma only where this build has it)."""
+def prefill_kernel(mod, head_dim: int, max_query_len: int):
+    """The compiled paged prefill attention to use (envs.prefill_kernel; "auto": prefill_choice's for this chunk
+    length; the wgmma ones only where this build has them)."""
     kernel = envs.prefill_kernel()
+    if kernel == "auto":
+        kernel = prefill_choice.kernel_for(max_query_len)
     if kernel != "mma" and mod.has_prefill_attention_wgmma(head_dim):
         return getattr(mod, f"prefill_attention_{kernel}")
     return mod.prefill_attention

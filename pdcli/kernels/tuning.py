@@ -1,0 +1,45 @@
+"""The per-shape kernel choices an engine times on its GPU when it starts (before any CUDA graph is captured):
+the skinny matmul or cuBLAS per linear shape (gemv_choice), the paged prefill attention kernel per chunk length
+(prefill_choice, PDCLI_PREFILL_KERNEL=auto). A timing failure leaves the defaults, never the engine down."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from pdcli import envs
+from pdcli.kernels import build
+
+logger = logging.getLogger("pdcli.engine")
+
+
+def tune_gemv(model: torch.nn.Module) -> list[dict]:
+    """The skinny matmul or cuBLAS per linear shape at 1-4 rows."""
+    from pdcli.kernels import gemv_choice
+
+    mod = build.get()
+    if mod is None or envs.gemv_mode() != "tuned":
+        return []
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        return gemv_choice.tune(weights, mod.gemv)
+    except Exception as err:
+        logger.warning("skinny-matmul timing failed (%s): kernel for 1-4 rows", err)
+        return []
+
+
+def tune_prefill(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+                 device) -> list[dict]:
+    """PDCLI_PREFILL_KERNEL=auto: the paged prefill kernel per chunk length (this rank's heads)."""
+    from pdcli.kernels import prefill_choice
+
+    mod = build.get()
+    if mod is None or envs.prefill_kernel() != "auto":
+        return []
+    names = ["mma", *(["wgmma", "wgmma_ws"] if mod.has_prefill_attention_wgmma(head_dim) else [])]
+    kernels = {n: getattr(mod, "prefill_attention" if n == "mma" else f"prefill_attention_{n}") for n in names}
+    try:
+        return prefill_choice.tune(kernels, num_heads, num_kv_heads, head_dim, block_size, dtype, device)
+    except Exception as err:
+        logger.warning("prefill kernel timing failed (%s): mma.sync", err)
+        return []
