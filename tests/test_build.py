@@ -104,7 +104,7 @@ def test_the_regression_check_flags_figures_worse_by_more_than_5_percent():
 
 
 def test_per_op_roofline():
-    from pdcli.benchmarks.roofline import decode_step_ops, offline_bound_tok_s, roofline_ms
+    from pdcli.benchmarks.roofline import decode_step_ops, offline_bound_tok_s, offline_run_bound_tok_s, roofline_ms
     from pdcli.models.arch import ModelArch
     from pdcli.models.presets import PRESETS
 
@@ -118,6 +118,13 @@ def test_per_op_roofline():
     assert roofline_ms(ops, bw, mm) > sum(o["bytes"] for o in ops) / bw * 1e3  # the GEMMs' FLOPs count at 256
     tok_s, batch = offline_bound_tok_s(arch, 512, 1024, 1024, 256 * 2048, bw, mm)
     assert batch == 256 and tok_s == 256 / roofline_ms(decode_step_ops(arch, 256, 1536), bw, mm) * 1e3
+    assert offline_bound_tok_s(arch, 512, 1024, 1024, 10**9, bw, mm, max_num_seqs=128)[1] == 128
+    # the whole run: the prefill (linear FLOPs of every prompt token at least) and two waves of 256, 1023 steps each
+    run = offline_run_bound_tok_s(arch, 512, 1024, 1024, 256 * 2048, bw, mm, 256)
+    linear = arch.num_params() - 2 * arch.vocab_size * arch.hidden_size  # no embedding, logits of last rows only
+    prefill_s = 2 * linear * 512 * 1024 / mm
+    decode_s = 2 * 1023 * roofline_ms(decode_step_ops(arch, 256, 1536), bw, mm) / 1e3
+    assert 512 * 1024 / (prefill_s * 1.2 + decode_s) < run < 512 * 1024 / (prefill_s + decode_s) < tok_s
 
 
 def test_the_skinny_matmul_is_used_only_where_it_was_faster():

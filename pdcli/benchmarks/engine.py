@@ -16,7 +16,7 @@ import time
 import torch
 
 from pdcli import LLM, SamplingParams
-from pdcli.benchmarks.roofline import decode_step_ops, offline_bound_tok_s, roofline_ms
+from pdcli.benchmarks.roofline import decode_step_ops, offline_bound_tok_s, offline_run_bound_tok_s, roofline_ms
 from pdcli.benchmarks.results import provenance, write
 from pdcli.benchmarks.device import copy_bandwidth, device_slug, matmul_rate
 from pdcli.models.arch import ModelArch
@@ -202,10 +202,13 @@ def run_offline(which: str, quick: bool, log, bw: float | None = None, mm: float
         res = offline(llm, prompts, SamplingParams(temperature=0, max_tokens=1024, ignore_eos=True))
         if bw and mm:
             e = llm.engine
-            res["bound_tok_s"], res["bound_batch"] = offline_bound_tok_s(
-                e.arch, n, 1024, 1024, e.runner.num_blocks * e.config.cache.block_size, bw, mm)
-        log(f"offline qwen3-8b {n}x1024->1024: {res['output_tok_s']:.0f} out tok/s ({res['seconds']:.1f} s; bound "
-            f"{res.get('bound_tok_s', float('nan')):.0f} at batch {res.get('bound_batch')}) {res['timing']}")
+            pool = e.runner.num_blocks * e.config.cache.block_size
+            res["bound_tok_s"], res["bound_batch"] = offline_bound_tok_s(e.arch, n, 1024, 1024, pool, bw, mm,
+                                                                         max_num_seqs=256)
+            res["run_bound_tok_s"] = offline_run_bound_tok_s(e.arch, n, 1024, 1024, pool, bw, mm, 256)
+        log(f"offline qwen3-8b {n}x1024->1024: {res['output_tok_s']:.0f} out tok/s ({res['seconds']:.1f} s; decode "
+            f"bound {res.get('bound_tok_s', float('nan')):.0f} at batch {res.get('bound_batch')}, whole-run bound "
+            f"{res.get('run_bound_tok_s', float('nan')):.0f}) {res['timing']}")
     else:
         llm = LLM("dummy:qwen3-0.6b", device="cuda", max_model_len=4096, max_num_seqs=256)
         random.seed(0)
@@ -361,7 +364,8 @@ def main(argv=None) -> int:
                    decode_step_llama3_8b_bs1_ms=llama["decode"][0]["step_ms"], hf_generate_llama3_8b_bs1_ms=hf_ms,
                    ttft_llama3_8b_2k_ms=next(p["ttft_ms"] for p in llama["prefill"] if p["prompt_len"] == 2048),
                    offline_qwen3_8b_out_tok_s=q8["output_tok_s"], offline_nanovllm_protocol_out_tok_s=nv["output_tok_s"],
-                   offline_qwen3_8b_bound_tok_s=q8.get("bound_tok_s"))
+                   offline_qwen3_8b_bound_tok_s=q8.get("bound_tok_s"),
+                   offline_qwen3_8b_run_bound_tok_s=q8.get("run_bound_tok_s"))
     for row in llama["decode"]:
         if row["batch"] in (64, 256):
             summary[f"decode_step_llama3_8b_bs{row['batch']}_ms"] = row["step_ms"]

@@ -1,6 +1,6 @@
 """Per-op rooflines of a decoder's steps: each op's own bound, max(bytes / copy bandwidth, FLOPs / matmul rate),
 summed over the step's ops (a bytes-only floor misses the GEMMs' FLOPs at large batches); the offline
-throughput bound at the batch the KV pool holds."""
+throughput bound at the batch the KV pool holds, for the decode alone and for a whole run (its prefill too)."""
 from __future__ import annotations
 
 from pdcli.models.arch import ModelArch
@@ -27,15 +27,49 @@ def decode_step_ops(arch: ModelArch, batch: int, context: int, dtype_bytes: int 
     return [dict(name="embed", bytes=2 * n * h * b, flops=0), *layers, _linear("lm_head", n, h, a.vocab_size, b)]
 
 
+def prefill_ops(arch: ModelArch, prompts: int, prompt_len: int, dtype_bytes: int = 2) -> list[dict]:
+    """The ops of prefilling `prompts` fresh prompts of prompt_len tokens (all layers; logits of the last rows)."""
+    a, b, t = arch, dtype_bytes, prompts * prompt_len
+    h, d, hq, hk, i = a.hidden_size, a.head_dim, a.num_attention_heads, a.num_key_value_heads, a.intermediate_size
+    causal_pairs = prompts * prompt_len * (prompt_len + 1) / 2
+    per_layer = [
+        _linear("qkv", t, h, (hq + 2 * hk) * d, b),
+        dict(name="attention", bytes=t * 2 * (hq + 2 * hk) * d * b, flops=4 * causal_pairs * hq * d),
+        _linear("o", t, hq * d, h, b),
+        _linear("gate_up", t, h, 2 * i, b),
+        _linear("down", t, i, h, b),
+    ]
+    layers = [dict(op, bytes=op["bytes"] * a.num_hidden_layers, flops=op["flops"] * a.num_hidden_layers)
+              for op in per_layer]
+    return [*layers, _linear("lm_head", prompts, h, a.vocab_size, b)]
+
+
 def roofline_ms(ops: list[dict], copy_bw: float, matmul_rate: float) -> float:
     """Sum over ops of max(bytes / copy_bw, FLOPs / matmul_rate), in ms (bytes/s, FLOP/s)."""
     return sum(max(o["bytes"] / copy_bw, o["flops"] / matmul_rate) for o in ops) * 1e3
 
 
 def offline_bound_tok_s(arch: ModelArch, num_prompts: int, input_len: int, output_len: int, pool_tokens: int,
-                        copy_bw: float, matmul_rate: float, dtype_bytes: int = 2) -> tuple[float, int]:
-    """Output tokens/s at best for num_prompts x (input_len -> output_len) decoded at the batch the pool holds
-    (each sequence at its mean context), prefill aside; and that batch."""
-    batch = max(1, min(num_prompts, pool_tokens // (input_len + output_len)))
+                        copy_bw: float, matmul_rate: float, dtype_bytes: int = 2,
+                        max_num_seqs: int | None = None) -> tuple[float, int]:
+    """Output tokens/s at best for num_prompts x (input_len -> output_len) decoded at the batch the pool (and
+    max_num_seqs) holds (each sequence at its mean context), prefill aside; and that batch."""
+    batch = max(1, min(num_prompts, pool_tokens // (input_len + output_len), max_num_seqs or num_prompts))
     step = roofline_ms(decode_step_ops(arch, batch, input_len + output_len // 2, dtype_bytes), copy_bw, matmul_rate)
     return batch / step * 1e3, batch
+
+
+def offline_run_bound_tok_s(arch: ModelArch, num_prompts: int, input_len: int, output_len: int, pool_tokens: int,
+                            copy_bw: float, matmul_rate: float, max_num_seqs: int, dtype_bytes: int = 2) -> float:
+    """Output tokens/s at best for the whole run: every prompt prefilled at its ops' roofline, then decoded in
+    waves of the batch the pool and max_num_seqs hold (equal lengths: a wave's sequences end together, so a
+    wave's prefill cannot overlap the one before), each step at the wave's mean context."""
+    _, batch = offline_bound_tok_s(arch, num_prompts, input_len, output_len, pool_tokens, copy_bw, matmul_rate,
+                                   dtype_bytes, max_num_seqs)
+    ms = roofline_ms(prefill_ops(arch, num_prompts, input_len, dtype_bytes), copy_bw, matmul_rate)
+    for start in range(0, num_prompts, batch):
+        n = min(batch, num_prompts - start)
+        step = roofline_ms(decode_step_ops(arch, n, input_len + output_len // 2, dtype_bytes), copy_bw, matmul_rate)
+        ms += (output_len - 1) * step  # the first token comes with the prefill
+    return num_prompts * output_len / ms * 1e3
+
