@@ -172,7 +172,8 @@ def print_decode(r: dict) -> None:
 
 
 def print_prefill(r: dict) -> None:
-    print(f"prefill {r['seq_len']:>5} {r['kernel']:>5}: ours {r['tflops']:6.1f} TFLOP/s  sdpa {r['sdpa_tflops']:6.1f} "
+    print(f"prefill {r['seq_len']:>5} {r['kernel']:>8}: ours {r['tflops']:6.1f} TFLOP/s  "
+          f"sdpa {r['sdpa_tflops']:6.1f} "
           f"TFLOP/s correct={r['correct']}")
 
 

@@ -80,5 +80,6 @@ def tune(kernels: dict[str, Callable], num_heads: int, num_kv_heads: int, head_d
         choice.append(best)
         rows.append(dict(q_len=q_len, prefix=prefix, **{f"{name}_us": t for name, t in us.items()}, choice=best))
     _choice[:] = choice
-    logger.info("prefill attention per chunk length: %s", ", ".join(f"<= {q}: {c}" for (q, _), c in zip(shapes, choice)))
+    logger.info("prefill attention per chunk length: %s",
+                ", ".join(f"<= {q}: {c}" for (q, _), c in zip(shapes, choice)))
     return rows
