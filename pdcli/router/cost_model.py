@@ -23,6 +23,18 @@ import numpy as np
 from scipy.optimize import least_squares, lsq_linear
 
 
+def _scalar(*xs) -> bool:
+    return all(isinstance(x, (int, float)) for x in xs)
+
+
+def marginal(a, n, c):
+    """a1 n + a2 n c + a3 n^2 / 2 for a = (a1, a2, a3): plain floats for scalars (the router's hot path, ~100k
+    calls a simulated minute), arrays otherwise."""
+    if _scalar(n, c):
+        return a[0] * n + a[1] * n * c + a[2] * n * n / 2
+    return prefill_marginal_features(n, c) @ np.asarray(a, float)
+
+
 def prefill_marginal_features(n, c) -> np.ndarray:
     """Per-token and attention terms of a prefill of n tokens after c cached ones: [n, n c, n^2 / 2]."""
     n, c = np.asarray(n, float), np.asarray(c, float)
@@ -36,6 +48,8 @@ def decode_features(b, s) -> np.ndarray:
 
 def prefill_form(params, n, c) -> np.ndarray:
     p0, a0, *a = params
+    if _scalar(n, c):
+        return max(p0, a0 + marginal(a, n, c))
     return np.maximum(p0, a0 + prefill_marginal_features(n, c) @ np.asarray(a, float))
 
 
@@ -190,8 +204,7 @@ class CostModel:
         rows' scale (kd) is left at 1: served runs did not show it (on one H100 a 1024-token prompt added 17-19
         ms to the steps, this 19 ms; with kd = 3.9, 23 ms)."""
         m0, _, kp, mf = mixed_params(self.interference)
-        marginal = prefill_marginal_features(n, c) @ np.asarray(self.prefill[2:], float)
-        return np.maximum(0.0, m0 + np.maximum(mf, kp * marginal) - self.decode[0])
+        return np.maximum(0.0, m0 + np.maximum(mf, kp * marginal(self.prefill[2:], n, c)) - self.decode[0])
 
     def prefill_work_rate_ms(self, prompts_per_s: float, tokens_per_s: float, sq_tokens_per_s: float) -> float:
         """GPU ms per second of prompts_per_s prompts of tokens_per_s tokens and sq_tokens_per_s squared lengths
@@ -202,18 +215,23 @@ class CostModel:
         return max(0.0, (m0 - self.decode[0]) * prompts_per_s + max(mf * prompts_per_s, work))
 
     def decode_ms(self, b, s):
+        if _scalar(b, s):
+            d0, d1, d2 = self.decode
+            return d0 + d1 * b + d2 * s
         return decode_features(b, s) @ np.asarray(self.decode)
 
     def mixed_ms(self, b, s, n, c=0, attention: bool = True):
         """A served step of b decode rows holding s context tokens and a chunk of n tokens after c cached ones:
         the decode step plus the chunk's work beyond its fixed cost (prefill_work_ms: kd, the profiled eager
         steps' scale of the decode rows, did not show in served runs)."""
-        a = np.asarray(self.prefill[2:] if attention else [self.prefill[2], 0.0, 0.0], float)
-        return self._served_mixed(b, s, prefill_marginal_features(n, c) @ a)
+        a = self.prefill[2:] if attention else [self.prefill[2], 0.0, 0.0]
+        return self._served_mixed(b, s, marginal(a, n, c))
 
-    def _served_mixed(self, b, s, marginal):
+    def _served_mixed(self, b, s, work):
         m0, _, kp, mf = mixed_params(self.interference)
-        return self.decode_ms(b, s) + np.maximum(0.0, m0 + np.maximum(mf, kp * np.asarray(marginal, float)) -
+        if _scalar(b, s, work):
+            return self.decode_ms(b, s) + max(0.0, m0 + max(mf, kp * work) - self.decode[0])
+        return self.decode_ms(b, s) + np.maximum(0.0, m0 + np.maximum(mf, kp * np.asarray(work, float)) -
                                                  self.decode[0])
 
     def step_ms(self, decode_batch: int, decode_ctx: int, chunks: list[tuple[int, int]] = ()) -> float:
@@ -221,10 +239,10 @@ class CostModel:
         tokens, cached before them); a decode step, a prefill step or a mixed one."""
         if not chunks:
             return float(self.decode_ms(decode_batch, decode_ctx)) if decode_batch else 0.0
-        marginal = sum(float(prefill_marginal_features(n, c) @ np.asarray(self.prefill[2:], float)) for n, c in chunks)
+        work = sum(float(marginal(self.prefill[2:], n, c)) for n, c in chunks)
         if not decode_batch:
-            return max(self.prefill[0], self.prefill[1] + marginal)
-        return float(self._served_mixed(decode_batch, decode_ctx, marginal))
+            return max(self.prefill[0], self.prefill[1] + work)
+        return float(self._served_mixed(decode_batch, decode_ctx, work))
 
     def assume_net(self, gbit_s: float | None) -> str | None:
         """Handoffs across nodes ("net") at gbit_s Gbit/s with no start-up cost, where the profile has no

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from scipy import stats
+from scipy.special import stdtrit
 
 
 @dataclass
@@ -26,9 +26,13 @@ class NIG:
         self.alpha += 0.5
         self.n += 1
 
-    def predictive(self) -> stats.rv_continuous:
+    def ppf(self, q: float) -> float:
+        """Quantile q of the posterior predictive (a Student-t with 2 alpha degrees of freedom). Without building
+        a scipy distribution per call: that was 45% of `pdcli plan`'s time for an adaptive layout."""
+        if q == 0.5:
+            return self.mu
         scale = math.sqrt(self.beta * (self.kappa + 1) / (self.alpha * self.kappa))
-        return stats.t(df=2 * self.alpha, loc=self.mu, scale=scale)
+        return self.mu + scale * float(stdtrit(2 * self.alpha, q))
 
 
 class OutputLengthPredictor:
@@ -54,7 +58,7 @@ class OutputLengthPredictor:
         self._get(prompt_len).update(math.log(max(1, output_len)))
 
     def quantile(self, prompt_len: int, q: float, max_tokens: int | None = None) -> float:
-        x = math.exp(float(self._get(prompt_len).predictive().ppf(q)))
+        x = math.exp(self._get(prompt_len).ppf(q))
         cap = min(c for c in (max_tokens, self.cap) if c) if (max_tokens or self.cap) else None
         return min(x, cap) if cap else x
 
