@@ -30,7 +30,11 @@ def main() -> int:
     from pdcli.benchmarks.device import time_us
     from pdcli.kernels import build, prefill_choice
 
-    mod = build.load()
+    try:
+        mod = build.load()
+    except build.KernelUnavailable as e:
+        print(f"error: the CUDA kernels are unavailable: {e}", file=sys.stderr)
+        return 2
     if not mod.has_prefill_attention_wgmma(128):
         print("error: this build has no wgmma kernel (it needs an sm_90a GPU)", file=sys.stderr)
         return 2
