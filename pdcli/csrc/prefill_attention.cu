@@ -64,17 +64,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 2) prefill_attention_kernel(cons
 
   const int head = blockIdx.x;
   const int b = blockIdx.y;
-  const int m_block = gridDim.z - 1 - blockIdx.z;  // last (longest) query tiles are scheduled first
-  const int q_begin = p.query_start_loc[b];
-  const int q_len = p.query_start_loc[b + 1] - q_begin;
-  const int m0 = m_block * BM;  // first query row (within the sequence) of this tile
-  if (m0 >= q_len) return;
-  const int ctx = p.context_lens[b];
-  const int ctx_off = ctx - q_len;  // query row i sees keys [0, ctx_off + i]
-  const int rows_here = min(BM, q_len - m0);
-  const int key_end = ctx_off + m0 + rows_here;  // keys [0, key_end) are seen by some row here (<= ctx)
-  const int n_tiles = key_end > 0 ? (key_end + BN - 1) / BN : 0;
-  const int n_unmasked = max(ctx_off + m0 + 1, 0) / BN;  // tiles [0, n_unmasked) are visible to every row
+  PrefillTile tile;
+  if (!prefill_tile(p, b, gridDim.z - 1 - blockIdx.z, BM, BN, tile)) return;
+  const int q_begin = tile.q_begin, m0 = tile.m0, ctx_off = tile.ctx_off, rows_here = tile.rows;
+  const int key_end = tile.key_end, n_tiles = tile.n_tiles, n_unmasked = tile.n_unmasked;
   const int kv_head = head / p.group;
 
   const int tid = threadIdx.x;

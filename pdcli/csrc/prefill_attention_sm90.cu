@@ -54,17 +54,10 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_sm90_kernel(con
 
   const int head = blockIdx.x;
   const int b = blockIdx.y;
-  const int m_block = gridDim.z - 1 - blockIdx.z;  // last (longest) query tiles are scheduled first
-  const int q_begin = p.query_start_loc[b];
-  const int q_len = p.query_start_loc[b + 1] - q_begin;
-  const int m0 = m_block * kBM;
-  if (m0 >= q_len) return;
-  const int ctx = p.context_lens[b];
-  const int ctx_off = ctx - q_len;  // query row i sees keys [0, ctx_off + i]
-  const int rows_here = min(kBM, q_len - m0);
-  const int key_end = ctx_off + m0 + rows_here;
-  const int n_tiles = key_end > 0 ? (key_end + kBN - 1) / kBN : 0;
-  const int n_unmasked = max(ctx_off + m0 + 1, 0) / kBN;  // tiles [0, n_unmasked) are visible to every row
+  PrefillTile tile;
+  if (!prefill_tile(p, b, gridDim.z - 1 - blockIdx.z, kBM, kBN, tile)) return;
+  const int q_begin = tile.q_begin, m0 = tile.m0, ctx_off = tile.ctx_off, rows_here = tile.rows;
+  const int key_end = tile.key_end, n_tiles = tile.n_tiles, n_unmasked = tile.n_unmasked;
   const int kv_head = head / p.group;
 
   const int tid = threadIdx.x;
@@ -134,42 +127,15 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_sm90_kernel(con
     __syncthreads();
     const int stage = n & 1;
 
-    // ---- S = Q K^T: this warpgroup's 64 rows x 128 keys, 8 k-steps of 16 dims ----
-#pragma unroll
-    for (int i = 0; i < 64; ++i) fence_operand(s[i]);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      const uint32_t koff = (kk >> 2) * kHalfBytes + (kk & 3) * 32;
-      const uint64_t da = wgmma_desc_sw128(sQ + koff + wg * 64 * 128, 16, sp.k_sbo);
-      const uint64_t db = wgmma_desc_sw128(sK(stage) + koff, 16, sp.k_sbo);
-      wgmma_m64n128k16_ss<T>(s, da, db, kk > 0);
-    }
-    wgmma_commit();
-    wgmma_wait<0>();
-#pragma unroll
-    for (int i = 0; i < 64; ++i) fence_operand(s[i]);
-
+    // ---- S = Q K^T (this warpgroup's 64 rows x 128 keys), mask, softmax, O += P V ----
+    issue_qk<T>(s, sQ + wg * 64 * 128, sK(stage), kHalfBytes, sp.k_sbo);
+    wait_acc(s);
     if (n >= n_unmasked) mask_causal(s, ctx_off + m0 + warp_row0 + (lane >> 2) - n * kBN - (lane & 3) * 2);
     softmax_tile(s, o, st, p.scale_log2);
-
-    // ---- O += P V ----
     uint32_t pa[kBN / 16][4];
-    pack_p<T>(s, pa);
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) fence_operand(pa[kk][i]);
-#pragma unroll
-    for (int i = 0; i < 64; ++i) fence_operand(o[i]);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk)
-      wgmma_m64n128k16_rs<T>(o, pa[kk], wgmma_desc_sw128(sV(stage) + kk * 16 * 128, sp.v_lbo, sp.v_sbo), 1);
-    wgmma_commit();
-    wgmma_wait<0>();
-#pragma unroll
-    for (int i = 0; i < 64; ++i) fence_operand(o[i]);
+    pack_p<T>(s, pa, o);
+    issue_pv<T>(o, pa, sV(stage), sp.v_lbo, sp.v_sbo);
+    wait_acc(o);
 
     if (tid < kBN) sSlot[(n & 1) * kBN + tid] = slot_ahead;  // its last reader, issue_kv(n), is done
     __syncthreads();  // every warpgroup is done with stage n & 1 before it is refilled

@@ -49,16 +49,10 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const
 
   const int head = blockIdx.x;
   const int b = blockIdx.y;
-  const int m_block = gridDim.z - 1 - blockIdx.z;  // last (longest) query tiles are scheduled first
-  const int q_begin = p.query_start_loc[b];
-  const int q_len = p.query_start_loc[b + 1] - q_begin;
-  const int m0 = m_block * kBM;
-  if (m0 >= q_len) return;
-  const int ctx_off = p.context_lens[b] - q_len;  // query row i sees keys [0, ctx_off + i]
-  const int rows_here = min(kBM, q_len - m0);
-  const int key_end = ctx_off + m0 + rows_here;
-  const int n_tiles = (key_end + kBN - 1) / kBN;  // >= 1: rows_here >= 1
-  const int n_unmasked = max(ctx_off + m0 + 1, 0) / kBN;
+  PrefillTile tile;  // n_tiles >= 1: the tile has a row
+  if (!prefill_tile(p, b, gridDim.z - 1 - blockIdx.z, kBM, kBN, tile)) return;
+  const int q_begin = tile.q_begin, m0 = tile.m0, ctx_off = tile.ctx_off, rows_here = tile.rows;
+  const int key_end = tile.key_end, n_tiles = tile.n_tiles, n_unmasked = tile.n_unmasked;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
   if (tid == 0) {
@@ -136,42 +130,17 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const
       const int stage = n & 1;
       mbar_wait(full(stage), (n >> 1) & 1);
       named_sync(1 + cw);  // my turn for the tensor cores
-#pragma unroll
-      for (int i = 0; i < 64; ++i) fence_operand(s[i]);
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kD / 16; ++kk) {
-        const uint32_t koff = (kk >> 2) * kHalfBytes + (kk & 3) * 32;
-        wgmma_m64n128k16_ss<T>(s, wgmma_desc_sw128(sQ + koff + cw * 64 * 128, 16, wp.k_sbo),
-                               wgmma_desc_sw128(sK(stage) + koff, 16, wp.k_sbo), kk > 0);
-      }
-      wgmma_commit();
+      issue_qk<T>(s, sQ + cw * 64 * 128, sK(stage), kHalfBytes, wp.k_sbo);
       named_arrive(1 + (cw ^ 1));  // the other's turn
-      wgmma_wait<0>();
-#pragma unroll
-      for (int i = 0; i < 64; ++i) fence_operand(s[i]);
-
+      wait_acc(s);
       if (n >= n_unmasked) mask_causal(s, ctx_off + m0 + warp_row0 + (lane >> 2) - n * kBN - (lane & 3) * 2);
       softmax_tile(s, o, st, p.scale_log2);
       uint32_t pa[kBN / 16][4];
-      pack_p<T>(s, pa);
-#pragma unroll
-      for (int kk = 0; kk < kBN / 16; ++kk)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) fence_operand(pa[kk][i]);
-#pragma unroll
-      for (int i = 0; i < 64; ++i) fence_operand(o[i]);
-
+      pack_p<T>(s, pa, o);
       named_sync(1 + cw);
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kBN / 16; ++kk)
-        wgmma_m64n128k16_rs<T>(o, pa[kk], wgmma_desc_sw128(sV(stage) + kk * 16 * 128, wp.v_lbo, wp.v_sbo), 1);
-      wgmma_commit();
+      issue_pv<T>(o, pa, sV(stage), wp.v_lbo, wp.v_sbo);
       if (cw == 0 || n + 1 < n_tiles) named_arrive(1 + (cw ^ 1));  // warpgroup 1's last turn goes to no one
-      wgmma_wait<0>();
-#pragma unroll
-      for (int i = 0; i < 64; ++i) fence_operand(o[i]);
+      wait_acc(o);
       mbar_arrive(empty(stage));
     }
     store_o<T>(o, st, reinterpret_cast<T*>(p.out) + ((int64_t)(q_begin + m0) * p.num_heads + head) * kD,

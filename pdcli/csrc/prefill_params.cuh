@@ -22,6 +22,34 @@ struct PrefillParams {
   float scale_log2;  // softmax scale * log2(e)
 };
 
+// Where one CTA's tile of bm query rows of sequence b sits (tiles are scheduled longest first: m_block counts from
+// the last), and the key tiles of bn keys it visits. false: the tile starts past the sequence's new tokens.
+struct PrefillTile {
+  int q_begin;     // the sequence's first token in q / out
+  int m0;          // the tile's first query row, within the sequence
+  int rows;        // query rows in the tile, <= bm
+  int ctx_off;     // query row i sees keys [0, ctx_off + i]
+  int key_end;     // keys [0, key_end) are seen by some row of the tile (<= the context length)
+  int n_tiles;     // key tiles to visit
+  int n_unmasked;  // tiles [0, n_unmasked) are visible to every row
+};
+
+#ifdef __CUDACC__
+__device__ __forceinline__ bool prefill_tile(const PrefillParams& p, int b, int m_block, int bm, int bn,
+                                             PrefillTile& t) {
+  t.q_begin = p.query_start_loc[b];
+  const int q_len = p.query_start_loc[b + 1] - t.q_begin;
+  t.m0 = m_block * bm;
+  if (t.m0 >= q_len) return false;
+  t.ctx_off = p.context_lens[b] - q_len;
+  t.rows = min(bm, q_len - t.m0);
+  t.key_end = t.ctx_off + t.m0 + t.rows;
+  t.n_tiles = t.key_end > 0 ? (t.key_end + bn - 1) / bn : 0;
+  t.n_unmasked = max(t.ctx_off + t.m0 + 1, 0) / bn;
+  return true;
+}
+#endif
+
 // prefill_attention_sm90.cu: whether this build has the wgmma kernel for head_dim (built for sm_90a), and its launch.
 bool prefill_attention_sm90_available(int head_dim);
 void launch_prefill_attention_sm90(const PrefillParams& p, int batch, int max_query_len, bool bf16, cudaStream_t stream);

@@ -1,7 +1,7 @@
-// A one-warpgroup check of the prefill kernel's two wgmma forms on one tile, apart from the attention around
+// A one-warpgroup check of the prefill kernels' two wgmma products on one tile, apart from the attention around
 // them: S = A K^T (A [64, 128] and K [128, 128] K-major in shared memory, as Q and K) and O = bf16(S) V (S's
-// accumulators repacked as the register A operand, V [128, 128] N-major, as P and V), both fp32 out. Same
-// tile layout, descriptors and strides (PDCLI_WGMMA_DESC) as prefill_attention_sm90.cu: when the attention
+// accumulators repacked as the register A operand, V [128, 128] N-major, as P and V), both fp32 out, through the
+// kernels' own issue_qk / pack_p / issue_pv (wgmma_softmax.cuh) and strides (PDCLI_WGMMA_DESC): when the attention
 // test fails, this says which product is wrong.
 #include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
@@ -17,7 +17,7 @@ namespace {
 
 using namespace pdcli;
 
-constexpr int kSmem = 1024 + (64 + 128 + 128) * 256;  // alignment slack, A, K, V
+constexpr int kSmem = 1024 + 3 * 128 * 256;  // alignment slack, A (in a 128-row tile, as Q), K, V
 
 struct ProbeParams {
   const void *a, *k, *v;  // [64, 128], [128, 128], [128, 128] row-major
@@ -31,13 +31,13 @@ __global__ void __launch_bounds__(128, 1) wgmma_probe_kernel(const ProbeParams p
   extern __shared__ unsigned char smem_raw[];
   const uint32_t raw_u = smem_u32(smem_raw);
   const uint32_t sA = (raw_u + 1023) & ~1023u;
-  const uint32_t sK = sA + 64 * 256, sV = sK + 128 * 256;
+  const uint32_t sK = sA + 128 * 256, sV = sK + 128 * 256;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  auto stage = [&](const void* src, uint32_t dst, int rows) {  // row-major [rows, 128] -> swizzled halves
+  auto stage = [&](const void* src, uint32_t dst, int rows) {  // row-major [rows, 128] -> a 128-row tile's halves
     for (int i = tid; i < rows * 16; i += 128) {
       const int row = i >> 4, c = i & 15;
       const uint4 val = reinterpret_cast<const uint4*>(src)[i];
-      asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(dst + sw128_tile_off(row, c, rows * 128)),
+      asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(dst + sw128_tile_off(row, c, 128 * 128)),
                    "r"(val.x), "r"(val.y), "r"(val.z), "r"(val.w));
     }
   };
@@ -50,31 +50,12 @@ __global__ void __launch_bounds__(128, 1) wgmma_probe_kernel(const ProbeParams p
   float s[64], o[64];
 #pragma unroll
   for (int i = 0; i < 64; ++i) s[i] = o[i] = 0.f;
-  wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < 8; ++kk) {
-    const uint32_t koff = (kk & 3) * 32;  // plus the half: A's halves are 8 KB, K's 16 KB
-    wgmma_m64n128k16_ss<T>(s, wgmma_desc_sw128(sA + (kk >> 2) * 64 * 128 + koff, 16, pp.k_sbo),
-                           wgmma_desc_sw128(sK + (kk >> 2) * 128 * 128 + koff, 16, pp.k_sbo), kk > 0);
-  }
-  wgmma_commit();
-  wgmma_wait<0>();
-#pragma unroll
-  for (int i = 0; i < 64; ++i) fence_operand(s[i]);
+  issue_qk<T>(s, sA, sK, 128 * 128, pp.k_sbo);  // A as warpgroup 0's rows of a 128-row Q tile
+  wait_acc(s);
   uint32_t pa[8][4];
-  pack_p<T>(s, pa);
-#pragma unroll
-  for (int kk = 0; kk < 8; ++kk)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) fence_operand(pa[kk][i]);
-  wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < 8; ++kk)
-    wgmma_m64n128k16_rs<T>(o, pa[kk], wgmma_desc_sw128(sV + kk * 16 * 128, pp.v_lbo, pp.v_sbo), kk > 0);
-  wgmma_commit();
-  wgmma_wait<0>();
-#pragma unroll
-  for (int i = 0; i < 64; ++i) fence_operand(o[i]);
+  pack_p<T>(s, pa, o);
+  issue_pv<T>(o, pa, sV, pp.v_lbo, pp.v_sbo);
+  wait_acc(o);
   // accumulator element 4j + e: row 16 warp + lane/4 + 8 (e / 2), column 8j + 2 (lane % 4) + e % 2
 #pragma unroll
   for (int j = 0; j < 16; ++j)

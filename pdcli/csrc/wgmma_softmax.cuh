@@ -1,10 +1,12 @@
-// The per-warpgroup attention math of the wgmma prefill kernels on their accumulators: 64 query rows x 128
-// keys (S) or x 128 dims (O), 64 floats per thread in the m64nN C layout: element 4j + e at row
-// lane/4 + 8 (e / 2) of the warp's 16, column 8j + 2 (lane % 4) + e % 2.
+// The per-warpgroup attention math of the wgmma prefill kernels: their two GEMMs issued and waited for, and
+// the mask, online softmax and output on the accumulators: 64 query rows x 128 keys (S) or x 128 dims (O), 64
+// floats per thread in the m64nN C layout: element 4j + e at row lane/4 + 8 (e / 2) of the warp's 16, column
+// 8j + 2 (lane % 4) + e % 2.
 #pragma once
 #include <stdint.h>
 
 #include "mma.cuh"
+#include "wgmma.cuh"
 
 namespace pdcli {
 
@@ -58,13 +60,54 @@ __device__ __forceinline__ void softmax_tile(float (&s)[64], float (&o)[64], Sof
   }
 }
 
-// P's A fragments (m16n8k16's A layout per warp): keys [16kk, 16kk + 16) are S blocks 2kk, 2kk + 1.
+// S = Q K^T issued (not waited for): q_rows = this warpgroup's 64 rows of the Q tile, k_tile = the 128-key K
+// tile, both [rows][128] as two 128-byte swizzled halves half_bytes apart; 8 k-steps of 16 dims.
 template <typename T>
-__device__ __forceinline__ void pack_p(const float (&s)[64], uint32_t (&pa)[8][4]) {
+__device__ __forceinline__ void issue_qk(float (&s)[64], uint32_t q_rows, uint32_t k_tile, uint32_t half_bytes,
+                                         uint32_t k_sbo) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) fence_operand(s[i]);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    const uint32_t koff = (kk >> 2) * half_bytes + (kk & 3) * 32;
+    wgmma_m64n128k16_ss<T>(s, wgmma_desc_sw128(q_rows + koff, 16, k_sbo), wgmma_desc_sw128(k_tile + koff, 16, k_sbo),
+                           kk > 0);
+  }
+  wgmma_commit();
+}
+
+// O += P V issued (not waited for): pa from pack_p, v_tile the 128-key V tile (N-major B operand).
+template <typename T>
+__device__ __forceinline__ void issue_pv(float (&o)[64], const uint32_t (&pa)[8][4], uint32_t v_tile, uint32_t v_lbo,
+                                         uint32_t v_sbo) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk)
+    wgmma_m64n128k16_rs<T>(o, pa[kk], wgmma_desc_sw128(v_tile + kk * 16 * 128, v_lbo, v_sbo), 1);
+  wgmma_commit();
+}
+
+// Waits for this warpgroup's issued GEMMs; acc is then safe to read.
+__device__ __forceinline__ void wait_acc(float (&acc)[64]) {
+  wgmma_wait<0>();
+#pragma unroll
+  for (int i = 0; i < 64; ++i) fence_operand(acc[i]);
+}
+
+// P's A fragments (m16n8k16's A layout per warp): keys [16kk, 16kk + 16) are S blocks 2kk, 2kk + 1; they and o
+// fenced for the PV GEMM that follows.
+template <typename T>
+__device__ __forceinline__ void pack_p(const float (&s)[64], uint32_t (&pa)[8][4], float (&o)[64]) {
 #pragma unroll
   for (int kk = 0; kk < 8; ++kk)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) pa[kk][i] = pack2<T>(s[8 * kk + 2 * i], s[8 * kk + 2 * i + 1]);
+    for (int i = 0; i < 4; ++i) {
+      pa[kk][i] = pack2<T>(s[8 * kk + 2 * i], s[8 * kk + 2 * i + 1]);
+      fence_operand(pa[kk][i]);
+    }
+#pragma unroll
+  for (int i = 0; i < 64; ++i) fence_operand(o[i]);
 }
 
 // O / l of this thread's two rows, rows of the warp's 16 from row0 on, to out[(row) * row_stride + col]
