@@ -43,8 +43,24 @@ def test_a_collocated_worker_batches_decodes_and_chunks_long_prompts():
     assert long.first_token == short.first_token and long.first_token > 0
     chunks = cm.step_ms(0, 0, [(2048, 0)]) + cm.step_ms(0, 0, [(2048, 2048)]) + \
         cm.step_ms(0, 0, [(904, 4096), (10, 0)])
-    # async scheduling: the tokens of a step reach the coordinator at the end of the next one
-    assert long.ttft_ms == pytest.approx(chunks + cm.step_ms(2, 5012, []))
+    assert long.ttft_ms == pytest.approx(chunks)  # a step's tokens land at its end
+    # both decode in the two steps after it, the second planned while the first runs
+    assert long.e2el_ms == pytest.approx(chunks + cm.step_ms(2, 5012, []) + cm.step_ms(2, 5014, []))
+
+
+def test_async_scheduling_a_prompt_rides_in_the_step_after_the_planned_one():
+    """The engine plans step k + 1 while step k runs: a prompt that comes during step k waits for it and for
+    k + 1, then rides in k + 2 with whatever else came before k + 2 was planned."""
+    cm = cost_model()
+    t0 = cm.step_ms(0, 0, [(100, 0)])  # ms: A's prefill step, then its decode steps one row each
+    t1 = t0 + cm.step_ms(1, 101, [])
+    arrive = (t0 + 0.5 * (t1 - t0)) / 1e3  # during A's first decode step
+    a, b, c = one([SimSpec(0, "collocated", "n:cuda:0")], "collocated", [100, 100, 1500], [50, 2, 2],
+                  [0.0, arrive, arrive + 1e-4])
+    expected = t1 + cm.step_ms(1, 102, []) + cm.step_ms(1, 103, [(100, 0), (1500, 0)])
+    assert b.first_token * 1e3 == pytest.approx(expected)
+    alone = one([SimSpec(0, "collocated", "n:cuda:0")], "collocated", [100, 100], [50, 2], [0.0, arrive])[1]
+    assert alone.first_token * 1e3 == pytest.approx(t1 + cm.step_ms(1, 102, []) + cm.step_ms(1, 103, [(100, 0)]))
 
 
 def test_layouts_for_n_gpus():

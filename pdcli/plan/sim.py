@@ -20,7 +20,8 @@ class SimSeq:
     output_len: int
     path: str = ""
     workers: tuple = ()
-    prefilled: int = 0  # prompt tokens computed so far
+    scheduled: int = 0  # prompt tokens in steps planned so far (the scheduler advances at launch)
+    prefilled: int = 0  # prompt tokens computed (landed) so far
     first: float | None = None  # s, first token
     end: float | None = None  # s, last token
 
@@ -39,95 +40,108 @@ class SimSpec:
 
 
 @dataclass
+class SimStep:
+    """One planned engine step: its prefill chunks (sequence, tokens, tokens computed before), the sequences
+    whose last token it makes, its decode rows and its time alone on the GPU."""
+    chunks: list
+    ending: list
+    decode_rows: int
+    ms: float
+
+
+@dataclass
 class SimWorker:
+    """One engine under the engine's rules. With async scheduling (every role but prefill) the engine plans a
+    step while the one before it runs: when step k ends, step k + 1 (planned at step k - 1's end) starts and
+    step k + 2 is planned from the scheduler's state as if k + 1 had run; a prompt that came during step k - 1
+    rides in step k + 1, and a step's tokens land at its end."""
     spec: SimSpec
     cm: CostModel
     max_num_seqs: int
     max_num_batched_tokens: int
-    waiting: deque = field(default_factory=deque)  # prompts to prefill, FCFS
-    finishing: list = field(default_factory=list)  # heap of (step at which it ends, order, seq)
-    num_decoding: int = 0
-    decode_ctx: int = 0  # context tokens of the decoding sequences
-    steps: int = 0  # steps done
+    waiting: deque = field(default_factory=deque)  # prompts with tokens left to plan, FCFS
+    prompts: list = field(default_factory=list)  # prompts here without a first token (the coordinator's queue)
+    finishing: list = field(default_factory=list)  # heap of (plan whose row makes its last token, order, seq)
+    num_decoding: int = 0  # decode rows of the next planned step
+    decode_ctx: int = 0  # their context tokens
+    plans: int = 0  # steps planned so far (the next plan's number)
+    running: SimStep | None = None
+    queued: SimStep | None = None  # planned, starts when the running one ends (async scheduling)
     busy_until: float | None = None  # end of the step running now
     step_has_decodes: bool = False
     last_step_end: float | None = None
     inflight: int = 0  # requests held (the coordinator's count for least-loaded routing)
-    lagged: list = field(default_factory=list)  # (seq, "first" | "end") reported at the next step's end
     _order: itertools.count = field(default_factory=itertools.count)
 
     @property
     def idle(self) -> bool:
-        return self.busy_until is None
+        return self.running is None
 
     @property
     def has_work(self) -> bool:
+        """Something left to plan."""
         return bool(self.waiting or self.num_decoding)
-
-    @property
-    def queued_tokens(self) -> int:
-        return sum(s.prompt_len - s.prefilled for s in self.waiting)
-
-    def plan(self) -> tuple[list[tuple[SimSeq, int]], float]:
-        """The next step's prefill chunks (sequence, tokens) and its time alone on the GPU, ms."""
-        batch = min(self.num_decoding, self.max_num_seqs)
-        budget, chunks = self.max_num_batched_tokens - batch, []
-        for seq in self.waiting:
-            if budget <= 0 or batch + len(chunks) >= self.max_num_seqs:
-                break
-            n = min(budget, seq.prompt_len - seq.prefilled)
-            chunks.append((seq, n))
-            budget -= n
-        ms = self.cm.step_ms(batch, self.decode_ctx, [(n, seq.prefilled) for seq, n in chunks])
-        if self.spec.role == "prefill":  # a dedicated prefill worker as the profile saw it serve
-            ms *= self.cm.prefill_role_scale
-        return chunks, ms
-
-    def admit(self, seq: SimSeq) -> None:
-        """seq, with its first token, joins the decode batch; it ends after output_len - 1 more steps."""
-        if seq.output_len <= 1:
-            return
-        self.num_decoding += 1
-        self.decode_ctx += seq.prompt_len + 1
-        heapq.heappush(self.finishing, (self.steps + seq.output_len - 1, next(self._order), seq))
 
     @property
     def async_steps(self) -> bool:
         return self.spec.role != "prefill"
 
-    def report(self, now: float) -> None:
-        """Time the tokens held back: with async scheduling a step's tokens reach the coordinator once the
-        next step is under way (served runs on one H100: collocated TTFT ~ one step above the model's)."""
-        for seq, what in self.lagged:
-            setattr(seq, what, now)
-        self.lagged = []
+    @property
+    def queued_tokens(self) -> int:
+        return sum(s.prompt_len - s.prefilled for s in self.prompts)
 
-    def finish_step(self, chunks: list[tuple[SimSeq, int]], now: float) -> tuple[list[SimSeq], list[SimSeq]]:
-        """Apply a step that ended at now: (sequences whose prompt completed, sequences that finished)."""
-        self.report(now)
-        self.steps += 1
+    def plan(self) -> SimStep:
+        """The next step (the decode rows and as many prompt tokens as the budget takes, FCFS), then the
+        scheduler's state as if it had run: its completed prompts decode here from the step after it (or wait
+        for their handoff), the sequences it ends leave."""
+        number, self.plans = self.plans, self.plans + 1
+        batch = min(self.num_decoding, self.max_num_seqs)
+        budget, chunks = self.max_num_batched_tokens - batch, []
+        for seq in self.waiting:
+            if budget <= 0 or batch + len(chunks) >= self.max_num_seqs:
+                break
+            n = min(budget, seq.prompt_len - seq.scheduled)
+            chunks.append((seq, n, seq.scheduled))
+            budget -= n
+        ms = self.cm.step_ms(batch, self.decode_ctx, [(n, done) for _, n, done in chunks])
+        if self.spec.role == "prefill":  # a dedicated prefill worker as the profile saw it serve
+            ms *= self.cm.prefill_role_scale
         self.decode_ctx += self.num_decoding
-        done = []
-        while self.finishing and self.finishing[0][0] <= self.steps:
+        ending = []
+        while self.finishing and self.finishing[0][0] <= number:
             seq = heapq.heappop(self.finishing)[2]
-            self._stamp(seq, "end", now)
+            ending.append(seq)
             self.num_decoding -= 1
             self.decode_ctx -= seq.prompt_len + seq.output_len
-            done.append(seq)
+        for seq, n, _ in chunks:
+            seq.scheduled += n
+            if seq.scheduled >= seq.prompt_len:
+                self.waiting.remove(seq)
+                if len(seq.workers) == 1:
+                    self.admit(seq)
+        return SimStep(chunks, ending, batch, ms)
+
+    def admit(self, seq: SimSeq) -> None:
+        """seq, with its first token on the way, decodes in the next output_len - 1 steps planned here."""
+        if seq.output_len <= 1:
+            return
+        self.num_decoding += 1
+        self.decode_ctx += seq.prompt_len + 1
+        heapq.heappush(self.finishing, (self.plans + seq.output_len - 2, next(self._order), seq))
+
+    def finish_step(self, step: SimStep, now: float) -> tuple[list[SimSeq], list[SimSeq]]:
+        """Land a step that ended at now: (sequences whose first token it made, sequences it finished)."""
         prefilled = []
-        for seq, n in chunks:
+        for seq, n, _ in step.chunks:
             seq.prefilled += n
             if seq.prefilled >= seq.prompt_len:
-                self.waiting.remove(seq)
-                self._stamp(seq, "first", now)
+                seq.first = now
+                self.prompts.remove(seq)
                 prefilled.append(seq)
-        self.busy_until, self.last_step_end = None, now
-        return prefilled, done
-
-    def _stamp(self, seq: SimSeq, what: str, now: float) -> None:
-        if self.async_steps:
-            self.lagged.append((seq, what))
-        setattr(seq, what, now)  # until the next step's end, if there is one
+        for seq in step.ending:
+            seq.end = now
+        self.running, self.busy_until, self.last_step_end = None, None, now
+        return prefilled, step.ending
 
 
 def shared_step_ms(worker: SimWorker, alone_ms: float, has_decodes: bool, neighbours: list[SimWorker],

@@ -9,7 +9,7 @@ import itertools
 from pdcli.bench.metrics import RequestRecord
 from pdcli.coordinator.policy import RouteInput, make_policy
 from pdcli.coordinator.routing import can_hand_off
-from pdcli.plan.sim import SimSeq, SimSpec, SimWorker, shared_step_ms
+from pdcli.plan.sim import SimSeq, SimSpec, SimStep, SimWorker, shared_step_ms
 from pdcli.router.cost_model import CostModel
 from pdcli.router.load import LoadForecast, WorkerLoad, mark_gpu_sharing
 
@@ -59,6 +59,7 @@ class Simulator:
         seq.workers = (first.spec.rank,) if second is None else (first.spec.rank, second.spec.rank)
         seq.path = "collocated" if second is None else "disaggregated"
         first.waiting.append(seq)
+        first.prompts.append(seq)
         first.inflight += 1
         if second is not None:
             second.inflight += 1
@@ -66,12 +67,10 @@ class Simulator:
         self.forecast.route(self.now, first.spec.rank, (second or first).spec.rank, seq.prompt_len, out)
         self.kick(first)
 
-    def _on_step_end(self, w: SimWorker, chunks: list) -> None:
-        prefilled, done = w.finish_step(chunks, self.now)
+    def _on_step_end(self, w: SimWorker, step: SimStep) -> None:
+        prefilled, done = w.finish_step(step, self.now)
         for seq in prefilled:
-            if len(seq.workers) == 1:
-                w.admit(seq)
-            else:
+            if len(seq.workers) > 1:
                 w.inflight -= 1
                 d = self.workers[seq.workers[1]]
                 self.push(self.now + self.transfer_ms(seq, w, d) / 1e3, "landed", seq, d)
@@ -80,9 +79,11 @@ class Simulator:
                 self.workers[seq.workers[-1]].inflight -= 1
         for seq in done:
             w.inflight -= 1
-        self.kick(w)
-        if w.idle:  # no step launched after it: the engine lands this one at once (nothing to wait for)
-            w.lagged = []
+        if w.queued is not None:
+            step, w.queued = w.queued, None
+            self.start(w, step)
+        else:
+            self.kick(w)
 
     def _on_landed(self, seq: SimSeq, d: SimWorker) -> None:
         if seq.output_len > 1:
@@ -90,15 +91,19 @@ class Simulator:
             self.kick(d)
 
     def kick(self, w: SimWorker) -> None:
-        if not w.idle or not w.has_work:
-            return
-        chunks, alone = w.plan()
-        has_decodes = w.num_decoding > 0
+        """An idle worker with work starts a step (and with async scheduling plans the one after it)."""
+        if w.idle and w.has_work:
+            self.start(w, w.plan())
+
+    def start(self, w: SimWorker, step: SimStep) -> None:
         neighbours = [o for o in self.workers if o is not w and o.spec.device == w.spec.device
                       and not o.spec.device.endswith("cpu")]
-        ms = shared_step_ms(w, alone, has_decodes, neighbours, self.now)
-        w.busy_until, w.step_has_decodes = self.now + ms / 1e3, has_decodes
-        self.push(w.busy_until, "step_end", w, chunks)
+        has_decodes = step.decode_rows > 0
+        ms = shared_step_ms(w, step.ms, has_decodes, neighbours, self.now)
+        w.running, w.busy_until, w.step_has_decodes = step, self.now + ms / 1e3, has_decodes
+        self.push(w.busy_until, "step_end", w, step)
+        if w.async_steps and w.has_work:
+            w.queued = w.plan()
 
     def transfer_ms(self, seq: SimSeq, p: SimWorker, d: SimWorker) -> float:
         return self.cm.transfer_ms(seq.prompt_len, pair_kind(p.spec, d.spec))
@@ -127,17 +132,16 @@ class Simulator:
         return coll, None
 
     def loads(self) -> dict[int, WorkerLoad]:
+        """Each worker's load as the coordinator sees it: whole prompts until their first token lands."""
         out = {}
         for w in self.workers:
             since = None if w.last_step_end is None else (self.now - w.last_step_end) * 1e3
-            fresh = sum(s.prompt_len - s.prefilled for s in w.waiting
-                        if w.last_step_end is None or s.arrival > w.last_step_end)
-            out[w.spec.rank] = WorkerLoad(queued_prefill_tokens=w.queued_tokens, decode_batch=w.num_decoding,
-                                          queued_prefill_sq_tokens=sum((s.prompt_len - s.prefilled) ** 2
-                                                                       for s in w.waiting),
-                                          decode_ctx=w.decode_ctx, role=w.spec.role, since_step_ms=since,
-                                          async_steps=w.spec.role != "prefill", queued_since_step_tokens=fresh,
-                                          device=w.spec.device)
+            fresh = sum(s.prompt_len for s in w.prompts if w.last_step_end is None or s.arrival > w.last_step_end)
+            out[w.spec.rank] = WorkerLoad(queued_prefill_tokens=sum(s.prompt_len for s in w.prompts),
+                                          queued_prefill_sq_tokens=sum(s.prompt_len ** 2 for s in w.prompts),
+                                          decode_batch=w.num_decoding, decode_ctx=w.decode_ctx, role=w.spec.role,
+                                          since_step_ms=since, async_steps=w.async_steps,
+                                          queued_since_step_tokens=fresh, device=w.spec.device)
         mark_gpu_sharing(out, {w.spec.rank: w.spec.device for w in self.workers})
         self.forecast.apply(out, self.now)
         return out
