@@ -372,24 +372,29 @@ def test_ttft_waits_for_the_steps_a_worker_has_already_scheduled():
     assert r.ttft_ms(1000, load(8, 1000, queued=1500)) > r.ttft_ms(1000, load(8, 1000))
 
 
-def test_calibration_learns_the_ratio_per_role_and_metric_and_follows_drift():
+def test_calibration_learns_per_role_and_metric_and_follows_drift():
+    """TTFT by an offset in ms, TPOT by a ratio; the median of recent residuals, shrunk by the prior."""
     from pdcli.router.calibration import LatencyCalibration
 
     cal = LatencyCalibration()
     rng = np.random.default_rng(0)
     coll = dict(ttft_ms="collocated", tpot_ms="collocated")
-    assert cal.factor("collocated", "ttft_ms") == 1.0
+    assert cal.correction("collocated", "ttft_ms") == 0.0 and cal.factor("collocated", "tpot_ms") == 1.0
     for _ in range(150):
-        cal.observe(coll, dict(ttft_ms=20.0, tpot_ms=5.0), dict(ttft_ms=30.0 * rng.lognormal(0, 0.1), tpot_ms=5.0))
-    assert cal.factor("collocated", "ttft_ms") == pytest.approx(1.5, rel=0.06)
-    assert cal.factor("collocated", "tpot_ms") == pytest.approx(1.0)
-    assert cal.factor("prefill", "ttft_ms") == 1.0
-    for _ in range(150):  # the system got faster: the correction follows
-        cal.observe(coll, dict(ttft_ms=20.0), dict(ttft_ms=16.0))
-    assert cal.factor("collocated", "ttft_ms") == pytest.approx(0.8, rel=0.03)
-    fixed = cal.apply(coll, dict(ttft_ms=10.0, tpot_ms=4.0, e2e_ms=0.0), out_len=11)
-    assert fixed["ttft_ms"] == pytest.approx(8.0, rel=0.03) and fixed["e2e_ms"] == pytest.approx(
-        fixed["ttft_ms"] + 10 * 4.0)
+        cal.observe(coll, dict(ttft_ms=20.0, tpot_ms=5.0), dict(ttft_ms=30.0 + rng.normal(0, 1), tpot_ms=7.5))
+    recent = sum(0.97 ** k for k in range(64))  # a full window, newer residuals weighing more
+    shrink = recent / (recent + 4 * 0.97 ** 64)  # against the prior's 4 pseudo-observations, aged as many times
+    assert cal.correction("collocated", "ttft_ms") == pytest.approx(10.0 * shrink, rel=0.05)
+    assert cal.factor("collocated", "tpot_ms") == pytest.approx(1.5 ** shrink, rel=1e-6)
+    assert cal.correction("prefill", "ttft_ms") == 0.0
+    # a skewed residual (a few requests met a burst): the median, not the mean
+    for i in range(150):
+        cal.observe(coll, dict(ttft_ms=20.0), dict(ttft_ms=16.0 if i % 5 else 200.0))
+    assert cal.correction("collocated", "ttft_ms") == pytest.approx(-4.0 * shrink, rel=1e-6)  # it followed
+    fixed = cal.apply(coll, dict(ttft_ms=100.0, tpot_ms=4.0, e2e_ms=0.0), out_len=11)
+    assert fixed["ttft_ms"] == pytest.approx(100.0 - 4.0 * shrink) and fixed["e2e_ms"] == pytest.approx(
+        fixed["ttft_ms"] + 10 * fixed["tpot_ms"])
+    assert cal.apply(coll, dict(ttft_ms=5.0), out_len=1)["ttft_ms"] == 2.5  # never below half the prediction
 
 
 def test_router_outcomes_correct_its_predictions_and_can_change_the_path():

@@ -57,12 +57,14 @@ def test_calibration_fades_without_traffic():
         now[0] = i * 0.1
         cal.observe(roles, dict(ttft_ms=10.0, tpot_ms=10.0), dict(ttft_ms=20.0, tpot_ms=20.0))
     assert cal.factor("decode", "tpot_ms") == pytest.approx(2.0, rel=0.05)
+    assert cal.correction("decode", "ttft_ms") == pytest.approx(10.0, rel=0.1)
     now[0] = 10.0 + 20.0  # one half-life later: the observations weigh half, against the prior's weight
     assert 1.5 < cal.factor("decode", "tpot_ms") < 1.95
     now[0] = 10.0 + 100.0
-    assert cal.factor("decode", "tpot_ms") < 1.25
-    now[0] = 10.0 + 200.0
+    assert cal.factor("decode", "tpot_ms") < 1.3
+    now[0] = 10.0 + 300.0
     assert cal.factor("decode", "tpot_ms") == pytest.approx(1.0, abs=0.01)
+    assert abs(cal.correction("decode", "ttft_ms")) < 0.1
 
 
 def test_starting_a_second_decode_batch_on_the_gpu_counts_against_the_handoff():

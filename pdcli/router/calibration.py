@@ -1,73 +1,89 @@
 """Online calibration of the cost model by the requests it routed: per (metric, role of the worker that ran
-that phase), a Normal model of r = log(measured / predicted) with exponential forgetting, so the router
-corrects what the profile could not see (the worker loop, pipes, this run's own mix) and follows drift.
-O(1) per update.
+that phase), the recent residuals of the predictions, so the router corrects what the profile could not see
+(the worker loop, pipes, this run's own mix) and follows drift. O(window) per prediction.
 
 Keyed by the worker's role, not the path: TTFT is a prefill worker's or a collocated worker's, TPOT a
 decode worker's or a collocated worker's. Where collocated workers also prefill and decode for each other,
 both paths then share one correction, and the path routed under heavier load does not look worse for it.
 
-The router multiplies each prediction by exp(posterior mean of r); with no observations the mean is the
-prior's, 0: the cost model as fitted. Observations also fade with time (half-life 20 s): a path that gets
-no traffic returns to the fitted model's price."""
+TTFT is corrected by an offset in ms (measured - predicted): what the model misses there is mostly a fixed
+cost per request (the trip through the coordinator and the pipes: +5 ms at the median on one H200, where the
+model's prompt step is 8 ms and a long prompt's 300 ms), which a ratio would spread over long prompts. TPOT is
+corrected by a ratio (log(measured / predicted)): its misses scale with the step. The correction is the
+weighted median of the residuals (recent ones weigh more; a median, since the residuals are skewed: a few
+requests meet a burst of long prompts, most do not), shrunk toward 0 by the prior's pseudo-observations,
+which age like residuals: with no observations the cost model as fitted. Observations also fade with time (half-life 20 s): a path
+that gets no traffic returns to the fitted model's price."""
 from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from dataclasses import dataclass
 
 METRICS = ("ttft_ms", "tpot_ms")
-
-
-@dataclass
-class LogRatio:
-    weight: float  # observations behind `total`, discounted; the prior's pseudo-observations (r = 0) included
-    total: float = 0.0  # discounted sum of r
-    t: float | None = None  # when it last moved (clock seconds)
-
-    @property
-    def mean(self) -> float:
-        return self.total / self.weight
-
-    def decay_to(self, t: float, half_life_s: float, prior_weight: float) -> None:
-        """Observations lose weight with time, not only with newer ones: without traffic the correction
-        returns to the prior (the fitted model), so a path whose correction went stale is priced afresh."""
-        if self.t is not None and t > self.t:
-            keep = 0.5 ** ((t - self.t) / half_life_s)
-            self.total *= keep
-            self.weight = prior_weight + (self.weight - prior_weight) * keep
-        self.t = t
+ADDITIVE = ("ttft_ms",)  # corrected by an offset in ms; the others by a ratio
 
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    prior_weight: float = 4.0  # pseudo-observations at r = 0 (the fitted model is believed at first; they
-    # fade like any observation)
-    discount: float = 0.97  # each update keeps this much of the past: ~33 requests of memory
-    max_abs_log_ratio: float = math.log(10.0)  # one outlier moves the mean by at most this / weight
+    prior_weight: float = 4.0  # pseudo-observations at 0 (the fitted model is believed at first)
+    window: int = 64  # residuals kept per (role, metric)
+    discount: float = 0.97  # in the median, each newer residual weighs 1 / discount more: follows drift
+    max_abs_log_ratio: float = math.log(10.0)  # a ratio residual is clipped to this
     half_life_s: float = 20.0  # without traffic, what was learnt halves in this long
+    min_fraction: float = 0.5  # an offset never takes a TTFT below this fraction of its prediction
+    refresh_s: float = 0.5  # a correction is recomputed after a new residual or this long
 
 
 class LatencyCalibration:
     def __init__(self, config: CalibrationConfig = CalibrationConfig(), clock=time.monotonic):
         """clock: seconds now (a replay sets its own)."""
         self.config, self.clock = config, clock
-        self.stats: dict[tuple[str, str], LogRatio] = {}
+        self.residuals: dict[tuple[str, str], deque] = {}  # (role, metric) -> (clock s, residual), newest last
+        self._cached: dict[tuple[str, str], tuple[float, float]] = {}  # (role, metric) -> (when, correction)
+
+    def correction(self, role: str, metric: str) -> float:
+        """The offset in ms (TTFT) or the log ratio (TPOT) now applied to role's predictions of metric."""
+        now = self.clock()
+        hit = self._cached.get((role, metric))
+        if hit is not None and 0 <= now - hit[0] < self.config.refresh_s:
+            return hit[1]
+        v = self._compute(role, metric, now)
+        self._cached[(role, metric)] = (now, v)
+        return v
+
+    def _compute(self, role: str, metric: str, now: float) -> float:
+        q = self.residuals.get((role, metric))
+        if not q:
+            return 0.0
+        c, n = self.config, len(q)
+        fresh = [0.5 ** (max(0.0, now - t) / c.half_life_s) for t, _ in q]
+        recent = [f * c.discount ** (n - 1 - i) for i, f in enumerate(fresh)]
+        order = sorted(range(n), key=lambda i: q[i][1])
+        half, acc = sum(recent) / 2, 0.0
+        for i in order:
+            acc += recent[i]
+            if acc >= half:
+                break
+        # the prior's pseudo-observations age with the residuals like one of them, and come back as they fade
+        prior = c.prior_weight * (1 - (1 - c.discount ** n) * fresh[-1])
+        seen = sum(recent)
+        return q[i][1] * seen / (seen + prior)
 
     def factor(self, role: str, metric: str) -> float:
-        s = self.stats.get((role, metric))
-        if s is None:
-            return 1.0
-        s.decay_to(self.clock(), self.config.half_life_s, self.config.prior_weight)
-        return math.exp(s.mean)
+        """TPOT's correction as a factor on its prediction."""
+        return math.exp(self.correction(role, metric))
 
     def apply(self, roles: dict, predicted: dict, out_len: float) -> dict:
         """A copy of one path's predictions (ms), corrected, with e2e_ms recomputed from the corrected parts.
         roles: metric -> role of the worker that runs that phase."""
         out = dict(predicted)
         for m in METRICS:
-            if m in out:
-                out[m] = out[m] * self.factor(roles[m], m)
+            if m not in out:
+                continue
+            v = self.correction(roles[m], m)
+            out[m] = max(self.config.min_fraction * out[m], out[m] + v) if m in ADDITIVE else out[m] * math.exp(v)
         if "e2e_ms" in out:
             out["e2e_ms"] = out["ttft_ms"] + out.get("transfer_ms", 0.0) + max(out_len - 1, 0) * out["tpot_ms"]
         return out
@@ -79,8 +95,6 @@ class LatencyCalibration:
             p, y = predicted.get(m), measured.get(m)
             if not p or not y or p <= 0 or y <= 0:
                 continue
-            r = max(-c.max_abs_log_ratio, min(c.max_abs_log_ratio, math.log(y / p)))
-            s = self.stats.setdefault((roles[m], m), LogRatio(c.prior_weight))
-            s.decay_to(self.clock(), c.half_life_s, c.prior_weight)
-            s.weight = c.discount * s.weight + 1.0
-            s.total = c.discount * s.total + r
+            r = y - p if m in ADDITIVE else max(-c.max_abs_log_ratio, min(c.max_abs_log_ratio, math.log(y / p)))
+            self.residuals.setdefault((roles[m], m), deque(maxlen=c.window)).append((self.clock(), r))
+            self._cached.pop((roles[m], m), None)

@@ -62,10 +62,12 @@ def _share(cm: CostModel, per_s: float, tokens: float, squares: float) -> float:
     return cm.prefill_work_rate_ms(per_s, tokens, squares) / 1e3
 
 
-def step_ms(cm: CostModel, w: WorkerLoad) -> float:
-    """A step of worker w's decode batch now, stretched by the GPU's prefill share and decode neighbours."""
+def step_ms(cm: CostModel, w: WorkerLoad, stretched: bool = True) -> float:
+    """A step of worker w's decode batch now, slowed by its decode neighbours and stretched by the GPU's prefill
+    share (on average over the steps to come; stretched=False: a step whose content is known, no prompts)."""
     rho, m = prefill_stretch(cm, w)
-    return float(cm.decode_ms(w.decode_batch, w.decode_ctx)) * (1 + cm.decode_neighbour_extra * w.sharing) * m / (1 - rho)
+    step = float(cm.decode_ms(w.decode_batch, w.decode_ctx)) * (1 + cm.decode_neighbour_extra * w.sharing) * m
+    return step / (1 - rho) if stretched else step
 
 
 def split_queue(cm: CostModel, w: WorkerLoad) -> tuple[int, int]:
@@ -94,7 +96,7 @@ def start_wait_ms(cm: CostModel, w: WorkerLoad) -> float:
     steps = 2 if w.async_steps else 1
     if not (w.decode_batch or held):
         return 0.0
-    step = step_ms(cm, w) if w.decode_batch else 0.0
+    step = step_ms(cm, w, stretched=False) if w.decode_batch else 0.0  # the prompts they hold are priced apart
     if not w.steps_seen:  # a replay of a run that did not record when steps ended
         return UNSEEN_STEP_WAIT * step if w.async_steps else 0.5 * step
     if w.since_step_ms is None:  # no step yet
