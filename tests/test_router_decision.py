@@ -61,7 +61,7 @@ def test_calibration_fades_without_traffic():
     now[0] = 10.0 + 20.0  # one half-life later: the observations weigh half, against the prior's weight
     assert 1.5 < cal.factor("decode", "tpot_ms") < 1.95
     now[0] = 10.0 + 100.0
-    assert cal.factor("decode", "tpot_ms") < 1.3
+    assert cal.factor("decode", "tpot_ms") < 1.5
     now[0] = 10.0 + 300.0
     assert cal.factor("decode", "tpot_ms") == pytest.approx(1.0, abs=0.01)
     assert abs(cal.correction("decode", "ttft_ms")) < 0.1

@@ -1,6 +1,6 @@
 """Online calibration of the cost model by the requests it routed: per (metric, role of the worker that ran
 that phase), the recent residuals of the predictions, so the router corrects what the profile could not see
-(the worker loop, pipes, this run's own mix) and follows drift. O(window) per prediction.
+(the worker loop, pipes, this run's own mix) and follows drift. O(window) per refresh.
 
 Keyed by the worker's role, not the path: TTFT is a prefill worker's or a collocated worker's, TPOT a
 decode worker's or a collocated worker's. Where collocated workers also prefill and decode for each other,
@@ -10,9 +10,11 @@ TTFT is corrected by an offset in ms (measured - predicted): what the model miss
 cost per request (the trip through the coordinator and the pipes: +5 ms at the median on one H200, where the
 model's prompt step is 8 ms and a long prompt's 300 ms), which a ratio would spread over long prompts. TPOT is
 corrected by a ratio (log(measured / predicted)): its misses scale with the step. The correction is the
-weighted median of the residuals (recent ones weigh more; a median, since the residuals are skewed: a few
-requests meet a burst of long prompts, most do not), shrunk toward 0 by the prior's pseudo-observations,
-which age like residuals: with no observations the cost model as fitted. Observations also fade with time (half-life 20 s): a path
+median of the last 256 residuals weighted by their age (a median, since the residuals are skewed: a few
+requests meet a burst of long prompts, most do not; a long window, since recent residuals mostly repeat the
+load's passing swings: in the simulator, where the model is exact, a 64-residual window with recency weights
+took the median TPOT error at 20 req/s from 12% to 17%), shrunk toward 0 by the prior's pseudo-observations:
+with no observations the cost model as fitted. Observations also fade with time (half-life 20 s): a path
 that gets no traffic returns to the fitted model's price."""
 from __future__ import annotations
 
@@ -28,8 +30,7 @@ ADDITIVE = ("ttft_ms",)  # corrected by an offset in ms; the others by a ratio
 @dataclass(frozen=True)
 class CalibrationConfig:
     prior_weight: float = 4.0  # pseudo-observations at 0 (the fitted model is believed at first)
-    window: int = 64  # residuals kept per (role, metric)
-    discount: float = 0.97  # in the median, each newer residual weighs 1 / discount more: follows drift
+    window: int = 256  # residuals kept per (role, metric)
     max_abs_log_ratio: float = math.log(10.0)  # a ratio residual is clipped to this
     half_life_s: float = 20.0  # without traffic, what was learnt halves in this long
     min_fraction: float = 0.5  # an offset never takes a TTFT below this fraction of its prediction
@@ -57,19 +58,14 @@ class LatencyCalibration:
         q = self.residuals.get((role, metric))
         if not q:
             return 0.0
-        c, n = self.config, len(q)
+        c = self.config
         fresh = [0.5 ** (max(0.0, now - t) / c.half_life_s) for t, _ in q]
-        recent = [f * c.discount ** (n - 1 - i) for i, f in enumerate(fresh)]
-        order = sorted(range(n), key=lambda i: q[i][1])
-        half, acc = sum(recent) / 2, 0.0
-        for i in order:
-            acc += recent[i]
+        half, acc = sum(fresh) / 2, 0.0
+        for i in sorted(range(len(q)), key=lambda i: q[i][1]):
+            acc += fresh[i]
             if acc >= half:
                 break
-        # the prior's pseudo-observations age with the residuals like one of them, and come back as they fade
-        prior = c.prior_weight * (1 - (1 - c.discount ** n) * fresh[-1])
-        seen = sum(recent)
-        return q[i][1] * seen / (seen + prior)
+        return q[i][1] * 2 * half / (2 * half + c.prior_weight)
 
     def factor(self, role: str, metric: str) -> float:
         """TPOT's correction as a factor on its prediction."""

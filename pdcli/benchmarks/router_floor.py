@@ -1,0 +1,153 @@
+"""How close can any prediction made at a request's arrival come? Measured in `pdcli plan`'s simulator, where
+the cost model is exact by construction: per workload and rate, the median |relative error| of TTFT and TPOT
+of the router (raw and calibrated, from the loads each request met) and of an oracle that knows the whole
+state at arrival and the true arrival process: the median, over K simulated futures with fresh arrivals from
+`pdcli bench`'s own generators, of the request's own outcome. What the oracle misses is what nobody can know
+at arrival: the prompts that come during the request's life. CPU only -> results/router/floor_<device>.json.
+
+    python -m pdcli.benchmarks.router_floor [--params-dir DIR] [--futures 12] [--sample 60]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import heapq
+import json
+import sys
+
+import numpy as np
+
+from pdcli.benchmarks.results import provenance, write
+
+PROFILE = "profiles/nvidia-h200/dummy-llama3-8b"
+# (workload, burstiness, rates up to past the one-GPU knee with SLOs TTFT 250 ms + 0.1 ms per prompt token and
+# TPOT 15 ms, as the router issue's runs); shared-prefix is left out: the simulator has no prefix cache
+CASES = (("random", 1.0, (8.0, 12.0, 16.0, 20.0, 22.0)), ("mixed", 1.0, (8.0, 12.0, 16.0, 20.0, 23.0)),
+         ("bimodal", 1.0, (2.0, 4.0, 6.0, 8.0)), ("bimodal", 0.5, (2.0, 4.0, 6.0)))
+SLO = dict(ttft=250.0, ttft_per_token=0.1, tpot=15.0)
+VOCAB, MAX_MODEL_LEN = 32000, 16384
+WARMUP_S = 10.0  # requests before this are not scored (the forecast and calibration are warming up)
+
+
+def _recording_simulator():
+    from pdcli.plan.simulator import Simulator
+
+    class Recording(Simulator):
+        """Keeps the loads each request met on arrival and, for chosen requests, a copy of the whole state."""
+
+        def start_recording(self, snap_at: set[int]) -> None:
+            self.loads_at, self.snap_at, self.snaps = {}, snap_at, {}
+
+        def _on_arrive(self, seq) -> None:
+            if getattr(self, "loads_at", None) is not None:
+                self.loads_at[seq.index] = copy.deepcopy(self.loads())
+                if seq.index in self.snap_at:
+                    kept, self.loads_at, self.snaps = (self.loads_at, self.snaps), None, None
+                    snap = copy.deepcopy((self, seq))
+                    self.loads_at, self.snaps = kept
+                    self.snaps[seq.index] = snap
+            super()._on_arrive(seq)
+
+    return Recording
+
+
+def _future(snap, workload: str, rate: float, burstiness: float, seed: int, horizon_s: float) -> tuple[float, float]:
+    """(TTFT ms, TPOT ms) of the snapshot's request in one future: the arrivals after it drawn afresh."""
+    from pdcli.bench.arrivals import arrival_times
+    from pdcli.bench.workloads import make_requests
+    from pdcli.plan.sim import SimSeq
+
+    sim, seq = copy.deepcopy(snap)
+    sim.events = [e for e in sim.events if e[2] != "arrive"]
+    heapq.heapify(sim.events)
+    n = max(1, int(rate * horizon_s))
+    times = sim.now + arrival_times(n + 1, rate, burstiness, seed)[1:]
+    for i, (t, r) in enumerate(zip(times, make_requests(workload, n, seed, VOCAB, MAX_MODEL_LEN))):
+        sim.push(float(t), "arrive", SimSeq(10 ** 9 + i, float(t), len(r.prompt_ids), r.output_len))
+    sim._on_arrive(seq)
+    while seq.end is None and sim.events:
+        sim.now, _, kind, data = heapq.heappop(sim.events)
+        getattr(sim, f"_on_{kind}")(*data)
+    ttft = (seq.first - seq.arrival) * 1e3
+    return ttft, ((seq.end - seq.first) * 1e3 / (seq.output_len - 1) if seq.output_len > 1 else float("nan"))
+
+
+def _err(pred, meas) -> tuple[float, float]:
+    p, m = np.asarray(pred, float), np.asarray(meas, float)
+    ok = np.isfinite(p) & np.isfinite(m) & (m > 0)
+    return float(np.median(np.abs(p[ok] - m[ok]) / m[ok])), float(np.mean(p[ok] < m[ok]))
+
+
+def one_rate(cm, workload: str, burstiness: float, rate: float, duration: float, seed: int, futures: int,
+             sample: int) -> dict:
+    from pdcli.bench.arrivals import arrival_times
+    from pdcli.bench.metrics import summarize
+    from pdcli.bench.workloads import make_requests
+    from pdcli.plan.layouts import enumerate_layouts
+    from pdcli.router.adaptive import AdaptiveRouter
+    from pdcli.router.replay import Record, Run, replay_run
+
+    layout = next(lay for lay in enumerate_layouts(1, 1) if lay.name == "1C")
+    n = int(rate * duration)
+    reqs = make_requests(workload, n, seed, VOCAB, MAX_MODEL_LEN)
+    arrivals = arrival_times(n, rate, burstiness, seed)
+    scored = [i for i in range(n) if arrivals[i] >= WARMUP_S]
+    picked = set(scored[:: max(1, len(scored) // sample)][:sample])
+    sim = _recording_simulator()(cm, list(layout.specs), layout.mode)
+    sim.start_recording(picked)
+    recs = sim.run([len(r.prompt_ids) for r in reqs], [r.output_len for r in reqs], arrivals)
+    records = [Record(r.arrival, r.input_len, r.output_len, r.ttft_ms if r.ok else None,
+                      r.e2el_ms if r.ok else None, r.path, r.workers, sim.loads_at[i]) for i, r in enumerate(recs)]
+    run = Run("simulated", layout.mode, rate, [dict(rank=s.rank, role=s.role, device=s.device) for s in layout.specs],
+              False, records, SLO)
+    router = AdaptiveRouter(cm, SLO["ttft"], SLO["tpot"], slo_ttft_per_token_ms=SLO["ttft_per_token"])
+    replayed = {id(x.record): x for x in replay_run(run, router)}
+    rows = []
+    for i in sorted(picked):
+        rec = records[i]
+        x = replayed.get(id(rec))
+        if x is None or not rec.ok:
+            continue
+        outs = [_future(sim.snaps[i], workload, rate, burstiness, seed * 1000 + k + 1, 30.0) for k in range(futures)]
+        rows.append((rec.ttft_ms, rec.tpot_ms or np.nan, x.raw["ttft_ms"], x.raw["tpot_ms"], x.predicted["ttft_ms"],
+                     x.predicted["tpot_ms"], *np.nanmedian(np.array(outs, float), axis=0)))
+    a = np.array(rows, float)
+    res = dict(workload=workload, burstiness=burstiness, rate=rate, num_scored=len(a),
+               slo_attainment=summarize(recs, SLO)["slo_attainment"])
+    for name, cols in (("router_raw", (2, 3)), ("router", (4, 5)), ("oracle", (6, 7))):
+        for metric, col, meas in (("ttft", cols[0], 0), ("tpot", cols[1], 1)):
+            res[f"{name}_{metric}_err"], res[f"{name}_{metric}_below"] = _err(a[:, col], a[:, meas])
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params-dir", default=PROFILE)
+    ap.add_argument("--futures", type=int, default=12, help="simulated futures per scored request")
+    ap.add_argument("--sample", type=int, default=60, help="scored requests per rate")
+    ap.add_argument("--duration", type=float, default=60.0)
+    ap.add_argument("--seed", type=int, default=21)
+    ap.add_argument("--out", default="results")
+    args = ap.parse_args(argv)
+    from pdcli.router.fit import load_cost_model
+
+    cm = load_cost_model(args.params_dir)
+    rows = []
+    for workload, burstiness, rates in CASES:
+        for rate in rates:
+            r = one_rate(cm, workload, burstiness, rate, args.duration, args.seed, args.futures, args.sample)
+            rows.append(r)
+            print(f"{workload:8s} b={burstiness:g} {rate:5.1f} req/s  attain {r['slo_attainment']:.2f}  "
+                  + "  ".join(f"{k} TTFT {r[k + '_ttft_err']:.3f} TPOT {r[k + '_tpot_err']:.3f}"
+                              for k in ("router_raw", "router", "oracle")), flush=True)
+    with open(f"{args.params_dir}/params.json") as f:
+        device = json.load(f).get("device", "unknown")
+    path = write(args.out + "/router", "floor_" + args.params_dir.rstrip("/").split("/")[-2],
+                 dict(params_dir=args.params_dir, device_of_profile=device, slo=SLO, rows=rows,
+                      provenance=provenance("pdcli.benchmarks.router_floor", argv)))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
