@@ -136,7 +136,7 @@ class Ready:
     num_blocks: int
     kernel_path: str
     max_model_len: int
-    kv_ipc: tuple | None = None  # a decode worker on a GPU: the CUDA IPC handle of its KV pool
+    kv_ipc: tuple | None = None  # a decode or collocated worker on a GPU: the CUDA IPC handle of its KV pool
 
 
 @dataclass(frozen=True, slots=True)

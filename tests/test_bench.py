@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from pdcli.bench.arrivals import arrival_times
 from pdcli.bench.metrics import RequestRecord, max_rate_meeting, summarize
 from pdcli.bench.runner import layout_for
-from pdcli.workers.layout import collocated_only
+from pdcli.coordinator.routing import can_hand_off
+from pdcli.workers.layout import collocated_only, parse_layout, pd_on_collocated
 from pdcli.bench.workloads import make_requests
 from pdcli.cli import app
 
@@ -88,6 +89,15 @@ def test_modes_get_the_same_devices():
     assert collocated_only(layout_for("adaptive", devs), "adaptive")
     assert not collocated_only(layout_for("collocated", devs), "collocated")
     assert not collocated_only(layout_for("adaptive", devs[:1]), "adaptive")
+    # one GPU: a collocated and a prefill worker that hands the KV back to it, one decode batch on the GPU
+    one = layout_for("adaptive", devs[:1])
+    assert [(s.role, s.device) for s in one] == [("collocated", "cuda:0"), ("prefill", "cuda:0")]
+    assert pd_on_collocated(one, "adaptive") and pd_on_collocated(one, "threshold")
+    assert not pd_on_collocated(one, "collocated")
+    cpd = parse_layout("cuda:0", "cuda:0", "cuda:0")  # with a decode worker beside them, P hands to it only
+    assert not pd_on_collocated(cpd, "adaptive")
+    assert can_hand_off(one[1], one[0], True) and not can_hand_off(cpd[1], cpd[0], False)
+    assert not can_hand_off(one[0], one[1], True)  # a prefill worker decodes nothing
     three = ["cuda:0", "cuda:1", "cuda:2"]  # DistServe's miniature: 2 prefill + 1 decode
     assert [(s.role, s.device) for s in layout_for("disaggregated", three, 2)] == \
         [("prefill", "cuda:0"), ("prefill", "cuda:1"), ("decode", "cuda:2")]

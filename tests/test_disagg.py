@@ -48,6 +48,27 @@ def test_disaggregated_equals_collocated_and_hf(model_path, prompts, reference):
         assert all(s["num_free_blocks"] == s["num_blocks"] for s in stats), stats
 
 
+def test_a_prefill_worker_hands_back_to_the_collocated_worker_beside_it(model_path, prompts, reference):
+    """One device's adaptive layout: a collocated and a prefill worker, no decode worker; a handed-off request
+    is prefilled on P and decoded on C, with C's own tokens; every block back in both pools."""
+    from pdcli.workers.layout import pd_on_collocated
+
+    layout = parse_layout("cpu", "cpu")
+    assert [s.role for s in layout] == ["collocated", "prefill"] and pd_on_collocated(layout, "adaptive")
+    with CentralScheduler(model_path, layout, pd_on_collocated=True, **ENGINE) as cs:
+        disagg = cs.generate(prompts, GREEDY, mode="disaggregated", timeout=120)
+        assert [o.error for o in disagg] == [None] * len(prompts)
+        assert [o.metrics["path"] for o in disagg] == ["disaggregated"] * len(prompts)
+        assert [o.token_ids for o in disagg] == reference
+        # KV moved for every one, and the only worker that decodes here is the collocated one
+        assert all(o.metrics["transfer_bytes"] > 0 for o in disagg)
+        assert cs.accounting["disaggregated"]["requests"] == len(prompts)
+        stats = wait_pools_full(cs)
+        assert all(s["num_free_blocks"] == s["num_blocks"] for s in stats), stats
+    with pytest.raises(ValueError, match="--prefill worker on the device of a --collocated one"):
+        parse_layout("", "cpu")
+
+
 def wait_transfer_kinds(cs, tracked, timeout=20.0):
     """The prefill worker reports its send after the decode worker may already have finished."""
     for t in tracked:

@@ -96,14 +96,14 @@ def test_plan_and_validate_commands(tmp_path):
     r = CliRunner().invoke(app, [*tight, "--slo-ttft-per-token-ms", "100"])
     assert r.exit_code == 0, r.stderr
     assert strict == 0 and json.loads(r.stdout)["rows"][0]["slo_attainment"] == 1
-    one = json.loads(CliRunner().invoke(app, [*tight, "--layouts", "1C,1P1D-shared,adaptive-CPD-shared"]).stdout)
+    one = json.loads(CliRunner().invoke(app, [*tight, "--layouts", "1C,1P1D-shared,adaptive-CP-shared"]).stdout)
     specs = {x["layout"] for x in one["rows"]}
-    assert specs == {"1C", "1P1D-shared", "adaptive-CPD-shared"}  # one GPU, as pdcli bench lays it out
+    assert specs == {"1C", "1P1D-shared", "adaptive-CP-shared"}  # one GPU, as pdcli bench lays it out
     from pdcli.plan.layouts import enumerate_layouts
 
     lays = {lay.name: lay for lay in enumerate_layouts(1, 8)}
-    assert [s.role for s in lays["adaptive-CPD-shared"].specs] == ["collocated", "prefill", "decode"]
-    assert len({s.device for s in lays["adaptive-CPD-shared"].specs}) == 1
+    assert [s.role for s in lays["adaptive-CP-shared"].specs] == ["collocated", "prefill"]
+    assert len({s.device for s in lays["adaptive-CP-shared"].specs}) == 1
     across = json.loads(CliRunner().invoke(app, ["plan", "--params-dir", str(params), "--gpus-per-node", "1",
                                                  "--net-gbps", "100", "--layouts", "1P1D", "--arrival-rate", "1",
                                                  "--duration", "5", "--json"]).stdout)

@@ -81,3 +81,19 @@ def test_starting_a_second_decode_batch_on_the_gpu_counts_against_the_handoff():
     again = r.decide(256, 256, coll_shared, pre, busy_dec, "gpu-ipc", [coll_shared, pre, busy_dec])
     extra = d.scores["disaggregated"] - d.scores["collocated"]
     assert extra > again.scores["disaggregated"] - again.scores["collocated"]  # no second batch to start
+
+
+def test_a_prefill_beside_a_decode_batch_takes_its_time_from_it():
+    """One GPU's collocated + prefill workers: a handed-off prompt is prefilled on P and decodes on C. While the
+    GPU's sharing is unmeasured a decode step waits for a neighbour's prefill (time-slicing), so P's steps cost
+    C's 48 sequences their whole length, more than the prompt's work riding in C's own steps; measured under MPS
+    (a decode step 10% slower beside a prefill) the handoff costs them a tenth of that."""
+    coll = WorkerLoad(decode_batch=48, decode_ctx=48 * 600, device="cuda:0")
+    pre = WorkerLoad(role="prefill", device="cuda:0")
+    r = router()  # no SLOs: the least total added latency
+    d = r.decide(1024, 256, coll, pre, coll, "gpu-ipc", [coll, pre])
+    assert d.path == "collocated"
+    r.cm.sharing = dict(decode_beside_prefill=1.1)
+    measured = r.decide(1024, 256, coll, pre, coll, "gpu-ipc", [coll, pre])
+    gap = lambda x: x.scores["disaggregated"] - x.scores["collocated"]  # noqa: E731
+    assert gap(d) > 0 and gap(measured) < gap(d)

@@ -24,8 +24,9 @@ def layout_for(mode: str, devices: list[str], num_prefill: int | None = None, tp
     """The same devices for every mode: all collocated; or split into prefill and decode workers (the first
     num_prefill devices prefill, by default half of them); or (adaptive, threshold) on two or more devices a
     collocated worker on each, which also prefill and decode for each other (`layout.collocated_only`), so
-    the router can take either path without two processes sharing a GPU; on one device a collocated, a
-    prefill and a decode worker."""
+    the router can take either path without two processes sharing a GPU; on one device a collocated and a
+    prefill worker, which hands the KV back to it (one decode batch on the GPU: two would each read all the
+    weights every step)."""
     if tp > 1:  # each worker spans tp devices: the list becomes one of groups (all CPUs: tp CPU ranks each)
         if len(devices) % tp and any(d != "cpu" for d in devices):
             raise ValueError(f"{len(devices)} devices are not a multiple of --tensor-parallel-size {tp}")
@@ -39,7 +40,7 @@ def layout_for(mode: str, devices: list[str], num_prefill: int | None = None, tp
         return parse_layout(",".join(devices), tp=tp)
     if mode == "disaggregated":
         return parse_layout("", ",".join(devices[:k]), ",".join(devices[k:] or devices[:1]), tp=tp)
-    return parse_layout(devices[0], devices[0], devices[0], tp=tp)
+    return parse_layout(devices[0], devices[0], tp=tp)
 
 
 PROGRESS_S = 0.25  # the progress line is redrawn at most this often while requests are sent

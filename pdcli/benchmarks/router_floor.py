@@ -108,7 +108,8 @@ def one_rate(cm, workload: str, burstiness: float, rate: float, duration: float,
         x = replayed.get(id(rec))
         if x is None or not rec.ok:
             continue
-        outs = [_future(sim.snaps[i], workload, rate, burstiness, seed * 1000 + k + 1, 30.0) for k in range(futures)]
+        outs = [_future(sim.snaps[i], workload, rate, burstiness, (seed * 1_000_003 + i) * 1000 + k, 30.0)
+                for k in range(futures)]  # futures of their own per request: a shared few would bias every one alike
         rows.append((rec.ttft_ms, rec.tpot_ms or np.nan, x.raw["ttft_ms"], x.raw["tpot_ms"], x.predicted["ttft_ms"],
                      x.predicted["tpot_ms"], *np.nanmedian(np.array(outs, float), axis=0)))
     a = np.array(rows, float)

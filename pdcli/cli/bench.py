@@ -297,7 +297,7 @@ def _start_workers(b: _Bench, m: str, err):
     """Mode m's layout on the devices and its CentralScheduler, workers up; a failure exits."""
     from pdcli.bench.runner import layout_for
     from pdcli.coordinator.central import CentralScheduler
-    from pdcli.workers.layout import collocated_only
+    from pdcli.workers.layout import pd_on_collocated
 
     try:
         layout = layout_for(m, b.devs, b.num_prefill, b.engine.get("tensor_parallel_size") or 1)
@@ -308,7 +308,7 @@ def _start_workers(b: _Bench, m: str, err):
         cs = CentralScheduler(b.model, layout, mode=m, sampling_seed=b.seed,
                               params_dir=b.params_dir if m == "adaptive" else None, slo_ttft_ms=b.slo_ttft_ms,
                               slo_tpot_ms=b.slo_tpot_ms, slo_ttft_per_token_ms=b.slo_ttft_per_token_ms,
-                              pd_on_collocated=collocated_only(layout, m), mps=b.mps,
+                              pd_on_collocated=pd_on_collocated(layout, m), mps=b.mps,
                               **b.engine)
     except (ValueError, RuntimeError, TimeoutError, OSError) as e:
         fail(f"mode {m}: {e}", EXIT_RUNTIME)

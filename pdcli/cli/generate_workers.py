@@ -16,7 +16,7 @@ def start_coordinator(prompts, model, chat, sampling, device, mode, collocated, 
     from pdcli.coordinator.central import CentralScheduler
     from pdcli.coordinator.policy import make_policy
     from pdcli.models.loader import ModelLoadError, resolve
-    from pdcli.workers.layout import collocated_only, parse_layout
+    from pdcli.workers.layout import parse_layout, pd_on_collocated
 
     engine_kwargs = {k: v for k, v in engine_kwargs.items() if k != "device"}
     try:
@@ -30,7 +30,7 @@ def start_coordinator(prompts, model, chat, sampling, device, mode, collocated, 
         use_chat = bool(tok.chat_template) if chat is None else chat
         ids = [tok.apply_chat_template([{"role": "user", "content": p}]) if use_chat else tok.encode(p) for p in prompts]
         with Console(stderr=True).status(f"starting {len(layout)} workers for {model}", spinner="dots"):
-            cs = CentralScheduler(model, layout, mode=mode, pd_on_collocated=collocated_only(layout, mode),
+            cs = CentralScheduler(model, layout, mode=mode, pd_on_collocated=pd_on_collocated(layout, mode),
                                   mps=mps, **engine_kwargs)
     except (ValueError, TypeError, ModelLoadError) as e:
         fail(str(e))

@@ -49,7 +49,7 @@ def serve(
     from pdcli.models.loader import ModelLoadError
     from pdcli.server.app import create_app
     from pdcli.server.drain import DrainingServer
-    from pdcli.workers.layout import collocated_only, parse_layout
+    from pdcli.workers.layout import parse_layout, pd_on_collocated
 
     err = Console(stderr=True, highlight=False)
     kw = engine
@@ -62,7 +62,7 @@ def serve(
         addr, key = _cluster_address(dist_init_addr, nnodes)
         with err.status(f"starting {len(layout)} worker(s) for {model}"):
             cs = CentralScheduler(model, layout, mode=mode, params_dir=params_dir, host=addr[0] if addr else "127.0.0.1",
-                                  pd_on_collocated=collocated_only(layout, mode), mps=mps, **kw)
+                                  pd_on_collocated=pd_on_collocated(layout, mode), mps=mps, **kw)
         if addr:
             cluster = _start_cluster(cs, model, kw, addr, key, nnodes, node_timeout, err)
             if cs.router is not None:

@@ -22,15 +22,19 @@ class Route(NamedTuple):
 
 def can_hand_off(p: WorkerSpec, d: WorkerSpec, pd_on_collocated: bool) -> bool:
     """p may prefill for d: a prefill and a decode worker (on one GPU: through CUDA IPC), or, with
-    pd_on_collocated, two collocated workers (or one and a P/D worker) on different devices."""
+    pd_on_collocated, two collocated workers (or one and a P/D worker) on different devices, or a prefill worker
+    and the collocated worker beside it (workers/layout.py: pd_on_collocated)."""
     if p.rank == d.rank or p.tp_size != d.tp_size:  # KV shards go rank i to rank i
         return False
     if p.tp_size > 1 and transfer_pair(p, d) == "gpu-ipc":  # one CUDA IPC copy per shard: not yet
         return False
     if p.role == "prefill" and d.role == "decode":
         return True
-    return pd_on_collocated and p.role in ("prefill", "collocated") and \
-        d.role in ("decode", "collocated") and (p.place != d.place or p.device == "cpu")
+    if not pd_on_collocated or d.role not in ("decode", "collocated"):
+        return False
+    # a prefill worker hands to any of them (on its own GPU: back to the collocated worker beside it, through CUDA
+    # IPC); a collocated worker prefills for the others, on other devices
+    return p.role == "prefill" or (p.role == "collocated" and (p.place != d.place or p.device == "cpu"))
 
 
 class Routing:

@@ -120,10 +120,10 @@ class WorkerPool:
         self._share_pools(self.workers)
 
     def _share_pools(self, new: list[WorkerHandle]) -> None:
-        """Prefill workers map the pools of decode workers on their GPU (CUDA IPC)."""
+        """Prefill workers map the pools of the workers on their GPU they hand KV to (CUDA IPC)."""
         for p in self.live("prefill"):
-            peers = {d.spec.rank: d.info.kv_ipc for d in self.live("decode")
-                     if (p in new or d in new) and same_gpu(p.spec, d.spec)}
+            peers = {d.spec.rank: d.info.kv_ipc for d in self.live() if d.info.kv_ipc is not None
+                     and (p in new or d in new) and same_gpu(p.spec, d.spec) and self.can_pair(p.spec, d.spec)}
             if peers and self._io_started:
                 self.send(p, PeerPools(peers))
             elif peers:  # at start-up, before the sender threads

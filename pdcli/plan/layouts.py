@@ -33,16 +33,16 @@ def enumerate_layouts(gpus: int, gpus_per_node: int) -> list[Layout]:
         out.append(Layout(f"{p}P{gpus - p}D", "disaggregated", specs))
     if gpus >= 2:
         out.append(Layout(f"adaptive-{gpus}C", "adaptive", coll, pd_on_collocated=True))
-    else:  # one GPU, as `pdcli bench` lays it out: P and D on it (MPS), or C, P and D with the router choosing
-        d = devs[0]
+    else:  # one GPU, as `pdcli bench` lays it out: P and D on it (MPS), or C and P with the router choosing
+        d = devs[0]  # whether P prefills for C
         out.append(Layout("1P1D-shared", "disaggregated", (SimSpec(0, "prefill", d), SimSpec(1, "decode", d))))
-        out.append(Layout("adaptive-CPD-shared", "adaptive", (SimSpec(0, "collocated", d), SimSpec(1, "prefill", d),
-                                                              SimSpec(2, "decode", d))))
+        out.append(Layout("adaptive-CP-shared", "adaptive", (SimSpec(0, "collocated", d), SimSpec(1, "prefill", d)),
+                          pd_on_collocated=True))
     return out
 
 
 def parse_layouts(text: str, gpus_per_node: int) -> list[Layout]:
-    """Explicit layouts: "8C", "2P6D", "adaptive-8C", one GPU's "1P1D-shared" and "adaptive-CPD-shared", comma
+    """Explicit layouts: "8C", "2P6D", "adaptive-8C", one GPU's "1P1D-shared" and "adaptive-CP-shared", comma
     separated."""
     out = []
     for name in filter(None, (t.strip() for t in text.split(","))):
@@ -61,7 +61,7 @@ def parse_layouts(text: str, gpus_per_node: int) -> list[Layout]:
             found = []
         if not found:
             raise ValueError(f"bad layout {name!r}: use NC, xPyD, adaptive-NC (e.g. 8C, 2P6D, adaptive-8C), "
-                             "1P1D-shared or adaptive-CPD-shared")
+                             "1P1D-shared or adaptive-CP-shared")
         out += found
     return out
 

@@ -79,7 +79,11 @@ class AdaptiveRouter:
         for path, p in pred.items():
             c = (cached or {}).get(path, 0)
             work = float(self.cm.prefill_work_ms(prompt_len - c, c))
-            landings = self._landings(path, work, coll, pre, dec, others or [], out_len)
+            prefill_on = coll if path == "collocated" else pre
+            steps = self._prefill_steps_ms(prompt_len, c, prefill_on)
+            e = self.cm.decode_beside_prefill_extra  # unmeasured: a neighbour's decode step waits for them
+            landings = self._landings(path, work, steps * (1.0 if e is None else e), coll, pre, dec, others or [],
+                                      out_len)
             extra_misses, added = decision.others_cost(self.cm, landings, self.slo, out_len)
             if self.slo.any:
                 scores[path] = (decision.own_miss(p, self.slo, prompt_len) + extra_misses, p["e2e_ms"])
@@ -93,15 +97,23 @@ class AdaptiveRouter:
         path, why = self.chooser.choose(scores, feasible)
         return Decision(path, pred, raw, roles, out_len, decided_by=why, scores={k: v[0] for k, v in scores.items()})
 
+    def _prefill_steps_ms(self, prompt_len: int, cached: int, w: WorkerLoad) -> float:
+        """The time of the steps that prefill the prompt on worker w (beside its decode batch, if any): what its
+        prefill takes from the decode steps of the other workers on its GPU (all of it while sharing is unmeasured:
+        a decode step waits for a neighbour's prefill, as under time-slicing; else the measured extra)."""
+        steps = self.cm.chunked_prefill_ms(prompt_len, w.decode_batch, w.decode_ctx, cached)
+        return steps * self.cm.prefill_role_scale if w.role == "prefill" else steps
+
     @staticmethod
-    def _landings(path: str, work: float, coll, pre, dec, others: list[WorkerLoad], out_len: float) -> list:
-        """The decode-capable workers a path loads: its decode worker (a slot) and the workers on the GPU where
-        the prompt is prefilled (its prefill work)."""
+    def _landings(path: str, work: float, beside: float, coll, pre, dec, others: list[WorkerLoad],
+                  out_len: float) -> list:
+        """The decode-capable workers a path loads: its decode worker (a slot), the worker that prefills it
+        (the prompt's work in its steps) and the others on that GPU (the time its prefill steps take from them)."""
         prefill_on, decode_on = (coll, coll) if path == "collocated" else (pre, dec)
         gpu = [o for o in others if o is not prefill_on and o.device != "cpu" and o.device == prefill_on.device]
         landing = {id(prefill_on): decision.Landing(prefill_on, prefill_on is decode_on, work)}
         for o in gpu:
-            landing[id(o)] = decision.Landing(o, o is decode_on, work)
+            landing[id(o)] = decision.Landing(o, o is decode_on, beside)
         if id(decode_on) not in landing:
             landing[id(decode_on)] = decision.Landing(decode_on, True, 0.0)
         ext = decision.extension_tokens(decode_on, out_len) if decode_on.device != "cpu" else 0.0

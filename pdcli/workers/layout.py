@@ -66,12 +66,16 @@ def _groups(role: str, items: list[str], tp: int) -> list[list[str]]:
 
 
 def check_layout(specs: list[WorkerSpec]) -> list[WorkerSpec]:
-    """A layout that can serve: some worker, and prefill workers only with decode workers."""
+    """A layout that can serve: some worker, decode workers only with prefill workers, and prefill workers only with
+    decode workers or a collocated worker beside each to hand back to."""
     if not specs:
         raise ValueError("the layout has no workers: give --collocated, or --prefill with --decode")
     roles = {s.role for s in specs}
-    if ("prefill" in roles) != ("decode" in roles):
-        raise ValueError("disaggregation needs at least one --prefill and one --decode worker")
+    beside = {s.place for s in specs if s.role == "collocated"}
+    if ("decode" in roles and "prefill" not in roles) or ("prefill" in roles and "decode" not in roles and any(
+            s.role == "prefill" and s.place not in beside for s in specs)):
+        raise ValueError("disaggregation needs at least one --prefill and one --decode worker (or a --prefill worker "
+                         "on the device of a --collocated one, which it prefills for)")
     return specs
 
 
@@ -89,3 +93,18 @@ def collocated_only(layout: list[WorkerSpec], mode: str) -> bool:
     its collocated workers then prefill and decode for each other (CentralScheduler's pd_on_collocated)."""
     return mode != "collocated" and all(s.role == "collocated" for s in layout) and \
         (len({s.place for s in layout}) >= 2 or (len(layout) >= 2 and layout[0].device == "cpu"))
+
+
+
+def prefill_beside_collocated(layout: list[WorkerSpec]) -> bool:
+    """Prefill workers that share their place with a collocated worker and no decode worker (one GPU's C + P):
+    they prefill for it and hand the KV back (through CUDA IPC), so the GPU keeps one decode batch."""
+    decode_places = {s.place for s in layout if s.role == "decode"}
+    coll_places = {s.place for s in layout if s.role == "collocated"}
+    return any(s.role == "prefill" and s.place in coll_places and s.place not in decode_places for s in layout)
+
+
+def pd_on_collocated(layout: list[WorkerSpec], mode: str) -> bool:
+    """Whether collocated workers take part in P/D handoffs (CentralScheduler's pd_on_collocated): two or more
+    collocated workers serving each other, or a prefill worker handing back to the collocated one beside it."""
+    return collocated_only(layout, mode) or (mode != "collocated" and prefill_beside_collocated(layout))

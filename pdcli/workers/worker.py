@@ -95,7 +95,8 @@ class Worker:
 
     def run(self) -> None:
         e = self.engine
-        ipc = export_pool(e.kv_cache) if self.spec.role == "decode" and e.kv_cache.is_cuda else None
+        # a pool that prefill workers on this GPU may copy into (CUDA IPC): a decode worker's, or a collocated one's
+        ipc = export_pool(e.kv_cache) if self.spec.role != "prefill" and e.kv_cache.is_cuda else None
         self.conn.send(Ready(self.spec.rank, self.spec.role, self.spec.device, e.num_blocks, e.kernel_path,
                              e.max_model_len, ipc))
         while True:
