@@ -63,6 +63,27 @@ def test_async_scheduling_a_prompt_rides_in_the_step_after_the_planned_one():
     assert alone.first_token * 1e3 == pytest.approx(t1 + cm.step_ms(1, 102, []) + cm.step_ms(1, 103, [(100, 0)]))
 
 
+def test_prefix_caching_a_worker_computes_a_shared_prefix_once():
+    """Given the prompts' token ids, a worker that computed a prompt's leading blocks before computes only the
+    rest (their attention still paid); without ids, every prompt whole."""
+    cm = cost_model()
+    prefix = list(range(100, 164))  # 4 blocks of 16
+    prompts = [prefix + [7] * 40, prefix + [9] * 40]
+    sim = Simulator(cm, [SimSpec(0, "collocated", "n:cuda:0")], "collocated")
+    a, b = sim.run([104, 104], [2, 2], [0.0, 10.0], prompts=prompts)
+    assert a.ttft_ms == pytest.approx(cm.step_ms(0, 0, [(104, 0)]))
+    assert b.ttft_ms == pytest.approx(cm.step_ms(0, 0, [(40, 64)])) and b.ttft_ms < a.ttft_ms
+    plain = one([SimSpec(0, "collocated", "n:cuda:0")], "collocated", [104, 104], [2, 2], [0.0, 10.0])[1]
+    assert plain.ttft_ms == pytest.approx(a.ttft_ms)
+    from pdcli.engine.block_manager import block_hash
+    from pdcli.router.prefix import prompt_hashes
+
+    chain = [block_hash(None, prompts[0][:16])]  # the engine's own keys
+    for i in range(1, 6):
+        chain.append(block_hash(chain[-1], prompts[0][16 * i:16 * (i + 1)]))
+    assert prompt_hashes(prompts[0], 16) == chain
+
+
 def test_layouts_for_n_gpus():
     names = [lay.name for lay in enumerate_layouts(4, 2)]
     assert names == ["4C", "1P3D", "2P2D", "3P1D", "adaptive-4C"]

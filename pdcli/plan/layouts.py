@@ -81,5 +81,5 @@ def simulate(layout: Layout, cm, rate: float, workload: str, duration: float, se
     router = router_factory() if router_factory and layout.mode == "adaptive" else None
     sim = Simulator(cm, list(layout.specs), layout.mode, layout.pd_on_collocated, router, net_gbps=net_gbps)
     recs = sim.run([len(r.prompt_ids) for r in reqs], [r.output_len for r in reqs],
-                   arrival_times(n, rate, burstiness, seed))
+                   arrival_times(n, rate, burstiness, seed), prompts=[r.prompt_ids for r in reqs])
     return summarize(recs, slos)

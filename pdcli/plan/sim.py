@@ -24,6 +24,7 @@ class SimSeq:
     prefilled: int = 0  # prompt tokens computed (landed) so far
     first: float | None = None  # s, first token
     end: float | None = None  # s, last token
+    hashes: list = field(default_factory=list)  # its prompt's chained block hashes (prefix caching; none: off)
 
 
 @dataclass(frozen=True)

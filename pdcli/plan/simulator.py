@@ -12,6 +12,7 @@ from pdcli.coordinator.routing import can_hand_off
 from pdcli.plan.sim import SimSeq, SimSpec, SimStep, SimWorker, shared_step_ms
 from pdcli.router.cost_model import CostModel
 from pdcli.router.load import LoadForecast, WorkerLoad, mark_gpu_sharing
+from pdcli.router.prefix import PrefixIndex, prompt_hashes
 
 
 def pair_kind(p: SimSpec, d: SimSpec) -> str:
@@ -23,7 +24,7 @@ def pair_kind(p: SimSpec, d: SimSpec) -> str:
 
 class Simulator:
     def __init__(self, cm: CostModel, specs: list[SimSpec], mode: str, pd_on_collocated: bool = False, router=None,
-                 max_num_seqs: int = 256, net_gbps: float | None = None):
+                 max_num_seqs: int = 256, net_gbps: float | None = None, block_size: int = 16):
         self.cm, self.policy, self.router = cm, make_policy(mode), router
         cm.assume_net(net_gbps)
         self.workers = [SimWorker(s, cm, max_num_seqs, cm.max_num_batched_tokens) for s in specs]
@@ -33,15 +34,23 @@ class Simulator:
         self.order = itertools.count()
         self.turn = itertools.count()
         self.forecast = LoadForecast()
+        self.block_size = block_size
+        self.prefixes = PrefixIndex(block_size, {})  # what each worker computed (no eviction: pools not modelled)
         self.now = 0.0
 
     def push(self, t: float, kind: str, *data) -> None:
         heapq.heappush(self.events, (t, next(self.order), kind, data))
 
-    def run(self, prompt_lens: list[int], output_lens: list[int], arrivals, paths: list[str] | None = None
-            ) -> list[RequestRecord]:
-        """paths: the path each request took in a recorded run (validation follows them), else routed here."""
+    def run(self, prompt_lens: list[int], output_lens: list[int], arrivals, paths: list[str] | None = None,
+            prompts: list[list[int]] | None = None) -> list[RequestRecord]:
+        """paths: the path each request took in a recorded run (validation follows them), else routed here;
+        prompts: the token ids, for prefix caching (the leading blocks a worker computed before are not computed
+        again, their attention is), else every prompt is computed whole."""
         seqs = [SimSeq(i, float(a), n, o) for i, (a, n, o) in enumerate(zip(arrivals, prompt_lens, output_lens))]
+        firsts = [tuple(ids[:self.block_size]) for ids in prompts or [] if len(ids) >= self.block_size]
+        if len(set(firsts)) < len(firsts):  # else no two prompts share a first block: nothing can hit a cache
+            for s, ids in zip(seqs, prompts):
+                s.hashes = prompt_hashes(ids, self.block_size)
         for s, path in zip(seqs, paths or []):
             s.path = path
         for s in seqs:
@@ -58,6 +67,7 @@ class Simulator:
         first, second = self.route(seq)
         seq.workers = (first.spec.rank,) if second is None else (first.spec.rank, second.spec.rank)
         seq.path = "collocated" if second is None else "disaggregated"
+        seq.scheduled = seq.prefilled = self.prefixes.cached_tokens(first.spec.rank, seq.hashes)
         first.waiting.append(seq)
         first.prompts.append(seq)
         first.inflight += 1
@@ -70,6 +80,8 @@ class Simulator:
     def _on_step_end(self, w: SimWorker, step: SimStep) -> None:
         prefilled, done = w.finish_step(step, self.now)
         for seq in prefilled:
+            for rank in set(seq.workers):  # both ends of a handoff hold its blocks from now on
+                self.prefixes.add(rank, seq.hashes)
             if len(seq.workers) > 1:
                 w.inflight -= 1
                 d = self.workers[seq.workers[1]]
@@ -148,9 +160,14 @@ class Simulator:
 
     def _by_cost_model(self, seq: SimSeq, colls: list[SimWorker]) -> tuple[SimWorker, SimWorker | None]:
         loads = self.loads()
-        load = lambda w: loads[w.spec.rank].queued_prefill_tokens + loads[w.spec.rank].decode_batch  # noqa: E731
+        # queued and uncached prompt tokens, decoding sequences: the least loaded worker for this prompt
+        by_rank = {r: w.queued_prefill_tokens + seq.prompt_len + w.decode_batch -
+                   (self.prefixes.cached_tokens(r, seq.hashes) if seq.hashes else 0) for r, w in loads.items()}
+        load = lambda w: by_rank[w.spec.rank]  # noqa: E731
         coll = min(colls, key=load)
         pre, dec = self._least(self.pairs, lambda pd: (load(pd[0]), load(pd[1])))
+        cached = dict(collocated=self.prefixes.cached_tokens(coll.spec.rank, seq.hashes),
+                      disaggregated=self.prefixes.cached_tokens(pre.spec.rank, seq.hashes))
         d = self.router.decide(seq.prompt_len, seq.output_len, loads[coll.spec.rank], loads[pre.spec.rank],
-                               loads[dec.spec.rank], pair_kind(pre.spec, dec.spec), list(loads.values()))
+                               loads[dec.spec.rank], pair_kind(pre.spec, dec.spec), list(loads.values()), cached)
         return (coll, None) if d.path == "collocated" else (pre, dec)

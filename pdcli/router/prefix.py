@@ -3,16 +3,22 @@ the prompts it sent there (the engine's prefix cache keys its blocks the same wa
 bounded by the worker's pool (an approximation of its cache, as SGLang's cache-aware router keeps one)."""
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 
-from pdcli.engine.block_manager import block_hash
+import numpy as np
 
 
 def prompt_hashes(prompt_ids: list[int], block_size: int) -> list[bytes]:
-    """The hashes of the prompt's full blocks, in order."""
-    out, parent = [], None
-    for i in range(len(prompt_ids) // block_size):
-        parent = block_hash(parent, prompt_ids[i * block_size:(i + 1) * block_size])
+    """The hashes of the prompt's full blocks, in order (engine.block_manager.block_hash chained, the prompt
+    turned into bytes once)."""
+    n = len(prompt_ids) // block_size
+    data, step = np.asarray(prompt_ids[:n * block_size], dtype=np.int64).tobytes(), block_size * 8
+    out, parent = [], b""
+    for i in range(n):
+        h = hashlib.blake2b(parent, digest_size=16)
+        h.update(data[i * step:(i + 1) * step])
+        parent = h.digest()
         out.append(parent)
     return out
 
