@@ -104,6 +104,16 @@ def test_plan_and_validate_commands(tmp_path):
     rows = json.loads(r.stdout)["rows"]
     assert {x["layout"] for x in rows} == {"2C", "1P1D", "adaptive-2C"} and len(rows) == 6
     assert all(x["completed"] == x["num_prompts"] for x in rows)
+    # --seeds: each rate's metrics averaged over seeds --seed .. --seed + N - 1
+    base = ["plan", "--params-dir", str(params), "--gpus", "2", "--arrival-rate", "30", "--duration", "10",
+            "--layouts", "adaptive-2C", "--json"]
+    each = [json.loads(CliRunner().invoke(app, [*base, "--seed", str(k)]).stdout)["rows"][0] for k in (3, 4)]
+    both = json.loads(CliRunner().invoke(app, [*base, "--seed", "3", "--seeds", "2"]).stdout)["rows"][0]
+    assert each[0]["median_ttft_ms"] != each[1]["median_ttft_ms"]
+    for key in ("median_ttft_ms", "num_prompts", "slo_attainment" if "slo_attainment" in both else "completed"):
+        assert both[key] == pytest.approx((each[0][key] + each[1][key]) / 2)
+    mix = {p: (each[0]["routing_mix"].get(p, 0) + each[1]["routing_mix"].get(p, 0)) / 2 for p in both["routing_mix"]}
+    assert both["routing_mix"] == pytest.approx(mix)
     r = CliRunner().invoke(app, ["plan", "--params-dir", str(params), "--gpus", "2", "--arrival-rate", "0.5,40",
                                  "--find-max-rate", "--duration", "10", "--slo-tpot-ms", "500", "--layouts", "2C,1P1D",
                                  "--out", str(tmp_path / "plan")])

@@ -29,6 +29,7 @@ def plan(
     layouts: Annotated[Optional[str], typer.Option(help="Only these, e.g. 8C,2P6D,adaptive-8C.")] = None,
     duration: Annotated[float, typer.Option(help="Seconds of simulated arrivals per rate.")] = 60.0,
     seed: Annotated[int, typer.Option()] = 0,
+    seeds: Annotated[int, typer.Option(min=1, help="Average each rate over this many seeds (from --seed).")] = 1,
     out: Annotated[Optional[str], typer.Option(help="Folder for plan_goodput.png and plan.json.")] = None,
     validate: Annotated[Optional[str], typer.Option(help="Simulate the recorded runs in this folder instead.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout only.")] = False,
@@ -53,7 +54,7 @@ def plan(
     if find_max_rate and (not slos or len(rates) < 2):
         fail("--find-max-rate needs an SLO (--slo-ttft-ms, --slo-tpot-ms) and two --arrival-rate bounds")
     run = _runner(cm, workload, duration, seed, slos, burstiness, net_gbps, slo_ttft_ms, slo_tpot_ms,
-                  slo_ttft_per_token_ms)
+                  slo_ttft_per_token_ms, seeds)
     assumptions = _assumptions(cm, lays, net_gbps)  # before simulating: the simulator adds the assumed "net" pair
     rows, highest = _simulate(lays, rates, run, find_max_rate)
     _report(rows, highest, lays, assumptions, out, as_json)
@@ -65,12 +66,14 @@ def _layouts(text: str | None, gpus: int, gpus_per_node: int):
     return parse_layouts(text, gpus_per_node) if text else enumerate_layouts(gpus, gpus_per_node)
 
 
-def _runner(cm, workload, duration, seed, slos, burstiness, net_gbps, slo_ttft_ms, slo_tpot_ms, per_token):
+def _runner(cm, workload, duration, seed, slos, burstiness, net_gbps, slo_ttft_ms, slo_tpot_ms, per_token,
+            seeds=1):
     from pdcli.plan.search import runner
     from pdcli.router.adaptive import AdaptiveRouter
 
     return runner(cm, workload, duration, seed, slos, burstiness,
-                  lambda: AdaptiveRouter(cm, slo_ttft_ms, slo_tpot_ms, slo_ttft_per_token_ms=per_token), net_gbps)
+                  lambda: AdaptiveRouter(cm, slo_ttft_ms, slo_tpot_ms, slo_ttft_per_token_ms=per_token), net_gbps,
+                  seeds)
 
 
 def _simulate(lays, rates, run, find_max_rate):

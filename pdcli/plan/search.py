@@ -33,8 +33,28 @@ def highest_rate(layout: Layout, run, lo: float, hi: float, steps: int = 7) -> t
 
 
 def runner(cm, workload: str, duration: float, seed: int, slos: dict, burstiness: float, router_factory,
-           net_gbps: float | None):
+           net_gbps: float | None, seeds: int = 1):
+    """run(layout, rate): the metrics of one simulation, or their means over seeds seed .. seed + seeds - 1
+    (arrivals and prompts of their own each: one bursty minute is a noisy sample)."""
     def run(layout: Layout, rate: float) -> dict:
-        return simulate(layout, cm, rate, workload, duration, seed, slos, burstiness=burstiness,
-                        router_factory=router_factory, net_gbps=net_gbps)
+        return mean_metrics([simulate(layout, cm, rate, workload, duration, s, slos, burstiness=burstiness,
+                                      router_factory=router_factory, net_gbps=net_gbps)
+                             for s in range(seed, seed + seeds)])
     return run
+
+
+def mean_metrics(runs: list[dict]) -> dict:
+    """Numbers averaged key by key (dicts of numbers, such as the routing mix, too; a key missing in a run
+    counts 0 there); anything else as in the first run."""
+    if len(runs) == 1:
+        return runs[0]
+    out = {}
+    for k, v in runs[0].items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = sum(r.get(k, 0) for r in runs) / len(runs)
+        elif isinstance(v, dict) and all(isinstance(x, (int, float)) for r in runs for x in r.get(k, {}).values()):
+            keys = sorted({x for r in runs for x in r.get(k, {})})
+            out[k] = {x: sum(r.get(k, {}).get(x, 0) for r in runs) / len(runs) for x in keys}
+        else:
+            out[k] = v
+    return out

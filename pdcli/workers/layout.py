@@ -95,7 +95,6 @@ def collocated_only(layout: list[WorkerSpec], mode: str) -> bool:
         (len({s.place for s in layout}) >= 2 or (len(layout) >= 2 and layout[0].device == "cpu"))
 
 
-
 def prefill_beside_collocated(layout: list[WorkerSpec]) -> bool:
     """Prefill workers that share their place with a collocated worker and no decode worker (one GPU's C + P):
     they prefill for it and hand the KV back (through CUDA IPC), so the GPU keeps one decode batch."""
