@@ -97,3 +97,17 @@ def test_a_prefill_beside_a_decode_batch_takes_its_time_from_it():
     measured = r.decide(1024, 256, coll, pre, coll, "gpu-ipc", [coll, pre])
     gap = lambda x: x.scores["disaggregated"] - x.scores["collocated"]  # noqa: E731
     assert gap(d) > 0 and gap(measured) < gap(d)
+
+
+def test_with_slos_met_either_way_the_least_total_added_latency_decides():
+    """Both paths meet the SLOs: the tie goes to the path that adds the least latency in all, its own and the
+    others'. Handing a prompt to the prefill worker beside a busy collocated worker (unmeasured sharing) gets it
+    its first token sooner but stalls the 48 sequences decoding there for the whole prefill."""
+    coll = WorkerLoad(decode_batch=48, decode_ctx=48 * 600, device="cuda:0", queued_prefill_tokens=1024)
+    pre = WorkerLoad(role="prefill", device="cuda:0")
+    r = router(slo_ttft_ms=60_000.0, slo_tpot_ms=60_000.0)
+    d = r.decide(1024, 256, coll, pre, coll, "gpu-ipc", [coll, pre])
+    own = {k: v["e2e_ms"] for k, v in d.predicted.items()}
+    assert d.scores["collocated"] == d.scores["disaggregated"] == pytest.approx(0.0, abs=1e-6)  # no misses
+    assert own["disaggregated"] < own["collocated"]  # its own latency alone would hand it off
+    assert d.path == "collocated"

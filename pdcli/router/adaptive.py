@@ -86,7 +86,7 @@ class AdaptiveRouter:
                                       out_len)
             extra_misses, added = decision.others_cost(self.cm, landings, self.slo, out_len)
             if self.slo.any:
-                scores[path] = (decision.own_miss(p, self.slo, prompt_len) + extra_misses, p["e2e_ms"])
+                scores[path] = (decision.own_miss(p, self.slo, prompt_len) + extra_misses, p["e2e_ms"] + added)
             else:
                 scores[path] = (p["e2e_ms"] + added, p["e2e_ms"])
             busy = [coll] if path == "collocated" else [pre, dec]

@@ -1,7 +1,7 @@
 """How the router chooses a path for a request, counting the others: with SLOs, the path with the fewest
 expected SLO misses among this request and the requests already decoding where its work would land (a
-decode slot in a batch, a prompt's prefill work on a GPU); near-ties go to the lower end-to-end latency.
-Without SLOs, the least total added latency (its own end-to-end and what it adds to the others' tokens).
+decode slot in a batch, a prompt's prefill work on a GPU); near-ties go to the least total added latency (its
+own end-to-end and what it adds to the others' tokens), which without SLOs decides alone.
 Guardrails: no handoff when both paths are saturated; a path left unused gets a request now and then, so
 its correction stays fresh."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pdcli.router.cost_model import CostModel
 from pdcli.router.load import WorkerLoad
 
 MISS_SPREAD = 0.15  # a prediction's log-spread around the outcome (replayed median errors: 5-15%)
-TIE = 0.02  # expected misses this close: the lower end-to-end latency decides
+TIE = 0.02  # expected misses this close: the least total added latency decides
 EXPLORE_EVERY = 100  # a path not taken in this many decisions gets the next one (>= 1% of requests)
 SATURATED_RHO = 0.85  # a GPU whose prefill work takes this share of its time has no room for more
 
