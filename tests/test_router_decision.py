@@ -111,3 +111,26 @@ def test_with_slos_met_either_way_the_least_total_added_latency_decides():
     assert d.scores["collocated"] == d.scores["disaggregated"] == pytest.approx(0.0, abs=1e-6)  # no misses
     assert own["disaggregated"] < own["collocated"]  # its own latency alone would hand it off
     assert d.path == "collocated"
+
+
+def test_the_router_prices_both_directions_of_a_handoff():
+    """Two GPUs serving each other: B decodes 60 sequences near the TPOT SLO, A is idle. A long prompt prefilled
+    on B would stall all 60; the pair given first (B -> A here) is priced beside the other direction, and the
+    handoff goes A -> B (pair_index 1: the first alternative)."""
+    from pdcli.router.adaptive import pair_candidates
+
+    a = WorkerLoad(device="cuda:0")
+    b = WorkerLoad(decode_batch=60, decode_ctx=60 * 600, device="cuda:1")
+    r = router()
+    step = float(r.cm.decode_ms(60, 60 * 600))
+    r = router(slo_tpot_ms=1.3 * step)
+    d = r.decide(12000, 128, b, b, a, "gpu-nccl", [a, b], alternatives=[(a, b, "gpu-nccl", 0)])
+    assert d.pair_index == 1 and d.path == "disaggregated"  # staying on B would stall the 60 as well
+    only = r.decide(12000, 128, b, b, a, "gpu-nccl", [a, b])  # without the alternative: B -> A or stay on B
+    assert only.pair_index == 0 and only.scores["disaggregated"] > d.scores["disaggregated"]
+    assert d.predicted_raw["disaggregated"]["ttft_ms"] < only.predicted_raw["disaggregated"]["ttft_ms"]
+    # which pairs are priced: among the 2 least loaded that can prefill and the 2 that can decode, least first
+    w = {k: WorkerLoad(decode_batch=k) for k in range(4)}
+    pairs = [(w[i], w[j]) for i in range(4) for j in range(4) if i != j]
+    picked = pair_candidates(pairs, key=lambda x: x.decode_batch)
+    assert [(p.decode_batch, q.decode_batch) for p, q in picked] == [(0, 1), (1, 0)]

@@ -9,6 +9,7 @@ from typing import Callable, NamedTuple
 from pdcli.coordinator.policy import RouteInput, make_policy
 from pdcli.coordinator.tracked import Tracked
 from pdcli.coordinator.worker_pool import WorkerHandle, WorkerPool
+from pdcli.router.adaptive import pair_candidates
 from pdcli.router.load import LoadView, compact
 from pdcli.router.prefix import PrefixIndex, prompt_hashes
 from pdcli.workers.layout import WorkerSpec, transfer_pair
@@ -104,10 +105,13 @@ class Routing:
         load = lambda w: loads[w.spec.rank].queued_prefill_tokens + n - self.cached(t, w) + \
             loads[w.spec.rank].decode_batch  # noqa: E731
         coll = min(colls, key=load)
-        pre, dec = self._least(pairs, lambda pd: (load(pd[0]), load(pd[1])))
+        (pre, dec), *more = pair_candidates(pairs, load)
         cached = dict(collocated=self.cached(t, coll), disaggregated=self.cached(t, pre))
         d = self.router.decide(n, t.params.max_tokens, loads[coll.spec.rank], loads[pre.spec.rank],
-                               loads[dec.spec.rank], transfer_pair(pre.spec, dec.spec), list(loads.values()), cached)
+                               loads[dec.spec.rank], transfer_pair(pre.spec, dec.spec), list(loads.values()), cached,
+                               [(loads[p.spec.rank], loads[q.spec.rank], transfer_pair(p.spec, q.spec), self.cached(t, p))
+                                for p, q in more])
+        pre, dec = ((pre, dec), *more)[d.pair_index]
         t.decision = dict(policy="adaptive", decided_by=d.decided_by, scores=d.scores, path=d.path, predicted=d.predicted,
                           predicted_raw=d.predicted_raw, roles=d.roles, predicted_output_len=d.output_len,
                           loads={r: compact(w) for r, w in loads.items()}, cached_tokens=cached)

@@ -10,6 +10,7 @@ from pdcli.bench.metrics import RequestRecord
 from pdcli.coordinator.policy import RouteInput, make_policy
 from pdcli.coordinator.routing import can_hand_off
 from pdcli.plan.sim import SimSeq, SimSpec, SimStep, SimWorker, shared_step_ms
+from pdcli.router.adaptive import pair_candidates
 from pdcli.router.cost_model import CostModel
 from pdcli.router.load import LoadForecast, WorkerLoad, mark_gpu_sharing
 from pdcli.router.prefix import PrefixIndex, prompt_hashes
@@ -165,9 +166,12 @@ class Simulator:
                    (self.prefixes.cached_tokens(r, seq.hashes) if seq.hashes else 0) for r, w in loads.items()}
         load = lambda w: by_rank[w.spec.rank]  # noqa: E731
         coll = min(colls, key=load)
-        pre, dec = self._least(self.pairs, lambda pd: (load(pd[0]), load(pd[1])))
-        cached = dict(collocated=self.prefixes.cached_tokens(coll.spec.rank, seq.hashes),
-                      disaggregated=self.prefixes.cached_tokens(pre.spec.rank, seq.hashes))
+        (pre, dec), *more = pair_candidates(self.pairs, load)
+        hit = lambda w: self.prefixes.cached_tokens(w.spec.rank, seq.hashes) if seq.hashes else 0  # noqa: E731
         d = self.router.decide(seq.prompt_len, seq.output_len, loads[coll.spec.rank], loads[pre.spec.rank],
-                               loads[dec.spec.rank], pair_kind(pre.spec, dec.spec), list(loads.values()), cached)
+                               loads[dec.spec.rank], pair_kind(pre.spec, dec.spec), list(loads.values()),
+                               dict(collocated=hit(coll), disaggregated=hit(pre)),
+                               [(loads[p.spec.rank], loads[q.spec.rank], pair_kind(p.spec, q.spec), hit(p))
+                                for p, q in more])
+        pre, dec = ((pre, dec), *more)[d.pair_index]
         return (coll, None) if d.path == "collocated" else (pre, dec)

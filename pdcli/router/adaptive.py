@@ -23,6 +23,20 @@ class Decision:
     output_len: float = 0.0
     decided_by: str = "cost-model"  # or "exploration" (a path left unused gets a request now and then)
     scores: dict = field(default_factory=dict)  # path -> expected SLO misses (with SLOs) or total added ms
+    pair_index: int = 0  # the handoff pair priced for the disaggregated path: 0 the given one, i alternatives[i - 1]
+
+
+PAIRS_PRICED = 2  # the router prices the handoff pairs among this many least loaded prefill and decode workers
+
+
+def pair_candidates(pairs: list[tuple], key, k: int = PAIRS_PRICED) -> list[tuple]:
+    """The handoff pairs worth pricing, least loaded first by key(worker): those between the k least loaded
+    workers that can prefill and the k least loaded that can decode (on two GPUs serving each other, both
+    directions: the one the load alone picks made a prefill GPU of whichever was idler, and bimodal traffic
+    lost half its goodput to it in the simulator)."""
+    by = lambda ws: {id(w) for w in sorted({id(w): w for w in ws}.values(), key=key)[:k]}  # noqa: E731
+    pres, decs = by(p for p, _ in pairs), by(d for _, d in pairs)
+    return sorted((pd for pd in pairs if id(pd[0]) in pres and id(pd[1]) in decs), key=lambda pd: (key(pd[0]), key(pd[1])))
 
 
 class AdaptiveRouter:
@@ -62,40 +76,55 @@ class AdaptiveRouter:
 
     def decide(self, prompt_len: int, max_tokens: int | None, coll: WorkerLoad | None, pre: WorkerLoad | None,
                dec: WorkerLoad | None, pair: str = "default", others: list[WorkerLoad] | None = None,
-               cached: dict | None = None) -> Decision:
+               cached: dict | None = None, alternatives: list[tuple] = ()) -> Decision:
         """others: every worker's load (the GPU neighbours a prompt's prefill work also slows); cached: path ->
-        prompt tokens the prefilling worker holds already."""
+        prompt tokens the prefilling worker holds already; alternatives: more handoff pairs to price, each
+        (prefill load, decode load, pair kind, cached tokens): the disaggregated path takes the best of them and
+        (pre, dec) (Decision.pair_index: 0 for (pre, dec), i for alternatives[i - 1])."""
+        cached = cached or {}
         out_len = self.predictor.mean(prompt_len, max_tokens)
-        raw = self.predict(prompt_len, out_len, coll, pre, dec, pair, cached)
-        if not raw:
-            raise ValueError("no path can serve the request")
-        roles = {}
+        options = []  # (path, prefill load, decode load, pair kind, cached tokens)
         if coll is not None:
-            roles["collocated"] = dict(ttft_ms=coll.role, tpot_ms=coll.role)
+            options.append(("collocated", coll, coll, None, cached.get("collocated", 0)))
         if pre is not None and dec is not None:
-            roles["disaggregated"] = dict(ttft_ms=pre.role, tpot_ms=dec.role)
-        pred = {k: self.calibration.apply(roles[k], v, out_len) for k, v in raw.items()}
-        scores, feasible = {}, []
-        for path, p in pred.items():
-            c = (cached or {}).get(path, 0)
-            work = float(self.cm.prefill_work_ms(prompt_len - c, c))
-            prefill_on = coll if path == "collocated" else pre
-            steps = self._prefill_steps_ms(prompt_len, c, prefill_on)
-            e = self.cm.decode_beside_prefill_extra  # unmeasured: a neighbour's decode step waits for them
-            landings = self._landings(path, work, steps * (1.0 if e is None else e), coll, pre, dec, others or [],
-                                      out_len)
-            extra_misses, added = decision.others_cost(self.cm, landings, self.slo, out_len)
-            if self.slo.any:
-                scores[path] = (decision.own_miss(p, self.slo, prompt_len) + extra_misses, p["e2e_ms"] + added)
-            else:
-                scores[path] = (p["e2e_ms"] + added, p["e2e_ms"])
-            busy = [coll] if path == "collocated" else [pre, dec]
-            if not decision.saturated(self.cm, *busy):
-                feasible.append(path)
-        if "disaggregated" in pred and "disaggregated" not in feasible and "collocated" not in feasible:
-            feasible = ["collocated"] if "collocated" in pred else feasible  # no handoff when both are saturated
-        path, why = self.chooser.choose(scores, feasible)
-        return Decision(path, pred, raw, roles, out_len, decided_by=why, scores={k: v[0] for k, v in scores.items()})
+            options += [("disaggregated", pre, dec, pair, cached.get("disaggregated", 0)), *(
+                ("disaggregated", *alt) for alt in alternatives)]
+        if not options:
+            raise ValueError("no path can serve the request")
+        best: dict[str, tuple] = {}  # path -> (score, option index, raw, corrected, feasible)
+        for i, (path, p, d, kind, c) in enumerate(options):
+            raw = self.predict(prompt_len, out_len, coll if path == "collocated" else None,
+                               p if path != "collocated" else None, d if path != "collocated" else None, kind or "default",
+                               {path: c})[path]
+            pred = self.calibration.apply(dict(ttft_ms=p.role, tpot_ms=d.role), raw, out_len)
+            score = self._score(path, pred, prompt_len, c, p, d, others or [], out_len)
+            feasible = not decision.saturated(self.cm, *([p] if path == "collocated" else [p, d]))
+            if path not in best or (feasible, -score[0], -score[1]) > (best[path][4], -best[path][0][0],
+                                                                    -best[path][0][1]):
+                best[path] = (score, i, raw, pred, feasible)
+        feasible = [k for k, v in best.items() if v[4]]
+        if "disaggregated" in best and not feasible:
+            feasible = ["collocated"] if "collocated" in best else feasible  # no handoff when both are saturated
+        path, why = self.chooser.choose({k: v[0] for k, v in best.items()}, feasible)
+        roles = {k: dict(ttft_ms=options[v[1]][1].role, tpot_ms=options[v[1]][2].role) for k, v in best.items()}
+        first_pair = 1 if coll is not None else 0
+        return Decision(path, {k: v[3] for k, v in best.items()}, {k: v[2] for k, v in best.items()}, roles, out_len,
+                        decided_by=why, scores={k: v[0][0] for k, v in best.items()},
+                        pair_index=best["disaggregated"][1] - first_pair if "disaggregated" in best else 0)
+
+    def _score(self, path: str, pred: dict, prompt_len: int, cached: int, prefill_on: WorkerLoad,
+               decode_on: WorkerLoad, others: list[WorkerLoad], out_len: float) -> tuple[float, float]:
+        """(expected SLO misses, total added ms) with SLOs, else (total added ms, own end-to-end): the request's
+        own and those of the sequences decoding where its work lands."""
+        work = float(self.cm.prefill_work_ms(prompt_len - cached, cached))
+        steps = self._prefill_steps_ms(prompt_len, cached, prefill_on)
+        e = self.cm.decode_beside_prefill_extra  # unmeasured: a neighbour's decode step waits for them
+        landings = self._landings(path, work, steps * (1.0 if e is None else e), prefill_on, decode_on, others,
+                                  out_len)
+        extra_misses, added = decision.others_cost(self.cm, landings, self.slo, out_len)
+        if self.slo.any:
+            return decision.own_miss(pred, self.slo, prompt_len) + extra_misses, pred["e2e_ms"] + added
+        return pred["e2e_ms"] + added, pred["e2e_ms"]
 
     def _prefill_steps_ms(self, prompt_len: int, cached: int, w: WorkerLoad) -> float:
         """The time of the steps that prefill the prompt on worker w (beside its decode batch, if any): what its
@@ -105,11 +134,10 @@ class AdaptiveRouter:
         return steps * self.cm.prefill_role_scale if w.role == "prefill" else steps
 
     @staticmethod
-    def _landings(path: str, work: float, beside: float, coll, pre, dec, others: list[WorkerLoad],
-                  out_len: float) -> list:
+    def _landings(path: str, work: float, beside: float, prefill_on: WorkerLoad, decode_on: WorkerLoad,
+                  others: list[WorkerLoad], out_len: float) -> list:
         """The decode-capable workers a path loads: its decode worker (a slot), the worker that prefills it
         (the prompt's work in its steps) and the others on that GPU (the time its prefill steps take from them)."""
-        prefill_on, decode_on = (coll, coll) if path == "collocated" else (pre, dec)
         gpu = [o for o in others if o is not prefill_on and o.device != "cpu" and o.device == prefill_on.device]
         landing = {id(prefill_on): decision.Landing(prefill_on, prefill_on is decode_on, work)}
         for o in gpu:
