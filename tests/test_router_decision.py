@@ -129,8 +129,36 @@ def test_the_router_prices_both_directions_of_a_handoff():
     only = r.decide(12000, 128, b, b, a, "gpu-nccl", [a, b])  # without the alternative: B -> A or stay on B
     assert only.pair_index == 0 and only.scores["disaggregated"] > d.scores["disaggregated"]
     assert d.predicted_raw["disaggregated"]["ttft_ms"] < only.predicted_raw["disaggregated"]["ttft_ms"]
+    # a short prefill stalls nobody for long: only the given pair is priced (balance decides)
+    assert r.decide(256, 128, b, b, a, "gpu-nccl", [a, b], alternatives=[(a, b, "gpu-nccl", 0)]).pair_index == 0
+    # requests on their way to a decode worker count in the batch a request routed there now will meet
+    from pdcli.router import latency
+
+    busy = WorkerLoad(decode_batch=8, decode_ctx=8 * 600, incoming_decodes=40)
+    assert latency.tpot_ms(r.cm, busy, 1000, 128) > latency.tpot_ms(r.cm, load(8, 600), 1000, 128)
     # which pairs are priced: among the 2 least loaded that can prefill and the 2 that can decode, least first
     w = {k: WorkerLoad(decode_batch=k) for k in range(4)}
     pairs = [(w[i], w[j]) for i in range(4) for j in range(4) if i != j]
-    picked = pair_candidates(pairs, key=lambda x: x.decode_batch)
+    picked = pair_candidates(pairs, lambda x: x.decode_batch, lambda x: x.decode_batch)
     assert [(p.decode_batch, q.decode_batch) for p, q in picked] == [(0, 1), (1, 0)]
+    # each role by its own load: prefill where the queue is short, decode where the batch is small
+    picked = pair_candidates(pairs, lambda x: -x.decode_batch, lambda x: x.decode_batch)
+    assert [(p.decode_batch, q.decode_batch) for p, q in picked] == [(3, 0), (3, 1), (2, 0), (2, 1)]
+
+
+def test_the_coordinators_view_counts_decodes_on_their_way():
+    """A request being prefilled on one worker for another counts there as an incoming decode: routing on the
+    decode batch alone sent many to one worker before the first of them arrived (in the simulator on 8 GPUs,
+    decode batches of 10 to 190 side by side)."""
+    from pdcli import SamplingParams
+    from pdcli.coordinator.tracked import Stage, Tracked
+    from pdcli.coordinator.worker_pool import WorkerHandle
+    from pdcli.router.load import LoadView, committed_batch
+    from pdcli.workers.layout import WorkerSpec
+
+    workers = [WorkerHandle(WorkerSpec(r, "collocated", f"cuda:{r}"), None, None) for r in range(2)]
+    t = Tracked("a", 0, [1] * 100, SamplingParams(), 0, "disaggregated", 0.0, prefill_rank=0, decode_rank=1,
+                stage=Stage.PREFILL)
+    loads = LoadView().snapshot(workers, [t])
+    assert loads[1].incoming_decodes == 1 and committed_batch(loads[1]) == 1 and loads[0].queued_prefill_tokens == 100
+    assert loads[0].incoming_decodes == 0

@@ -10,7 +10,7 @@ from pdcli.coordinator.policy import RouteInput, make_policy
 from pdcli.coordinator.tracked import Tracked
 from pdcli.coordinator.worker_pool import WorkerHandle, WorkerPool
 from pdcli.router.adaptive import pair_candidates
-from pdcli.router.load import LoadView, compact
+from pdcli.router.load import LoadView, committed_batch, compact
 from pdcli.router.prefix import PrefixIndex, prompt_hashes
 from pdcli.workers.layout import WorkerSpec, transfer_pair
 
@@ -103,9 +103,9 @@ class Routing:
         n = len(t.prompt_ids)
         # queued and uncached prompt tokens, decoding sequences: the least loaded worker for this prompt
         load = lambda w: loads[w.spec.rank].queued_prefill_tokens + n - self.cached(t, w) + \
-            loads[w.spec.rank].decode_batch  # noqa: E731
+            committed_batch(loads[w.spec.rank])  # noqa: E731
         coll = min(colls, key=load)
-        (pre, dec), *more = pair_candidates(pairs, load)
+        (pre, dec), *more = pair_candidates(pairs, load, lambda w: committed_batch(loads[w.spec.rank]))
         cached = dict(collocated=self.cached(t, coll), disaggregated=self.cached(t, pre))
         d = self.router.decide(n, t.params.max_tokens, loads[coll.spec.rank], loads[pre.spec.rank],
                                loads[dec.spec.rank], transfer_pair(pre.spec, dec.spec), list(loads.values()), cached,

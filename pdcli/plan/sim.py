@@ -72,6 +72,7 @@ class SimWorker:
     step_has_decodes: bool = False
     last_step_end: float | None = None
     inflight: int = 0  # requests held (the coordinator's count for least-loaded routing)
+    incoming: int = 0  # requests routed to decode here, still prefilling elsewhere or in transfer
     _order: itertools.count = field(default_factory=itertools.count)
 
     @property

@@ -12,7 +12,7 @@ from pdcli.coordinator.routing import can_hand_off
 from pdcli.plan.sim import SimSeq, SimSpec, SimStep, SimWorker, shared_step_ms
 from pdcli.router.adaptive import pair_candidates
 from pdcli.router.cost_model import CostModel
-from pdcli.router.load import LoadForecast, WorkerLoad, mark_gpu_sharing
+from pdcli.router.load import LoadForecast, WorkerLoad, committed_batch, mark_gpu_sharing
 from pdcli.router.prefix import PrefixIndex, prompt_hashes
 
 
@@ -74,6 +74,7 @@ class Simulator:
         first.inflight += 1
         if second is not None:
             second.inflight += 1
+            second.incoming += 1
         out = self.router.predictor.mean(seq.prompt_len, seq.output_len) if self.router else seq.output_len
         self.forecast.route(self.now, first.spec.rank, (second or first).spec.rank, seq.prompt_len, out)
         self.kick(first)
@@ -90,6 +91,8 @@ class Simulator:
             if seq.output_len <= 1:
                 seq.end = self.now
                 self.workers[seq.workers[-1]].inflight -= 1
+                if len(seq.workers) > 1:
+                    self.workers[seq.workers[1]].incoming -= 1
         for seq in done:
             w.inflight -= 1
         if w.queued is not None:
@@ -100,6 +103,7 @@ class Simulator:
 
     def _on_landed(self, seq: SimSeq, d: SimWorker) -> None:
         if seq.output_len > 1:
+            d.incoming -= 1
             d.admit(seq)
             self.kick(d)
 
@@ -154,7 +158,8 @@ class Simulator:
                                           queued_prefill_sq_tokens=sum(s.prompt_len ** 2 for s in w.prompts),
                                           decode_batch=w.num_decoding, decode_ctx=w.decode_ctx, role=w.spec.role,
                                           since_step_ms=since, async_steps=w.async_steps,
-                                          queued_since_step_tokens=fresh, device=w.spec.device)
+                                          queued_since_step_tokens=fresh, device=w.spec.device,
+                                          incoming_decodes=w.incoming)
         mark_gpu_sharing(out, {w.spec.rank: w.spec.device for w in self.workers})
         self.forecast.apply(out, self.now)
         return out
@@ -162,11 +167,11 @@ class Simulator:
     def _by_cost_model(self, seq: SimSeq, colls: list[SimWorker]) -> tuple[SimWorker, SimWorker | None]:
         loads = self.loads()
         # queued and uncached prompt tokens, decoding sequences: the least loaded worker for this prompt
-        by_rank = {r: w.queued_prefill_tokens + seq.prompt_len + w.decode_batch -
+        by_rank = {r: w.queued_prefill_tokens + seq.prompt_len + committed_batch(w) -
                    (self.prefixes.cached_tokens(r, seq.hashes) if seq.hashes else 0) for r, w in loads.items()}
         load = lambda w: by_rank[w.spec.rank]  # noqa: E731
         coll = min(colls, key=load)
-        (pre, dec), *more = pair_candidates(self.pairs, load)
+        (pre, dec), *more = pair_candidates(self.pairs, load, lambda w: committed_batch(loads[w.spec.rank]))
         hit = lambda w: self.prefixes.cached_tokens(w.spec.rank, seq.hashes) if seq.hashes else 0  # noqa: E731
         d = self.router.decide(seq.prompt_len, seq.output_len, loads[coll.spec.rank], loads[pre.spec.rank],
                                loads[dec.spec.rank], pair_kind(pre.spec, dec.spec), list(loads.values()),

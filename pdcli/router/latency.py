@@ -12,7 +12,7 @@ by the GPU's neighbours and the prefill share they take.
 from __future__ import annotations
 
 from pdcli.router.cost_model import CostModel
-from pdcli.router.load import WorkerLoad
+from pdcli.router.load import WorkerLoad, committed_batch
 
 MAX_RHO = 0.95  # a worker past this share of prefill work is saturated: its latencies grow without bound
 # where when a worker's last step ended is not known (replays of runs that did not record it): the wait for
@@ -123,11 +123,12 @@ def tpot_ms(cm: CostModel, w: WorkerLoad, prompt_len: int, out_len: float, itera
     out_len = max(out_len, 1.0)
     mean_out = w.mean_output_len or out_len
     ctx_per_seq = w.decode_ctx / w.decode_batch if w.decode_batch else prompt_len + out_len / 2
+    now = committed_batch(w)  # with those on their way here
     slow = 1 + cm.decode_neighbour_extra * w.sharing_avg  # decode batches of other workers on the GPU
-    tpot = float(cm.decode_ms(w.decode_batch + 1, w.decode_ctx + prompt_len + out_len / 2)) * slow
+    tpot = float(cm.decode_ms(now + 1, ctx_per_seq * now + prompt_len + out_len / 2)) * slow
     for _ in range(iterations):  # the batch depends on how long decodes last, which depends on the batch
         steady = w.decode_per_s * mean_out * tpot / 1e3
-        batch = lifetime_batch(w.decode_batch, steady, out_len * tpot, mean_out * tpot) + 1
+        batch = lifetime_batch(now, steady, out_len * tpot, mean_out * tpot) + 1
         ctx = batch * ctx_per_seq
         rho, m = prefill_stretch(cm, w)
         # at most every step carries a full chunk of prompt tokens: past that, prompts queue (TTFT grows)

@@ -13,6 +13,7 @@ class WorkerLoad:
     decode_batch: int = 0  # sequences decoding
     decode_ctx: int = 0  # their context tokens in all
     inflight_transfers: int = 0
+    incoming_decodes: int = 0  # requests routed to decode here whose prompts another worker still prefills
     sharing: int = 0  # other workers with work on the same GPU: time-sliced, each runs at 1 / (1 + sharing)
     sharing_avg: float = 0.0  # the same over time: the others' average busy fractions (prices a whole decode)
     role: str = "collocated"  # collocated | prefill | decode
@@ -41,6 +42,13 @@ def compact(w: WorkerLoad) -> dict:
         if v != f.default:
             out[f.name] = float(f"{v:.4g}") if isinstance(v, float) else v
     return out
+
+
+def committed_batch(w: WorkerLoad) -> int:
+    """The sequences w decodes now and those already on their way to it (handed off or still prefilling elsewhere):
+    the batch a request routed to it now will decode in (routing on the decode batch alone sends many to one
+    worker before the first of them arrives)."""
+    return w.decode_batch + w.inflight_transfers + w.incoming_decodes
 
 
 def busy(w: WorkerLoad) -> bool:
@@ -96,6 +104,8 @@ class LoadView:
     @staticmethod
     def _add(loads: dict[int, WorkerLoad], workers, t) -> None:
         generated = t.num_generated
+        if t.stage == "prefill" and t.decode_rank is not None and t.decode_rank != t.prefill_rank:
+            loads[t.decode_rank].incoming_decodes += 1
         if t.stage in ("collocated", "prefill") and generated == 0:
             w = loads[t.prefill_rank]
             w.queued_prefill_tokens += len(t.prompt_ids)
