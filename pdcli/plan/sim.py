@@ -88,10 +88,6 @@ class SimWorker:
     def async_steps(self) -> bool:
         return self.spec.role != "prefill"
 
-    @property
-    def queued_tokens(self) -> int:
-        return sum(s.prompt_len - s.prefilled for s in self.prompts)
-
     def plan(self) -> SimStep:
         """The next step (the decode rows and as many prompt tokens as the budget takes, FCFS), then the
         scheduler's state as if it had run: its completed prompts decode here from the step after it (or wait
