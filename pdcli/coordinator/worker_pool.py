@@ -95,8 +95,10 @@ class WorkerPool:
         return [w for w in self.live(role) if not w.leaving]
 
     def can_transfer(self, p: WorkerHandle, d: WorkerHandle) -> bool:
-        """KV can go from p to d now: through CUDA IPC, or their pair's group is made."""
-        return not kv_pair(p.spec, d.spec) or (p.spec.rank, d.spec.rank) in self.pairs_ready
+        """KV can go from p to d now: through CUDA IPC (d shared its pool), or their pair's group is made."""
+        if not kv_pair(p.spec, d.spec):
+            return d.info is not None and d.info.kv_ipc is not None
+        return (p.spec.rank, d.spec.rank) in self.pairs_ready
 
     # ---- start ----
     def _spawn(self, model: str, layout: list[WorkerSpec], engine_kwargs: dict) -> None:

@@ -96,7 +96,15 @@ class Worker:
     def run(self) -> None:
         e = self.engine
         # a pool that prefill workers on this GPU may copy into (CUDA IPC): a decode worker's, or a collocated one's
-        ipc = export_pool(e.kv_cache) if self.spec.role != "prefill" and e.kv_cache.is_cuda else None
+        # (which only a prefill worker beside it uses: if torch cannot share it, the handoff path is off, not the worker)
+        ipc = None
+        if self.spec.role != "prefill" and e.kv_cache.is_cuda:
+            try:
+                ipc = export_pool(e.kv_cache)
+            except RuntimeError as err:
+                if self.spec.role == "decode":
+                    raise
+                logger.warning("KV pool not shared through CUDA IPC (%s): no handoffs into this worker", err)
         self.conn.send(Ready(self.spec.rank, self.spec.role, self.spec.device, e.num_blocks, e.kernel_path,
                              e.max_model_len, ipc))
         while True:
