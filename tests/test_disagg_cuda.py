@@ -29,6 +29,24 @@ def test_same_gpu_ipc_handoff_equals_collocated(tiny_model_dir, prompts):
         assert all(s["num_free_blocks"] == s["num_blocks"] for s in stats), stats
 
 
+def test_a_prefill_worker_hands_back_to_the_collocated_worker_on_its_gpu(tiny_model_dir, prompts):
+    """One GPU's adaptive layout: the prefill worker copies each prompt's KV into the collocated worker's pool
+    (CUDA IPC), which decodes it: the tokens of the collocated path, every block back in both pools."""
+    from pdcli.workers.layout import pd_on_collocated
+
+    path = tiny_model_dir("qwen3-gqa64")
+    engine = dict(dtype="float16", max_num_batched_tokens=32, block_size=16, num_kv_blocks=256)
+    layout = parse_layout("cuda:0", "cuda:0")
+    with CentralScheduler(path, layout, pd_on_collocated=pd_on_collocated(layout, "adaptive"), **engine) as cs:
+        coll = cs.generate(prompts, GREEDY, mode="collocated", timeout=120)
+        disagg = cs.generate(prompts, GREEDY, mode="disaggregated", timeout=120)
+        assert [o.error for o in disagg] == [None] * len(prompts)
+        assert [o.token_ids for o in coll] == [o.token_ids for o in disagg]
+        assert all(o.metrics["transfer_bytes"] > 0 for o in disagg)
+        stats = wait_pools_full(cs)
+        assert all(s["num_free_blocks"] == s["num_blocks"] for s in stats), stats
+
+
 @pytest.mark.skipif(not __import__("torch").cuda.is_available() or __import__("torch").cuda.device_count() < 2,
                     reason="needs two GPUs")
 def test_two_gpu_nccl_handoff_layerwise_and_whole_equal_collocated(tiny_model_dir, prompts):
