@@ -94,7 +94,8 @@ class AdaptiveRouter:
         (pre, dec) (Decision.pair_index: 0 for (pre, dec), i for alternatives[i - 1])."""
         cached = cached or {}
         out_len = self.predictor.mean(prompt_len, max_tokens)
-        if float(self.cm.prefill_ms(prompt_len)) < LONG_PREFILL_STEPS * float(self.cm.decode_ms(1, prompt_len)):
+        if alternatives and float(self.cm.prefill_ms(prompt_len)) < LONG_PREFILL_STEPS * float(
+                self.cm.decode_ms(1, prompt_len)):
             alternatives = ()  # a short prefill stalls nobody for long: where it runs matters less than balance
         options = []  # (path, prefill load, decode load, pair kind, cached tokens)
         if coll is not None:
