@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.optimize import least_squares, lsq_linear
 
+from pdcli.profile_sharing import SharingShapes
+
 
 def _scalar(*xs) -> bool:
     return all(isinstance(x, (int, float)) for x in xs)
@@ -187,6 +189,20 @@ class CostModel:
         (then a decode step waits for the neighbour's prefill, as under time-slicing)."""
         f = self.sharing.get("decode_beside_prefill")
         return None if f is None else max(0.0, f - 1.0)
+
+    @property
+    def beside_prefill_share(self) -> float | None:
+        """What a step gains beside a neighbour running prefill steps, as a fraction of the neighbour's step time;
+        None unmeasured. Under MPS the two processes' kernels alternate, each of ours waiting for part of one of
+        theirs, so the extra grows with the neighbour's step, not ours: from the profiled decode step beside a
+        prefill, at the profile's shapes (on one H200 0.47; a decode beside a decode gave 0.54 of the neighbour's
+        step). It prices any step beside a neighbour's prefill: a prefill worker's 256-token step (9 ms alone)
+        took 100-170 ms beside a collocated worker's 8k-token chunks (233 ms)."""
+        f = self.sharing.get("decode_beside_prefill")
+        if f is None:
+            return None
+        s = SharingShapes()
+        return max(0.0, f - 1.0) * float(self.decode_ms(s.batch, s.batch * s.ctx)) / float(self.prefill_ms(s.prompt))
 
     @property
     def prefill_neighbour_extra(self) -> float:

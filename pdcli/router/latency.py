@@ -115,7 +115,24 @@ def ttft_ms(cm: CostModel, w: WorkerLoad, prompt_len: int, cached: int = 0) -> f
     work = cm.queued_prefill_ms(ahead, w.decode_batch, w.decode_ctx, queued_sq(w, ahead)) + \
         cm.chunked_prefill_ms(prompt_len, w.decode_batch, w.decode_ctx, cached)
     served = cm.prefill_role_scale if w.role == "prefill" else 1.0  # a dedicated prefill worker as profiled serving
-    return start_wait_ms(cm, w) + work * served * (1 + cm.prefill_neighbour_extra * w.sharing)
+    wait = start_wait_ms(cm, w)
+    budget = max(1, cm.max_num_batched_tokens - w.decode_batch)
+    steps = -(-(ahead + max(0, prompt_len - cached)) // budget) + (1 if wait > 0 else 0)
+    beside = neighbour_prefill_ms(cm, w, steps)
+    slow = 1.0 if beside else 1 + cm.prefill_neighbour_extra * w.sharing  # beside decoding neighbours only
+    return wait + work * served * slow + beside
+
+
+def neighbour_prefill_ms(cm: CostModel, w: WorkerLoad, steps: int) -> float:
+    """What `steps` steps of worker w gain beside the prefill work of the other workers on its GPU: each a share
+    of the neighbours' step (CostModel.beside_prefill_share), while they have prompts queued. 0 where the sharing
+    is unmeasured (the decoding-neighbour factors price it) or no neighbour prefills."""
+    share = cm.beside_prefill_share
+    q, b, ctx = w.neighbour_queued_tokens, w.neighbour_decode_batch, w.neighbour_decode_ctx
+    if share is None or q <= 0 or steps <= 0:
+        return 0.0
+    chunk = min(q, max(1, cm.max_num_batched_tokens - b))
+    return min(steps * share * cm.step_ms(b, ctx, [(chunk, 0)]), cm.queued_prefill_ms(q, b, ctx))
 
 
 def tpot_ms(cm: CostModel, w: WorkerLoad, prompt_len: int, out_len: float, iterations: int = 4) -> float:

@@ -16,6 +16,10 @@ class WorkerLoad:
     incoming_decodes: int = 0  # requests routed to decode here whose prompts another worker still prefills
     sharing: int = 0  # other workers with work on the same GPU: time-sliced, each runs at 1 / (1 + sharing)
     sharing_avg: float = 0.0  # the same over time: the others' average busy fractions (prices a whole decode)
+    # the other workers on its GPU, summed: queued prompt tokens, sequences decoding, their context tokens
+    neighbour_queued_tokens: int = 0
+    neighbour_decode_batch: int = 0
+    neighbour_decode_ctx: int = 0
     role: str = "collocated"  # collocated | prefill | decode
     since_step_ms: float | None = None  # since its last step ended (None: no step seen yet)
     steps_seen: bool = True  # False: when its steps end is not known (a replay of an older run)
@@ -65,10 +69,25 @@ def mark_gpu_sharing(loads: dict[int, WorkerLoad], devices: dict[int, str],
     GPU is counted apart, as a share of its time (router/latency.py)."""
     now = {r for r, w in loads.items() if busy(w)}
     for r, w in loads.items():
-        dev = devices.get(r, "cpu")
-        others = [] if dev == "cpu" else [o for o in loads if o != r and devices.get(o) == dev]
+        others = gpu_neighbours(loads, devices, r)
         w.sharing = sum(1 for o in others if o in now)
         w.sharing_avg = w.sharing if busy_avg is None else sum(busy_avg.get(o, 0.0) for o in others)
+    mark_gpu_neighbours(loads, devices)
+
+
+def gpu_neighbours(loads: dict[int, WorkerLoad], devices: dict[int, str], rank: int) -> list[int]:
+    dev = devices.get(rank, "cpu")
+    return [] if dev == "cpu" else [o for o in loads if o != rank and devices.get(o) == dev]
+
+
+def mark_gpu_neighbours(loads: dict[int, WorkerLoad], devices: dict[int, str]) -> None:
+    """Set each worker's neighbour_* fields from the loads of the other workers on its GPU: what their steps
+    hold now, which slows its own (latency.neighbour_prefill_ms)."""
+    for r, w in loads.items():
+        others = [loads[o] for o in gpu_neighbours(loads, devices, r)]
+        w.neighbour_queued_tokens = sum(o.queued_prefill_tokens for o in others)
+        w.neighbour_decode_batch = sum(o.decode_batch for o in others)
+        w.neighbour_decode_ctx = sum(o.decode_ctx for o in others)
 
 
 BUSY_EMA = 0.1  # weight of the newest sample of a worker's busy fraction (~ the last 10 decisions)

@@ -17,7 +17,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from pdcli.router.load import LoadForecast, WorkerLoad, mark_gpu_sharing
+from pdcli.router.load import LoadForecast, WorkerLoad, mark_gpu_neighbours, mark_gpu_sharing
 
 
 @dataclass
@@ -167,6 +167,8 @@ def replay_run(run: Run, router) -> list[Replayed]:
         if not r.ok or not r.workers:
             continue
         loads = r.loads or rebuilt_loads(run, i, forecast)
+        if r.loads:  # runs recorded before the neighbour fields
+            mark_gpu_neighbours(loads, {w["rank"]: w["device"] for w in run.layout})
         out_len = router.predictor.mean(r.input_len, r.output_len)
         w = [loads[k] for k in r.workers]
         if r.path == "disaggregated":
