@@ -142,14 +142,22 @@ class SimWorker:
         return prefilled, step.ending
 
 
-def shared_step_ms(worker: SimWorker, alone_ms: float, has_decodes: bool, neighbours: list[SimWorker],
-                   now: float) -> float:
-    """A step's time beside the other workers on its GPU: a decode batch reads the weights beside another
-    (each runs at ~1 / (1 + decoding neighbours)) and waits behind a neighbour's prefill; a prefill beside
-    decoding neighbours runs a little slower (the cost model's profiled factors, as the router prices them)."""
+def shared_step_ms(worker: SimWorker, step: SimStep, neighbours: list[SimWorker], now: float) -> float:
+    """A step's time beside the other workers on its GPU, as the router prices them (router/latency.py): a step
+    with a prompt chunk beside a neighbour's step with one gains a share of that step
+    (CostModel.beside_prefill_share: their kernels alternate); otherwise a decode batch reads the weights beside
+    another (each ~1 / (1 + decoding neighbours)), a decode step runs slower beside a prefill and a prefill
+    beside decodes (the profiled factors). With the sharing unmeasured a decode step waits for a neighbour's
+    prefill, as under time-slicing."""
     busy = [n for n in neighbours if not n.idle]
+    cm, alone_ms, has_decodes = worker.cm, step.ms, step.decode_rows > 0
+    share = cm.beside_prefill_share
+    if share is not None and step.chunks:
+        prefilling = [n for n in busy if n.running.chunks]
+        decoding = sum(1 for n in busy if not n.running.chunks)
+        beside = share * sum(n.running.ms for n in prefilling)
+        return alone_ms * (1 + cm.prefill_neighbour_extra * decoding) + beside
     decoding = sum(1 for n in busy if n.step_has_decodes)
-    cm = worker.cm
     if not has_decodes:
         return alone_ms * (1 + cm.prefill_neighbour_extra * decoding)
     prefilling = [n for n in busy if not n.step_has_decodes]

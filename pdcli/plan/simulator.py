@@ -115,9 +115,8 @@ class Simulator:
     def start(self, w: SimWorker, step: SimStep) -> None:
         neighbours = [o for o in self.workers if o is not w and o.spec.device == w.spec.device
                       and not o.spec.device.endswith("cpu")]
-        has_decodes = step.decode_rows > 0
-        ms = shared_step_ms(w, step.ms, has_decodes, neighbours, self.now)
-        w.running, w.busy_until, w.step_has_decodes = step, self.now + ms / 1e3, has_decodes
+        ms = shared_step_ms(w, step, neighbours, self.now)
+        w.running, w.busy_until, w.step_has_decodes = step, self.now + ms / 1e3, step.decode_rows > 0
         self.push(w.busy_until, "step_end", w, step)
         if w.async_steps and w.has_work:
             w.queued = w.plan()
