@@ -324,7 +324,7 @@ def _result(b: _Bench, row: dict, records: list, stats: dict, layout, cs) -> dic
 
     device = torch.cuda.get_device_name() if any(d.startswith("cuda") for d in b.devs) else "cpu"
     result = dict(row, model=b.model, seed=b.seed, num_warmup_excluded=len(records) - stats["num_prompts"],
-                  layout=[dict(rank=s.rank, role=s.role, device=s.device) for s in layout],
+                  layout=[dict(rank=s.rank, role=s.role, device=s.device, **_kv_capacity(cs, s.rank)) for s in layout],
                   pd_on_collocated=cs.pd_on_collocated, mps=cs.mps_on,
                   devices=b.devs, kernel_path=cs.workers[0].info.kernel_path,
                   accounting=cs.accounting, date=b.stamp,
@@ -337,6 +337,14 @@ def _result(b: _Bench, row: dict, records: list, stats: dict, layout, cs) -> dic
                                    **(dict(decision=r.decision) if r.decision else {}))
                               for r in records]
     return result
+
+
+def _kv_capacity(cs, rank: int) -> dict:
+    """A worker's KV pool as it came up: blocks and the tokens they hold (the one-GPU layouts split memory)."""
+    w = next((w for w in cs.workers if w.spec.rank == rank and w.info is not None), None)
+    if w is None:
+        return {}
+    return dict(num_kv_blocks=w.info.num_blocks, kv_capacity_tokens=w.info.num_blocks * cs.block_size)
 
 
 def _print_table(b: _Bench, rows: list[dict], modes: list[str], err) -> None:

@@ -72,8 +72,8 @@ class CentralScheduler:
         self.workers, self.mps_on, self.max_model_len = self.pool.workers, self.pool.mps_on, self.pool.max_model_len
         from pdcli.config import CacheConfig
 
-        self.routing = Routing(self.pool, mode, self.router, pd_on_collocated,
-                               engine_kwargs.get("block_size") or CacheConfig.block_size,
+        self.block_size = engine_kwargs.get("block_size") or CacheConfig.block_size
+        self.routing = Routing(self.pool, mode, self.router, pd_on_collocated, self.block_size,
                                engine_kwargs.get("enable_prefix_caching", CacheConfig.enable_prefix_caching))
         self.relay = HandoffRelay(self.pool, self.requests, self._fail, self.accounting["disaggregated"])
         self.handlers = {**{kind: getattr(self, name) for kind, name in self.HANDLERS.items()}, **self.relay.handlers}
