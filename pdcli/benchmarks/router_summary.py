@@ -1,0 +1,102 @@
+"""Issue 20's figures from the committed sweeps of one device, in one command: per sweep folder (one workload,
+every mode and rate in it) the highest rate with >= 90% SLO attainment per mode, the knee (the best static
+mode's), and in every bin below the knee the router's errors, replayed (`pdcli replay`) and as recorded online,
+and the share of the least used path -> results/router_<device>.json with a `summary`. CPU only; seconds.
+
+  python -m pdcli.benchmarks.router_summary --device nvidia-h200 --params-dir profiles/nvidia-h200/dummy-llama3-8b \
+      results/router/h200_bimodal_b0.5 results/router/h200_bimodal ...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from pdcli.benchmarks.results import provenance, write
+
+STATIC = ("collocated", "disaggregated")
+GOAL = 0.9  # SLO attainment that counts a rate as served
+
+
+def highest_rate(rows: list[dict]) -> float | None:
+    ok = [r["rate"] for r in rows if r["slo_attainment"] is not None and r["slo_attainment"] >= GOAL]
+    return max(ok) if ok else None
+
+
+def sweep(folder: str, cm) -> dict:
+    """One folder: a row per (mode, rate) with its attainment, errors and path shares; each mode's highest rate."""
+    from pdcli.router.adaptive import AdaptiveRouter
+    from pdcli.router.replay import errors, load_runs, replay_run
+
+    rows = []
+    for run in load_runs(folder):
+        with open(run.file) as f:
+            d = json.load(f)
+        replayed = replay_run(run, AdaptiveRouter(cm, run.slo.get("ttft"), run.slo.get("tpot"),
+                                                  slo_ttft_per_token_ms=run.slo.get("ttft_per_token", 0.0)))
+        skip = sorted(r.arrival for r in run.records)[:d.get("num_warmup_excluded", 0)]
+        after = [x for x in replayed if not skip or x.record.arrival > skip[-1]]  # warm-up excluded, as measured
+        rep = errors(after)
+        rows.append(dict(mode=run.mode, rate=run.rate, seed=d.get("seed"), file=os.path.basename(run.file),
+                         num_requests=d.get("completed"), slo_attainment=d.get("slo_attainment"),
+                         routing_mix=d.get("routing_mix"),
+                         kv_capacity_tokens={str(w["rank"]): w.get("kv_capacity_tokens") for w in d["layout"]},
+                         replay_ttft_err=rep.get("ttft_err"), replay_ttft_below=rep.get("ttft_below"),
+                         replay_tpot_err=rep.get("tpot_err"), replay_tpot_below=rep.get("tpot_below"),
+                         online_ttft_err=d.get("router_ttft_median_abs_rel_err"),
+                         online_tpot_err=d.get("router_tpot_median_abs_rel_err")))
+    modes = sorted({r["mode"] for r in rows})
+    highest = {m: highest_rate([r for r in rows if r["mode"] == m]) for m in modes}
+    statics = [highest[m] for m in STATIC if highest.get(m) is not None]
+    knee = max(statics) if statics else None
+    return dict(folder=folder, highest_rate=highest, knee=knee, rows=rows)
+
+
+def _max(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return max(values) if values else None
+
+
+def summarize(sweeps: list[dict], device: str, bimodal_bursty: str | None) -> dict:
+    """Maxima over the bins below each sweep's knee; the bimodal bursty sweep's highest rates (acceptance 3)."""
+    below = [r for s in sweeps if s["knee"] is not None for r in s["rows"] if r["rate"] <= s["knee"]]
+    shares = [min(r["routing_mix"].get(p, 0.0) for p in ("collocated", "disaggregated"))
+              for r in below if r["mode"] == "adaptive" and r["routing_mix"]]
+    out = dict(device=device,
+               replay_ttft_err_max=_max(r["replay_ttft_err"] for r in below),
+               replay_tpot_err_max=_max(r["replay_tpot_err"] for r in below),
+               online_ttft_err_max=_max(r["online_ttft_err"] for r in below),
+               online_tpot_err_max=_max(r["online_tpot_err"] for r in below),
+               min_path_share=min(shares) if shares else None, bins_below_knee=len(below))
+    bursty = next((s for s in sweeps if s["folder"].rstrip("/") == (bimodal_bursty or "").rstrip("/")), None)
+    if bursty is not None:
+        statics = [bursty["highest_rate"].get(m) for m in STATIC]
+        out.update(bimodal_sweep=bursty["folder"], bimodal_adaptive_highest_rate=bursty["highest_rate"].get("adaptive"),
+                   bimodal_best_static_highest_rate=_max(statics))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folders", nargs="+")
+    ap.add_argument("--device", required=True, help="its name in the output file, e.g. nvidia-h200")
+    ap.add_argument("--params-dir", required=True, help="the profile the runs ran with")
+    ap.add_argument("--bimodal-bursty", default=None, help="the folder of acceptance 3's sweep")
+    ap.add_argument("--out", default="results")
+    args = ap.parse_args(argv)
+    from pdcli.router.fit import load_cost_model
+
+    cm = load_cost_model(args.params_dir)
+    sweeps = [sweep(f, cm) for f in args.folders]
+    summary = summarize(sweeps, args.device, args.bimodal_bursty)
+    path = write(args.out, f"router_{args.device}", dict(summary=summary, params_dir=args.params_dir, sweeps=sweeps,
+                                                          provenance=provenance("pdcli.benchmarks.router_summary", argv)))
+    print(f"-> {path}")
+    for s in sweeps:
+        print(f"{s['folder']}: knee {s['knee']}, highest rate per mode {s['highest_rate']}")
+    print(summary)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

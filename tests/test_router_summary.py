@@ -1,0 +1,26 @@
+"""Issue 20's summary: the knee is the best static mode's highest rate at >= 90% attainment, errors and path
+shares count only the bins up to it."""
+from pdcli.benchmarks.router_summary import highest_rate, summarize
+
+
+def _row(mode, rate, att, ttft=0.1, tpot=0.1, mix=None):
+    return dict(mode=mode, rate=rate, slo_attainment=att, replay_ttft_err=ttft, replay_tpot_err=tpot,
+                online_ttft_err=ttft if mode == "adaptive" else None, online_tpot_err=None,
+                routing_mix=mix or {mode: 1.0})
+
+
+def test_the_knee_and_the_maxima_below_it():
+    rows = [_row("collocated", 4, 0.95), _row("collocated", 5, 0.91), _row("collocated", 6, 0.85, ttft=0.9),
+            _row("disaggregated", 4, 0.92), _row("disaggregated", 5, 0.89, tpot=0.3),
+            _row("adaptive", 5, 0.99, ttft=0.2, mix={"collocated": 0.9, "disaggregated": 0.1}),
+            _row("adaptive", 7, 0.93, ttft=0.5, mix={"collocated": 1.0})]
+    assert highest_rate([r for r in rows if r["mode"] == "collocated"]) == 5
+    assert highest_rate([_row("adaptive", 1, 0.5)]) is None
+    sweep = dict(folder="results/router/x_b0.5", rows=rows, knee=5,
+                 highest_rate={m: highest_rate([r for r in rows if r["mode"] == m])
+                               for m in ("collocated", "disaggregated", "adaptive")})
+    s = summarize([sweep], "dev", "results/router/x_b0.5/")
+    assert s["replay_ttft_err_max"] == 0.2 and s["replay_tpot_err_max"] == 0.3  # the 6 and 7 req/s bins are past it
+    assert s["online_ttft_err_max"] == 0.2 and s["online_tpot_err_max"] is None
+    assert s["min_path_share"] == 0.1 and s["bins_below_knee"] == 5
+    assert s["bimodal_adaptive_highest_rate"] == 7 and s["bimodal_best_static_highest_rate"] == 5
