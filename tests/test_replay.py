@@ -76,6 +76,8 @@ def test_replay_reproduces_the_recorded_decisions(tmp_path):
     same = [x for x in replayed if x.raw["tpot_ms"] == pytest.approx(
         by_arrival[x.record.arrival]["decision"]["predicted_raw"][x.record.path]["tpot_ms"], rel=0.01)]
     assert len(same) >= 0.8 * len(replayed)  # the output-length predictor learns in a slightly different order
+    (out / "replay.json").write_text("")  # `pdcli replay RUN --json > RUN/replay.json` creates it before reading
+    assert len(load_runs(str(out))) == 1
     r = CliRunner().invoke(app, ["replay", str(out), "--params-dir", str(params), "--json"])
     assert r.exit_code == 0, r.stderr
     rows = json.loads(r.stdout)

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 
 from pdcli.router.load import LoadForecast, WorkerLoad, mark_gpu_neighbours, mark_gpu_sharing
+
+logger = logging.getLogger("pdcli.replay")
 
 
 @dataclass
@@ -73,8 +76,12 @@ def load_runs(folder: str) -> list[Run]:
     """Every bench result with per-request records in folder, by mode then rate."""
     runs = []
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
-        with open(path) as f:
-            d = json.load(f)
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except ValueError:  # not a result (e.g. a replay being written into the folder by a shell redirect)
+            logger.warning("%s is not JSON: skipped", path)
+            continue
         if not isinstance(d, dict) or not d.get("requests") or "layout" not in d:
             continue
         rate = float("inf") if d["request_rate"] == "inf" else float(d["request_rate"])
