@@ -87,7 +87,8 @@ def test_a_prefill_beside_a_decode_batch_takes_its_time_from_it():
     """One GPU's collocated + prefill workers: a handed-off prompt is prefilled on P and decodes on C. While the
     GPU's sharing is unmeasured a decode step waits for a neighbour's prefill (time-slicing), so P's steps cost
     C's 48 sequences their whole length, more than the prompt's work riding in C's own steps; measured under MPS
-    (a decode step 10% slower beside a prefill) the handoff costs them a tenth of that."""
+    (a decode step 10% slower beside a prefill) the handoff costs them 1 - 1 / 1.1 of that (their steps take
+    1.1x as long while P prefills: they get through 1 / 1.1 of the work they would have)."""
     coll = WorkerLoad(decode_batch=48, decode_ctx=48 * 600, device="cuda:0")
     pre = WorkerLoad(role="prefill", device="cuda:0")
     r = router()  # no SLOs: the least total added latency

@@ -132,9 +132,11 @@ class AdaptiveRouter:
         own and those of the sequences decoding where its work lands."""
         work = float(self.cm.prefill_work_ms(prompt_len - cached, cached))
         steps = self._prefill_steps_ms(prompt_len, cached, prefill_on)
-        e = self.cm.decode_beside_prefill_extra  # unmeasured: a neighbour's decode step waits for them
-        landings = self._landings(path, work, steps * (1.0 if e is None else e), prefill_on, decode_on, others,
-                                  out_len)
+        # a neighbour's decode steps f = 1 + e times slower over these steps lose 1 - 1 / f of them (unmeasured: a
+        # decode step waits for the neighbour's prefill, all of them)
+        e = self.cm.decode_beside_prefill_extra
+        landings = self._landings(path, work, steps * (1.0 if e is None else e / (1 + e)), prefill_on, decode_on,
+                                  others, out_len)
         extra_misses, added = decision.others_cost(self.cm, landings, self.slo, out_len)
         if self.slo.any:
             return decision.own_miss(pred, self.slo, prompt_len) + extra_misses, pred["e2e_ms"] + added
@@ -143,7 +145,8 @@ class AdaptiveRouter:
     def _prefill_steps_ms(self, prompt_len: int, cached: int, w: WorkerLoad) -> float:
         """The time of the steps that prefill the prompt on worker w (beside its decode batch, if any): what its
         prefill takes from the decode steps of the other workers on its GPU (all of it while sharing is unmeasured:
-        a decode step waits for a neighbour's prefill, as under time-slicing; else the measured extra)."""
+        a decode step waits for a neighbour's prefill, as under time-slicing; else the part their measured slowdown
+        takes, _score)."""
         steps = self.cm.chunked_prefill_ms(prompt_len, w.decode_batch, w.decode_ctx, cached)
         return steps * self.cm.prefill_role_scale if w.role == "prefill" else steps
 
