@@ -100,6 +100,27 @@ def test_a_prefill_beside_a_decode_batch_takes_its_time_from_it():
     assert gap(d) > 0 and gap(measured) < gap(d)
 
 
+def test_a_decode_batch_slowed_f_times_beside_a_handoffs_prefill_loses_1_minus_1_over_f_of_it(monkeypatch):
+    """Its steps take f times as long while the prefill worker beside it prefills for T: it gets through T / f of
+    its work in that time, so it loses T (1 - 1/f), not T (f - 1) (charged so before 2026-12-05: a 2.85x slowdown
+    cost 1.85 T instead of 0.65 T, and adaptive on one H200 kept prompts it should have handed off)."""
+    from pdcli.router import decision
+
+    seen = []
+    monkeypatch.setattr(decision, "others_cost", lambda cm, landings, slo, out_len: seen.append(landings) or (0.0, 0.0))
+    coll = WorkerLoad(decode_batch=48, decode_ctx=48 * 600, device="cuda:0")
+    pre = WorkerLoad(role="prefill", device="cuda:0")
+    r = router()
+    for f in (2.0, 2.85):
+        r.cm.sharing = dict(decode_beside_prefill=f)
+        seen.clear()
+        r.decide(1024, 256, coll, pre, coll, "gpu-ipc", [coll, pre])
+        assert len(seen) == 2  # the collocated path's landings, then the handoff's
+        beside = [x for x in seen[1] if x.load is coll]
+        assert len(beside) == 1 and beside[0].adds_decode
+        assert beside[0].prefill_ms == pytest.approx(r._prefill_steps_ms(1024, 0, pre) * (1 - 1 / f))
+
+
 def test_with_slos_met_either_way_the_least_total_added_latency_decides():
     """Both paths meet the SLOs: the tie goes to the path that adds the least latency in all, its own and the
     others'. Handing a prompt to the prefill worker beside a busy collocated worker (unmeasured sharing) gets it
