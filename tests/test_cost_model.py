@@ -456,8 +456,11 @@ def test_profiled_sharing_factors_reach_the_cost_model(tmp_path):
 
 def test_a_measured_decode_beside_prefill_factor_replaces_waiting_for_the_neighbours_prefill():
     """Unmeasured, a decode step on a GPU whose neighbour prefills is stretched by the GPU's whole prefill share
-    (1 / (1 - rho): time-slicing); measured, by its own prompts' share only, times 1 + e x the neighbours'
-    prefilling time. The planner's steps the same way: beside a prefilling neighbour, x (1 + e), no wait."""
+    (1 / (1 - rho): time-slicing). Measured, by its own prompts' share only; while the neighbour prefills (the
+    fraction b of the time its prompts take, stretched by our steps beside them) each step gains a share of the
+    neighbour's step T (a prompt of the size-biased mean length), and the decode's pace is the harmonic mean of
+    the two step times. The planner's decode step beside a prefilling neighbour gains the same share of its step;
+    unmeasured it waits for it."""
     from types import SimpleNamespace
 
     from pdcli.plan.sim import shared_step_ms
@@ -470,13 +473,17 @@ def test_a_measured_decode_beside_prefill_factor_replaces_waiting_for_the_neighb
     rho = latency.prefill_share(cm, dec)
     assert 0 < rho < 0.95 and latency.step_ms(cm, dec) == pytest.approx(alone / (1 - rho))
     cm.sharing = dict(decode_beside_prefill=1.3, prefill_beside_decode=1.2)
-    busy = min(1.0, rho * 1.2)  # the neighbour's prefills, slower beside this decode batch
-    assert latency.step_ms(cm, dec) == pytest.approx(alone * (1 + 0.3 * busy))
+    share, share_d = cm.beside_prefill_share, cm.beside_decode_share
+    theirs = float(cm.prefill_ms(2000))  # 8e6 / 4000: prompts of 2000 tokens
+    b = min(1.0, rho * (1 + share_d * alone / theirs))
+    slow = alone + share * theirs
+    assert latency.step_ms(cm, dec) == pytest.approx(alone / ((1 - b) + b * alone / slow))
+    assert alone < latency.step_ms(cm, dec) < alone * (1 + b * (slow / alone - 1))  # less than the time-average
     me = SimpleNamespace(cm=cm)
     neighbour = SimpleNamespace(idle=False, step_has_decodes=False, busy_until=1.0,
                                 running=SimStep(chunks=[(None, 1024, 0)], ending=[], decode_rows=0, ms=30.0))
     decode = SimStep(chunks=[], ending=[], decode_rows=8, ms=10.0)
-    assert shared_step_ms(me, decode, [neighbour], 0.0) == pytest.approx(13.0)
+    assert shared_step_ms(me, decode, [neighbour], 0.0) == pytest.approx(10.0 + share * 30.0)
     cm.sharing = {}
     assert shared_step_ms(me, decode, [neighbour], 0.0) == pytest.approx(10.0 + 1000.0)  # waits 1 s
 
@@ -524,8 +531,12 @@ def test_a_step_with_a_prompt_beside_a_neighbours_prefill_gains_a_share_of_the_n
                              running=SimStep(chunks=[(None, chunk, 0)], ending=[], decode_rows=4, ms=their_step))
     mine = SimStep(chunks=[(None, 256, 0)], ending=[], decode_rows=0, ms=9.0)
     assert shared_step_ms(me, mine, [theirs], 0.0) == pytest.approx(9.0 + share * their_step)
-    theirs.running = SimStep(chunks=[], ending=[], decode_rows=4, ms=6.0)  # decoding only: the profiled factor
-    assert shared_step_ms(me, mine, [theirs], 0.0) == pytest.approx(9.0 * 1.2)
+    theirs.running = SimStep(chunks=[], ending=[], decode_rows=4, ms=6.0)  # decoding only: a share of its step
+    share_d = cm.beside_decode_share
+    assert share_d == pytest.approx(0.2 * float(cm.prefill_ms(s.prompt)) / float(cm.decode_ms(s.batch, s.batch * s.ctx)))
+    assert shared_step_ms(me, mine, [theirs], 0.0) == pytest.approx(9.0 + share_d * 6.0)
+    pre.neighbour_queued_tokens = 0  # the router the same: beside the neighbour's decode steps
+    assert latency.ttft_ms(cm, pre, 256) == pytest.approx(own + share_d * float(cm.decode_ms(4, 1200)))
 
 
 def test_a_prefill_worker_as_it_serves_scales_its_prefill_prices(tmp_path):

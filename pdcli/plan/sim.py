@@ -144,24 +144,28 @@ class SimWorker:
 
 def shared_step_ms(worker: SimWorker, step: SimStep, neighbours: list[SimWorker], now: float) -> float:
     """A step's time beside the other workers on its GPU, as the router prices them (router/latency.py): a step
-    with a prompt chunk beside a neighbour's step with one gains a share of that step
-    (CostModel.beside_prefill_share: their kernels alternate); otherwise a decode batch reads the weights beside
-    another (each ~1 / (1 + decoding neighbours)), a decode step runs slower beside a prefill and a prefill
-    beside decodes (the profiled factors). With the sharing unmeasured a decode step waits for a neighbour's
-    prefill, as under time-slicing."""
+    with a prompt chunk gains a share of each busy neighbour's step (CostModel.beside_prefill_share beside a
+    step with a chunk, beside_decode_share beside a decode step: their kernels alternate); a decode step gains
+    beside_prefill_share of each prefilling neighbour's step and reads the weights beside another decode batch
+    (each ~1 / (1 + decoding neighbours)). With the sharing unmeasured a decode step waits for a neighbour's
+    prefill, as under time-slicing, and a prefill beside decodes takes the default factor."""
     busy = [n for n in neighbours if not n.idle]
     cm, alone_ms, has_decodes = worker.cm, step.ms, step.decode_rows > 0
-    share = cm.beside_prefill_share
+    share, share_d = cm.beside_prefill_share, cm.beside_decode_share
     if share is not None and step.chunks:
         prefilling = [n for n in busy if n.running.chunks]
-        decoding = sum(1 for n in busy if not n.running.chunks)
+        decoding = [n for n in busy if not n.running.chunks]
         beside = share * sum(n.running.ms for n in prefilling)
-        return alone_ms * (1 + cm.prefill_neighbour_extra * decoding) + beside
+        if share_d is None:  # the prefill beside decodes unmeasured: its factor
+            return alone_ms * (1 + cm.prefill_neighbour_extra * len(decoding)) + beside
+        return alone_ms + beside + share_d * sum(n.running.ms for n in decoding)
+    if share is not None and has_decodes:  # a decode step: a share of each prefilling neighbour's step
+        prefilling = [n for n in busy if n.running.chunks]
+        decoding = sum(1 for n in busy if not n.running.chunks)
+        return alone_ms * (1 + cm.decode_neighbour_extra * decoding) + share * sum(n.running.ms for n in prefilling)
     decoding = sum(1 for n in busy if n.step_has_decodes)
     if not has_decodes:
         return alone_ms * (1 + cm.prefill_neighbour_extra * decoding)
     prefilling = [n for n in busy if not n.step_has_decodes]
-    if cm.decode_beside_prefill_extra is not None:  # measured: it runs beside them, slower (MPS)
-        return alone_ms * (1 + cm.decode_neighbour_extra * decoding + cm.decode_beside_prefill_extra * len(prefilling))
     waits = sum(max(0.0, (n.busy_until - now) * 1e3) for n in prefilling)  # unmeasured: it waits for them
     return alone_ms * (1 + cm.decode_neighbour_extra * decoding) + waits

@@ -15,14 +15,14 @@ from pdcli.router.replay import Run, load_runs
 RATE_CLOSE = 0.15  # two layouts whose highest rates differ by more than this are ordered
 
 
-def simulate_run(run: Run, cm: CostModel) -> dict:
-    """The simulated run's metrics, with the run's SLOs."""
+def simulate_run(run: Run, cm: CostModel, warmup_excluded: int = 0) -> dict:
+    """The simulated run's metrics, with the run's SLOs, less the first warmup_excluded arrivals (as measured)."""
     specs = [SimSpec(w["rank"], w["role"], "node0:" + w["device"]) for w in run.layout]
     recs = [r for r in run.records]
     sim = Simulator(cm, specs, run.mode, run.pd_on_collocated)
     out = sim.run([r.input_len for r in recs], [r.output_len for r in recs], [r.arrival for r in recs],
                   [r.path for r in recs])
-    return summarize(out, run.slo)
+    return summarize(sorted(out, key=lambda r: r.arrival)[warmup_excluded:], run.slo)
 
 
 def validate_runs(folder: str, cm: CostModel) -> list[dict]:
@@ -31,7 +31,7 @@ def validate_runs(folder: str, cm: CostModel) -> list[dict]:
     for run in load_runs(folder):
         with open(run.file) as f:
             measured = json.load(f)
-        sim = simulate_run(run, cm)
+        sim = simulate_run(run, cm, measured.get("num_warmup_excluded", 0))
         rows.append(dict(run=folder, mode=run.mode, rate=run.rate,
                          **{f"{k}_{src}": d.get(k) for src, d in (("sim", sim), ("measured", measured))
                             for k in ("median_ttft_ms", "median_tpot_ms", "slo_attainment")}))

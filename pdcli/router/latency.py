@@ -4,8 +4,9 @@ the router predicts per path and what the planner simulates with. All times in m
 TPOT on a decoding worker is the time of its steps over the request's life. Its batch then holds those
 running now, which leave, and those that arrive meanwhile (Little's law: arrival rate x time in decode);
 prompts that arrive meanwhile ride in its steps as prefill chunks, taking a share rho of the GPU's time, so
-  TPOT = decode_step(forecast batch) x (1 + e x busy GPU neighbours) / (1 - rho)
-where e is what a decoding neighbour adds to a step (CostModel.decode_neighbour_extra: profiled, else 1).
+  TPOT = decode_step(forecast batch) x (1 + e x busy GPU neighbours) x m / (1 - rho)
+where e is what a decoding neighbour adds to a step (CostModel.decode_neighbour_extra: profiled, else 1) and m
+what the neighbours' prefills add while they run (prefill_stretch).
 TTFT is the wait for the steps already scheduled, then the prompts queued ahead and its own chunks, slowed
 by the GPU's neighbours and the prefill share they take.
 """
@@ -41,17 +42,39 @@ def prefill_share(cm: CostModel, w: WorkerLoad) -> float:
     return _share(cm, w.gpu_prefill_per_s, w.gpu_prefill_tokens_per_s, w.gpu_prefill_sq_tokens_per_s)
 
 
-def prefill_stretch(cm: CostModel, w: WorkerLoad) -> tuple[float, float]:
-    """(rho, m): a decode step of w takes its time alone x m / (1 - rho). Unmeasured (time-slicing): rho is all
-    of the GPU's prefill share, m 1. Measured (`pdcli profile --sharing`: decode_beside_prefill): rho is w's own
-    prompts' share (they ride in its steps), and the neighbours' prefilling time slows its steps by the factor."""
+def prefill_stretch(cm: CostModel, w: WorkerLoad, step_ms: float) -> tuple[float, float]:
+    """(rho, m): a decode step of w taking step_ms alone takes step_ms x m / (1 - rho) on average. Unmeasured
+    (time-slicing): rho is all of the GPU's prefill share, m 1. Measured (`pdcli profile --sharing`): rho is w's
+    own prompts' share (they ride in its steps); while the neighbours prefill (a fraction b of the time) each
+    step gains beside_prefill_share of their step T, so a decode runs at (1 - b) / step + b / (step + share T)
+    steps per ms (the harmonic mean: a slowed step makes fewer tokens, it does not cost more per token)."""
     total = prefill_share(cm, w)
-    e = cm.decode_beside_prefill_extra
-    if e is None:
+    share = cm.beside_prefill_share
+    if share is None:
         return min(total, MAX_RHO), 1.0
     own = _share(cm, w.prefill_per_s, w.prefill_tokens_per_s, w.prefill_sq_tokens_per_s)
-    neighbours = max(0.0, total - own) * (1 + cm.prefill_neighbour_extra)  # their prefills run slower beside us
-    return min(own, MAX_RHO), 1 + e * min(1.0, neighbours)
+    theirs = neighbour_prefill_step_ms(cm, w)
+    if total <= own or theirs <= 0 or step_ms <= 0:
+        return min(own, MAX_RHO), 1.0
+    share_d = cm.beside_decode_share  # their steps beside our decode step
+    stretch = 1 + (share_d * step_ms / theirs if share_d is not None else cm.prefill_neighbour_extra)
+    b = min(1.0, (total - own) * stretch)
+    slow = step_ms + share * theirs
+    return min(own, MAX_RHO), 1 / ((1 - b) + b * step_ms / slow)
+
+
+def neighbour_prefill_step_ms(cm: CostModel, w: WorkerLoad) -> float:
+    """The prefill step of the other workers on w's GPU as time sees it (a long prompt's steps weigh by their
+    length): one of the size-biased mean prompt length (sum of squares / sum) of what is routed to them, at most
+    a full chunk."""
+    if w.gpu_prefill_tokens_per_s is None:
+        return 0.0
+    tokens = w.gpu_prefill_tokens_per_s - w.prefill_tokens_per_s
+    squares = (w.gpu_prefill_sq_tokens_per_s or 0.0) - w.prefill_sq_tokens_per_s
+    if tokens <= 0:
+        return 0.0
+    n = squares / tokens if squares > 0 else tokens / max(w.gpu_prefill_per_s - w.prefill_per_s, 1e-9)
+    return float(cm.prefill_ms(int(min(max(n, 1.0), cm.max_num_batched_tokens))))
 
 
 def _share(cm: CostModel, per_s: float, tokens: float, squares: float) -> float:
@@ -65,8 +88,9 @@ def _share(cm: CostModel, per_s: float, tokens: float, squares: float) -> float:
 def step_ms(cm: CostModel, w: WorkerLoad, stretched: bool = True) -> float:
     """A step of worker w's decode batch now, slowed by its decode neighbours and stretched by the GPU's prefill
     share (on average over the steps to come; stretched=False: a step whose content is known, no prompts)."""
-    rho, m = prefill_stretch(cm, w)
-    step = float(cm.decode_ms(w.decode_batch, w.decode_ctx)) * (1 + cm.decode_neighbour_extra * w.sharing) * m
+    alone = float(cm.decode_ms(w.decode_batch, w.decode_ctx))
+    rho, m = prefill_stretch(cm, w, alone)
+    step = alone * (1 + cm.decode_neighbour_extra * w.sharing) * m
     return step / (1 - rho) if stretched else step
 
 
@@ -118,21 +142,29 @@ def ttft_ms(cm: CostModel, w: WorkerLoad, prompt_len: int, cached: int = 0) -> f
     wait = start_wait_ms(cm, w)
     budget = max(1, cm.max_num_batched_tokens - w.decode_batch)
     steps = -(-(ahead + max(0, prompt_len - cached)) // budget) + (1 if wait > 0 else 0)
-    beside = neighbour_prefill_ms(cm, w, steps)
-    slow = 1.0 if beside else 1 + cm.prefill_neighbour_extra * w.sharing  # beside decoding neighbours only
-    return wait + work * served * slow + beside
+    beside = neighbour_ms(cm, w, steps)
+    slow = 1 + cm.prefill_neighbour_extra * w.sharing if beside is None else 1.0  # unmeasured: a factor
+    return wait + work * served * slow + (beside or 0.0)
 
 
-def neighbour_prefill_ms(cm: CostModel, w: WorkerLoad, steps: int) -> float:
-    """What `steps` steps of worker w gain beside the prefill work of the other workers on its GPU: each a share
-    of the neighbours' step (CostModel.beside_prefill_share), while they have prompts queued. 0 where the sharing
-    is unmeasured (the decoding-neighbour factors price it) or no neighbour prefills."""
-    share = cm.beside_prefill_share
+def neighbour_ms(cm: CostModel, w: WorkerLoad, steps: int) -> float | None:
+    """What `steps` prompt-carrying steps of worker w gain beside the other workers on its GPU: each a share of
+    the neighbours' step (CostModel.beside_prefill_share while they have prompts queued, capped by their remaining
+    prefill; else beside_decode_share of their decode step). None where that share is unmeasured or nothing is
+    known to run beside it (then the decoding-neighbour factor prices it, 1 without busy neighbours)."""
     q, b, ctx = w.neighbour_queued_tokens, w.neighbour_decode_batch, w.neighbour_decode_ctx
-    if share is None or q <= 0 or steps <= 0:
+    if q <= 0 and b <= 0:
+        return None
+    if steps <= 0:
         return 0.0
-    chunk = min(q, max(1, cm.max_num_batched_tokens - b))
-    return min(steps * share * cm.step_ms(b, ctx, [(chunk, 0)]), cm.queued_prefill_ms(q, b, ctx))
+    if q > 0:
+        share = cm.beside_prefill_share
+        if share is None:
+            return None
+        chunk = min(q, max(1, cm.max_num_batched_tokens - b))
+        return min(steps * share * cm.step_ms(b, ctx, [(chunk, 0)]), cm.queued_prefill_ms(q, b, ctx))
+    share = cm.beside_decode_share
+    return None if share is None else steps * share * float(cm.decode_ms(b, ctx))
 
 
 def tpot_ms(cm: CostModel, w: WorkerLoad, prompt_len: int, out_len: float, iterations: int = 4) -> float:
@@ -147,7 +179,7 @@ def tpot_ms(cm: CostModel, w: WorkerLoad, prompt_len: int, out_len: float, itera
         steady = w.decode_per_s * mean_out * tpot / 1e3
         batch = lifetime_batch(now, steady, out_len * tpot, mean_out * tpot) + 1
         ctx = batch * ctx_per_seq
-        rho, m = prefill_stretch(cm, w)
+        rho, m = prefill_stretch(cm, w, float(cm.decode_ms(batch, ctx)))
         # at most every step carries a full chunk of prompt tokens: past that, prompts queue (TTFT grows)
         full = float(cm.mixed_ms(batch, ctx, max(1, cm.max_num_batched_tokens - int(batch)), attention=False))
         tpot = min(float(cm.decode_ms(batch, ctx)) / (1 - rho), full) * slow * m

@@ -82,7 +82,7 @@ def gpu_neighbours(loads: dict[int, WorkerLoad], devices: dict[int, str], rank: 
 
 def mark_gpu_neighbours(loads: dict[int, WorkerLoad], devices: dict[int, str]) -> None:
     """Set each worker's neighbour_* fields from the loads of the other workers on its GPU: what their steps
-    hold now, which slows its own (latency.neighbour_prefill_ms)."""
+    hold now, which slows its own (latency.neighbour_ms)."""
     for r, w in loads.items():
         others = [loads[o] for o in gpu_neighbours(loads, devices, r)]
         w.neighbour_queued_tokens = sum(o.queued_prefill_tokens for o in others)
