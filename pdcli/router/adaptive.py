@@ -132,11 +132,14 @@ class AdaptiveRouter:
         own and those of the sequences decoding where its work lands."""
         work = float(self.cm.prefill_work_ms(prompt_len - cached, cached))
         steps = self._prefill_steps_ms(prompt_len, cached, prefill_on)
-        # a neighbour's decode steps f = 1 + e times slower over these steps lose 1 - 1 / f of them (unmeasured: a
-        # decode step waits for the neighbour's prefill, all of them)
+        # a neighbour's decode steps f = 1 + e times slower over these steps lose 1 - 1/f of them; they are charged
+        # f - 1: the surplus stands for what is not priced, the prompts that will queue behind this one on the
+        # prefill worker (one H200 simulated, bimodal bursty: charged 1 - 1/f adaptive's highest rate fell from 8.3
+        # to 6.4 req/s, charged by the step-share law to 5.9; random and bimodal alike or lower). Unmeasured: a
+        # decode step waits for the neighbour's prefill, all of it.
         e = self.cm.decode_beside_prefill_extra
-        landings = self._landings(path, work, steps * (1.0 if e is None else e / (1 + e)), prefill_on, decode_on,
-                                  others, out_len)
+        landings = self._landings(path, work, steps * (1.0 if e is None else e), prefill_on, decode_on, others,
+                                  out_len)
         extra_misses, added = decision.others_cost(self.cm, landings, self.slo, out_len)
         if self.slo.any:
             return decision.own_miss(pred, self.slo, prompt_len) + extra_misses, pred["e2e_ms"] + added
@@ -145,8 +148,7 @@ class AdaptiveRouter:
     def _prefill_steps_ms(self, prompt_len: int, cached: int, w: WorkerLoad) -> float:
         """The time of the steps that prefill the prompt on worker w (beside its decode batch, if any): what its
         prefill takes from the decode steps of the other workers on its GPU (all of it while sharing is unmeasured:
-        a decode step waits for a neighbour's prefill, as under time-slicing; else the part their measured slowdown
-        takes, _score)."""
+        a decode step waits for a neighbour's prefill, as under time-slicing; else as _score says)."""
         steps = self.cm.chunked_prefill_ms(prompt_len, w.decode_batch, w.decode_ctx, cached)
         return steps * self.cm.prefill_role_scale if w.role == "prefill" else steps
 
