@@ -134,7 +134,7 @@ def start_wait_ms(cm: CostModel, w: WorkerLoad) -> float:
 def ttft_ms(cm: CostModel, w: WorkerLoad, prompt_len: int, cached: int = 0) -> float:
     """Until the prompt's first token on worker w: the wait for the steps it has already scheduled, then the
     queued prompts ahead of it and its own chunks beside its decode batch (less the `cached` leading tokens
-    its prefix cache holds), slowed by decode batches of other workers on its GPU."""
+    its prefix cache holds), each step slowed by what the other workers on its GPU run beside it (neighbour_ms)."""
     _, ahead = split_queue(cm, w)
     work = cm.queued_prefill_ms(ahead, w.decode_batch, w.decode_ctx, queued_sq(w, ahead)) + \
         cm.chunked_prefill_ms(prompt_len, w.decode_batch, w.decode_ctx, cached)
