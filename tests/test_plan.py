@@ -153,3 +153,18 @@ def test_plan_and_validate_commands(tmp_path):
     out = json.loads(r.stdout)
     assert out["rows"][0]["median_ttft_ms_measured"] == 30.0 and out["rows"][0]["median_ttft_ms_sim"] > 0
     assert out["summary"]["runs"] == 1
+
+
+def test_validate_leaves_out_the_warmup_as_the_measurement_does():
+    """A recorded run's measured metrics leave out its first num_warmup_excluded arrivals; the simulated ones the
+    same (counted in, the simulated attainment of the H200 runs came out 1-2 points high)."""
+    from pdcli.plan.validate import simulate_run
+    from pdcli.router.replay import Record, Run
+    from test_cost_model import _fitted, synthetic_profile
+
+    cm = _fitted(synthetic_profile())
+    recs = [Record(i * 0.1, 200, 20, 30.0, 300.0, "collocated") for i in range(30)]
+    run = Run("r.json", "collocated", 10.0, [dict(rank=0, role="collocated", device="cuda:0")], False, recs,
+              dict(ttft=5000))
+    assert simulate_run(run, cm)["num_prompts"] == 30
+    assert simulate_run(run, cm, warmup_excluded=12)["num_prompts"] == 18
