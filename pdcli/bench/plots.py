@@ -32,6 +32,8 @@ def plot_results(results: list[dict], out_dir: str) -> list[str]:
     for rows in by_mode.values():
         rows.sort(key=_rate)
     paths = [_plot_throughput(by_mode, out_dir), _plot_latency_vs_rate(by_mode, results, out_dir)]
+    if any(r.get("slo_attainment") is not None for r in results):
+        paths.append(_plot_slo_attainment(by_mode, out_dir))
     detailed = [r for r in results if r.get("requests")]
     if detailed:
         paths.append(_plot_latency_cdf(detailed, out_dir))
@@ -53,6 +55,19 @@ def _plot_throughput(by_mode: dict[str, list[dict]], out_dir: str) -> str:
     ax.set(xlabel="arrival rate (req/s)", ylabel="output tokens/s", title="throughput vs arrival rate")
     ax.legend()
     return _save(fig, out_dir, "throughput.png")
+
+
+def _plot_slo_attainment(by_mode: dict[str, list[dict]], out_dir: str) -> str:
+    """SLO attainment per mode against the rate, with the 90% line the highest rate is read at."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode, rows in by_mode.items():
+        rows = [r for r in _finite(rows) if r.get("slo_attainment") is not None]
+        if rows:
+            ax.plot(_xs(rows), [100 * r["slo_attainment"] for r in rows], "o-", label=mode)
+    ax.axhline(90, color="grey", ls="--", lw=1)
+    ax.set(xlabel="arrival rate (req/s)", ylabel="requests within the SLOs (%)", title="SLO attainment vs arrival rate")
+    ax.legend()
+    return _save(fig, out_dir, "slo_attainment.png")
 
 
 def _plot_latency_vs_rate(by_mode: dict[str, list[dict]], results: list[dict], out_dir: str) -> str:
