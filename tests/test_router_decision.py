@@ -101,8 +101,8 @@ def test_a_prefill_beside_a_decode_batch_takes_its_time_from_it():
 
 def test_a_decode_batch_slowed_f_times_beside_a_handoffs_prefill_is_charged_f_minus_1_of_it(monkeypatch):
     """Its steps take f times as long while the prefill worker beside it prefills for T: it loses T (1 - 1/f),
-    and is charged T (f - 1), the surplus standing for the prompts that will queue behind this one on the prefill
-    worker (not priced otherwise; charged exactly, adaptive did worse in the simulator: router/adaptive.py)."""
+    and is charged T (f - 1), the surplus standing for the prompts that arrive during that prefill (not priced
+    otherwise; charged exactly, adaptive did worse in the simulator: router/adaptive.py)."""
     from pdcli.router import decision
 
     seen = []

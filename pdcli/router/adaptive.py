@@ -133,10 +133,11 @@ class AdaptiveRouter:
         work = float(self.cm.prefill_work_ms(prompt_len - cached, cached))
         steps = self._prefill_steps_ms(prompt_len, cached, prefill_on)
         # a neighbour's decode steps f = 1 + e times slower over these steps lose 1 - 1/f of them; they are charged
-        # f - 1: the surplus stands for what is not priced, the prompts that will queue behind this one on the
-        # prefill worker (one H200 simulated, bimodal bursty: charged 1 - 1/f adaptive's highest rate fell from 8.3
-        # to 6.4 req/s, charged by the step-share law to 5.9; random and bimodal alike or lower). Unmeasured: a
-        # decode step waits for the neighbour's prefill, all of it.
+        # f - 1: the surplus stands for what is not priced, the prompts that arrive during this prefill (one H200
+        # simulated, bimodal bursty: charged 1 - 1/f, every long prompt went to the prefill worker, the short ones
+        # after it missed their TTFT on the collocated worker slowed beside it, and adaptive's highest rate fell
+        # from 8.3 to 6.4 req/s; 5.9 charged by the step-share law). Unmeasured: a decode step waits for the
+        # neighbour's prefill, all of it.
         e = self.cm.decode_beside_prefill_extra
         landings = self._landings(path, work, steps * (1.0 if e is None else e), prefill_on, decode_on, others,
                                   out_len)
