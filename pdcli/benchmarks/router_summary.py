@@ -17,12 +17,13 @@ from pdcli.benchmarks.results import provenance, write
 
 STATIC = ("collocated", "disaggregated")
 LONG_PROMPT = 4000  # tokens: bimodal's long prompts (8k-12k), whose prefill stalls the decode steps it rides in
-GOAL = 0.9  # SLO attainment that counts a rate as served
 
 
 def highest_rate(rows: list[dict]) -> float | None:
-    ok = [r["rate"] for r in rows if r["slo_attainment"] is not None and r["slo_attainment"] >= GOAL]
-    return max(ok) if ok else None
+    """The highest rate of these rows with >= 90% SLO attainment (bench's max_rate_meeting)."""
+    from pdcli.bench.metrics import max_rate_meeting
+
+    return max_rate_meeting([dict(request_rate=r["rate"], slo_attainment=r["slo_attainment"] or 0) for r in rows])
 
 
 def sweep(folder: str, cm) -> dict:

@@ -136,8 +136,8 @@ class AdaptiveRouter:
         # f - 1: the surplus stands for what is not priced, the prompts that arrive during this prefill (one H200
         # simulated, bimodal bursty: charged 1 - 1/f, every long prompt went to the prefill worker, the short ones
         # after it missed their TTFT on the collocated worker slowed beside it, and adaptive's highest rate fell
-        # from 8.3 to 6.4 req/s; 5.9 charged by the step-share law). Unmeasured: a decode step waits for the
-        # neighbour's prefill, all of it.
+        # from 8.3 to 6.4 req/s: results/plan/h200_bimodal_bursty_exact_charge.txt). Unmeasured: a decode step
+        # waits for the neighbour's prefill, all of it.
         e = self.cm.decode_beside_prefill_extra
         landings = self._landings(path, work, steps * (1.0 if e is None else e), prefill_on, decode_on, others,
                                   out_len)

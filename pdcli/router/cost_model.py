@@ -17,6 +17,7 @@ new-token x context-token pair). All times in ms.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -152,6 +153,15 @@ def fit_mixed(dec_marginal, pre_marginal, y) -> Fit:
     return Fit.of(params, y, mixed_form(params, dec_marginal, pre_marginal))
 
 
+@functools.lru_cache(maxsize=64)
+def _step_share(f: float, prefill: tuple, decode: tuple, prefill_neighbour: bool) -> float:
+    """(f - 1) x own step / neighbour's step at the profile's shapes: a decode batch and a prompt (SharingShapes)."""
+    s = SharingShapes()
+    dec = float(decode_features(s.batch, s.batch * s.ctx) @ np.asarray(decode))
+    pre = float(prefill_form(list(prefill), s.prompt, 0))
+    return max(0.0, f - 1.0) * (dec / pre if prefill_neighbour else pre / dec)
+
+
 # without a measurement: two decode batches on one GPU each read all the weights (~2x each), and a prefill beside
 # a decode batch ran ~1.35x its time alone (one H100: results/bench/h100_sweep_fresh, TTFT of the prefill
 # worker 32-36 ms against 24 ms alone)
@@ -198,11 +208,7 @@ class CostModel:
         prefill, at the profile's shapes (on one H200 0.47; a decode beside a decode gave 0.54 of the neighbour's
         step). It prices any step beside a neighbour's prefill: a prefill worker's 256-token step (9 ms alone)
         took 100-170 ms beside a collocated worker's 8k-token chunks (233 ms)."""
-        f = self.sharing.get("decode_beside_prefill")
-        if f is None:
-            return None
-        s = SharingShapes()
-        return max(0.0, f - 1.0) * float(self.decode_ms(s.batch, s.batch * s.ctx)) / float(self.prefill_ms(s.prompt))
+        return self._step_share("decode_beside_prefill", prefill_neighbour=True)
 
     @property
     def beside_decode_share(self) -> float | None:
@@ -210,11 +216,13 @@ class CostModel:
         None unmeasured. The same law as beside_prefill_share, from the profiled prefill beside a decode batch (1.0
         on one H200): a long prompt's steps gain about one decode step each, not a quarter of their own time
         (one H200, 1P1D: 8k-12k prompts came in at 0.82x their price as a factor, 256-token ones at 1.4x)."""
-        f = self.sharing.get("prefill_beside_decode")
-        if f is None:
-            return None
-        s = SharingShapes()
-        return max(0.0, f - 1.0) * float(self.prefill_ms(s.prompt)) / float(self.decode_ms(s.batch, s.batch * s.ctx))
+        return self._step_share("prefill_beside_decode", prefill_neighbour=False)
+
+    def _step_share(self, factor: str, prefill_neighbour: bool) -> float | None:
+        """A profiled sharing factor (own step beside the neighbour / alone, at the profile's shapes) as a share of
+        the neighbour's step; cached on the factor and the fitted steps (the planner asks at every simulated step)."""
+        f = self.sharing.get(factor)
+        return None if f is None else _step_share(f, tuple(self.prefill), tuple(self.decode), prefill_neighbour)
 
     @property
     def prefill_neighbour_extra(self) -> float:
