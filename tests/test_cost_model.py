@@ -583,3 +583,63 @@ def test_prefill_rates_come_from_prompts_without_a_prefix():
     own = a0 + 8 * (a1 * 1024 + a3 * 1024**2 / 2)
     cm = CostModel(fit.params, TRUE["decode"], TRUE["mixed"], {}, 8192, 4096)
     assert cm.step_ms(0, 0, [(1024, 0)] * 8) == pytest.approx(own, rel=0.05)
+
+
+def test_a_prompts_backlog_meets_its_decode():
+    """The prompts routed to a worker while a prompt's own steps hold its token budget queue behind it and are
+    prefilled during its decode: its TPOT meets the prefill work of (life + held) / life of its life's arrivals.
+    Where the prefill worker is on another GPU, its backlog slows nobody's decode."""
+    from pdcli.router import latency
+
+    cm = cost_model()
+    w = WorkerLoad(decode_batch=8, decode_ctx=8 * 500, prefill_per_s=4.0, prefill_tokens_per_s=4000.0,
+                   prefill_sq_tokens_per_s=4e6, decode_per_s=4.0, mean_output_len=200)
+    step = float(cm.decode_ms(9, 9 * 500))
+    rho, _ = latency.prefill_stretch(cm, w, step)
+    assert 0 < rho < 0.4 and latency.prefill_stretch(cm, w, step, backlog=2.0)[0] == pytest.approx(2 * rho)
+    quick = latency.tpot_ms(cm, w, 8000, 200)
+    held = latency.tpot_ms(cm, w, 8000, 200, held_ms=400.0)
+    assert held > quick * 1.05
+    idle = WorkerLoad(decode_batch=8, decode_ctx=8 * 500)  # nothing routed to it: nothing queues behind
+    assert latency.tpot_ms(cm, idle, 8000, 200, held_ms=400.0) == latency.tpot_ms(cm, idle, 8000, 200)
+    r = router()
+    pre = WorkerLoad(role="prefill", prefill_per_s=4.0, prefill_tokens_per_s=4000.0, prefill_sq_tokens_per_s=4e6,
+                     device="cuda:0")
+    dec = WorkerLoad(role="decode", decode_batch=8, decode_ctx=8 * 500, device="cuda:1")
+    apart = r.predict(8000, 200, None, pre, dec)["disaggregated"]["tpot_ms"]
+    assert apart == pytest.approx(latency.tpot_ms(cm, dec, 8000, 200))
+    assert r.predict(8000, 200, w, None, None)["collocated"]["tpot_ms"] == pytest.approx(
+        latency.tpot_ms(cm, w, 8000, 200, held_ms=r._prefill_steps_ms(8000, 0, w)))
+
+
+def test_a_decode_counts_its_own_context():
+    """The forecast batch's context holds the request's own prompt and half its output, besides the others'."""
+    from pdcli.router import latency
+
+    cm = cost_model()
+    w = WorkerLoad(decode_batch=8, decode_ctx=8 * 500)
+    d2 = cm.decode[2]  # ms per context token in a decode step
+    assert latency.tpot_ms(cm, w, 12000, 200) - latency.tpot_ms(cm, w, 256, 200) == pytest.approx(d2 * (12000 - 256))
+
+
+def test_tpot_calibration_keeps_long_and_short_prompts_apart():
+    """TPOT residuals are kept per prompt length class too: a class's correction is the median of its own,
+    shrunk toward its role's (not toward none), so a few long prompts decoding slower than priced do not raise
+    the short ones' TPOT; a class never seen takes the role's."""
+    from pdcli.router.calibration import LatencyCalibration, length_class
+
+    assert [length_class(n) for n in (256, 1023, 1024, 4095, 4096, 12000, 16384)] == [0, 0, 1, 1, 2, 2, 3]
+    cal = LatencyCalibration(clock=lambda: 0.0)  # no fading
+    coll = dict(ttft_ms="collocated", tpot_ms="collocated")
+    for i in range(120):
+        long = i % 4 == 0
+        cal.observe(coll, dict(ttft_ms=20.0, tpot_ms=5.0), dict(ttft_ms=20.0, tpot_ms=7.5 if long else 5.0),
+                    prompt_len=10000 if long else 256)
+    role = cal.correction("collocated", "tpot_ms")
+    assert role == 0.0  # 3 in 4 residuals are 0: the median
+    n = 30 / (30 + 4)  # 30 long residuals against the prior's 4 pseudo-observations at the role's correction
+    assert cal.correction("collocated", "tpot_ms", 10000) == pytest.approx(math.log(1.5) * n, rel=1e-6)
+    assert cal.correction("collocated", "tpot_ms", 256) == 0.0
+    assert cal.correction("collocated", "tpot_ms", 2000) == role  # no class-1 residuals yet
+    out = cal.apply(coll, dict(ttft_ms=20.0, tpot_ms=5.0), out_len=10, prompt_len=10000)
+    assert out["tpot_ms"] == pytest.approx(5.0 * 1.5 ** n)

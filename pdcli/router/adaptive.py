@@ -67,20 +67,24 @@ class AdaptiveRouter:
         res, cached = {}, cached or {}
         if coll is not None:
             ttft = self.ttft_ms(prompt_len, coll, cached.get("collocated", 0))
-            tpot = self.tpot_ms(prompt_len, out_len, coll)
+            held = self._prefill_steps_ms(prompt_len, cached.get("collocated", 0), coll)
+            tpot = self.tpot_ms(prompt_len, out_len, coll, held)
             res["collocated"] = dict(ttft_ms=ttft, tpot_ms=tpot, e2e_ms=ttft + max(out_len - 1, 0) * tpot)
         if pre is not None and dec is not None:
             # a prefill worker has no decode batch and a decode worker no queued prompts; a collocated worker
             # doing either job for another (pd_on_collocated) has both, priced as on the collocated path
             ttft = self.ttft_ms(prompt_len, pre, cached.get("disaggregated", 0))
-            tpot = self.tpot_ms(prompt_len, out_len, dec)
+            # its prompt's backlog meets its decode where the prefill worker shares the decode worker's GPU
+            held = self._prefill_steps_ms(prompt_len, cached.get("disaggregated", 0), pre) \
+                if pre.device == dec.device != "cpu" else 0.0
+            tpot = self.tpot_ms(prompt_len, out_len, dec, held)
             xfer = self.cm.transfer_ms(prompt_len, pair) * (1 + dec.inflight_transfers)
             res["disaggregated"] = dict(ttft_ms=ttft, tpot_ms=tpot, transfer_ms=xfer,
                                         e2e_ms=ttft + xfer + max(out_len - 1, 0) * tpot)
         return res
 
-    def tpot_ms(self, prompt_len: int, out_len: float, w: WorkerLoad) -> float:
-        return latency.tpot_ms(self.cm, w, prompt_len, out_len)
+    def tpot_ms(self, prompt_len: int, out_len: float, w: WorkerLoad, held_ms: float = 0.0) -> float:
+        return latency.tpot_ms(self.cm, w, prompt_len, out_len, held_ms=held_ms)
 
     def ttft_ms(self, prompt_len: int, w: WorkerLoad, cached: int = 0) -> float:
         return latency.ttft_ms(self.cm, w, prompt_len, cached)
@@ -110,7 +114,7 @@ class AdaptiveRouter:
             raw = self.predict(prompt_len, out_len, coll if path == "collocated" else None,
                                p if path != "collocated" else None, d if path != "collocated" else None, kind or "default",
                                {path: c})[path]
-            pred = self.calibration.apply(dict(ttft_ms=p.role, tpot_ms=d.role), raw, out_len)
+            pred = self.calibration.apply(dict(ttft_ms=p.role, tpot_ms=d.role), raw, out_len, prompt_len)
             score = self._score(path, pred, prompt_len, c, p, d, others or [], out_len)
             feasible = not decision.saturated(self.cm, *([p] if path == "collocated" else [p, d]))
             if path not in best or (feasible, -score[0], -score[1]) > (best[path][4], -best[path][0][0],
@@ -176,4 +180,4 @@ class AdaptiveRouter:
         predictions for the path it took, with the roles that ran it, against its measured ttft_ms / tpot_ms."""
         self.predictor.observe(prompt_len, output_len)
         if roles and predicted_raw and measured:
-            self.calibration.observe(roles, predicted_raw, measured)
+            self.calibration.observe(roles, predicted_raw, measured, prompt_len)

@@ -9,12 +9,15 @@ both paths then share one correction, and the path routed under heavier load doe
 TTFT is corrected by an offset in ms (measured - predicted): what the model misses there is mostly a fixed
 cost per request (the trip through the coordinator and the pipes: +5 ms at the median on one H200, where the
 model's prompt step is 8 ms and a long prompt's 300 ms), which a ratio would spread over long prompts. TPOT is
-corrected by a ratio (log(measured / predicted)): its misses scale with the step. The correction is the
-median of the last 256 residuals weighted by their age (a median, since the residuals are skewed: a few
-requests meet a burst of long prompts, most do not; a long window, since recent residuals mostly repeat the
-load's passing swings: in the simulator, where the model is exact, a 64-residual window with recency weights
-took the median TPOT error at 20 req/s from 12% to 17%), shrunk toward 0 by the prior's pseudo-observations:
-with no observations the cost model as fitted. Observations also fade with time (half-life 20 s): a path
+corrected by a ratio (log(measured / predicted)): its misses scale with the step. TPOT's residuals are kept per
+prompt length class too (classes a factor 4 apart), each class's correction shrunk toward its role's: on one
+H200, bimodal's 8k-12k prompts decoded 1.1-1.4x slower than priced while the short ones came in at 0.9-1.1x,
+and one correction fitted neither. The correction is the median of the last 256 residuals weighted by their
+age (a median, since the residuals are skewed: a few requests meet a burst of long prompts, most do not; a long
+window, since recent residuals mostly repeat the load's passing swings: in the simulator, where the model is
+exact, a 64-residual window with recency weights took the median TPOT error at 20 req/s from 12% to 17%),
+shrunk toward 0 (a class's: toward its role's) by the prior's pseudo-observations: with no observations the
+cost model as fitted. Observations also fade with time (half-life 20 s): a path
 that gets no traffic returns to the fitted model's price."""
 from __future__ import annotations
 
@@ -25,6 +28,12 @@ from dataclasses import dataclass
 
 METRICS = ("ttft_ms", "tpot_ms")
 ADDITIVE = ("ttft_ms",)  # corrected by an offset in ms; the others by a ratio
+BY_LENGTH = ("tpot_ms",)  # corrected per prompt length class, shrunk toward the role's correction
+
+
+def length_class(prompt_len: int) -> int:
+    """Prompts within a factor 4 of each other share a class: <1k, <4k, <16k, ... tokens."""
+    return max(0, (max(1, prompt_len).bit_length() - 9) // 2)
 
 
 @dataclass(frozen=True)
@@ -44,20 +53,23 @@ class LatencyCalibration:
         self.residuals: dict[tuple[str, str], deque] = {}  # (role, metric) -> (clock s, residual), newest last
         self._cached: dict[tuple[str, str], tuple[float, float]] = {}  # (role, metric) -> (when, correction)
 
-    def correction(self, role: str, metric: str) -> float:
-        """The offset in ms (TTFT) or the log ratio (TPOT) now applied to role's predictions of metric."""
+    def correction(self, role: str, metric: str, prompt_len: int | None = None) -> float:
+        """The offset in ms (TTFT) or the log ratio (TPOT) now applied to role's predictions of metric (for a
+        prompt of prompt_len: its length class's residuals, shrunk toward the role's)."""
         now = self.clock()
-        hit = self._cached.get((role, metric))
+        key = (role, metric) if prompt_len is None else (role, metric, length_class(prompt_len))
+        hit = self._cached.get(key)
         if hit is not None and 0 <= now - hit[0] < self.config.refresh_s:
             return hit[1]
-        v = self._compute(role, metric, now)
-        self._cached[(role, metric)] = (now, v)
+        prior = 0.0 if prompt_len is None else self.correction(role, metric)
+        v = self._compute(key, now, prior)
+        self._cached[key] = (now, v)
         return v
 
-    def _compute(self, role: str, metric: str, now: float) -> float:
-        q = self.residuals.get((role, metric))
+    def _compute(self, key: tuple, now: float, prior: float) -> float:
+        q = self.residuals.get(key)
         if not q:
-            return 0.0
+            return prior
         c = self.config
         fresh = [0.5 ** (max(0.0, now - t) / c.half_life_s) for t, _ in q]
         half, acc = sum(fresh) / 2, 0.0
@@ -65,26 +77,26 @@ class LatencyCalibration:
             acc += fresh[i]
             if acc >= half:
                 break
-        return q[i][1] * 2 * half / (2 * half + c.prior_weight)
+        return (q[i][1] * 2 * half + prior * c.prior_weight) / (2 * half + c.prior_weight)
 
     def factor(self, role: str, metric: str) -> float:
         """TPOT's correction as a factor on its prediction."""
         return math.exp(self.correction(role, metric))
 
-    def apply(self, roles: dict, predicted: dict, out_len: float) -> dict:
+    def apply(self, roles: dict, predicted: dict, out_len: float, prompt_len: int | None = None) -> dict:
         """A copy of one path's predictions (ms), corrected, with e2e_ms recomputed from the corrected parts.
         roles: metric -> role of the worker that runs that phase."""
         out = dict(predicted)
         for m in METRICS:
             if m not in out:
                 continue
-            v = self.correction(roles[m], m)
+            v = self.correction(roles[m], m, prompt_len if m in BY_LENGTH else None)
             out[m] = max(self.config.min_fraction * out[m], out[m] + v) if m in ADDITIVE else out[m] * math.exp(v)
         if "e2e_ms" in out:
             out["e2e_ms"] = out["ttft_ms"] + out.get("transfer_ms", 0.0) + max(out_len - 1, 0) * out["tpot_ms"]
         return out
 
-    def observe(self, roles: dict, predicted: dict, measured: dict) -> None:
+    def observe(self, roles: dict, predicted: dict, measured: dict, prompt_len: int | None = None) -> None:
         """predicted: the uncorrected predictions made at routing; measured: the outcome, same keys."""
         c = self.config
         for m in METRICS:
@@ -92,5 +104,8 @@ class LatencyCalibration:
             if not p or not y or p <= 0 or y <= 0:
                 continue
             r = y - p if m in ADDITIVE else max(-c.max_abs_log_ratio, min(c.max_abs_log_ratio, math.log(y / p)))
-            self.residuals.setdefault((roles[m], m), deque(maxlen=c.window)).append((self.clock(), r))
-            self._cached.pop((roles[m], m), None)
+            keys = [(roles[m], m)] + ([(roles[m], m, length_class(prompt_len))]
+                                      if prompt_len is not None and m in BY_LENGTH else [])
+            for key in keys:
+                self.residuals.setdefault(key, deque(maxlen=c.window)).append((self.clock(), r))
+                self._cached.pop(key, None)

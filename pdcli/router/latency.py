@@ -42,17 +42,18 @@ def prefill_share(cm: CostModel, w: WorkerLoad) -> float:
     return _share(cm, w.gpu_prefill_per_s, w.gpu_prefill_tokens_per_s, w.gpu_prefill_sq_tokens_per_s)
 
 
-def prefill_stretch(cm: CostModel, w: WorkerLoad, step_ms: float) -> tuple[float, float]:
+def prefill_stretch(cm: CostModel, w: WorkerLoad, step_ms: float, backlog: float = 1.0) -> tuple[float, float]:
     """(rho, m): a decode step of w taking step_ms alone takes step_ms x m / (1 - rho) on average. Unmeasured
     (time-slicing): rho is all of the GPU's prefill share, m 1. Measured (`pdcli profile --sharing`): rho is w's
     own prompts' share (they ride in its steps); while the neighbours prefill (a fraction b of the time) each
     step gains beside_prefill_share of their step T, so a decode runs at (1 - b) / step + b / (step + share T)
-    steps per ms (the harmonic mean: a slowed step makes fewer tokens, it does not cost more per token)."""
-    total = prefill_share(cm, w)
+    steps per ms (the harmonic mean: a slowed step makes fewer tokens, it does not cost more per token).
+    backlog: the prefill work met over a span, as a multiple of what arrives during it (tpot_ms)."""
+    total = prefill_share(cm, w) * backlog
     share = cm.beside_prefill_share
     if share is None:
         return min(total, MAX_RHO), 1.0
-    own = _share(cm, w.prefill_per_s, w.prefill_tokens_per_s, w.prefill_sq_tokens_per_s)
+    own = _share(cm, w.prefill_per_s, w.prefill_tokens_per_s, w.prefill_sq_tokens_per_s) * backlog
     theirs = neighbour_prefill_step_ms(cm, w)
     if total <= own or theirs <= 0 or step_ms <= 0:
         return min(own, MAX_RHO), 1.0
@@ -167,8 +168,13 @@ def neighbour_ms(cm: CostModel, w: WorkerLoad, steps: int) -> float | None:
     return None if share is None else steps * share * float(cm.decode_ms(b, ctx))
 
 
-def tpot_ms(cm: CostModel, w: WorkerLoad, prompt_len: int, out_len: float, iterations: int = 4) -> float:
-    """Time per output token of a request decoding on worker w (see the module's docstring)."""
+def tpot_ms(cm: CostModel, w: WorkerLoad, prompt_len: int, out_len: float, iterations: int = 4,
+            held_ms: float = 0.0) -> float:
+    """Time per output token of a request decoding on worker w (see the module's docstring). held_ms: how long
+    its own prompt's steps held the prefilling worker's token budget: the prompts routed there meanwhile queued
+    behind it and are prefilled during its decode, on top of those that arrive during it (a long prompt's
+    backlog: on one H200, bimodal's 8k-12k prompts decoded 1.2-1.7x slower than priced without it, 1.07-1.4x
+    with it; a short prompt's steps end before much queues behind them)."""
     out_len = max(out_len, 1.0)
     mean_out = w.mean_output_len or out_len
     ctx_per_seq = w.decode_ctx / w.decode_batch if w.decode_batch else prompt_len + out_len / 2
@@ -178,8 +184,9 @@ def tpot_ms(cm: CostModel, w: WorkerLoad, prompt_len: int, out_len: float, itera
     for _ in range(iterations):  # the batch depends on how long decodes last, which depends on the batch
         steady = w.decode_per_s * mean_out * tpot / 1e3
         batch = lifetime_batch(now, steady, out_len * tpot, mean_out * tpot) + 1
-        ctx = batch * ctx_per_seq
-        rho, m = prefill_stretch(cm, w, float(cm.decode_ms(batch, ctx)))
+        ctx = (batch - 1) * ctx_per_seq + prompt_len + out_len / 2  # with its own
+        life = out_len * tpot
+        rho, m = prefill_stretch(cm, w, float(cm.decode_ms(batch, ctx)), (life + held_ms) / life)
         # at most every step carries a full chunk of prompt tokens: past that, prompts queue (TTFT grows)
         full = float(cm.mixed_ms(batch, ctx, max(1, cm.max_num_batched_tokens - int(batch)), attention=False))
         tpot = min(float(cm.decode_ms(batch, ctx)) / (1 - rho), full) * slow * m

@@ -185,7 +185,7 @@ def replay_run(run: Run, router) -> list[Replayed]:
         else:
             raw = router.predict(r.input_len, out_len, w[0], None, None, cached=r.cached)[r.path]
             roles = dict(ttft_ms=w[0].role, tpot_ms=w[0].role)
-        out.append(Replayed(r, raw, router.calibration.apply(roles, raw, out_len)))
+        out.append(Replayed(r, raw, router.calibration.apply(roles, raw, out_len, r.input_len)))
         done.append((r, roles, raw))
         forecast.route(r.arrival, r.workers[0], r.workers[-1], r.input_len, out_len)
     return out
