@@ -48,7 +48,8 @@ def sweep(folder: str, cm) -> dict:
                          replay_tpot_err=rep.get("tpot_err"), replay_tpot_below=rep.get("tpot_below"),
                          online_ttft_err=d.get("router_ttft_median_abs_rel_err"),
                          online_tpot_err=d.get("router_tpot_median_abs_rel_err"),
-                         tpot_by_long_prefills=tpot_by_long_prefills(run, after)))
+                         tpot_by_long_prefills=tpot_by_long_prefills(run, after),
+                         tpot_hindsight=tpot_hindsight(run, cm, after)))
     modes = sorted({r["mode"] for r in rows})
     highest = {m: highest_rate([r for r in rows if r["mode"] == m]) for m in modes}
     statics = [highest[m] for m in STATIC if highest.get(m) is not None]
@@ -71,6 +72,46 @@ def tpot_by_long_prefills(run, replayed) -> dict:
             n = sum(1 for a, f in longs if f > r.first and a < r.end)
             by.setdefault(min(n, 3), []).append(r.tpot_ms / x.predicted["tpot_ms"])
     return {str(n): dict(requests=len(v), measured_over_predicted_median=float(np.median(v))) for n, v in sorted(by.items())}
+
+
+def tpot_hindsight(run, cm, replayed, samples: int = 32) -> dict:
+    """What the short requests' TPOT comes to priced in hindsight: the cost model's decode step at the batch and
+    context each one actually decoded beside (from the records, sampled over its life), against its measured
+    TPOT, split by how many long prompts' prefills landed during its decode (k). `known_k_err`: the median
+    |rel. error| of a prediction that knew the realized batch and k (each k's median ratio); `unknown_k_err`:
+    the best that one factor on the same hindsight price reaches without knowing k (the floor for a prediction
+    made at arrival that got everything right but the long prompts still to come). Empty without long prompts."""
+    import numpy as np
+
+    recs = [r for r in run.records if r.ok]
+    longs = [(r.arrival, r.first) for r in recs if r.input_len > LONG_PROMPT]
+    if not longs:
+        return {}
+    on = lambda r: r.workers[-1] if r.workers else None  # noqa: E731  (the worker it decoded on)
+    ks, ratios = [], []
+    for x in replayed:
+        r = x.record
+        if not r.tpot_ms or r.input_len > LONG_PROMPT:
+            continue
+        ts = np.linspace(r.first, r.end, samples)
+        batch, ctx = np.ones(samples), r.input_len + np.linspace(0, 1, samples) * r.output_len
+        for o in recs:
+            if o is not r and on(o) == on(r) and o.first < r.end and o.end > r.first:
+                m = (ts >= o.first) & (ts < o.end)
+                batch[m] += 1
+                ctx[m] += o.input_len + (ts[m] - o.first) / max(o.end - o.first, 1e-9) * o.output_len
+        price = float(np.mean([float(cm.decode_ms(b, c)) for b, c in zip(batch, ctx)]))
+        ks.append(min(3, sum(1 for a, f in longs if f > r.first and a < r.end)))
+        ratios.append(r.tpot_ms / price)
+    if not ratios:
+        return {}
+    ks, ratios = np.array(ks), np.array(ratios)
+    known = np.concatenate([np.abs(np.median(ratios[ks == k]) / ratios[ks == k] - 1) for k in set(ks.tolist())])
+    factors = np.exp(np.linspace(-0.5, 1.0, 601))
+    unknown = min(float(np.median(np.abs(c / ratios - 1))) for c in factors)
+    return dict(measured_over_hindsight_by_long_prefills={
+        str(k): dict(requests=int((ks == k).sum()), median=float(np.median(ratios[ks == k])))
+        for k in sorted(set(ks.tolist()))}, known_k_err=float(np.median(known)), unknown_k_err=unknown)
 
 
 def _max(values) -> float | None:
