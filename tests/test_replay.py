@@ -106,3 +106,30 @@ def test_a_cached_prefix_prices_only_the_rest():
     warm = r.predict(4000, 100, load(4), load(0), load(4), cached=dict(collocated=3968))
     assert warm["collocated"]["ttft_ms"] < 0.2 * cold["collocated"]["ttft_ms"]
     assert warm["disaggregated"] == cold["disaggregated"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,devices", [("collocated", "cpu"), ("disaggregated", "cpu,cpu")])
+def test_a_static_policy_s_decisions_are_priced_and_recorded_too(tmp_path, mode, devices):
+    """With a fitted model loaded, a static mode's run records, per request, the loads its policy saw and the
+    router's predictions for the path taken, as adaptive's does: replays start from the recorded state and the
+    result carries the router's online errors."""
+    from pdcli.router.fit import fit_profile, write_params
+    from test_cost_model import synthetic_profile
+
+    params = tmp_path / "params"
+    params.mkdir()
+    write_params(str(params), fit_profile(dict(synthetic_profile(), model="dummy:tiny-llama")))
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["bench", "--model", "dummy:tiny-llama", "--mode", mode, "--devices", devices,
+                                 "--arrival-rate", "8", "--num-prompts", "12", "--random-input-len", "64",
+                                 "--random-output-len", "8", "--save-detailed", "--params-dir", str(params),
+                                 "--result-dir", str(out), "--num-kv-blocks", "512", "--block-size", "8"])
+    assert r.exit_code == 0, r.stderr
+    d = json.load(open(glob.glob(str(out / "*.json"))[0]))
+    assert all(q["path"] == mode and q["decision"]["loads"] and q["decision"]["predicted_raw"][mode]["tpot_ms"] > 0
+               for q in d["requests"])
+    assert d["router_ttft_median_abs_rel_err"] >= 0 and d["router_tpot_median_abs_rel_err"] >= 0
+    r = CliRunner().invoke(app, ["replay", str(out), "--params-dir", str(params), "--json"])
+    assert r.exit_code == 0, r.stderr
+    assert {row["state"] for row in json.loads(r.stdout)} == {"recorded"}

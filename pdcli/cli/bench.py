@@ -65,7 +65,8 @@ def bench(
                                                                "(--slo-ttft-ms 250 --slo-ttft-per-token-ms 0.1: "
                                                                "a 12k prompt gets 1.45 s).")] = 0.0,
     goodput: Annotated[Optional[list[str]], typer.Option(help="SLO as ttft:MS, tpot:MS or e2el:MS (repeatable).")] = None,
-    params_dir: Annotated[Optional[str], typer.Option(help="Fitted cost model folder for --mode adaptive.")] = None,
+    params_dir: Annotated[Optional[str], typer.Option(help="Fitted cost model folder: routes --mode adaptive; "
+                                                      "prices and records every mode's decisions.")] = None,
     result_dir: Annotated[str, typer.Option()] = "results",
     save_detailed: Annotated[bool, typer.Option(help="Per-request arrays in the JSON.")] = False,
     resume: Annotated[bool, typer.Option(help="Skip the (mode, rate) runs whose JSON --result-dir already holds "
@@ -306,7 +307,7 @@ def _start_workers(b: _Bench, m: str, err):
     began = time.perf_counter()
     try:
         cs = CentralScheduler(b.model, layout, mode=m, sampling_seed=b.seed,
-                              params_dir=b.params_dir if m == "adaptive" else None, slo_ttft_ms=b.slo_ttft_ms,
+                              params_dir=b.params_dir, slo_ttft_ms=b.slo_ttft_ms,
                               slo_tpot_ms=b.slo_tpot_ms, slo_ttft_per_token_ms=b.slo_ttft_per_token_ms,
                               pd_on_collocated=pd_on_collocated(layout, m), mps=b.mps,
                               **b.engine)

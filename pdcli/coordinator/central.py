@@ -252,7 +252,7 @@ class CentralScheduler:
             measured = dict(ttft_ms=(t.first_token_time - t.arrival) * 1e3)
             if n > 1:
                 measured["tpot_ms"] = (t.finish_time - t.first_token_time) * 1e3 / (n - 1)
-            # output length; and, for the cost model's decisions (the only ones with roles), the calibration
+            # output length; and, for the decisions the cost model priced (those with roles), the calibration
             self.router.observe(len(t.prompt_ids), n, t.decision.get("roles", {}).get(t.path),
                                 t.decision.get("predicted_raw", {}).get(t.path), measured)
         self.active.discard(t.rid)

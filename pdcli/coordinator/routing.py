@@ -80,6 +80,8 @@ class Routing:
             route = self._by_cost_model(t, colls, pairs, active)
         else:
             route = self._by_policy(t, policy, coll, pairs)
+            if route is not None and self.router is not None:
+                self._price(t, route, active)
         if route is not None:
             out_len = self.router.predictor.mean(len(t.prompt_ids), t.params.max_tokens) if self.router else \
                 t.params.max_tokens
@@ -116,6 +118,27 @@ class Routing:
                           predicted_raw=d.predicted_raw, roles=d.roles, predicted_output_len=d.output_len,
                           loads={r: compact(w) for r, w in loads.items()}, cached_tokens=cached)
         return Route(d.path, coll, None) if d.path == "collocated" else Route(d.path, pre, dec)
+
+    def _price(self, t: Tracked, route: Route, active: Callable[[], list[Tracked]]) -> None:
+        """A policy's decision priced by the cost model as well (when one is loaded): the loads it saw and the
+        router's predictions for the path it took, recorded as adaptive's are, so that a run of any mode can be
+        replayed from its recorded state and its online errors measured; the outcomes calibrate the router."""
+        loads = self.loads.snapshot(self.pool.workers, active())
+        n, path = len(t.prompt_ids), route.path
+        out_len = self.router.predictor.mean(n, t.params.max_tokens)
+        cached = {path: self.cached(t, route.worker)}
+        if path == "collocated":
+            w = loads[route.worker.spec.rank]
+            raw = self.router.predict(n, out_len, w, None, None, cached=cached)[path]
+            roles = dict(ttft_ms=w.role, tpot_ms=w.role)
+        else:
+            p, d = loads[route.worker.spec.rank], loads[route.decode.spec.rank]
+            raw = self.router.predict(n, out_len, None, p, d, transfer_pair(route.worker.spec, route.decode.spec),
+                                      cached)[path]
+            roles = dict(ttft_ms=p.role, tpot_ms=d.role)
+        t.decision.update(predicted={path: self.router.calibration.apply(roles, raw, out_len, n)},
+                          predicted_raw={path: raw}, roles={path: roles}, predicted_output_len=out_len,
+                          loads={r: compact(w) for r, w in loads.items()}, cached_tokens=cached)
 
     def _by_policy(self, t: Tracked, policy, coll: WorkerHandle | None, pairs: list) -> Route | None:
         n_in = lambda w: len(w.inflight)  # noqa: E731
