@@ -22,7 +22,8 @@ def serve(
     port: Annotated[int, typer.Option()] = 8000,
     api_key: Annotated[Optional[str], typer.Option(help="Require 'Authorization: Bearer KEY' on /v1 routes.")] = None,
     served_model_name: Annotated[Optional[str], typer.Option(help="Model id clients use (default: --model).")] = None,
-    params_dir: Annotated[Optional[str], typer.Option(help="Fitted cost model folder for --mode adaptive.")] = None,
+    params_dir: Annotated[Optional[str], typer.Option(help="Fitted cost model folder: routes --mode adaptive; "
+                                                      "prices every mode's decisions.")] = None,
     max_waiting: Annotated[Optional[int], typer.Option(
         min=1, help="Requests that may wait for a first token; more get 429 with Retry-After (default: no limit).")] = None,
     drain_timeout: Annotated[float, typer.Option(
