@@ -99,10 +99,10 @@ def test_a_prefill_beside_a_decode_batch_takes_its_time_from_it():
     assert gap(d) > 0 and gap(measured) < gap(d)
 
 
-def test_a_decode_batch_slowed_f_times_beside_a_handoffs_prefill_is_charged_f_minus_1_of_it(monkeypatch):
-    """Its steps take f times as long while the prefill worker beside it prefills for T: it loses T (1 - 1/f),
-    and is charged T (f - 1), the surplus standing for the prompts that arrive during that prefill (not priced
-    otherwise; charged exactly, adaptive did worse in the simulator: router/adaptive.py)."""
+def test_a_decode_batch_beside_a_handoffs_prefill_is_charged_what_it_loses_under_the_step_share_law(monkeypatch):
+    """Each slows the other by a share of the other's step (a beside a prefill, b beside a decode): a prefill
+    step T beside decode steps s lasts T (s + aT) / (s + aT - bs) and the decode batch makes a step per s + aT,
+    losing aT / (s + aT - bs) per ms of T (all of it for b = 1); unmeasured, all of it (it waits); b unmeasured, 0."""
     from pdcli.router import decision
 
     seen = []
@@ -110,14 +110,28 @@ def test_a_decode_batch_slowed_f_times_beside_a_handoffs_prefill_is_charged_f_mi
     coll = WorkerLoad(decode_batch=48, decode_ctx=48 * 600, device="cuda:0")
     pre = WorkerLoad(role="prefill", device="cuda:0")
     r = router()
-    for f in (2.0, 2.85):
-        r.cm.sharing = dict(decode_beside_prefill=f)
+    steps = r._prefill_steps_ms(1024, 0, pre)
+
+    def charged(sharing):
+        r.cm.sharing = sharing
         seen.clear()
         r.decide(1024, 256, coll, pre, coll, "gpu-ipc", [coll, pre])
         assert len(seen) == 2  # the collocated path's landings, then the handoff's
         beside = [x for x in seen[1] if x.load is coll]
         assert len(beside) == 1 and beside[0].adds_decode
-        assert beside[0].prefill_ms == pytest.approx(r._prefill_steps_ms(1024, 0, pre) * (f - 1))
+        return beside[0].prefill_ms
+
+    assert charged({}) == pytest.approx(steps)  # unmeasured: the whole prefill
+    r.cm.sharing = dict(decode_beside_prefill=2.85, prefill_beside_decode=1.1)
+    a, b = r.cm.beside_prefill_share, r.cm.beside_decode_share
+    assert 0 < a < 1 and 0 < b < 1
+    T = a * r.cm.step_ms(0, 0, [(1024, 0)])
+    s = float(r.cm.decode_ms(48, 48 * 600))
+    assert charged(r.cm.sharing) == pytest.approx(steps * T / (s + T - b * s))
+    assert charged(r.cm.sharing) > steps * T / (s + T)  # more than its share alone: the prefill waits on it too
+    r.cm.sharing = dict(decode_beside_prefill=2.85, prefill_beside_decode=9.0)  # b past 1: a step gains one at most
+    assert r.cm.beside_decode_share > 1 and charged(r.cm.sharing) == pytest.approx(steps)
+    assert charged(dict(decode_beside_prefill=2.85)) == pytest.approx(steps * T / (s + T))
 
 
 def test_with_slos_met_either_way_the_least_total_added_latency_decides():

@@ -136,19 +136,31 @@ class AdaptiveRouter:
         own and those of the sequences decoding where its work lands."""
         work = float(self.cm.prefill_work_ms(prompt_len - cached, cached))
         steps = self._prefill_steps_ms(prompt_len, cached, prefill_on)
-        # a neighbour's decode steps f = 1 + e times slower over these steps lose 1 - 1/f of them; they are charged
-        # f - 1: the surplus stands for what is not priced, the prompts that arrive during this prefill (one H200
-        # simulated, bimodal bursty: charged 1 - 1/f, every long prompt went to the prefill worker, the short ones
-        # after it missed their TTFT on the collocated worker slowed beside it, and adaptive's highest rate fell
-        # from 8.3 to 6.4 req/s: results/plan/h200_bimodal_bursty_exact_charge.txt). Unmeasured: a decode step
-        # waits for the neighbour's prefill, all of it.
-        e = self.cm.decode_beside_prefill_extra
-        landings = self._landings(path, work, steps * (1.0 if e is None else e), prefill_on, decode_on, others,
-                                  out_len)
+        landings = self._landings(path, work, lambda o: steps * self._beside_loss(prompt_len, cached, prefill_on, o),
+                                  prefill_on, decode_on, others, out_len)
         extra_misses, added = decision.others_cost(self.cm, landings, self.slo, out_len)
         if self.slo.any:
             return decision.own_miss(pred, self.slo, prompt_len) + extra_misses, pred["e2e_ms"] + added
         return pred["e2e_ms"] + added, pred["e2e_ms"]
+
+    def _beside_loss(self, prompt_len: int, cached: int, w: WorkerLoad, o: WorkerLoad) -> float:
+        """What the decode batch of o, beside w on its GPU, loses per ms of w's prefill steps for the prompt (their
+        time alone). Under MPS each slows the other by a share of the other's step (CostModel.beside_prefill_share
+        a; beside_decode_share b, at most 1, 0 where unmeasured): a prefill step T beside decode steps s lasts
+        T (s + aT) / (s + aT - bs), and o makes a step per s + aT of it, so o loses aT / (s + aT - bs) per ms of
+        T: about all of it for b ~ 1, however small a is (one H200: b = 1.02). Unmeasured (time-slicing), a decode
+        step waits for the prefill: all of it. Until 2026-12-05 the charge was f - 1 for a slowdown f (1.85 on the
+        H200): adaptive's simulated highest rates on one H200 moved by -0.9 to +1.5% (results/plan/h200_*.txt);
+        charged 1 - 1/f, or aT / (s + aT) (the prefill's own slowdown left out: 0.5 for a short prompt), the short
+        prompts went to the prefill worker and adaptive fell from 8.3 to 6.4-6.6 req/s
+        (results/plan/h200_bimodal_bursty_*_charge.txt)."""
+        a, b = self.cm.beside_prefill_share, self.cm.beside_decode_share or 0.0
+        if a is None or not o.decode_batch:
+            return 1.0
+        budget = max(1, self.cm.max_num_batched_tokens - w.decode_batch)
+        T = a * self.cm.step_ms(w.decode_batch, w.decode_ctx, [(min(budget, max(1, prompt_len - cached)), cached)])
+        s = float(self.cm.decode_ms(o.decode_batch, o.decode_ctx))
+        return T / (s * (1 - min(b, 1.0)) + T) if T > 0 else 1.0
 
     def _prefill_steps_ms(self, prompt_len: int, cached: int, w: WorkerLoad) -> float:
         """The time of the steps that prefill the prompt on worker w (beside its decode batch, if any): what its
@@ -158,14 +170,15 @@ class AdaptiveRouter:
         return steps * self.cm.prefill_role_scale if w.role == "prefill" else steps
 
     @staticmethod
-    def _landings(path: str, work: float, beside: float, prefill_on: WorkerLoad, decode_on: WorkerLoad,
+    def _landings(path: str, work: float, beside, prefill_on: WorkerLoad, decode_on: WorkerLoad,
                   others: list[WorkerLoad], out_len: float) -> list:
         """The decode-capable workers a path loads: its decode worker (a slot), the worker that prefills it
-        (the prompt's work in its steps) and the others on that GPU (the time its prefill steps take from them)."""
+        (the prompt's work in its steps) and the others on that GPU (beside(o): the time its prefill steps take
+        from o's decode batch)."""
         gpu = [o for o in others if o is not prefill_on and o.device != "cpu" and o.device == prefill_on.device]
         landing = {id(prefill_on): decision.Landing(prefill_on, prefill_on is decode_on, work)}
         for o in gpu:
-            landing[id(o)] = decision.Landing(o, o is decode_on, beside)
+            landing[id(o)] = decision.Landing(o, o is decode_on, beside(o))
         if id(decode_on) not in landing:
             landing[id(decode_on)] = decision.Landing(decode_on, True, 0.0)
         ext = decision.extension_tokens(decode_on, out_len) if decode_on.device != "cpu" else 0.0
