@@ -5,6 +5,7 @@ fewest SLO misses counting the requests already there (router/decision.py). Ever
 predictions."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pdcli.router.calibration import LatencyCalibration
@@ -170,8 +171,8 @@ class AdaptiveRouter:
         return steps * self.cm.prefill_role_scale if w.role == "prefill" else steps
 
     @staticmethod
-    def _landings(path: str, work: float, beside, prefill_on: WorkerLoad, decode_on: WorkerLoad,
-                  others: list[WorkerLoad], out_len: float) -> list:
+    def _landings(path: str, work: float, beside: Callable[[WorkerLoad], float], prefill_on: WorkerLoad,
+                  decode_on: WorkerLoad, others: list[WorkerLoad], out_len: float) -> list:
         """The decode-capable workers a path loads: its decode worker (a slot), the worker that prefills it
         (the prompt's work in its steps) and the others on that GPU (beside(o): the time its prefill steps take
         from o's decode batch)."""

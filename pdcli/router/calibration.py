@@ -50,8 +50,9 @@ class LatencyCalibration:
     def __init__(self, config: CalibrationConfig = CalibrationConfig(), clock=time.monotonic):
         """clock: seconds now (a replay sets its own)."""
         self.config, self.clock = config, clock
-        self.residuals: dict[tuple[str, str], deque] = {}  # (role, metric) -> (clock s, residual), newest last
-        self._cached: dict[tuple[str, str], tuple[float, float]] = {}  # (role, metric) -> (when, correction)
+        # (role, metric) and, for TPOT, (role, metric, length class) -> (clock s, residual), newest last
+        self.residuals: dict[tuple, deque] = {}
+        self._cached: dict[tuple, tuple[float, float]] = {}  # the same keys -> (when, correction)
 
     def correction(self, role: str, metric: str, prompt_len: int | None = None) -> float:
         """The offset in ms (TTFT) or the log ratio (TPOT) now applied to role's predictions of metric (for a
