@@ -154,6 +154,8 @@ class StepTokens:
     token_ids: list[list[int]]
     finish_reasons: list[str | None]
     logprobs: list[list | None] | None = None  # per entry: a SampleLogprob per token (None: not asked); None: nobody asked
+    prefilled: list[tuple[str, int]] | None = None  # (request id, prompt tokens computed) of prompts left partly
+    # prefilled by the steps that landed (chunked prefill): the router counts only what they have left
 
 
 @dataclass(frozen=True, slots=True)

@@ -74,3 +74,33 @@ def test_abort_mid_run_returns_blocks(prompts, async_scheduling):
     while llm.engine.has_unfinished_requests():
         llm.engine.step()
     assert_pool_full(llm)
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_a_chunked_prompt_s_progress_is_reported_as_its_steps_land(async_scheduling):
+    """With report_prefill_progress on (a worker's engine), every landed step that left a prompt partly prefilled
+    reports (request id, prompt tokens computed), in order; the step that finishes it reports nothing."""
+    from pdcli.config import EngineConfig
+    from pdcli.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig.from_kwargs(MODEL, device="cpu", max_num_batched_tokens=16,
+                                                async_scheduling=async_scheduling))
+    engine.report_prefill_progress = True
+    engine.add_request(list(range(3, 53)), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+                       request_id="long")
+    engine.add_request(list(range(3, 9)), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+                       request_id="short")
+    seen, first = [], None
+    for i in range(12):
+        deltas = engine.step()
+        seen += engine.take_prefill_progress()
+        if first is None and any(d.request_id == "long" for d in deltas):
+            first = list(seen)
+    assert [k for rid, k in seen if rid == "long"] == [16, 32, 48] == [k for rid, k in first if rid == "long"]
+    assert all(rid == "long" for rid, _ in seen)  # the 6-token prompt fits its first step
+    assert engine.take_prefill_progress() == []
+    plain = LLMEngine(EngineConfig.from_kwargs(MODEL, device="cpu", max_num_batched_tokens=16))
+    plain.add_request(list(range(3, 53)), SamplingParams(max_tokens=2), request_id="x")
+    for _ in range(6):
+        plain.step()
+    assert plain.take_prefill_progress() == []  # off (offline use): nothing kept

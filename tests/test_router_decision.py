@@ -197,3 +197,31 @@ def test_the_coordinators_view_counts_decodes_on_their_way():
     loads = LoadView().snapshot(workers, [t])
     assert loads[1].incoming_decodes == 1 and committed_batch(loads[1]) == 1 and loads[0].queued_prefill_tokens == 100
     assert loads[0].incoming_decodes == 0
+
+
+def test_the_coordinators_view_counts_what_a_chunked_prompt_has_left():
+    """A prompt its worker reports partly prefilled (StepTokens.prefilled) counts only the tokens it has left, and
+    the attention pairs they bring (n^2 - done^2 of the squared lengths); the simulator's view does the same."""
+    from pdcli import SamplingParams
+    from pdcli.coordinator.tracked import Stage, Tracked
+    from pdcli.coordinator.worker_pool import WorkerHandle
+    from pdcli.plan.sim import SimSeq
+    from pdcli.router.load import LoadView
+    from pdcli.workers.layout import WorkerSpec
+
+    workers = [WorkerHandle(WorkerSpec(0, "collocated", "cuda:0"), None, None)]
+    t = Tracked("a", 0, [1] * 10000, SamplingParams(), 0, "collocated", 0.0, prefill_rank=0, stage=Stage.COLLOCATED)
+    assert LoadView().snapshot(workers, [t])[0].queued_prefill_tokens == 10000
+    t.prefilled = 8192
+    w = LoadView().snapshot(workers, [t])[0]
+    assert w.queued_prefill_tokens == 1808 and w.queued_prefill_sq_tokens == 10000 ** 2 - 8192 ** 2
+    assert w.queued_since_step_tokens == 1808  # no step seen yet: all of it is ahead
+    from pdcli.plan.simulator import SimSpec, Simulator
+    from test_cost_model import cost_model
+
+    sim = Simulator(cost_model(), [SimSpec(0, "collocated", "n:cuda:0")], "collocated")
+    seq = SimSeq(0, 0.0, 10000, 10)
+    seq.prefilled = 8192
+    sim.workers[0].prompts.append(seq)
+    v = sim.loads()[0]
+    assert v.queued_prefill_tokens == 1808 and v.queued_prefill_sq_tokens == 10000 ** 2 - 8192 ** 2

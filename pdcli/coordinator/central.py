@@ -222,6 +222,10 @@ class CentralScheduler:
     def _on_step_tokens(self, w: WorkerHandle, msg: StepTokens) -> None:
         """One step of worker w landed now: each touched sequence's new tokens."""
         w.last_step_end = now = time.perf_counter()
+        for rid, computed in msg.prefilled or ():
+            t = self.requests.get(rid)
+            if t is not None:
+                t.prefilled = computed
         for k, (rid, index, ids, reason) in enumerate(zip(msg.request_ids, msg.indices, msg.token_ids,
                                                           msg.finish_reasons)):
             t = self.requests.get(rid)

@@ -118,6 +118,8 @@ class LLMEngine:
         self.structured = None  # StructuredOutputs, made for the first request with response_format
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len, self.eos_token_ids)
         self.requests: dict[str, Request] = {}
+        self.report_prefill_progress = False  # a worker sets it and takes the reports after each step
+        self._prefill_progress: list[tuple[str, int]] = []  # (request id, prompt tokens computed), landed steps
         self.handoff: dict[str, Sequence] = {}  # request id -> sequence whose KV is being handed over
         self._ids = itertools.count()
         self._rng = random.Random(config.seed)
@@ -222,6 +224,7 @@ class LLMEngine:
         if out.seqs:
             launched = self.runner.launch(out)
             self.scheduler.advance(out)
+            launched.prefill_progress = out.partial_prompts()
         prev, self._inflight = self._inflight, None
         deltas = self._land(prev) if prev is not None else []
         if launched is not None:
@@ -237,16 +240,25 @@ class LLMEngine:
         overlaps the forward pass instead of waiting for a whole step."""
         fwd = self.runner.launch_forward(out, defer_grammar=True)
         self.scheduler.advance(out)
+        progress = out.partial_prompts()
         prev, self._inflight = self._inflight, None
         deltas = self._land(prev) if prev is not None else []
         launched = self.runner.sample_step(fwd)
+        launched.prefill_progress = progress
         if launched.has_forks:  # forks are made when their first tokens land
             deltas += self._land(launched)
         else:
             self._inflight = launched
         return deltas
 
+    def take_prefill_progress(self) -> list[tuple[str, int]]:
+        """The partial prompts' progress reported by the steps landed since the last call (oldest first)."""
+        out, self._prefill_progress = self._prefill_progress, []
+        return out
+
     def _land(self, fut: StepFuture) -> list[StepDelta]:
+        if self.report_prefill_progress:
+            self._prefill_progress.extend(fut.prefill_progress)
         touched = self.scheduler.update(fut.out, fut.result(), fut.logprobs())
         now = time.perf_counter()
         deltas = []

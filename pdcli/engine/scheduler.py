@@ -22,6 +22,11 @@ class SchedulerOutput:
     def is_decode_only(self) -> bool:
         return all(n == 1 for n in self.num_new_tokens)
 
+    def partial_prompts(self) -> list[tuple[str, int]]:
+        """Once launched (Scheduler.advance): (request id, prompt tokens computed when the step lands) of the
+        prompts it leaves partly prefilled (chunked prefill)."""
+        return [(s.request_id, s.num_computed_tokens) for s in self.seqs if s.num_computed_tokens < s.num_prompt_tokens]
+
 
 class Scheduler:
     """Continuous batching with chunked prefill: each step takes every running sequence's next

@@ -15,6 +15,7 @@ class StepFuture:
     def __init__(self, out: SchedulerOutput, rows: list[Sequence], counts: list[int], tokens: torch.Tensor | None,
                  device: torch.device | None, logprobs: LogprobsTensors | None = None, has_grammar: bool = False):
         self.out, self.rows, self.counts, self.has_grammar = out, rows, counts, has_grammar
+        self.prefill_progress: list[tuple[str, int]] = []  # set by the engine at launch (SchedulerOutput.partial_prompts)
         self.has_forks = any(c > 1 for c in counts)
         self._host, self._event, self._logprobs = None, None, None
         if tokens is not None:

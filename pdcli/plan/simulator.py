@@ -148,13 +148,16 @@ class Simulator:
         return coll, None
 
     def loads(self) -> dict[int, WorkerLoad]:
-        """Each worker's load as the coordinator sees it: whole prompts until their first token lands."""
+        """Each worker's load as the coordinator sees it: prompts until their first token lands, less what the
+        landed steps computed of them (the workers report a partly prefilled prompt's progress)."""
         out = {}
         for w in self.workers:
             since = None if w.last_step_end is None else (self.now - w.last_step_end) * 1e3
-            fresh = sum(s.prompt_len for s in w.prompts if w.last_step_end is None or s.arrival > w.last_step_end)
-            out[w.spec.rank] = WorkerLoad(queued_prefill_tokens=sum(s.prompt_len for s in w.prompts),
-                                          queued_prefill_sq_tokens=sum(s.prompt_len ** 2 for s in w.prompts),
+            left = lambda s: s.prompt_len - min(s.prefilled, s.prompt_len - 1)  # noqa: E731
+            fresh = sum(left(s) for s in w.prompts if w.last_step_end is None or s.arrival > w.last_step_end)
+            out[w.spec.rank] = WorkerLoad(queued_prefill_tokens=sum(left(s) for s in w.prompts),
+                                          queued_prefill_sq_tokens=sum(s.prompt_len ** 2 - min(s.prefilled,
+                                                                       s.prompt_len - 1) ** 2 for s in w.prompts),
                                           decode_batch=w.num_decoding, decode_ctx=w.decode_ctx, role=w.spec.role,
                                           since_step_ms=since, async_steps=w.async_steps,
                                           queued_since_step_tokens=fresh, device=w.spec.device,

@@ -127,11 +127,12 @@ class LoadView:
             loads[t.decode_rank].incoming_decodes += 1
         if t.stage in ("collocated", "prefill") and generated == 0:
             w = loads[t.prefill_rank]
-            w.queued_prefill_tokens += len(t.prompt_ids)
-            w.queued_prefill_sq_tokens += len(t.prompt_ids) ** 2
+            n, done = len(t.prompt_ids), min(t.prefilled, len(t.prompt_ids) - 1)  # what its steps have left
+            w.queued_prefill_tokens += n - done
+            w.queued_prefill_sq_tokens += n ** 2 - done ** 2  # its attention pairs left, x 2
             last = workers[t.prefill_rank].last_step_end
             if last is None or t.arrival > last:  # not in a step the worker has already scheduled
-                w.queued_since_step_tokens += len(t.prompt_ids)
+                w.queued_since_step_tokens += n - done
         elif t.stage == "collocated":
             loads[t.prefill_rank].decode_batch += 1
             loads[t.prefill_rank].decode_ctx += len(t.prompt_ids) + generated

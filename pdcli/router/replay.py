@@ -123,8 +123,19 @@ def assign_workers(run: Run) -> None:
                 held[r.workers[1]].append(r.end)
 
 
-def rebuilt_loads(run: Run, i: int, forecast: LoadForecast) -> dict[int, WorkerLoad]:
-    """The workers' loads when record i arrived, from the records before it."""
+def _unprefilled(cm, r: Record, t: float) -> int:
+    """The prompt tokens of record r its worker had not reported computed at t (< its first token): its chunks
+    ran back to back, a full chunk per full step, the last ending at its first token; a worker reports a chunk
+    when its step lands (StepTokens.prefilled), so whole chunks only."""
+    budget = cm.max_num_batched_tokens
+    left = (r.first - t) * 1e3 / float(cm.prefill_ms(budget)) * budget  # tokens, at a full chunk's pace
+    done = max(0, r.input_len - int(left)) // budget * budget
+    return r.input_len - min(done, r.input_len - 1)
+
+
+def rebuilt_loads(run: Run, i: int, forecast: LoadForecast, cm=None) -> dict[int, WorkerLoad]:
+    """The workers' loads when record i arrived, from the records before it (with cm: a prompt still prefilling
+    counts only the chunks it has left, as its worker would have reported them: _unprefilled)."""
     t = run.records[i].arrival
     loads = {w["rank"]: WorkerLoad(role=w["role"], async_steps=w["role"] != "prefill", device=w["device"], steps_seen=False)
              for w in run.layout}
@@ -132,9 +143,10 @@ def rebuilt_loads(run: Run, i: int, forecast: LoadForecast) -> dict[int, WorkerL
         if not r.ok or not r.workers:
             continue
         if r.first > t:
-            loads[r.workers[0]].queued_prefill_tokens += r.input_len
-            loads[r.workers[0]].queued_prefill_sq_tokens += r.input_len ** 2
-            loads[r.workers[0]].queued_since_step_tokens += r.input_len
+            left = _unprefilled(cm, r, t) if cm is not None else r.input_len
+            loads[r.workers[0]].queued_prefill_tokens += left
+            loads[r.workers[0]].queued_prefill_sq_tokens += r.input_len ** 2 - (r.input_len - left) ** 2
+            loads[r.workers[0]].queued_since_step_tokens += left
         elif r.end > t:
             w = loads[r.workers[-1]]
             made = 1 + (t - r.first) * 1e3 / r.tpot_ms if r.tpot_ms else 1
@@ -173,7 +185,7 @@ def replay_run(run: Run, router) -> list[Replayed]:
         clock[0] = r.arrival
         if not r.ok or not r.workers:
             continue
-        loads = r.loads or rebuilt_loads(run, i, forecast)
+        loads = r.loads or rebuilt_loads(run, i, forecast, router.cm)
         if r.loads:  # runs recorded before the neighbour fields
             mark_gpu_neighbours(loads, {w["rank"]: w["device"] for w in run.layout})
         out_len = router.predictor.mean(r.input_len, r.output_len)

@@ -67,6 +67,7 @@ def _start(spec: WorkerSpec, model: str, engine_kwargs: dict, store_addr: tuple[
     engine_kwargs = dict(engine_kwargs, tensor_parallel_size=spec.tp_size, tp_devices=spec.tp_devices or None)
     engine = LLMEngine(EngineConfig.from_kwargs(model, device=spec.device, **engine_kwargs))
     engine.detokenize = False  # text is the coordinator's
+    engine.report_prefill_progress = True  # partly prefilled prompts' progress goes with each step's tokens
     logger.info("engine ready: %d KV blocks, %s attention", engine.num_blocks, engine.kernel_path)
     mirror = engine.runner.tp_broadcast if engine.followers else None
     return engine, Peers(spec.rank, torch.device(spec.device), store, host, store_addr=store_addr, mirror=mirror)
@@ -163,7 +164,8 @@ class Worker:
         logprobs = [d.logprobs for d in deltas] if any(d.logprobs is not None for d in deltas) else None
         self.conn.send(StepTokens([d.request_id for d in deltas], [d.index for d in deltas],
                                   [d.token_ids for d in deltas],
-                                  [d.finish_reason if d.finished else None for d in deltas], logprobs))
+                                  [d.finish_reason if d.finished else None for d in deltas], logprobs,
+                                  self.engine.take_prefill_progress() or None))
         finished = [d.request_id for d in deltas if d.finished and self.engine.pop_if_finished(d.request_id)]
         self.sender.after_step(finished)
 
