@@ -49,7 +49,9 @@ def sweep(folder: str, cm) -> dict:
                          online_ttft_err=d.get("router_ttft_median_abs_rel_err"),
                          online_tpot_err=d.get("router_tpot_median_abs_rel_err"),
                          tpot_by_long_prefills=tpot_by_long_prefills(run, after),
-                         tpot_hindsight=tpot_hindsight(run, cm, after)))
+                         tpot_hindsight=tpot_hindsight(run, cm, after),
+                         long_tpot_over_raw=_median([x.record.tpot_ms / x.raw["tpot_ms"] for x in after
+                                                     if x.record.tpot_ms and x.record.input_len > LONG_PROMPT])))
     modes = sorted({r["mode"] for r in rows})
     highest = {m: highest_rate([r for r in rows if r["mode"] == m]) for m in modes}
     statics = [highest[m] for m in STATIC if highest.get(m) is not None]
@@ -112,6 +114,13 @@ def tpot_hindsight(run, cm, replayed, samples: int = 32) -> dict:
     return dict(measured_over_hindsight_by_long_prefills={
         str(k): dict(requests=int((ks == k).sum()), median=float(np.median(ratios[ks == k])))
         for k in sorted(set(ks.tolist()))}, known_k_err=float(np.median(known)), unknown_k_err=unknown)
+
+
+def _median(values: list[float]) -> float | None:
+    """The median; None for none (the long prompts' measured / raw predicted TPOT: the backlog's check)."""
+    import numpy as np
+
+    return float(np.median(values)) if values else None
 
 
 def _max(values) -> float | None:

@@ -124,21 +124,14 @@ class Routing:
         router's predictions for the path it took, recorded as adaptive's are, so that a run of any mode can be
         replayed from its recorded state and its online errors measured; the outcomes calibrate the router."""
         loads = self.loads.snapshot(self.pool.workers, active())
-        n, path = len(t.prompt_ids), route.path
+        n, path, dec = len(t.prompt_ids), route.path, route.decode or route.worker
         out_len = self.router.predictor.mean(n, t.params.max_tokens)
-        cached = {path: self.cached(t, route.worker)}
-        if path == "collocated":
-            w = loads[route.worker.spec.rank]
-            raw = self.router.predict(n, out_len, w, None, None, cached=cached)[path]
-            roles = dict(ttft_ms=w.role, tpot_ms=w.role)
-        else:
-            p, d = loads[route.worker.spec.rank], loads[route.decode.spec.rank]
-            raw = self.router.predict(n, out_len, None, p, d, transfer_pair(route.worker.spec, route.decode.spec),
-                                      cached)[path]
-            roles = dict(ttft_ms=p.role, tpot_ms=d.role)
-        t.decision.update(predicted={path: self.router.calibration.apply(roles, raw, out_len, n)},
-                          predicted_raw={path: raw}, roles={path: roles}, predicted_output_len=out_len,
-                          loads={r: compact(w) for r, w in loads.items()}, cached_tokens=cached)
+        cached = self.cached(t, route.worker)
+        raw, pred, roles = self.router.price(path, n, out_len, loads[route.worker.spec.rank], loads[dec.spec.rank],
+                                             transfer_pair(route.worker.spec, dec.spec), cached)
+        t.decision.update(predicted={path: pred}, predicted_raw={path: raw}, roles={path: roles},
+                          predicted_output_len=out_len, loads={r: compact(w) for r, w in loads.items()},
+                          cached_tokens={path: cached})
 
     def _by_policy(self, t: Tracked, policy, coll: WorkerHandle | None, pairs: list) -> Route | None:
         n_in = lambda w: len(w.inflight)  # noqa: E731

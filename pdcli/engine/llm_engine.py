@@ -224,7 +224,8 @@ class LLMEngine:
         if out.seqs:
             launched = self.runner.launch(out)
             self.scheduler.advance(out)
-            launched.prefill_progress = out.partial_prompts()
+            if self.report_prefill_progress:
+                launched.prefill_progress = out.partial_prompts()
         prev, self._inflight = self._inflight, None
         deltas = self._land(prev) if prev is not None else []
         if launched is not None:
@@ -240,7 +241,7 @@ class LLMEngine:
         overlaps the forward pass instead of waiting for a whole step."""
         fwd = self.runner.launch_forward(out, defer_grammar=True)
         self.scheduler.advance(out)
-        progress = out.partial_prompts()
+        progress = out.partial_prompts() if self.report_prefill_progress else []
         prev, self._inflight = self._inflight, None
         deltas = self._land(prev) if prev is not None else []
         launched = self.runner.sample_step(fwd)
@@ -257,8 +258,7 @@ class LLMEngine:
         return out
 
     def _land(self, fut: StepFuture) -> list[StepDelta]:
-        if self.report_prefill_progress:
-            self._prefill_progress.extend(fut.prefill_progress)
+        self._prefill_progress.extend(fut.prefill_progress)  # empty unless report_prefill_progress
         touched = self.scheduler.update(fut.out, fut.result(), fut.logprobs())
         now = time.perf_counter()
         deltas = []

@@ -84,6 +84,17 @@ class AdaptiveRouter:
                                         e2e_ms=ttft + xfer + max(out_len - 1, 0) * tpot)
         return res
 
+    def price(self, path: str, prompt_len: int, out_len: float, pre: WorkerLoad, dec: WorkerLoad,
+              pair: str = "default", cached: int = 0) -> tuple[dict, dict, dict]:
+        """A path already chosen (a static policy's, or a recorded one replayed), on its prefill and decode
+        workers (the same one for collocated): (raw predictions, calibrated predictions, roles per metric)."""
+        if path == "collocated":
+            raw = self.predict(prompt_len, out_len, pre, None, None, cached={path: cached})[path]
+        else:
+            raw = self.predict(prompt_len, out_len, None, pre, dec, pair, {path: cached})[path]
+        roles = dict(ttft_ms=pre.role, tpot_ms=dec.role)
+        return raw, self.calibration.apply(roles, raw, out_len, prompt_len), roles
+
     def tpot_ms(self, prompt_len: int, out_len: float, w: WorkerLoad, held_ms: float = 0.0) -> float:
         return latency.tpot_ms(self.cm, w, prompt_len, out_len, held_ms=held_ms)
 

@@ -11,8 +11,9 @@ cost per request (the trip through the coordinator and the pipes: +5 ms at the m
 model's prompt step is 8 ms and a long prompt's 300 ms), which a ratio would spread over long prompts. TPOT is
 corrected by a ratio (log(measured / predicted)): its misses scale with the step. TPOT's residuals are kept per
 prompt length class too (classes a factor 4 apart), each class's correction shrunk toward its role's: on one
-H200, bimodal's 8k-12k prompts decoded 1.1-1.4x slower than priced while the short ones came in at 0.9-1.1x,
-and one correction fitted neither. The correction is the median of the last 256 residuals weighted by their
+H200, bimodal's 8k-12k prompts decode at 0.95-1.41x their raw prediction (`long_tpot_over_raw` in
+results/router_nvidia-h200.json) while the short ones' ratio follows the long prefills they met (`tpot_hindsight`),
+and one correction fits neither. The correction is the median of the last 256 residuals weighted by their
 age (a median, since the residuals are skewed: a few requests meet a burst of long prompts, most do not; a long
 window, since recent residuals mostly repeat the load's passing swings: in the simulator, where the model is
 exact, a 64-residual window with recency weights took the median TPOT error at 20 req/s from 12% to 17%),

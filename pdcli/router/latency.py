@@ -173,8 +173,8 @@ def tpot_ms(cm: CostModel, w: WorkerLoad, prompt_len: int, out_len: float, itera
     """Time per output token of a request decoding on worker w (see the module's docstring). held_ms: how long
     its own prompt's steps held the prefilling worker's token budget: the prompts routed there meanwhile queued
     behind it and are prefilled during its decode, on top of those that arrive during it (a long prompt's
-    backlog: on one H200, bimodal's 8k-12k prompts decoded 1.2-1.7x slower than priced without it, 1.07-1.4x
-    with it; a short prompt's steps end before much queues behind them)."""
+    backlog: with it, bimodal's 8k-12k prompts decode at 0.95-1.41x their raw prediction on one H200,
+    `long_tpot_over_raw` in results/router_nvidia-h200.json; a short prompt's steps end before much queues)."""
     out_len = max(out_len, 1.0)
     mean_out = w.mean_output_len or out_len
     ctx_per_seq = w.decode_ctx / w.decode_batch if w.decode_batch else prompt_len + out_len / 2

@@ -189,15 +189,10 @@ def replay_run(run: Run, router) -> list[Replayed]:
         if r.loads:  # runs recorded before the neighbour fields
             mark_gpu_neighbours(loads, {w["rank"]: w["device"] for w in run.layout})
         out_len = router.predictor.mean(r.input_len, r.output_len)
-        w = [loads[k] for k in r.workers]
-        if r.path == "disaggregated":
-            raw = router.predict(r.input_len, out_len, None, w[0], w[-1], _transfer_pair(run, r.workers),
-                                 r.cached)[r.path]
-            roles = dict(ttft_ms=w[0].role, tpot_ms=w[-1].role)
-        else:
-            raw = router.predict(r.input_len, out_len, w[0], None, None, cached=r.cached)[r.path]
-            roles = dict(ttft_ms=w[0].role, tpot_ms=w[0].role)
-        out.append(Replayed(r, raw, router.calibration.apply(roles, raw, out_len, r.input_len)))
+        path = r.path if r.path == "disaggregated" else "collocated"
+        raw, pred, roles = router.price(path, r.input_len, out_len, loads[r.workers[0]], loads[r.workers[-1]],
+                                        _transfer_pair(run, r.workers), r.cached.get(path, 0))
+        out.append(Replayed(r, raw, pred))
         done.append((r, roles, raw))
         forecast.route(r.arrival, r.workers[0], r.workers[-1], r.input_len, out_len)
     return out
