@@ -48,6 +48,22 @@ def test_rebuilt_state_follows_the_records():
     assert loads[0].prefill_per_s > 0 and loads[0].gpu_prefill_per_s == loads[0].prefill_per_s
 
 
+def test_rebuilt_prefill_worker_steps_end_with_their_first_tokens():
+    """A prefill worker's step ends with the first tokens of the prompts it held: the rebuild recovers when its last
+    step ended and which queued prompts came after it, as the worker's step reports told the router."""
+    from test_cost_model import cost_model
+
+    recs = [Record(0.0, 100, 10, 50.0, 500.0, "disaggregated"), Record(0.01, 100, 10, 40.0, 500.0, "disaggregated"),
+            Record(0.06, 300, 10, 40.0, 500.0, "disaggregated"), Record(0.07, 10, 5, 40.0, 100.0, "disaggregated")]
+    run = Run("x", "disaggregated", 10.0, [dict(rank=0, role="prefill", device="cuda:0"),
+                                           dict(rank=1, role="decode", device="cuda:1")], False, recs)
+    assign_workers(run)
+    loads = rebuilt_loads(run, 3, LoadForecast(), cost_model())
+    assert loads[0].steps_seen and loads[0].since_step_ms == pytest.approx(20.0)  # the 0.05 s step held A and B
+    assert loads[0].queued_prefill_tokens == 300 and loads[0].queued_since_step_tokens == 300  # C came after it
+    assert loads[1].decode_batch == 2
+
+
 @pytest.mark.slow
 def test_replay_reproduces_the_recorded_decisions(tmp_path):
     """An adaptive run on CPU with a fitted model and --save-detailed: replaying it from the recorded loads

@@ -24,3 +24,12 @@ def test_the_knee_and_the_maxima_below_it():
     assert s["online_ttft_err_max"] == 0.2 and s["online_tpot_err_max"] is None
     assert s["min_path_share"] == 0.1 and s["bins_below_knee"] == 5
     assert s["bimodal_adaptive_highest_rate"] == 7 and s["bimodal_best_static_highest_rate"] == 5
+
+
+def test_a_rate_with_fewer_than_100_requests_is_not_a_bin():
+    rows = [_row("collocated", 4, 0.95, ttft=0.4), _row("collocated", 5, 0.95), _row("disaggregated", 5, 0.95)]
+    rows[0].update(bin=False)  # e.g. 4 s of arrivals at 8 req/s
+    sweep = dict(folder="f", rows=rows, knee=5, highest_rate={"collocated": 5, "disaggregated": 5})
+    s = summarize([sweep], "dev", None)
+    assert s["replay_ttft_err_max"] == 0.1 and s["bins_below_knee"] == 2
+    assert s["short_rows_below_knee"] == 1 and s["short_rows_ttft_err_max"] == 0.4

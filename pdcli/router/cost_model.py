@@ -320,6 +320,14 @@ class CostModel:
             steps * float(self.decode_ms(decode_batch, decode_ctx))
         return max(0.0, extra)
 
+    def joined_prefill_ms(self, num_tokens: float, decode_batch: int = 0, sq_tokens: float = 0.0) -> float:
+        """What prompt tokens add to a step that already carries a chunk (its fixed cost paid): their per-token
+        work and the attention within each (sq_tokens: the sum of their squared lengths)."""
+        if num_tokens <= 0:
+            return 0.0
+        kp = mixed_params(self.interference)[2] if decode_batch else 1.0
+        return kp * (self.prefill[2] * num_tokens + self.prefill[4] * sq_tokens / 2)
+
     def chunked_prefill_ms(self, prompt_len: int, decode_batch: int = 0, decode_ctx: int = 0, cached: int = 0) -> float:
         """Time to prefill a prompt in chunks of max_num_batched_tokens beside a running decode batch; its first
         `cached` tokens are in the prefix cache (only their attention is paid)."""

@@ -12,6 +12,8 @@ by the GPU's neighbours and the prefill share they take.
 """
 from __future__ import annotations
 
+import math
+
 from pdcli.router.cost_model import CostModel
 from pdcli.router.load import WorkerLoad, committed_batch
 
@@ -142,10 +144,35 @@ def ttft_ms(cm: CostModel, w: WorkerLoad, prompt_len: int, cached: int = 0) -> f
     served = cm.prefill_role_scale if w.role == "prefill" else 1.0  # a dedicated prefill worker as profiled serving
     wait = start_wait_ms(cm, w)
     budget = max(1, cm.max_num_batched_tokens - w.decode_batch)
-    steps = -(-(ahead + max(0, prompt_len - cached)) // budget) + (1 if wait > 0 else 0)
+    own_steps = -(-(ahead + max(0, prompt_len - cached)) // budget)
+    work += joining_ms(cm, w, wait, work, own_steps * budget - ahead - max(0, prompt_len - cached), own_steps)
+    steps = own_steps + (1 if wait > 0 else 0)
     beside = neighbour_ms(cm, w, steps)
     slow = 1 + cm.prefill_neighbour_extra * w.sharing if beside is None else 1.0  # unmeasured: a factor
     return wait + work * served * slow + (beside or 0.0)
+
+
+def joining_ms(cm: CostModel, w: WorkerLoad, wait_ms: float, work_ms: float, room: int, steps: int) -> float:
+    """What the prompts that arrive before the step holding a prompt's last chunk is scheduled add to that step
+    (they join it behind it, first come first served, up to its token budget's room): over that window (the
+    wait for the running step, less with async scheduling the step already planned behind it, and the prompt's
+    earlier steps) the median of a Poisson count of the forecast's prompts (floor(x + 1/3 - 0.02 / x) for x
+    expected), each of the forecast's mean length. The median, since the router prices the typical prompt: with
+    x < 0.7 most meet none (in the simulator, where the cost model is exact, the median TTFT came out exact;
+    the mean, put on every prompt, over-predicted it by 2-13%). On one H100's prefill worker (1024-token
+    prompts at 32 req/s, budget 8192) a step held 1-5 prompts: the fifth's first token came 150 ms after the
+    first's."""
+    if room <= 0 or w.prefill_per_s <= 0:
+        return 0.0
+    step = float(cm.decode_ms(w.decode_batch, w.decode_ctx)) if w.decode_batch else 0.0
+    window = max(0.0, wait_ms - step if w.async_steps else wait_ms) + work_ms * (steps - 1) / max(steps, 1)
+    x = w.prefill_per_s * window / 1e3
+    count = math.floor(x + 1 / 3 - 0.02 / x) if x > 0 else 0
+    if count <= 0:
+        return 0.0
+    mean_len = w.prefill_tokens_per_s / w.prefill_per_s
+    tokens = min(float(room), count * mean_len)
+    return cm.joined_prefill_ms(tokens, w.decode_batch, tokens * min(tokens, mean_len))
 
 
 def neighbour_ms(cm: CostModel, w: WorkerLoad, steps: int) -> float | None:

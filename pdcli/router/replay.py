@@ -8,10 +8,16 @@ it: the collocated worker, or the prefill then the decode worker), and from the 
 (or no workers) are rebuilt from the records themselves: a request is queued on its prefill worker from its
 arrival to its first token and decodes on its decode worker from its first token to its end; workers are
 assigned as the coordinator did (fewest requests in flight, ties in turn); the load forecast sees the same
-arrivals in the same order.
+arrivals in the same order. When a worker's last step ended, which the live router has from the workers' step
+reports, is rebuilt from the steps the records mark: a step that finished prompts ends with their first tokens, one
+that finished requests with their last (step_ends); a prefill worker's steps all finish prompts, a collocated or
+decode worker's steps in between are taken as back to back at the cost model's step. In the simulator, where the
+cost model is exact, not knowing when the last step ended took the router's median TTFT error on a collocated
+worker from 0-2% to 14-22% (1024-token prompts, 8-24 req/s, one H100's profile).
 """
 from __future__ import annotations
 
+import bisect
 import glob
 import json
 import logging
@@ -21,6 +27,8 @@ from dataclasses import dataclass, field
 from pdcli.router.load import LoadForecast, WorkerLoad, mark_gpu_neighbours, mark_gpu_sharing
 
 logger = logging.getLogger("pdcli.replay")
+
+STEP_CLUSTER_S = 0.002  # first tokens on one prefill worker this close came from one step
 
 
 @dataclass
@@ -62,6 +70,7 @@ class Run:
     pd_on_collocated: bool
     records: list[Record] = field(default_factory=list)
     slo: dict = field(default_factory=dict)  # goodput_slos: ttft / tpot ms
+    step_ends: dict | None = None  # prefill worker's rank -> when its steps ended (s), rebuilt (step_ends)
 
 
 def _record(q: dict) -> Record:
@@ -133,12 +142,35 @@ def _unprefilled(cm, r: Record, t: float) -> int:
     return r.input_len - min(done, r.input_len - 1)
 
 
+def step_ends(run: Run) -> dict[int, list[float]]:
+    """Per worker, when steps are known to have ended: the first tokens of the prompts it prefilled and (but on a
+    prefill worker) the last tokens of the requests it decoded; marks within STEP_CLUSTER_S of each other are
+    one step (the earliest of them). A prefill worker's steps all end with first tokens: its list is whole."""
+    if run.step_ends is None:
+        run.step_ends = {}
+        for w in run.layout:
+            rank = w["rank"]
+            marks = sorted([r.first for r in run.records if r.ok and r.workers and r.workers[0] == rank] +
+                           ([r.end for r in run.records if r.ok and r.workers and r.workers[-1] == rank
+                             and r.output_len > 1] if w["role"] != "prefill" else []))
+            ends = []
+            for t in marks:
+                if not ends or t - last > STEP_CLUSTER_S:
+                    ends.append(t)
+                last = t
+            run.step_ends[rank] = ends
+    return run.step_ends
+
+
 def rebuilt_loads(run: Run, i: int, forecast: LoadForecast, cm=None) -> dict[int, WorkerLoad]:
     """The workers' loads when record i arrived, from the records before it (with cm: a prompt still prefilling
-    counts only the chunks it has left, as its worker would have reported them: _unprefilled)."""
+    counts only the chunks it has left, as its worker would have reported them: _unprefilled; and when its last
+    step ended: the last known step end (step_ends), on a worker that steps on without marks (async) folded by
+    the cost model's step at its load, as if its steps since had run back to back)."""
     t = run.records[i].arrival
     loads = {w["rank"]: WorkerLoad(role=w["role"], async_steps=w["role"] != "prefill", device=w["device"], steps_seen=False)
              for w in run.layout}
+    queued: dict[int, list[tuple[float, int]]] = {rank: [] for rank in loads}  # (arrival, tokens left)
     for r in run.records[:i]:
         if not r.ok or not r.workers:
             continue
@@ -146,12 +178,25 @@ def rebuilt_loads(run: Run, i: int, forecast: LoadForecast, cm=None) -> dict[int
             left = _unprefilled(cm, r, t) if cm is not None else r.input_len
             loads[r.workers[0]].queued_prefill_tokens += left
             loads[r.workers[0]].queued_prefill_sq_tokens += r.input_len ** 2 - (r.input_len - left) ** 2
-            loads[r.workers[0]].queued_since_step_tokens += left
+            queued[r.workers[0]].append((r.arrival, left))
         elif r.end > t:
             w = loads[r.workers[-1]]
             made = 1 + (t - r.first) * 1e3 / r.tpot_ms if r.tpot_ms else 1
             w.decode_batch += 1
             w.decode_ctx += r.input_len + int(min(made, r.output_len))
+    for rank, w in loads.items():
+        ends = step_ends(run).get(rank, []) if cm is not None else []
+        k = bisect.bisect_right(ends, t)
+        if not k:
+            w.queued_since_step_tokens = w.queued_prefill_tokens
+            continue
+        since = (t - ends[k - 1]) * 1e3
+        if w.async_steps and (w.decode_batch or w.queued_prefill_tokens):
+            chunk = min(w.queued_prefill_tokens, max(1, cm.max_num_batched_tokens - w.decode_batch))
+            step = cm.step_ms(w.decode_batch, w.decode_ctx, [(chunk, 0)] if chunk else [])
+            since = since % step if step > 0 else since
+        w.steps_seen, w.since_step_ms = True, since
+        w.queued_since_step_tokens = sum(n for a, n in queued[rank] if a > t - since / 1e3)
     mark_gpu_sharing(loads, {w["rank"]: w["device"] for w in run.layout})
     forecast.apply(loads, t)
     return loads
