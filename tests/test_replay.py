@@ -48,6 +48,21 @@ def test_rebuilt_state_follows_the_records():
     assert loads[0].prefill_per_s > 0 and loads[0].gpu_prefill_per_s == loads[0].prefill_per_s
 
 
+def test_an_adaptive_runs_workers_are_assigned_as_its_router_chose_them():
+    """Older adaptive runs recorded no workers: their router took the worker with the least queued prompt tokens
+    plus sequences decoding, not the fewest requests in flight."""
+    coll = [dict(rank=0, role="collocated", device="cuda:0"), dict(rank=1, role="collocated", device="cuda:1")]
+    recs = [Record(0.0, 1000, 10, 500.0, 900.0, "collocated", workers=(0,)),  # still prefilling at 0.1 s
+            Record(0.0, 10, 10, 10.0, 900.0, "collocated", workers=(1,)),
+            Record(0.0, 10, 10, 20.0, 900.0, "collocated", workers=(1,)),
+            Record(0.1, 10, 10, 10.0, 100.0, "collocated")]
+    assign_workers(Run("x", "collocated", 10.0, coll, True, recs))
+    assert recs[3].workers == (0,)  # one in flight there against two
+    recs[3].workers = ()
+    assign_workers(Run("x", "adaptive", 10.0, coll, True, recs))
+    assert recs[3].workers == (1,)  # 1000 queued prompt tokens there against two decoding
+
+
 def test_rebuilt_prefill_worker_steps_end_with_their_first_tokens():
     """A prefill worker's step ends with the first tokens of the prompts it held: the rebuild recovers when its last
     step ended and which queued prompts came after it, as the worker's step reports told the router."""
