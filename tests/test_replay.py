@@ -74,9 +74,14 @@ def test_rebuilt_prefill_worker_steps_end_with_their_first_tokens():
                                            dict(rank=1, role="decode", device="cuda:1")], False, recs)
     assign_workers(run)
     loads = rebuilt_loads(run, 3, LoadForecast(), cost_model())
-    assert loads[0].steps_seen and loads[0].since_step_ms == pytest.approx(20.0)  # the 0.05 s step held A and B
-    assert loads[0].queued_prefill_tokens == 300 and loads[0].queued_since_step_tokens == 300  # C came after it
+    # the 0.05 s step held A and B; C came to an idle worker at 0.06 s and began a step of its own
+    assert loads[0].steps_seen and loads[0].since_step_ms == pytest.approx(10.0)
+    assert loads[0].queued_prefill_tokens == 300 and loads[0].queued_since_step_tokens == 0
     assert loads[1].decode_batch == 2
+    recs[2].arrival = 0.04  # C came while that step ran: it waits for the next
+    run.step_ends = None
+    loads = rebuilt_loads(run, 3, LoadForecast(), cost_model())
+    assert loads[0].since_step_ms == pytest.approx(20.0) and loads[0].queued_since_step_tokens == 0
 
 
 @pytest.mark.slow

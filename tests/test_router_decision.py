@@ -215,7 +215,8 @@ def test_the_coordinators_view_counts_what_a_chunked_prompt_has_left():
     t.prefilled = 8192
     w = LoadView().snapshot(workers, [t])[0]
     assert w.queued_prefill_tokens == 1808 and w.queued_prefill_sq_tokens == 10000 ** 2 - 8192 ** 2
-    assert w.queued_since_step_tokens == 1808  # no step seen yet: all of it is ahead
+    assert w.queued_since_step_tokens == 0  # no step seen yet: it began one when it came to the idle worker
+    assert w.since_step_ms is not None
     from pdcli.plan.simulator import SimSpec, Simulator
     from test_cost_model import cost_model
 
@@ -225,3 +226,15 @@ def test_the_coordinators_view_counts_what_a_chunked_prompt_has_left():
     sim.workers[0].prompts.append(seq)
     v = sim.loads()[0]
     assert v.queued_prefill_tokens == 1808 and v.queued_prefill_sq_tokens == 10000 ** 2 - 8192 ** 2
+
+
+def test_the_running_step_began_at_the_last_end_or_when_an_idle_worker_got_a_prompt():
+    from pdcli.router.load import WorkerLoad, mark_step, running_step_start
+
+    assert running_step_start(1.0, [0.9, 1.2], False) == 1.0  # it held a prompt then: the next step began at once
+    assert running_step_start(1.0, [1.3, 1.2], False) == 1.2  # idle then: the first prompt to come began one
+    assert running_step_start(1.0, [1.2], True) == 1.0  # decoding: steps run back to back
+    assert running_step_start(None, [], False) is None
+    w = WorkerLoad(queued_prefill_tokens=300)
+    mark_step(w, 1.0, [(1.2, 100), (1.25, 200)], 1.3)
+    assert w.since_step_ms == pytest.approx(100.0) and w.queued_since_step_tokens == 200

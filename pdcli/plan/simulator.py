@@ -12,7 +12,7 @@ from pdcli.coordinator.routing import can_hand_off
 from pdcli.plan.sim import SimSeq, SimSpec, SimStep, SimWorker, shared_step_ms
 from pdcli.router.adaptive import pair_candidates
 from pdcli.router.cost_model import CostModel
-from pdcli.router.load import LoadForecast, WorkerLoad, committed_batch, mark_gpu_sharing
+from pdcli.router.load import LoadForecast, WorkerLoad, committed_batch, mark_gpu_sharing, mark_step
 from pdcli.router.prefix import PrefixIndex, prompt_hashes
 
 
@@ -152,16 +152,14 @@ class Simulator:
         landed steps computed of them (the workers report a partly prefilled prompt's progress)."""
         out = {}
         for w in self.workers:
-            since = None if w.last_step_end is None else (self.now - w.last_step_end) * 1e3
             left = lambda s: s.prompt_len - min(s.prefilled, s.prompt_len - 1)  # noqa: E731
-            fresh = sum(left(s) for s in w.prompts if w.last_step_end is None or s.arrival > w.last_step_end)
-            out[w.spec.rank] = WorkerLoad(queued_prefill_tokens=sum(left(s) for s in w.prompts),
-                                          queued_prefill_sq_tokens=sum(s.prompt_len ** 2 - min(s.prefilled,
-                                                                       s.prompt_len - 1) ** 2 for s in w.prompts),
-                                          decode_batch=w.num_decoding, decode_ctx=w.decode_ctx, role=w.spec.role,
-                                          since_step_ms=since, async_steps=w.async_steps,
-                                          queued_since_step_tokens=fresh, device=w.spec.device,
-                                          incoming_decodes=w.incoming)
+            out[w.spec.rank] = load = WorkerLoad(
+                queued_prefill_tokens=sum(left(s) for s in w.prompts),
+                queued_prefill_sq_tokens=sum(s.prompt_len ** 2 - min(s.prefilled, s.prompt_len - 1) ** 2
+                                             for s in w.prompts),
+                decode_batch=w.num_decoding, decode_ctx=w.decode_ctx, role=w.spec.role, async_steps=w.async_steps,
+                device=w.spec.device, incoming_decodes=w.incoming)
+            mark_step(load, w.last_step_end, [(s.arrival, left(s)) for s in w.prompts], self.now)
         mark_gpu_sharing(out, {w.spec.rank: w.spec.device for w in self.workers})
         self.forecast.apply(out, self.now)
         return out

@@ -100,7 +100,8 @@ def step_ms(cm: CostModel, w: WorkerLoad, stretched: bool = True) -> float:
 def split_queue(cm: CostModel, w: WorkerLoad) -> tuple[int, int]:
     """(queued prompt tokens riding in the steps worker w has already scheduled, those ahead of a prompt
     arriving now). Steps are scheduled two ahead with async scheduling, else one; they hold the prompts that
-    came before the last step ended, up to their token budget. With no step seen, all are ahead."""
+    came before the running step began (load.mark_step), up to their token budget. With no step seen, all are
+    ahead."""
     if w.since_step_ms is None:
         return 0, w.queued_prefill_tokens
     budget = (2 if w.async_steps else 1) * max(1, cm.max_num_batched_tokens - w.decode_batch)
@@ -117,7 +118,7 @@ def queued_sq(w: WorkerLoad, tokens: int) -> float:
 def start_wait_ms(cm: CostModel, w: WorkerLoad) -> float:
     """Expected wait before a prompt arriving now runs its first step on worker w: the steps already scheduled
     (the one running and, with async scheduling, the one behind it), priced by the cost model (decode rows and
-    the prompts they hold) less the time since the last step ended, at least one step with async scheduling;
+    the prompts they hold) less the time since the running step began, at least one step with async scheduling;
     in a replay that did not record when steps ended, what served runs measured at low load."""
     held, _ = split_queue(cm, w)
     steps = 2 if w.async_steps else 1

@@ -21,10 +21,10 @@ class WorkerLoad:
     neighbour_decode_batch: int = 0
     neighbour_decode_ctx: int = 0
     role: str = "collocated"  # collocated | prefill | decode
-    since_step_ms: float | None = None  # since its last step ended (None: no step seen yet)
+    since_step_ms: float | None = None  # since the step it runs began (mark_step; None: none seen, nothing held)
     steps_seen: bool = True  # False: when its steps end is not known (a replay of an older run)
     async_steps: bool = True  # it schedules step i + 2 when step i lands (async scheduling)
-    queued_since_step_tokens: int = 0  # of queued_prefill_tokens, those that came after its last step ended
+    queued_since_step_tokens: int = 0  # of queued_prefill_tokens, those that came after that step began
     device: str = "cpu"
     # the forecast (LoadForecast): what is being routed to it, per second, averaged over the last ~10 s
     prefill_per_s: float = 0.0  # prompts to prefill here
@@ -90,6 +90,26 @@ def mark_gpu_neighbours(loads: dict[int, WorkerLoad], devices: dict[int, str]) -
         w.neighbour_decode_ctx = sum(o.decode_ctx for o in others)
 
 
+def mark_step(w: WorkerLoad, last_step_end: float | None, pending: list[tuple[float, int]], now: float) -> None:
+    """Set w's since_step_ms (since the step it runs began: running_step_start) and queued_since_step_tokens (the
+    prompt tokens that came after, in no step it has scheduled). pending: (arrival, tokens left) of the prompts it
+    holds unprefilled; times in s on the clock of now."""
+    start = running_step_start(last_step_end, [a for a, _ in pending], w.decode_batch > 0)
+    w.since_step_ms = None if start is None else (now - start) * 1e3
+    w.queued_since_step_tokens = sum(n for a, n in pending if start is None or a > start)
+
+
+def running_step_start(last_step_end: float | None, pending: list[float], decoding: bool) -> float | None:
+    """When the step a worker runs now began (s, the caller's clock): when its last step ended, while it held work
+    then (a prompt that came before, or sequences decoding); a worker idle then began one when the first of the
+    prompts it holds came (None: no step seen and nothing held). pending: the arrivals of the prompts it holds
+    unprefilled."""
+    if last_step_end is not None and (decoding or any(a <= last_step_end for a in pending)):
+        return last_step_end
+    later = [a for a in pending if last_step_end is None or a > last_step_end]
+    return min(later) if later else last_step_end
+
+
 BUSY_EMA = 0.1  # weight of the newest sample of a worker's busy fraction (~ the last 10 decisions)
 
 
@@ -108,12 +128,14 @@ class LoadView:
     def snapshot(self, workers, requests) -> dict[int, WorkerLoad]:
         """workers: the coordinator's handles (spec, alive, last_step_end), by rank; requests: those not done."""
         now = time.perf_counter()
-        loads = {w.spec.rank: WorkerLoad(role=w.spec.role, async_steps=w.spec.role != "prefill", device=w.spec.place,
-                                         since_step_ms=None if w.last_step_end is None else (now - w.last_step_end) * 1e3)
+        loads = {w.spec.rank: WorkerLoad(role=w.spec.role, async_steps=w.spec.role != "prefill", device=w.spec.place)
                  for w in workers}
+        pending: dict[int, list[tuple[float, int]]] = {r: [] for r in loads}  # (arrival, prompt tokens left)
         for t in requests:
             if t.path:
-                self._add(loads, workers, t)
+                self._add(loads, pending, t)
+        for w in workers:
+            mark_step(loads[w.spec.rank], w.last_step_end, pending[w.spec.rank], now)
         for r, w in loads.items():
             self.busy_avg[r] = (1 - BUSY_EMA) * self.busy_avg.get(r, 0.0) + BUSY_EMA * busy(w)
         mark_gpu_sharing(loads, {w.spec.rank: w.spec.place for w in workers if w.alive}, self.busy_avg)
@@ -121,7 +143,7 @@ class LoadView:
         return loads
 
     @staticmethod
-    def _add(loads: dict[int, WorkerLoad], workers, t) -> None:
+    def _add(loads: dict[int, WorkerLoad], pending: dict[int, list], t) -> None:
         generated = t.num_generated
         if t.stage == "prefill" and t.decode_rank is not None and t.decode_rank != t.prefill_rank:
             loads[t.decode_rank].incoming_decodes += 1
@@ -130,9 +152,7 @@ class LoadView:
             n, done = len(t.prompt_ids), min(t.prefilled, len(t.prompt_ids) - 1)  # what its steps have left
             w.queued_prefill_tokens += n - done
             w.queued_prefill_sq_tokens += n ** 2 - done ** 2  # its attention pairs left, x 2
-            last = workers[t.prefill_rank].last_step_end
-            if last is None or t.arrival > last:  # not in a step the worker has already scheduled
-                w.queued_since_step_tokens += n - done
+            pending[t.prefill_rank].append((t.arrival, n - done))
         elif t.stage == "collocated":
             loads[t.prefill_rank].decode_batch += 1
             loads[t.prefill_rank].decode_ctx += len(t.prompt_ids) + generated

@@ -24,7 +24,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from pdcli.router.load import LoadForecast, WorkerLoad, mark_gpu_neighbours, mark_gpu_sharing
+from pdcli.router.load import LoadForecast, WorkerLoad, mark_gpu_neighbours, mark_gpu_sharing, mark_step
 
 logger = logging.getLogger("pdcli.replay")
 
@@ -207,13 +207,13 @@ def rebuilt_loads(run: Run, i: int, forecast: LoadForecast, cm=None) -> dict[int
         if not k:
             w.queued_since_step_tokens = w.queued_prefill_tokens
             continue
-        since = (t - ends[k - 1]) * 1e3
-        if w.async_steps and (w.decode_batch or w.queued_prefill_tokens):
+        last = ends[k - 1]
+        if w.async_steps and (w.decode_batch or w.queued_prefill_tokens):  # steps since: back to back
             chunk = min(w.queued_prefill_tokens, max(1, cm.max_num_batched_tokens - w.decode_batch))
-            step = cm.step_ms(w.decode_batch, w.decode_ctx, [(chunk, 0)] if chunk else [])
-            since = since % step if step > 0 else since
-        w.steps_seen, w.since_step_ms = True, since
-        w.queued_since_step_tokens = sum(n for a, n in queued[rank] if a > t - since / 1e3)
+            step = cm.step_ms(w.decode_batch, w.decode_ctx, [(chunk, 0)] if chunk else []) / 1e3
+            last = t - (t - last) % step if step > 0 else last
+        w.steps_seen = True
+        mark_step(w, last, queued[rank], t)
     mark_gpu_sharing(loads, {w["rank"]: w["device"] for w in run.layout})
     forecast.apply(loads, t)
     return loads
