@@ -115,11 +115,12 @@ def queued_sq(w: WorkerLoad, tokens: int) -> float:
     return w.queued_prefill_sq_tokens * tokens / w.queued_prefill_tokens if w.queued_prefill_tokens else 0.0
 
 
-def start_wait_ms(cm: CostModel, w: WorkerLoad) -> float:
+def start_wait_ms(cm: CostModel, w: WorkerLoad, prefill_scale: float = 1.0, prefill_step_extra: float = 0.0) -> float:
     """Expected wait before a prompt arriving now runs its first step on worker w: the steps already scheduled
     (the one running and, with async scheduling, the one behind it), priced by the cost model (decode rows and
-    the prompts they hold) less the time since the running step began, at least one step with async scheduling;
-    in a replay that did not record when steps ended, what served runs measured at low load."""
+    the prompts they hold, these as ttft_ms prices a prompt's steps on w: x prefill_scale, + prefill_step_extra
+    ms beside the GPU's neighbours) less the time since the running step began, at least one step with async
+    scheduling; in a replay that did not record when steps ended, what served runs measured at low load."""
     held, _ = split_queue(cm, w)
     steps = 2 if w.async_steps else 1
     if not (w.decode_batch or held):
@@ -130,8 +131,9 @@ def start_wait_ms(cm: CostModel, w: WorkerLoad) -> float:
     if w.since_step_ms is None:  # no step yet
         return 0.0
     sq = queued_sq(w, held)
-    scheduled = steps * step + (cm.prefill_in_decode_ms(held, w.decode_batch, w.decode_ctx, sq) if w.decode_batch
-                                else cm.queued_prefill_ms(held, sq_tokens=sq))
+    prompts = (cm.prefill_in_decode_ms(held, w.decode_batch, w.decode_ctx, sq) if w.decode_batch
+               else cm.queued_prefill_ms(held, sq_tokens=sq))
+    scheduled = steps * step + (prompts * prefill_scale + prefill_step_extra if held else 0.0)
     return max(scheduled - w.since_step_ms, step if steps > 1 else 0.0)
 
 
@@ -143,13 +145,13 @@ def ttft_ms(cm: CostModel, w: WorkerLoad, prompt_len: int, cached: int = 0) -> f
     work = cm.queued_prefill_ms(ahead, w.decode_batch, w.decode_ctx, queued_sq(w, ahead)) + \
         cm.chunked_prefill_ms(prompt_len, w.decode_batch, w.decode_ctx, cached)
     served = cm.prefill_role_scale if w.role == "prefill" else 1.0  # a dedicated prefill worker as profiled serving
-    wait = start_wait_ms(cm, w)
+    per_step = neighbour_ms(cm, w, 1)
+    slow = 1 + cm.prefill_neighbour_extra * w.sharing if per_step is None else 1.0  # unmeasured: a factor
+    wait = start_wait_ms(cm, w, served * slow, per_step or 0.0)  # a running step's prompts run as ours do
     budget = max(1, cm.max_num_batched_tokens - w.decode_batch)
     own_steps = -(-(ahead + max(0, prompt_len - cached)) // budget)
     work += joining_ms(cm, w, wait, work, own_steps * budget - ahead - max(0, prompt_len - cached), own_steps)
-    steps = own_steps + (1 if wait > 0 else 0)
-    beside = neighbour_ms(cm, w, steps)
-    slow = 1 + cm.prefill_neighbour_extra * w.sharing if beside is None else 1.0  # unmeasured: a factor
+    beside = neighbour_ms(cm, w, own_steps)
     return wait + work * served * slow + (beside or 0.0)
 
 
