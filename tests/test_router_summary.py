@@ -35,10 +35,11 @@ def test_a_rate_with_fewer_than_100_requests_is_not_a_bin():
     assert s["short_rows_below_knee"] == 1 and s["short_rows_ttft_err_max"] == 0.4
 
 
-def test_the_best_share_of_futures_one_prediction_gets_within_15_percent():
-    """router_floor's bound: one value within 15% of 1.0 and 1.25 (1.15 is), not of 1.45 as well."""
-    from pdcli.benchmarks.router_floor import best_share_within
+def test_the_prediction_that_aims_at_the_likeliest_futures():
+    """router_floor's window oracle: the largest share of futures one value gets within 15% of (1.15 is within
+    15% of 1.0 and of 1.25, not of 1.45), and the median of those futures."""
+    from pdcli.benchmarks.router_floor import best_window
 
-    assert best_share_within([1.0, 1.0, 1.0, 1.25, 1.25, 1.25, 1.45, 1.8]) == 0.75
-    assert best_share_within([1.0, 2.0, 4.0, 8.0]) == 0.25  # a factor 2 apart: one at a time
-    assert best_share_within([5.0] * 4) == 1.0
+    assert best_window([1.0, 1.0, 1.0, 1.25, 1.25, 1.25, 1.45, 1.8]) == (0.75, 1.125)
+    assert best_window([1.0, 2.0, 4.0, 8.0])[0] == 0.25  # a factor 2 apart: one at a time
+    assert best_window([5.0] * 4) == (1.0, 5.0)
