@@ -43,3 +43,18 @@ def test_the_prediction_that_aims_at_the_likeliest_futures():
     assert best_window([1.0, 1.0, 1.0, 1.25, 1.25, 1.25, 1.45, 1.8]) == (0.75, 1.125)
     assert best_window([1.0, 2.0, 4.0, 8.0])[0] == 0.25  # a factor 2 apart: one at a time
     assert best_window([5.0] * 4) == (1.0, 5.0)
+
+
+def test_a_simulated_bimodal_run_decomposes_its_tpot_by_long_prefills_met():
+    """router_sim_hindsight: with the cost model exact, a short request that met no long prefill decodes at its
+    hindsight price; one that met one, slower."""
+    from pathlib import Path
+
+    from pdcli.benchmarks.router_sim_hindsight import one_run
+    from pdcli.router.fit import load_cost_model
+
+    cm = load_cost_model(str(Path(__file__).parent.parent / "profiles/nvidia-h200/dummy-llama3-8b"))
+    r = one_run(cm, 0.5, 4.0, 31, 20.0)
+    by_k = r["tpot_hindsight"]["measured_over_hindsight_by_long_prefills"]
+    assert abs(by_k["0"]["median"] - 1) < 0.05 and by_k["1"]["median"] > 1.1
+    assert r["num_scored"] > 40 and 0 < r["router_tpot_err"] < 1
