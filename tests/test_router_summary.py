@@ -54,7 +54,7 @@ def test_a_simulated_bimodal_run_decomposes_its_tpot_by_long_prefills_met():
     from pdcli.router.fit import load_cost_model
 
     cm = load_cost_model(str(Path(__file__).parent.parent / "profiles/nvidia-h200/dummy-llama3-8b"))
-    r = one_run(cm, 0.5, 4.0, 31, 20.0)
+    r = one_run(cm, 0.5, 4.0, 32, 20.0)
     by_k = r["tpot_hindsight"]["measured_over_hindsight_by_long_prefills"]
     assert abs(by_k["0"]["median"] - 1) < 0.05 and by_k["1"]["median"] > 1.1
     assert r["num_scored"] > 40 and 0 < r["router_tpot_err"] < 1
