@@ -7,8 +7,8 @@ prompts that arrive meanwhile ride in its steps as prefill chunks, taking a shar
   TPOT = decode_step(forecast batch) x (1 + e x busy GPU neighbours) x m / (1 - rho)
 where e is what a decoding neighbour adds to a step (CostModel.decode_neighbour_extra: profiled, else 1) and m
 what the neighbours' prefills add while they run (prefill_stretch).
-TTFT is the wait for the steps already scheduled, then the prompts queued ahead and its own chunks, slowed
-by the GPU's neighbours and the prefill share they take.
+TTFT is the wait for the steps already scheduled, then the prompts queued ahead and its own chunks, and the
+prompts that come before its last step is scheduled and join it (joining_ms), slowed by the GPU's neighbours.
 """
 from __future__ import annotations
 
