@@ -7,7 +7,8 @@ it: the collocated worker, or the prefill then the decode worker), and from the 
 `loads` (each worker's `WorkerLoad` at that moment) and both paths' predictions. Runs that recorded no loads
 (or no workers) are rebuilt from the records themselves: a request is queued on its prefill worker from its
 arrival to its first token and decodes on its decode worker from its first token to its end; workers are
-assigned as the coordinator did (fewest requests in flight, ties in turn); the load forecast sees the same
+assigned as the coordinator did (fewest requests in flight, ties in turn; in an adaptive run as its router did);
+the load forecast sees the same
 arrivals in the same order. When a worker's last step ended, which the live router has from the workers' step
 reports, is rebuilt from the steps the records mark: a step that finished prompts ends with their first tokens, one
 that finished requests with their last (step_ends); a prefill worker's steps all finish prompts, a collocated or
@@ -28,7 +29,7 @@ from pdcli.router.load import LoadForecast, WorkerLoad, mark_gpu_neighbours, mar
 
 logger = logging.getLogger("pdcli.replay")
 
-STEP_CLUSTER_S = 0.002  # first tokens on one prefill worker this close came from one step
+STEP_CLUSTER_S = 0.002  # s: first or last tokens on one worker this close came from one step
 
 
 @dataclass
@@ -70,7 +71,7 @@ class Run:
     pd_on_collocated: bool
     records: list[Record] = field(default_factory=list)
     slo: dict = field(default_factory=dict)  # goodput_slos: ttft / tpot ms
-    step_ends: dict | None = None  # prefill worker's rank -> when its steps ended (s), rebuilt (step_ends)
+    step_ends: dict | None = None  # rank -> when its steps are known to have ended (s), rebuilt (step_ends)
 
 
 def _record(q: dict) -> Record:
