@@ -61,7 +61,8 @@ def simulated(cm, burstiness: float, rate: float, prompt_lens, output_lens, arri
     run = Run("simulated", layout.mode, rate, [dict(rank=s.rank, role=s.role, device=s.device) for s in layout.specs],
               False, [Record(r.arrival, r.input_len, r.output_len, r.ttft_ms if r.ok else None,
                              r.e2el_ms if r.ok else None, r.path, r.workers) for r in recs], SLO)
-    replayed = replay_run(run, AdaptiveRouter(cm, SLO["ttft"], SLO["tpot"], slo_ttft_per_token_ms=SLO["ttft_per_token"]))
+    router = AdaptiveRouter(cm, SLO["ttft"], SLO["tpot"], slo_ttft_per_token_ms=SLO["ttft_per_token"])
+    replayed = replay_run(run, router)
     scored = [x for x in replayed if x.record.arrival >= WARMUP_S]
     err = errors(scored)
     return dict(burstiness=burstiness, rate=rate, num_scored=len(scored),
@@ -72,8 +73,9 @@ def simulated(cm, burstiness: float, rate: float, prompt_lens, output_lens, arri
 
 def _print(r: dict) -> None:
     by_k = r["tpot_hindsight"].get("measured_over_hindsight_by_long_prefills", {})
-    print(f"b={r['burstiness']:g} {r['rate']:4.1f} req/s {r['trace'][-40:]}: router TPOT error {r['router_tpot_err']:.3f} "
-          f"({r['router_tpot_below']:.2f} below); measured / hindsight price by long prefills met: "
+    print(f"b={r['burstiness']:g} {r['rate']:4.1f} req/s {r['trace'][-40:]}: router TPOT error "
+          f"{r['router_tpot_err']:.3f} ({r['router_tpot_below']:.2f} below); measured / hindsight price by long "
+          "prefills met: "
           + ", ".join(f"{k}: {v['median']:.2f} ({v['requests']})" for k, v in by_k.items()), flush=True)
 
 

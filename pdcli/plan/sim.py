@@ -61,7 +61,9 @@ class SimWorker:
     max_num_seqs: int
     max_num_batched_tokens: int
     waiting: deque = field(default_factory=deque)  # prompts with tokens left to plan, FCFS
-    prompts: list = field(default_factory=list)  # prompts here without a first token (the coordinator's queue)
+    prompts: list = field(default_factory=list)  # prompts here without a first token (the coordinator's queue), FCFS
+    queued_tokens: int = 0  # of those, the prompt tokens not yet computed (landed), as the workers report them
+    queued_sq: int = 0  # their squared lengths less the computed part's: sum of prompt_len^2 - computed^2
     finishing: list = field(default_factory=list)  # heap of (plan whose row makes its last token, order, seq)
     num_decoding: int = 0  # decode rows of the next planned step
     decode_ctx: int = 0  # their context tokens
@@ -119,6 +121,16 @@ class SimWorker:
                     self.admit(seq)
         return SimStep(chunks, ending, batch, ms)
 
+    def hold(self, seq: SimSeq) -> None:
+        """seq's prompt is here until its first token (queued_tokens and queued_sq count what it has left)."""
+        self.prompts.append(seq)
+        self._count(seq, 1)
+
+    def _count(self, seq: SimSeq, sign: int) -> None:
+        done = min(seq.prefilled, seq.prompt_len - 1)
+        self.queued_tokens += sign * (seq.prompt_len - done)
+        self.queued_sq += sign * (seq.prompt_len ** 2 - done ** 2)
+
     def admit(self, seq: SimSeq) -> None:
         """seq, with its first token on the way, decodes in the next output_len - 1 steps planned here."""
         if seq.output_len <= 1:
@@ -131,11 +143,14 @@ class SimWorker:
         """Land a step that ended at now: (sequences whose first token it made, sequences it finished)."""
         prefilled = []
         for seq, n, _ in step.chunks:
+            self._count(seq, -1)
             seq.prefilled += n
             if seq.prefilled >= seq.prompt_len:
                 seq.first = now
                 self.prompts.remove(seq)
                 prefilled.append(seq)
+            else:
+                self._count(seq, 1)
         for seq in step.ending:
             seq.end = now
         self.running, self.busy_until, self.last_step_end = None, None, now

@@ -3,6 +3,7 @@ handed-off KV; routing is the coordinator's (policies on requests in flight; the
 loads built from the simulated workers)."""
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 
@@ -70,7 +71,7 @@ class Simulator:
         seq.path = "collocated" if second is None else "disaggregated"
         seq.scheduled = seq.prefilled = self.prefixes.cached_tokens(first.spec.rank, seq.hashes)
         first.waiting.append(seq)
-        first.prompts.append(seq)
+        first.hold(seq)
         first.inflight += 1
         if second is not None:
             second.inflight += 1
@@ -151,15 +152,17 @@ class Simulator:
         """Each worker's load as the coordinator sees it: prompts until their first token lands, less what the
         landed steps computed of them (the workers report a partly prefilled prompt's progress)."""
         out = {}
+        left = lambda s: (s.arrival, s.prompt_len - min(s.prefilled, s.prompt_len - 1))  # noqa: E731
         for w in self.workers:
-            left = lambda s: s.prompt_len - min(s.prefilled, s.prompt_len - 1)  # noqa: E731
             out[w.spec.rank] = load = WorkerLoad(
-                queued_prefill_tokens=sum(left(s) for s in w.prompts),
-                queued_prefill_sq_tokens=sum(s.prompt_len ** 2 - min(s.prefilled, s.prompt_len - 1) ** 2
-                                             for s in w.prompts),
+                queued_prefill_tokens=w.queued_tokens, queued_prefill_sq_tokens=w.queued_sq,
                 decode_batch=w.num_decoding, decode_ctx=w.decode_ctx, role=w.spec.role, async_steps=w.async_steps,
                 device=w.spec.device, incoming_decodes=w.incoming)
-            mark_step(load, w.last_step_end, [(s.arrival, left(s)) for s in w.prompts], self.now)
+            # the prompts that matter to when its step began: the oldest, and those after its last step ended
+            # (prompts are in arrival order; a deep queue is mostly older)
+            i = 0 if w.last_step_end is None else \
+                bisect.bisect_right(w.prompts, w.last_step_end, key=lambda s: s.arrival)
+            mark_step(load, w.last_step_end, [left(s) for s in w.prompts[:min(i, 1)] + w.prompts[i:]], self.now)
         mark_gpu_sharing(out, {w.spec.rank: w.spec.device for w in self.workers})
         self.forecast.apply(out, self.now)
         return out

@@ -104,10 +104,10 @@ def running_step_start(last_step_end: float | None, pending: list[float], decodi
     then (a prompt that came before, or sequences decoding); a worker idle then began one when the first of the
     prompts it holds came (None: no step seen and nothing held). pending: the arrivals of the prompts it holds
     unprefilled."""
-    if last_step_end is not None and (decoding or any(a <= last_step_end for a in pending)):
+    first = min(pending, default=None)
+    if last_step_end is not None and (decoding or (first is not None and first <= last_step_end)):
         return last_step_end
-    later = [a for a in pending if last_step_end is None or a > last_step_end]
-    return min(later) if later else last_step_end
+    return last_step_end if first is None else first
 
 
 BUSY_EMA = 0.1  # weight of the newest sample of a worker's busy fraction (~ the last 10 decisions)

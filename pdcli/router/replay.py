@@ -8,10 +8,11 @@ it: the collocated worker, or the prefill then the decode worker), and from the 
 (or no workers) are rebuilt from the records themselves: a request is queued on its prefill worker from its
 arrival to its first token and decodes on its decode worker from its first token to its end; workers are
 assigned as the coordinator did (fewest requests in flight, ties in turn; in an adaptive run as its router did);
-the load forecast sees the same arrivals in the same order. When a worker's last step ended, which the live router has from the workers' step
-reports, is rebuilt from the steps the records mark: a step that finished prompts ends with their first tokens, one
-that finished requests with their last (step_ends); a prefill worker's steps all finish prompts, a collocated or
-decode worker's steps in between are taken as back to back at the cost model's step. In the simulator, where the
+the load forecast sees the same arrivals in the same order. When a worker's last step ended, which the live
+router has from the workers' step reports, is rebuilt from the steps the records mark: a step that finished
+prompts ends with their first tokens, one that finished requests with their last (step_ends); a prefill worker's
+steps all finish prompts, a collocated or decode worker's steps in between are taken as back to back at the cost
+model's step. In the simulator, where the
 cost model is exact, not knowing when the last step ended took the router's median TTFT error on a collocated
 worker from 0-2% to 14-22% (1024-token prompts, 8-24 req/s, one H100's profile).
 """
