@@ -107,7 +107,7 @@ def one_rate(cm, workload: str, burstiness: float, rate: float, duration: float,
     from pdcli.bench.workloads import make_requests
     from pdcli.plan.layouts import enumerate_layouts
     from pdcli.router.adaptive import AdaptiveRouter
-    from pdcli.router.replay import Record, Run, replay_run
+    from pdcli.router.replay import replay_run, simulated_run
 
     layout = next(lay for lay in enumerate_layouts(1, 1) if lay.name == "1C")
     n = int(rate * duration)
@@ -118,10 +118,8 @@ def one_rate(cm, workload: str, burstiness: float, rate: float, duration: float,
     sim = _recording_simulator()(cm, list(layout.specs), layout.mode)
     sim.start_recording(picked)
     recs = sim.run([len(r.prompt_ids) for r in reqs], [r.output_len for r in reqs], arrivals)
-    records = [Record(r.arrival, r.input_len, r.output_len, r.ttft_ms if r.ok else None,
-                      r.e2el_ms if r.ok else None, r.path, r.workers, sim.loads_at[i]) for i, r in enumerate(recs)]
-    run = Run("simulated", layout.mode, rate, [dict(rank=s.rank, role=s.role, device=s.device) for s in layout.specs],
-              False, records, SLO)
+    run = simulated_run(layout.specs, layout.mode, rate, recs, SLO, [sim.loads_at[i] for i in range(len(recs))])
+    records = run.records
     router = AdaptiveRouter(cm, SLO["ttft"], SLO["tpot"], slo_ttft_per_token_ms=SLO["ttft_per_token"])
     replayed = {id(x.record): x for x in replay_run(run, router)}
     rows = []

@@ -14,13 +14,11 @@ import argparse
 import sys
 
 from pdcli.benchmarks.results import provenance, write
+from pdcli.benchmarks.router_floor import MAX_MODEL_LEN, PROFILE, SLO, VOCAB  # one H200 profile, the issue's SLOs
 
-PROFILE = "profiles/nvidia-h200/dummy-llama3-8b"
-SLO = dict(ttft=250.0, ttft_per_token=0.1, tpot=15.0)  # the router issue's bimodal SLOs
 CASES = ((0.5, (4.0, 4.5, 5.0, 5.5, 6.0)), (1.0, (4.5, 5.0, 5.5)))  # (burstiness, rates): the committed runs'
 RUNS = ("results/router/h200_bimodal_b0.5", "results/router/h200_bimodal")
 WARMUP_S = 5.0  # requests before this are not scored, as the runs' warm-up
-VOCAB, MAX_MODEL_LEN = 32000, 16384
 
 
 def one_run(cm, burstiness: float, rate: float, seed: int, duration: float) -> dict:
@@ -54,13 +52,11 @@ def simulated(cm, burstiness: float, rate: float, prompt_lens, output_lens, arri
     from pdcli.plan.layouts import enumerate_layouts
     from pdcli.plan.simulator import Simulator
     from pdcli.router.adaptive import AdaptiveRouter
-    from pdcli.router.replay import Record, Run, errors, replay_run
+    from pdcli.router.replay import errors, replay_run, simulated_run
 
     layout = next(lay for lay in enumerate_layouts(1, 1) if lay.name == "1C")
     recs = Simulator(cm, list(layout.specs), layout.mode).run(list(prompt_lens), list(output_lens), arrivals)
-    run = Run("simulated", layout.mode, rate, [dict(rank=s.rank, role=s.role, device=s.device) for s in layout.specs],
-              False, [Record(r.arrival, r.input_len, r.output_len, r.ttft_ms if r.ok else None,
-                             r.e2el_ms if r.ok else None, r.path, r.workers) for r in recs], SLO)
+    run = simulated_run(layout.specs, layout.mode, rate, recs, SLO)
     router = AdaptiveRouter(cm, SLO["ttft"], SLO["tpot"], slo_ttft_per_token_ms=SLO["ttft_per_token"])
     replayed = replay_run(run, router)
     scored = [x for x in replayed if x.record.arrival >= WARMUP_S]

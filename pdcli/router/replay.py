@@ -101,6 +101,14 @@ def load_runs(folder: str) -> list[Run]:
     return sorted(runs, key=lambda r: (r.mode, r.rate))
 
 
+def simulated_run(specs, mode: str, rate: float, recs, slo: dict, loads: list | None = None) -> Run:
+    """A run of the planner's simulator (its RequestRecords, on workers specs) in the replay's record format;
+    loads: the WorkerLoads each request met, by index (else rebuilt as for an older run)."""
+    return Run("simulated", mode, rate, [dict(rank=s.rank, role=s.role, device=s.device) for s in specs], False,
+               [Record(r.arrival, r.input_len, r.output_len, r.ttft_ms if r.ok else None, r.e2el_ms if r.ok else None,
+                       r.path, r.workers, loads[i] if loads else None) for i, r in enumerate(recs)], slo)
+
+
 def _can_hand_off(p: dict, d: dict, pd_on_collocated: bool) -> bool:
     if p["rank"] == d["rank"]:
         return False
@@ -134,10 +142,9 @@ def assign_workers(run: Run) -> None:
     held: dict[int, list[float]] = {w["rank"]: [] for w in run.layout}  # rank -> when each held request leaves
     turn = 0
     for i, r in enumerate(run.records):
-        inflight = {k: sum(1 for t in v if t > r.arrival) for k, v in held.items()}
-        if run.mode == "adaptive" and not r.workers:
-            inflight = _router_load(run, i)
         if not r.workers:
+            inflight = _router_load(run, i) if run.mode == "adaptive" else \
+                {k: sum(1 for t in v if t > r.arrival) for k, v in held.items()}
             if r.path == "disaggregated" and pairs:
                 best = min((inflight[p], inflight[d]) for p, d in pairs)
                 tied = [pd for pd in pairs if (inflight[pd[0]], inflight[pd[1]]) == best]
