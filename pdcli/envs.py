@@ -19,12 +19,12 @@ def cache_dir() -> str:
 
 
 def prefill_kernel() -> str:
-    """The paged prefill attention kernel: "mma" (default: mma.sync, any sm_80+ GPU), "wgmma" or "wgmma_ws"
-    (PDCLI_PREFILL_KERNEL: Hopper's tensor cores, plain or warp-specialised, where the build has them), "auto"
-    (per chunk length, the fastest of those that matched the reference when the engine started:
-    kernels/prefill_choice.py). The Hopper kernels have not yet run on a GPU: the default stays mma."""
+    """The paged prefill attention kernel: "auto" (default: per chunk length, the fastest of those that matched
+    the reference when the engine started, kernels/prefill_choice.py; mma.sync alone off Hopper), "mma"
+    (mma.sync, any sm_80+ GPU), "wgmma" or "wgmma_ws" (Hopper's tensor cores, plain or warp-specialised, where
+    the build has them), through PDCLI_PREFILL_KERNEL."""
     value = os.environ.get("PDCLI_PREFILL_KERNEL", "").strip().lower()
-    return value if value in ("wgmma", "wgmma_ws", "auto") else "mma"
+    return value if value in ("mma", "wgmma", "wgmma_ws") else "auto"
 
 
 def gemv_mode() -> str:

@@ -169,3 +169,20 @@ def test_the_prefill_kernel_is_chosen_per_chunk_length_among_those_that_match_th
         assert prefill_choice.kernel_for(50000) == "wgmma"  # past the longest bucket: the longest's
     finally:
         prefill_choice._choice.clear()
+
+
+def test_the_kernel_benchmark_reports_the_prefill_kernel_the_engine_runs(monkeypatch):
+    """The kernels JSON's prefill figures are the engine's kernel's: by default (auto) the fastest that matched
+    the reference, else the one PDCLI_PREFILL_KERNEL names."""
+    from pdcli.benchmarks.kernels import engine_prefill_row
+
+    rows = [dict(seq_len=8192, kernel="mma", tflops=320.0, correct=True),
+            dict(seq_len=8192, kernel="wgmma", tflops=600.0, correct=False),
+            dict(seq_len=8192, kernel="wgmma_ws", tflops=500.0, correct=True)]
+    monkeypatch.delenv("PDCLI_PREFILL_KERNEL", raising=False)
+    assert engine_prefill_row(rows, 8192)["kernel"] == "wgmma_ws"
+    monkeypatch.setenv("PDCLI_PREFILL_KERNEL", "mma")
+    assert engine_prefill_row(rows, 8192)["kernel"] == "mma"
+    monkeypatch.setenv("PDCLI_PREFILL_KERNEL", "wgmma")
+    assert engine_prefill_row(rows, 8192)["kernel"] == "wgmma"
+    assert engine_prefill_row(rows[:1], 8192)["kernel"] == "mma"  # a build without the Hopper kernels

@@ -36,7 +36,9 @@ def tune_prefill(num_heads: int, num_kv_heads: int, head_dim: int, block_size: i
     mod = build.get()
     if mod is None or envs.prefill_kernel() != "auto":
         return []
-    names = ["mma", *(["wgmma", "wgmma_ws"] if mod.has_prefill_attention_wgmma(head_dim) else [])]
+    if not mod.has_prefill_attention_wgmma(head_dim):
+        return []  # mma.sync is the only one: nothing to choose
+    names = ["mma", "wgmma", "wgmma_ws"]
     kernels = {n: getattr(mod, "prefill_attention" if n == "mma" else f"prefill_attention_{n}") for n in names}
     try:
         return prefill_choice.tune(kernels, num_heads, num_kv_heads, head_dim, block_size, dtype, device)
