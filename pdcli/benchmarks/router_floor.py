@@ -32,6 +32,20 @@ VOCAB, MAX_MODEL_LEN = 32000, 16384
 WARMUP_S = 10.0  # requests before this are not scored (the forecast and calibration are warming up)
 
 
+def one_collocated_gpu():
+    """The layout every case here runs: one GPU, one collocated worker (the planner's "1C")."""
+    from pdcli.plan.layouts import enumerate_layouts
+
+    return next(lay for lay in enumerate_layouts(1, 1) if lay.name == "1C")
+
+
+def slo_router(cm):
+    """The adaptive router with the issue's SLOs, as the runs priced their requests."""
+    from pdcli.router.adaptive import AdaptiveRouter
+
+    return AdaptiveRouter(cm, SLO["ttft"], SLO["tpot"], slo_ttft_per_token_ms=SLO["ttft_per_token"])
+
+
 def _recording_simulator():
     from pdcli.plan.simulator import Simulator
 
@@ -105,11 +119,9 @@ def one_rate(cm, workload: str, burstiness: float, rate: float, duration: float,
     from pdcli.bench.arrivals import arrival_times
     from pdcli.bench.metrics import summarize
     from pdcli.bench.workloads import make_requests
-    from pdcli.plan.layouts import enumerate_layouts
-    from pdcli.router.adaptive import AdaptiveRouter
     from pdcli.router.replay import replay_run, simulated_run
 
-    layout = next(lay for lay in enumerate_layouts(1, 1) if lay.name == "1C")
+    layout = one_collocated_gpu()
     n = int(rate * duration)
     reqs = make_requests(workload, n, seed, VOCAB, MAX_MODEL_LEN)
     arrivals = arrival_times(n, rate, burstiness, seed)
@@ -120,8 +132,7 @@ def one_rate(cm, workload: str, burstiness: float, rate: float, duration: float,
     recs = sim.run([len(r.prompt_ids) for r in reqs], [r.output_len for r in reqs], arrivals)
     run = simulated_run(layout.specs, layout.mode, rate, recs, SLO, [sim.loads_at[i] for i in range(len(recs))])
     records = run.records
-    router = AdaptiveRouter(cm, SLO["ttft"], SLO["tpot"], slo_ttft_per_token_ms=SLO["ttft_per_token"])
-    replayed = {id(x.record): x for x in replay_run(run, router)}
+    replayed = {id(x.record): x for x in replay_run(run, slo_router(cm))}
     rows = []
     for i in sorted(picked):
         rec = records[i]

@@ -11,10 +11,14 @@ results/router/sim_hindsight_<device>.json.
 from __future__ import annotations
 
 import argparse
+import glob
+import json
+import os
 import sys
 
 from pdcli.benchmarks.results import provenance, write
-from pdcli.benchmarks.router_floor import MAX_MODEL_LEN, PROFILE, SLO, VOCAB  # one H200 profile, the issue's SLOs
+from pdcli.benchmarks.router_floor import (MAX_MODEL_LEN, PROFILE, SLO, VOCAB,  # one H200 profile, the issue's SLOs
+                                           one_collocated_gpu, slo_router)
 
 CASES = ((0.5, (4.0, 4.5, 5.0, 5.5, 6.0)), (1.0, (4.5, 5.0, 5.5)))  # (burstiness, rates): the committed runs'
 RUNS = ("results/router/h200_bimodal_b0.5", "results/router/h200_bimodal")
@@ -36,8 +40,6 @@ def one_run(cm, burstiness: float, rate: float, seed: int, duration: float) -> d
 
 def recorded_run(cm, path: str) -> dict:
     """A committed run's own trace (arrivals, prompt and output lengths), simulated and replayed."""
-    import json
-
     with open(path) as f:
         d = json.load(f)
     reqs = sorted(d["requests"], key=lambda q: q["arrival"])
@@ -49,16 +51,13 @@ def recorded_run(cm, path: str) -> dict:
 def simulated(cm, burstiness: float, rate: float, prompt_lens, output_lens, arrivals) -> dict:
     from pdcli.bench.metrics import summarize
     from pdcli.benchmarks.router_summary import tpot_hindsight
-    from pdcli.plan.layouts import enumerate_layouts
     from pdcli.plan.simulator import Simulator
-    from pdcli.router.adaptive import AdaptiveRouter
     from pdcli.router.replay import errors, replay_run, simulated_run
 
-    layout = next(lay for lay in enumerate_layouts(1, 1) if lay.name == "1C")
+    layout = one_collocated_gpu()
     recs = Simulator(cm, list(layout.specs), layout.mode).run(list(prompt_lens), list(output_lens), arrivals)
     run = simulated_run(layout.specs, layout.mode, rate, recs, SLO)
-    router = AdaptiveRouter(cm, SLO["ttft"], SLO["tpot"], slo_ttft_per_token_ms=SLO["ttft_per_token"])
-    replayed = replay_run(run, router)
+    replayed = replay_run(run, slo_router(cm))
     scored = [x for x in replayed if x.record.arrival >= WARMUP_S]
     err = errors(scored)
     return dict(burstiness=burstiness, rate=rate, num_scored=len(scored),
@@ -84,10 +83,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="results")
     args = ap.parse_args(argv)
     from pdcli.router.fit import load_cost_model
-
-    import glob
-    import json
-    import os
 
     cm = load_cost_model(args.params_dir)
     rows = []
