@@ -186,3 +186,26 @@ def test_the_kernel_benchmark_reports_the_prefill_kernel_the_engine_runs(monkeyp
     monkeypatch.setenv("PDCLI_PREFILL_KERNEL", "wgmma")
     assert engine_prefill_row(rows, 8192)["kernel"] == "wgmma"
     assert engine_prefill_row(rows[:1], 8192)["kernel"] == "mma"  # a build without the Hopper kernels
+
+
+def test_the_prefill_kernel_the_engine_calls_and_the_one_its_benchmark_names_are_one_choice(monkeypatch):
+    """ops.prefill_kernel_name: PDCLI_PREFILL_KERNEL's kernel, auto's per chunk length, the Hopper ones only where
+    the build has them."""
+    from types import SimpleNamespace
+
+    from pdcli.kernels import prefill_choice
+    from pdcli.kernels.ops import prefill_kernel, prefill_kernel_name
+
+    hopper = SimpleNamespace(has_prefill_attention_wgmma=lambda d: d == 128, prefill_attention="mma_fn",
+                             prefill_attention_wgmma="wgmma_fn", prefill_attention_wgmma_ws="ws_fn")
+    monkeypatch.setenv("PDCLI_PREFILL_KERNEL", "wgmma")
+    assert prefill_kernel_name(hopper, 128, 100) == "wgmma" and prefill_kernel(hopper, 128, 100) == "wgmma_fn"
+    assert prefill_kernel_name(hopper, 64, 100) == "mma" and prefill_kernel(hopper, 64, 100) == "mma_fn"
+    monkeypatch.delenv("PDCLI_PREFILL_KERNEL")
+    assert prefill_kernel_name(hopper, 128, 8192) == "mma"  # auto, untuned
+    prefill_choice._choice[:] = ["mma", "mma", "wgmma", "wgmma_ws"]
+    try:
+        assert prefill_kernel_name(hopper, 128, 8192) == "wgmma_ws" and prefill_kernel(hopper, 128, 8192) == "ws_fn"
+        assert prefill_kernel_name(hopper, 128, 300) == "mma"
+    finally:
+        prefill_choice._choice.clear()

@@ -325,17 +325,13 @@ def bench_llama3_8b(parts: set[str], bw: float, mm: float, log) -> dict:
 
 
 def prefill_attn_kernel() -> str:
-    """The paged prefill attention the engine runs here: "wgmma" / "wgmma_ws" where chosen and built, else "mma"."""
-    from pdcli import envs
+    """The paged prefill attention the engine runs here for the 32k prompt's chunks (ops.prefill_kernel_name)."""
     from pdcli.kernels import build
+    from pdcli.kernels.ops import prefill_kernel_name
 
     mod = build.get()
-    kernel = envs.prefill_kernel()
-    if kernel == "auto":
-        from pdcli.kernels import prefill_choice
+    return prefill_kernel_name(mod, 128, 8192) if mod else "mma"
 
-        kernel = prefill_choice.kernel_for(8192)  # the 32k prompt's chunks
-    return kernel if kernel != "mma" and mod and mod.has_prefill_attention_wgmma(128) else "mma"
 
 def main(argv=None) -> int:
     args = parse_args(argv)

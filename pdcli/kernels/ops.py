@@ -120,15 +120,19 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx
                                      ctx.max_query_len, ctx.max_context_len, scale)
 
 
-def prefill_kernel(mod, head_dim: int, max_query_len: int):
-    """The compiled paged prefill attention to use (envs.prefill_kernel; "auto": prefill_choice's for this chunk
-    length; the wgmma ones only where this build has them)."""
+def prefill_kernel_name(mod, head_dim: int, max_query_len: int) -> str:
+    """The paged prefill attention kernel for this chunk length: envs.prefill_kernel ("auto": prefill_choice's),
+    the wgmma ones only where this build has them, else "mma"."""
     kernel = envs.prefill_kernel()
     if kernel == "auto":
         kernel = prefill_choice.kernel_for(max_query_len)
-    if kernel != "mma" and mod.has_prefill_attention_wgmma(head_dim):
-        return getattr(mod, f"prefill_attention_{kernel}")
-    return mod.prefill_attention
+    return kernel if kernel != "mma" and mod.has_prefill_attention_wgmma(head_dim) else "mma"
+
+
+def prefill_kernel(mod, head_dim: int, max_query_len: int):
+    """The compiled paged prefill attention to use (prefill_kernel_name's)."""
+    kernel = prefill_kernel_name(mod, head_dim, max_query_len)
+    return mod.prefill_attention if kernel == "mma" else getattr(mod, f"prefill_attention_{kernel}")
 
 
 def reference_decode(out, q, k_cache, v_cache, tables, lens, scale, splits, max_ctx) -> None:
