@@ -81,7 +81,10 @@ def main() -> int:
             mark = "WORSE" if r["worse"] else ("ref" if r["reference"] else "ok")
             print(f"{bench:8s} {r['key']:45s} {r['committed']:>12.4g} {r['now']:>12.4g} {r['change']:+7.1%} {mark}")
     flagged = [f"{b}.{r['key']}" for b, rs in rows.items() for r in rs if r["worse"]]
-    write(args.out, f"check_{dev}", dict(tolerance=args.tolerance, rows=rows, flagged=flagged, failed=failed,
+    import torch
+
+    write(args.out, f"check_{dev}", dict(device=torch.cuda.get_device_name(), tolerance=args.tolerance, rows=rows,
+                                         flagged=flagged, failed=failed,
                                          provenance=provenance("pdcli.benchmarks.check", sys.argv[1:])))
     if failed or flagged:
         print("regressions: " + ", ".join(failed + flagged))
