@@ -454,6 +454,40 @@ def test_profiled_sharing_factors_reach_the_cost_model(tmp_path):
     assert CostModel(**{**cm.__dict__, "sharing": {}}).decode_beside_prefill_extra is None  # unmeasured: it waits
 
 
+def test_sharing_only_adds_the_factors_to_an_existing_profile(tmp_path, monkeypatch):
+    """`pdcli profile --sharing-only --out DIR` measures only the neighbour factors and adds them, with their own
+    provenance, to the profile in DIR (one made without them), keeping its other measurements; `pdcli fit` then
+    carries both. It needs --out, a profile there, and the same model and device name."""
+    import os
+
+    from typer.testing import CliRunner
+
+    import pdcli.cli.profile as cli_profile
+    from pdcli.cli import app
+    from pdcli.profiler import device_name
+
+    base = dict(synthetic_profile(), model="dummy:tiny-llama", device=device_name(torch.device("cpu")))
+    torch.save(base, tmp_path / "profile_data.pt")
+    factors = dict(decode_beside_decode=1.5, prefill_beside_decode=1.25, decode_beside_prefill=2.5, mps=False)
+    monkeypatch.setattr(cli_profile, "_measure_sharing", lambda model, kw, progress: dict(factors))
+    args = ["profile", "--model", "dummy:tiny-llama", "--device", "cpu", "--sharing-only"]
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.stderr
+    data = load_profile(str(tmp_path))
+    assert data["sharing"] == factors and data["sharing_provenance"]["command"].startswith("pdcli")
+    assert data["prefill"] == base["prefill"] and data["provenance"] == base["provenance"]
+    r = CliRunner().invoke(app, ["fit", str(tmp_path), "--no-plots"])
+    assert r.exit_code == 0, r.stderr
+    params = json.load(open(os.path.join(tmp_path, "params.json")))
+    assert params["sharing"] == {k: v for k, v in factors.items() if k != "mps"}
+    assert params["provenance"]["sharing"]["device"] == base["device"]
+    assert load_cost_model(str(tmp_path)).decode_beside_prefill_extra == pytest.approx(1.5)
+    for extra, message in (([], "needs --out"), (["--out", str(tmp_path / "none")], "no profile"),
+                           (["--out", str(tmp_path), "--model", "dummy:tiny-qwen3"], "not dummy:tiny-qwen3")):
+        r = CliRunner().invoke(app, [*args, *extra])
+        assert r.exit_code == 2 and message in r.stderr, r.stderr
+
+
 def test_a_measured_decode_beside_prefill_factor_replaces_waiting_for_the_neighbours_prefill():
     """Unmeasured, a decode step on a GPU whose neighbour prefills is stretched by the GPU's whole prefill share
     (1 / (1 - rho): time-slicing). Measured, by its own prompts' share only; while the neighbour prefills (the

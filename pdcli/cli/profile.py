@@ -81,6 +81,9 @@ def profile(
     sharing: Annotated[Optional[bool], typer.Option(
         "--sharing/--no-sharing", help="Also measure how a second worker's decode batch on the same device "
         "slows a decode and a prefill step (under MPS on a GPU); default: on GPUs.")] = None,
+    sharing_only: Annotated[bool, typer.Option(
+        "--sharing-only", help="Measure only what --sharing measures and add it to the profile already in --out "
+        "(one made before --sharing existed, or without it); the rest of that profile is kept.")] = False,
     engine: dict = None,
 ) -> None:
     """Measure prefill, decode, interference and KV transfer on this hardware -> profile_data.pt."""
@@ -92,6 +95,8 @@ def profile(
         fail(f"--max-seconds must be positive, got {max_seconds}")
     err = Console(stderr=True, highlight=False)
     progress = RichProgress(err) if err.is_terminal else PlainProgress(time.monotonic())
+    if sharing_only:
+        return _add_sharing(model, dict(engine, device=device), out, progress, err)
     try:
         with progress:
             data, folder = _measure(model, dict(engine, device=device), out, max_seconds, transfer, progress)
@@ -169,6 +174,37 @@ def _measure_sharing(model: str, kw: dict, progress) -> dict:
     progress.say(f"beside a decoding neighbour: decode step x{got['decode_beside_decode']:.2f}, prefill "
                  f"x{got['prefill_beside_decode']:.2f}{' (MPS)' if got['mps'] else ''}")
     return got
+
+
+def _add_sharing(model: str, kw: dict, out: str | None, progress, err) -> None:
+    """--sharing-only: the sharing factors measured here, added to the profile in `out` (same model and device
+    name), with their own provenance (sharing_provenance); the profile's other measurements are kept."""
+    import datetime
+
+    import torch
+
+    from pdcli.profiler import device_name
+
+    if not out:
+        fail("--sharing-only needs --out: the folder of the profile to add the factors to")
+    path = os.path.join(out, "profile_data.pt")
+    if not os.path.exists(path):
+        fail(f"--sharing-only: no profile in {out} (profile_data.pt); run pdcli profile first")
+    data = torch.load(path, weights_only=True)
+    dev = kw.get("device") or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    here = device_name(torch.device(dev))
+    if data.get("model") != model or data.get("device") != here:
+        fail(f"--sharing-only: {path} profiles {data.get('model')} on {data.get('device')}, not {model} on {here}")
+    try:
+        with progress:
+            data["sharing"] = _measure_sharing(model, kw, progress)
+    except (RuntimeError, OSError, TimeoutError) as e:
+        fail(str(e), EXIT_RUNTIME)
+    data["sharing_provenance"] = dict(command=" ".join(["pdcli", *sys.argv[1:]]), device=here,
+                                      torch=str(torch.__version__), date=datetime.datetime.now().isoformat(timespec="seconds"))
+    torch.save(data, path)
+    err.print(f"sharing factors added to {path}; refit with: pdcli fit {out}", soft_wrap=True)
+    print(path)
 
 
 def _measure_net(model: str, kw: dict, dist_init_addr: str, node_timeout: float, progress) -> dict:

@@ -116,7 +116,9 @@ def fit_profile(data: dict, folder: str | None = None) -> dict:
         transfer[pair] = dict(f.to_dict(), t0_ms=f.params[0], gb_s=1.0 / (slope * 1e6))
     prefill_worker = served_prefill_scale(data, prefill.params, decode.params, inter.params)
     return dict(schema_version=PARAMS_SCHEMA_VERSION, model=data["model"], device=data.get("device"),
-                provenance=data.get("provenance", {}), max_num_batched_tokens=int(data["max_num_batched_tokens"]),
+                provenance=dict(data.get("provenance", {}), **({"sharing": data["sharing_provenance"]}
+                                                               if "sharing_provenance" in data else {})),
+                max_num_batched_tokens=int(data["max_num_batched_tokens"]),
                 kv_bytes_per_token=int(data["kv_bytes_per_token"]), prefill=prefill.to_dict(),
                 decode=decode.to_dict(), interference=inter.to_dict(), transfer=transfer,
                 sharing={k: float(v) for k, v in data.get("sharing", {}).items()
