@@ -482,7 +482,7 @@ def test_sharing_only_adds_the_factors_to_an_existing_profile(tmp_path, monkeypa
     assert params["sharing"] == {k: v for k, v in factors.items() if k != "mps"}
     assert params["provenance"]["sharing"]["device"] == base["device"]
     assert load_cost_model(str(tmp_path)).decode_beside_prefill_extra == pytest.approx(1.5)
-    for extra, message in (([], "needs --out"), (["--out", str(tmp_path / "none")], "no profile"),
+    for extra, message in (([], "needs --out"), (["--out", str(tmp_path / "none")], "no profile_data.pt"),
                            (["--out", str(tmp_path), "--model", "dummy:tiny-qwen3"], "not dummy:tiny-qwen3")):
         r = CliRunner().invoke(app, [*args, *extra])
         assert r.exit_code == 2 and message in r.stderr, r.stderr

@@ -184,13 +184,15 @@ def _add_sharing(model: str, kw: dict, out: str | None, progress, err) -> None:
     import torch
 
     from pdcli.profiler import device_name
+    from pdcli.router.fit import ProfileError, load_profile
 
     if not out:
         fail("--sharing-only needs --out: the folder of the profile to add the factors to")
     path = os.path.join(out, "profile_data.pt")
-    if not os.path.exists(path):
-        fail(f"--sharing-only: no profile in {out} (profile_data.pt); run pdcli profile first")
-    data = torch.load(path, weights_only=True)
+    try:
+        data = load_profile(out)
+    except ProfileError as e:
+        fail(f"--sharing-only: {e}")
     dev = kw.get("device") or ("cuda:0" if torch.cuda.is_available() else "cpu")
     here = device_name(torch.device(dev))
     if data.get("model") != model or data.get("device") != here:
@@ -200,8 +202,9 @@ def _add_sharing(model: str, kw: dict, out: str | None, progress, err) -> None:
             data["sharing"] = _measure_sharing(model, kw, progress)
     except (RuntimeError, OSError, TimeoutError) as e:
         fail(str(e), EXIT_RUNTIME)
+    now = datetime.datetime.now().isoformat(timespec="seconds")
     data["sharing_provenance"] = dict(command=" ".join(["pdcli", *sys.argv[1:]]), device=here,
-                                      torch=str(torch.__version__), date=datetime.datetime.now().isoformat(timespec="seconds"))
+                                      torch=str(torch.__version__), date=now)
     torch.save(data, path)
     err.print(f"sharing factors added to {path}; refit with: pdcli fit {out}", soft_wrap=True)
     print(path)
