@@ -524,7 +524,7 @@ def test_a_measured_decode_beside_prefill_factor_replaces_waiting_for_the_neighb
 
 def test_a_step_with_a_prompt_beside_a_neighbours_prefill_gains_a_share_of_the_neighbours_step():
     """Under MPS the kernels of two prefilling processes alternate: a small prompt's step beside a neighbour's
-    long chunk takes a share of the neighbour's step (measured on one H200: a 256-token step, 9 ms alone, took
+    long chunk takes a share of the neighbour's step (and beside decoding neighbours a share of each one's step) (measured on one H200: a 256-token step, 9 ms alone, took
     100-170 ms beside 8k-token chunks). The share comes from the profiled decode beside a prefill at the
     profile's shapes; the router's TTFT and the planner's steps price it alike; unmeasured, nothing changes."""
     from types import SimpleNamespace
@@ -571,6 +571,15 @@ def test_a_step_with_a_prompt_beside_a_neighbours_prefill_gains_a_share_of_the_n
     assert shared_step_ms(me, mine, [theirs], 0.0) == pytest.approx(9.0 + share_d * 6.0)
     pre.neighbour_queued_tokens = 0  # the router the same: beside the neighbour's decode steps
     assert latency.ttft_ms(cm, pre, 256) == pytest.approx(own + share_d * float(cm.decode_ms(4, 1200)))
+    two = {0: WorkerLoad(decode_batch=4, decode_ctx=1200, device="cuda:0"),  # two neighbours decode: two steps
+           1: WorkerLoad(role="prefill", async_steps=False, device="cuda:0", since_step_ms=1e4),
+           2: WorkerLoad(role="decode", decode_batch=12, decode_ctx=3600, device="cuda:0")}
+    mark_gpu_sharing(two, {0: "cuda:0", 1: "cuda:0", 2: "cuda:0"})
+    assert (two[1].neighbour_decode_batch, two[1].neighbour_decoders) == (16, 2)
+    both = 2 * float(cm.decode_ms(8, 2400))  # = decode_ms(4, 1200) + decode_ms(12, 3600): the form is linear
+    assert both == pytest.approx(float(cm.decode_ms(4, 1200)) + float(cm.decode_ms(12, 3600)))
+    assert both > float(cm.decode_ms(16, 4800))  # one step of the summed batch would miss a weight read
+    assert latency.ttft_ms(cm, two[1], 256) == pytest.approx(own + share_d * both)
 
 
 def test_a_prefill_worker_as_it_serves_scales_its_prefill_prices(tmp_path):

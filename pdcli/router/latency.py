@@ -181,7 +181,7 @@ def joining_ms(cm: CostModel, w: WorkerLoad, wait_ms: float, work_ms: float, roo
 def neighbour_ms(cm: CostModel, w: WorkerLoad, steps: int) -> float | None:
     """What `steps` prompt-carrying steps of worker w gain beside the other workers on its GPU: each a share of
     the neighbours' step (CostModel.beside_prefill_share while they have prompts queued, capped by their remaining
-    prefill; else beside_decode_share of their decode step). None where that share is unmeasured or nothing is
+    prefill; else beside_decode_share of each decoding neighbour's step). None where that share is unmeasured or nothing is
     known to run beside it (then the decoding-neighbour factor prices it, 1 without busy neighbours)."""
     q, b, ctx = w.neighbour_queued_tokens, w.neighbour_decode_batch, w.neighbour_decode_ctx
     if q <= 0 and b <= 0:
@@ -195,7 +195,8 @@ def neighbour_ms(cm: CostModel, w: WorkerLoad, steps: int) -> float | None:
         chunk = min(q, max(1, cm.max_num_batched_tokens - b))
         return min(steps * share * cm.step_ms(b, ctx, [(chunk, 0)]), cm.queued_prefill_ms(q, b, ctx))
     share = cm.beside_decode_share
-    return None if share is None else steps * share * float(cm.decode_ms(b, ctx))
+    k = max(1, w.neighbour_decoders)  # each decoding neighbour runs its own steps: k steps of the mean batch
+    return None if share is None else steps * share * k * float(cm.decode_ms(b / k, ctx / k))
 
 
 def tpot_ms(cm: CostModel, w: WorkerLoad, prompt_len: int, out_len: float, iterations: int = 4,

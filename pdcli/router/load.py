@@ -16,10 +16,12 @@ class WorkerLoad:
     incoming_decodes: int = 0  # requests routed to decode here whose prompts another worker still prefills
     sharing: int = 0  # other workers with work on the same GPU: time-sliced, each runs at 1 / (1 + sharing)
     sharing_avg: float = 0.0  # the same over time: the others' average busy fractions (prices a whole decode)
-    # the other workers on its GPU, summed: queued prompt tokens, sequences decoding, their context tokens
+    # the other workers on its GPU, summed: queued prompt tokens, sequences decoding, their context tokens, and
+    # how many of them decode (each runs its own steps; 0 in records made before it: taken as one)
     neighbour_queued_tokens: int = 0
     neighbour_decode_batch: int = 0
     neighbour_decode_ctx: int = 0
+    neighbour_decoders: int = 0
     role: str = "collocated"  # collocated | prefill | decode
     since_step_ms: float | None = None  # since the step it runs began (mark_step; None: none seen, nothing held)
     steps_seen: bool = True  # False: when its steps end is not known (a replay of an older run)
@@ -88,6 +90,7 @@ def mark_gpu_neighbours(loads: dict[int, WorkerLoad], devices: dict[int, str]) -
         w.neighbour_queued_tokens = sum(o.queued_prefill_tokens for o in others)
         w.neighbour_decode_batch = sum(o.decode_batch for o in others)
         w.neighbour_decode_ctx = sum(o.decode_ctx for o in others)
+        w.neighbour_decoders = sum(1 for o in others if o.decode_batch > 0)
 
 
 def mark_step(w: WorkerLoad, last_step_end: float | None, pending: list[tuple[float, int]], now: float) -> None:
