@@ -191,11 +191,14 @@ def offline(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) ->
                 output_tok_s=n_out / dt, preemptions=llm.engine.scheduler.num_preemptions, timing=timing)
 
 
-def run_offline(which: str, quick: bool, log, bw: float | None = None, mm: float | None = None) -> dict:
+def run_offline(which: str, quick: bool, log, bw: float | None = None, mm: float | None = None,
+                engine_kw: dict | None = None) -> dict:
     """offline: dummy:qwen3-8b, 512 prompts of 1024 tokens -> 1024 each; nanovllm: nano-vllm's protocol
-    (dummy:qwen3-0.6b, 256 prompts, input and output lengths uniform in [100, 1024], seed 0)."""
+    (dummy:qwen3-0.6b, 256 prompts, input and output lengths uniform in [100, 1024], seed 0). engine_kw: engine
+    settings of an experiment on the qwen3-8b run (--only offline), over max_num_seqs=256."""
     if which == "offline":
-        llm = LLM("dummy:qwen3-8b", device="cuda", max_model_len=2048 + 16, max_num_seqs=256)
+        kw = dict(dict(max_num_seqs=256), **(engine_kw or {}))
+        llm = LLM("dummy:qwen3-8b", device="cuda", max_model_len=2048 + 16, **kw)
         n = 64 if quick else 512
         rng = random.Random(0)
         prompts = [[rng.randrange(1000, 100000) for _ in range(1024)] for _ in range(n)]
@@ -204,9 +207,11 @@ def run_offline(which: str, quick: bool, log, bw: float | None = None, mm: float
             e = llm.engine
             pool = e.runner.num_blocks * e.config.cache.block_size
             res["bound_tok_s"], res["bound_batch"] = offline_bound_tok_s(e.arch, n, 1024, 1024, pool, bw, mm,
-                                                                         max_num_seqs=256)
-            res["run_bound_tok_s"] = offline_run_bound_tok_s(e.arch, n, 1024, 1024, pool, bw, mm, 256)
-        log(f"offline qwen3-8b {n}x1024->1024: {res['output_tok_s']:.0f} out tok/s ({res['seconds']:.1f} s; decode "
+                                                                         max_num_seqs=kw["max_num_seqs"])
+            res["run_bound_tok_s"] = offline_run_bound_tok_s(e.arch, n, 1024, 1024, pool, bw, mm, kw["max_num_seqs"])
+        res["engine"] = kw
+        log(f"offline qwen3-8b {n}x1024->1024 {kw}: {res['output_tok_s']:.0f} out tok/s ({res['seconds']:.1f} s; "
+            f"{res['preemptions']} preemptions; decode "
             f"bound {res.get('bound_tok_s', float('nan')):.0f} at batch {res.get('bound_batch')}, whole-run bound "
             f"{res.get('run_bound_tok_s', float('nan')):.0f}) {res['timing']}")
     else:
@@ -232,6 +237,9 @@ def parse_args(argv) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="smaller offline runs (for a smoke test)")
     ap.add_argument("--only", default=None, help="comma list of parts to run and print, no JSON: "
                                                   "hf, decode, breakdown, ttft, offline, nanovllm")
+    ap.add_argument("--admission-reserve", type=float, default=None,
+                    help="with --only offline: the qwen3-8b run's admission_reserve (an experiment; default the engine's)")
+    ap.add_argument("--max-num-seqs", type=int, default=None, help="with --only offline: its max_num_seqs (default 256)")
     return ap.parse_args(argv)
 
 
@@ -352,7 +360,9 @@ def main(argv=None) -> int:
     llama = bench_llama3_8b(parts, bw, mm, log)
     if args.only:
         for part in sorted(parts & {"offline", "nanovllm"}):
-            log(f"{part}: {run_offline(part, args.quick, log)['output_tok_s']:.0f} out tok/s")
+            kw = {k: v for k, v in (("admission_reserve", args.admission_reserve), ("max_num_seqs", args.max_num_seqs))
+                  if v is not None}
+            log(f"{part}: {run_offline(part, args.quick, log, bw, mm, kw)['output_tok_s']:.0f} out tok/s")
         return 0
     q8 = run_offline("offline", args.quick, log, bw, mm)
     nv = run_offline("nanovllm", args.quick, log)
