@@ -57,6 +57,8 @@ def main() -> int:
     ap.add_argument("--out", default="results")
     ap.add_argument("--skip-tests", action="store_true")
     args = ap.parse_args()
+    import torch
+
     from pdcli.benchmarks.device import device_slug
     from pdcli.benchmarks.results import provenance, write
 
@@ -81,8 +83,6 @@ def main() -> int:
             mark = "WORSE" if r["worse"] else ("ref" if r["reference"] else "ok")
             print(f"{bench:8s} {r['key']:45s} {r['committed']:>12.4g} {r['now']:>12.4g} {r['change']:+7.1%} {mark}")
     flagged = [f"{b}.{r['key']}" for b, rs in rows.items() for r in rs if r["worse"]]
-    import torch
-
     write(args.out, f"check_{dev}", dict(device=torch.cuda.get_device_name(), tolerance=args.tolerance, rows=rows,
                                          flagged=flagged, failed=failed,
                                          provenance=provenance("pdcli.benchmarks.check", sys.argv[1:])))

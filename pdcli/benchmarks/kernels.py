@@ -15,6 +15,7 @@ from pdcli import envs
 from pdcli.benchmarks.device import copy_bandwidth, device_slug, matmul_rate, time_us
 from pdcli.benchmarks.results import provenance, write
 from pdcli.kernels import build, reference
+from pdcli.kernels.ops import prefill_kernel_fn
 
 
 def graph_us(fns, calls: int = 10) -> float:
@@ -138,7 +139,7 @@ def prefill_kernels(mod, head_dim: int = 128) -> list[str]:
 
 
 def bench_prefill(mod, seq_len, hq=32, hk=8, d=128, block_size=16, dtype=torch.bfloat16, kernel="mma"):
-    fn = getattr(mod, "prefill_attention" if kernel == "mma" else f"prefill_attention_{kernel}")
+    fn = prefill_kernel_fn(mod, kernel)
     gen = torch.Generator(device="cuda").manual_seed(seq_len)
     kc, vc, tables, k, v = make_paged(1, seq_len, hk, d, block_size, dtype, gen)
     q = torch.randn(seq_len, hq, d, generator=gen, device="cuda", dtype=dtype)

@@ -29,6 +29,7 @@ def probe(mod, dtype) -> tuple[bool, bool]:
 def main() -> int:
     from pdcli.benchmarks.device import time_us
     from pdcli.kernels import build, prefill_choice
+    from pdcli.kernels.ops import prefill_kernel_fn
 
     try:
         mod = build.load()
@@ -54,7 +55,7 @@ def main() -> int:
     big = prefill_choice.paged_case(8192, 0, 32, 8, 128, 16, torch.bfloat16, "cuda")
     flops = 4 * 32 * 128 * 8192 * 8193 / 2
     for name in ("mma", "wgmma", "wgmma_ws"):
-        fn = getattr(mod, "prefill_attention" if name == "mma" else f"prefill_attention_{name}")
+        fn = prefill_kernel_fn(mod, name)
         ok = prefill_choice.matches_reference(fn, case, 128 ** -0.5)
         q, k, v, table, lens, qsl = big
         out = torch.empty_like(q)

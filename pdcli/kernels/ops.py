@@ -129,10 +129,14 @@ def prefill_kernel_name(mod, head_dim: int, max_query_len: int) -> str:
     return kernel if kernel != "mma" and mod.has_prefill_attention_wgmma(head_dim) else "mma"
 
 
+def prefill_kernel_fn(mod, name: str):
+    """The compiled paged prefill attention called `name` ("mma", "wgmma", "wgmma_ws")."""
+    return mod.prefill_attention if name == "mma" else getattr(mod, f"prefill_attention_{name}")
+
+
 def prefill_kernel(mod, head_dim: int, max_query_len: int):
     """The compiled paged prefill attention to use (prefill_kernel_name's)."""
-    kernel = prefill_kernel_name(mod, head_dim, max_query_len)
-    return mod.prefill_attention if kernel == "mma" else getattr(mod, f"prefill_attention_{kernel}")
+    return prefill_kernel_fn(mod, prefill_kernel_name(mod, head_dim, max_query_len))
 
 
 def reference_decode(out, q, k_cache, v_cache, tables, lens, scale, splits, max_ctx) -> None:

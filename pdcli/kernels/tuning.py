@@ -32,14 +32,14 @@ def tune_prefill(num_heads: int, num_kv_heads: int, head_dim: int, block_size: i
                  device) -> list[dict]:
     """PDCLI_PREFILL_KERNEL=auto: the paged prefill kernel per chunk length (this rank's heads)."""
     from pdcli.kernels import prefill_choice
+    from pdcli.kernels.ops import prefill_kernel_fn
 
     mod = build.get()
     if mod is None or envs.prefill_kernel() != "auto":
         return []
     if not mod.has_prefill_attention_wgmma(head_dim):
         return []  # mma.sync is the only one: nothing to choose
-    names = ["mma", "wgmma", "wgmma_ws"]
-    kernels = {n: getattr(mod, "prefill_attention" if n == "mma" else f"prefill_attention_{n}") for n in names}
+    kernels = {n: prefill_kernel_fn(mod, n) for n in ("mma", "wgmma", "wgmma_ws")}
     try:
         return prefill_choice.tune(kernels, num_heads, num_kv_heads, head_dim, block_size, dtype, device)
     except Exception as err:
