@@ -95,10 +95,10 @@ def test_replay_reproduces_the_recorded_decisions(tmp_path):
     params.mkdir()
     write_params(str(params), fit_profile(dict(synthetic_profile(), model="dummy:tiny-llama")))
     out = tmp_path / "run"
-    r = CliRunner().invoke(app, ["bench", "--model", "dummy:tiny-llama", "--mode", "adaptive", "--devices", "cpu,cpu",
-                                 "--arrival-rate", "8", "--num-prompts", "24", "--random-input-len", "64",
-                                 "--random-output-len", "8", "--save-detailed", "--params-dir", str(params),
-                                 "--result-dir", str(out), "--num-kv-blocks", "512", "--block-size", "8"])
+    bench = ["bench", "--model", "dummy:tiny-llama", "--mode", "adaptive", "--devices", "cpu,cpu", "--arrival-rate", "8",
+             "--num-prompts", "24", "--random-input-len", "64", "--random-output-len", "8", "--save-detailed",
+             "--params-dir", str(params), "--result-dir", str(out), "--num-kv-blocks", "512", "--block-size", "8"]
+    r = CliRunner().invoke(app, bench)
     assert r.exit_code == 0, r.stderr
     recorded = json.load(open(glob.glob(str(out / "*.json"))[0]))["requests"]
     assert all(q["decision"]["loads"] for q in recorded)
@@ -118,6 +118,15 @@ def test_replay_reproduces_the_recorded_decisions(tmp_path):
     assert r.exit_code == 0, r.stderr
     rows = json.loads(r.stdout)
     assert rows and rows[0]["state"] == "recorded" and "ttft_err" in rows[0]
+    # kept gzipped (a committed run), it reads the same, and a resumed sweep counts it as done
+    from pdcli.bench import result_files
+
+    gz = result_files.compress(glob.glob(str(out / "2*.json"))[0])
+    assert gz.endswith(".json.gz") and not glob.glob(str(out / "2*.json"))
+    assert load_runs(str(out))[0].records == run.records
+    r = CliRunner().invoke(app, bench + ["--resume"])
+    assert r.exit_code == 0 and "done already" in r.stderr, r.stderr
+    assert len(result_files.find(str(out), "2*")) == 1
 
 
 def test_prefix_index_knows_what_a_worker_has_seen():

@@ -13,10 +13,11 @@ H200 = "profiles/nvidia-h200/dummy-llama3-8b"
 # (run folder, the profile it ran with); not the superseded sweep_2xh200, router_validation_2xh200,
 # distserve_3of4xh200
 H200_RUNS = (("results/router/h200_bimodal_b0.5", H200), ("results/router/h200_bimodal", H200))
+H100_ROUTER_RUNS = (("results/router/h100_bimodal_b0.5", H100), ("results/router/h100_bimodal_s1", H100))
 REPLAY_RUNS = (("results/bench/h100_sweep_fresh", H100), ("results/multi_gpu/sweep_2xh100", H100),
-               ("results/multi_gpu/distserve_2xh100", H100), *H200_RUNS)
+               ("results/multi_gpu/distserve_2xh100", H100), *H200_RUNS, *H100_ROUTER_RUNS)
 PLAN_RUNS = (("results/multi_gpu/sweep_2xh100", H100), ("results/bench/h100_sweep_fresh", H100),
-             ("results/multi_gpu/distserve_2xh100", H100), *H200_RUNS)
+             ("results/multi_gpu/distserve_2xh100", H100), *H200_RUNS, *H100_ROUTER_RUNS)
 NOT_VALIDATED = {"results/bench/h100_mps": "recorded no per-request records (no --save-detailed)",
                  "results/router/h200_bimodal_first": "a first look: 15 s of arrivals at one rate (issue 20 asks >= 30 s), "
                  "adaptive and threshold decided by router code since replaced, a profile without the sharing measured"}

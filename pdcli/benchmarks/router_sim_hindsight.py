@@ -11,11 +11,9 @@ results/router/sim_hindsight_<device>.json.
 from __future__ import annotations
 
 import argparse
-import glob
-import json
-import os
 import sys
 
+from pdcli.bench import result_files
 from pdcli.benchmarks.results import provenance, write
 from pdcli.benchmarks.router_floor import (MAX_MODEL_LEN, PROFILE, SLO, VOCAB,  # one H200 profile, the issue's SLOs
                                            one_collocated_gpu, slo_router)
@@ -40,8 +38,7 @@ def one_run(cm, burstiness: float, rate: float, seed: int, duration: float) -> d
 
 def recorded_run(cm, path: str) -> dict:
     """A committed run's own trace (arrivals, prompt and output lengths), simulated and replayed."""
-    with open(path) as f:
-        d = json.load(f)
+    d = result_files.read(path)
     reqs = sorted(d["requests"], key=lambda q: q["arrival"])
     return dict(trace=path, **simulated(cm, float(d["burstiness"]), float(d["request_rate"]),
                                         [q["input_len"] for q in reqs], [q["output_len"] for q in reqs],
@@ -87,10 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     cm = load_cost_model(args.params_dir)
     rows = []
     for folder in args.runs:
-        for path in sorted(glob.glob(os.path.join(folder, "*collocated_bimodal*.json"))):
-            with open(path) as f:
-                if not json.load(f).get("requests"):
-                    continue
+        for path in result_files.find(folder, "*collocated_bimodal*"):
+            if not result_files.read(path).get("requests"):
+                continue
             rows.append(recorded_run(cm, path))
             _print(rows[-1])
     for burstiness, rates in CASES:

@@ -9,10 +9,10 @@ and the share of the least used path -> results/router_<device>.json with a `sum
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
+from pdcli.bench import result_files
 from pdcli.benchmarks.results import provenance, write
 
 STATIC = ("collocated", "disaggregated")
@@ -34,8 +34,7 @@ def sweep(folder: str, cm) -> dict:
 
     rows = []
     for run in load_runs(folder):
-        with open(run.file) as f:
-            d = json.load(f)
+        d = result_files.read(run.file)
         replayed = replay_run(run, AdaptiveRouter(cm, run.slo.get("ttft"), run.slo.get("tpot"),
                                                   slo_ttft_per_token_ms=run.slo.get("ttft_per_token", 0.0)))
         skip = sorted(r.arrival for r in run.records)[:d.get("num_warmup_excluded", 0)]

@@ -267,16 +267,13 @@ def _bench_mode(b: _Bench, m: str, progress, err, rows: list[dict], paths: list[
 
 def _done(b: _Bench, m: str, rate: float, err) -> bool:
     """--resume: a finished run of mode m at this rate (same workload) is in the result folder already."""
-    import glob
-    import json
-
+    from pdcli.bench import result_files
     from pdcli.bench.runner import rate_label
 
-    for path in glob.glob(os.path.join(b.result_dir, f"*_{m}_{b.workload}_rate{rate_label(rate)}.json")):
-        with open(path) as f:
-            if not json.load(f).get("interrupted"):
-                err.print(f"{m} at {rate_label(rate)} req/s: done already ({path})")
-                return True
+    for path in result_files.find(b.result_dir, f"*_{m}_{b.workload}_rate{rate_label(rate)}"):
+        if not result_files.read(path).get("interrupted"):
+            err.print(f"{m} at {rate_label(rate)} req/s: done already ({path})")
+            return True
     return False
 
 

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import glob
-import json
 import os
 from typing import Annotated, Optional
 
@@ -11,11 +9,13 @@ from pdcli.cli.common import fail
 
 
 def _files(results: list[str]) -> list[str]:
-    """The JSON files named, and every *.json inside the folders named (bench --result-dir)."""
+    """The JSON files named, and every *.json (or .json.gz) inside the folders named (bench --result-dir)."""
+    from pdcli.bench import result_files
+
     files = []
     for path in results:
         if os.path.isdir(path):
-            found = sorted(glob.glob(os.path.join(path, "*.json")))
+            found = result_files.find(path)
             if not found:
                 fail(f"{path} holds no .json files (run `pdcli bench --result-dir {path}` to make some)")
             files += found
@@ -26,10 +26,11 @@ def _files(results: list[str]) -> list[str]:
 
 def _load(path: str, in_folder: bool) -> dict | None:
     """A bench result; None for another JSON found in a folder (a plan, a profile's params)."""
+    from pdcli.bench import result_files
+
     try:
-        with open(path) as f:
-            row = json.load(f)
-    except (OSError, ValueError) as e:
+        row = result_files.read(path)
+    except (OSError, ValueError, EOFError) as e:
         fail(f"cannot read {path}: {e}")
     if not isinstance(row, dict) or "mode" not in row or "output_throughput" not in row:
         if in_folder:

@@ -2,10 +2,9 @@
 requests took, with the profile it ran with) and compare with what it measured."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
+from pdcli.bench import result_files
 from pdcli.bench.metrics import max_rate_meeting, summarize
 from pdcli.plan.sim import SimSpec
 from pdcli.plan.simulator import Simulator
@@ -29,8 +28,7 @@ def validate_runs(folder: str, cm: CostModel) -> list[dict]:
     """One row per (mode, rate): simulated and measured p50 TTFT / TPOT and SLO attainment."""
     rows = []
     for run in load_runs(folder):
-        with open(run.file) as f:
-            measured = json.load(f)
+        measured = result_files.read(run.file)
         sim = simulate_run(run, cm, measured.get("num_warmup_excluded", 0))
         rows.append(dict(run=folder, mode=run.mode, rate=run.rate,
                          **{f"{k}_{src}": d.get(k) for src, d in (("sim", sim), ("measured", measured))

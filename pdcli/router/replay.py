@@ -19,12 +19,10 @@ worker from 0-2% to 14-22% (1024-token prompts, 8-24 req/s, one H100's profile).
 from __future__ import annotations
 
 import bisect
-import glob
-import json
 import logging
-import os
 from dataclasses import dataclass, field
 
+from pdcli.bench import result_files
 from pdcli.router.load import LoadForecast, WorkerLoad, mark_gpu_neighbours, mark_gpu_sharing, mark_step
 
 logger = logging.getLogger("pdcli.replay")
@@ -85,11 +83,10 @@ def _record(q: dict) -> Record:
 def load_runs(folder: str) -> list[Run]:
     """Every bench result with per-request records in folder, by mode then rate."""
     runs = []
-    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
+    for path in result_files.find(folder):
         try:
-            with open(path) as f:
-                d = json.load(f)
-        except ValueError:  # not a result (e.g. a replay being written into the folder by a shell redirect)
+            d = result_files.read(path)
+        except (ValueError, EOFError, OSError):  # not a result (e.g. a replay being written into the folder by a shell redirect)
             logger.warning("%s is not JSON: skipped", path)
             continue
         if not isinstance(d, dict) or not d.get("requests") or "layout" not in d:
