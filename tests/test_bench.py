@@ -70,13 +70,14 @@ def test_workloads_follow_their_definitions():
 
 def test_each_rate_of_a_sweep_gets_prompts_of_its_own():
     """The workers keep their prefix cache from one rate to the next: the same prompts at every rate made
-    the first requests of each later rate cache hits."""
+    the first requests of each later rate cache hits. A rate's prompts do not depend on the other rates of
+    the list (a sweep split or resumed runs each mode on another list)."""
     from pdcli.bench.runner import prompt_seed
 
-    rates = [make_requests("random", 50, prompt_seed(3, i), 32000, 4096, input_len=64, output_len=8) for i in range(3)]
+    rates = [make_requests("random", 50, prompt_seed(3, r), 32000, 4096, input_len=64, output_len=8) for r in (4, 4.5, 8)]
     firsts = [{tuple(r.prompt_ids[:16]) for r in reqs} for reqs in rates]
     assert not (firsts[0] & firsts[1]) and not (firsts[1] & firsts[2]) and not (firsts[0] & firsts[2])
-    again = make_requests("random", 50, prompt_seed(3, 1), 32000, 4096, input_len=64, output_len=8)
+    again = make_requests("random", 50, prompt_seed(3, 4.5), 32000, 4096, input_len=64, output_len=8)
     assert [r.prompt_ids for r in again] == [r.prompt_ids for r in rates[1]]  # every mode gets the same ones
 
 
@@ -200,3 +201,28 @@ def test_resume_skips_the_runs_already_done(tmp_path):
     assert r.exit_code == 0, r.stderr
     assert "done already" in r.stderr and len(r.stdout.split()) == 1 and r.stdout.strip().endswith("rate8.0.json")
     assert len(glob.glob(os.path.join(out, "*.json"))) == 2
+
+
+def test_router_sweeps_runs_only_what_is_left_of_a_plan(tmp_path, monkeypatch, capsys):
+    """The sweep driver (issue 20's runs split over GPU calls): a line's finished rates are not run again, an
+    interrupted one is; a line with nothing left starts no bench; a malformed line is a one-line error."""
+    from pdcli.benchmarks import router_sweeps
+
+    monkeypatch.chdir(tmp_path)
+    plan = tmp_path / "plan.txt"
+    plan.write_text("# comment\nbimodal_s1 collocated bimodal 4.0,4.5,5 1 1.0\n\n"
+                    "bimodal_s1 adaptive bimodal 4.5 1 1.0 --max-num-seqs 64\n")
+    folder = tmp_path / "results/router/h100_bimodal_s1"
+    folder.mkdir(parents=True)
+    (folder / "20261205-000000_collocated_bimodal_rate4.0.json").write_text(json.dumps({"mode": "collocated"}))
+    (folder / "20261205-000000_collocated_bimodal_rate5.0.json").write_text(json.dumps({"interrupted": True}))
+    (folder / "20261205-000000_adaptive_bimodal_rate4.5.json").write_text(json.dumps({"mode": "adaptive"}))
+    lines = router_sweeps.parse_plan(str(plan))
+    assert [router_sweeps.remaining_rates(x, "h100") for x in lines] == [["4.5", "5"], []]
+    router_sweeps.main([str(plan), "--gpu", "h100", "--dry-run"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "--arrival-rate 4.5,5 " in out[0] and "--resume" in out[0]
+    assert "--params-dir profiles/nvidia-h100-80gb-hbm3/dummy-llama3-8b" in out[0]
+    plan.write_text("bimodal_s1 collocated bimodal 4.0\n")
+    with pytest.raises(SystemExit, match="FOLDER MODE WORKLOAD"):
+        router_sweeps.parse_plan(str(plan))

@@ -13,11 +13,13 @@ from pdcli.workers.layout import WorkerSpec, parse_layout
 MODES = ("collocated", "disaggregated", "adaptive", "threshold")
 
 
-def prompt_seed(seed: int, rate_index: int) -> int:
-    """The prompts' seed for the rate_index-th rate of a sweep: every rate gets prompts of its own, since a
-    rate run on workers that served the one before would find those prompts in their prefix cache (the same
-    prompts at every rate made the first requests of each rate cache hits). Modes share each rate's prompts."""
-    return seed + 1_000_003 * rate_index
+def prompt_seed(seed: int, rate: float) -> int:
+    """The prompts' seed of a sweep's run at `rate` (req/s): every rate gets prompts of its own, since a rate run
+    on workers that served the one before would find those prompts in their prefix cache (the same prompts at
+    every rate made the first requests of each rate cache hits). Keyed by the rate's value, not its place in
+    the list, so every mode at a rate gets the same prompts also when a sweep is split or resumed with other
+    rate lists (keyed by place until 2026-12-05: a mode run on a shorter list drew another rate's prompts)."""
+    return seed + 1_000_003 * (0 if math.isinf(rate) else round(rate * 1000))
 
 
 def layout_for(mode: str, devices: list[str], num_prefill: int | None = None, tp: int = 1) -> list[WorkerSpec]:

@@ -24,7 +24,7 @@ WARMUP_S = 5.0  # requests before this are not scored, as the runs' warm-up
 
 
 def one_run(cm, burstiness: float, rate: float, seed: int, duration: float) -> dict:
-    """A fresh trace from bench's generators (the prompts of a sweep's first rate), simulated and replayed."""
+    """A fresh trace from bench's generators (prompts drawn with the seed itself), simulated and replayed."""
     from pdcli.bench.arrivals import arrival_times
     from pdcli.bench.runner import prompt_seed
     from pdcli.bench.workloads import make_requests

@@ -199,13 +199,13 @@ def _resolve(b: _Bench, err) -> None:
         fail(str(e))
 
 
-def _requests(b: _Bench, i: int, rate: float) -> tuple[int, list]:
-    """The number and the requests of the i-th rate's run (the same in every mode)."""
+def _requests(b: _Bench, rate: float) -> tuple[int, list]:
+    """The number and the requests of the run at this rate (the same in every mode)."""
     from pdcli.bench.runner import prompt_seed
     from pdcli.bench.workloads import make_requests
 
     n = b.num_prompts if b.duration is None else max(1, int(rate * b.duration))
-    return n, make_requests(b.workload, n, prompt_seed(b.seed, i), b.vocab_size, b.max_len, b.random_input_len,
+    return n, make_requests(b.workload, n, prompt_seed(b.seed, rate), b.vocab_size, b.max_len, b.random_input_len,
                             b.random_output_len, b.random_range_ratio)
 
 
@@ -224,8 +224,8 @@ def _bench_endpoint(b: _Bench, rows: list[dict], paths: list[str]) -> None:
     from pdcli.bench.runner import rate_label, warmup_filter
     from pdcli.benchmarks.results import provenance, write
 
-    for i, rate in enumerate(b.rates):
-        n, reqs = _requests(b, i, rate)
+    for rate in b.rates:
+        n, reqs = _requests(b, rate)
         try:
             records = run_endpoint(b.endpoint, reqs, arrival_times(n, rate, b.burstiness, b.seed), b.api_key,
                                    timeout=b.drain_timeout, max_concurrency=b.max_concurrency)
@@ -244,14 +244,14 @@ def _bench_mode(b: _Bench, m: str, progress, err, rows: list[dict], paths: list[
     from pdcli.bench.arrivals import arrival_times
     from pdcli.bench.runner import LoadInterrupted, rate_label, run_load
 
-    todo = [(i, rate) for i, rate in enumerate(b.rates) if not (b.resume and _done(b, m, rate, err))]
+    todo = [rate for rate in b.rates if not (b.resume and _done(b, m, rate, err))]
     if not todo:
         return
     layout, cs = _start_workers(b, m, err)
     try:
-        for i, rate in todo:
+        for rate in todo:
             began = time.perf_counter()
-            n, reqs = _requests(b, i, rate)
+            n, reqs = _requests(b, rate)
             arrivals = arrival_times(n, rate, b.burstiness, b.seed)
             task = progress.add_task(m, total=n)
             try:

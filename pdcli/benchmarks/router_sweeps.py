@@ -1,0 +1,137 @@
+"""Issue 20's router sweeps on one GPU, split over GPU calls of at most ~10 minutes: a plan file lists the
+sweeps, one `pdcli bench` per line, each resumed from its result folder (`--resume` skips the rates done), so
+the same plan can be run call after call until every line is done.
+
+Plan lines (`#` starts a comment): FOLDER MODE WORKLOAD RATES SEED BURSTINESS [more `pdcli bench` arguments].
+FOLDER is made results/router/<gpu>_FOLDER, <gpu> h100 or h200 from the device's name, and the runs use that
+GPU's committed profile. Every run: dummy:llama3-8b, the issue's SLOs (TTFT 250 ms + 0.1 ms per prompt token,
+TPOT 15 ms), 35 s of arrivals of which the first 5 s are the warm-up (30 s scored), --save-detailed.
+
+    python -m pdcli.benchmarks.router_sweeps results/router/plans/h100.txt --budget 540 [--dry-run]
+
+A line starts only while at least --duration + 45 s of the budget is left (a rate takes its arrivals, its
+drain and, for the line's first, the workers' start); a rate cut off by the budget is run again next time.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+PROFILES = {"h100": "profiles/nvidia-h100-80gb-hbm3/dummy-llama3-8b", "h200": "profiles/nvidia-h200/dummy-llama3-8b"}
+SLO_ARGS = ["--slo-ttft-ms", "250", "--slo-ttft-per-token-ms", "0.1", "--slo-tpot-ms", "15"]
+START_S = 45  # s a line needs beyond one rate's arrivals: the workers' start and the drain
+
+
+def gpu_tag(name: str) -> str:
+    """h100 / h200 from a CUDA device name."""
+    for tag in PROFILES:
+        if tag in name.lower():
+            return tag
+    raise SystemExit(f"no committed profile for {name!r}: one of {sorted(PROFILES)}")
+
+
+def parse_plan(path: str) -> list[dict]:
+    lines = []
+    with open(path) as f:
+        for n, raw in enumerate(f, 1):
+            words = shlex.split(raw, comments=True)
+            if not words:
+                continue
+            if len(words) < 6:
+                raise SystemExit(f"{path}:{n}: FOLDER MODE WORKLOAD RATES SEED BURSTINESS [args], got {raw.strip()!r}")
+            folder, mode, workload, rates, seed, burstiness, *extra = words
+            lines.append(dict(folder=folder, mode=mode, workload=workload, rates=rates, seed=seed,
+                              burstiness=burstiness, extra=extra))
+    return lines
+
+
+def result_dir(line: dict, tag: str) -> str:
+    return f"results/router/{tag}_{line['folder']}"
+
+
+def remaining_rates(line: dict, tag: str) -> list[str]:
+    """The line's rates whose finished result (as `bench --resume` counts them) is not in its folder yet."""
+    from pdcli.bench import result_files
+    from pdcli.bench.runner import rate_label
+
+    left = []
+    for r in line["rates"].split(","):
+        found = result_files.find(result_dir(line, tag), f"*_{line['mode']}_{line['workload']}_rate{rate_label(float(r))}")
+        if not any(not result_files.read(p).get("interrupted") for p in found):
+            left.append(r)
+    return left
+
+
+def bench_command(line: dict, tag: str, duration: float, warmup: float, rates: list[str]) -> list[str]:
+    return [sys.executable, "-m", "pdcli", "bench", "--model", "dummy:llama3-8b", "--devices", "cuda:0",
+            "--mode", line["mode"], "--workload", line["workload"], "--arrival-rate", ",".join(rates),
+            "--burstiness", line["burstiness"], "--seed", line["seed"], "--duration", str(duration),
+            "--warmup", str(warmup), *SLO_ARGS, "--max-model-len", "13000", "--save-detailed",
+            "--params-dir", PROFILES[tag], "--result-dir", result_dir(line, tag), "--resume",
+            *line["extra"]]
+
+
+def run_within(cmd: list[str], log, seconds: float):
+    """Run cmd (its own process group: bench and its workers) for at most `seconds`; past that, Ctrl-C it (bench
+    aborts the requests in flight and stops its workers), then kill what is left. Its exit code, or "budget"."""
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        return proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        return "budget"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("plan")
+    ap.add_argument("--budget", type=float, default=540.0, help="s for the whole call")
+    ap.add_argument("--duration", type=float, default=35.0, help="s of arrivals per rate")
+    ap.add_argument("--warmup", type=float, default=5.0, help="s of arrivals not scored")
+    ap.add_argument("--gpu", help="h100 or h200 (default: from the CUDA device's name)")
+    ap.add_argument("--logs", default=os.environ.get("OUT", "."), help="folder for each line's console")
+    ap.add_argument("--dry-run", action="store_true", help="print the commands only")
+    args = ap.parse_args(argv)
+    lines = parse_plan(args.plan)
+    if args.gpu:
+        tag = args.gpu
+    else:
+        import torch
+
+        tag = gpu_tag(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
+    start = time.monotonic()
+    for line in lines:
+        rates = remaining_rates(line, tag)
+        if not rates:
+            continue
+        cmd = bench_command(line, tag, args.duration, args.warmup, rates)
+        if args.dry_run:
+            print(shlex.join(cmd[1:]), flush=True)
+            continue
+        left = args.budget - (time.monotonic() - start)
+        if left < args.duration + START_S:
+            print(f"skipped ({left:.0f} s left): {line['folder']} {line['mode']} {line['rates']}", flush=True)
+            continue
+        log = os.path.join(args.logs, f"log_{tag}_{line['folder']}_{line['mode']}_s{line['seed']}.txt")
+        print(f"{time.monotonic() - start:5.0f} s: {line['folder']} {line['mode']} {','.join(rates)} -> {log}", flush=True)
+        with open(log, "a") as f:
+            rc = run_within(cmd, f, left)
+        with open(log) as f:
+            tail = [s.strip() for s in f if "highest rate" in s or "Error" in s]
+        print(f"        rc {rc}; {tail[-1] if tail else ''}", flush=True)
+    if not args.dry_run:
+        print(f"done in {time.monotonic() - start:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
