@@ -27,6 +27,14 @@ def prefill_kernel() -> str:
     return value if value in ("mma", "wgmma", "wgmma_ws") else "auto"
 
 
+def decode_split() -> str:
+    """How the decode kernel cuts sequences into split-KV parts: "uniform" (default: every sequence into the same
+    number of parts of its own length) or "balanced" (PDCLI_DECODE_SPLIT=balanced: parts of equal key counts,
+    so one long context beside many short ones is spread over as many CTAs as its share of the keys)."""
+    value = os.environ.get("PDCLI_DECODE_SPLIT", "").strip().lower()
+    return "balanced" if value == "balanced" else "uniform"
+
+
 def gemv_mode() -> str:
     """The skinny-matmul kernel for linears with 1-4 rows: "tuned" (default: where it beat cuBLAS when timed
     per shape at start), "off" (PDCLI_GEMV=0: cuBLAS always), "always" (PDCLI_GEMV=always: A/B runs, tests)."""

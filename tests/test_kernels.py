@@ -57,6 +57,7 @@ DECODE_CASES = [  # (context lengths, block size)
     ([513, 2049], 32),
     ([33000], 16),  # one long sequence: many splits
     ([50, 9, 130], 8),
+    ([16384] + [300] * 40 + [0], 16),  # one long context beside many short ones (and a padded row)
 ]
 
 
@@ -77,12 +78,34 @@ def test_decode_attention_matches_reference(mod, dtype, d, hq, hk, ctx_lens, blo
     args = (tables, lens, qsl, 1, max(ctx_lens), scale)
     ref32 = reference.paged_attention(q.float(), kc.float(), vc.float(), *args)
     ref16 = reference.paged_attention(q, kc, vc, *args)
-    for splits in (0, 1, 3, 7):
+    rows = lens > 0  # a padded row (length 0) has no reference; its output must still be written
+    for splits in (0, 1, 3, 7, "balanced 1", "balanced 8", "balanced 300"):
         out = torch.full_like(q, float("nan"))
-        mod.decode_attention(out, q, kc, vc, tables, lens, scale, splits, max(ctx_lens))
+        if isinstance(splits, str):  # parts of equal key counts (decode_plan), about target_slots of them
+            target = int(splits.split()[1])
+            plan = mod.decode_plan(lens, target)
+            check_decode_plan(plan.cpu().tolist(), ctx_lens, target)
+            mod.decode_attention_planned(out, q, kc, vc, tables, lens, scale, plan)
+        else:
+            mod.decode_attention(out, q, kc, vc, tables, lens, scale, splits, max(ctx_lens))
         torch.cuda.synchronize()
         assert not out.isnan().any(), "unwritten or NaN output"
-        assert rel_err(out, ref32) <= 2 * rel_err(ref16, ref32) + 1e-3, (splits, rel_err(out, ref32), rel_err(ref16, ref32))
+        err, bound = rel_err(out[rows], ref32[rows]), 2 * rel_err(ref16[rows], ref32[rows]) + 1e-3
+        assert err <= bound, (splits, err, bound)
+
+
+def check_decode_plan(plan: list[int], ctx_lens: list[int], target: int) -> None:
+    """The plan's layout (decode_attention.cu): chunk, parts in all, slot_seq[S], slot_part[S], seq_offset[B],
+    seq_parts[B]; every sequence's parts are consecutive slots covering its keys in chunks, at most target + B."""
+    b = len(ctx_lens)
+    s = (len(plan) - 2 - 2 * b) // 2
+    chunk, used = plan[0], plan[1]
+    slot_seq, slot_part = plan[2:2 + s], plan[2 + s:2 + 2 * s]
+    offset, parts = plan[2 + 2 * s:2 + 2 * s + b], plan[2 + 2 * s + b:]
+    assert s == target + b and chunk % 64 == 0 and chunk >= -(-sum(ctx_lens) // target)
+    assert parts == [max(1, -(-c // chunk)) for c in ctx_lens] and used == sum(parts) <= s
+    assert offset == [sum(parts[:i]) for i in range(b)]
+    assert [(slot_seq[j], slot_part[j]) for j in range(used)] == [(i, p) for i in range(b) for p in range(parts[i])]
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -114,9 +137,13 @@ def test_engine_decode_logits_kernel_vs_reference(dtype, tiny_model_dir, prompts
     assert err < (2e-2 if dtype == "bfloat16" else 3e-3)
 
 
-def test_cuda_graph_decode_equals_eager(tiny_model_dir, prompts):
+@pytest.mark.parametrize("split", ["uniform", "balanced"])
+def test_cuda_graph_decode_equals_eager(tiny_model_dir, prompts, monkeypatch, split):
+    """Replayed graphs decode as eager steps do, with either split-KV (a balanced plan is made inside the graph
+    from each replay's context lengths)."""
     from pdcli import LLM, SamplingParams
 
+    monkeypatch.setenv("PDCLI_DECODE_SPLIT", split)
     path = tiny_model_dir("qwen3-gqa64")
     p = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     graphed = LLM(path, device="cuda", dtype="float16", num_kv_blocks=128, max_num_seqs=8)

@@ -64,3 +64,37 @@ def test_chunked_fp32_reference_equals_the_reference():
                                      d ** -0.5)
     got = reference.paged_attention_fp32_chunked(q, kc, vc, tables, lens, qsl, d ** -0.5, chunk=16)
     assert got.dtype == torch.float32 and torch.allclose(got.double(), want, atol=1e-5)
+
+
+def test_balanced_decode_makes_one_plan_per_step(monkeypatch):
+    """PDCLI_DECODE_SPLIT=balanced: the first decode call of a step makes the plan from its context lengths, the
+    other layers reuse it (one plan kernel per step, inside a CUDA graph when captured); an explicit split count
+    takes the uniform kernel; unset, the uniform kernel is the decode function itself."""
+    calls = []
+
+    class FakeKernels:
+        def decode_attention(self, *a):
+            calls.append(("uniform", a[7]))
+
+        def decode_attention_num_splits(self, b, hk, max_ctx, d):
+            return 3
+
+        def decode_plan(self, lens, target):
+            calls.append(("plan", target))
+            return torch.zeros(1)
+
+        def decode_attention_planned(self, out, q, k, v, tables, lens, scale, plan):
+            calls.append(("planned", plan is ctx.decode_plan))
+
+    mod = FakeKernels()
+    q, k = torch.zeros(5, 8, 64), torch.zeros(4, 16, 2, 64)
+    lens = torch.tensor([9000, 12, 40, 7, 1], dtype=torch.int32)
+    ctx = Context(slot_mapping=torch.empty(0), block_tables=torch.zeros(5, 1), context_lens=lens,
+                  query_start_loc=torch.arange(6), max_query_len=1, max_context_len=9000, logits_indices=torch.empty(0))
+    monkeypatch.delenv("PDCLI_DECODE_SPLIT", raising=False)
+    assert ops.decode_fn(mod, ctx) == mod.decode_attention
+    monkeypatch.setenv("PDCLI_DECODE_SPLIT", "balanced")
+    for _layer in range(3):
+        ops.decode_fn(mod, ctx)(None, q, k, k, ctx.block_tables, lens, 0.1, 0, 9000)
+    ops.decode_fn(mod, ctx)(None, q, k, k, ctx.block_tables, lens, 0.1, 4, 9000)
+    assert calls == [("plan", 15), ("planned", True), ("planned", True), ("planned", True), ("uniform", 4)]

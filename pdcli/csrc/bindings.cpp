@@ -17,7 +17,10 @@ int decode_attention_num_splits(int64_t batch, int64_t num_kv_heads, int64_t max
 void launch_decode_attention(void* out, float* part_o, float* part_lse, const void* q, const void* k_cache,
                              const void* v_cache, const int* block_tables, const int* context_lens, int batch,
                              int num_heads, int num_kv_heads, int head_dim, int table_width, int block_size,
-                             int splits, int64_t q_stride, float scale, bool bf16, cudaStream_t stream);
+                             int splits, int64_t q_stride, float scale, bool bf16, cudaStream_t stream,
+                             const int* plan = nullptr, int plan_slots = 0);
+void launch_decode_plan(int* plan, const int* context_lens, int batch, int plan_slots, int target_slots,
+                        cudaStream_t stream);
 void launch_prefill_attention(void* out, const void* q, const void* k_cache, const void* v_cache,
                               const int* block_tables, const int* context_lens, const int* query_start_loc,
                               int num_heads, int num_kv_heads, int head_dim, int table_width, int block_size,
@@ -272,6 +275,49 @@ void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
                           q.scalar_type() == torch::kBFloat16, at::cuda::getCurrentCUDAStream());
 }
 
+// The balanced split plan of one decode step (decode_attention.cu): parts of equal key counts, about
+// target_slots of them (at most target_slots + B), int32 [2 + 2 (target_slots + B) + 2 B] on the device.
+torch::Tensor decode_plan(torch::Tensor context_lens, int64_t target_slots) {
+  const char* op = "decode_plan";
+  TORCH_CHECK(context_lens.is_cuda() && context_lens.dim() == 1 && context_lens.scalar_type() == torch::kInt32 &&
+                  context_lens.is_contiguous(), op, ": context_lens must be a contiguous int32 CUDA vector");
+  TORCH_CHECK(target_slots >= 1, op, ": target_slots must be >= 1");
+  const int64_t B = context_lens.size(0), S = target_slots + B;
+  auto plan = torch::empty({2 + 2 * S + 2 * B}, context_lens.options());
+  if (B == 0) return plan.zero_();
+  const c10::cuda::CUDAGuard guard(context_lens.device());
+  launch_decode_plan(plan.data_ptr<int>(), context_lens.data_ptr<int>(), B, S, target_slots,
+                     at::cuda::getCurrentCUDAStream());
+  return plan;
+}
+
+// decode_attention with the balanced splits of a decode_plan made from the same context_lens.
+void decode_attention_planned(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                              torch::Tensor block_tables, torch::Tensor context_lens, double scale, torch::Tensor plan) {
+  const char* op = "decode_attention_planned";
+  check_cache(q, k_cache, v_cache, op);
+  check_heads(q, k_cache, op);
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type() &&
+                  out.device() == q.device(), op, ": out must be contiguous, shaped like q");
+  const int64_t B = q.size(0), Hq = q.size(1), Hk = k_cache.size(2), D = q.size(2);
+  check_table(q, block_tables, context_lens, B, op);
+  const int64_t G = Hq / Hk;
+  TORCH_CHECK(G >= 1 && G <= 8, op, ": query heads per kv head must be 1 to 8, got ", num(G));
+  TORCH_CHECK(plan.device() == q.device() && plan.scalar_type() == torch::kInt32 && plan.is_contiguous() &&
+                  plan.dim() == 1 && plan.size(0) >= 2 + 2 * B + 2 && (plan.size(0) - 2 - 2 * B) % 2 == 0,
+              op, ": plan must be decode_plan's of these context_lens");
+  if (B == 0) return;
+  const int64_t S = (plan.size(0) - 2 - 2 * B) / 2;
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto part_o = torch::empty({S, Hq, D}, q.options().dtype(torch::kFloat32));
+  auto part_lse = torch::empty({S, Hq}, q.options().dtype(torch::kFloat32));
+  launch_decode_attention(out.data_ptr(), part_o.data_ptr<float>(), part_lse.data_ptr<float>(), q.data_ptr(),
+                          k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr<int>(),
+                          context_lens.data_ptr<int>(), B, Hq, Hk, D, block_tables.size(1), k_cache.size(1), 0,
+                          q.stride(0), float(scale), q.scalar_type() == torch::kBFloat16,
+                          at::cuda::getCurrentCUDAStream(), plan.data_ptr<int>(), S);
+}
+
 // Varlen chunked prefill: sequence b's new tokens q[query_start_loc[b]:query_start_loc[b+1]] attend causally
 // (bottom-right aligned) to its context_lens[b] cached tokens, which include themselves.
 // out, q [T, Hq, D] contiguous; query_start_loc [B + 1] int32; max_query_len >= every q_len, <= T.
@@ -351,6 +397,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("copy_blocks", &copy_blocks, "KV blocks from src[:, src_idx] to dst[:, dst_idx] (16-byte copies)");
   m.def("store_kvcache", &store_kvcache, "write new K/V rows into their cache slots");
   m.def("decode_attention", &decode_attention, "paged GQA decode attention, split-KV");
+  m.def("decode_plan", &decode_plan, "balanced split-KV plan of a decode step (parts of equal key counts)");
+  m.def("decode_attention_planned", &decode_attention_planned, "decode_attention with a decode_plan's splits");
   m.def("decode_attention_num_splits", &decode_attention_num_splits,
         "split-KV count decode_attention picks for (batch, kv heads, max context, head_dim)");
   m.def("prefill_attention", &prefill_attention, "paged varlen causal prefill attention");

@@ -8,6 +8,15 @@
 // rows of a kStages-deep shared-memory ring (swizzled as in mma.cuh) and keeps its own online softmax
 // (exp2 domain, fp32 state), so warps never wait for each other inside the loop. Their states are
 // merged through shared memory at the end, the splits' by a second kernel.
+//
+// Splits: uniform (every sequence cut into gridDim.x parts of its own length) or, with a plan
+// (decode_plan_kernel, once per step), balanced: parts of `chunk` keys for every sequence, so a
+// sequence gets parts in proportion to its context and one long context beside many short ones is
+// spread over as many CTAs as its share of the keys (with uniform splits its few CTAs ran on long
+// after the rest: the step's tail).
+//
+// Plan (int32): [0] chunk (keys per part, whole tiles), [1] parts in all (S <= S_max), then
+// slot_seq[S_max], slot_part[S_max] (the sequence and part of CTA x), seq_offset[B], seq_parts[B].
 #include <c10/cuda/CUDAException.h>
 
 #include <algorithm>
@@ -46,7 +55,9 @@ decode_attention_kernel(T* __restrict__ out,              // [B, Hq, D]
                         const int* __restrict__ block_tables,  // [B, W]
                         const int* __restrict__ context_lens,  // [B]
                         int table_width, int block_shift, int num_kv_heads, int group, int64_t q_stride,
-                        float scale_log2) {
+                        float scale_log2,
+                        const int* __restrict__ plan,  // balanced splits (see the top), or nullptr: uniform
+                        int plan_slots, int batch) {
   constexpr int kChunks = D / 8, kRowBytes = D * 2, BN = kBlockN;
   constexpr int kTileBytes = BN * kRowBytes;
   constexpr int kRowPasses = 4;               // a warp's 16 rows, 4 per sweep (8 lanes per 128-byte run)
@@ -56,14 +67,36 @@ decode_attention_kernel(T* __restrict__ out,              // [B, Hq, D]
   const uint32_t sK = smem_u32(smem);          // [kStages][BN, D]
   const uint32_t sV = sK + kStages * kTileBytes;
 
-  const int split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
-  const int num_splits = gridDim.x;
+  const int kvh = blockIdx.y;
   const int num_heads = num_kv_heads * group;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;      // mma fragment row (query head) and column pair
 
-  const int ctx = context_lens[b];
-  const int per_split = ((ctx + num_splits - 1) / num_splits + BN - 1) / BN * BN;  // whole tiles
+  int split, b, per_split;
+  bool direct;        // the sequence is one part: write out, no merge
+  int64_t part_base;  // row of (b, kv head's first query head, this part) in part_o / part_lse, times heads
+  int part_stride;    // rows between query heads
+  int ctx;
+  if (plan != nullptr) {
+    const int slot = blockIdx.x;
+    if (slot >= plan[1]) return;  // the whole CTA: no part left for it this step
+    b = plan[2 + slot];
+    split = plan[2 + plan_slots + slot];
+    ctx = context_lens[b];
+    per_split = plan[0];
+    direct = plan[2 + 2 * plan_slots + batch + b] == 1;
+    part_base = int64_t(slot) * num_heads;
+    part_stride = 1;
+  } else {
+    const int num_splits = gridDim.x;
+    split = blockIdx.x;
+    b = blockIdx.z;
+    ctx = context_lens[b];
+    per_split = ((ctx + num_splits - 1) / num_splits + BN - 1) / BN * BN;  // whole tiles
+    direct = num_splits == 1;
+    part_base = int64_t(b) * num_heads * num_splits + split;
+    part_stride = num_splits;
+  }
   const int start = min(ctx, split * per_split);
   const int end = min(ctx, start + per_split);
   const int n_tiles = (end - start + BN - 1) / BN;
@@ -226,10 +259,10 @@ decode_attention_kernel(T* __restrict__ out,              // [B, Hq, D]
     }
     const int head = kvh * group + h;
     const float val = sum > 0.f ? acc / sum : 0.f;
-    if (num_splits == 1) {
+    if (direct) {
       out[int64_t(b) * num_heads * D + head * D + d] = from_float<T>(val);
     } else {
-      const int64_t row = (int64_t(b) * num_heads + head) * num_splits + split;
+      const int64_t row = part_base + int64_t(head) * part_stride;
       part_o[row * D + d] = val;
       if (d == 0) part_lse[row] = sum > 0.f ? mx + log2f(sum) : -INFINITY;
     }
@@ -256,6 +289,89 @@ __global__ void merge_splits_kernel(T* __restrict__ out, const float* __restrict
   }
 }
 
+// The balanced plan's merge: row (b, h) weighs its sequence's parts seq_offset[b] .. + seq_parts[b] (slot-major
+// partials: part_o[slot, h]); a sequence of one part was written by the decode kernel.
+template <typename T, int D>
+__global__ void merge_planned_kernel(T* __restrict__ out, const float* __restrict__ part_o,
+                                     const float* __restrict__ part_lse, const int* __restrict__ plan, int plan_slots,
+                                     int batch, int num_heads) {
+  const int64_t row = blockIdx.x;  // b * Hq + h
+  const int b = int(row / num_heads), h = int(row % num_heads);
+  const int n = plan[2 + 2 * plan_slots + batch + b];
+  if (n <= 1) return;
+  const int off = plan[2 + 2 * plan_slots + b];
+  float mx = -INFINITY;
+  for (int s = 0; s < n; ++s) mx = fmaxf(mx, part_lse[int64_t(off + s) * num_heads + h]);
+  const float ref = mx == -INFINITY ? 0.f : mx;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float sum = 0.f, acc = 0.f;
+    for (int s = 0; s < n; ++s) {
+      const int64_t r = int64_t(off + s) * num_heads + h;
+      const float w = exp2f(part_lse[r] - ref);
+      sum += w;
+      acc += w * part_o[r * D + d];
+    }
+    out[row * D + d] = from_float<T>(sum > 0.f ? acc / sum : 0.f);
+  }
+}
+
+// The balanced plan of one step (one CTA): chunk = the keys of all sequences over target_slots parts, in whole
+// tiles (at least one); sequence b gets max(1, ceil(ctx_b / chunk)) parts, at most target_slots + B in all.
+constexpr int kPlanThreads = 1024;
+__global__ void __launch_bounds__(kPlanThreads)
+decode_plan_kernel(int* __restrict__ plan, const int* __restrict__ context_lens, int batch, int plan_slots,
+                   int target_slots) {
+  __shared__ long long sm_sum[kPlanThreads];
+  __shared__ int sm_scan[kPlanThreads];
+  __shared__ int sm_chunk;
+  const int tid = threadIdx.x;
+  const int per = (batch + kPlanThreads - 1) / kPlanThreads;  // consecutive sequences of this thread
+  const int lo = min(batch, tid * per), hi = min(batch, lo + per);
+  long long keys = 0;
+  for (int i = lo; i < hi; ++i) keys += context_lens[i];
+  sm_sum[tid] = keys;
+  __syncthreads();
+  for (int stride = kPlanThreads / 2; stride > 0; stride >>= 1) {
+    if (tid < stride) sm_sum[tid] += sm_sum[tid + stride];
+    __syncthreads();
+  }
+  if (tid == 0) {
+    const long long per_part = (sm_sum[0] + target_slots - 1) / max(1, target_slots);
+    sm_chunk = int(max(1LL, (per_part + kBlockN - 1) / kBlockN)) * kBlockN;
+  }
+  __syncthreads();
+  const int chunk = sm_chunk;
+  int parts = 0;
+  for (int i = lo; i < hi; ++i) parts += max(1, (context_lens[i] + chunk - 1) / chunk);
+  sm_scan[tid] = parts;
+  __syncthreads();
+  for (int stride = 1; stride < kPlanThreads; stride <<= 1) {  // inclusive scan (Hillis-Steele)
+    const int add = tid >= stride ? sm_scan[tid - stride] : 0;
+    __syncthreads();
+    sm_scan[tid] += add;
+    __syncthreads();
+  }
+  int offset = sm_scan[tid] - parts;  // exclusive
+  int* slot_seq = plan + 2;
+  int* slot_part = plan + 2 + plan_slots;
+  int* seq_offset = plan + 2 + 2 * plan_slots;
+  int* seq_parts = seq_offset + batch;
+  for (int i = lo; i < hi; ++i) {
+    const int n = max(1, (context_lens[i] + chunk - 1) / chunk);
+    seq_offset[i] = offset;
+    seq_parts[i] = n;
+    for (int p = 0; p < n && offset + p < plan_slots; ++p) {
+      slot_seq[offset + p] = i;
+      slot_part[offset + p] = p;
+    }
+    offset += n;
+  }
+  if (tid == kPlanThreads - 1) {
+    plan[0] = chunk;
+    plan[1] = min(sm_scan[tid], plan_slots);
+  }
+}
+
 struct DecodeArgs {
   void* out;
   float* part_o;    // [B, Hq, splits, D], when splits > 1
@@ -269,6 +385,8 @@ struct DecodeArgs {
   int64_t q_stride;
   float scale_log2;
   cudaStream_t stream;
+  const int* plan;  // balanced splits: grid.x = plan_slots CTAs per kv head; nullptr: uniform, grid.x = splits
+  int plan_slots;
 };
 
 template <typename T, int D>
@@ -279,13 +397,17 @@ void launch(const DecodeArgs& a) {
     return true;
   }();
   (void)attr_set;
-  const dim3 grid(a.splits, a.num_kv_heads, a.batch);
+  const dim3 grid = a.plan ? dim3(a.plan_slots, a.num_kv_heads, 1) : dim3(a.splits, a.num_kv_heads, a.batch);
   kernel<<<grid, kThreads, smem_bytes<D>(), a.stream>>>(
       static_cast<T*>(a.out), a.part_o, a.part_lse, static_cast<const T*>(a.q), static_cast<const T*>(a.k_cache),
       static_cast<const T*>(a.v_cache), a.block_tables, a.context_lens, a.table_width, a.block_shift, a.num_kv_heads,
-      a.num_heads / a.num_kv_heads, a.q_stride, a.scale_log2);
+      a.num_heads / a.num_kv_heads, a.q_stride, a.scale_log2, a.plan, a.plan_slots, a.batch);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (a.splits > 1) {
+  if (a.plan) {
+    merge_planned_kernel<T, D><<<a.batch * a.num_heads, D, 0, a.stream>>>(
+        static_cast<T*>(a.out), a.part_o, a.part_lse, a.plan, a.plan_slots, a.batch, a.num_heads);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else if (a.splits > 1) {
     merge_splits_kernel<T, D><<<a.batch * a.num_heads, D, 0, a.stream>>>(static_cast<T*>(a.out), a.part_o,
                                                                           a.part_lse, a.splits);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -345,14 +467,22 @@ int decode_attention_num_splits(int64_t batch, int64_t num_kv_heads, int64_t max
 void launch_decode_attention(void* out, float* part_o, float* part_lse, const void* q, const void* k_cache,
                              const void* v_cache, const int* block_tables, const int* context_lens, int batch,
                              int num_heads, int num_kv_heads, int head_dim, int table_width, int block_size,
-                             int splits, int64_t q_stride, float scale, bool bf16, cudaStream_t stream) {
+                             int splits, int64_t q_stride, float scale, bool bf16, cudaStream_t stream,
+                             const int* plan, int plan_slots) {
   int shift = 0;
   while ((1 << shift) < block_size) ++shift;
   const DecodeArgs a{out, part_o, part_lse, q, k_cache, v_cache, block_tables, context_lens, batch, num_heads,
-                     num_kv_heads, table_width, shift, splits, q_stride, scale * 1.4426950408889634f, stream};
+                     num_kv_heads, table_width, shift, splits, q_stride, scale * 1.4426950408889634f, stream, plan,
+                     plan_slots};
   if (bf16) {
     if (head_dim == 128) launch<__nv_bfloat16, 128>(a); else launch<__nv_bfloat16, 64>(a);
   } else {
     if (head_dim == 128) launch<__half, 128>(a); else launch<__half, 64>(a);
   }
+}
+
+void launch_decode_plan(int* plan, const int* context_lens, int batch, int plan_slots, int target_slots,
+                        cudaStream_t stream) {
+  decode_plan_kernel<<<1, kPlanThreads, 0, stream>>>(plan, context_lens, batch, plan_slots, target_slots);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -48,6 +48,7 @@ class DecodeGraphs:
             set_context(self._context(bs))
             try:
                 self.model(self.input_ids[:bs], self.positions[:bs])  # warm up outside the graph
+                set_context(self._context(bs))  # afresh: what a step makes once (a decode plan) is made in the graph
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     self.outputs[bs] = self.model(self.input_ids[:bs], self.positions[:bs])

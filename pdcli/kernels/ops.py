@@ -106,13 +106,13 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx
     mod = kernel_module(q, k_cache)
     if mod is not None and ctx.is_decode:
         out = torch.empty_like(q)
-        mod.decode_attention(out, q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale, ctx.num_splits,
-                             ctx.max_context_len)
+        decode_fn(mod, ctx)(out, q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale, ctx.num_splits,
+                            ctx.max_context_len)
         return out
     if mod is not None and ctx.block_tables.shape[0] == 1 and ctx.max_context_len == ctx.max_query_len == q.shape[0]:
         return fresh_prefill_attention(q, k_cache, v_cache, ctx.block_tables[0], scale)
     if mod is not None:
-        return split_attention(q, ctx, mod.decode_attention, prefill_kernel(mod, q.shape[-1], ctx.max_query_len),
+        return split_attention(q, ctx, decode_fn(mod, ctx), prefill_kernel(mod, q.shape[-1], ctx.max_query_len),
                                k_cache, v_cache, scale)
     if ctx.prefill_query_start_loc is not None:  # decodes and prompts apart: no decode row padded to a chunk
         return split_attention(q, ctx, reference_decode, reference_prefill, k_cache, v_cache, scale)
@@ -137,6 +137,26 @@ def prefill_kernel_fn(mod, name: str):
 def prefill_kernel(mod, head_dim: int, max_query_len: int):
     """The compiled paged prefill attention to use (prefill_kernel_name's)."""
     return prefill_kernel_fn(mod, prefill_kernel_name(mod, head_dim, max_query_len))
+
+
+def decode_fn(mod, ctx: Context):
+    """The decode kernel in its own signature (out, q, k, v, tables, lens, scale, splits, max_ctx): uniform
+    split-KV, or with PDCLI_DECODE_SPLIT=balanced (and splits 0: the kernel's choice) balanced over key counts by a
+    plan that ctx's first decode call makes (one per step: ctx has one set of decode rows) and the rest reuse."""
+    if envs.decode_split() != "balanced":
+        return mod.decode_attention
+
+    def planned(out, q, k_cache, v_cache, tables, lens, scale, splits, max_ctx) -> None:
+        if splits:
+            mod.decode_attention(out, q, k_cache, v_cache, tables, lens, scale, splits, max_ctx)
+            return
+        if ctx.decode_plan is None:
+            b = q.shape[0]
+            ctx.decode_plan = mod.decode_plan(lens, b * mod.decode_attention_num_splits(b, k_cache.shape[2], max_ctx,
+                                                                                        q.shape[-1]))
+        mod.decode_attention_planned(out, q, k_cache, v_cache, tables, lens, scale, ctx.decode_plan)
+
+    return planned
 
 
 def reference_decode(out, q, k_cache, v_cache, tables, lens, scale, splits, max_ctx) -> None:

@@ -23,6 +23,9 @@ class Context:
     # K/V store: their attention is a decode row per sequence, with this metadata. None: every row.
     last_layer: Context | None = None
     after_layer: Callable[[int], None] | None = None  # called with i once layer i is queued (KV sends)
+    # the balanced split-KV plan of this step's decode rows (kernels/ops.decode_fn), made by the first layer and
+    # reused by the rest: in a CUDA graph it is made inside the graph, from that replay's context lengths
+    decode_plan: torch.Tensor | None = None
 
     @property
     def is_decode(self) -> bool:

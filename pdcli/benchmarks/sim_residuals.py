@@ -1,0 +1,74 @@
+"""Where the cost model misses in served runs: each collocated bimodal run's own trace (arrivals, lengths) is
+simulated with the profile it ran with (`pdcli plan`'s simulator: step times from the cost model, which prices a
+decode step by its batch and summed context), and every short request's measured TPOT is set against its
+simulated one, split by what ran beside its decode: how many long prompts' prefills landed during it (k), and,
+among those with none, how much of its decode a long request was decoding beside it. A ratio near 1 is a step
+the model prices right; a ratio that grows with a neighbour is a cost the model does not have. CPU only; seconds.
+
+    python -m pdcli.benchmarks.sim_residuals --params-dir DIR --device D FOLDER... -> results/router/sim_residuals_<D>.json
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from pdcli.benchmarks.results import provenance, write
+
+LONG = 1000  # prompt tokens: bimodal's long prompts are 8k-12k, its short ones 256
+
+
+def run_residuals(run, cm) -> dict:
+    """Median measured / simulated TPOT of the run's short requests after the warm-up, by neighbours."""
+    from pdcli.plan.sim import SimSpec
+    from pdcli.plan.simulator import Simulator
+
+    recs = [r for r in run.records if r.ok]
+    specs = [SimSpec(w["rank"], w["role"], "node0:" + w["device"]) for w in run.layout]
+    sim = Simulator(cm, specs, run.mode, run.pd_on_collocated).run(
+        [r.input_len for r in recs], [r.output_len for r in recs], [r.arrival for r in recs], [r.path for r in recs])
+    sim = sorted(sim, key=lambda o: o.arrival)
+    longs = [r for r in recs if r.input_len >= LONG]
+    by_k, by_overlap = {}, {}
+    for r, o in zip(recs, sim):
+        if r.arrival < 5 or r.input_len >= LONG or r.output_len < 2:
+            continue
+        ratio = r.tpot_ms / ((o.end - o.first_token) / (o.output_len - 1) * 1e3)
+        k = sum(1 for x in longs if x.first > r.first and x.arrival < r.end)  # long prefills during its decode
+        by_k.setdefault(min(k, 3), []).append(ratio)
+        if k == 0:
+            beside = sum(max(0.0, min(r.end, x.end) - max(r.first, x.first)) for x in longs) / (r.end - r.first)
+            by_overlap.setdefault("none" if beside == 0 else "under half" if beside < 0.5 else "half or more",
+                                  []).append(ratio)
+    summary = lambda d: {str(k): dict(requests=len(v), measured_over_simulated=float(np.median(v)))  # noqa: E731
+                         for k, v in sorted(d.items(), key=lambda kv: str(kv[0]))}
+    return dict(file=run.file, mode=run.mode, rate=run.rate, by_long_prefills=summary(by_k),
+                no_long_prefill_by_long_decode_beside=summary(by_overlap))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params-dir", required=True)
+    ap.add_argument("--device", required=True, help="its name in the output file, e.g. nvidia-h100-80gb-hbm3")
+    ap.add_argument("--out", default="results/router")
+    ap.add_argument("folders", nargs="+")
+    args = ap.parse_args(argv)
+    from pdcli.router.fit import load_cost_model
+    from pdcli.router.replay import load_runs
+
+    cm = load_cost_model(args.params_dir)
+    rows = [run_residuals(run, cm) for folder in args.folders for run in load_runs(folder)
+            if run.mode == "collocated" and any(r.input_len >= LONG for r in run.records)]
+    for r in rows:
+        beside = r["no_long_prefill_by_long_decode_beside"]
+        print(f"{r['file']}: k " + ", ".join(f"{k}: {v['measured_over_simulated']:.2f}" for k, v in
+                                            r["by_long_prefills"].items()) + " | no long prefill, long decode beside "
+              + ", ".join(f"{k}: {v['measured_over_simulated']:.2f} ({v['requests']})" for k, v in beside.items()))
+    path = write(args.out, f"sim_residuals_{args.device}", dict(params_dir=args.params_dir, rows=rows,
+                                                               provenance=provenance("pdcli.benchmarks.sim_residuals", argv)))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
