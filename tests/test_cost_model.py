@@ -686,3 +686,42 @@ def test_tpot_calibration_keeps_long_and_short_prompts_apart():
     assert cal.correction("collocated", "tpot_ms", 2000) == role  # no class-1 residuals yet
     out = cal.apply(coll, dict(ttft_ms=20.0, tpot_ms=5.0), out_len=10, prompt_len=10000)
     assert out["tpot_ms"] == pytest.approx(5.0 * 1.5 ** n)
+
+
+def test_ttft_calibration_keeps_long_and_short_prompts_apart():
+    """TTFT's offset is per prompt length class too: long prompts priced 30 ms short do not add 30 ms to the short
+    prompts' TTFT (which the model prices right); a class never seen takes the role's offset."""
+    from pdcli.router.calibration import LatencyCalibration
+
+    cal = LatencyCalibration(clock=lambda: 0.0)
+    pre = dict(ttft_ms="prefill", tpot_ms="decode")
+    for i in range(12):
+        long = i % 3 != 0
+        cal.observe(pre, dict(ttft_ms=250.0 if long else 20.0), dict(ttft_ms=280.0 if long else 20.0),
+                    prompt_len=10000 if long else 256)
+    role = cal.correction("prefill", "ttft_ms")
+    assert role > 0  # 2 in 3 residuals are +30 ms
+    assert cal.correction("prefill", "ttft_ms", 256) == pytest.approx(role / 2)  # 4 zeros, the prior's 4 at role's
+    assert cal.correction("prefill", "ttft_ms", 10000) > role
+    assert cal.apply(pre, dict(ttft_ms=20.0), out_len=1, prompt_len=256)["ttft_ms"] < 20.0 + role
+
+
+def test_prompts_that_join_a_step_are_priced_at_the_typical_length():
+    """Behind a long prompt, the prompts that come meanwhile join the step that holds a short prompt's chunk: a
+    skewed mix (90% of 256 tokens, 10% of 10k) is priced at its typical length (mean^3 / mean of squares: ~190),
+    not its mean (1,230): as prompts of that one length."""
+    from pdcli.router import latency
+    from pdcli.router.load import WorkerLoad
+
+    cm = cost_model()
+    per_s = 10.0
+    skew = WorkerLoad(decode_batch=8, decode_ctx=4000, prefill_per_s=per_s, prefill_tokens_per_s=per_s * (0.9 * 256 + 1000),
+                      prefill_sq_tokens_per_s=per_s * (0.9 * 256 ** 2 + 0.1 * 10000 ** 2), async_steps=True)
+    mean = skew.prefill_tokens_per_s / per_s
+    typical = mean ** 3 * per_s / skew.prefill_sq_tokens_per_s
+    assert 150 < typical < 256 < mean
+    one = WorkerLoad(decode_batch=8, decode_ctx=4000, prefill_per_s=per_s, prefill_tokens_per_s=per_s * typical,
+                     prefill_sq_tokens_per_s=per_s * typical ** 2, async_steps=True)
+    joined = latency.joining_ms(cm, skew, 300.0, 10.0, 8000, 1)  # x = 3 prompts expected in the window
+    assert joined == pytest.approx(latency.joining_ms(cm, one, 300.0, 10.0, 8000, 1), rel=0.02)
+    assert joined < cm.joined_prefill_ms(3 * mean, 8, 3 * mean * mean)

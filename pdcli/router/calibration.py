@@ -9,8 +9,11 @@ both paths then share one correction, and the path routed under heavier load doe
 TTFT is corrected by an offset in ms (measured - predicted): what the model misses there is mostly a fixed
 cost per request (the trip through the coordinator and the pipes: +5 ms at the median on one H200, where the
 model's prompt step is 8 ms and a long prompt's 300 ms), which a ratio would spread over long prompts. TPOT is
-corrected by a ratio (log(measured / predicted)): its misses scale with the step. TPOT's residuals are kept per
-prompt length class too (classes a factor 4 apart), each class's correction shrunk toward its role's: on one
+corrected by a ratio (log(measured / predicted)): its misses scale with the step. Both keep their residuals per
+prompt length class too (classes a factor 4 apart), each class's correction shrunk toward its role's. TTFT: a long
+prompt's offset is not a short one's (on one H100 a prefill worker's first long prompts, +10-30 ms, set the
+offset of the 256-token prompts after them to +15 ms on a 22 ms prediction for ~20 s; per class, the bimodal
+runs' largest median TTFT error up to the knee went from 26% to 22%). TPOT: on one
 H200, bimodal's 8k-12k prompts decode at 0.95-1.41x their raw prediction (`long_tpot_over_raw` in
 results/router_nvidia-h200.json) while the short ones' ratio follows the long prefills they met (`tpot_hindsight`),
 and one correction fits neither. The correction is the median of the last 256 residuals weighted by their
@@ -29,7 +32,7 @@ from dataclasses import dataclass
 
 METRICS = ("ttft_ms", "tpot_ms")
 ADDITIVE = ("ttft_ms",)  # corrected by an offset in ms; the others by a ratio
-BY_LENGTH = ("tpot_ms",)  # corrected per prompt length class, shrunk toward the role's correction
+BY_LENGTH = ("ttft_ms", "tpot_ms")  # corrected per prompt length class, shrunk toward the role's correction
 
 
 def length_class(prompt_len: int) -> int:
