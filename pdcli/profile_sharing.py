@@ -1,6 +1,6 @@
 """How much a neighbour slows this worker's steps when two workers share one device (under MPS on a GPU, as
 `pdcli serve` runs them): a decode step and a prefill step timed alone, then beside a second process that
-decodes without pause, then a decode step beside it prefilling without pause. The router and the planner
+decodes without pause, then both beside it prefilling without pause. The router and the planner
 price GPU neighbours with these factors (CostModel.sharing) instead of constants and of time-slicing (a decode
 waiting for a neighbour's whole prefill).
 
@@ -71,7 +71,7 @@ def _neighbour(model, device, engine_kwargs, shapes, env, ready, stop, mode) -> 
 
 
 def _measured(model, device, engine_kwargs, shapes, env, ready, mode, stop, results) -> None:
-    """Decode and prefill step times alone, beside the neighbour decoding, a decode step beside it prefilling."""
+    """Decode and prefill step times alone, beside the neighbour decoding, and beside it prefilling."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from pdcli.profiler import StepTimer
 
@@ -87,10 +87,11 @@ def _measured(model, device, engine_kwargs, shapes, env, ready, mode, stop, resu
         mode.value = DECODING
         beside = both()
         mode.value = PREFILLING
-        beside_prefill = timer.decode_ms(shapes.batch, shapes.ctx, shapes.reps)
+        beside_prefill = both()
         stop.set()
         results.put(dict(decode_alone_ms=alone[0], prefill_alone_ms=alone[1], decode_beside_ms=beside[0],
-                         prefill_beside_ms=beside[1], decode_beside_prefill_ms=beside_prefill))
+                         prefill_beside_ms=beside[1], decode_beside_prefill_ms=beside_prefill[0],
+                         prefill_beside_prefill_ms=beside_prefill[1]))
     except Exception as err:  # noqa: BLE001 (reported by the parent)
         stop.set()
         results.put(dict(error=f"{type(err).__name__}: {err}"))
@@ -98,8 +99,9 @@ def _measured(model, device, engine_kwargs, shapes, env, ready, mode, stop, resu
 
 def profile_sharing(model: str, device: str, engine_kwargs: dict, shapes: SharingShapes = SharingShapes(),
                     mps: bool | None = None, timeout_s: float = 600.0) -> dict:
-    """{decode_beside_decode, prefill_beside_decode: step time beside a decoding neighbour over alone, plus the
-    times and shapes}; RuntimeError if the processes fail."""
+    """{decode_beside_decode, prefill_beside_decode: step time beside a decoding neighbour over alone;
+    decode_beside_prefill, prefill_beside_prefill: beside a prefilling one; plus the times and shapes};
+    RuntimeError if the processes fail."""
     from pdcli.workers.layout import WorkerSpec
     from pdcli.workers.mps import start_for
 
@@ -136,5 +138,6 @@ def profile_sharing(model: str, device: str, engine_kwargs: dict, shapes: Sharin
             daemon.stop()
     return dict(got, decode_beside_decode=got["decode_beside_ms"] / got["decode_alone_ms"],
                 prefill_beside_decode=got["prefill_beside_ms"] / got["prefill_alone_ms"],
-                decode_beside_prefill=got["decode_beside_prefill_ms"] / got["decode_alone_ms"], mps=daemon is not None,
+                decode_beside_prefill=got["decode_beside_prefill_ms"] / got["decode_alone_ms"],
+                prefill_beside_prefill=got["prefill_beside_prefill_ms"] / got["prefill_alone_ms"], mps=daemon is not None,
                 batch=shapes.batch, ctx=shapes.ctx, prompt=shapes.prompt)

@@ -441,7 +441,7 @@ def test_profiled_sharing_factors_reach_the_cost_model(tmp_path):
 
     got = profile_sharing("dummy:tiny-llama", "cpu", {}, SharingShapes(batch=4, ctx=32, prompt=64, reps=3, block_size=8),
                           timeout_s=120)
-    for k in ("decode_beside_decode", "prefill_beside_decode", "decode_beside_prefill"):
+    for k in ("decode_beside_decode", "prefill_beside_decode", "decode_beside_prefill", "prefill_beside_prefill"):
         assert 0.2 < got[k] < 20, got  # measured (noisy on 2 busy cores), not a constant
     assert got["decode_beside_decode"] == got["decode_beside_ms"] / got["decode_alone_ms"]
     torch.save(dict(synthetic_profile(), sharing=got), tmp_path / "profile_data.pt")
@@ -452,6 +452,10 @@ def test_profiled_sharing_factors_reach_the_cost_model(tmp_path):
     assert cm.decode_beside_prefill_extra == pytest.approx(max(0, got["decode_beside_prefill"] - 1))
     assert CostModel(**{**cm.__dict__, "sharing": {}}).decode_neighbour_extra == 1.0  # unmeasured: 2x
     assert CostModel(**{**cm.__dict__, "sharing": {}}).decode_beside_prefill_extra is None  # unmeasured: it waits
+    # a prompt's step beside a prefilling neighbour: (f - 1) of the neighbour's step, both prefills of one shape
+    assert cm.prompt_beside_prefill_share == pytest.approx(max(0, got["prefill_beside_prefill"] - 1))
+    older = CostModel(**{**cm.__dict__, "sharing": {k: v for k, v in cm.sharing.items() if k != "prefill_beside_prefill"}})
+    assert older.prompt_beside_prefill_share == older.beside_prefill_share  # profiles before it: the decode's share
 
 
 def test_sharing_only_adds_the_factors_to_an_existing_profile(tmp_path, monkeypatch):

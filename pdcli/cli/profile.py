@@ -172,7 +172,8 @@ def _measure_sharing(model: str, kw: dict, progress) -> dict:
     progress.say("timing steps beside a second worker's decode batch on the same device")
     got = profile_sharing(model, dev, {k: v for k, v in kw.items() if k != "device"})
     progress.say(f"beside a decoding neighbour: decode step x{got['decode_beside_decode']:.2f}, prefill "
-                 f"x{got['prefill_beside_decode']:.2f}{' (MPS)' if got['mps'] else ''}")
+                 f"x{got['prefill_beside_decode']:.2f}; beside a prefilling one: decode x{got['decode_beside_prefill']:.2f}, "
+                 f"prefill x{got['prefill_beside_prefill']:.2f}{' (MPS)' if got['mps'] else ''}")
     return got
 
 

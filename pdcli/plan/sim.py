@@ -159,7 +159,7 @@ class SimWorker:
 
 def shared_step_ms(worker: SimWorker, step: SimStep, neighbours: list[SimWorker], now: float) -> float:
     """A step's time beside the other workers on its GPU, as the router prices them (router/latency.py): a step
-    with a prompt chunk gains a share of each busy neighbour's step (CostModel.beside_prefill_share beside a
+    with a prompt chunk gains a share of each busy neighbour's step (CostModel.prompt_beside_prefill_share beside a
     step with a chunk, beside_decode_share beside a decode step: their kernels alternate); a decode step gains
     beside_prefill_share of each prefilling neighbour's step and reads the weights beside another decode batch
     (each ~1 / (1 + decoding neighbours)). With the sharing unmeasured a decode step waits for a neighbour's
@@ -170,7 +170,7 @@ def shared_step_ms(worker: SimWorker, step: SimStep, neighbours: list[SimWorker]
     if share is not None and step.chunks:
         prefilling = [n for n in busy if n.running.chunks]
         decoding = [n for n in busy if not n.running.chunks]
-        beside = share * sum(n.running.ms for n in prefilling)
+        beside = cm.prompt_beside_prefill_share * sum(n.running.ms for n in prefilling)
         if share_d is None:  # the prefill beside decodes unmeasured: its factor
             return alone_ms * (1 + cm.prefill_neighbour_extra * len(decoding)) + beside
         return alone_ms + beside + share_d * sum(n.running.ms for n in decoding)

@@ -154,12 +154,14 @@ def fit_mixed(dec_marginal, pre_marginal, y) -> Fit:
 
 
 @functools.lru_cache(maxsize=64)
-def _step_share(f: float, prefill: tuple, decode: tuple, prefill_neighbour: bool) -> float:
-    """(f - 1) x own step / neighbour's step at the profile's shapes: a decode batch and a prompt (SharingShapes)."""
+def _step_share(f: float, prefill: tuple, decode: tuple, prefill_neighbour: bool, prefill_own: bool | None = None) -> float:
+    """(f - 1) x own step / neighbour's step at the profile's shapes: a decode batch and a prompt (SharingShapes).
+    The own step is the other kind than the neighbour's unless prefill_own says."""
     s = SharingShapes()
     dec = float(decode_features(s.batch, s.batch * s.ctx) @ np.asarray(decode))
     pre = float(prefill_form(list(prefill), s.prompt, 0))
-    return max(0.0, f - 1.0) * (dec / pre if prefill_neighbour else pre / dec)
+    own = (not prefill_neighbour) if prefill_own is None else prefill_own
+    return max(0.0, f - 1.0) * (pre if own else dec) / (pre if prefill_neighbour else dec)
 
 
 # without a measurement: two decode batches on one GPU each read all the weights (~2x each), and a prefill beside
@@ -218,11 +220,22 @@ class CostModel:
         (one H200, 1P1D: 8k-12k prompts came in at 0.82x their price as a factor, 256-token ones at 1.4x)."""
         return self._step_share("prefill_beside_decode", prefill_neighbour=False)
 
-    def _step_share(self, factor: str, prefill_neighbour: bool) -> float | None:
+    @property
+    def prompt_beside_prefill_share(self) -> float | None:
+        """What a step carrying a prompt chunk gains beside a neighbour running prefill steps, as a fraction of the
+        neighbour's step: from the profiled prefill beside a prefill where measured (`prefill_beside_prefill`, since
+        2026-12-05), else beside_prefill_share (from a decode beside a prefill). One H100, adaptive on bimodal: a
+        256-token prompt on the collocated worker beside the prefill worker's long prompt took ~170 ms where the
+        decode-derived share priced ~80."""
+        share = self._step_share("prefill_beside_prefill", prefill_neighbour=True, prefill_own=True)
+        return self.beside_prefill_share if share is None else share
+
+    def _step_share(self, factor: str, prefill_neighbour: bool, prefill_own: bool | None = None) -> float | None:
         """A profiled sharing factor (own step beside the neighbour / alone, at the profile's shapes) as a share of
         the neighbour's step; cached on the factor and the fitted steps (the planner asks at every simulated step)."""
         f = self.sharing.get(factor)
-        return None if f is None else _step_share(f, tuple(self.prefill), tuple(self.decode), prefill_neighbour)
+        return None if f is None else _step_share(f, tuple(self.prefill), tuple(self.decode), prefill_neighbour,
+                                                  prefill_own)
 
     @property
     def prefill_neighbour_extra(self) -> float:

@@ -13,6 +13,9 @@ SCHEMA_VERSION = 1  # profile_data.pt
 PARAMS_SCHEMA_VERSION = 2  # params.json (2: prefill floor and separate prefix/self attention rates, mixed-step form)
 PROFILE_FILE, PARAMS_FILE = "profile_data.pt", "params.json"
 
+# the profiled GPU-sharing factors (profile_sharing.py) a fit keeps: own step beside a neighbour / alone
+SHARING_FACTORS = ("decode_beside_decode", "prefill_beside_decode", "decode_beside_prefill", "prefill_beside_prefill")
+
 
 class ProfileError(ValueError):
     """A missing, corrupt or stale profile or params file; the message names the command that remakes it."""
@@ -122,7 +125,7 @@ def fit_profile(data: dict, folder: str | None = None) -> dict:
                 kv_bytes_per_token=int(data["kv_bytes_per_token"]), prefill=prefill.to_dict(),
                 decode=decode.to_dict(), interference=inter.to_dict(), transfer=transfer,
                 sharing={k: float(v) for k, v in data.get("sharing", {}).items()
-                         if k in ("decode_beside_decode", "prefill_beside_decode", "decode_beside_prefill")},
+                         if k in SHARING_FACTORS},
                 prefill_worker=prefill_worker)
 
 

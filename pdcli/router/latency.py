@@ -185,7 +185,7 @@ def joining_ms(cm: CostModel, w: WorkerLoad, wait_ms: float, work_ms: float, roo
 
 def neighbour_ms(cm: CostModel, w: WorkerLoad, steps: int) -> float | None:
     """What `steps` prompt-carrying steps of worker w gain beside the other workers on its GPU: each a share of
-    the neighbours' step (CostModel.beside_prefill_share while they have prompts queued, capped by their remaining
+    the neighbours' step (CostModel.prompt_beside_prefill_share while they have prompts queued, capped by their remaining
     prefill; else beside_decode_share of each decoding neighbour's step). None where that share is unmeasured or nothing is
     known to run beside it (then the decoding-neighbour factor prices it, 1 without busy neighbours)."""
     q, b, ctx = w.neighbour_queued_tokens, w.neighbour_decode_batch, w.neighbour_decode_ctx
@@ -194,7 +194,7 @@ def neighbour_ms(cm: CostModel, w: WorkerLoad, steps: int) -> float | None:
     if steps <= 0:
         return 0.0
     if q > 0:
-        share = cm.beside_prefill_share
+        share = cm.prompt_beside_prefill_share
         if share is None:
             return None
         chunk = min(q, max(1, cm.max_num_batched_tokens - b))
