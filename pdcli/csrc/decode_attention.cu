@@ -47,8 +47,8 @@ constexpr int smem_bytes() {
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 2)
 decode_attention_kernel(T* __restrict__ out,              // [B, Hq, D]
-                        float* __restrict__ part_o,       // [B, Hq, S, D] when S > 1
-                        float* __restrict__ part_lse,     // [B, Hq, S] (log2 domain)
+                        float* __restrict__ part_o,       // [B, Hq, S, D] when S > 1; planned: [slots, Hq, D]
+                        float* __restrict__ part_lse,     // [B, Hq, S] (log2 domain); planned: [slots, Hq]
                         const T* __restrict__ q,          // [B, Hq, D], row stride q_stride
                         const T* __restrict__ k_cache,    // [N, bs, Hk, D]
                         const T* __restrict__ v_cache,
@@ -74,8 +74,8 @@ decode_attention_kernel(T* __restrict__ out,              // [B, Hq, D]
 
   int split, b, per_split;
   bool direct;        // the sequence is one part: write out, no merge
-  int64_t part_base;  // row of (b, kv head's first query head, this part) in part_o / part_lse, times heads
-  int part_stride;    // rows between query heads
+  int64_t part_base;  // query head h's row of this part in part_o / part_lse: part_base + h * part_stride
+  int part_stride;
   int ctx;
   if (plan != nullptr) {
     const int slot = blockIdx.x;
