@@ -245,20 +245,28 @@ void store_kvcache(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torc
                        k.size(0), k.stride(0) * es, v.stride(0) * es, row_bytes, at::cuda::getCurrentCUDAStream());
 }
 
-// One query token per sequence. out, q [B, Hq, D]; block_tables [B, W] int32; context_lens [B] int32.
+// The decode ops' inputs: one query token per sequence. out, q [B, Hq, D]; block_tables [B, W] int32;
+// context_lens [B] int32; 1 to 8 query heads per kv head.
+void check_decode(const torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cache,
+                  const torch::Tensor& v_cache, const torch::Tensor& block_tables, const torch::Tensor& context_lens,
+                  const char* op) {
+  check_cache(q, k_cache, v_cache, op);
+  check_heads(q, k_cache, op);
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type() &&
+                  out.device() == q.device(), op, ": out must be contiguous, shaped like q");
+  const int64_t B = q.size(0), Hq = q.size(1), Hk = k_cache.size(2);
+  check_table(q, block_tables, context_lens, B, op);
+  const int64_t G = Hq / Hk;
+  TORCH_CHECK(G >= 1 && G <= 8, op, ": query heads per kv head must be 1 to 8, got ", num(G));
+}
+
 // num_splits <= 0: chosen from the grid size and max_context_len (an upper bound of context_lens).
 void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                       torch::Tensor block_tables, torch::Tensor context_lens, double scale, int64_t num_splits,
                       int64_t max_context_len) {
   const char* op = "decode_attention";
-  check_cache(q, k_cache, v_cache, op);
-  check_heads(q, k_cache, op);
-  TORCH_CHECK(out.is_contiguous() && out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type() &&
-                  out.device() == q.device(), op, ": out must be contiguous, shaped like q");
+  check_decode(out, q, k_cache, v_cache, block_tables, context_lens, op);
   const int64_t B = q.size(0), Hq = q.size(1), Hk = k_cache.size(2), D = q.size(2);
-  check_table(q, block_tables, context_lens, B, op);
-  const int64_t G = Hq / Hk;
-  TORCH_CHECK(G >= 1 && G <= 8, op, ": query heads per kv head must be 1 to 8, got ", num(G));
   if (B == 0) return;
   const c10::cuda::CUDAGuard guard(q.device());
   int64_t splits = num_splits > 0 ? num_splits : decode_attention_num_splits(B, Hk, max_context_len, D);
@@ -295,14 +303,8 @@ torch::Tensor decode_plan(torch::Tensor context_lens, int64_t target_slots) {
 void decode_attention_planned(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                               torch::Tensor block_tables, torch::Tensor context_lens, double scale, torch::Tensor plan) {
   const char* op = "decode_attention_planned";
-  check_cache(q, k_cache, v_cache, op);
-  check_heads(q, k_cache, op);
-  TORCH_CHECK(out.is_contiguous() && out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type() &&
-                  out.device() == q.device(), op, ": out must be contiguous, shaped like q");
+  check_decode(out, q, k_cache, v_cache, block_tables, context_lens, op);
   const int64_t B = q.size(0), Hq = q.size(1), Hk = k_cache.size(2), D = q.size(2);
-  check_table(q, block_tables, context_lens, B, op);
-  const int64_t G = Hq / Hk;
-  TORCH_CHECK(G >= 1 && G <= 8, op, ": query heads per kv head must be 1 to 8, got ", num(G));
   TORCH_CHECK(plan.device() == q.device() && plan.scalar_type() == torch::kInt32 && plan.is_contiguous() &&
                   plan.dim() == 1 && plan.size(0) >= 2 + 2 * B + 2 && (plan.size(0) - 2 - 2 * B) % 2 == 0,
               op, ": plan must be decode_plan's of these context_lens");
