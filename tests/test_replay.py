@@ -121,8 +121,9 @@ def test_replay_reproduces_the_recorded_decisions(tmp_path):
     # kept gzipped (a committed run), it reads the same, and a resumed sweep counts it as done
     from pdcli.bench import result_files
 
-    gz = result_files.compress(glob.glob(str(out / "2*.json"))[0])
-    assert gz.endswith(".json.gz") and not glob.glob(str(out / "2*.json"))
+    result_files.main([str(out)])  # gzips the run, leaves replay.json
+    assert len(glob.glob(str(out / "2*.json.gz"))) == 1 and not glob.glob(str(out / "2*.json"))
+    assert (out / "replay.json").exists()
     assert load_runs(str(out))[0].records == run.records
     r = CliRunner().invoke(app, bench + ["--resume"])
     assert r.exit_code == 0 and "done already" in r.stderr, r.stderr

@@ -33,3 +33,20 @@ def compress(path: str) -> str:
         json.dump(data, f, separators=(",", ":"))
     os.remove(path)
     return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m pdcli.bench.result_files FOLDER...`: gzip the runs with per-request records in these folders
+    (before committing them); other files are left as they are."""
+    import sys
+
+    for folder in (sys.argv[1:] if argv is None else argv):
+        for path in find(folder):
+            if path.endswith(".json"):
+                data = read(path)
+                if isinstance(data, dict) and data.get("requests") and "mode" in data:
+                    print(compress(path))
+
+
+if __name__ == "__main__":
+    main()
