@@ -42,10 +42,14 @@ def main(argv: list[str] | None = None) -> None:
 
     for folder in (sys.argv[1:] if argv is None else argv):
         for path in find(folder):
-            if path.endswith(".json"):
+            if not path.endswith(".json"):
+                continue
+            try:
                 data = read(path)
-                if isinstance(data, dict) and data.get("requests") and "mode" in data:
-                    print(compress(path))
+            except ValueError:  # not JSON (a file being written): not a result
+                continue
+            if isinstance(data, dict) and data.get("requests") and "mode" in data:
+                print(compress(path))
 
 
 if __name__ == "__main__":
