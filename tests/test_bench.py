@@ -223,6 +223,11 @@ def test_router_sweeps_runs_only_what_is_left_of_a_plan(tmp_path, monkeypatch, c
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "--arrival-rate 4.5,5 " in out[0] and "--resume" in out[0]
     assert "--params-dir profiles/nvidia-h100-80gb-hbm3/dummy-llama3-8b" in out[0]
+    import tarfile
+
+    router_sweeps.main([str(plan), "--gpu", "h100", "--dry-run", "--bundle", str(tmp_path / "res.tgz")])
+    with tarfile.open(tmp_path / "res.tgz") as tar:  # the plain results a call wrote (committed ones are .json.gz)
+        assert sorted(tar.getnames()) == sorted(f"results/router/h100_bimodal_s1/{f.name}" for f in folder.iterdir())
     plan.write_text("bimodal_s1 collocated bimodal 4.0\n")
     with pytest.raises(SystemExit, match="FOLDER MODE WORKLOAD"):
         router_sweeps.parse_plan(str(plan))

@@ -7,7 +7,10 @@ FOLDER is made results/router/<gpu>_FOLDER, <gpu> h100 or h200 from the device's
 GPU's committed profile. Every run: dummy:llama3-8b, the issue's SLOs (TTFT 250 ms + 0.1 ms per prompt token,
 TPOT 15 ms), 35 s of arrivals of which the first 5 s are the warm-up (30 s scored), --save-detailed.
 
-    python -m pdcli.benchmarks.router_sweeps results/router/plans/h100.txt --budget 540 [--dry-run]
+    python -m pdcli.benchmarks.router_sweeps results/router/plans/h100.txt --budget 520 --bundle $OUT/res.tgz
+
+Back here: untar res.tgz into the repo, gzip the new runs (`python -m pdcli.bench.result_files FOLDER`), commit:
+the next call resumes from them (a GPU call's tree is this one's: what a call wrote there is gone at the next).
 
 A line starts only while at least --duration + 45 s of the budget is left (a rate takes its arrivals, its
 drain and, for the line's first, the workers' start); a rate cut off by the budget is run again next time.
@@ -101,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gpu", help="h100 or h200 (default: from the CUDA device's name)")
     ap.add_argument("--logs", default=os.environ.get("OUT", "."), help="folder for each line's console")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
+    ap.add_argument("--bundle", help="at the end, a .tgz of the result files this call wrote (the GPU call's $OUT)")
     args = ap.parse_args(argv)
     lines = parse_plan(args.plan)
     if args.gpu:
@@ -131,6 +135,20 @@ def main(argv: list[str] | None = None) -> None:
         print(f"        rc {rc}; {tail[-1] if tail else ''}", flush=True)
     if not args.dry_run:
         print(f"done in {time.monotonic() - start:.0f} s", flush=True)
+    if args.bundle:
+        print(f"{bundle(args.bundle, sorted({result_dir(x, tag) for x in lines}))} result files -> {args.bundle}")
+
+
+def bundle(path: str, folders: list[str]) -> int:
+    """Tar the plain .json results in folders (what a GPU call wrote: committed runs are gzipped) into path."""
+    import glob
+    import tarfile
+
+    files = [f for d in folders for f in glob.glob(os.path.join(d, "2*.json"))]
+    with tarfile.open(path, "w:gz") as tar:
+        for f in files:
+            tar.add(f)
+    return len(files)
 
 
 if __name__ == "__main__":
