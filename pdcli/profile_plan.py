@@ -151,8 +151,11 @@ def decode_grid(lim: Limits, s: int) -> list[Point]:
 
 
 def mixed_grid(lim: Limits, s: int) -> list[Point]:
+    """Decode batches beside chunks of every other size and beside the largest chunk: a long prompt's steps ride
+    on decode batches with a full chunk (8192 tokens), which the fit extrapolated to from 4096 until 2026-12-05."""
     ctx = max(16, min(FULL_MIXED_CTX // s, lim.max_len))
-    chunks = every_other(ladder(16, min(FULL_CHUNK // s, lim.max_tokens, lim.max_len - ctx), 7))
+    sizes = ladder(16, min(FULL_CHUNK // s, lim.max_tokens, lim.max_len - ctx), 7)
+    chunks = tuple(sorted({*every_other(sizes), sizes[-1]}))
     pts = {Point(n=max(1, min(n, lim.max_tokens - b)), batch=b, ctx=ctx)
            for b in every_other(decode_batches(lim, s)) for n in chunks}
     return sorted(p for p in pts if p.batch * lim.blocks(ctx) + lim.blocks(p.n) <= lim.kv_blocks)
