@@ -50,7 +50,8 @@ def bench(
         "Devices shared by every mode, e.g. cuda:0,cuda:1 or cpu,cpu (default: every visible GPU, else cpu,cpu)."))] = None,
     arrival_rate: Annotated[str, typer.Option("--arrival-rate", "--request-rate", help="Requests/s: a number, inf, a list or start:stop:step.")] = "inf",
     burstiness: Annotated[float, typer.Option(help="Gamma shape of the gaps: 1 = Poisson.")] = 1.0,
-    workload: Annotated[str, typer.Option(help="short, long, mixed, random or sharegpt-like.")] = "random",
+    workload: Annotated[str, typer.Option(help="random, short, long, mixed, sharegpt-like, bimodal or shared-prefix "
+                                          "(pdcli/bench/workloads.py says what each is).")] = "random",
     num_prompts: Annotated[Optional[int], typer.Option(help=f"Requests per run (default: {GPU_NUM_PROMPTS} on GPUs, "
                                                           f"{CPU_NUM_PROMPTS} on CPUs).")] = None,
     duration: Annotated[Optional[float], typer.Option(help="Instead of --num-prompts: rate x duration requests.")] = None,
