@@ -114,6 +114,11 @@ def main(argv: list[str] | None = None) -> None:
 
         tag = gpu_tag(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
     start = time.monotonic()
+    if not args.dry_run:  # the kernels' JIT build once, before any worker (a failed build stops here, not per line)
+        from pdcli.kernels import build
+
+        build.load()
+        print(f"{time.monotonic() - start:5.0f} s: kernels built", flush=True)
     for line in lines:
         rates = remaining_rates(line, tag)
         if not rates:
