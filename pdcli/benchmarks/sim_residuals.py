@@ -21,18 +21,13 @@ LONG = 1000  # prompt tokens: bimodal's long prompts are 8k-12k, its short ones 
 
 def run_residuals(run, cm) -> dict:
     """Median measured / simulated TPOT of the run's short requests after the warm-up, by neighbours."""
-    from pdcli.plan.sim import SimSpec
-    from pdcli.plan.simulator import Simulator
+    from pdcli.plan.validate import simulate_records
 
-    recs = [r for r in run.records if r.ok]
-    specs = [SimSpec(w["rank"], w["role"], "node0:" + w["device"]) for w in run.layout]
-    sim = Simulator(cm, specs, run.mode, run.pd_on_collocated).run(
-        [r.input_len for r in recs], [r.output_len for r in recs], [r.arrival for r in recs], [r.path for r in recs])
-    sim = sorted(sim, key=lambda o: o.arrival)
-    longs = [r for r in recs if r.input_len >= LONG]
+    sim = simulate_records(run, cm)
+    longs = [r for r in run.records if r.ok and r.input_len >= LONG]
     by_k, by_overlap = {}, {}
-    for r, o in zip(recs, sim):
-        if r.arrival < 5 or r.input_len >= LONG or r.output_len < 2:
+    for r, o in zip(run.records, sim):
+        if not r.ok or r.arrival < 5 or r.input_len >= LONG or r.output_len < 2:
             continue
         ratio = r.tpot_ms / ((o.end - o.first_token) / (o.output_len - 1) * 1e3)
         k = sum(1 for x in longs if x.first > r.first and x.arrival < r.end)  # long prefills during its decode

@@ -16,12 +16,17 @@ RATE_CLOSE = 0.15  # two layouts whose highest rates differ by more than this ar
 
 def simulate_run(run: Run, cm: CostModel, warmup_excluded: int = 0) -> dict:
     """The simulated run's metrics, with the run's SLOs, less the first warmup_excluded arrivals (as measured)."""
+    return summarize(simulate_records(run, cm)[warmup_excluded:], run.slo)
+
+
+def simulate_records(run: Run, cm: CostModel) -> list:
+    """The recorded run re-run in the simulator (its layout, arrivals, lengths and paths): one RequestRecord per
+    record of run.records, in arrival order (as run.records)."""
     specs = [SimSpec(w["rank"], w["role"], "node0:" + w["device"]) for w in run.layout]
-    recs = [r for r in run.records]
-    sim = Simulator(cm, specs, run.mode, run.pd_on_collocated)
-    out = sim.run([r.input_len for r in recs], [r.output_len for r in recs], [r.arrival for r in recs],
-                  [r.path for r in recs])
-    return summarize(sorted(out, key=lambda r: r.arrival)[warmup_excluded:], run.slo)
+    recs = run.records
+    out = Simulator(cm, specs, run.mode, run.pd_on_collocated).run(
+        [r.input_len for r in recs], [r.output_len for r in recs], [r.arrival for r in recs], [r.path for r in recs])
+    return sorted(out, key=lambda r: r.arrival)
 
 
 def validate_runs(folder: str, cm: CostModel) -> list[dict]:
