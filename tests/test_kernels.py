@@ -141,9 +141,11 @@ def test_engine_decode_logits_kernel_vs_reference(dtype, tiny_model_dir, prompts
 def test_cuda_graph_decode_equals_eager(tiny_model_dir, prompts, monkeypatch, split):
     """Replayed graphs decode as eager steps do, with either split-KV (a balanced plan is made inside the graph
     from each replay's context lengths)."""
-    from pdcli import LLM, SamplingParams
+    from pdcli import LLM, SamplingParams, envs
+    from pdcli.kernels import ops
 
     monkeypatch.setenv("PDCLI_DECODE_SPLIT", split)
+    monkeypatch.setattr(ops, "_decode_split", envs.decode_split)  # read afresh (ops caches it per process)
     path = tiny_model_dir("qwen3-gqa64")
     p = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     graphed = LLM(path, device="cuda", dtype="float16", num_kv_blocks=128, max_num_seqs=8)

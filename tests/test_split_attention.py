@@ -91,6 +91,9 @@ def test_balanced_decode_makes_one_plan_per_step(monkeypatch):
     lens = torch.tensor([9000, 12, 40, 7, 1], dtype=torch.int32)
     ctx = Context(slot_mapping=torch.empty(0), block_tables=torch.zeros(5, 1), context_lens=lens,
                   query_start_loc=torch.arange(6), max_query_len=1, max_context_len=9000, logits_indices=torch.empty(0))
+    from pdcli import envs
+
+    monkeypatch.setattr(ops, "_decode_split", envs.decode_split)  # read afresh (ops caches it per process)
     monkeypatch.delenv("PDCLI_DECODE_SPLIT", raising=False)
     assert ops.decode_fn(mod, ctx) == mod.decode_attention
     monkeypatch.setenv("PDCLI_DECODE_SPLIT", "balanced")

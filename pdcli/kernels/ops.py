@@ -20,6 +20,10 @@ def _kernels_for(device_type: str, dtype: torch.dtype, head_dim: int, group: int
     return build.get()
 
 
+# PDCLI_DECODE_SPLIT, read once per process (not per layer of every step); tests clear it when they change it
+_decode_split = functools.cache(envs.decode_split)
+
+
 def kernel_module(q: torch.Tensor, k_cache: torch.Tensor):
     return _kernels_for(q.device.type, q.dtype, q.shape[-1], q.shape[1] // k_cache.shape[2])
 
@@ -143,7 +147,7 @@ def decode_fn(mod, ctx: Context):
     """The decode kernel in its own signature (out, q, k, v, tables, lens, scale, splits, max_ctx): uniform
     split-KV, or with PDCLI_DECODE_SPLIT=balanced (and splits 0: the kernel's choice) balanced over key counts by a
     plan that ctx's first decode call makes (one per step: ctx has one set of decode rows) and the rest reuse."""
-    if envs.decode_split() != "balanced":
+    if _decode_split() != "balanced":
         return mod.decode_attention
 
     def planned(out, q, k_cache, v_cache, tables, lens, scale, splits, max_ctx) -> None:
