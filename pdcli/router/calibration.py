@@ -12,8 +12,9 @@ model's prompt step is 8 ms and a long prompt's 300 ms), which a ratio would spr
 corrected by a ratio (log(measured / predicted)): its misses scale with the step. Both keep their residuals per
 prompt length class too (classes a factor 4 apart), each class's correction shrunk toward its role's. TTFT: a long
 prompt's offset is not a short one's (on one H100 a prefill worker's first long prompts, +10-30 ms, set the
-offset of the 256-token prompts after them to +15 ms on a 22 ms prediction for ~20 s; per class, the bimodal
-runs' largest median TTFT error up to the knee went from 26% to 22%). TPOT: on one
+offset of the 256-token prompts after them to +15 ms on a 22 ms prediction for ~20 s: with the offsets per class
+and the joiners at their typical length (latency.joining_ms) that run's median TTFT error went from 25.8% to 18.9%,
+results/router_nvidia-h100-80gb-hbm3.json, before at commit 32328c8). TPOT: on one
 H200, bimodal's 8k-12k prompts decode at 0.95-1.41x their raw prediction (`long_tpot_over_raw` in
 results/router_nvidia-h200.json) while the short ones' ratio follows the long prefills they met (`tpot_hindsight`),
 and one correction fits neither. The correction is the median of the last 256 residuals weighted by their

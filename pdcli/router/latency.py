@@ -163,7 +163,7 @@ def joining_ms(cm: CostModel, w: WorkerLoad, wait_ms: float, work_ms: float, roo
     expected), each of the forecast's typical length: mean^3 / mean of squares, the mean for prompts of one
     length, near the common length of a skewed mix (bimodal's 90% of 256 and 10% of 8k-12k: ~350 tokens where the
     mean is ~1,800; behind a long prompt a short one met 2 joiners priced as 3,600 tokens, ~80 ms too many: with
-    the typical length the collocated bimodal runs' median TTFT error went from 9-17% to 6-12% on one H100). The
+    the typical length the collocated bimodal runs' median TTFT error went from 9-17% to 6-14% on one H100). The
     median count, since the router prices the typical prompt: with x < 0.7 most meet none (in the simulator, where
     the cost model is exact, the median TTFT came out exact; the mean, put on every prompt, over-predicted it by
     2-13%). On one H100's prefill worker (1024-token prompts at 32 req/s, budget 8192) a step held 1-5 prompts:
