@@ -727,5 +727,6 @@ def test_prompts_that_join_a_step_are_priced_at_the_typical_length():
     one = WorkerLoad(decode_batch=8, decode_ctx=4000, prefill_per_s=per_s, prefill_tokens_per_s=per_s * typical,
                      prefill_sq_tokens_per_s=per_s * typical ** 2, async_steps=True)
     joined = latency.joining_ms(cm, skew, 300.0, 10.0, 8000, 1)  # x = 3 prompts expected in the window
+    assert joined > 0
     assert joined == pytest.approx(latency.joining_ms(cm, one, 300.0, 10.0, 8000, 1), rel=0.02)
     assert joined < cm.joined_prefill_ms(3 * mean, 8, 3 * mean * mean)

@@ -25,6 +25,15 @@ def read(path: str):
         return json.load(f)
 
 
+def finished(folder: str, mode: str, workload: str, rate: float) -> str | None:
+    """The file of a finished (not interrupted) run of mode at this rate and workload in folder, else None: what
+    `bench --resume` skips."""
+    from pdcli.bench.runner import rate_label
+
+    return next((p for p in find(folder, f"*_{mode}_{workload}_rate{rate_label(rate)}")
+                 if not read(p).get("interrupted")), None)
+
+
 def compress(path: str) -> str:
     """Rewrite a .json result as compact .json.gz (same content) and remove the .json; the new path."""
     data = read(path)

@@ -59,15 +59,10 @@ def result_dir(line: dict, tag: str) -> str:
 
 def remaining_rates(line: dict, tag: str) -> list[str]:
     """The line's rates whose finished result (as `bench --resume` counts them) is not in its folder yet."""
-    from pdcli.bench import result_files
-    from pdcli.bench.runner import rate_label
+    from pdcli.bench.result_files import finished
 
-    left = []
-    for r in line["rates"].split(","):
-        found = result_files.find(result_dir(line, tag), f"*_{line['mode']}_{line['workload']}_rate{rate_label(float(r))}")
-        if not any(not result_files.read(p).get("interrupted") for p in found):
-            left.append(r)
-    return left
+    return [r for r in line["rates"].split(",")
+            if not finished(result_dir(line, tag), line["mode"], line["workload"], float(r))]
 
 
 def bench_command(line: dict, tag: str, duration: float, warmup: float, rates: list[str]) -> list[str]:

@@ -271,11 +271,10 @@ def _done(b: _Bench, m: str, rate: float, err) -> bool:
     from pdcli.bench import result_files
     from pdcli.bench.runner import rate_label
 
-    for path in result_files.find(b.result_dir, f"*_{m}_{b.workload}_rate{rate_label(rate)}"):
-        if not result_files.read(path).get("interrupted"):
-            err.print(f"{m} at {rate_label(rate)} req/s: done already ({path})")
-            return True
-    return False
+    path = result_files.finished(b.result_dir, m, b.workload, rate)
+    if path:
+        err.print(f"{m} at {rate_label(rate)} req/s: done already ({path})")
+    return path is not None
 
 
 def _write_rate(b: _Bench, m: str, rate: float, records: list, layout, cs, rows: list[dict], paths: list[str],
