@@ -79,12 +79,12 @@ def test_decode_attention_matches_reference(mod, dtype, d, hq, hk, ctx_lens, blo
     ref32 = reference.paged_attention(q.float(), kc.float(), vc.float(), *args)
     ref16 = reference.paged_attention(q, kc, vc, *args)
     rows = lens > 0  # a padded row (length 0) has no reference; its output must still be written
-    for splits in (0, 1, 3, 7, "balanced 1", "balanced 8", "balanced 300"):
+    for splits in (0, 1, 3, 7, "balanced 1 0", "balanced 8 0", "balanced 300 0", "balanced 300 256"):
         out = torch.full_like(q, float("nan"))
         if isinstance(splits, str):  # parts of equal key counts (decode_plan), about target_slots of them
-            target = int(splits.split()[1])
-            plan = mod.decode_plan(lens, target)
-            check_decode_plan(plan.cpu().tolist(), ctx_lens, target)
+            target, min_chunk = map(int, splits.split()[1:])
+            plan = mod.decode_plan(lens, target, min_chunk)
+            check_decode_plan(plan.cpu().tolist(), ctx_lens, target, min_chunk)
             mod.decode_attention_planned(out, q, kc, vc, tables, lens, scale, plan)
         else:
             mod.decode_attention(out, q, kc, vc, tables, lens, scale, splits, max(ctx_lens))
@@ -94,7 +94,7 @@ def test_decode_attention_matches_reference(mod, dtype, d, hq, hk, ctx_lens, blo
         assert err <= bound, (splits, err, bound)
 
 
-def check_decode_plan(plan: list[int], ctx_lens: list[int], target: int) -> None:
+def check_decode_plan(plan: list[int], ctx_lens: list[int], target: int, min_chunk: int = 0) -> None:
     """The plan's layout (decode_attention.cu): chunk, parts in all, slot_seq[S], slot_part[S], seq_offset[B],
     seq_parts[B]; every sequence's parts are consecutive slots covering its keys in chunks, at most target + B."""
     b = len(ctx_lens)
@@ -102,7 +102,8 @@ def check_decode_plan(plan: list[int], ctx_lens: list[int], target: int) -> None
     chunk, used = plan[0], plan[1]
     slot_seq, slot_part = plan[2:2 + s], plan[2 + s:2 + 2 * s]
     offset, parts = plan[2 + 2 * s:2 + 2 * s + b], plan[2 + 2 * s + b:]
-    assert s == target + b and chunk % 64 == 0 and chunk >= -(-sum(ctx_lens) // target)
+    least = max(min_chunk, -(-sum(ctx_lens) // target))
+    assert s == target + b and chunk % 64 == 0 and least <= chunk < least + 64
     assert parts == [max(1, -(-c // chunk)) for c in ctx_lens] and used == sum(parts) <= s
     assert offset == [sum(parts[:i]) for i in range(b)]
     assert [(slot_seq[j], slot_part[j]) for j in range(used)] == [(i, p) for i in range(b) for p in range(parts[i])]

@@ -69,18 +69,19 @@ def test_chunked_fp32_reference_equals_the_reference():
 def test_balanced_decode_makes_one_plan_per_step(monkeypatch):
     """PDCLI_DECODE_SPLIT=balanced: the first decode call of a step makes the plan from its context lengths, the
     other layers reuse it (one plan kernel per step, inside a CUDA graph when captured); an explicit split count
-    takes the uniform kernel; unset, the uniform kernel is the decode function itself."""
+    takes the uniform kernel; with PDCLI_DECODE_SPLIT=uniform the uniform kernel is the decode function itself
+    (balanced is the default)."""
     calls = []
 
     class FakeKernels:
         def decode_attention(self, *a):
             calls.append(("uniform", a[7]))
 
-        def decode_attention_num_splits(self, b, hk, max_ctx, d):
-            return 3
+        def decode_attention_resident_ctas(self, d):
+            return 264
 
-        def decode_plan(self, lens, target):
-            calls.append(("plan", target))
+        def decode_plan(self, lens, target, min_chunk):
+            calls.append(("plan", target, min_chunk))
             return torch.zeros(1)
 
         def decode_attention_planned(self, out, q, k, v, tables, lens, scale, plan):
@@ -94,10 +95,10 @@ def test_balanced_decode_makes_one_plan_per_step(monkeypatch):
     from pdcli import envs
 
     monkeypatch.setattr(ops, "_decode_split", envs.decode_split)  # read afresh (ops caches it per process)
-    monkeypatch.delenv("PDCLI_DECODE_SPLIT", raising=False)
+    monkeypatch.setenv("PDCLI_DECODE_SPLIT", "uniform")
     assert ops.decode_fn(mod, ctx) == mod.decode_attention
-    monkeypatch.setenv("PDCLI_DECODE_SPLIT", "balanced")
+    monkeypatch.delenv("PDCLI_DECODE_SPLIT", raising=False)
     for _layer in range(3):
         ops.decode_fn(mod, ctx)(None, q, k, k, ctx.block_tables, lens, 0.1, 0, 9000)
     ops.decode_fn(mod, ctx)(None, q, k, k, ctx.block_tables, lens, 0.1, 4, 9000)
-    assert calls == [("plan", 15), ("planned", True), ("planned", True), ("planned", True), ("uniform", 4)]
+    assert calls == [("plan", 132, 256), ("planned", True), ("planned", True), ("planned", True), ("uniform", 4)]

@@ -20,7 +20,8 @@ void launch_decode_attention(void* out, float* part_o, float* part_lse, const vo
                              int splits, int64_t q_stride, float scale, bool bf16, cudaStream_t stream,
                              const int* plan = nullptr, int plan_slots = 0);
 void launch_decode_plan(int* plan, const int* context_lens, int batch, int plan_slots, int target_slots,
-                        cudaStream_t stream);
+                        int min_chunk, cudaStream_t stream);
+int decode_attention_resident_ctas(int head_dim);
 void launch_prefill_attention(void* out, const void* q, const void* k_cache, const void* v_cache,
                               const int* block_tables, const int* context_lens, const int* query_start_loc,
                               int num_heads, int num_kv_heads, int head_dim, int table_width, int block_size,
@@ -284,17 +285,19 @@ void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
 }
 
 // The balanced split plan of one decode step (decode_attention.cu): parts of equal key counts, about
-// target_slots of them (at most target_slots + B), int32 [2 + 2 (target_slots + B) + 2 B] on the device.
-torch::Tensor decode_plan(torch::Tensor context_lens, int64_t target_slots) {
+// target_slots of them (at most target_slots + B) of at least min_chunk keys, int32 [2 + 2 (target_slots + B) + 2 B]
+// on the device.
+torch::Tensor decode_plan(torch::Tensor context_lens, int64_t target_slots, int64_t min_chunk) {
   const char* op = "decode_plan";
   TORCH_CHECK(context_lens.is_cuda() && context_lens.dim() == 1 && context_lens.scalar_type() == torch::kInt32 &&
                   context_lens.is_contiguous(), op, ": context_lens must be a contiguous int32 CUDA vector");
   TORCH_CHECK(target_slots >= 1, op, ": target_slots must be >= 1");
+  TORCH_CHECK(min_chunk >= 0 && min_chunk <= (1 << 30), op, ": min_chunk must be in [0, 2^30]");
   const int64_t B = context_lens.size(0), S = target_slots + B;
   auto plan = torch::empty({2 + 2 * S + 2 * B}, context_lens.options());
   if (B == 0) return plan.zero_();
   const c10::cuda::CUDAGuard guard(context_lens.device());
-  launch_decode_plan(plan.data_ptr<int>(), context_lens.data_ptr<int>(), B, S, target_slots,
+  launch_decode_plan(plan.data_ptr<int>(), context_lens.data_ptr<int>(), B, S, target_slots, int(min_chunk),
                      at::cuda::getCurrentCUDAStream());
   return plan;
 }
@@ -399,7 +402,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("copy_blocks", &copy_blocks, "KV blocks from src[:, src_idx] to dst[:, dst_idx] (16-byte copies)");
   m.def("store_kvcache", &store_kvcache, "write new K/V rows into their cache slots");
   m.def("decode_attention", &decode_attention, "paged GQA decode attention, split-KV");
-  m.def("decode_plan", &decode_plan, "balanced split-KV plan of a decode step (parts of equal key counts)");
+  m.def("decode_plan", &decode_plan, "balanced split-KV plan of a decode step (parts of equal key counts)",
+        py::arg("context_lens"), py::arg("target_slots"), py::arg("min_chunk") = 0);
+  m.def("decode_attention_resident_ctas", &decode_attention_resident_ctas,
+        "decode kernel CTAs resident on the current GPU at once for this head_dim");
   m.def("decode_attention_planned", &decode_attention_planned, "decode_attention with a decode_plan's splits");
   m.def("decode_attention_num_splits", &decode_attention_num_splits,
         "split-KV count decode_attention picks for (batch, kv heads, max context, head_dim)");

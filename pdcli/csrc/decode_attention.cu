@@ -315,12 +315,12 @@ __global__ void merge_planned_kernel(T* __restrict__ out, const float* __restric
   }
 }
 
-// The balanced plan of one step (one CTA): chunk = the keys of all sequences over target_slots parts, in whole
-// tiles (at least one); sequence b gets max(1, ceil(ctx_b / chunk)) parts, at most target_slots + B in all.
+// The balanced plan of one step (one CTA): chunk = the keys of all sequences over target_slots parts, at least
+// min_chunk, in whole tiles (at least one); sequence b gets max(1, ceil(ctx_b / chunk)) parts, at most target_slots + B in all.
 constexpr int kPlanThreads = 1024;
 __global__ void __launch_bounds__(kPlanThreads)
 decode_plan_kernel(int* __restrict__ plan, const int* __restrict__ context_lens, int batch, int plan_slots,
-                   int target_slots) {
+                   int target_slots, int min_chunk) {
   __shared__ long long sm_sum[kPlanThreads];
   __shared__ int sm_scan[kPlanThreads];
   __shared__ int sm_chunk;
@@ -336,7 +336,7 @@ decode_plan_kernel(int* __restrict__ plan, const int* __restrict__ context_lens,
     __syncthreads();
   }
   if (tid == 0) {
-    const long long per_part = (sm_sum[0] + target_slots - 1) / max(1, target_slots);
+    const long long per_part = max((long long)min_chunk, (sm_sum[0] + target_slots - 1) / max(1, target_slots));
     sm_chunk = int(max(1LL, (per_part + kBlockN - 1) / kBlockN)) * kBlockN;
   }
   __syncthreads();
@@ -459,6 +459,8 @@ int choose_num_splits(int64_t num_items, int64_t max_context_len, int resident) 
 
 }  // namespace
 
+int decode_attention_resident_ctas(int head_dim) { return resident_ctas(head_dim); }
+
 int decode_attention_num_splits(int64_t batch, int64_t num_kv_heads, int64_t max_context_len, int head_dim) {
   return choose_num_splits(batch * num_kv_heads, max_context_len, resident_ctas(head_dim));
 }
@@ -482,7 +484,8 @@ void launch_decode_attention(void* out, float* part_o, float* part_lse, const vo
 }
 
 void launch_decode_plan(int* plan, const int* context_lens, int batch, int plan_slots, int target_slots,
-                        cudaStream_t stream) {
-  decode_plan_kernel<<<1, kPlanThreads, 0, stream>>>(plan, context_lens, batch, plan_slots, target_slots);
+                        int min_chunk, cudaStream_t stream) {
+  decode_plan_kernel<<<1, kPlanThreads, 0, stream>>>(plan, context_lens, batch, plan_slots, target_slots,
+                                                     min_chunk);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -155,12 +155,21 @@ def decode_fn(mod, ctx: Context):
             mod.decode_attention(out, q, k_cache, v_cache, tables, lens, scale, splits, max_ctx)
             return
         if ctx.decode_plan is None:
-            b = q.shape[0]
-            ctx.decode_plan = mod.decode_plan(lens, b * mod.decode_attention_num_splits(b, k_cache.shape[2], max_ctx,
-                                                                                        q.shape[-1]))
+            ctx.decode_plan = mod.decode_plan(lens, *decode_plan_target(mod, k_cache.shape[2], q.shape[-1]))
         mod.decode_attention_planned(out, q, k_cache, v_cache, tables, lens, scale, ctx.decode_plan)
 
     return planned
+
+
+# keys per part at least (the uniform split's kMinSplitKeys): a short batch's sequences stay whole
+DECODE_PLAN_MIN_CHUNK = 256
+
+
+def decode_plan_target(mod, num_kv_heads: int, head_dim: int) -> tuple[int, int]:
+    """(parts per kv head, least keys per part) of a step's balanced plan: one wave of the kernel's resident CTAs.
+    On one H100 (benchmarks/decode_mixed, 2026-12-05) one wave was within 10% of the best of 1/2/4 waves and the
+    uniform split's CTA count in every case; the uniform count itself was 0.74-1.42x slower than it."""
+    return max(1, mod.decode_attention_resident_ctas(head_dim) // num_kv_heads), DECODE_PLAN_MIN_CHUNK
 
 
 def reference_decode(out, q, k_cache, v_cache, tables, lens, scale, splits, max_ctx) -> None:
