@@ -1,6 +1,6 @@
 """Issue 20's summary: the knee is the best static mode's highest rate at >= 90% attainment, errors and path
 shares count only the bins up to it."""
-from pdcli.benchmarks.router_summary import highest_rate, summarize
+from pdcli.benchmarks.router_summary import folder_profiles, highest_rate, summarize
 
 
 def _row(mode, rate, att, ttft=0.1, tpot=0.1, mix=None):
@@ -58,3 +58,8 @@ def test_a_simulated_bimodal_run_decomposes_its_tpot_by_long_prefills_met():
     by_k = r["tpot_hindsight"]["measured_over_hindsight_by_long_prefills"]
     assert abs(by_k["0"]["median"] - 1) < 0.05 and by_k["1"]["median"] > 1.1
     assert r["num_scored"] > 40 and 0 < r["router_tpot_err"] < 1
+
+
+def test_each_folder_replays_with_the_profile_it_ran_with():
+    assert folder_profiles(["a", "b=profiles/old", "c"], "profiles/new") == [
+        ("a", "profiles/new"), ("b", "profiles/old"), ("c", "profiles/new")]

@@ -155,6 +155,44 @@ def one_rate(cm, workload: str, burstiness: float, rate: float, duration: float,
     return res
 
 
+def one_trace(cm, run, workload: str, burstiness: float, futures: int, sample: int, seed: int,
+              warmup_s: float = 5.0) -> dict:
+    """The same oracle on a served run's own trace (its arrivals, lengths, paths, layout), simulated: how close a
+    prediction at arrival could have come on the traffic that ran, against the measured TPOT and the simulated
+    one, beside the router replayed from the run's recorded state (what `pdcli replay` scores)."""
+    from pdcli.plan.sim import SimSpec
+    from pdcli.router.replay import replay_run
+
+    recs = run.records
+    specs = [SimSpec(w["rank"], w["role"], "node0:" + w["device"]) for w in run.layout]
+    scored = [i for i, r in enumerate(recs) if r.ok and r.arrival >= warmup_s and r.tpot_ms]
+    picked = set(scored[:: max(1, len(scored) // sample)][:sample])
+    sim = _recording_simulator()(cm, specs, run.mode, run.pd_on_collocated)
+    sim.start_recording(picked)
+    out = sim.run([r.input_len for r in recs], [r.output_len for r in recs], [r.arrival for r in recs],
+                  [r.path for r in recs])
+    replayed = {id(x.record): x for x in replay_run(run, slo_router(cm))}
+    rows = []
+    for i in sorted(picked):
+        rec, x = recs[i], replayed.get(id(recs[i]))
+        if x is None or i not in sim.snaps:
+            continue
+        o = out[i]  # the simulator's records come in its input order
+        sim_tpot = (o.end - o.first_token) / (o.output_len - 1) * 1e3
+        outs = np.array([_future(sim.snaps[i], workload, run.rate, burstiness, (seed * 1_000_003 + i) * 1000 + k,
+                                 30.0)[1] for k in range(futures)], float)
+        rows.append((rec.tpot_ms, sim_tpot, x.raw["tpot_ms"], x.predicted["tpot_ms"], float(np.nanmedian(outs)),
+                     best_window(outs)[1]))
+    a = np.array(rows, float)
+    res = dict(file=run.file, mode=run.mode, rate=run.rate, burstiness=burstiness, num_scored=len(a),
+               simulated_vs_measured_tpot_err=_err(a[:, 1], a[:, 0])[0])
+    for name, col in (("router_raw", 2), ("router", 3), ("oracle", 4), ("oracle_window", 5)):
+        res[f"{name}_tpot_err"], res[f"{name}_tpot_below"] = _err(a[:, col], a[:, 0])
+        res[f"{name}_tpot_within_15"] = _within(a[:, col], a[:, 0])
+        res[f"{name}_tpot_err_vs_simulated"] = _err(a[:, col], a[:, 1])[0]
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params-dir", default=PROFILE)
@@ -164,10 +202,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=21)
     ap.add_argument("--out", default="results")
     ap.add_argument("--workloads", default=None, help="comma-separated: only these of the cases")
+    ap.add_argument("--traces", nargs="*", default=None,
+                    help="served sweep folders: the oracle on their collocated runs' own traces instead of the cases "
+                         "(-> results/router/floor_traces_<profile device>.json)")
     args = ap.parse_args(argv)
     from pdcli.router.fit import load_cost_model
 
     cm = load_cost_model(args.params_dir)
+    if args.traces:
+        return traces_main(cm, args, argv)
     rows = []
     for workload, burstiness, rates in CASES:
         if args.workloads and workload not in args.workloads.split(","):
@@ -182,6 +225,29 @@ def main(argv: list[str] | None = None) -> int:
         device = json.load(f).get("device", "unknown")
     path = write(args.out + "/router", "floor_" + args.params_dir.rstrip("/").split("/")[-2],
                  dict(params_dir=args.params_dir, device_of_profile=device, slo=SLO, rows=rows,
+                      provenance=provenance("pdcli.benchmarks.router_floor", argv)))
+    print(f"wrote {path}")
+    return 0
+
+
+def traces_main(cm, args, argv) -> int:
+    from pdcli.bench import result_files
+    from pdcli.router.replay import load_runs
+
+    rows = []
+    for folder in args.traces:
+        for run in load_runs(folder):
+            if run.mode != "collocated":
+                continue
+            d = result_files.read(run.file)
+            r = one_trace(cm, run, d["workload"], d.get("burstiness") or 1.0, args.futures, args.sample, args.seed)
+            rows.append(r)
+            print(f"{run.file}: TPOT median |rel. err| vs measured: router raw {r['router_raw_tpot_err']:.3f}, "
+                  f"calibrated {r['router_tpot_err']:.3f}, oracle {r['oracle_tpot_err']:.3f}, window "
+                  f"{r['oracle_window_tpot_err']:.3f} (simulated vs measured {r['simulated_vs_measured_tpot_err']:.3f})",
+                  flush=True)
+    path = write(args.out + "/router", "floor_traces_" + args.params_dir.rstrip("/").split("/")[-2],
+                 dict(params_dir=args.params_dir, traces=args.traces, rows=rows,
                       provenance=provenance("pdcli.benchmarks.router_floor", argv)))
     print(f"wrote {path}")
     return 0

@@ -4,7 +4,9 @@ mode's), and in every bin below the knee the router's errors, replayed (`pdcli r
 and the share of the least used path -> results/router_<device>.json with a `summary`. CPU only; seconds.
 
   python -m pdcli.benchmarks.router_summary --device nvidia-h200 --params-dir profiles/nvidia-h200/dummy-llama3-8b \
-      results/router/h200_bimodal_b0.5 results/router/h200_bimodal ...
+      results/router/h200_bimodal_b0.5 results/router/h200_bimodal=profiles/OTHER ...
+
+A folder replays with the profile its runs ran with: --params-dir, or the one named after `=`.
 """
 from __future__ import annotations
 
@@ -153,18 +155,27 @@ def summarize(sweeps: list[dict], device: str, bimodal_bursty: str | None) -> di
     return out
 
 
+def folder_profiles(specs: list[str], default: str) -> list[tuple[str, str]]:
+    """(folder, the profile its runs ran with) of each FOLDER or FOLDER=PARAMS_DIR argument."""
+    return [(folder, params_dir or default) for folder, _, params_dir in (s.partition("=") for s in specs)]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("folders", nargs="+")
+    ap.add_argument("folders", nargs="+", help="sweep folders; FOLDER=PARAMS_DIR for one that ran with another profile")
     ap.add_argument("--device", required=True, help="its name in the output file, e.g. nvidia-h200")
-    ap.add_argument("--params-dir", required=True, help="the profile the runs ran with")
+    ap.add_argument("--params-dir", required=True, help="the profile the runs ran with (where FOLDER names none)")
     ap.add_argument("--bimodal-bursty", default=None, help="the folder of acceptance 3's sweep")
     ap.add_argument("--out", default="results")
     args = ap.parse_args(argv)
     from pdcli.router.fit import load_cost_model
 
-    cm = load_cost_model(args.params_dir)
-    sweeps = [sweep(f, cm) for f in args.folders]
+    models: dict[str, object] = {}
+    sweeps = []
+    for folder, params_dir in folder_profiles(args.folders, args.params_dir):
+        if params_dir not in models:
+            models[params_dir] = load_cost_model(params_dir)
+        sweeps.append(dict(sweep(folder, models[params_dir]), params_dir=params_dir))
     summary = summarize(sweeps, args.device, args.bimodal_bursty)
     path = write(args.out, f"router_{args.device}", dict(summary=summary, params_dir=args.params_dir, sweeps=sweeps,
                                                           provenance=provenance("pdcli.benchmarks.router_summary", argv)))
