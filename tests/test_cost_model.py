@@ -383,9 +383,9 @@ def test_calibration_learns_per_role_and_metric_and_follows_drift():
     assert cal.correction("collocated", "ttft_ms") == 0.0 and cal.factor("collocated", "tpot_ms") == 1.0
     for _ in range(150):
         cal.observe(coll, dict(ttft_ms=20.0, tpot_ms=5.0), dict(ttft_ms=30.0 + rng.normal(0, 1), tpot_ms=7.5))
-    shrink = 150 / (150 + 4)  # 150 residuals against the prior's 4 pseudo-observations
+    shrink = 150 / (150 + 4)  # 150 residuals against the prior's 4 pseudo-observations (TTFT), 64 (TPOT)
     assert cal.correction("collocated", "ttft_ms") == pytest.approx(10.0 * shrink, rel=0.05)
-    assert cal.factor("collocated", "tpot_ms") == pytest.approx(1.5 ** shrink, rel=1e-6)
+    assert cal.factor("collocated", "tpot_ms") == pytest.approx(1.5 ** (150 / (150 + 64)), rel=1e-6)
     assert cal.correction("prefill", "ttft_ms") == 0.0
     # a skewed residual (a few requests met a burst): the median, not the mean; past a window, only it counts
     for i in range(300):
@@ -413,7 +413,9 @@ def test_router_outcomes_correct_its_predictions_and_can_change_the_path():
                   dict(ttft_ms=4 * raw["ttft_ms"], tpot_ms=4 * raw["tpot_ms"]))
     later = r.decide(8000, 200, load(1), pre, dec, "gpu-nccl")
     assert later.predicted_raw["disaggregated"]["ttft_ms"] == raw["ttft_ms"]  # the cost model is unchanged
-    assert later.predicted["disaggregated"]["tpot_ms"] == pytest.approx(4 * raw["tpot_ms"], rel=0.05)
+    role = 200 / (200 + 64)  # the decode role's share of its correction; its length class's, shrunk toward it
+    assert later.predicted["disaggregated"]["tpot_ms"] == pytest.approx(4 ** (role + (1 - role) * role) * raw["tpot_ms"],
+                                                                        rel=0.02)
     assert later.predicted["collocated"] == later.predicted_raw["collocated"]
     assert later.path == "collocated"
 
@@ -684,7 +686,7 @@ def test_tpot_calibration_keeps_long_and_short_prompts_apart():
                     prompt_len=10000 if long else 256)
     role = cal.correction("collocated", "tpot_ms")
     assert role == 0.0  # 3 in 4 residuals are 0: the median
-    n = 30 / (30 + 4)  # 30 long residuals against the prior's 4 pseudo-observations at the role's correction
+    n = 30 / (30 + 64)  # 30 long residuals against the prior's 64 pseudo-observations at the role's correction
     assert cal.correction("collocated", "tpot_ms", 10000) == pytest.approx(math.log(1.5) * n, rel=1e-6)
     assert cal.correction("collocated", "tpot_ms", 256) == 0.0
     assert cal.correction("collocated", "tpot_ms", 2000) == role  # no class-1 residuals yet

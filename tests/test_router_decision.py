@@ -50,8 +50,10 @@ def test_the_ttft_slo_grows_with_the_prompt():
 
 
 def test_calibration_fades_without_traffic():
+    from pdcli.router.calibration import CalibrationConfig
+
     now = [0.0]
-    cal = LatencyCalibration(clock=lambda: now[0])
+    cal = LatencyCalibration(CalibrationConfig(ratio_prior_weight=4.0), clock=lambda: now[0])  # TPOT's prior as TTFT's
     roles = dict(ttft_ms="decode", tpot_ms="decode")
     for i in range(100):
         now[0] = i * 0.1

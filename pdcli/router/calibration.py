@@ -22,7 +22,11 @@ age (a median, since the residuals are skewed: a few requests meet a burst of lo
 window, since recent residuals mostly repeat the load's passing swings: in the simulator, where the model is
 exact, a 64-residual window with recency weights took the median TPOT error at 20 req/s from 12% to 17%),
 shrunk toward 0 (a class's: toward its role's) by the prior's pseudo-observations: with no observations the
-cost model as fitted. Observations also fade with time (half-life 20 s): a path
+cost model as fitted. TPOT's prior weighs 64 observations, TTFT's 4: once the balanced decode split took the model's
+miss on bimodal steps away (simulated / measured TPOT within 1.5% per request, one H100), TPOT's residuals were the
+loads met after the price, and the correction chased them; replaying 128 bins of nine committed sweeps (H100, H200,
+2x H100), 64 took the median TPOT error from 19.9% to 18.5% with no more bins outside 35-65% below (0.19 vs 0.20;
+docs/perf-notes.md, session 18). Observations also fade with time (half-life 20 s): a path
 that gets no traffic returns to the fitted model's price."""
 from __future__ import annotations
 
@@ -43,7 +47,10 @@ def length_class(prompt_len: int) -> int:
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    prior_weight: float = 4.0  # pseudo-observations at 0 (the fitted model is believed at first)
+    prior_weight: float = 4.0  # pseudo-observations at 0 (the fitted model is believed at first): TTFT's offsets
+    # TPOT's: its residuals are mostly the load a request met after its price (the oracle that knows the state and
+    # the arrival process misses bimodal TPOT by 16-19%), so the correction needs more of them to move
+    ratio_prior_weight: float = 64.0
     window: int = 256  # residuals kept per (role, metric)
     max_abs_log_ratio: float = math.log(10.0)  # a ratio residual is clipped to this
     half_life_s: float = 20.0  # without traffic, what was learnt halves in this long
@@ -83,7 +90,8 @@ class LatencyCalibration:
             acc += fresh[i]
             if acc >= half:
                 break
-        return (q[i][1] * 2 * half + prior * c.prior_weight) / (2 * half + c.prior_weight)
+        w = c.prior_weight if key[1] in ADDITIVE else c.ratio_prior_weight
+        return (q[i][1] * 2 * half + prior * w) / (2 * half + w)
 
     def factor(self, role: str, metric: str) -> float:
         """TPOT's correction as a factor on its prediction."""
