@@ -63,3 +63,11 @@ def test_a_simulated_bimodal_run_decomposes_its_tpot_by_long_prefills_met():
 def test_each_folder_replays_with_the_profile_it_ran_with():
     assert folder_profiles(["a", "b=profiles/old", "c"], "profiles/new") == [
         ("a", "profiles/new"), ("b", "profiles/old"), ("c", "profiles/new")]
+
+
+def test_calibration_prior_counts_a_bin_biased_outside_35_to_65_percent_below():
+    from pdcli.benchmarks.calibration_prior import summarize
+
+    rows = [dict(tpot_err=e, tpot_below=b) for e, b in ((0.1, 0.5), (0.2, 0.3), (0.3, 0.7), (0.4, 0.65))]
+    s = summarize(rows)
+    assert s["bins"] == 4 and s["tpot_err_median"] == 0.25 and s["biased_bin_share"] == 0.5

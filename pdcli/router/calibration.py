@@ -26,7 +26,7 @@ cost model as fitted. TPOT's prior weighs 64 observations, TTFT's 4: once the ba
 miss on bimodal steps away (simulated / measured TPOT within 1.5% per request, one H100), TPOT's residuals were the
 loads met after the price, and the correction chased them; replaying 128 bins of nine committed sweeps (H100, H200,
 2x H100), 64 took the median TPOT error from 19.9% to 18.5% with no more bins outside 35-65% below (0.19 vs 0.20;
-docs/perf-notes.md, session 18). Observations also fade with time (half-life 20 s): a path
+256 and up: 17.3-17.5% but 28-34% of bins biased; results/router/calibration_prior.json). Observations also fade with time (half-life 20 s): a path
 that gets no traffic returns to the fitted model's price."""
 from __future__ import annotations
 
