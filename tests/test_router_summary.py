@@ -71,3 +71,20 @@ def test_calibration_prior_counts_a_bin_biased_outside_35_to_65_percent_below():
     rows = [dict(tpot_err=e, tpot_below=b) for e, b in ((0.1, 0.5), (0.2, 0.3), (0.3, 0.7), (0.4, 0.65))]
     s = summarize(rows)
     assert s["bins"] == 4 and s["tpot_err_median"] == 0.25 and s["biased_bin_share"] == 0.5
+
+
+def test_the_oracle_on_a_served_trace_simulates_it_and_scores_against_the_measurement():
+    """router_floor --traces on a committed one-H100 bimodal run (balanced split, its own profile): the simulator
+    re-runs the trace within a few percent of each measured TPOT, and every predictor gets a finite score."""
+    from pathlib import Path
+
+    from pdcli.benchmarks.router_floor import one_trace
+    from pdcli.router.fit import load_cost_model
+    from pdcli.router.replay import load_runs
+
+    root = Path(__file__).parent.parent
+    cm = load_cost_model(str(root / "profiles/nvidia-h100-80gb-hbm3/dummy-llama3-8b"))
+    run = next(r for r in load_runs(str(root / "results/router/h100_bal_bimodal_s1")) if r.mode == "collocated")
+    r = one_trace(cm, run, "bimodal", 1.0, futures=2, sample=4, seed=0)
+    assert r["num_scored"] == 4 and r["simulated_vs_measured_tpot_err"] < 0.05
+    assert all(0 <= r[f"{k}_tpot_err"] < 1 for k in ("router_raw", "router", "oracle", "oracle_window"))

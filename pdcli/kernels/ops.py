@@ -167,8 +167,8 @@ DECODE_PLAN_MIN_CHUNK = 256
 
 def decode_plan_target(mod, num_kv_heads: int, head_dim: int) -> tuple[int, int]:
     """(parts per kv head, least keys per part) of a step's balanced plan: one wave of the kernel's resident CTAs.
-    On one H100 (benchmarks/decode_mixed, 2026-12-05) one wave was within 10% of the best of 1/2/4 waves and the
-    uniform split's CTA count in every case; the uniform count itself was 0.74-1.42x slower than it."""
+    On one H100 (results/decode_mixed_nvidia-h100-80gb-hbm3.json) one wave was within 9% of the best of 1/2/4 waves
+    and the uniform split's CTA count in every case; a target of the uniform count took 0.94-1.53x its time."""
     return max(1, mod.decode_attention_resident_ctas(head_dim) // num_kv_heads), DECODE_PLAN_MIN_CHUNK
 
 
