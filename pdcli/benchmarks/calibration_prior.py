@@ -8,7 +8,6 @@ share of bins whose predictions fall below the measurement outside 35-65% (biase
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 import numpy as np
@@ -19,20 +18,16 @@ MIN_REQUESTS = 60  # per (run, path) bin
 
 
 def replay_bins(weight: float, runs) -> list[dict]:
-    from pdcli.router.adaptive import AdaptiveRouter
-    from pdcli.router.calibration import CalibrationConfig, LatencyCalibration
+    from pdcli.router.calibration import CalibrationConfig
     from pdcli.router.fit import load_cost_model
-    from pdcli.router.replay import errors, load_runs, replay_run
+    from pdcli.router.replay import errors, load_runs, replay_run, run_router
 
+    config = CalibrationConfig(ratio_prior_weight=weight)
     rows = []
     for folder, params in runs:
         cm = load_cost_model(params)
         for run in load_runs(folder):
-            router = AdaptiveRouter(cm, run.slo.get("ttft"), run.slo.get("tpot"),
-                                    slo_ttft_per_token_ms=run.slo.get("ttft_per_token", 0.0))
-            config = dataclasses.replace(CalibrationConfig(), ratio_prior_weight=weight)
-            router.calibration = LatencyCalibration(config, router.calibration.clock)
-            replayed = replay_run(run, router)
+            replayed = replay_run(run, run_router(run, cm, calibration=config))
             for path in sorted({x.record.path for x in replayed}):
                 xs = [x for x in replayed if x.record.path == path]
                 e = errors(xs)

@@ -160,25 +160,22 @@ def one_trace(cm, run, workload: str, burstiness: float, futures: int, sample: i
     """The same oracle on a served run's own trace (its arrivals, lengths, paths, layout), simulated: how close a
     prediction at arrival could have come on the traffic that ran, against the measured TPOT and the simulated
     one, beside the router replayed from the run's recorded state (what `pdcli replay` scores)."""
-    from pdcli.plan.sim import SimSpec
-    from pdcli.router.replay import replay_run
+    from pdcli.plan.validate import run_simulator, simulate_records
+    from pdcli.router.replay import replay_run, run_router
 
     recs = run.records
-    specs = [SimSpec(w["rank"], w["role"], "node0:" + w["device"]) for w in run.layout]
     scored = [i for i, r in enumerate(recs) if r.ok and r.arrival >= warmup_s and r.tpot_ms]
     picked = set(scored[:: max(1, len(scored) // sample)][:sample])
-    sim = _recording_simulator()(cm, specs, run.mode, run.pd_on_collocated)
+    sim = run_simulator(run, cm, _recording_simulator())
     sim.start_recording(picked)
-    out = sim.run([r.input_len for r in recs], [r.output_len for r in recs], [r.arrival for r in recs],
-                  [r.path for r in recs])
-    replayed = {id(x.record): x for x in replay_run(run, slo_router(cm))}
+    out = simulate_records(run, cm, sim)
+    replayed = {id(x.record): x for x in replay_run(run, run_router(run, cm))}
     rows = []
     for i in sorted(picked):
         rec, x = recs[i], replayed.get(id(recs[i]))
         if x is None or i not in sim.snaps:
             continue
-        o = out[i]  # the simulator's records come in its input order
-        sim_tpot = (o.end - o.first_token) / (o.output_len - 1) * 1e3
+        sim_tpot = out[i].tpot_ms
         outs = np.array([_future(sim.snaps[i], workload, run.rate, burstiness, (seed * 1_000_003 + i) * 1000 + k,
                                  30.0)[1] for k in range(futures)], float)
         rows.append((rec.tpot_ms, sim_tpot, x.raw["tpot_ms"], x.predicted["tpot_ms"], float(np.nanmedian(outs)),

@@ -31,14 +31,12 @@ def highest_rate(rows: list[dict]) -> float | None:
 
 def sweep(folder: str, cm) -> dict:
     """One folder: a row per (mode, rate) with its attainment, errors and path shares; each mode's highest rate."""
-    from pdcli.router.adaptive import AdaptiveRouter
-    from pdcli.router.replay import errors, load_runs, replay_run
+    from pdcli.router.replay import errors, load_runs, replay_run, run_router
 
     rows = []
     for run in load_runs(folder):
         d = result_files.read(run.file)
-        replayed = replay_run(run, AdaptiveRouter(cm, run.slo.get("ttft"), run.slo.get("tpot"),
-                                                  slo_ttft_per_token_ms=run.slo.get("ttft_per_token", 0.0)))
+        replayed = replay_run(run, run_router(run, cm))
         skip = sorted(r.arrival for r in run.records)[:d.get("num_warmup_excluded", 0)]
         after = [x for x in replayed if not skip or x.record.arrival > skip[-1]]  # warm-up excluded, as measured
         rep = errors(after)

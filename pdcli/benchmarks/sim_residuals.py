@@ -29,7 +29,7 @@ def run_residuals(run, cm) -> dict:
     for r, o in zip(run.records, sim):
         if not r.ok or r.arrival < 5 or r.input_len >= LONG or r.output_len < 2:
             continue
-        ratio = r.tpot_ms / ((o.end - o.first_token) / (o.output_len - 1) * 1e3)
+        ratio = r.tpot_ms / o.tpot_ms
         k = sum(1 for x in longs if x.first > r.first and x.arrival < r.end)  # long prefills during its decode
         by_k.setdefault(min(k, 3), []).append(ratio)
         if k == 0:

@@ -19,14 +19,18 @@ def simulate_run(run: Run, cm: CostModel, warmup_excluded: int = 0) -> dict:
     return summarize(simulate_records(run, cm)[warmup_excluded:], run.slo)
 
 
-def simulate_records(run: Run, cm: CostModel) -> list:
-    """The recorded run re-run in the simulator (its layout, arrivals, lengths and paths): one RequestRecord per
-    record of run.records, in arrival order (as run.records)."""
+def run_simulator(run: Run, cm: CostModel, cls=Simulator) -> Simulator:
+    """A simulator (cls: Simulator or a subclass) of the recorded run's layout and mode."""
     specs = [SimSpec(w["rank"], w["role"], "node0:" + w["device"]) for w in run.layout]
+    return cls(cm, specs, run.mode, run.pd_on_collocated)
+
+
+def simulate_records(run: Run, cm: CostModel, sim: Simulator | None = None) -> list:
+    """The recorded run re-run in the simulator (sim, else run_simulator's; its arrivals, lengths and paths): one
+    RequestRecord per record of run.records, in its order (arrival order, as load_runs sorts them)."""
     recs = run.records
-    out = Simulator(cm, specs, run.mode, run.pd_on_collocated).run(
-        [r.input_len for r in recs], [r.output_len for r in recs], [r.arrival for r in recs], [r.path for r in recs])
-    return sorted(out, key=lambda r: r.arrival)
+    return (sim or run_simulator(run, cm)).run([r.input_len for r in recs], [r.output_len for r in recs],
+                                                [r.arrival for r in recs], [r.path for r in recs])
 
 
 def validate_runs(folder: str, cm: CostModel) -> list[dict]:

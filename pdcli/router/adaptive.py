@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pdcli.router.calibration import LatencyCalibration
+from pdcli.router.calibration import CalibrationConfig, LatencyCalibration
 from pdcli.router import decision, latency
 from pdcli.router.cost_model import CostModel
 from pdcli.router.load import WorkerLoad
@@ -55,10 +55,11 @@ class AdaptiveRouter:
     name = "adaptive"
 
     def __init__(self, model: CostModel, slo_ttft_ms: float | None = None, slo_tpot_ms: float | None = None,
-                 predictor: OutputLengthPredictor | None = None, slo_ttft_per_token_ms: float = 0.0):
+                 predictor: OutputLengthPredictor | None = None, slo_ttft_per_token_ms: float = 0.0,
+                 calibration: CalibrationConfig = CalibrationConfig()):
         self.cm, self.slo = model, decision.Slo(slo_ttft_ms, slo_tpot_ms, slo_ttft_per_token_ms)
         self.predictor = predictor or OutputLengthPredictor()
-        self.calibration = LatencyCalibration()
+        self.calibration = LatencyCalibration(calibration)
         self.chooser = decision.PathChooser()
 
     def predict(self, prompt_len: int, out_len: float, coll: WorkerLoad | None, pre: WorkerLoad | None,

@@ -47,10 +47,8 @@ def length_class(prompt_len: int) -> int:
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    prior_weight: float = 4.0  # pseudo-observations at 0 (the fitted model is believed at first): TTFT's offsets
-    # TPOT's: its residuals are mostly the load a request met after its price (the oracle that knows the state and
-    # the arrival process misses bimodal TPOT by 16-19%), so the correction needs more of them to move
-    ratio_prior_weight: float = 64.0
+    prior_weight: float = 4.0  # TTFT's offsets: pseudo-observations at 0 (the fitted model is believed at first)
+    ratio_prior_weight: float = 64.0  # TPOT's ratios: their residuals are mostly the load met after the price
     window: int = 256  # residuals kept per (role, metric)
     max_abs_log_ratio: float = math.log(10.0)  # a ratio residual is clipped to this
     half_life_s: float = 20.0  # without traffic, what was learnt halves in this long

@@ -287,14 +287,19 @@ def errors(replayed: list[Replayed], key: str = "predicted") -> dict:
     return res
 
 
-def replay_table(runs: list[Run], cm) -> list[dict]:
-    """One row per (mode, rate, path): the calibrated router's errors, each run replayed by a fresh router."""
+def run_router(run: Run, cm, **kwargs):
+    """A fresh adaptive router with the run's SLOs, to replay it (kwargs: AdaptiveRouter's others)."""
     from pdcli.router.adaptive import AdaptiveRouter
 
+    return AdaptiveRouter(cm, run.slo.get("ttft"), run.slo.get("tpot"),
+                          slo_ttft_per_token_ms=run.slo.get("ttft_per_token", 0.0), **kwargs)
+
+
+def replay_table(runs: list[Run], cm) -> list[dict]:
+    """One row per (mode, rate, path): the calibrated router's errors, each run replayed by a fresh router."""
     rows = []
     for run in runs:
-        replayed = replay_run(run, AdaptiveRouter(cm, run.slo.get("ttft"), run.slo.get("tpot"),
-                                                  slo_ttft_per_token_ms=run.slo.get("ttft_per_token", 0.0)))
+        replayed = replay_run(run, run_router(run, cm))
         state = "recorded" if any(r.loads for r in run.records) else "rebuilt"
         for path in sorted({x.record.path for x in replayed}):
             rows.append(dict(mode=run.mode, rate=run.rate, path=path, state=state,
