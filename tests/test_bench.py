@@ -203,6 +203,34 @@ def test_resume_skips_the_runs_already_done(tmp_path):
     assert len(glob.glob(os.path.join(out, "*.json"))) == 2
 
 
+def test_resume_refuses_a_folder_run_with_other_kernels(tmp_path):
+    """Every result records the hashes of the kernel sources and profile it ran with; --resume into a folder whose
+    runs record others is a one-line error (a sweep must not mix engines), while a run without them is kept."""
+    from pdcli.bench import result_files
+
+    out = str(tmp_path / "sweep")
+    base = ["bench", "--model", "dummy:tiny-llama", "--devices", "cpu", "--num-prompts", "2", "--random-input-len",
+            "16", "--random-output-len", "2", "--result-dir", out, "--num-kv-blocks", "256", "--block-size", "8"]
+    r = CliRunner().invoke(app, [*base, "--arrival-rate", "4"])
+    assert r.exit_code == 0, r.stderr
+    (path,) = glob.glob(os.path.join(out, "*.json"))
+    with open(path) as f:
+        d = json.load(f)
+    assert d["setup"] == result_files.setup(None) and len(d["setup"]["kernels"]) == 16
+    r = CliRunner().invoke(app, [*base, "--arrival-rate", "4,8", "--resume"])
+    assert r.exit_code == 0 and "done already" in r.stderr, r.stderr
+    d["setup"]["kernels"] = "0" * 16  # as if the kernels had changed since
+    with open(path, "w") as f:
+        json.dump(d, f)
+    r = CliRunner().invoke(app, [*base, "--arrival-rate", "4,8,16", "--resume"])
+    assert r.exit_code == 2 and "new --result-dir" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert len(glob.glob(os.path.join(out, "*.json"))) == 2  # nothing run
+    del d["setup"]  # a run from before setups were recorded: not compared
+    with open(path, "w") as f:
+        json.dump(d, f)
+    assert result_files.mismatched(out, result_files.setup(None)) == []
+
+
 def test_router_sweeps_runs_only_what_is_left_of_a_plan(tmp_path, monkeypatch, capsys):
     """The sweep driver (issue 20's runs split over GPU calls): a line's finished rates are not run again, an
     interrupted one is; a line with nothing left starts no bench; a malformed line is a one-line error."""

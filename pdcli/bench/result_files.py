@@ -34,6 +34,36 @@ def finished(folder: str, mode: str, workload: str, rate: float) -> str | None:
                  if not read(p).get("interrupted")), None)
 
 
+def setup(params_dir: str | None) -> dict:
+    """What a run's numbers depend on beyond its command line, as short hashes: the CUDA kernels' sources and the
+    fitted profile the router used (None: none). Runs of one sweep folder must share them: on 2026-12-05 a resumed
+    sweep ran five rates on a changed decode kernel into a folder measured with the old one."""
+    import hashlib
+
+    from pdcli.kernels import build
+
+    profile = None
+    if params_dir and os.path.exists(os.path.join(params_dir, "params.json")):
+        with open(os.path.join(params_dir, "params.json"), "rb") as f:
+            profile = hashlib.sha256(f.read()).hexdigest()[:16]
+    return dict(kernels=build.source_hash()[:16], profile=profile)
+
+
+def mismatched(folder: str, now: dict) -> list[tuple[str, dict]]:
+    """The result files in folder whose recorded setup differs from `now` in a key both record, with that setup
+    (runs made before results recorded one are not compared)."""
+    out = []
+    for path in find(folder):
+        try:
+            d = read(path)
+        except (ValueError, EOFError, OSError):  # not a result (a file being written)
+            continue
+        was = d.get("setup") if isinstance(d, dict) else None
+        if isinstance(was, dict) and any(was.get(k) and now.get(k) and was[k] != now[k] for k in now):
+            out.append((path, was))
+    return out
+
+
 def compress(path: str) -> str:
     """Rewrite a .json result as compact .json.gz (same content) and remove the .json; the new path."""
     data = read(path)

@@ -94,6 +94,8 @@ def bench(
                result_dir=result_dir, save_detailed=save_detailed, resume=resume, drain_timeout=drain_timeout, endpoint=endpoint,
                api_key=api_key, max_concurrency=max_concurrency, num_prefill=num_prefill, mps=mps, engine=engine)
     _resolve(b, err)
+    if b.resume:
+        _check_resume(b)
     os.makedirs(b.result_dir, exist_ok=True)
     b.stamp = time.strftime("%Y%m%d-%H%M%S")
     rows, paths, interrupted = [], [], False
@@ -161,6 +163,7 @@ class _Bench:
     vocab_size: int = 0
     max_len: int = 0
     stamp: str = ""  # of the result file names
+    setup: dict = field(default_factory=dict)  # result_files.setup: kernel sources' and profile's hashes
 
 
 def _resolve(b: _Bench, err) -> None:
@@ -168,6 +171,7 @@ def _resolve(b: _Bench, err) -> None:
     a bad option or model exits with a usage error."""
     import torch
 
+    from pdcli.bench import result_files
     from pdcli.bench.runner import MODES
     from pdcli.models.arch import ModelArch
     from pdcli.models.loader import ModelLoadError, resolve
@@ -196,6 +200,7 @@ def _resolve(b: _Bench, err) -> None:
                 err.print(f"cpu: {CPU_NUM_PROMPTS} prompts per run by default (a few minutes); --num-prompts N for more")
         arch = ModelArch.from_hf_config(resolve(b.model).hf_config)
         b.vocab_size, b.max_len = arch.vocab_size, b.engine["max_model_len"] or arch.max_position_embeddings
+        b.setup = result_files.setup(b.params_dir)
     except (ValueError, ModelLoadError) as e:
         fail(str(e))
 
@@ -266,6 +271,19 @@ def _bench_mode(b: _Bench, m: str, progress, err, rows: list[dict], paths: list[
         cs.shutdown()
 
 
+def _check_resume(b: _Bench) -> None:
+    """--resume adds to a folder only runs of the same kernels and profile as those already in it."""
+    from pdcli.bench import result_files
+
+    bad = result_files.mismatched(b.result_dir, b.setup)
+    if bad:
+        path, was = bad[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        fail(f"--resume: {path}{more} ran with kernels {was.get('kernels')} and profile {was.get('profile')}, "
+             f"this run has {b.setup['kernels']} and {b.setup['profile']}: resume with those, or start a new "
+             f"--result-dir")
+
+
 def _done(b: _Bench, m: str, rate: float, err) -> bool:
     """--resume: a finished run of mode m at this rate (same workload) is in the result folder already."""
     from pdcli.bench import result_files
@@ -325,7 +343,7 @@ def _result(b: _Bench, row: dict, records: list, stats: dict, layout, cs) -> dic
                   layout=[dict(rank=s.rank, role=s.role, device=s.device, **_kv_capacity(cs, s.rank)) for s in layout],
                   pd_on_collocated=cs.pd_on_collocated, mps=cs.mps_on,
                   devices=b.devs, kernel_path=cs.workers[0].info.kernel_path,
-                  accounting=cs.accounting, date=b.stamp,
+                  accounting=cs.accounting, date=b.stamp, setup=b.setup,
                   provenance=provenance("pdcli", None, program="pdcli", device=device))
     if b.save_detailed:
         result["requests"] = [dict(arrival=r.arrival, input_len=r.input_len, output_len=r.output_len,
