@@ -24,9 +24,17 @@ class SharingShapes:
     prompt: int = 1024  # the measured prefill step
     reps: int = 10
     block_size: int = 16
+    # prompts of unequal lengths: each own prompt timed beside a neighbour prefilling each neighbour prompt (a
+    # short prompt's steps beside a long one's are not priced by the equal-length factor)
+    grid_own: tuple = (256, 1024, 4096)
+    grid_neighbour: tuple = (1024, 8192)
 
-    def kv_blocks(self) -> int:
-        return (self.batch * -(-self.ctx // self.block_size) + -(-self.prompt // self.block_size)) + 8
+    def prompt_lens(self) -> tuple:
+        return tuple(sorted({self.prompt, *self.grid_own, *self.grid_neighbour}))
+
+    def kv_blocks(self) -> int:  # the decode batch and one prepared prompt of each length, held together
+        return self.batch * -(-self.ctx // self.block_size) + \
+            sum(-(-n // self.block_size) for n in self.prompt_lens()) + 8
 
 
 def _engine(model: str, device: str, engine_kwargs: dict, shapes: SharingShapes, env: dict):
@@ -46,8 +54,9 @@ def _engine(model: str, device: str, engine_kwargs: dict, shapes: SharingShapes,
 IDLE, DECODING, PREFILLING = 0, 1, 2  # the neighbour's mode
 
 
-def _neighbour(model, device, engine_kwargs, shapes, env, ready, stop, mode) -> None:
-    """Steps without pause in the mode asked (a full decode batch, or prefills of a prompt) until `stop`."""
+def _neighbour(model, device, engine_kwargs, shapes, env, ready, stop, mode, prompt_len) -> None:
+    """Steps without pause in the mode asked (a full decode batch, or prefills of a prompt of prompt_len tokens)
+    until `stop`."""
     import time
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -57,21 +66,24 @@ def _neighbour(model, device, engine_kwargs, shapes, env, ready, stop, mode) -> 
     engine = _engine(model, device, engine_kwargs, shapes, env)
     timer = StepTimer(engine, seed=1)
     seqs = [timer.prepared(shapes.ctx, shapes.ctx - 1) for _ in range(shapes.batch)]
-    prompt = timer.prepared(shapes.prompt, 0)
-    steps = {DECODING: SchedulerOutput(seqs, [1] * len(seqs)), PREFILLING: SchedulerOutput([prompt], [shapes.prompt])}
+    steps = {(DECODING, 0): SchedulerOutput(seqs, [1] * len(seqs))}
+    for n in shapes.prompt_lens():
+        steps[(PREFILLING, n)] = SchedulerOutput([timer.prepared(n, 0)], [n])
     for out in steps.values():
         engine.runner.execute(out)
     ready.set()
     while not stop.is_set():
-        out = steps.get(mode.value)
+        m = mode.value
+        out = steps.get((m, prompt_len.value if m == PREFILLING else 0))
         if out is None:
             time.sleep(0.001)
         else:
             engine.runner.execute(out)
 
 
-def _measured(model, device, engine_kwargs, shapes, env, ready, mode, stop, results) -> None:
-    """Decode and prefill step times alone, beside the neighbour decoding, and beside it prefilling."""
+def _measured(model, device, engine_kwargs, shapes, env, ready, mode, prompt_len, stop, results) -> None:
+    """Decode and prefill step times alone, beside the neighbour decoding, and beside it prefilling; then prompts
+    of the grid's lengths beside the neighbour prefilling the grid's neighbour lengths."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from pdcli.profiler import StepTimer
 
@@ -84,14 +96,26 @@ def _measured(model, device, engine_kwargs, shapes, env, ready, mode, stop, resu
                     timer.prefill_ms(shapes.prompt, 0, shapes.reps))
 
         alone = both()
+        lens = sorted({*shapes.grid_own, *shapes.grid_neighbour})
+        prompt_alone = {n: timer.prefill_ms(n, 0, shapes.reps) for n in lens}
         mode.value = DECODING
         beside = both()
+        prompt_len.value = shapes.prompt
         mode.value = PREFILLING
         beside_prefill = both()
+        grid = []
+        for nb in shapes.grid_neighbour:
+            prompt_len.value = nb
+            decode_ms = timer.decode_ms(shapes.batch, shapes.ctx, shapes.reps)
+            grid.append(dict(own=0, neighbour=nb, own_alone_ms=alone[0], own_beside_ms=decode_ms,
+                             neighbour_ms=prompt_alone[nb]))
+            for own in shapes.grid_own:
+                grid.append(dict(own=own, neighbour=nb, own_alone_ms=prompt_alone[own],
+                                 own_beside_ms=timer.prefill_ms(own, 0, shapes.reps), neighbour_ms=prompt_alone[nb]))
         stop.set()
         results.put(dict(decode_alone_ms=alone[0], prefill_alone_ms=alone[1], decode_beside_ms=beside[0],
                          prefill_beside_ms=beside[1], decode_beside_prefill_ms=beside_prefill[0],
-                         prefill_beside_prefill_ms=beside_prefill[1]))
+                         prefill_beside_prefill_ms=beside_prefill[1], beside_prefill_grid=grid))
     except Exception as err:  # noqa: BLE001 (reported by the parent)
         stop.set()
         results.put(dict(error=f"{type(err).__name__}: {err}"))
@@ -100,7 +124,9 @@ def _measured(model, device, engine_kwargs, shapes, env, ready, mode, stop, resu
 def profile_sharing(model: str, device: str, engine_kwargs: dict, shapes: SharingShapes = SharingShapes(),
                     mps: bool | None = None, timeout_s: float = 600.0) -> dict:
     """{decode_beside_decode, prefill_beside_decode: step time beside a decoding neighbour over alone;
-    decode_beside_prefill, prefill_beside_prefill: beside a prefilling one; plus the times and shapes};
+    decode_beside_prefill, prefill_beside_prefill: beside a prefilling one; beside_prefill_grid: [{own (prompt
+    tokens, 0 for the decode batch), neighbour (its prompt tokens), own_alone_ms, own_beside_ms, neighbour_ms}];
+    plus the times and shapes};
     RuntimeError if the processes fail."""
     from pdcli.workers.layout import WorkerSpec
     from pdcli.workers.mps import start_for
@@ -109,15 +135,17 @@ def profile_sharing(model: str, device: str, engine_kwargs: dict, shapes: Sharin
         if device.startswith("cuda") else None
     env = daemon.env if daemon else {}
     ctx = mp.get_context("spawn")
-    ready, stop, results, mode = ctx.Event(), ctx.Event(), ctx.Queue(), ctx.Value("i", IDLE)
+    ready, stop, results = ctx.Event(), ctx.Event(), ctx.Queue()
+    mode, prompt_len = ctx.Value("i", IDLE), ctx.Value("i", shapes.prompt)
     if device.startswith("cuda"):  # two engines on one GPU: each its share of the memory
         from pdcli.config import CacheConfig
 
         util = engine_kwargs.get("gpu_memory_utilization") or CacheConfig.gpu_memory_utilization
         engine_kwargs = dict(engine_kwargs, gpu_memory_utilization=util / 2)
     args = (model, device, engine_kwargs, shapes, env)
-    procs = [ctx.Process(target=_neighbour, args=(*args, ready, stop, mode), daemon=True, name="pdcli-neighbour"),
-             ctx.Process(target=_measured, args=(*args, ready, mode, stop, results), daemon=True,
+    procs = [ctx.Process(target=_neighbour, args=(*args, ready, stop, mode, prompt_len), daemon=True,
+                         name="pdcli-neighbour"),
+             ctx.Process(target=_measured, args=(*args, ready, mode, prompt_len, stop, results), daemon=True,
                          name="pdcli-measured")]
     try:
         for p in procs:

@@ -377,7 +377,7 @@ def test_calibration_learns_per_role_and_metric_and_follows_drift():
     """TTFT by an offset in ms, TPOT by a ratio; the median of recent residuals, shrunk by the prior."""
     from pdcli.router.calibration import LatencyCalibration
 
-    cal = LatencyCalibration()
+    cal = LatencyCalibration(clock=lambda: 0.0)  # no time passes: fading with time is tested apart
     rng = np.random.default_rng(0)
     coll = dict(ttft_ms="collocated", tpot_ms="collocated")
     assert cal.correction("collocated", "ttft_ms") == 0.0 and cal.factor("collocated", "tpot_ms") == 1.0
@@ -441,11 +441,14 @@ def test_profiled_sharing_factors_reach_the_cost_model(tmp_path):
     device (two fresh processes; on this CPU they split the cores); fit and load carry the factors."""
     from pdcli.profile_sharing import SharingShapes, profile_sharing
 
-    got = profile_sharing("dummy:tiny-llama", "cpu", {}, SharingShapes(batch=4, ctx=32, prompt=64, reps=3, block_size=8),
-                          timeout_s=120)
+    shapes = SharingShapes(batch=4, ctx=32, prompt=64, reps=3, block_size=8, grid_own=(16, 64), grid_neighbour=(32, 128))
+    got = profile_sharing("dummy:tiny-llama", "cpu", {}, shapes, timeout_s=120)
     for k in ("decode_beside_decode", "prefill_beside_decode", "decode_beside_prefill", "prefill_beside_prefill"):
         assert 0.2 < got[k] < 20, got  # measured (noisy on 2 busy cores), not a constant
     assert got["decode_beside_decode"] == got["decode_beside_ms"] / got["decode_alone_ms"]
+    grid = got["beside_prefill_grid"]  # each own prompt (0: the decode batch) beside each neighbour prompt
+    assert sorted((g["own"], g["neighbour"]) for g in grid) == [(o, n) for o in (0, 16, 64) for n in (32, 128)]
+    assert all(g["own_alone_ms"] > 0 and g["own_beside_ms"] > 0 and g["neighbour_ms"] > 0 for g in grid)
     torch.save(dict(synthetic_profile(), sharing=got), tmp_path / "profile_data.pt")
     write_params(str(tmp_path), fit_profile(load_profile(str(tmp_path))))
     cm = load_cost_model(str(tmp_path))
@@ -458,6 +461,71 @@ def test_profiled_sharing_factors_reach_the_cost_model(tmp_path):
     assert cm.prompt_beside_prefill_share == pytest.approx(max(0, got["prefill_beside_prefill"] - 1))
     older = CostModel(**{**cm.__dict__, "sharing": {k: v for k, v in cm.sharing.items() if k != "prefill_beside_prefill"}})
     assert older.prompt_beside_prefill_share == older.beside_prefill_share  # profiles before it: the decode's share
+    assert len(cm.sharing["prompt_beside_prefill_points"]) == 4 and len(cm.sharing["decode_beside_prefill_points"]) == 2
+
+
+def test_unequal_prompts_beside_a_prefill_are_priced_from_the_profiled_grid():
+    """A prompt's step beside a neighbour's prefill gains a share of the neighbour's step that depends on how the
+    two compare: `fit` turns the profile's grid (each own length beside each neighbour length) into points (own
+    step / neighbour step, extra / neighbour step), and the cost model interpolates them in log(ratio), held at
+    the ends, checked here against numpy's interpolation; the router's TTFT and the planner's steps price with it.
+    Without the grid, the equal-length share prices every ratio."""
+    from types import SimpleNamespace
+
+    from pdcli.plan.sim import shared_step_ms
+    from pdcli.router import latency
+    from pdcli.router.fit import fit_sharing
+    from pdcli.router.load import mark_gpu_sharing
+
+    grid = [dict(own=256, neighbour=8192, own_alone_ms=15.0, own_beside_ms=135.0, neighbour_ms=240.0),
+            dict(own=1024, neighbour=8192, own_alone_ms=40.0, own_beside_ms=160.0, neighbour_ms=240.0),
+            dict(own=256, neighbour=1024, own_alone_ms=15.0, own_beside_ms=35.0, neighbour_ms=40.0),
+            dict(own=1024, neighbour=1024, own_alone_ms=40.0, own_beside_ms=76.0, neighbour_ms=40.0),
+            dict(own=0, neighbour=1024, own_alone_ms=7.0, own_beside_ms=17.0, neighbour_ms=40.0)]
+    sharing = fit_sharing(dict(prefill_beside_prefill=1.9, decode_beside_prefill=2.4, beside_prefill_grid=grid))
+    pts = sharing["prompt_beside_prefill_points"]
+    assert np.allclose(pts, [[0.0625, 0.5], [1 / 6, 0.5], [0.375, 0.5], [1.0, 0.9]], rtol=1e-5)
+    assert sharing["decode_beside_prefill_points"] == [[0.175, 0.25]]
+    cm = _fitted(synthetic_profile())
+    cm.sharing = sharing
+    xs, ys = np.log([p[0] for p in pts]), [p[1] for p in pts]
+    for own, theirs in ((15.0, 240.0), (30.0, 240.0), (100.0, 200.0), (40.0, 40.0), (80.0, 40.0), (1.0, 300.0)):
+        ref = float(np.interp(np.log(own / theirs), xs, ys)) * theirs
+        assert cm.prompt_beside_prefill_ms(own, theirs) == pytest.approx(ref)
+    assert cm.prompt_beside_prefill_ms(80.0, 40.0) == pytest.approx(0.9 * 40.0)  # held past the last point
+    equal = CostModel(**{**cm.__dict__, "sharing": dict(prefill_beside_prefill=1.9, decode_beside_prefill=2.4)})
+    assert equal.prompt_beside_prefill_ms(15.0, 240.0) == pytest.approx(equal.prompt_beside_prefill_share * 240.0)
+
+    me = SimpleNamespace(cm=cm)  # the planner: a 256-token step beside a neighbour's 8k chunk
+    theirs = SimpleNamespace(idle=False, step_has_decodes=False, busy_until=1.0,
+                             running=SimStep(chunks=[(None, 8192, 0)], ending=[], decode_rows=0, ms=240.0))
+    mine = SimStep(chunks=[(None, 256, 0)], ending=[], decode_rows=0, ms=15.0)
+    assert shared_step_ms(me, mine, [theirs], 0.0) == pytest.approx(15.0 + cm.prompt_beside_prefill_ms(15.0, 240.0))
+    loads = {0: WorkerLoad(queued_prefill_tokens=10_000, device="cuda:0"),  # the router: the same price
+             1: WorkerLoad(role="prefill", async_steps=False, device="cuda:0", since_step_ms=1e4)}
+    mark_gpu_sharing(loads, {0: "cuda:0", 1: "cuda:0"})
+    own = float(cm.prefill_ms(256)) * cm.prefill_role_scale
+    their_step = float(cm.step_ms(0, 0, [(cm.max_num_batched_tokens, 0)]))
+    assert latency.ttft_ms(cm, loads[1], 256) == pytest.approx(own + cm.prompt_beside_prefill_ms(own, their_step))
+
+    # a decode step beside that prefill: its own share from the grid's decode points, in the planner and in the
+    # wait for the steps a collocated worker has scheduled while its neighbour prefills
+    dec_pts = sharing["decode_beside_prefill_points"]
+    assert cm.decode_beside_prefill_ms(7.0, 40.0) == pytest.approx(0.25 * 40.0)  # one point: held everywhere
+    assert equal.decode_beside_prefill_ms(7.0, 40.0) == pytest.approx(equal.beside_prefill_share * 40.0)
+    decode = SimStep(chunks=[], ending=[], decode_rows=8, ms=7.0)
+    assert shared_step_ms(me, decode, [theirs], 0.0) == pytest.approx(7.0 + dec_pts[0][1] * 240.0)
+    col = {0: WorkerLoad(decode_batch=8, decode_ctx=8 * 300, device="cuda:0", since_step_ms=0.0),
+           1: WorkerLoad(role="prefill", queued_prefill_tokens=10_000, device="cuda:0")}
+    mark_gpu_sharing(col, {0: "cuda:0", 1: "cuda:0"})
+    alone = float(cm.decode_ms(8, 2400))
+    step = alone * (1 + cm.decode_neighbour_extra * col[0].sharing) + cm.decode_beside_prefill_ms(alone, their_step)
+    assert latency.scheduled_step_ms(cm, col[0]) == pytest.approx(step)
+    assert latency.start_wait_ms(cm, col[0]) == pytest.approx(2 * step)  # two scheduled, the first just begun
+    col[0].neighbour_queued_tokens = 0  # the neighbour idle: the step on average (step_ms)
+    assert latency.scheduled_step_ms(cm, col[0]) == pytest.approx(latency.step_ms(cm, col[0], stretched=False))
+    col[0].neighbour_queued_tokens = 10_000  # without the grid: the average too (the equal-length share over-priced)
+    assert latency.scheduled_step_ms(equal, col[0]) == pytest.approx(latency.step_ms(equal, col[0], stretched=False))
 
 
 def test_sharing_only_adds_the_factors_to_an_existing_profile(tmp_path, monkeypatch):
@@ -732,3 +800,28 @@ def test_prompts_that_join_a_step_are_priced_at_the_typical_length():
     assert joined > 0
     assert joined == pytest.approx(latency.joining_ms(cm, one, 300.0, 10.0, 8000, 1), rel=0.02)
     assert joined < cm.joined_prefill_ms(3 * mean, 8, 3 * mean * mean)
+
+
+def test_ttft_beside_a_prefilling_neighbour_is_calibrated_apart():
+    """A prompt priced while a GPU neighbour had prompts queued learns its TTFT offset under its own key: the
+    residuals of those (tens of ms) do not move the others' TTFT, and theirs do not move these."""
+    from pdcli.router.adaptive import BESIDE_PREFILL, calibration_roles
+    from pdcli.router.load import mark_gpu_sharing
+
+    cm = _fitted(synthetic_profile())
+    router = AdaptiveRouter(cm, slo_ttft_ms=None, slo_tpot_ms=None)
+    router.calibration.clock = lambda: 0.0
+    loads = {0: WorkerLoad(decode_batch=4, decode_ctx=1200, device="cuda:0"),
+             1: WorkerLoad(role="prefill", queued_prefill_tokens=9000, device="cuda:0")}
+    mark_gpu_sharing(loads, {0: "cuda:0", 1: "cuda:0"})
+    quiet = WorkerLoad(decode_batch=4, decode_ctx=1200, device="cuda:1")
+    assert calibration_roles(loads[0], loads[0]) == dict(ttft_ms="collocated" + BESIDE_PREFILL, tpot_ms="collocated")
+    assert calibration_roles(quiet, quiet) == dict(ttft_ms="collocated", tpot_ms="collocated")
+    raw, _, roles = router.price("collocated", 256, 32, loads[0], loads[0])
+    for _ in range(64):
+        router.observe(256, 32, roles, raw, dict(ttft_ms=raw["ttft_ms"] + 100.0))
+    beside = router.price("collocated", 256, 32, loads[0], loads[0])
+    alone = router.price("collocated", 256, 32, quiet, quiet)
+    role = 100.0 * 64 / 68  # 64 residuals against TTFT's prior of 4; the length class's shrunk toward it
+    assert beside[1]["ttft_ms"] == pytest.approx(beside[0]["ttft_ms"] + (100.0 * 64 + role * 4) / 68, rel=1e-6)
+    assert alone[1]["ttft_ms"] == pytest.approx(alone[0]["ttft_ms"])  # untouched

@@ -18,6 +18,7 @@ new-token x context-token pair). All times in ms.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -164,6 +165,20 @@ def _step_share(f: float, prefill: tuple, decode: tuple, prefill_neighbour: bool
     return max(0.0, f - 1.0) * (pre if own else dec) / (pre if prefill_neighbour else dec)
 
 
+def _interp_share(points: tuple, ratio: float) -> float:
+    """Piecewise linear in log(ratio) through points ((ratio, share), ... sorted), held at the ends."""
+    if ratio <= points[0][0] or len(points) == 1:
+        return points[0][1]
+    if ratio >= points[-1][0]:
+        return points[-1][1]
+    x = math.log(ratio)
+    for (r0, s0), (r1, s1) in zip(points, points[1:]):
+        if ratio <= r1:
+            x0, x1 = math.log(r0), math.log(r1)
+            return s0 + (s1 - s0) * (x - x0) / (x1 - x0)
+    return points[-1][1]
+
+
 # without a measurement: two decode batches on one GPU each read all the weights (~2x each), and a prefill beside
 # a decode batch ran ~1.35x its time alone (one H100: results/bench/h100_sweep_fresh, TTFT of the prefill
 # worker 32-36 ms against 24 ms alone)
@@ -229,6 +244,28 @@ class CostModel:
         decode-derived share priced ~80."""
         share = self._step_share("prefill_beside_prefill", prefill_neighbour=True, prefill_own=True)
         return self.beside_prefill_share if share is None else share
+
+    def prompt_beside_prefill_ms(self, own_ms: float, neighbour_ms: float) -> float | None:
+        """What a step carrying a prompt chunk, own_ms alone, gains beside a neighbour's prefill step of
+        neighbour_ms (ms); None unmeasured. With the profile's unequal-length grid (`prompt_beside_prefill_points`,
+        since 2026-12-05) its share of the neighbour's step is interpolated in log(own / neighbour) and held at the
+        ends; else prompt_beside_prefill_share, measured at equal lengths (one H100: x1.91, a share of 0.91, where a
+        256-token prompt beside the prefill worker's 8k chunks was priced 265-410 ms and took 180-250)."""
+        pts = self.sharing.get("prompt_beside_prefill_points")
+        if pts:
+            return _interp_share(tuple(map(tuple, pts)), own_ms / max(neighbour_ms, 1e-9)) * neighbour_ms
+        share = self.prompt_beside_prefill_share
+        return None if share is None else share * neighbour_ms
+
+    def decode_beside_prefill_ms(self, own_ms: float, neighbour_ms: float) -> float | None:
+        """What a decode step, own_ms alone, gains beside a neighbour's prefill step of neighbour_ms (ms); None
+        unmeasured. From the profile's grid where measured (`decode_beside_prefill_points`: one H100, a 7.9 ms
+        step gained 0.41 of a 1024-token step and 0.32 of an 8k one), else beside_prefill_share."""
+        pts = self.sharing.get("decode_beside_prefill_points")
+        if pts:
+            return _interp_share(tuple(map(tuple, pts)), own_ms / max(neighbour_ms, 1e-9)) * neighbour_ms
+        share = self.beside_prefill_share
+        return None if share is None else share * neighbour_ms
 
     def _step_share(self, factor: str, prefill_neighbour: bool, prefill_own: bool | None = None) -> float | None:
         """A profiled sharing factor (own step beside the neighbour / alone, at the profile's shapes) as a share of

@@ -124,9 +124,26 @@ def fit_profile(data: dict, folder: str | None = None) -> dict:
                 max_num_batched_tokens=int(data["max_num_batched_tokens"]),
                 kv_bytes_per_token=int(data["kv_bytes_per_token"]), prefill=prefill.to_dict(),
                 decode=decode.to_dict(), interference=inter.to_dict(), transfer=transfer,
-                sharing={k: float(v) for k, v in data.get("sharing", {}).items()
-                         if k in SHARING_FACTORS},
+                sharing=fit_sharing(data.get("sharing", {})),
                 prefill_worker=prefill_worker)
+
+
+def fit_sharing(got: dict) -> dict:
+    """The profiled sharing factors, and from the unequal-length grid (profile_sharing.beside_prefill_grid)
+    prompt_beside_prefill_points / decode_beside_prefill_points: [[own step / neighbour step, extra / neighbour
+    step]] sorted by the ratio, one point per ratio (their mean)."""
+    out = {k: float(v) for k, v in got.items() if k in SHARING_FACTORS}
+    for key, decode in (("prompt_beside_prefill_points", False), ("decode_beside_prefill_points", True)):
+        by_ratio: dict[float, list[float]] = {}
+        for g in got.get("beside_prefill_grid") or []:
+            if (g["own"] == 0) != decode or not all(g.get(k) for k in ("own_alone_ms", "own_beside_ms",
+                                                                       "neighbour_ms")):
+                continue
+            ratio = round(g["own_alone_ms"] / g["neighbour_ms"], 6)
+            by_ratio.setdefault(ratio, []).append(max(0.0, g["own_beside_ms"] - g["own_alone_ms"]) / g["neighbour_ms"])
+        if by_ratio:
+            out[key] = [[r, float(np.mean(v))] for r, v in sorted(by_ratio.items())]
+    return out
 
 
 def served_prefill_scale(data: dict, prefill: list, decode: list, interference: list) -> dict:

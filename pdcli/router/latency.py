@@ -125,7 +125,7 @@ def start_wait_ms(cm: CostModel, w: WorkerLoad, prefill_scale: float = 1.0, pref
     steps = 2 if w.async_steps else 1
     if not (w.decode_batch or held):
         return 0.0
-    step = step_ms(cm, w, stretched=False) if w.decode_batch else 0.0  # the prompts they hold are priced apart
+    step = scheduled_step_ms(cm, w) if w.decode_batch else 0.0  # the prompts they hold are priced apart
     if not w.steps_seen:  # a replay of a run that did not record when steps ended
         return UNSEEN_STEP_WAIT * step if w.async_steps else 0.5 * step
     if w.since_step_ms is None:  # no step yet
@@ -137,6 +137,30 @@ def start_wait_ms(cm: CostModel, w: WorkerLoad, prefill_scale: float = 1.0, pref
     return max(scheduled - w.since_step_ms, step if steps > 1 else 0.0)
 
 
+def scheduled_step_ms(cm: CostModel, w: WorkerLoad) -> float:
+    """A decode step of w already scheduled: beside its decoding neighbours and, while a neighbour on its GPU has
+    prompts queued, beside that neighbour's prefill step (CostModel.decode_beside_prefill_ms: one H100, a 7.9 ms
+    step took 77 ms beside 8k-token prefills); else stretched by the neighbours' prefill on average (step_ms).
+    The first needs the profile's unequal-length grid: the share measured at equal lengths, taken at an 8k
+    neighbour, priced these waits on top of prompt steps it already over-priced (one H100, adaptive on bimodal:
+    the collocated path's median TTFT error 14% -> 21% before calibration)."""
+    theirs = neighbour_chunk_ms(cm, w) if "decode_beside_prefill_points" in cm.sharing else 0.0
+    if not theirs:
+        return step_ms(cm, w, stretched=False)
+    alone = float(cm.decode_ms(w.decode_batch, w.decode_ctx))
+    extra = cm.decode_beside_prefill_ms(alone, theirs)
+    return alone * (1 + cm.decode_neighbour_extra * w.sharing) + extra
+
+
+def neighbour_chunk_ms(cm: CostModel, w: WorkerLoad) -> float:
+    """The step of w's GPU neighbours now if they have prompts queued (their next chunk beside their decode
+    batch), else 0."""
+    q, b = w.neighbour_queued_tokens, w.neighbour_decode_batch
+    if q <= 0:
+        return 0.0
+    return float(cm.step_ms(b, w.neighbour_decode_ctx, [(min(q, max(1, cm.max_num_batched_tokens - b)), 0)]))
+
+
 def ttft_ms(cm: CostModel, w: WorkerLoad, prompt_len: int, cached: int = 0) -> float:
     """Until the prompt's first token on worker w: the wait for the steps it has already scheduled, then the
     queued prompts ahead of it and its own chunks beside its decode batch (less the `cached` leading tokens
@@ -145,13 +169,14 @@ def ttft_ms(cm: CostModel, w: WorkerLoad, prompt_len: int, cached: int = 0) -> f
     work = cm.queued_prefill_ms(ahead, w.decode_batch, w.decode_ctx, queued_sq(w, ahead)) + \
         cm.chunked_prefill_ms(prompt_len, w.decode_batch, w.decode_ctx, cached)
     served = cm.prefill_role_scale if w.role == "prefill" else 1.0  # a dedicated prefill worker as profiled serving
-    per_step = neighbour_ms(cm, w, 1)
-    slow = 1 + cm.prefill_neighbour_extra * w.sharing if per_step is None else 1.0  # unmeasured: a factor
-    wait = start_wait_ms(cm, w, served * slow, per_step or 0.0)  # a running step's prompts run as ours do
     budget = max(1, cm.max_num_batched_tokens - w.decode_batch)
     own_steps = -(-(ahead + max(0, prompt_len - cached)) // budget)
+    own_step = work * served / max(own_steps, 1)  # one of its steps alone
+    per_step = neighbour_ms(cm, w, 1, own_step)
+    slow = 1 + cm.prefill_neighbour_extra * w.sharing if per_step is None else 1.0  # unmeasured: a factor
+    wait = start_wait_ms(cm, w, served * slow, per_step or 0.0)  # a running step's prompts run as ours do
     work += joining_ms(cm, w, wait, work, own_steps * budget - ahead - max(0, prompt_len - cached), own_steps)
-    beside = neighbour_ms(cm, w, own_steps)
+    beside = neighbour_ms(cm, w, own_steps, own_step)
     return wait + work * served * slow + (beside or 0.0)
 
 
@@ -183,22 +208,20 @@ def joining_ms(cm: CostModel, w: WorkerLoad, wait_ms: float, work_ms: float, roo
     return cm.joined_prefill_ms(tokens, w.decode_batch, tokens * min(tokens, typical))
 
 
-def neighbour_ms(cm: CostModel, w: WorkerLoad, steps: int) -> float | None:
-    """What `steps` prompt-carrying steps of worker w gain beside the other workers on its GPU: each a share of
-    the neighbours' step (CostModel.prompt_beside_prefill_share while they have prompts queued, capped by their remaining
-    prefill; else beside_decode_share of each decoding neighbour's step). None where that share is unmeasured or nothing is
-    known to run beside it (then the decoding-neighbour factor prices it, 1 without busy neighbours)."""
+def neighbour_ms(cm: CostModel, w: WorkerLoad, steps: int, own_step_ms: float) -> float | None:
+    """What `steps` prompt-carrying steps of worker w, each own_step_ms alone, gain beside the other workers on its
+    GPU: each a share of the neighbours' step (CostModel.prompt_beside_prefill_ms while they have prompts queued,
+    capped by their remaining prefill; else beside_decode_share of each decoding neighbour's step). None where that
+    share is unmeasured or nothing is known to run beside it (then the decoding-neighbour factor prices it, 1
+    without busy neighbours)."""
     q, b, ctx = w.neighbour_queued_tokens, w.neighbour_decode_batch, w.neighbour_decode_ctx
     if q <= 0 and b <= 0:
         return None
     if steps <= 0:
         return 0.0
     if q > 0:
-        share = cm.prompt_beside_prefill_share
-        if share is None:
-            return None
-        chunk = min(q, max(1, cm.max_num_batched_tokens - b))
-        return min(steps * share * cm.step_ms(b, ctx, [(chunk, 0)]), cm.queued_prefill_ms(q, b, ctx))
+        extra = cm.prompt_beside_prefill_ms(own_step_ms, neighbour_chunk_ms(cm, w))
+        return None if extra is None else min(steps * extra, cm.queued_prefill_ms(q, b, ctx))
     share = cm.beside_decode_share
     k = max(1, w.neighbour_decoders)  # each decoding neighbour runs its own steps: k steps of the mean batch
     return None if share is None else steps * share * k * float(cm.decode_ms(b / k, ctx / k))
