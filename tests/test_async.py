@@ -104,3 +104,31 @@ def test_a_chunked_prompt_s_progress_is_reported_as_its_steps_land(async_schedul
     for _ in range(6):
         plain.step()
     assert plain.take_prefill_progress() == []  # off (offline use): nothing kept
+
+
+def test_a_chunk_s_progress_waits_until_the_device_has_run_it(monkeypatch):
+    """A step that only prefills part of a prompt samples nothing, so its host side returns at once while the
+    device may still run it (on a GPU: StepFuture.landed, an event's query): its progress is reported once it
+    has landed, in order, never before; the worker sends nothing for a step with neither tokens nor landed
+    progress (the router counts the chunk as queued until then)."""
+    from pdcli.config import EngineConfig
+    from pdcli.engine.llm_engine import LLMEngine
+    from pdcli.engine.step_future import StepFuture
+
+    running = {"on": True}  # the device still runs every step launched so far
+    monkeypatch.setattr(StepFuture, "landed", lambda self: self._host is not None or not running["on"])
+    engine = LLMEngine(EngineConfig.from_kwargs(MODEL, device="cpu", max_num_batched_tokens=16,
+                                                async_scheduling=False))
+    engine.report_prefill_progress = True
+    engine.add_request(list(range(3, 53)), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+                       request_id="long")
+    for _ in range(2):  # two chunks launched, neither landed
+        assert engine.step() == [] and engine.take_prefill_progress() == []
+    running["on"] = False
+    assert engine.take_prefill_progress() == [("long", 16), ("long", 32)]
+    running["on"] = True
+    engine.step()  # the third chunk
+    assert engine.take_prefill_progress() == []
+    deltas = engine.step()  # the last chunk samples: the device has run everything before it
+    assert [d.request_id for d in deltas] == ["long"]
+    assert engine.take_prefill_progress() == [("long", 48)]

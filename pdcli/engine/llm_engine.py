@@ -13,6 +13,7 @@ from pdcli.config import EngineConfig
 from pdcli.engine.block_manager import BlockManager
 from pdcli.engine.detokenizer import DetokenizeWindow, ends_on_stop_token, stop_string_end, visible_token_ids
 from pdcli.engine.model_runner import ModelRunner, StepFuture
+from pdcli.engine.prefill_progress import PrefillProgress
 from pdcli.engine.scheduler import Scheduler
 from pdcli.engine.sequence import Sequence, SequenceStatus
 from pdcli.inputs import PromptError, check_prompt  # noqa: F401 (PromptError: part of this module's API)
@@ -119,7 +120,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len, self.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self.report_prefill_progress = False  # a worker sets it and takes the reports after each step
-        self._prefill_progress: list[tuple[str, int]] = []  # (request id, prompt tokens computed), landed steps
+        self._prefill_progress = PrefillProgress()  # reported once the device has run the steps that made it
         self.handoff: dict[str, Sequence] = {}  # request id -> sequence whose KV is being handed over
         self._ids = itertools.count()
         self._rng = random.Random(config.seed)
@@ -253,13 +254,14 @@ class LLMEngine:
         return deltas
 
     def take_prefill_progress(self) -> list[tuple[str, int]]:
-        """The partial prompts' progress reported by the steps landed since the last call (oldest first)."""
-        out, self._prefill_progress = self._prefill_progress, []
-        return out
+        """The partial prompts' progress of the steps the device has finished since the last call, oldest first."""
+        return self._prefill_progress.take()
 
     def _land(self, fut: StepFuture) -> list[StepDelta]:
-        self._prefill_progress.extend(fut.prefill_progress)  # empty unless report_prefill_progress
+        self._prefill_progress.add(fut)  # empty unless report_prefill_progress
         touched = self.scheduler.update(fut.out, fut.result(), fut.logprobs())
+        if fut.landed():  # it sampled (result() waited for it), or ran on the host
+            self._prefill_progress.device_ran_all()
         now = time.perf_counter()
         deltas = []
         for seq in touched:

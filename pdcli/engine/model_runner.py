@@ -323,7 +323,7 @@ class ModelRunner:
         launch's pending inputs."""
         if logits is None:
             self._prev_tokens, self._prev_rows = None, {}
-            return StepFuture(out, rows, counts, None, None)
+            return StepFuture(out, rows, counts, None, self.device)  # the device: when it has run the step
         if any(c > 1 for c in counts):
             logits = logits.repeat_interleave(self._to_device(np.asarray(counts, dtype=np.int64)), dim=0)
         sampled = self.sampler.forward(logits, t)

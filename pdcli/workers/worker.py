@@ -161,11 +161,13 @@ class Worker:
         """One engine step; one message with its tokens (also when none landed: it marks the step's end for the
         router), not one per sequence: the coordinator shares its process with the server."""
         deltas = self.engine.step()
-        logprobs = [d.logprobs for d in deltas] if any(d.logprobs is not None for d in deltas) else None
-        self.conn.send(StepTokens([d.request_id for d in deltas], [d.index for d in deltas],
-                                  [d.token_ids for d in deltas],
-                                  [d.finish_reason if d.finished else None for d in deltas], logprobs,
-                                  self.engine.take_prefill_progress() or None))
+        progress = self.engine.take_prefill_progress()
+        if deltas or progress:  # a step still running on the device (part of a prompt) says nothing yet
+            logprobs = [d.logprobs for d in deltas] if any(d.logprobs is not None for d in deltas) else None
+            self.conn.send(StepTokens([d.request_id for d in deltas], [d.index for d in deltas],
+                                      [d.token_ids for d in deltas],
+                                      [d.finish_reason if d.finished else None for d in deltas], logprobs,
+                                      progress or None))
         finished = [d.request_id for d in deltas if d.finished and self.engine.pop_if_finished(d.request_id)]
         self.sender.after_step(finished)
 
