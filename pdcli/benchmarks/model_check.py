@@ -8,15 +8,19 @@ import sys
 
 from pdcli.benchmarks.results import provenance, write
 
-H100 = "profiles/nvidia-h100-80gb-hbm3/dummy-llama3-8b"  # since the balanced decode split (2026-12-05 16:49 UTC)
+# since the balanced decode split (2026-12-05 16:49 UTC), with the unequal-length sharing grid (17:52 UTC)
+H100 = "profiles/nvidia-h100-80gb-hbm3/dummy-llama3-8b"
+H100_EQUAL = "profiles/nvidia-h100-80gb-hbm3/dummy-llama3-8b-equal-share"  # the same before the grid
 H100_UNIFORM = "profiles/nvidia-h100-80gb-hbm3/dummy-llama3-8b-uniform-split"  # the one the runs before it ran with
 H200 = "profiles/nvidia-h200/dummy-llama3-8b"
 # (run folder, the profile it ran with); not the superseded sweep_2xh200, router_validation_2xh200,
 # distserve_3of4xh200
 H200_RUNS = (("results/router/h200_bimodal_b0.5", H200), ("results/router/h200_bimodal", H200))
 H100_ROUTER_RUNS = (("results/router/h100_bimodal_b0.5", H100_UNIFORM), ("results/router/h100_bimodal_s1", H100_UNIFORM),
-                    ("results/router/h100_bal_bimodal_b0.5", H100))
-PARTIAL_RUNS = (("results/router/h100_bal_bimodal_s1", H100),)  # a sweep begun: replayed, not validated per layout
+                    ("results/router/h100_bal_bimodal_b0.5", H100_EQUAL))
+# sweeps begun (a mode's highest rate not yet reached): replayed, not validated per layout
+PARTIAL_RUNS = (("results/router/h100_bal_bimodal_s1_equal_share", H100_EQUAL), ("results/router/h100_bal_bimodal_s1", H100),
+                ("results/router/h100_bal_bimodal_s2", H100))
 REPLAY_RUNS = (("results/bench/h100_sweep_fresh", H100_UNIFORM), ("results/multi_gpu/sweep_2xh100", H100_UNIFORM),
                ("results/multi_gpu/distserve_2xh100", H100_UNIFORM), *H200_RUNS, *H100_ROUTER_RUNS, *PARTIAL_RUNS)
 PLAN_RUNS = (("results/multi_gpu/sweep_2xh100", H100_UNIFORM), ("results/bench/h100_sweep_fresh", H100_UNIFORM),
