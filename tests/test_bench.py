@@ -225,6 +225,15 @@ def test_resume_refuses_a_folder_run_with_other_kernels(tmp_path):
     r = CliRunner().invoke(app, [*base, "--arrival-rate", "4,8,16", "--resume"])
     assert r.exit_code == 2 and "new --result-dir" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert len(glob.glob(os.path.join(out, "*.json"))) == 2  # nothing run
+    d["setup"] = dict(result_files.setup(None), router="0" * 16)  # the router's code changed since
+    with open(path, "w") as f:
+        json.dump(d, f)
+    assert result_files.mismatched(out, result_files.setup(None)) == []  # a collocated run: not compared on it
+    d["mode"] = "adaptive"
+    with open(path, "w") as f:
+        json.dump(d, f)
+    assert result_files.mismatched(out, result_files.setup(None), ["collocated"]) == []  # not what is to run
+    assert [p for p, _ in result_files.mismatched(out, result_files.setup(None), ["adaptive"])] == [path]
     del d["setup"]  # a run from before setups were recorded: not compared
     with open(path, "w") as f:
         json.dump(d, f)

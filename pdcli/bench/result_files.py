@@ -34,10 +34,15 @@ def finished(folder: str, mode: str, workload: str, rate: float) -> str | None:
                  if not read(p).get("interrupted")), None)
 
 
+ROUTED_MODES = ("adaptive", "threshold")  # modes whose paths the router's code decides
+ROUTER_SOURCES = ("pdcli/router", "pdcli/coordinator/routing.py")  # that code, from the repository's root
+
+
 def setup(params_dir: str | None) -> dict:
-    """What a run's numbers depend on beyond its command line, as short hashes: the CUDA kernels' sources and the
-    fitted profile the router used (None: none). Runs of one sweep folder must share them: on 2026-12-05 a resumed
-    sweep ran five rates on a changed decode kernel into a folder measured with the old one."""
+    """What a run's numbers depend on beyond its command line, as short hashes: the CUDA kernels' sources, the
+    fitted profile the router used (None: none) and the router's code. Runs of one sweep folder must share them
+    (the router's, runs of the routed modes): on 2026-12-05 a resumed sweep ran five rates on a changed decode
+    kernel into a folder measured with the old one."""
     import hashlib
 
     from pdcli.kernels import build
@@ -46,12 +51,29 @@ def setup(params_dir: str | None) -> dict:
     if params_dir and os.path.exists(os.path.join(params_dir, "params.json")):
         with open(os.path.join(params_dir, "params.json"), "rb") as f:
             profile = hashlib.sha256(f.read()).hexdigest()[:16]
-    return dict(kernels=build.source_hash()[:16], profile=profile)
+    return dict(kernels=build.source_hash()[:16], profile=profile, router=router_hash())
 
 
-def mismatched(folder: str, now: dict) -> list[tuple[str, dict]]:
+def router_hash() -> str:
+    """The router's sources (ROUTER_SOURCES, .py files) as a short hash."""
+    import hashlib
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    h = hashlib.sha256()
+    for src in ROUTER_SOURCES:
+        path = os.path.join(root, src)
+        files = [path] if os.path.isfile(path) else sorted(os.path.join(path, n) for n in os.listdir(path))
+        for name in (f for f in files if f.endswith(".py")):
+            h.update(os.path.relpath(name, root).encode())
+            with open(name, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def mismatched(folder: str, now: dict, modes: list[str] | None = None) -> list[tuple[str, dict]]:
     """The result files in folder whose recorded setup differs from `now` in a key both record, with that setup
-    (runs made before results recorded one are not compared)."""
+    (runs made before results recorded one are not compared); the router's code only between runs of a routed
+    mode, and of one of `modes` (those about to run; None: any)."""
     out = []
     for path in find(folder):
         try:
@@ -59,7 +81,11 @@ def mismatched(folder: str, now: dict) -> list[tuple[str, dict]]:
         except (ValueError, EOFError, OSError):  # not a result (a file being written)
             continue
         was = d.get("setup") if isinstance(d, dict) else None
-        if isinstance(was, dict) and any(was.get(k) and now.get(k) and was[k] != now[k] for k in now):
+        if not isinstance(was, dict):
+            continue
+        routed = d.get("mode") in ROUTED_MODES and (modes is None or d.get("mode") in modes)
+        keys = [k for k in now if k != "router" or routed]
+        if any(was.get(k) and now.get(k) and was[k] != now[k] for k in keys):
             out.append((path, was))
     return out
 

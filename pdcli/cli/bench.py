@@ -272,16 +272,17 @@ def _bench_mode(b: _Bench, m: str, progress, err, rows: list[dict], paths: list[
 
 
 def _check_resume(b: _Bench) -> None:
-    """--resume adds to a folder only runs of the same kernels and profile as those already in it."""
+    """--resume adds to a folder only runs of the same kernels and profile as those already in it (and, for a
+    routed mode, the same router code as its runs there)."""
     from pdcli.bench import result_files
 
-    bad = result_files.mismatched(b.result_dir, b.setup)
+    bad = result_files.mismatched(b.result_dir, b.setup, b.modes)
     if bad:
         path, was = bad[0]
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        fail(f"--resume: {path}{more} ran with kernels {was.get('kernels')} and profile {was.get('profile')}, "
-             f"this run has {b.setup['kernels']} and {b.setup['profile']}: resume with those, or start a new "
-             f"--result-dir")
+        fail(f"--resume: {path}{more} ran with kernels {was.get('kernels')}, profile {was.get('profile')} and "
+             f"router {was.get('router')}, this run has {b.setup['kernels']}, {b.setup['profile']} and "
+             f"{b.setup['router']}: resume with those, or start a new --result-dir")
 
 
 def _done(b: _Bench, m: str, rate: float, err) -> bool:
