@@ -225,3 +225,25 @@ def test_the_simulators_running_sums_are_its_queues():
     specs = [SimSpec(0, "collocated", "n:cuda:0"), SimSpec(1, "prefill", "n:cuda:1"), SimSpec(2, "decode", "n:cuda:2")]
     recs = Checked(cost_model(), specs, "threshold").run(lens, [20] * n, np.cumsum(rng.exponential(0.02, n)))
     assert all(r.end is not None for r in recs) and max(checked) > 3  # queues formed
+
+
+def test_a_highest_rate_is_compared_only_where_the_run_brackets_it():
+    """A layout's measured highest rate with >= 90% attainment is known only if the run has a rate above it: at
+    the top of its rates it is a lower bound, with none at >= 90% it lies below them. Such layouts' rows count for
+    the p50 errors; their highest rates are listed apart and enter neither the rate error nor the ordering."""
+    from pdcli.plan.validate import summarize_validation
+
+    def row(run, mode, rate, meas, sim):
+        return dict(run=run, mode=mode, rate=rate, slo_attainment_measured=meas, slo_attainment_sim=sim,
+                    median_ttft_ms_sim=20.0, median_ttft_ms_measured=25.0, median_tpot_ms_sim=8.0,
+                    median_tpot_ms_measured=8.0)
+
+    rows = [row("a", "collocated", 4.0, 0.95, 0.95), row("a", "collocated", 6.0, 0.80, 0.95),  # known: 4.0
+            row("a", "disaggregated", 4.0, 0.99, 0.99), row("a", "disaggregated", 6.0, 0.95, 0.5),  # >= 6.0
+            row("a", "adaptive", 4.0, 0.80, 0.95), row("a", "adaptive", 6.0, 0.70, 0.5)]  # below 4.0
+    s = summarize_validation(rows)
+    assert s["highest_rates"] == {"a collocated": dict(measured=4.0, predicted=6.0)}
+    assert s["highest_rates_not_bracketed"] == {"a disaggregated": dict(measured_at_least=6.0, predicted=4.0),
+                                                "a adaptive": dict(measured_at_least=None, predicted=4.0)}
+    assert s["highest_rate_err_max"] == pytest.approx(0.5) and s["order_pairs"] == 0
+    assert s["rows_below_saturation"] == 3 and s["ttft_p50_err_median"] == pytest.approx(0.2)

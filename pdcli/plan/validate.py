@@ -52,14 +52,19 @@ def _rel(a: float, b: float) -> float:
 def summarize_validation(rows: list[dict]) -> dict:
     """The issue's measures: median p50 errors below saturation (rates up to each layout's measured highest
     rate with >= 90% attainment), the worst relative error of that highest rate, and how often the plan orders
-    two layouts as measured where their measured highest rates differ by more than 15%."""
-    below, highest = [], {}
+    two layouts as measured where their measured highest rates differ by more than 15%. A highest rate is known
+    only where the run has a rate above it (its top rate at >= 90% says only "at least"; no rate at >= 90%, "below
+    the lowest"): the others' rows count for the errors, their highest rates are listed but not compared."""
+    below, highest, unknown = [], {}, {}
     for (run, mode) in sorted({(r["run"], r["mode"]) for r in rows}):
         rs = sorted((r for r in rows if r["run"] == run and r["mode"] == mode), key=lambda r: r["rate"])
         meas = max_rate_meeting([dict(request_rate=r["rate"], slo_attainment=r["slo_attainment_measured"] or 0) for r in rs])
         pred = max_rate_meeting([dict(request_rate=r["rate"], slo_attainment=r["slo_attainment_sim"] or 0) for r in rs])
-        highest[(run, mode)] = (meas, pred)
         below += [r for r in rs if meas is not None and r["rate"] <= meas]
+        if meas is None or meas >= rs[-1]["rate"]:
+            unknown[(run, mode)] = (meas, pred)
+        else:
+            highest[(run, mode)] = (meas, pred)
     errs = dict(ttft=[_rel(r["median_ttft_ms_sim"], r["median_ttft_ms_measured"]) for r in below],
                 tpot=[_rel(r["median_tpot_ms_sim"], r["median_tpot_ms_measured"]) for r in below])
     rate_errs = [_rel(p or 0.0, m) for m, p in highest.values() if m]
@@ -76,4 +81,6 @@ def summarize_validation(rows: list[dict]) -> dict:
                 tpot_p50_err_median=float(np.median(errs["tpot"])) if below else None,
                 highest_rate_err_max=max(rate_errs) if rate_errs else None,
                 order_pairs=pairs, order_agreement=agree / pairs if pairs else None,
-                highest_rates={f"{k[0]} {k[1]}": dict(measured=v[0], predicted=v[1]) for k, v in highest.items()})
+                highest_rates={f"{k[0]} {k[1]}": dict(measured=v[0], predicted=v[1]) for k, v in highest.items()},
+                highest_rates_not_bracketed={f"{k[0]} {k[1]}": dict(measured_at_least=v[0], predicted=v[1])
+                                             for k, v in unknown.items()})
