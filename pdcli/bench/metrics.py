@@ -22,6 +22,9 @@ class RequestRecord:
     predicted_raw: dict = field(default_factory=dict)  # ... from the cost model alone
     workers: tuple = ()  # ranks that ran it: (collocated,) or (prefill, decode)
     decision: dict = field(default_factory=dict)  # the router's: both paths' predictions, each worker's load
+    # s, in process: when the coordinator took it (after its lock) and when its prompt went to a worker
+    submitted: float | None = None
+    dispatched: float | None = None
 
     @property
     def ok(self) -> bool:

@@ -351,7 +351,9 @@ def _result(b: _Bench, row: dict, records: list, stats: dict, layout, cs) -> dic
                                    ttft_ms=r.ttft_ms if r.ok else None, e2el_ms=r.e2el_ms if r.ok else None,
                                    error=r.error, path=r.path, workers=list(r.workers),
                                    predicted=r.predicted, predicted_raw=r.predicted_raw,
-                                   **(dict(decision=r.decision) if r.decision else {}))
+                                   **(dict(decision=r.decision) if r.decision else {}),
+                                   **{k: round(getattr(r, k), 6) for k in ("submitted", "dispatched")
+                                      if getattr(r, k) is not None})
                               for r in records]
     return result
 

@@ -156,6 +156,7 @@ class CentralScheduler:
                 self.pool.send(route.worker, Submit(rid, t.prompt_ids, params, seed))
             else:
                 self.relay.start(t, route.worker, route.decode)
+            t.dispatch_time = time.perf_counter()
             logger.debug("%s: %d prompt tokens -> %s on %s", rid, len(t.prompt_ids), t.path, t.ranks)
             return t
 
