@@ -158,8 +158,9 @@ class Worker:
             self.engine.release(rid)
 
     def step(self) -> None:
-        """One engine step; one message with its tokens (also when none landed: it marks the step's end for the
-        router), not one per sequence: the coordinator shares its process with the server."""
+        """One engine step; one message with its tokens and the prompt progress the device has finished (it marks
+        a step's end for the router), not one per sequence: the coordinator shares its process with the server. A
+        step that only prefilled part of a prompt and is still on the device sends nothing (its end is not known)."""
         deltas = self.engine.step()
         progress = self.engine.take_prefill_progress()
         if deltas or progress:  # a step still running on the device (part of a prompt) says nothing yet
