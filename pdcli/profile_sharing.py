@@ -29,6 +29,13 @@ class SharingShapes:
     grid_own: tuple = (256, 1024, 4096)
     grid_neighbour: tuple = (1024, 8192)
 
+    def within(self, limit: int) -> "SharingShapes":
+        """The same without the grid's lengths past limit (an engine's longest prompt or token budget)."""
+        from dataclasses import replace
+
+        return replace(self, grid_own=tuple(n for n in self.grid_own if n <= limit),
+                       grid_neighbour=tuple(n for n in self.grid_neighbour if n <= limit))
+
     def prompt_lens(self) -> tuple:
         return tuple(sorted({self.prompt, *self.grid_own, *self.grid_neighbour}))
 
@@ -51,6 +58,11 @@ def _engine(model: str, device: str, engine_kwargs: dict, shapes: SharingShapes,
                                               block_size=shapes.block_size, **kw))
 
 
+def _longest(engine) -> int:
+    """The longest prompt one step of this engine prefills (tokens)."""
+    return min(engine.max_model_len, engine.config.scheduler.max_num_batched_tokens)
+
+
 IDLE, DECODING, PREFILLING = 0, 1, 2  # the neighbour's mode
 
 
@@ -64,6 +76,7 @@ def _neighbour(model, device, engine_kwargs, shapes, env, ready, stop, mode, pro
     from pdcli.profiler import StepTimer
 
     engine = _engine(model, device, engine_kwargs, shapes, env)
+    shapes = shapes.within(_longest(engine))
     timer = StepTimer(engine, seed=1)
     seqs = [timer.prepared(shapes.ctx, shapes.ctx - 1) for _ in range(shapes.batch)]
     steps = {(DECODING, 0): SchedulerOutput(seqs, [1] * len(seqs))}
@@ -88,7 +101,9 @@ def _measured(model, device, engine_kwargs, shapes, env, ready, mode, prompt_len
     from pdcli.profiler import StepTimer
 
     try:
-        timer = StepTimer(_engine(model, device, engine_kwargs, shapes, env))
+        engine = _engine(model, device, engine_kwargs, shapes, env)
+        shapes = shapes.within(_longest(engine))
+        timer = StepTimer(engine)
         ready.wait()  # the neighbour is loaded, and idle
 
         def both() -> tuple[float, float]:

@@ -446,6 +446,7 @@ def test_profiled_sharing_factors_reach_the_cost_model(tmp_path):
     for k in ("decode_beside_decode", "prefill_beside_decode", "decode_beside_prefill", "prefill_beside_prefill"):
         assert 0.2 < got[k] < 20, got  # measured (noisy on 2 busy cores), not a constant
     assert got["decode_beside_decode"] == got["decode_beside_ms"] / got["decode_alone_ms"]
+    assert shapes.within(64).grid_neighbour == (32,) and shapes.within(64).grid_own == (16, 64)  # an engine's limit
     grid = got["beside_prefill_grid"]  # each own prompt (0: the decode batch) beside each neighbour prompt
     assert sorted((g["own"], g["neighbour"]) for g in grid) == [(o, n) for o in (0, 16, 64) for n in (32, 128)]
     assert all(g["own_alone_ms"] > 0 and g["own_beside_ms"] > 0 and g["neighbour_ms"] > 0 for g in grid)
