@@ -826,3 +826,36 @@ def test_ttft_beside_a_prefilling_neighbour_is_calibrated_apart():
     role = 100.0 * 64 / 68  # 64 residuals against TTFT's prior of 4; the length class's shrunk toward it
     assert beside[1]["ttft_ms"] == pytest.approx(beside[0]["ttft_ms"] + (100.0 * 64 + role * 4) / 68, rel=1e-6)
     assert alone[1]["ttft_ms"] == pytest.approx(alone[0]["ttft_ms"])  # untouched
+
+
+def test_a_neighbours_prefill_counts_only_what_it_has_left():
+    """What a prompt's steps gain beside a prefilling GPU neighbour is capped by the neighbour's queued prefill less
+    how far into it the neighbour is (its since_step_ms: its running step began when that prefill did), and so is
+    the extra of the decode steps a collocated worker has scheduled."""
+    from pdcli.router import latency
+    from pdcli.router.fit import fit_sharing
+    from pdcli.router.load import mark_gpu_sharing
+
+    cm = _fitted(synthetic_profile())
+    grid = [dict(own=256, neighbour=8192, own_alone_ms=15.0, own_beside_ms=135.0, neighbour_ms=240.0),
+            dict(own=0, neighbour=8192, own_alone_ms=7.0, own_beside_ms=80.0, neighbour_ms=240.0)]
+    cm.sharing = fit_sharing(dict(prefill_beside_prefill=1.9, decode_beside_prefill=2.4, beside_prefill_grid=grid))
+
+    def loads(since):
+        ls = {0: WorkerLoad(decode_batch=8, decode_ctx=2400, device="cuda:0", since_step_ms=0.0),
+              1: WorkerLoad(role="prefill", queued_prefill_tokens=9000, device="cuda:0", since_step_ms=since)}
+        mark_gpu_sharing(ls, {0: "cuda:0", 1: "cuda:0"})
+        return ls
+
+    fresh, late = loads(0.0), loads(1e9)
+    assert fresh[0].neighbour_since_step_ms == 0.0 and late[0].neighbour_since_step_ms == 1e9
+    total = float(cm.queued_prefill_ms(9000, 0, 0))
+    assert latency.neighbour_prefill_left_ms(cm, fresh[0]) == pytest.approx(total)
+    assert latency.neighbour_prefill_left_ms(cm, loads(total / 4)[0]) == pytest.approx(total * 3 / 4)
+    assert latency.neighbour_prefill_left_ms(cm, late[0]) == 0.0  # it has run past its price: nothing left
+    alone = float(cm.decode_ms(8, 2400))
+    assert late[0].sharing == 0 and latency.scheduled_step_ms(cm, late[0]) == pytest.approx(alone)  # no neighbour decodes
+    assert latency.scheduled_step_ms(cm, fresh[0]) > latency.scheduled_step_ms(cm, late[0])
+    assert latency.neighbour_ms(cm, late[0], 3, 15.0) == 0.0
+    assert latency.neighbour_ms(cm, fresh[0], 1, 15.0) == pytest.approx(
+        cm.prompt_beside_prefill_ms(15.0, latency.neighbour_chunk_ms(cm, fresh[0])))

@@ -148,8 +148,17 @@ def scheduled_step_ms(cm: CostModel, w: WorkerLoad) -> float:
     if not theirs:
         return step_ms(cm, w, stretched=False)
     alone = float(cm.decode_ms(w.decode_batch, w.decode_ctx))
-    extra = cm.decode_beside_prefill_ms(alone, theirs)
+    steps = 2 if w.async_steps else 1  # the extra of the steps scheduled, at most the neighbour's prefill left
+    extra = min(cm.decode_beside_prefill_ms(alone, theirs), neighbour_prefill_left_ms(cm, w) / steps)
     return alone * (1 + cm.decode_neighbour_extra * w.sharing) + extra
+
+
+def neighbour_prefill_left_ms(cm: CostModel, w: WorkerLoad) -> float:
+    """The GPU neighbours' queued prefill (their steps of it), less how far into it they are when that is known."""
+    q, b, ctx = w.neighbour_queued_tokens, w.neighbour_decode_batch, w.neighbour_decode_ctx
+    if q <= 0:
+        return 0.0
+    return max(0.0, float(cm.queued_prefill_ms(q, b, ctx)) - (w.neighbour_since_step_ms or 0.0))
 
 
 def neighbour_chunk_ms(cm: CostModel, w: WorkerLoad) -> float:
@@ -221,7 +230,7 @@ def neighbour_ms(cm: CostModel, w: WorkerLoad, steps: int, own_step_ms: float) -
         return 0.0
     if q > 0:
         extra = cm.prompt_beside_prefill_ms(own_step_ms, neighbour_chunk_ms(cm, w))
-        return None if extra is None else min(steps * extra, cm.queued_prefill_ms(q, b, ctx))
+        return None if extra is None else min(steps * extra, neighbour_prefill_left_ms(cm, w))
     share = cm.beside_decode_share
     k = max(1, w.neighbour_decoders)  # each decoding neighbour runs its own steps: k steps of the mean batch
     return None if share is None else steps * share * k * float(cm.decode_ms(b / k, ctx / k))

@@ -22,6 +22,9 @@ class WorkerLoad:
     neighbour_decode_batch: int = 0
     neighbour_decode_ctx: int = 0
     neighbour_decoders: int = 0
+    # since the step began that a neighbour with prompts queued runs (the longest of them; None: none such): how
+    # far into its queued prefill it is
+    neighbour_since_step_ms: float | None = None
     role: str = "collocated"  # collocated | prefill | decode
     since_step_ms: float | None = None  # since the step it runs began (mark_step; None: none seen, nothing held)
     steps_seen: bool = True  # False: when its steps end is not known (a replay of an older run)
@@ -91,6 +94,8 @@ def mark_gpu_neighbours(loads: dict[int, WorkerLoad], devices: dict[int, str]) -
         w.neighbour_decode_batch = sum(o.decode_batch for o in others)
         w.neighbour_decode_ctx = sum(o.decode_ctx for o in others)
         w.neighbour_decoders = sum(1 for o in others if o.decode_batch > 0)
+        since = [o.since_step_ms for o in others if o.queued_prefill_tokens > 0 and o.since_step_ms is not None]
+        w.neighbour_since_step_ms = max(since) if since else None
 
 
 def mark_step(w: WorkerLoad, last_step_end: float | None, pending: list[tuple[float, int]], now: float) -> None:
