@@ -132,3 +132,27 @@ def test_a_chunk_s_progress_waits_until_the_device_has_run_it(monkeypatch):
     deltas = engine.step()  # the last chunk samples: the device has run everything before it
     assert [d.request_id for d in deltas] == ["long"]
     assert engine.take_prefill_progress() == [("long", 48)]
+
+
+@pytest.mark.cuda
+def test_on_a_gpu_a_chunk_s_progress_comes_once_the_device_has_run_it():
+    """On the GPU a step that only prefills part of a prompt returns before the device has run it; its progress is
+    reported once the device has (here: after a synchronize), never twice."""
+    import torch
+
+    from pdcli.config import EngineConfig
+    from pdcli.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig.from_kwargs(MODEL, device="cuda:0", max_num_batched_tokens=16,
+                                                async_scheduling=False))
+    engine.report_prefill_progress = True
+    engine.add_request(list(range(3, 53)), SamplingParams(temperature=0, max_tokens=2, ignore_eos=True),
+                       request_id="long")
+    assert engine.step() == []  # the first chunk: launched, nothing sampled
+    torch.cuda.synchronize()
+    assert engine.take_prefill_progress() == [("long", 16)] and engine.take_prefill_progress() == []
+    seen = []
+    while engine.has_unfinished_requests():
+        engine.step()
+        seen += engine.take_prefill_progress()
+    assert seen == [("long", 32), ("long", 48)]
