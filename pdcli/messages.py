@@ -147,8 +147,9 @@ class WorkerFailed:
 
 @dataclass(frozen=True, slots=True)
 class StepTokens:
-    """What one engine step produced, one entry per touched sequence; sent after every step, also an empty
-    one, since it marks when the worker's step landed (the router's start wait)."""
+    """What one engine step produced, one entry per touched sequence; sent after every step that produced tokens
+    or finished part of a prompt on the device, since it marks when the worker's step landed (the router's start
+    wait)."""
     request_ids: list[str]
     indices: list[int]  # completion index (n > 1)
     token_ids: list[list[int]]
@@ -156,6 +157,8 @@ class StepTokens:
     logprobs: list[list | None] | None = None  # per entry: a SampleLogprob per token (None: not asked); None: nobody asked
     prefilled: list[tuple[str, int]] | None = None  # (request id, prompt tokens computed) of prompts left partly
     # prefilled by the steps that landed (chunked prefill): the router counts only what they have left
+    received: list[tuple[str, float]] | None = None  # (request id, perf_counter s when this worker took its Submit)
+    # of the requests whose first tokens are here: where a first token's time went (one host's clock)
 
 
 @dataclass(frozen=True, slots=True)

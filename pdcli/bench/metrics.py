@@ -25,6 +25,7 @@ class RequestRecord:
     # s, in process: when the coordinator took it (after its lock) and when its prompt went to a worker
     submitted: float | None = None
     dispatched: float | None = None
+    received: float | None = None  # s, when the worker that prefilled it took it (its clock: the same host's)
 
     @property
     def ok(self) -> bool:

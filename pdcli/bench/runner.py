@@ -124,7 +124,8 @@ def _records(tracked: list, start: float) -> list[RequestRecord]:
             predicted_raw=t.decision.get("predicted_raw", {}).get(t.path, {}) if t.decision else {},
             decision={k: t.decision[k] for k in ("predicted", "predicted_raw", "loads", "cached_tokens", "decided_by")
                       if k in t.decision},
-            submitted=t.arrival - start, dispatched=None if t.dispatch_time is None else t.dispatch_time - start))
+            submitted=t.arrival - start, dispatched=None if t.dispatch_time is None else t.dispatch_time - start,
+            received=None if t.worker_received is None else t.worker_received - start))
     return records
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 import traceback
 from datetime import timedelta
 
@@ -79,6 +80,7 @@ IDLE_POLL_S = 0.02  # an idle worker waits this long for a message before it pol
 class Worker:
     def __init__(self, spec: WorkerSpec, engine, conn, peers: Peers | None = None):
         self.spec, self.engine, self.conn = spec, engine, conn
+        self.received: dict[str, float] = {}  # request id -> perf_counter when its Submit came, till its first token
         self.peers = peers or Peers(spec.rank, torch.device(spec.device))
         groups = self.peers.groups  # (sender rank, receiver rank) -> the pair's process group, as pairs are made
         self.transfers = Transfers(engine.kv_cache)
@@ -140,10 +142,12 @@ class Worker:
             torch.cuda.ipc_collect()
 
     def on_submit(self, msg: Submit) -> None:
+        self.received[msg.request_id] = time.perf_counter()
         try:
             self.engine.add_request(msg.prompt_ids, msg.params, request_id=msg.request_id, seed=msg.seed,
                                     handoff=msg.handoff)
         except ValueError as err:
+            self.received.pop(msg.request_id, None)
             self.conn.send(RequestFailed(msg.request_id, str(err)))
 
     def on_drop(self, msg: DropKV) -> None:
@@ -152,6 +156,7 @@ class Worker:
 
     def on_abort(self, msg: Abort) -> None:
         rid = msg.request_id
+        self.received.pop(rid, None)
         self.engine.abort_request(rid)
         self.sender.forget(rid)
         if not self.receiver.abort(rid, msg.wait_for_ipc_copy):  # else freed once the copy into them ends
@@ -165,10 +170,11 @@ class Worker:
         progress = self.engine.take_prefill_progress()
         if deltas or progress:  # a step still running on the device (part of a prompt) says nothing yet
             logprobs = [d.logprobs for d in deltas] if any(d.logprobs is not None for d in deltas) else None
+            received = [(r, self.received.pop(r)) for r in {d.request_id for d in deltas} if r in self.received]
             self.conn.send(StepTokens([d.request_id for d in deltas], [d.index for d in deltas],
                                       [d.token_ids for d in deltas],
                                       [d.finish_reason if d.finished else None for d in deltas], logprobs,
-                                      progress or None))
+                                      progress or None, received or None))
         finished = [d.request_id for d in deltas if d.finished and self.engine.pop_if_finished(d.request_id)]
         self.sender.after_step(finished)
 
