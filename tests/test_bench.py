@@ -270,3 +270,38 @@ def test_router_sweeps_runs_only_what_is_left_of_a_plan(tmp_path, monkeypatch, c
     plan.write_text("bimodal_s1 collocated bimodal 4.0\n")
     with pytest.raises(SystemExit, match="FOLDER MODE WORKLOAD"):
         router_sweeps.parse_plan(str(plan))
+
+
+def test_ttft_parts_splits_each_first_token_by_where_its_time_went(tmp_path):
+    """A run with --save-detailed records, per request, when the coordinator took it, sent it on and when the
+    worker took it: ttft_parts splits the TTFT at those marks (the parts add up to it) and sets the simulator's
+    TTFT on the same trace beside it, apart for requests that met an empty or a held prompt queue."""
+    from pdcli.benchmarks import ttft_parts
+    from pdcli.router.fit import fit_profile, write_params
+    from test_cost_model import synthetic_profile
+
+    q = dict(arrival=1.0, submitted=1.001, dispatched=1.0015, received=1.002, ttft_ms=10.0, workers=[0],
+             decision=dict(loads={"0": dict(queued_prefill_tokens=0)}))
+    got = ttft_parts.parts_ms(q)
+    assert got == pytest.approx(dict(submit=1.0, route=0.5, pipe=0.5, worker=8.0))
+    assert sum(got.values()) == pytest.approx(q["ttft_ms"])
+    assert ttft_parts.parts_ms(dict(q, received=None)) is None  # a run from before these marks
+    held = dict(q, ttft_ms=20.0, decision=dict(loads={"0": dict(queued_prefill_tokens=256)}))
+    rows = ttft_parts.run_parts(dict(requests=[q, held]), [7.0, 19.0])
+    assert rows["queue_empty"]["ttft_ms"] == 10.0 and rows["queue_empty"]["sim_ttft_ms"] == 7.0
+    assert rows["queue_held"]["worker_ms"] == pytest.approx(18.0) and rows["all"]["num_requests"] == 2
+
+    out = str(tmp_path / "run")
+    r = CliRunner().invoke(app, ["bench", "--model", "dummy:tiny-llama", "--devices", "cpu", "--mode", "collocated",
+                                 "--num-prompts", "4", "--arrival-rate", "8", "--random-input-len", "16",
+                                 "--random-output-len", "3", "--result-dir", out, "--save-detailed",
+                                 "--num-kv-blocks", "256", "--block-size", "8"])
+    assert r.exit_code == 0, r.stderr
+    params = tmp_path / "params"
+    params.mkdir()
+    write_params(str(params), fit_profile(dict(synthetic_profile(), model="dummy:tiny-llama")))
+    ttft_parts.main([out, "--params-dir", str(params), "--out", str(tmp_path / "parts")])
+    (path,) = glob.glob(str(tmp_path / "parts" / "ttft_parts_*.json"))
+    row = json.load(open(path))["rows"][0]["all"]
+    assert row["num_requests"] == 4 and row["sim_ttft_ms"] > 0
+    assert all(row[f"{p}_ms"] >= 0 for p in ttft_parts.PARTS) and row["worker_ms"] > 0

@@ -1,0 +1,89 @@
+"""Where a request's time to first token goes, from runs made with `bench --save-detailed` since 2026-12-05 evening
+(each request records when the coordinator took it, when its prompt went to a worker and when that worker took it;
+one host's clock): the wait to be submitted, the routing, the pipe to the worker, and the worker's part until the
+first token reached the coordinator, beside the simulator's TTFT on the run's own trace. Medians per run, apart for
+the requests whose worker had no prompt queued when they came (the simulator's TTFT ran 3-5 ms under those on one
+H100, ~0 under the others).
+
+    python -m pdcli.benchmarks.ttft_parts --params-dir DIR FOLDER... [--out results/router]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from pdcli.bench import result_files
+from pdcli.benchmarks.results import provenance, write
+
+PARTS = ("submit", "route", "pipe", "worker")  # ms: arrival -> submitted -> dispatched -> received -> first token
+
+
+def parts_ms(q: dict) -> dict | None:
+    """A recorded request's TTFT split into PARTS (ms); None without the times (older runs) or a first token."""
+    if q.get("ttft_ms") is None or any(q.get(k) is None for k in ("submitted", "dispatched", "received")):
+        return None
+    first = q["arrival"] + q["ttft_ms"] / 1e3
+    marks = [q["arrival"], q["submitted"], q["dispatched"], q["received"], first]
+    return {p: (b - a) * 1e3 for p, a, b in zip(PARTS, marks, marks[1:])}
+
+
+def queue_empty(q: dict) -> bool | None:
+    """Whether the worker that prefilled it held no prompt tokens when it came (from the recorded loads)."""
+    loads = (q.get("decision") or {}).get("loads") or {}
+    w = loads.get(str((q.get("workers") or [None])[0])) or loads.get((q.get("workers") or [None])[0])
+    return None if w is None else not w.get("queued_prefill_tokens")
+
+
+def run_parts(d: dict, sim_ttft_ms: list[float] | None = None) -> dict:
+    """Per group (all, queue_empty, queue_held) the medians of PARTS, of the measured TTFT and, given the simulated
+    TTFT of each request (in the order of d["requests"]), of the simulated one."""
+    out = {}
+    reqs = d.get("requests") or []
+    for group, keep in (("all", lambda q: True), ("queue_empty", lambda q: queue_empty(q) is True),
+                        ("queue_held", lambda q: queue_empty(q) is False)):
+        idx = [i for i, q in enumerate(reqs) if keep(q) and parts_ms(q) is not None]
+        if not idx:
+            continue
+        row = dict(num_requests=len(idx), ttft_ms=float(np.median([reqs[i]["ttft_ms"] for i in idx])))
+        for p in PARTS:
+            row[f"{p}_ms"] = float(np.median([parts_ms(reqs[i])[p] for i in idx]))
+        if sim_ttft_ms is not None:
+            row["sim_ttft_ms"] = float(np.median([sim_ttft_ms[i] for i in idx]))
+        out[group] = row
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    from pdcli.plan.validate import simulate_records
+    from pdcli.router.fit import load_cost_model
+    from pdcli.router.replay import load_runs
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("folders", nargs="+")
+    ap.add_argument("--params-dir", required=True, help="the profile the runs ran with (the simulator's steps)")
+    ap.add_argument("--out", default="results/router")
+    args = ap.parse_args(argv)
+    cm, rows = load_cost_model(args.params_dir), []
+    for folder in args.folders:
+        for run in load_runs(folder):
+            d = result_files.read(run.file)
+            by_arrival = sorted(range(len(d["requests"])), key=lambda i: d["requests"][i]["arrival"])
+            sims = simulate_records(run, cm)  # in run.records' order: arrival order
+            sim = [0.0] * len(sims)
+            for i, s in zip(by_arrival, sims):
+                sim[i] = s.ttft_ms if s.first_token is not None else float("nan")
+            got = run_parts(d, sim)
+            if got:
+                rows.append(dict(file=run.file, mode=run.mode, rate=run.rate, **got))
+                print(f"{run.file}: {got.get('all')}")
+    if not rows:
+        sys.exit("ttft_parts: no run here records when its requests were submitted, dispatched and received")
+    name = "ttft_parts_" + str(result_files.read(rows[0]["file"])["provenance"].get("device", "unknown")).lower().replace(" ", "-")
+    print(write(args.out, name, dict(params_dir=args.params_dir, rows=rows,
+                                     provenance=provenance("pdcli.benchmarks.ttft_parts", argv))))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
