@@ -212,7 +212,7 @@ def test_the_simulators_running_sums_are_its_queues():
     class Checked(Simulator):
         def _on_arrive(self, seq):
             for w in self.workers:
-                done = [min(s.prefilled, s.prompt_len - 1) for s in w.prompts]
+                done = [min(s.reported, s.prompt_len - 1) for s in w.prompts]
                 assert w.queued_tokens == sum(s.prompt_len - d for s, d in zip(w.prompts, done))
                 assert w.queued_sq == sum(s.prompt_len ** 2 - d ** 2 for s, d in zip(w.prompts, done))
                 assert [s.arrival for s in w.prompts] == sorted(s.arrival for s in w.prompts)
@@ -247,3 +247,29 @@ def test_a_highest_rate_is_compared_only_where_the_run_brackets_it():
                                                 "a adaptive": dict(measured_at_least=None, predicted=4.0)}
     assert s["highest_rate_err_max"] == pytest.approx(0.5) and s["order_pairs"] == 0
     assert s["rows_below_saturation"] == 3 and s["ttft_p50_err_median"] == pytest.approx(0.2)
+
+
+def test_a_step_that_samples_nothing_is_not_reported_until_one_that_does():
+    """As the engine's workers report since 2026-12-05: a step that only prefills part of a prompt sends no
+    message, so the simulated coordinator keeps its tokens queued and its last step's end where it was; the
+    step that samples (the prompt's last chunk, or decode rows) reports every progress before it."""
+    from pdcli.plan.sim import SimSeq, SimWorker
+
+    w = SimWorker(SimSpec(1, "prefill", "n:cuda:1"), cost_model(), max_num_seqs=8, max_num_batched_tokens=4096)
+    seq = SimSeq(0, 0.0, 10_000, 4)
+    w.waiting.append(seq)
+    w.hold(seq)
+    assert w.queued_tokens == 10_000
+    w.finish_step(w.plan(), 0.2)  # 4096 tokens, nothing sampled
+    assert seq.prefilled == 4096 and w.queued_tokens == 10_000 and w.last_step_end is None
+    w.finish_step(w.plan(), 0.4)  # 8192
+    assert w.queued_tokens == 10_000 and w.last_step_end is None
+    prefilled, _ = w.finish_step(w.plan(), 0.5)  # the last chunk: its first token, and the message
+    assert prefilled == [seq] and w.queued_tokens == 0 and w.queued_sq == 0 and w.last_step_end == 0.5
+    two = [SimSeq(i, 0.0, 3000, 4) for i in (1, 2)]  # on a collocated worker a step with decode rows reports
+    c = SimWorker(SimSpec(0, "collocated", "n:cuda:0"), cost_model(), max_num_seqs=8, max_num_batched_tokens=4096)
+    for s in two:
+        c.waiting.append(s)
+        c.hold(s)
+    c.finish_step(c.plan(), 0.1)  # the first prompt whole, 1096 of the second: a first token, so a message
+    assert c.queued_tokens == 3000 - 1096 and c.last_step_end == 0.1

@@ -22,6 +22,7 @@ class SimSeq:
     workers: tuple = ()
     scheduled: int = 0  # prompt tokens in steps planned so far (the scheduler advances at launch)
     prefilled: int = 0  # prompt tokens computed (landed) so far
+    reported: int = 0  # of those, what its worker has reported (with a step that sampled: the engine's messages)
     first: float | None = None  # s, first token
     end: float | None = None  # s, last token
     hashes: list = field(default_factory=list)  # its prompt's chained block hashes (prefix caching; none: off)
@@ -127,7 +128,7 @@ class SimWorker:
         self._count(seq, 1)
 
     def _count(self, seq: SimSeq, sign: int) -> None:
-        done = min(seq.prefilled, seq.prompt_len - 1)
+        done = min(seq.reported, seq.prompt_len - 1)
         self.queued_tokens += sign * (seq.prompt_len - done)
         self.queued_sq += sign * (seq.prompt_len ** 2 - done ** 2)
 
@@ -140,20 +141,28 @@ class SimWorker:
         heapq.heappush(self.finishing, (self.plans + seq.output_len - 2, next(self._order), seq))
 
     def finish_step(self, step: SimStep, now: float) -> tuple[list[SimSeq], list[SimSeq]]:
-        """Land a step that ended at now: (sequences whose first token it made, sequences it finished)."""
+        """Land a step that ended at now: (sequences whose first token it made, sequences it finished). As the
+        engine's worker reports: a step that samples (decode rows, a prompt's last chunk) sends a message, with the
+        progress of every step the device ran before it; one that only prefilled part of a prompt sends nothing
+        (engine/prefill_progress.py), so the coordinator neither sees its progress nor that it ended."""
         prefilled = []
         for seq, n, _ in step.chunks:
-            self._count(seq, -1)
             seq.prefilled += n
             if seq.prefilled >= seq.prompt_len:
-                seq.first = now
+                self._count(seq, -1)
+                seq.first, seq.reported = now, seq.prefilled
                 self.prompts.remove(seq)
                 prefilled.append(seq)
-            else:
-                self._count(seq, 1)
         for seq in step.ending:
             seq.end = now
-        self.running, self.busy_until, self.last_step_end = None, None, now
+        self.running, self.busy_until = None, None
+        if step.decode_rows or prefilled:
+            for seq in self.prompts:
+                if seq.reported != seq.prefilled:
+                    self._count(seq, -1)
+                    seq.reported = seq.prefilled
+                    self._count(seq, 1)
+            self.last_step_end = now
         return prefilled, step.ending
 
 

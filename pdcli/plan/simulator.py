@@ -69,7 +69,7 @@ class Simulator:
         first, second = self.route(seq)
         seq.workers = (first.spec.rank,) if second is None else (first.spec.rank, second.spec.rank)
         seq.path = "collocated" if second is None else "disaggregated"
-        seq.scheduled = seq.prefilled = self.prefixes.cached_tokens(first.spec.rank, seq.hashes)
+        seq.scheduled = seq.prefilled = seq.reported = self.prefixes.cached_tokens(first.spec.rank, seq.hashes)
         first.waiting.append(seq)
         first.hold(seq)
         first.inflight += 1
@@ -152,7 +152,7 @@ class Simulator:
         """Each worker's load as the coordinator sees it: prompts until their first token lands, less what the
         landed steps computed of them (the workers report a partly prefilled prompt's progress)."""
         out = {}
-        left = lambda s: (s.arrival, s.prompt_len - min(s.prefilled, s.prompt_len - 1))  # noqa: E731
+        left = lambda s: (s.arrival, s.prompt_len - min(s.reported, s.prompt_len - 1))  # noqa: E731
         for w in self.workers:
             out[w.spec.rank] = load = WorkerLoad(
                 queued_prefill_tokens=w.queued_tokens, queued_prefill_sq_tokens=w.queued_sq,
