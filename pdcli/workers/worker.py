@@ -151,6 +151,7 @@ class Worker:
             self.conn.send(RequestFailed(msg.request_id, str(err)))
 
     def on_drop(self, msg: DropKV) -> None:
+        self.received.pop(msg.request_id, None)
         self.sender.forget(msg.request_id)
         self.engine.release(msg.request_id)
 
