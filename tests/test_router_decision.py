@@ -224,7 +224,7 @@ def test_the_coordinators_view_counts_what_a_chunked_prompt_has_left():
 
     sim = Simulator(cost_model(), [SimSpec(0, "collocated", "n:cuda:0")], "collocated")
     seq = SimSeq(0, 0.0, 10000, 10)
-    seq.prefilled = 8192
+    seq.prefilled = seq.reported = 8192  # computed, and reported with a step that sampled
     sim.workers[0].hold(seq)
     v = sim.loads()[0]
     assert v.queued_prefill_tokens == 1808 and v.queued_prefill_sq_tokens == 10000 ** 2 - 8192 ** 2
