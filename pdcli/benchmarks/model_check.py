@@ -19,8 +19,10 @@ H200_RUNS = (("results/router/h200_bimodal_b0.5", H200), ("results/router/h200_b
 H100_ROUTER_RUNS = (("results/router/h100_bimodal_b0.5", H100_UNIFORM), ("results/router/h100_bimodal_s1", H100_UNIFORM),
                     ("results/router/h100_bal_bimodal_b0.5", H100_EQUAL))
 # sweeps begun (a mode's highest rate not yet bracketed: plan.validate lists it apart, its rows count)
-PARTIAL_RUNS = (("results/router/h100_bal_bimodal_s1_equal_share", H100_EQUAL), ("results/router/h100_bal_bimodal_s1", H100),
-                ("results/router/h100_bal_bimodal_s1_router_b2506ba", H100), ("results/router/h100_bal_bimodal_s2", H100))
+PARTIAL_RUNS = (("results/router/h100_bal_bimodal_s1_equal_share", H100_EQUAL),
+                ("results/router/h100_bal_bimodal_s1", H100),
+                ("results/router/h100_bal_bimodal_s1_router_b2506ba", H100),
+                ("results/router/h100_bal_bimodal_s2", H100))
 REPLAY_RUNS = (("results/bench/h100_sweep_fresh", H100_UNIFORM), ("results/multi_gpu/sweep_2xh100", H100_UNIFORM),
                ("results/multi_gpu/distserve_2xh100", H100_UNIFORM), *H200_RUNS, *H100_ROUTER_RUNS, *PARTIAL_RUNS)
 PLAN_RUNS = (("results/multi_gpu/sweep_2xh100", H100_UNIFORM), ("results/bench/h100_sweep_fresh", H100_UNIFORM),

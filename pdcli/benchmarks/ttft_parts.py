@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{run.file}: {got.get('all')}")
     if not rows:
         sys.exit("ttft_parts: no run here records when its requests were submitted, dispatched and received")
-    name = "ttft_parts_" + str(result_files.read(rows[0]["file"])["provenance"].get("device", "unknown")).lower().replace(" ", "-")
+    device = result_files.read(rows[0]["file"])["provenance"].get("device", "unknown")
+    name = "ttft_parts_" + str(device).lower().replace(" ", "-")
     print(write(args.out, name, dict(params_dir=args.params_dir, rows=rows,
                                      provenance=provenance("pdcli.benchmarks.ttft_parts", argv))))
 
