@@ -51,6 +51,15 @@ def fit(
     for pair, f in params["transfer"].items():
         table.add_row(f"transfer {pair}", f"{f['t0_ms']:.3g} ms + bytes / {f['gb_s']:.3g} GB/s", f"{f['r2']:.4f}",
                       f"{f['max_rel_err']:.1%}", str(f["num_points"]))
+    sharing = params.get("sharing") or {}
+    factors = {k: v for k, v in sharing.items() if not isinstance(v, list)}
+    if factors:
+        table.add_row("GPU sharing", ", ".join(f"{k} x{v:.2f}" for k, v in factors.items()), "", "", "")
+    for key in ("prompt_beside_prefill_points", "decode_beside_prefill_points"):
+        if sharing.get(key):  # own step / neighbour's -> share of the neighbour's step it gains
+            table.add_row(key.removesuffix("_points").replace("_", " "),
+                          ", ".join(f"{r:.2g}: +{s:.2f}" for r, s in sharing[key]) + "  (own / neighbour step: +share "
+                          "of it)", "", "", str(len(sharing[key])))
     console.print(table)
     if params["transfer"]:
         router = AdaptiveRouter(load_cost_model(folder))
