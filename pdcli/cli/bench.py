@@ -163,7 +163,7 @@ class _Bench:
     vocab_size: int = 0
     max_len: int = 0
     stamp: str = ""  # of the result file names
-    setup: dict = field(default_factory=dict)  # result_files.setup: kernel sources' and profile's hashes
+    setup: dict = field(default_factory=dict)  # result_files.setup: kernel sources', profile's and router's hashes
 
 
 def _resolve(b: _Bench, err) -> None:

@@ -144,9 +144,10 @@ def prefill_kernel(mod, head_dim: int, max_query_len: int):
 
 
 def decode_fn(mod, ctx: Context):
-    """The decode kernel in its own signature (out, q, k, v, tables, lens, scale, splits, max_ctx): uniform
-    split-KV, or with PDCLI_DECODE_SPLIT=balanced (and splits 0: the kernel's choice) balanced over key counts by a
-    plan that ctx's first decode call makes (one per step: ctx has one set of decode rows) and the rest reuse."""
+    """The decode kernel in its own signature (out, q, k, v, tables, lens, scale, splits, max_ctx): by default
+    (and with splits 0: the kernel's choice) balanced over key counts by a plan that ctx's first decode call makes
+    (one per step: ctx has one set of decode rows) and the rest reuse; uniform split-KV with
+    PDCLI_DECODE_SPLIT=uniform or a given number of splits."""
     if _decode_split() != "balanced":
         return mod.decode_attention
 

@@ -165,8 +165,8 @@ def _step_share(f: float, prefill: tuple, decode: tuple, prefill_neighbour: bool
     return max(0.0, f - 1.0) * (pre if own else dec) / (pre if prefill_neighbour else dec)
 
 
-def _interp_share(points: tuple, ratio: float) -> float:
-    """Piecewise linear in log(ratio) through points ((ratio, share), ... sorted), held at the ends."""
+def _interp_share(points, ratio: float) -> float:
+    """Piecewise linear in log(ratio) through points ([ratio, share], ... sorted by ratio), held at the ends."""
     if ratio <= points[0][0] or len(points) == 1:
         return points[0][1]
     if ratio >= points[-1][0]:
@@ -251,20 +251,20 @@ class CostModel:
         since 2026-12-05) its share of the neighbour's step is interpolated in log(own / neighbour) and held at the
         ends; else prompt_beside_prefill_share, measured at equal lengths (one H100: x1.91, a share of 0.91, where a
         256-token prompt beside the prefill worker's 8k chunks was priced 265-410 ms and took 180-250)."""
-        pts = self.sharing.get("prompt_beside_prefill_points")
-        if pts:
-            return _interp_share(tuple(map(tuple, pts)), own_ms / max(neighbour_ms, 1e-9)) * neighbour_ms
-        share = self.prompt_beside_prefill_share
-        return None if share is None else share * neighbour_ms
+        return self._beside_prefill_ms("prompt_beside_prefill_points", self.prompt_beside_prefill_share, own_ms,
+                                       neighbour_ms)
 
     def decode_beside_prefill_ms(self, own_ms: float, neighbour_ms: float) -> float | None:
         """What a decode step, own_ms alone, gains beside a neighbour's prefill step of neighbour_ms (ms); None
         unmeasured. From the profile's grid where measured (`decode_beside_prefill_points`: one H100, a 7.9 ms
         step gained 0.41 of a 1024-token step and 0.32 of an 8k one), else beside_prefill_share."""
-        pts = self.sharing.get("decode_beside_prefill_points")
+        return self._beside_prefill_ms("decode_beside_prefill_points", self.beside_prefill_share, own_ms, neighbour_ms)
+
+    def _beside_prefill_ms(self, points: str, share: float | None, own_ms: float, neighbour_ms: float) -> float | None:
+        """The profile's grid points under `points` interpolated at own / neighbour, else `share`, of neighbour_ms."""
+        pts = self.sharing.get(points)
         if pts:
-            return _interp_share(tuple(map(tuple, pts)), own_ms / max(neighbour_ms, 1e-9)) * neighbour_ms
-        share = self.beside_prefill_share
+            share = _interp_share(pts, own_ms / max(neighbour_ms, 1e-9))
         return None if share is None else share * neighbour_ms
 
     def _step_share(self, factor: str, prefill_neighbour: bool, prefill_own: bool | None = None) -> float | None:
