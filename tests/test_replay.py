@@ -114,6 +114,10 @@ def test_replay_reproduces_the_recorded_decisions(tmp_path):
     assert len(same) >= 0.8 * len(replayed)  # the output-length predictor learns in a slightly different order
     (out / "replay.json").write_text("")  # `pdcli replay RUN --json > RUN/replay.json` creates it before reading
     assert len(load_runs(str(out))) == 1
+    cut = dict(json.load(open(glob.glob(str(out / "2*.json"))[0])), interrupted=True)
+    (out / "20991231-000000_adaptive_random_rate9.0.json").write_text(json.dumps(cut))
+    assert len(load_runs(str(out))) == 1  # an interrupted run's records are a cut sample
+    (out / "20991231-000000_adaptive_random_rate9.0.json").unlink()
     r = CliRunner().invoke(app, ["replay", str(out), "--params-dir", str(params), "--json"])
     assert r.exit_code == 0, r.stderr
     rows = json.loads(r.stdout)

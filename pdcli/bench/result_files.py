@@ -36,6 +36,7 @@ def finished(folder: str, mode: str, workload: str, rate: float) -> str | None:
 
 ROUTED_MODES = ("adaptive", "threshold")  # modes whose paths the router's code decides
 ROUTER_SOURCES = ("pdcli/router", "pdcli/coordinator/routing.py")  # that code, from the repository's root
+ROUTER_OFFLINE = ("pdcli/router/replay.py",)  # in ROUTER_SOURCES but never run by a serving router
 
 
 def setup(params_dir: str | None) -> dict:
@@ -63,7 +64,7 @@ def router_hash() -> str:
     for src in ROUTER_SOURCES:
         path = os.path.join(root, src)
         files = [path] if os.path.isfile(path) else sorted(os.path.join(path, n) for n in os.listdir(path))
-        for name in (f for f in files if f.endswith(".py")):
+        for name in (f for f in files if f.endswith(".py") and os.path.relpath(f, root) not in ROUTER_OFFLINE):
             h.update(os.path.relpath(name, root).encode())
             with open(name, "rb") as f:
                 h.update(f.read())

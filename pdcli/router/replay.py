@@ -81,7 +81,8 @@ def _record(q: dict) -> Record:
 
 
 def load_runs(folder: str) -> list[Run]:
-    """Every bench result with per-request records in folder, by mode then rate."""
+    """Every finished bench result with per-request records in folder (an interrupted run's records are a cut
+    sample: left out, as `--resume` reruns it), by mode then rate."""
     runs = []
     for path in result_files.find(folder):
         try:
@@ -89,7 +90,7 @@ def load_runs(folder: str) -> list[Run]:
         except (ValueError, EOFError, OSError):  # not a result (e.g. a replay being written into the folder by a shell redirect)
             logger.warning("%s is not JSON: skipped", path)
             continue
-        if not isinstance(d, dict) or not d.get("requests") or "layout" not in d:
+        if not isinstance(d, dict) or not d.get("requests") or "layout" not in d or d.get("interrupted"):
             continue
         rate = float("inf") if d["request_rate"] == "inf" else float(d["request_rate"])
         runs.append(Run(path, d["mode"], rate, d["layout"], bool(d.get("pd_on_collocated")),
