@@ -134,7 +134,9 @@ def test_bench_runs_and_plot_makes_pngs(tmp_path):
             assert len(q["workers"]) == (1 if q["path"] == "collocated" else 2), q
             assert set(q["workers"]) <= set(ranks) and len(set(q["workers"])) == len(q["workers"])
             # when the coordinator took it and sent its prompt on: after its arrival, before its first token
-            marks = [q["arrival"], q["submitted"], q["dispatched"], q["received"], q["arrival"] + q["ttft_ms"] / 1e3]
+            # the worker took it, launched a step with its first prompt tokens, landed its first token
+            marks = [q["arrival"], q["submitted"], q["dispatched"], q["received"], q["launched"], q["landed"],
+                     q["arrival"] + q["ttft_ms"] / 1e3]
             assert marks == sorted(marks), q
     r = CliRunner().invoke(app, ["plot", *files, "--out", str(tmp_path / "png")])
     assert r.exit_code == 0, r.stderr
@@ -291,6 +293,18 @@ def test_ttft_parts_splits_each_first_token_by_where_its_time_went(tmp_path):
     rows = ttft_parts.run_parts(dict(requests=[q, held]), [7.0, 19.0])
     assert rows["queue_empty"]["ttft_ms"] == 10.0 and rows["queue_empty"]["sim_ttft_ms"] == 7.0
     assert rows["queue_held"]["worker_ms"] == pytest.approx(18.0) and rows["all"]["num_requests"] == 2
+    assert "wait_ms" not in rows["all"]  # runs from before the worker's marks
+    # the worker's part split where the run records its marks; the simulator's TTFT split where it launched
+    marked = dict(q, launched=1.005, landed=1.0095)
+    assert ttft_parts.parts_ms(marked) == pytest.approx(dict(submit=1.0, route=0.5, pipe=0.5, worker=8.0, wait=3.0,
+                                                             compute=4.5, report=0.5))
+    from pdcli.bench.metrics import RequestRecord
+
+    sim = RequestRecord(1.0, 16, 4, first_token=1.007, launched=1.002)
+    assert ttft_parts.sim_parts_ms(sim) == pytest.approx(dict(wait=2.0, compute=5.0))
+    rows = ttft_parts.run_parts(dict(requests=[marked, held]), [7.0, 19.0], [ttft_parts.sim_parts_ms(sim), None])
+    assert rows["queue_empty"]["compute_ms"] == pytest.approx(4.5) and rows["queue_empty"]["sim_compute_ms"] == pytest.approx(5.0)
+    assert "wait_ms" not in rows["all"]  # one of the two has no worker marks
 
     out = str(tmp_path / "run")
     r = CliRunner().invoke(app, ["bench", "--model", "dummy:tiny-llama", "--devices", "cpu", "--mode", "collocated",
@@ -306,3 +320,5 @@ def test_ttft_parts_splits_each_first_token_by_where_its_time_went(tmp_path):
     row = json.load(open(path))["rows"][0]["all"]
     assert row["num_requests"] == 4 and row["sim_ttft_ms"] > 0
     assert all(row[f"{p}_ms"] >= 0 for p in ttft_parts.PARTS) and row["worker_ms"] > 0
+    assert all(row[f"{p}_ms"] >= 0 for p in ttft_parts.WORKER_PARTS) and row["compute_ms"] > 0
+    assert row["sim_wait_ms"] >= 0 and row["sim_compute_ms"] > 0

@@ -125,7 +125,8 @@ def _records(tracked: list, start: float) -> list[RequestRecord]:
             decision={k: t.decision[k] for k in ("predicted", "predicted_raw", "loads", "cached_tokens", "decided_by")
                       if k in t.decision},
             submitted=t.arrival - start, dispatched=None if t.dispatch_time is None else t.dispatch_time - start,
-            received=None if t.worker_received is None else t.worker_received - start))
+            **{k: None if at is None else at - start for k, at in (
+                ("received", t.worker_received), ("launched", t.worker_launched), ("landed", t.worker_landed))}))
     return records
 
 

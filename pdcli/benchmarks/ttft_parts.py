@@ -18,15 +18,30 @@ from pdcli.bench import result_files
 from pdcli.benchmarks.results import provenance, write
 
 PARTS = ("submit", "route", "pipe", "worker")  # ms: arrival -> submitted -> dispatched -> received -> first token
+WORKER_PARTS = ("wait", "compute", "report")  # the worker's: received -> launched -> landed -> first token
+SIM_PARTS = ("wait", "compute")  # the simulator's: arrival -> launched -> first token
 
 
 def parts_ms(q: dict) -> dict | None:
-    """A recorded request's TTFT split into PARTS (ms); None without the times (older runs) or a first token."""
+    """A recorded request's TTFT split into PARTS (ms), and the worker's part into WORKER_PARTS where the run
+    records when its first prompt tokens' step launched and its first token's step landed (since 2026-12-05
+    night); None without the times (older runs) or a first token."""
     if q.get("ttft_ms") is None or any(q.get(k) is None for k in ("submitted", "dispatched", "received")):
         return None
     first = q["arrival"] + q["ttft_ms"] / 1e3
     marks = [q["arrival"], q["submitted"], q["dispatched"], q["received"], first]
-    return {p: (b - a) * 1e3 for p, a, b in zip(PARTS, marks, marks[1:])}
+    out = {p: (b - a) * 1e3 for p, a, b in zip(PARTS, marks, marks[1:])}
+    if q.get("launched") is not None and q.get("landed") is not None:
+        marks = [q["received"], q["launched"], q["landed"], first]
+        out.update({p: (b - a) * 1e3 for p, a, b in zip(WORKER_PARTS, marks, marks[1:])})
+    return out
+
+
+def sim_parts_ms(r) -> dict | None:
+    """A simulated RequestRecord's TTFT split into SIM_PARTS (ms): no host in between."""
+    if r.first_token is None or r.launched is None:
+        return None
+    return dict(wait=(r.launched - r.arrival) * 1e3, compute=(r.first_token - r.launched) * 1e3)
 
 
 def queue_empty(q: dict) -> bool | None:
@@ -36,9 +51,10 @@ def queue_empty(q: dict) -> bool | None:
     return None if w is None else not w.get("queued_prefill_tokens")
 
 
-def run_parts(d: dict, sim_ttft_ms: list[float] | None = None) -> dict:
-    """Per group (all, queue_empty, queue_held) the medians of PARTS, of the measured TTFT and, given the simulated
-    TTFT of each request (in the order of d["requests"]), of the simulated one."""
+def run_parts(d: dict, sim_ttft_ms: list[float] | None = None, sim_parts: list[dict | None] | None = None) -> dict:
+    """Per group (all, queue_empty, queue_held) the medians of PARTS (and WORKER_PARTS where recorded), of the
+    measured TTFT and, given the simulated TTFT and sim_parts_ms of each request (in the order of
+    d["requests"]), of the simulated ones (sim_<part>_ms)."""
     out = {}
     reqs = d.get("requests") or []
     for group, keep in (("all", lambda q: True), ("queue_empty", lambda q: queue_empty(q) is True),
@@ -47,10 +63,16 @@ def run_parts(d: dict, sim_ttft_ms: list[float] | None = None) -> dict:
         if not idx:
             continue
         row = dict(num_requests=len(idx), ttft_ms=float(np.median([reqs[i]["ttft_ms"] for i in idx])))
-        for p in PARTS:
-            row[f"{p}_ms"] = float(np.median([parts_ms(reqs[i])[p] for i in idx]))
+        for p in PARTS + WORKER_PARTS:
+            got = [parts_ms(reqs[i]).get(p) for i in idx]
+            if all(x is not None for x in got):
+                row[f"{p}_ms"] = float(np.median(got))
         if sim_ttft_ms is not None:
             row["sim_ttft_ms"] = float(np.median([sim_ttft_ms[i] for i in idx]))
+        for p in SIM_PARTS if sim_parts is not None else ():
+            got = [sim_parts[i][p] for i in idx if sim_parts[i] is not None]
+            if got:
+                row[f"sim_{p}_ms"] = float(np.median(got))
         out[group] = row
     return out
 
@@ -71,10 +93,11 @@ def main(argv: list[str] | None = None) -> None:
             d = result_files.read(run.file)
             by_arrival = sorted(range(len(d["requests"])), key=lambda i: d["requests"][i]["arrival"])
             sims = simulate_records(run, cm)  # in run.records' order: arrival order
-            sim = [0.0] * len(sims)
+            sim, sim_parts = [0.0] * len(sims), [None] * len(sims)
             for i, s in zip(by_arrival, sims):
                 sim[i] = s.ttft_ms if s.first_token is not None else float("nan")
-            got = run_parts(d, sim)
+                sim_parts[i] = sim_parts_ms(s)
+            got = run_parts(d, sim, sim_parts)
             if got:
                 rows.append(dict(file=run.file, mode=run.mode, rate=run.rate, **got))
                 print(f"{run.file}: {got.get('all')}")

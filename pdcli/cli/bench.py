@@ -352,7 +352,7 @@ def _result(b: _Bench, row: dict, records: list, stats: dict, layout, cs) -> dic
                                    error=r.error, path=r.path, workers=list(r.workers),
                                    predicted=r.predicted, predicted_raw=r.predicted_raw,
                                    **(dict(decision=r.decision) if r.decision else {}),
-                                   **{k: round(getattr(r, k), 6) for k in ("submitted", "dispatched", "received")
+                                   **{k: round(getattr(r, k), 6) for k in ("submitted", "dispatched", "received", "launched", "landed")
                                       if getattr(r, k) is not None})
                               for r in records]
     return result

@@ -227,10 +227,10 @@ class CentralScheduler:
             t = self.requests.get(rid)
             if t is not None:
                 t.prefilled = computed
-        for rid, at in msg.received or ():
+        for rid, *marks in msg.received or ():
             t = self.requests.get(rid)
             if t is not None and t.worker_received is None:
-                t.worker_received = at
+                t.worker_received, t.worker_launched, t.worker_landed = marks
         for k, (rid, index, ids, reason) in enumerate(zip(msg.request_ids, msg.indices, msg.token_ids,
                                                           msg.finish_reasons)):
             t = self.requests.get(rid)

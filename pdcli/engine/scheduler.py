@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -125,7 +126,10 @@ class Scheduler:
     def advance(self, out: SchedulerOutput) -> None:
         """The step is launched: its tokens count as computed, and each sequence it samples for holds one
         pending token until update() gets it (the next step may be scheduled before that)."""
+        now = time.perf_counter()
         for seq, n in zip(out.seqs, out.num_new_tokens):
+            if seq.first_launch_time is None:
+                seq.first_launch_time = now
             if seq.num_computed_tokens + n == len(seq):
                 seq.num_pending += 1
             seq.num_computed_tokens += n

@@ -36,6 +36,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.arrival_time = time.perf_counter()
         self.first_token_time: float | None = None
+        self.first_launch_time: float | None = None  # perf_counter s when a step with its first prompt tokens launched
         self.num_preemptions = 0
         self.handoff_after_prefill = False  # P/D: its KV goes to a decode worker once the first token is sampled
         self.text = ""  # detokenized output, stop strings removed

@@ -23,6 +23,7 @@ class SimSeq:
     scheduled: int = 0  # prompt tokens in steps planned so far (the scheduler advances at launch)
     prefilled: int = 0  # prompt tokens computed (landed) so far
     reported: int = 0  # of those, what its worker has reported (with a step that sampled: the engine's messages)
+    launched: float | None = None  # s, when a step with its first prompt tokens was planned (the engine launches it)
     first: float | None = None  # s, first token
     end: float | None = None  # s, last token
     hashes: list = field(default_factory=list)  # its prompt's chained block hashes (prefix caching; none: off)

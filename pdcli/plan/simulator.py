@@ -61,7 +61,8 @@ class Simulator:
             self.now, _, kind, data = heapq.heappop(self.events)
             getattr(self, f"_on_{kind}")(*data)
         return [RequestRecord(s.arrival, s.prompt_len, s.output_len, first_token=s.first, end=s.end, path=s.path,
-                              workers=s.workers, error=None if s.end is not None else "not finished")
+                              workers=s.workers, error=None if s.end is not None else "not finished",
+                              launched=s.launched)
                 for s in seqs]
 
     # ---- events ----
@@ -119,8 +120,16 @@ class Simulator:
         ms = shared_step_ms(w, step, neighbours, self.now)
         w.running, w.busy_until, w.step_has_decodes = step, self.now + ms / 1e3, step.decode_rows > 0
         self.push(w.busy_until, "step_end", w, step)
+        self._launched(step)
         if w.async_steps and w.has_work:
             w.queued = w.plan()
+            self._launched(w.queued)
+
+    def _launched(self, step: SimStep) -> None:
+        """Mark its chunks' sequences launched now (the engine launches a step when it plans it), once."""
+        for seq, _, _ in step.chunks:
+            if seq.launched is None:
+                seq.launched = self.now
 
     def transfer_ms(self, seq: SimSeq, p: SimWorker, d: SimWorker) -> float:
         return self.cm.transfer_ms(seq.prompt_len, pair_kind(p.spec, d.spec))

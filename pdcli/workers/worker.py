@@ -171,13 +171,21 @@ class Worker:
         progress = self.engine.take_prefill_progress()
         if deltas or progress:  # a step still running on the device (part of a prompt) says nothing yet
             logprobs = [d.logprobs for d in deltas] if any(d.logprobs is not None for d in deltas) else None
-            received = [(r, self.received.pop(r)) for r in {d.request_id for d in deltas} if r in self.received]
+            received = [self._first_token_marks(r, self.received.pop(r)) for r in {d.request_id for d in deltas}
+                        if r in self.received]
             self.conn.send(StepTokens([d.request_id for d in deltas], [d.index for d in deltas],
                                       [d.token_ids for d in deltas],
                                       [d.finish_reason if d.finished else None for d in deltas], logprobs,
                                       progress or None, received or None))
         finished = [d.request_id for d in deltas if d.finished and self.engine.pop_if_finished(d.request_id)]
         self.sender.after_step(finished)
+
+    def _first_token_marks(self, rid: str, received: float) -> tuple[str, float, float | None, float | None]:
+        """(request id, when its Submit came, when a step with its first prompt tokens launched, when the step
+        with its first token landed on the host): perf_counter s."""
+        req = self.engine.requests.get(rid)
+        seq = req.seqs[0] if req is not None and req.seqs else None
+        return rid, received, getattr(seq, "first_launch_time", None), getattr(seq, "first_token_time", None)
 
     def stats(self) -> WorkerStats:
         return WorkerStats(rank=self.spec.rank, role=self.spec.role, **self.engine.stats())
