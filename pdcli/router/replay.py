@@ -4,7 +4,10 @@ the router saw when it arrived, against what the request measured.
 A run records, per request (the record format, shared with `pdcli plan --validate`): `arrival` (s from the
 run's start), `input_len`, `output_len`, `ttft_ms`, `e2el_ms`, `error`, `path`, `workers` (the ranks that ran
 it: the collocated worker, or the prefill then the decode worker), and from the router, `decision` with
-`loads` (each worker's `WorkerLoad` at that moment) and both paths' predictions. Runs that recorded no loads
+`loads` (each worker's `WorkerLoad` at that moment) and both paths' predictions; and where a first token's time
+went (s from the run's start, one host's clock; `pdcli.benchmarks.ttft_parts`): `submitted` and `dispatched` (the
+coordinator took it, sent its prompt on), `received`, `launched`, `landed` (its prefill worker took it, launched a
+step with its first prompt tokens, landed its first token; the last two since 2026-12-05 night). Runs that recorded no loads
 (or no workers) are rebuilt from the records themselves: a request is queued on its prefill worker from its
 arrival to its first token and decodes on its decode worker from its first token to its end; workers are
 assigned as the coordinator did (fewest requests in flight, ties in turn; in an adaptive run as its router did);
