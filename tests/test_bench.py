@@ -234,11 +234,19 @@ def test_resume_refuses_a_folder_run_with_other_kernels(tmp_path):
     with open(path, "w") as f:
         json.dump(d, f)
     assert result_files.mismatched(out, result_files.setup(None)) == []  # a collocated run: not compared on it
+    d["setup"]["profile"] = "1" * 16  # ... nor on the profile, which steers no static run
+    with open(path, "w") as f:
+        json.dump(d, f)
+    assert result_files.mismatched(out, dict(result_files.setup(None), profile="2" * 16)) == []
     d["mode"] = "adaptive"
     with open(path, "w") as f:
         json.dump(d, f)
     assert result_files.mismatched(out, result_files.setup(None), ["collocated"]) == []  # not what is to run
     assert [p for p, _ in result_files.mismatched(out, result_files.setup(None), ["adaptive"])] == [path]
+    d["setup"]["router"] = result_files.setup(None)["router"]  # the same router, another profile
+    with open(path, "w") as f:
+        json.dump(d, f)
+    assert [p for p, _ in result_files.mismatched(out, dict(result_files.setup(None), profile="2" * 16), ["adaptive"])] == [path]
     del d["setup"]  # a run from before setups were recorded: not compared
     with open(path, "w") as f:
         json.dump(d, f)

@@ -35,6 +35,8 @@ def finished(folder: str, mode: str, workload: str, rate: float) -> str | None:
 
 
 ROUTED_MODES = ("adaptive", "threshold")  # modes whose paths the router's code decides
+ROUTED_KEYS = ("router", "profile")  # what only a routed mode's outcomes depend on (a static mode's run records
+# the router's predictions, priced with the profile, but no path, step or token depends on them)
 ROUTER_SOURCES = ("pdcli/router", "pdcli/coordinator/routing.py")  # that code, from the repository's root
 ROUTER_OFFLINE = ("pdcli/router/replay.py",)  # in ROUTER_SOURCES but never run by a serving router
 
@@ -42,7 +44,7 @@ ROUTER_OFFLINE = ("pdcli/router/replay.py",)  # in ROUTER_SOURCES but never run 
 def setup(params_dir: str | None) -> dict:
     """What a run's numbers depend on beyond its command line, as short hashes: the CUDA kernels' sources, the
     fitted profile the router used (None: none) and the router's code. Runs of one sweep folder must share them
-    (the router's, runs of the routed modes): on 2026-12-05 a resumed sweep ran five rates on a changed decode
+    (the router's and the profile, runs of the routed modes: ROUTED_KEYS): on 2026-12-05 a resumed sweep ran five rates on a changed decode
     kernel into a folder measured with the old one."""
     import hashlib
 
@@ -73,8 +75,8 @@ def router_hash() -> str:
 
 def mismatched(folder: str, now: dict, modes: list[str] | None = None) -> list[tuple[str, dict]]:
     """The result files in folder whose recorded setup differs from `now` in a key both record, with that setup
-    (runs made before results recorded one are not compared); the router's code only between runs of a routed
-    mode, and of one of `modes` (those about to run; None: any)."""
+    (runs made before results recorded one are not compared); the router's code and the profile (ROUTED_KEYS)
+    only between runs of a routed mode, and of one of `modes` (those about to run; None: any)."""
     out = []
     for path in find(folder):
         try:
@@ -85,7 +87,7 @@ def mismatched(folder: str, now: dict, modes: list[str] | None = None) -> list[t
         if not isinstance(was, dict):
             continue
         routed = d.get("mode") in ROUTED_MODES and (modes is None or d.get("mode") in modes)
-        keys = [k for k in now if k != "router" or routed]
+        keys = [k for k in now if k not in ROUTED_KEYS or routed]
         if any(was.get(k) and now.get(k) and was[k] != now[k] for k in keys):
             out.append((path, was))
     return out
