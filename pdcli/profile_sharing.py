@@ -24,8 +24,8 @@ class SharingShapes:
     prompt: int = 1024  # the measured prefill step
     reps: int = 10
     block_size: int = 16
-    # prompts of unequal lengths: each own prompt timed beside a neighbour prefilling each neighbour prompt (a
-    # short prompt's steps beside a long one's are not priced by the equal-length factor)
+    # prompts of unequal lengths: each own prompt timed beside the neighbour's decode batch and beside it prefilling
+    # each neighbour prompt (a short prompt's steps beside a long one's are not priced by the equal-length factor)
     grid_own: tuple = (256, 1024, 4096)
     grid_neighbour: tuple = (1024, 8192)
 
@@ -95,8 +95,8 @@ def _neighbour(model, device, engine_kwargs, shapes, env, ready, stop, mode, pro
 
 
 def _measured(model, device, engine_kwargs, shapes, env, ready, mode, prompt_len, stop, results) -> None:
-    """Decode and prefill step times alone, beside the neighbour decoding, and beside it prefilling; then prompts
-    of the grid's lengths beside the neighbour prefilling the grid's neighbour lengths."""
+    """Decode and prefill step times alone, beside the neighbour decoding, and beside it prefilling; prompts of
+    the grid's own lengths beside the neighbour decoding, and beside it prefilling the grid's neighbour lengths."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from pdcli.profiler import StepTimer
 
@@ -115,6 +115,10 @@ def _measured(model, device, engine_kwargs, shapes, env, ready, mode, prompt_len
         prompt_alone = {n: timer.prefill_ms(n, 0, shapes.reps) for n in lens}
         mode.value = DECODING
         beside = both()
+        # the neighbour's decode step has the shape of ours: its time alone is ours alone
+        decode_grid = [dict(own=own, neighbour=0, own_alone_ms=prompt_alone[own],
+                            own_beside_ms=timer.prefill_ms(own, 0, shapes.reps), neighbour_ms=alone[0])
+                       for own in shapes.grid_own]
         prompt_len.value = shapes.prompt
         mode.value = PREFILLING
         beside_prefill = both()
@@ -130,7 +134,8 @@ def _measured(model, device, engine_kwargs, shapes, env, ready, mode, prompt_len
         stop.set()
         results.put(dict(decode_alone_ms=alone[0], prefill_alone_ms=alone[1], decode_beside_ms=beside[0],
                          prefill_beside_ms=beside[1], decode_beside_prefill_ms=beside_prefill[0],
-                         prefill_beside_prefill_ms=beside_prefill[1], beside_prefill_grid=grid))
+                         prefill_beside_prefill_ms=beside_prefill[1], beside_prefill_grid=grid,
+                         beside_decode_grid=decode_grid))
     except Exception as err:  # noqa: BLE001 (reported by the parent)
         stop.set()
         results.put(dict(error=f"{type(err).__name__}: {err}"))
@@ -141,6 +146,7 @@ def profile_sharing(model: str, device: str, engine_kwargs: dict, shapes: Sharin
     """{decode_beside_decode, prefill_beside_decode: step time beside a decoding neighbour over alone;
     decode_beside_prefill, prefill_beside_prefill: beside a prefilling one; beside_prefill_grid: [{own (prompt
     tokens, 0 for the decode batch), neighbour (its prompt tokens), own_alone_ms, own_beside_ms, neighbour_ms}];
+    beside_decode_grid: the same for own prompts beside the neighbour's decode batch (neighbour 0);
     plus the times and shapes};
     RuntimeError if the processes fail."""
     from pdcli.workers.layout import WorkerSpec

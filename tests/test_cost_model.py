@@ -451,6 +451,9 @@ def test_profiled_sharing_factors_reach_the_cost_model(tmp_path):
     grid = got["beside_prefill_grid"]  # each own prompt (0: the decode batch) beside each neighbour prompt
     assert sorted((g["own"], g["neighbour"]) for g in grid) == [(o, n) for o in (0, 16, 64) for n in (32, 128)]
     assert all(g["own_alone_ms"] > 0 and g["own_beside_ms"] > 0 and g["neighbour_ms"] > 0 for g in grid)
+    beside_decode = got["beside_decode_grid"]  # each own prompt beside the neighbour's decode batch
+    assert [g["own"] for g in beside_decode] == [16, 64] and all(g["neighbour"] == 0 for g in beside_decode)
+    assert all(g["own_beside_ms"] > 0 and g["neighbour_ms"] == got["decode_alone_ms"] for g in beside_decode)
     torch.save(dict(synthetic_profile(), sharing=got), tmp_path / "profile_data.pt")
     write_params(str(tmp_path), fit_profile(load_profile(str(tmp_path))))
     cm = load_cost_model(str(tmp_path))
@@ -464,6 +467,7 @@ def test_profiled_sharing_factors_reach_the_cost_model(tmp_path):
     older = CostModel(**{**cm.__dict__, "sharing": {k: v for k, v in cm.sharing.items() if k != "prefill_beside_prefill"}})
     assert older.prompt_beside_prefill_share == older.beside_prefill_share  # profiles before it: the decode's share
     assert len(cm.sharing["prompt_beside_prefill_points"]) == 4 and len(cm.sharing["decode_beside_prefill_points"]) == 2
+    assert len(cm.sharing["prompt_beside_decode_points"]) == 2
 
 
 def test_unequal_prompts_beside_a_prefill_are_priced_from_the_profiled_grid():
@@ -528,6 +532,53 @@ def test_unequal_prompts_beside_a_prefill_are_priced_from_the_profiled_grid():
     assert latency.scheduled_step_ms(cm, col[0]) == pytest.approx(latency.step_ms(cm, col[0], stretched=False))
     col[0].neighbour_queued_tokens = 10_000  # without the grid: the average too (the equal-length share over-priced)
     assert latency.scheduled_step_ms(equal, col[0]) == pytest.approx(latency.step_ms(equal, col[0], stretched=False))
+
+
+def test_prompts_beside_a_decode_batch_are_priced_from_the_profiled_grid():
+    """A prompt's step beside a neighbour's decode step gains a share of that step which depends on how the two
+    compare (the factor was measured with one 1024-token prompt): `fit` turns the profile's beside-decode grid
+    into points, the cost model interpolates them in log(ratio), and the planner's steps, the router's TTFT beside a
+    decoding neighbour and the router's charge for a prefill beside a decode batch all price with it. Without the
+    grid, the factor's share prices every ratio (the committed profiles: their replays and plans unchanged)."""
+    from types import SimpleNamespace
+
+    from pdcli.plan.sim import shared_step_ms
+    from pdcli.router import latency
+    from pdcli.router.fit import fit_sharing
+
+    grid = [dict(own=256, neighbour=0, own_alone_ms=10.0, own_beside_ms=22.0, neighbour_ms=8.0),
+            dict(own=1024, neighbour=0, own_alone_ms=24.0, own_beside_ms=33.0, neighbour_ms=8.0),
+            dict(own=4096, neighbour=0, own_alone_ms=100.0, own_beside_ms=110.0, neighbour_ms=8.0)]
+    sharing = fit_sharing(dict(prefill_beside_decode=1.37, decode_beside_prefill=2.4, beside_decode_grid=grid))
+    pts = sharing["prompt_beside_decode_points"]
+    assert np.allclose(pts, [[1.25, 1.5], [3.0, 1.125], [12.5, 1.25]], rtol=1e-5)
+    assert "prompt_beside_prefill_points" not in sharing  # that grid was not measured
+    cm = _fitted(synthetic_profile())
+    cm.sharing = sharing
+    xs, ys = np.log([p[0] for p in pts]), [p[1] for p in pts]
+    for own, theirs in ((10.0, 8.0), (16.0, 8.0), (50.0, 8.0), (5.0, 8.0), (300.0, 8.0)):
+        assert cm.prompt_beside_decode_ms(own, theirs) == pytest.approx(float(np.interp(np.log(own / theirs), xs, ys)) * theirs)
+    factor = CostModel(**{**cm.__dict__, "sharing": dict(prefill_beside_decode=1.37, decode_beside_prefill=2.4)})
+    assert factor.prompt_beside_decode_ms(10.0, 8.0) == pytest.approx(factor.beside_decode_share * 8.0)
+    assert CostModel(**{**cm.__dict__, "sharing": {}}).prompt_beside_decode_ms(10.0, 8.0) is None
+
+    me = SimpleNamespace(cm=cm)  # the planner: a 256-token step beside a neighbour's decode step
+    theirs = SimpleNamespace(idle=False, step_has_decodes=True, busy_until=1.0,
+                             running=SimStep(chunks=[], ending=[], decode_rows=32, ms=8.0))
+    mine = SimStep(chunks=[(None, 256, 0)], ending=[], decode_rows=0, ms=10.0)
+    assert shared_step_ms(me, mine, [theirs], 0.0) == pytest.approx(10.0 + 1.5 * 8.0)
+    w = WorkerLoad(role="prefill", async_steps=False, device="cuda:0", neighbour_decode_batch=32,
+                   neighbour_decode_ctx=32 * 512, neighbour_decoders=1)
+    dec = float(cm.decode_ms(32, 32 * 512))
+    assert latency.neighbour_ms(cm, w, 2, 10.0) == pytest.approx(2 * cm.prompt_beside_decode_ms(10.0, dec))
+    assert latency.neighbour_ms(factor, w, 2, 10.0) == pytest.approx(2 * factor.beside_decode_share * dec)
+    # the router's charge: a decode batch o beside w's prefill steps loses aT / (s (1 - b) + aT) per ms of them
+    o = WorkerLoad(decode_batch=32, decode_ctx=32 * 512, device="cuda:0")
+    step, s = float(cm.step_ms(0, 0, [(256, 0)])), float(cm.decode_ms(32, 32 * 512))
+    for model in (cm, factor):
+        a, b = model.beside_prefill_share, min(1.0, model.prompt_beside_decode_ms(step, s) / s)
+        loss = AdaptiveRouter(model)._beside_loss(256, 0, WorkerLoad(role="prefill", device="cuda:0"), o)
+        assert loss == pytest.approx(a * step / (s * (1 - b) + a * step))
 
 
 def test_sharing_only_adds_the_factors_to_an_existing_profile(tmp_path, monkeypatch):

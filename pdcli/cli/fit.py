@@ -55,7 +55,7 @@ def fit(
     factors = {k: v for k, v in sharing.items() if not isinstance(v, list)}
     if factors:
         table.add_row("GPU sharing", ", ".join(f"{k} x{v:.2f}" for k, v in factors.items()), "", "", "")
-    for key in ("prompt_beside_prefill_points", "decode_beside_prefill_points"):
+    for key in ("prompt_beside_prefill_points", "decode_beside_prefill_points", "prompt_beside_decode_points"):
         if sharing.get(key):  # own step / neighbour's -> share of the neighbour's step it gains
             table.add_row(key.removesuffix("_points").replace("_", " "),
                           ", ".join(f"{r:.2g}: +{s:.2f}" for r, s in sharing[key]) + "  (own / neighbour step: +share "

@@ -170,7 +170,7 @@ class SimWorker:
 def shared_step_ms(worker: SimWorker, step: SimStep, neighbours: list[SimWorker], now: float) -> float:
     """A step's time beside the other workers on its GPU, as the router prices them (router/latency.py): a step
     with a prompt chunk gains a share of each busy neighbour's step (CostModel.prompt_beside_prefill_ms beside a
-    step with a chunk, beside_decode_share beside a decode step: their kernels alternate); a decode step gains
+    step with a chunk, prompt_beside_decode_ms beside a decode step: their kernels alternate); a decode step gains
     a share of each prefilling neighbour's step (CostModel.decode_beside_prefill_ms) and reads the weights beside
     another decode batch (each ~1 / (1 + decoding neighbours)). With the sharing unmeasured a decode step waits for a neighbour's
     prefill, as under time-slicing, and a prefill beside decodes takes the default factor."""
@@ -183,7 +183,7 @@ def shared_step_ms(worker: SimWorker, step: SimStep, neighbours: list[SimWorker]
         beside = sum(cm.prompt_beside_prefill_ms(alone_ms, n.running.ms) for n in prefilling)
         if share_d is None:  # the prefill beside decodes unmeasured: its factor
             return alone_ms * (1 + cm.prefill_neighbour_extra * len(decoding)) + beside
-        return alone_ms + beside + share_d * sum(n.running.ms for n in decoding)
+        return alone_ms + beside + sum(cm.prompt_beside_decode_ms(alone_ms, n.running.ms) for n in decoding)
     if share is not None and has_decodes:  # a decode step: a share of each prefilling neighbour's step
         prefilling = [n for n in busy if n.running.chunks]
         decoding = sum(1 for n in busy if not n.running.chunks)

@@ -172,20 +172,22 @@ class AdaptiveRouter:
     def _beside_loss(self, prompt_len: int, cached: int, w: WorkerLoad, o: WorkerLoad) -> float:
         """What the decode batch of o, beside w on its GPU, loses per ms of w's prefill steps for the prompt (their
         time alone). Under MPS each slows the other by a share of the other's step (CostModel.beside_prefill_share
-        a; beside_decode_share b, at most 1, 0 where unmeasured): a prefill step T beside decode steps s lasts
-        T (s + aT) / (s + aT - bs), and o makes a step per s + aT of it, so o loses aT / (s + aT - bs) per ms of
+        a; b from CostModel.prompt_beside_decode_ms, at most 1, 0 where unmeasured): a prefill step T beside decode
+        steps s lasts T (s + aT) / (s + aT - bs), and o makes a step per s + aT of it, so o loses aT / (s + aT - bs) per ms of
         T: about all of it for b ~ 1, however small a is (one H200: b = 1.02). Unmeasured (time-slicing), a decode
         step waits for the prefill: all of it. Until 2026-12-05 the charge was f - 1 for a slowdown f (1.85 on the
         H200): adaptive's simulated highest rates on one H200 moved by -0.9 to +1.5% (results/plan/h200_*.txt);
         charged 1 - 1/f, or aT / (s + aT) (the prefill's own slowdown left out: 0.5 for a short prompt), the short
         prompts went to the prefill worker and adaptive fell from 8.3 to 6.4-6.6 req/s
         (results/plan/h200_bimodal_bursty_*_charge.txt)."""
-        a, b = self.cm.beside_prefill_share, self.cm.beside_decode_share or 0.0
+        a = self.cm.beside_prefill_share
         if a is None or not o.decode_batch:
             return 1.0
         budget = max(1, self.cm.max_num_batched_tokens - w.decode_batch)
-        T = a * self.cm.step_ms(w.decode_batch, w.decode_ctx, [(min(budget, max(1, prompt_len - cached)), cached)])
+        step = float(self.cm.step_ms(w.decode_batch, w.decode_ctx, [(min(budget, max(1, prompt_len - cached)), cached)]))
         s = float(self.cm.decode_ms(o.decode_batch, o.decode_ctx))
+        b = (self.cm.prompt_beside_decode_ms(step, s) or 0.0) / s  # the grid's share at these steps, else the factor's
+        T = a * step
         return T / (s * (1 - min(b, 1.0)) + T) if T > 0 else 1.0
 
     def _prefill_steps_ms(self, prompt_len: int, cached: int, w: WorkerLoad) -> float:

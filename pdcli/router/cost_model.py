@@ -251,16 +251,23 @@ class CostModel:
         since 2026-12-05) its share of the neighbour's step is interpolated in log(own / neighbour) and held at the
         ends; else prompt_beside_prefill_share, measured at equal lengths (one H100: x1.91, a share of 0.91, where a
         256-token prompt beside the prefill worker's 8k chunks was priced 265-410 ms and took 180-250)."""
-        return self._beside_prefill_ms("prompt_beside_prefill_points", self.prompt_beside_prefill_share, own_ms,
-                                       neighbour_ms)
+        return self._beside_ms("prompt_beside_prefill_points", self.prompt_beside_prefill_share, own_ms, neighbour_ms)
+
+    def prompt_beside_decode_ms(self, own_ms: float, neighbour_ms: float) -> float | None:
+        """What a step carrying a prompt chunk, own_ms alone, gains beside a neighbour's decode step of
+        neighbour_ms (ms); None unmeasured. From the profile's grid where measured (`prompt_beside_decode_points`,
+        own prompts of 256-4096 tokens beside a decode batch, since 2026-12-05 night), else beside_decode_share,
+        measured with one 1024-token prompt (one H100: +1.13 of the decode step, applied to 256-token prompts whose
+        first tokens came ~3 ms later than priced on a prefill worker beside the decode worker)."""
+        return self._beside_ms("prompt_beside_decode_points", self.beside_decode_share, own_ms, neighbour_ms)
 
     def decode_beside_prefill_ms(self, own_ms: float, neighbour_ms: float) -> float | None:
         """What a decode step, own_ms alone, gains beside a neighbour's prefill step of neighbour_ms (ms); None
         unmeasured. From the profile's grid where measured (`decode_beside_prefill_points`: one H100, a 7.9 ms
         step gained 0.41 of a 1024-token step and 0.32 of an 8k one), else beside_prefill_share."""
-        return self._beside_prefill_ms("decode_beside_prefill_points", self.beside_prefill_share, own_ms, neighbour_ms)
+        return self._beside_ms("decode_beside_prefill_points", self.beside_prefill_share, own_ms, neighbour_ms)
 
-    def _beside_prefill_ms(self, points: str, share: float | None, own_ms: float, neighbour_ms: float) -> float | None:
+    def _beside_ms(self, points: str, share: float | None, own_ms: float, neighbour_ms: float) -> float | None:
         """The profile's grid points under `points` interpolated at own / neighbour, else `share`, of neighbour_ms."""
         pts = self.sharing.get(points)
         if pts:

@@ -129,13 +129,15 @@ def fit_profile(data: dict, folder: str | None = None) -> dict:
 
 
 def fit_sharing(got: dict) -> dict:
-    """The profiled sharing factors, and from the unequal-length grid (profile_sharing.beside_prefill_grid)
-    prompt_beside_prefill_points / decode_beside_prefill_points: [[own step / neighbour step, extra / neighbour
-    step]] sorted by the ratio, one point per ratio (their mean)."""
+    """The profiled sharing factors, and from the unequal-length grids (profile_sharing's beside_prefill_grid,
+    beside_decode_grid) prompt_beside_prefill_points / decode_beside_prefill_points / prompt_beside_decode_points:
+    [[own step / neighbour step, extra / neighbour step]] sorted by the ratio, one point per ratio (their mean)."""
     out = {k: float(v) for k, v in got.items() if k in SHARING_FACTORS}
-    for key, decode in (("prompt_beside_prefill_points", False), ("decode_beside_prefill_points", True)):
+    for key, grid, decode in (("prompt_beside_prefill_points", "beside_prefill_grid", False),
+                              ("decode_beside_prefill_points", "beside_prefill_grid", True),
+                              ("prompt_beside_decode_points", "beside_decode_grid", False)):
         by_ratio: dict[float, list[float]] = {}
-        for g in got.get("beside_prefill_grid") or []:
+        for g in got.get(grid) or []:
             if (g["own"] == 0) != decode or not all(g.get(k) for k in ("own_alone_ms", "own_beside_ms",
                                                                        "neighbour_ms")):
                 continue

@@ -59,8 +59,8 @@ def prefill_stretch(cm: CostModel, w: WorkerLoad, step_ms: float, backlog: float
     theirs = neighbour_prefill_step_ms(cm, w)
     if total <= own or theirs <= 0 or step_ms <= 0:
         return min(own, MAX_RHO), 1.0
-    share_d = cm.beside_decode_share  # their steps beside our decode step
-    stretch = 1 + (share_d * step_ms / theirs if share_d is not None else cm.prefill_neighbour_extra)
+    extra = cm.prompt_beside_decode_ms(theirs, step_ms)  # their steps beside our decode step
+    stretch = 1 + (extra / theirs if extra is not None else cm.prefill_neighbour_extra)
     b = min(1.0, (total - own) * stretch)
     slow = step_ms + share * theirs
     return min(own, MAX_RHO), 1 / ((1 - b) + b * step_ms / slow)
@@ -220,9 +220,9 @@ def joining_ms(cm: CostModel, w: WorkerLoad, wait_ms: float, work_ms: float, roo
 def neighbour_ms(cm: CostModel, w: WorkerLoad, steps: int, own_step_ms: float) -> float | None:
     """What `steps` prompt-carrying steps of worker w, each own_step_ms alone, gain beside the other workers on its
     GPU: each a share of the neighbours' step (CostModel.prompt_beside_prefill_ms while they have prompts queued,
-    capped by their remaining prefill; else beside_decode_share of each decoding neighbour's step). None where that
-    share is unmeasured or nothing is known to run beside it (then the decoding-neighbour factor prices it, 1
-    without busy neighbours)."""
+    capped by their remaining prefill; else CostModel.prompt_beside_decode_ms of each decoding neighbour's step).
+    None where that share is unmeasured or nothing is known to run beside it (then the decoding-neighbour factor
+    prices it, 1 without busy neighbours)."""
     q, b, ctx = w.neighbour_queued_tokens, w.neighbour_decode_batch, w.neighbour_decode_ctx
     if q <= 0 and b <= 0:
         return None
@@ -231,9 +231,9 @@ def neighbour_ms(cm: CostModel, w: WorkerLoad, steps: int, own_step_ms: float) -
     if q > 0:
         extra = cm.prompt_beside_prefill_ms(own_step_ms, neighbour_chunk_ms(cm, w))
         return None if extra is None else min(steps * extra, neighbour_prefill_left_ms(cm, w))
-    share = cm.beside_decode_share
     k = max(1, w.neighbour_decoders)  # each decoding neighbour runs its own steps: k steps of the mean batch
-    return None if share is None else steps * share * k * float(cm.decode_ms(b / k, ctx / k))
+    extra = cm.prompt_beside_decode_ms(own_step_ms, float(cm.decode_ms(b / k, ctx / k)))
+    return None if extra is None else steps * k * extra
 
 
 def tpot_ms(cm: CostModel, w: WorkerLoad, prompt_len: int, out_len: float, iterations: int = 4,
