@@ -73,6 +73,7 @@ def test_prefix_caching_a_worker_computes_a_shared_prefix_once():
     a, b = sim.run([104, 104], [2, 2], [0.0, 10.0], prompts=prompts)
     assert a.ttft_ms == pytest.approx(cm.step_ms(0, 0, [(104, 0)]))
     assert b.ttft_ms == pytest.approx(cm.step_ms(0, 0, [(40, 64)])) and b.ttft_ms < a.ttft_ms
+    assert sim.forecast.prefill[0].level == pytest.approx(40)  # the load forecast counts what the worker computes
     plain = one([SimSpec(0, "collocated", "n:cuda:0")], "collocated", [104, 104], [2, 2], [0.0, 10.0])[1]
     assert plain.ttft_ms == pytest.approx(a.ttft_ms)
     from pdcli.engine.block_manager import block_hash

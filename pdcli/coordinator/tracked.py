@@ -39,7 +39,8 @@ class Tracked:
     worker_launched: float | None = None  # ... when a step with its first prompt tokens launched there
     worker_landed: float | None = None  # ... when the step with its first token landed there
     first_token_time: float | None = None
-    prefilled: int = 0  # prompt tokens its prefilling worker has computed, as its steps report (chunked prefill)
+    prefilled: int = 0  # prompt tokens its prefilling worker has computed, as its steps report (chunked prefill),
+    # from routing on at least what the router's prefix index holds of it there (its worker computes the rest)
     token_times: list = field(default_factory=list)  # arrival time of each token of completion 0
     finish_time: float | None = None
     transfer_bytes: int = 0

@@ -130,7 +130,8 @@ class LoadView:
         self.forecast = LoadForecast()
 
     def routed(self, prefill_rank: int, decode_rank: int, prompt_len: int, out_len: float) -> None:
-        """A request has been routed (by any policy): the forecast counts it."""
+        """A request has been routed (by any policy): the forecast counts it (prompt_len: the tokens its prefilling
+        worker computes, the cached prefix left out)."""
         self.forecast.route(time.perf_counter(), prefill_rank, decode_rank, prompt_len, out_len)
 
     def snapshot(self, workers, requests) -> dict[int, WorkerLoad]:

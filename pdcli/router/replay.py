@@ -265,7 +265,7 @@ def replay_run(run: Run, router) -> list[Replayed]:
                                         _transfer_pair(run, r.workers), r.cached.get(path, 0))
         out.append(Replayed(r, raw, pred))
         done.append((r, roles, raw))
-        forecast.route(r.arrival, r.workers[0], r.workers[-1], r.input_len, out_len)
+        forecast.route(r.arrival, r.workers[0], r.workers[-1], r.input_len - r.cached.get(path, 0), out_len)
     return out
 
 
