@@ -44,8 +44,8 @@ ROUTER_OFFLINE = ("pdcli/router/replay.py",)  # in ROUTER_SOURCES but never run 
 def setup(params_dir: str | None) -> dict:
     """What a run's numbers depend on beyond its command line, as short hashes: the CUDA kernels' sources, the
     fitted profile the router used (None: none) and the router's code. Runs of one sweep folder must share them
-    (the router's and the profile, runs of the routed modes: ROUTED_KEYS): on 2026-12-05 a resumed sweep ran five rates on a changed decode
-    kernel into a folder measured with the old one."""
+    (the router's and the profile, runs of the routed modes: ROUTED_KEYS): on 2026-12-05 a resumed sweep ran five
+    rates on a changed decode kernel into a folder measured with the old one."""
     import hashlib
 
     from pdcli.kernels import build

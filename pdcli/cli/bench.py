@@ -10,6 +10,8 @@ import typer
 
 from pdcli.cli.common import DEFAULT_MODEL, EXIT_INTERRUPTED, EXIT_RUNTIME, Model, Mps, engine_options, fail
 
+MARKS = ("submitted", "dispatched", "received", "launched", "landed")  # where a first token's time went (s)
+
 
 def _rates(text: str) -> list[float]:
     out = []
@@ -352,8 +354,7 @@ def _result(b: _Bench, row: dict, records: list, stats: dict, layout, cs) -> dic
                                    error=r.error, path=r.path, workers=list(r.workers),
                                    predicted=r.predicted, predicted_raw=r.predicted_raw,
                                    **(dict(decision=r.decision) if r.decision else {}),
-                                   **{k: round(getattr(r, k), 6) for k in ("submitted", "dispatched", "received", "launched", "landed")
-                                      if getattr(r, k) is not None})
+                                   **{k: round(getattr(r, k), 6) for k in MARKS if getattr(r, k) is not None})
                               for r in records]
     return result
 

@@ -78,7 +78,8 @@ class Simulator:
             second.inflight += 1
             second.incoming += 1
         out = self.router.predictor.mean(seq.prompt_len, seq.output_len) if self.router else seq.output_len
-        self.forecast.route(self.now, first.spec.rank, (second or first).spec.rank, seq.prompt_len - seq.scheduled, out)
+        computes = seq.prompt_len - seq.scheduled  # its cached prefix left out
+        self.forecast.route(self.now, first.spec.rank, (second or first).spec.rank, computes, out)
         self.kick(first)
 
     def _on_step_end(self, w: SimWorker, step: SimStep) -> None:
