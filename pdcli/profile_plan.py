@@ -17,6 +17,8 @@ from dataclasses import dataclass
 logger = logging.getLogger("pdcli.profile")
 
 FULL_CHUNK, FULL_CTX, FULL_BATCH, FULL_SEQ_CTX, FULL_MIXED_CTX = 8192, 16384, 256, 4096, 512  # tokens | seqs
+MIXED_SHORT_CHUNK = 256  # tokens: bimodal's short prompt (one H100: 16-256-token prefills alone took 9.1-9.6 ms,
+# launch-bound, where the mixed fit put a 256-token chunk at +1.5 ms over a batch-32 decode step)
 SCALES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 STEP_SHARES = dict(prefill=0.45, decode=0.25, mixed=0.30)  # of the step budget
 TRANSFER_SHARE = 0.25  # of the whole budget, when the KV transfer is measured
@@ -151,11 +153,14 @@ def decode_grid(lim: Limits, s: int) -> list[Point]:
 
 
 def mixed_grid(lim: Limits, s: int) -> list[Point]:
-    """Decode batches beside chunks of every other size and beside the largest chunk: a long prompt's steps ride
-    on decode batches with a full chunk (8192 tokens), which the fit extrapolated to from 4096 until 2026-12-05."""
+    """Decode batches beside chunks of every other size, beside the largest chunk and beside a short prompt's:
+    a long prompt's steps ride on decode batches with a full chunk (8192 tokens), which the fit extrapolated to
+    from 4096 until 2026-12-05; a short prompt (MIXED_SHORT_CHUNK) rides on them where its prefill alone sits on
+    the launch-bound floor, which the fit interpolated to from 64 and 1024 until 2026-12-05 night."""
     ctx = max(16, min(FULL_MIXED_CTX // s, lim.max_len))
     sizes = ladder(16, min(FULL_CHUNK // s, lim.max_tokens, lim.max_len - ctx), 7)
-    chunks = tuple(sorted({*every_other(sizes), sizes[-1]}))
+    short = [n for n in sizes if n == MIXED_SHORT_CHUNK // s]
+    chunks = tuple(sorted({*every_other(sizes), sizes[-1], *short}))
     pts = {Point(n=max(1, min(n, lim.max_tokens - b)), batch=b, ctx=ctx)
            for b in every_other(decode_batches(lim, s)) for n in chunks}
     return sorted(p for p in pts if p.batch * lim.blocks(ctx) + lim.blocks(p.n) <= lim.kv_blocks)
