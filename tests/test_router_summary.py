@@ -83,7 +83,7 @@ def test_the_oracle_on_a_served_trace_simulates_it_and_scores_against_the_measur
     from pdcli.router.replay import load_runs
 
     root = Path(__file__).parent.parent
-    cm = load_cost_model(str(root / "profiles/nvidia-h100-80gb-hbm3/dummy-llama3-8b"))
+    cm = load_cost_model(str(root / "profiles/nvidia-h100-80gb-hbm3/dummy-llama3-8b-sharing-grid"))  # its run's
     run = next(r for r in load_runs(str(root / "results/router/h100_bal_bimodal_s1")) if r.mode == "collocated")
     r = one_trace(cm, run, "bimodal", 1.0, futures=2, sample=4, seed=0)
     assert r["num_scored"] == 4 and r["simulated_vs_measured_tpot_err"] < 0.05

@@ -8,8 +8,10 @@ import sys
 
 from pdcli.benchmarks.results import provenance, write
 
-# since the balanced decode split (2026-12-05 16:49 UTC), with the unequal-length sharing grid (17:52 UTC)
-H100 = "profiles/nvidia-h100-80gb-hbm3/dummy-llama3-8b"
+# since the balanced decode split (2026-12-05 16:49 UTC), with the unequal-length sharing grid (17:52 UTC); kept
+# under its own name for the runs made with it when H100 is profiled afresh
+H100 = "profiles/nvidia-h100-80gb-hbm3/dummy-llama3-8b"  # the runs made after it is profiled afresh
+H100_GRID = "profiles/nvidia-h100-80gb-hbm3/dummy-llama3-8b-sharing-grid"
 H100_EQUAL = "profiles/nvidia-h100-80gb-hbm3/dummy-llama3-8b-equal-share"  # the same before the grid
 H100_UNIFORM = "profiles/nvidia-h100-80gb-hbm3/dummy-llama3-8b-uniform-split"  # the one the runs before it ran with
 H200 = "profiles/nvidia-h200/dummy-llama3-8b"
@@ -20,9 +22,9 @@ H100_ROUTER_RUNS = (("results/router/h100_bimodal_b0.5", H100_UNIFORM), ("result
                     ("results/router/h100_bal_bimodal_b0.5", H100_EQUAL))
 # sweeps begun (a mode's highest rate not yet bracketed: plan.validate lists it apart, its rows count)
 PARTIAL_RUNS = (("results/router/h100_bal_bimodal_s1_equal_share", H100_EQUAL),
-                ("results/router/h100_bal_bimodal_s1", H100),
-                ("results/router/h100_bal_bimodal_s1_router_b2506ba", H100),
-                ("results/router/h100_bal_bimodal_s2", H100))
+                ("results/router/h100_bal_bimodal_s1", H100_GRID),
+                ("results/router/h100_bal_bimodal_s1_router_b2506ba", H100_GRID),
+                ("results/router/h100_bal_bimodal_s2", H100_GRID))
 REPLAY_RUNS = (("results/bench/h100_sweep_fresh", H100_UNIFORM), ("results/multi_gpu/sweep_2xh100", H100_UNIFORM),
                ("results/multi_gpu/distserve_2xh100", H100_UNIFORM), *H200_RUNS, *H100_ROUTER_RUNS, *PARTIAL_RUNS)
 PLAN_RUNS = (("results/multi_gpu/sweep_2xh100", H100_UNIFORM), ("results/bench/h100_sweep_fresh", H100_UNIFORM),
