@@ -10,7 +10,9 @@ from pdcli.benchmarks.results import provenance, write
 
 # since the balanced decode split (2026-12-05 16:49 UTC), with the unequal-length sharing grid (17:52 UTC); kept
 # under its own name for the runs made with it when H100 is profiled afresh
-H100 = "profiles/nvidia-h100-80gb-hbm3/dummy-llama3-8b"  # the runs made after it is profiled afresh
+H100 = "profiles/nvidia-h100-80gb-hbm3/dummy-llama3-8b"  # profiled afresh 2026-12-05 21:18 UTC (beside-decode grid,
+# 256-token mixed steps): the runs made since, and the static runs of folders whose routed runs use it (a static
+# run's steps and tokens do not depend on the profile, only the predictions it records)
 H100_GRID = "profiles/nvidia-h100-80gb-hbm3/dummy-llama3-8b-sharing-grid"
 H100_EQUAL = "profiles/nvidia-h100-80gb-hbm3/dummy-llama3-8b-equal-share"  # the same before the grid
 H100_UNIFORM = "profiles/nvidia-h100-80gb-hbm3/dummy-llama3-8b-uniform-split"  # the one the runs before it ran with
@@ -22,9 +24,11 @@ H100_ROUTER_RUNS = (("results/router/h100_bimodal_b0.5", H100_UNIFORM), ("result
                     ("results/router/h100_bal_bimodal_b0.5", H100_EQUAL))
 # sweeps begun (a mode's highest rate not yet bracketed: plan.validate lists it apart, its rows count)
 PARTIAL_RUNS = (("results/router/h100_bal_bimodal_s1_equal_share", H100_EQUAL),
-                ("results/router/h100_bal_bimodal_s1", H100_GRID),
+                ("results/router/h100_bal_bimodal_s1", H100),
                 ("results/router/h100_bal_bimodal_s1_router_b2506ba", H100_GRID),
-                ("results/router/h100_bal_bimodal_s2", H100_GRID))
+                ("results/router/h100_bal_bimodal_s2", H100),
+                ("results/router/h100_bal_bimodal_s1_repeat", H100),  # seed 1 static rates measured again
+                ("results/router/h100_ttft_parts_s1", H100))  # seed 1 at 5 req/s with the first-token marks
 REPLAY_RUNS = (("results/bench/h100_sweep_fresh", H100_UNIFORM), ("results/multi_gpu/sweep_2xh100", H100_UNIFORM),
                ("results/multi_gpu/distserve_2xh100", H100_UNIFORM), *H200_RUNS, *H100_ROUTER_RUNS, *PARTIAL_RUNS)
 PLAN_RUNS = (("results/multi_gpu/sweep_2xh100", H100_UNIFORM), ("results/bench/h100_sweep_fresh", H100_UNIFORM),
