@@ -158,8 +158,9 @@ class StepTokens:
     prefilled: list[tuple[str, int]] | None = None  # (request id, prompt tokens computed) of prompts left partly
     # prefilled by the steps that landed (chunked prefill): the router counts only what they have left
     received: list[tuple[str, float, float | None, float | None]] | None = None  # (request id, perf_counter s when
-    # this worker took its Submit, when a step with its first prompt tokens launched, when the step with its first
-    # token landed) of the requests whose first tokens are here: where a first token's time went (one host's clock)
+    # this worker took its Submit, when the launch of a step with its first prompt tokens began, when the step with
+    # its first token landed) of the requests whose first tokens are here: where a first token's time went (one
+    # host's clock)
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,7 @@ class RequestRecord:
     submitted: float | None = None
     dispatched: float | None = None
     received: float | None = None  # s, when the worker that prefilled it took it (its clock: the same host's),
-    launched: float | None = None  # s, when a step with its first prompt tokens launched there
+    launched: float | None = None  # s, when the launch of a step with its first prompt tokens began there
     landed: float | None = None  # s, when the step with its first token landed there
 
     @property

@@ -3,7 +3,10 @@
 one host's clock): the wait to be submitted, the routing, the pipe to the worker, and the worker's part until the
 first token reached the coordinator, beside the simulator's TTFT on the run's own trace. Medians per run, apart for
 the requests whose worker had no prompt queued when they came (the simulator's TTFT ran 3-5 ms under those on one
-H100, ~0 under the others).
+H100, ~0 under the others). Runs since 2026-12-05 night also mark, on the worker, the step with the prompt's first
+tokens (`launched`) and the landing of its first token (`landed`): the worker's part splits into its wait, compute
+and report. The runs of 21:19-21:36 UTC that night marked `launched` when the step's launch had ended (a
+launch-bound 256-token prefill's ~9 ms launch fell in the wait); since, when it began.
 
     python -m pdcli.benchmarks.ttft_parts --params-dir DIR FOLDER... [--out results/router]
 """

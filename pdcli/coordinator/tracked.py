@@ -36,7 +36,7 @@ class Tracked:
     error: str | None = None
     dispatch_time: float | None = None  # perf_counter when its prompt was sent to the worker that prefills it
     worker_received: float | None = None  # perf_counter (that worker's: one host) when it took the prompt,
-    worker_launched: float | None = None  # ... when a step with its first prompt tokens launched there
+    worker_launched: float | None = None  # ... when the launch of a step with its first prompt tokens began there
     worker_landed: float | None = None  # ... when the step with its first token landed there
     first_token_time: float | None = None
     prefilled: int = 0  # prompt tokens its prefilling worker has computed, as its steps report (chunked prefill),

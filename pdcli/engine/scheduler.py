@@ -123,13 +123,14 @@ class Scheduler:
         return (p.max_tokens is not None and length - seq.num_prompt_tokens >= p.max_tokens) or \
             length >= self.max_model_len
 
-    def advance(self, out: SchedulerOutput) -> None:
-        """The step is launched: its tokens count as computed, and each sequence it samples for holds one
-        pending token until update() gets it (the next step may be scheduled before that)."""
-        now = time.perf_counter()
+    def advance(self, out: SchedulerOutput, began: float | None = None) -> None:
+        """The step is launched (its launch began at `began`, perf_counter s; None: now): its tokens count as
+        computed, and each sequence it samples for holds one pending token until update() gets it (the next step
+        may be scheduled before that)."""
+        began = time.perf_counter() if began is None else began
         for seq, n in zip(out.seqs, out.num_new_tokens):
             if seq.first_launch_time is None:
-                seq.first_launch_time = now
+                seq.first_launch_time = began
             if seq.num_computed_tokens + n == len(seq):
                 seq.num_pending += 1
             seq.num_computed_tokens += n

@@ -181,8 +181,8 @@ class Worker:
         self.sender.after_step(finished)
 
     def _first_token_marks(self, rid: str, received: float) -> tuple[str, float, float | None, float | None]:
-        """(request id, when its Submit came, when a step with its first prompt tokens launched, when the step
-        with its first token landed on the host): perf_counter s."""
+        """(request id, when its Submit came, when the launch of a step with its first prompt tokens began, when the
+        step with its first token landed on the host): perf_counter s."""
         req = self.engine.requests.get(rid)
         seq = req.seqs[0] if req is not None and req.seqs else None
         return rid, received, getattr(seq, "first_launch_time", None), getattr(seq, "first_token_time", None)
