@@ -60,14 +60,15 @@ def run_parts(d: dict, sim_ttft_ms: list[float] | None = None, sim_parts: list[d
     d["requests"]), of the simulated ones (sim_<part>_ms)."""
     out = {}
     reqs = d.get("requests") or []
+    parts = [parts_ms(q) for q in reqs]
     for group, keep in (("all", lambda q: True), ("queue_empty", lambda q: queue_empty(q) is True),
                         ("queue_held", lambda q: queue_empty(q) is False)):
-        idx = [i for i, q in enumerate(reqs) if keep(q) and parts_ms(q) is not None]
+        idx = [i for i, q in enumerate(reqs) if keep(q) and parts[i] is not None]
         if not idx:
             continue
         row = dict(num_requests=len(idx), ttft_ms=float(np.median([reqs[i]["ttft_ms"] for i in idx])))
         for p in PARTS + WORKER_PARTS:
-            got = [parts_ms(reqs[i]).get(p) for i in idx]
+            got = [parts[i].get(p) for i in idx]
             if all(x is not None for x in got):
                 row[f"{p}_ms"] = float(np.median(got))
         if sim_ttft_ms is not None:

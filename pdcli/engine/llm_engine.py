@@ -223,8 +223,8 @@ class LLMEngine:
             return self._step_with_grammar(out)
         launched = None
         if out.seqs:
-            began, launched = time.perf_counter(), self.runner.launch(out)  # the launch's start, then the launch
-            self.scheduler.advance(out, began)
+            launched = self.runner.launch(out)
+            self.scheduler.advance(out)
             if self.report_prefill_progress:
                 launched.prefill_progress = out.partial_prompts()
         prev, self._inflight = self._inflight, None
@@ -240,8 +240,8 @@ class LLMEngine:
         """Async scheduling with grammar rows: the forward pass first, then the step before lands (its tokens
         advance the matchers), then this step's bitmask is filled and its tokens sampled; the host's grammar work
         overlaps the forward pass instead of waiting for a whole step."""
-        began, fwd = time.perf_counter(), self.runner.launch_forward(out, defer_grammar=True)
-        self.scheduler.advance(out, began)
+        fwd = self.runner.launch_forward(out, defer_grammar=True)
+        self.scheduler.advance(out)
         progress = out.partial_prompts() if self.report_prefill_progress else []
         prev, self._inflight = self._inflight, None
         deltas = self._land(prev) if prev is not None else []

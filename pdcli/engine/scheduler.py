@@ -89,6 +89,8 @@ class Scheduler:
                 break
             reserve += future - (len(seq.block_table) - len(cached))
             self.waiting.popleft()
+            if seq.first_launch_time is None:  # its step is launched right after this schedule
+                seq.first_launch_time = time.perf_counter()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.seqs.append(seq)
@@ -123,14 +125,10 @@ class Scheduler:
         return (p.max_tokens is not None and length - seq.num_prompt_tokens >= p.max_tokens) or \
             length >= self.max_model_len
 
-    def advance(self, out: SchedulerOutput, began: float | None = None) -> None:
-        """The step is launched (its launch began at `began`, perf_counter s; None: now): its tokens count as
-        computed, and each sequence it samples for holds one pending token until update() gets it (the next step
-        may be scheduled before that)."""
-        began = time.perf_counter() if began is None else began
+    def advance(self, out: SchedulerOutput) -> None:
+        """The step is launched: its tokens count as computed, and each sequence it samples for holds one
+        pending token until update() gets it (the next step may be scheduled before that)."""
         for seq, n in zip(out.seqs, out.num_new_tokens):
-            if seq.first_launch_time is None:
-                seq.first_launch_time = began
             if seq.num_computed_tokens + n == len(seq):
                 seq.num_pending += 1
             seq.num_computed_tokens += n

@@ -36,8 +36,8 @@ class Sequence:
         self.finish_reason: str | None = None
         self.arrival_time = time.perf_counter()
         self.first_token_time: float | None = None
-        self.first_launch_time: float | None = None  # perf_counter s when the launch of a step with its first prompt
-        # tokens began (a launch-bound step's host launch counts as its compute, not as a wait)
+        self.first_launch_time: float | None = None  # perf_counter s when a step with its first prompt tokens was
+        # scheduled, its launch right after (a launch-bound step's host launch counts as its compute, not as a wait)
         self.num_preemptions = 0
         self.handoff_after_prefill = False  # P/D: its KV goes to a decode worker once the first token is sampled
         self.text = ""  # detokenized output, stop strings removed

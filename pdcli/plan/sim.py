@@ -172,8 +172,8 @@ def shared_step_ms(worker: SimWorker, step: SimStep, neighbours: list[SimWorker]
     with a prompt chunk gains a share of each busy neighbour's step (CostModel.prompt_beside_prefill_ms beside a
     step with a chunk, prompt_beside_decode_ms beside a decode step: their kernels alternate); a decode step gains
     a share of each prefilling neighbour's step (CostModel.decode_beside_prefill_ms) and reads the weights beside
-    another decode batch (each ~1 / (1 + decoding neighbours)). With the sharing unmeasured a decode step waits for a neighbour's
-    prefill, as under time-slicing, and a prefill beside decodes takes the default factor."""
+    another decode batch (each ~1 / (1 + decoding neighbours)). With the sharing unmeasured a decode step waits for
+    a neighbour's prefill, as under time-slicing, and a prefill beside decodes takes the default factor."""
     busy = [n for n in neighbours if not n.idle]
     cm, alone_ms, has_decodes = worker.cm, step.ms, step.decode_rows > 0
     share, share_d = cm.beside_prefill_share, cm.beside_decode_share

@@ -171,14 +171,18 @@ class Worker:
         progress = self.engine.take_prefill_progress()
         if deltas or progress:  # a step still running on the device (part of a prompt) says nothing yet
             logprobs = [d.logprobs for d in deltas] if any(d.logprobs is not None for d in deltas) else None
-            received = [self._first_token_marks(r, self.received.pop(r)) for r in {d.request_id for d in deltas}
-                        if r in self.received]
+            received = [self._first_token_marks(r, self.received.pop(r)) for r in list(self.received)
+                        if self._first_token_landed(r)]  # the prompts in flight here, not the whole batch
             self.conn.send(StepTokens([d.request_id for d in deltas], [d.index for d in deltas],
                                       [d.token_ids for d in deltas],
                                       [d.finish_reason if d.finished else None for d in deltas], logprobs,
                                       progress or None, received or None))
         finished = [d.request_id for d in deltas if d.finished and self.engine.pop_if_finished(d.request_id)]
         self.sender.after_step(finished)
+
+    def _first_token_landed(self, rid: str) -> bool:
+        req = self.engine.requests.get(rid)
+        return bool(req and req.seqs and req.seqs[0].first_token_time is not None)
 
     def _first_token_marks(self, rid: str, received: float) -> tuple[str, float, float | None, float | None]:
         """(request id, when its Submit came, when the launch of a step with its first prompt tokens began, when the
