@@ -21,10 +21,10 @@ H200 = "profiles/nvidia-h200/dummy-llama3-8b"
 # distserve_3of4xh200
 H200_RUNS = (("results/router/h200_bimodal_b0.5", H200), ("results/router/h200_bimodal", H200))
 H100_ROUTER_RUNS = (("results/router/h100_bimodal_b0.5", H100_UNIFORM), ("results/router/h100_bimodal_s1", H100_UNIFORM),
-                    ("results/router/h100_bal_bimodal_b0.5", H100_EQUAL))
+                    ("results/router/h100_bal_bimodal_b0.5", H100_EQUAL), ("results/router/h100_bal_bimodal_s1", H100),
+                    ("results/router/h100_random_s1", H100))
 # sweeps begun (a mode's highest rate not yet bracketed: plan.validate lists it apart, its rows count)
 PARTIAL_RUNS = (("results/router/h100_bal_bimodal_s1_equal_share", H100_EQUAL),
-                ("results/router/h100_bal_bimodal_s1", H100),
                 ("results/router/h100_bal_bimodal_s1_router_b2506ba", H100_GRID),
                 ("results/router/h100_bal_bimodal_s2", H100),
                 ("results/router/h100_bal_bimodal_s1_repeat", H100),  # seed 1 static rates measured again

@@ -22,7 +22,7 @@ from pdcli.benchmarks.results import provenance, write
 
 PARTS = ("submit", "route", "pipe", "worker")  # ms: arrival -> submitted -> dispatched -> received -> first token
 WORKER_PARTS = ("wait", "compute", "report")  # the worker's: received -> launched -> landed -> first token
-SIM_PARTS = ("wait", "compute")  # the simulator's: arrival -> launched -> first token
+SIM_PARTS = ("wait", "compute")  # the simulator's: arrival -> launched (the dispatch in) -> first token (the report in)
 
 
 def parts_ms(q: dict) -> dict | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
+from dataclasses import dataclass
 
 from pdcli.bench.metrics import RequestRecord
 from pdcli.coordinator.policy import RouteInput, make_policy
@@ -24,10 +25,21 @@ def pair_kind(p: SimSpec, d: SimSpec) -> str:
     return "gpu-nccl" if p.device.split(":")[0] == d.device.split(":")[0] else "net"
 
 
+@dataclass(frozen=True)
+class CoordinatorHops:
+    """The coordinator's time around a worker's, ms: before a prompt reaches an idle worker (submit + route + the
+    pipe) and after its first or last token (the report). Medians of the queue-empty requests of 56 runs on one
+    H100 host (results/router/ttft_parts_nvidia-h100-80gb-hbm3.json: submit 0.15, route 1.0-1.4, pipe to an idle
+    prefill worker 0.4, report 0.2-0.3); a busy worker's wait for its step is simulated."""
+    dispatch_ms: float = 1.6
+    report_ms: float = 0.25
+
+
 class Simulator:
     def __init__(self, cm: CostModel, specs: list[SimSpec], mode: str, pd_on_collocated: bool = False, router=None,
-                 max_num_seqs: int = 256, net_gbps: float | None = None, block_size: int = 16):
-        self.cm, self.policy, self.router = cm, make_policy(mode), router
+                 max_num_seqs: int = 256, net_gbps: float | None = None, block_size: int = 16,
+                 hops: CoordinatorHops = CoordinatorHops()):
+        self.cm, self.policy, self.router, self.hops = cm, make_policy(mode), router, hops
         cm.assume_net(net_gbps)
         self.workers = [SimWorker(s, cm, max_num_seqs, cm.max_num_batched_tokens) for s in specs]
         self.pairs = [(p, d) for p in self.workers for d in self.workers
@@ -56,12 +68,13 @@ class Simulator:
         for s, path in zip(seqs, paths or []):
             s.path = path
         for s in seqs:
-            self.push(s.arrival, "arrive", s)
+            self.push(s.arrival + self.hops.dispatch_ms / 1e3, "arrive", s)
         while self.events:
             self.now, _, kind, data = heapq.heappop(self.events)
             getattr(self, f"_on_{kind}")(*data)
-        return [RequestRecord(s.arrival, s.prompt_len, s.output_len, first_token=s.first, end=s.end, path=s.path,
-                              workers=s.workers, error=None if s.end is not None else "not finished",
+        report = lambda t: None if t is None else t + self.hops.report_ms / 1e3  # noqa: E731
+        return [RequestRecord(s.arrival, s.prompt_len, s.output_len, first_token=report(s.first), end=report(s.end),
+                              path=s.path, workers=s.workers, error=None if s.end is not None else "not finished",
                               launched=s.launched)
                 for s in seqs]
 
