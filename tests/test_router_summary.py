@@ -88,3 +88,35 @@ def test_the_oracle_on_a_served_trace_simulates_it_and_scores_against_the_measur
     r = one_trace(cm, run, "bimodal", 1.0, futures=2, sample=4, seed=0)
     assert r["num_scored"] == 4 and r["simulated_vs_measured_tpot_err"] < 0.05
     assert all(0 <= r[f"{k}_tpot_err"] < 1 for k in ("router_raw", "router", "oracle", "oracle_window"))
+
+
+def test_adaptive_against_the_best_static_mode_past_the_knee_averaged_over_seeds():
+    """Acceptance 2's comparison: each seed's knee, adaptive's attainment at 1.25x / 1.5x of it against the
+    higher static mode's there (interpolated between measured rates), then the means over the seeds."""
+    from pdcli.benchmarks.versus_static import attainment_at, versus_static
+
+    def seed(folder, coll, disagg, adapt):
+        rows = [_row(m, rate, a) for m, pts in (("collocated", coll), ("disaggregated", disagg), ("adaptive", adapt))
+                for rate, a in pts]
+        return dict(folder=folder, workload="random", rows=rows, knee=8.0,
+                    highest_rate={m: highest_rate([r for r in rows if r["mode"] == m])
+                                  for m in ("collocated", "disaggregated", "adaptive")})
+
+    s1 = seed("s1", [(8, 0.95), (10, 0.7), (12, 0.3)], [(8, 0.9), (10, 0.8), (12, 0.2)],
+              [(8, 0.97), (9, 0.91), (10, 0.75), (12, 0.35)])
+    s2 = seed("s2", [(8, 0.92), (10, 0.6), (12, 0.2)], [(8, 0.9), (10, 0.5)], [(8, 0.9), (10, 0.7)])
+    assert attainment_at(s1["rows"], "collocated", 11.0) == 0.5 and attainment_at(s1["rows"], "collocated", 13) is None
+    out = versus_static([s1, s2])["random"]
+    a, b = out["seeds"]
+    assert a["adaptive_highest_rate"] == 9 and a["best_static_highest_rate"] == 8.0
+    assert a["at_1.25x"] == dict(rate=10.0, adaptive=0.75, best_static=0.8)  # disaggregated's is the higher there
+    assert a["at_1.5x"]["best_static"] == 0.3 and a["at_1.5x"]["adaptive"] == 0.35
+    # disaggregated's rates end at 10 req/s with 0.5, above collocated's 0.2 at 12: it may be the best there
+    assert b["at_1.5x"] == dict(rate=12.0, adaptive=None, best_static=None)  # not known: out of the mean
+    from pdcli.benchmarks.versus_static import best_static_at
+
+    ended = [_row("collocated", 12, 0.4), _row("disaggregated", 10, 0.3)]  # it fell to 0.3 by 10 req/s
+    assert best_static_at(ended, 12.0) == 0.4 and best_static_at(ended, 13.0) is None
+    m = out["means"]
+    assert m["adaptive_highest_rate"] == 8.5 and m["at_1.5x"]["seeds_with"] == 1
+    assert abs(m["at_1.25x"]["adaptive"] - 0.725) < 1e-12 and abs(m["at_1.25x"]["best_static"] - 0.7) < 1e-12

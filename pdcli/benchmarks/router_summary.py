@@ -33,9 +33,10 @@ def sweep(folder: str, cm) -> dict:
     """One folder: a row per (mode, rate) with its attainment, errors and path shares; each mode's highest rate."""
     from pdcli.router.replay import errors, load_runs, replay_run, run_router
 
-    rows = []
+    rows, workloads = [], set()
     for run in load_runs(folder):
         d = result_files.read(run.file)
+        workloads.add((d.get("workload"), d.get("burstiness")))
         replayed = replay_run(run, run_router(run, cm))
         skip = sorted(r.arrival for r in run.records)[:d.get("num_warmup_excluded", 0)]
         after = [x for x in replayed if not skip or x.record.arrival > skip[-1]]  # warm-up excluded, as measured
@@ -57,7 +58,8 @@ def sweep(folder: str, cm) -> dict:
     highest = {m: highest_rate([r for r in rows if r["mode"] == m]) for m in modes}
     statics = [highest[m] for m in STATIC if highest.get(m) is not None]
     knee = max(statics) if statics else None
-    return dict(folder=folder, highest_rate=highest, knee=knee, rows=rows)
+    (workload, burstiness), = workloads or {(None, None)}  # one workload and arrival process a folder
+    return dict(folder=folder, workload=workload, burstiness=burstiness, highest_rate=highest, knee=knee, rows=rows)
 
 
 def tpot_by_long_prefills(run, replayed) -> dict:
@@ -164,6 +166,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", required=True, help="its name in the output file, e.g. nvidia-h200")
     ap.add_argument("--params-dir", required=True, help="the profile the runs ran with (where FOLDER names none)")
     ap.add_argument("--bimodal-bursty", default=None, help="the folder of acceptance 3's sweep")
+    ap.add_argument("--versus-static", nargs="*", default=[], metavar="FOLDER",
+                    help="acceptance 2's sweeps (of the folders; one per workload and seed): adaptive against the "
+                         "best static mode, per workload, averaged over the seeds")
     ap.add_argument("--out", default="results")
     args = ap.parse_args(argv)
     from pdcli.router.fit import load_cost_model
@@ -175,6 +180,11 @@ def main(argv: list[str] | None = None) -> None:
             models[params_dir] = load_cost_model(params_dir)
         sweeps.append(dict(sweep(folder, models[params_dir]), params_dir=params_dir))
     summary = summarize(sweeps, args.device, args.bimodal_bursty)
+    if args.versus_static:
+        from pdcli.benchmarks.versus_static import versus_static
+
+        chosen = {f.rstrip("/") for f in args.versus_static}
+        summary["versus_static"] = versus_static([s for s in sweeps if s["folder"].rstrip("/") in chosen])
     path = write(args.out, f"router_{args.device}", dict(summary=summary, params_dir=args.params_dir, sweeps=sweeps,
                                                           provenance=provenance("pdcli.benchmarks.router_summary", argv)))
     print(f"-> {path}")
