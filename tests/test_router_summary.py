@@ -24,6 +24,16 @@ def test_the_knee_and_the_maxima_below_it():
     assert s["online_ttft_err_max"] == 0.2 and s["online_tpot_err_max"] is None
     assert s["min_path_share"] == 0.1 and s["bins_below_knee"] == 5
     assert s["bimodal_adaptive_highest_rate"] == 7 and s["bimodal_best_static_highest_rate"] == 5
+    assert s["replay_below_outside_band"] == []  # no bin records its share under the measurement
+
+
+def test_the_bins_whose_predictions_lean_outside_35_to_65_percent_under():
+    rows = [_row("collocated", 4, 0.95), _row("collocated", 5, 0.95), _row("collocated", 6, 0.5)]
+    for r, below in zip(rows, (0.34, 0.5, 0.9)):  # the last is past the knee: not counted
+        r.update(replay_ttft_below=0.5, replay_tpot_below=below)
+    sweep = dict(folder="f", rows=rows, knee=5, highest_rate={"collocated": 5})
+    assert summarize([sweep], "dev", None)["replay_below_outside_band"] == [
+        dict(folder="f", mode="collocated", rate=4, metric="tpot", below=0.34)]
 
 
 def test_a_rate_with_fewer_than_100_requests_is_not_a_bin():
