@@ -330,3 +330,41 @@ def test_ttft_parts_splits_each_first_token_by_where_its_time_went(tmp_path):
     assert all(row[f"{p}_ms"] >= 0 for p in ttft_parts.PARTS) and row["worker_ms"] > 0
     assert all(row[f"{p}_ms"] >= 0 for p in ttft_parts.WORKER_PARTS) and row["compute_ms"] > 0
     assert row["sim_wait_ms"] >= 0 and row["sim_compute_ms"] > 0
+
+
+def test_sweep_ingest_brings_a_bundle_in_and_drops_the_runs_a_budget_cut(tmp_path, monkeypatch, capsys):
+    """A GPU call's bundle: its runs land under results/, gzipped where they hold records; a cut run (interrupted)
+    is removed (`bench --resume` runs it again); a bundle reaching outside results/ is refused."""
+    import tarfile
+
+    from pdcli.benchmarks import sweep_ingest
+
+    stage, repo = tmp_path / "stage", tmp_path / "repo"
+    (stage / "results/router/x").mkdir(parents=True)
+    repo.mkdir()
+    runs = {"20261205-000000_collocated_random_rate1.0.json": dict(slo_attainment=0.95, request_rate=1.0),
+            "20261205-000000_collocated_random_rate2.0.json": dict(slo_attainment=0.5, request_rate=2.0, interrupted=True)}
+    bundle = tmp_path / "res.tgz"
+    with tarfile.open(bundle, "w:gz") as tar:
+        for name, d in runs.items():
+            (stage / "results/router/x" / name).write_text(json.dumps(dict(d, mode="collocated", requests=[{"arrival": 0}])))
+            tar.add(stage / "results/router/x" / name, arcname=f"results/router/x/{name}")
+    monkeypatch.chdir(repo)
+    sweep_ingest.main([str(bundle), "--no-plots"])
+    kept = sorted(os.listdir(repo / "results/router/x"))
+    assert kept == ["20261205-000000_collocated_random_rate1.0.json.gz"]
+    out = capsys.readouterr().out
+    assert "dropped (interrupted)" in out and "collocated     1: 95%" in out
+    gz = repo / "results/router/x" / kept[0]
+    first = gz.read_bytes()
+    gz.unlink()
+    monkeypatch.setattr("time.time", lambda: 2e9)  # gzip would stamp this clock's time in the header
+    sweep_ingest.main([str(bundle), "--no-plots"])
+    assert gz.read_bytes() == first  # gzipped with no timestamp: the same run, the same bytes
+
+    evil = tmp_path / "evil.tgz"
+    with tarfile.open(evil, "w:gz") as tar:
+        tar.add(stage / "results/router/x" / next(iter(runs)), arcname="../outside.json")
+    with pytest.raises(ValueError, match="not a sweep bundle"):
+        sweep_ingest.extract(str(evil), str(repo))
+    assert not (tmp_path / "outside.json").exists()

@@ -97,8 +97,8 @@ def compress(path: str) -> str:
     """Rewrite a .json result as compact .json.gz (same content) and remove the .json; the new path."""
     data = read(path)
     out = path + ".gz"
-    with gzip.open(out, "wt") as f:
-        json.dump(data, f, separators=(",", ":"))
+    with gzip.GzipFile(out, "wb", mtime=0) as f:  # no timestamp in the header: the same run, the same bytes
+        f.write(json.dumps(data, separators=(",", ":")).encode())
     os.remove(path)
     return out
 
