@@ -281,6 +281,12 @@ def test_router_sweeps_runs_only_what_is_left_of_a_plan(tmp_path, monkeypatch, c
     plan.write_text("bimodal_s1 collocated bimodal 4.0\n")
     with pytest.raises(SystemExit, match="FOLDER MODE WORKLOAD"):
         router_sweeps.parse_plan(str(plan))
+    # a call's budget holds the workers' start and then whole rates: the rest wait for the next call
+    rates = ["4", "5", "6"]
+    per_rate = 35 + router_sweeps.RATE_S
+    assert router_sweeps.rates_that_fit(rates, router_sweeps.START_S + 2 * per_rate + 1, 35) == ["4", "5"]
+    assert router_sweeps.rates_that_fit(rates, router_sweeps.START_S + per_rate - 1, 35) == []
+    assert router_sweeps.rates_that_fit(rates, 600, 35) == rates
 
 
 def test_ttft_parts_splits_each_first_token_by_where_its_time_went(tmp_path):

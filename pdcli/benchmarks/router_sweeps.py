@@ -9,11 +9,13 @@ TPOT 15 ms), 35 s of arrivals of which the first 5 s are the warm-up (30 s score
 
     python -m pdcli.benchmarks.router_sweeps results/router/plans/h100.txt --budget 520 --bundle $OUT/res.tgz
 
-Back here: untar res.tgz into the repo, gzip the new runs (`python -m pdcli.bench.result_files FOLDER`), commit:
-the next call resumes from them (a GPU call's tree is this one's: what a call wrote there is gone at the next).
+Back here: `python -m pdcli.benchmarks.sweep_ingest res.tgz --params-dir PROFILE` (untar, drop the cut runs, gzip,
+replay.json and plots), then commit: the next call resumes from them (a GPU call's tree is this one's: what a call
+wrote there is gone at the next).
 
-A line starts only while at least --duration + 45 s of the budget is left (a rate takes its arrivals, its
-drain and, for the line's first, the workers' start); a rate cut off by the budget is run again next time.
+A line runs as many of its rates as the budget left holds (START_S for the workers' start, then --duration +
+RATE_S a rate: on one H100 a line of n rates of 35 s took 5 + 37.5 n s, up to 1.5x the knee); the rest, and a
+rate the budget still cuts off, run next time.
 """
 from __future__ import annotations
 
@@ -27,7 +29,13 @@ import time
 
 PROFILES = {"h100": "profiles/nvidia-h100-80gb-hbm3/dummy-llama3-8b", "h200": "profiles/nvidia-h200/dummy-llama3-8b"}
 SLO_ARGS = ["--slo-ttft-ms", "250", "--slo-ttft-per-token-ms", "0.1", "--slo-tpot-ms", "15"]
-START_S = 45  # s a line needs beyond one rate's arrivals: the workers' start and the drain
+START_S = 15.0  # s a line needs before its first rate: the workers' start
+RATE_S = 4.0  # s a rate needs beyond its arrivals: its drain and the next rate's set-up
+
+
+def rates_that_fit(rates: list[str], left: float, duration: float) -> list[str]:
+    """The first of rates that left seconds of budget hold, at START_S + (duration + RATE_S) a rate."""
+    return rates[:max(0, int((left - START_S) // (duration + RATE_S)))]
 
 
 def gpu_tag(name: str) -> str:
@@ -123,9 +131,12 @@ def main(argv: list[str] | None = None) -> None:
             print(shlex.join(cmd[1:]), flush=True)
             continue
         left = args.budget - (time.monotonic() - start)
-        if left < args.duration + START_S:
-            print(f"skipped ({left:.0f} s left): {line['folder']} {line['mode']} {line['rates']}", flush=True)
+        fit = rates_that_fit(rates, left, args.duration)
+        if not fit:
+            print(f"skipped ({left:.0f} s left): {line['folder']} {line['mode']} {','.join(rates)}", flush=True)
             continue
+        rates = fit
+        cmd = bench_command(line, tag, args.duration, args.warmup, rates)
         log = os.path.join(args.logs, f"log_{tag}_{line['folder']}_{line['mode']}_s{line['seed']}.txt")
         print(f"{time.monotonic() - start:5.0f} s: {line['folder']} {line['mode']} {','.join(rates)} -> {log}", flush=True)
         with open(log, "a") as f:
