@@ -1,11 +1,12 @@
 """Issue 20's acceptance 2 from sweeps summarised by router_summary.sweep (one folder per workload and seed, every
 mode in it): per workload, each seed's knee (the best static mode's highest rate with >= 90% SLO attainment),
 adaptive's highest rate and, at 1.25x and 1.5x of the knee, adaptive's attainment against the best static mode's
-there (the higher of the two static modes at that rate; between two measured rates, linearly interpolated; outside
-a mode's rates, None); then the means over the seeds."""
+there (the higher of the two static modes at that rate; between two measured rates, linearly interpolated; past a
+static mode's last rate, bounded by its attainment there); then the means over the seeds."""
 from __future__ import annotations
 
-STATIC = ("collocated", "disaggregated")
+from pdcli.benchmarks.router_summary import STATIC
+
 PAST_KNEE = (1.25, 1.5)
 
 
