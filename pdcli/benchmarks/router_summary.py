@@ -6,7 +6,8 @@ and the share of the least used path -> results/router_<device>.json with a `sum
   python -m pdcli.benchmarks.router_summary --device nvidia-h200 --params-dir profiles/nvidia-h200/dummy-llama3-8b \
       results/router/h200_bimodal_b0.5 results/router/h200_bimodal=profiles/OTHER ...
 
-A folder replays with the profile its runs ran with: --params-dir, or the one named after `=`.
+A folder replays with the profile its runs ran with: --params-dir, or the one named after `=`. A device's
+arguments are kept one a line in results/router/summary_<device>.args: `router_summary @THAT_FILE`.
 """
 from __future__ import annotations
 
@@ -168,7 +169,8 @@ def folder_profiles(specs: list[str], default: str) -> list[tuple[str, str]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 fromfile_prefix_chars="@")  # @FILE: the arguments one a line (a device's sweeps)
     ap.add_argument("folders", nargs="+", help="sweep folders; FOLDER=PARAMS_DIR for one that ran with another profile")
     ap.add_argument("--device", required=True, help="its name in the output file, e.g. nvidia-h200")
     ap.add_argument("--params-dir", required=True, help="the profile the runs ran with (where FOLDER names none)")
