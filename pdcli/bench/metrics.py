@@ -25,7 +25,7 @@ class RequestRecord:
     # s, in process: when the coordinator took it (after its lock) and when its prompt went to a worker
     submitted: float | None = None
     dispatched: float | None = None
-    received: float | None = None  # s, when the worker that prefilled it took it (its clock: the same host's),
+    received: float | None = None  # s, when the worker that prefilled it took it (its clock: the same host's)
     launched: float | None = None  # s, when the launch of a step with its first prompt tokens began there
     landed: float | None = None  # s, when the step with its first token landed there
 

@@ -126,9 +126,8 @@ def main(argv: list[str] | None = None) -> None:
         rates = remaining_rates(line, tag)
         if not rates:
             continue
-        cmd = bench_command(line, tag, args.duration, args.warmup, rates)
         if args.dry_run:
-            print(shlex.join(cmd[1:]), flush=True)
+            print(shlex.join(bench_command(line, tag, args.duration, args.warmup, rates)[1:]), flush=True)
             continue
         left = args.budget - (time.monotonic() - start)
         fit = rates_that_fit(rates, left, args.duration)

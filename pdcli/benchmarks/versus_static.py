@@ -10,10 +10,15 @@ from pdcli.benchmarks.router_summary import STATIC
 PAST_KNEE = (1.25, 1.5)
 
 
+def _points(rows: list[dict], mode: str) -> list[tuple[float, float]]:
+    """(rate, SLO attainment) of mode's measured rates, by rate."""
+    return sorted((r["rate"], r["slo_attainment"]) for r in rows
+                  if r["mode"] == mode and r["slo_attainment"] is not None)
+
+
 def attainment_at(rows: list[dict], mode: str, rate: float) -> float | None:
     """mode's SLO attainment at rate: measured there, else interpolated between the measured rates around it."""
-    pts = sorted((r["rate"], r["slo_attainment"]) for r in rows
-                 if r["mode"] == mode and r["slo_attainment"] is not None)
+    pts = _points(rows, mode)
     for (r0, a0), (r1, a1) in zip(pts, pts[1:]):
         if r0 <= rate <= r1:
             return a0 if r1 == r0 else a0 + (a1 - a0) * (rate - r0) / (r1 - r0)
@@ -36,8 +41,7 @@ def best_static_at(rows: list[dict], rate: float) -> float | None:
     otherwise (or neither measured) None."""
     known, bounds = [], []
     for m in STATIC:
-        a = attainment_at(rows, m, rate)
-        pts = sorted((r["rate"], r["slo_attainment"]) for r in rows if r["mode"] == m and r["slo_attainment"] is not None)
+        a, pts = attainment_at(rows, m, rate), _points(rows, m)
         if a is not None:
             known.append(a)
         elif pts and pts[-1][0] < rate:

@@ -35,7 +35,7 @@ class Tracked:
     logprobs: dict = field(default_factory=dict)  # completion index -> SampleLogprob per token (when asked)
     error: str | None = None
     dispatch_time: float | None = None  # perf_counter when its prompt was sent to the worker that prefills it
-    worker_received: float | None = None  # perf_counter (that worker's: one host) when it took the prompt,
+    worker_received: float | None = None  # perf_counter (that worker's: one host) when it took the prompt
     worker_launched: float | None = None  # ... when the launch of a step with its first prompt tokens began there
     worker_landed: float | None = None  # ... when the step with its first token landed there
     first_token_time: float | None = None

@@ -171,8 +171,7 @@ class Worker:
         progress = self.engine.take_prefill_progress()
         if deltas or progress:  # a step still running on the device (part of a prompt) says nothing yet
             logprobs = [d.logprobs for d in deltas] if any(d.logprobs is not None for d in deltas) else None
-            received = [self._first_token_marks(r, self.received.pop(r)) for r in list(self.received)
-                        if self._first_token_landed(r)]  # the prompts in flight here, not the whole batch
+            received = [m for r in list(self.received) if (m := self._first_token_marks(r)) is not None]
             self.conn.send(StepTokens([d.request_id for d in deltas], [d.index for d in deltas],
                                       [d.token_ids for d in deltas],
                                       [d.finish_reason if d.finished else None for d in deltas], logprobs,
@@ -180,16 +179,15 @@ class Worker:
         finished = [d.request_id for d in deltas if d.finished and self.engine.pop_if_finished(d.request_id)]
         self.sender.after_step(finished)
 
-    def _first_token_landed(self, rid: str) -> bool:
-        req = self.engine.requests.get(rid)
-        return bool(req and req.seqs and req.seqs[0].first_token_time is not None)
-
-    def _first_token_marks(self, rid: str, received: float) -> tuple[str, float, float | None, float | None]:
-        """(request id, when its Submit came, when the launch of a step with its first prompt tokens began, when the
-        step with its first token landed on the host): perf_counter s."""
+    def _first_token_marks(self, rid: str) -> tuple[str, float, float | None, float] | None:
+        """For a prompt in flight here whose first token has landed (its entry in self.received taken): (request id,
+        when its Submit came, when the launch of a step with its first prompt tokens began, when the step with its
+        first token landed on the host), perf_counter s; None while it has none."""
         req = self.engine.requests.get(rid)
         seq = req.seqs[0] if req is not None and req.seqs else None
-        return rid, received, getattr(seq, "first_launch_time", None), getattr(seq, "first_token_time", None)
+        if seq is None or seq.first_token_time is None:
+            return None
+        return rid, self.received.pop(rid), seq.first_launch_time, seq.first_token_time
 
     def stats(self) -> WorkerStats:
         return WorkerStats(rank=self.spec.rank, role=self.spec.role, **self.engine.stats())
