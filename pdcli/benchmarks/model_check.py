@@ -16,12 +16,9 @@ H100 = "profiles/nvidia-h100-80gb-hbm3/dummy-llama3-8b"  # profiled afresh 2026-
 H100_GRID = "profiles/nvidia-h100-80gb-hbm3/dummy-llama3-8b-sharing-grid"
 H100_EQUAL = "profiles/nvidia-h100-80gb-hbm3/dummy-llama3-8b-equal-share"  # the same before the grid
 H100_UNIFORM = "profiles/nvidia-h100-80gb-hbm3/dummy-llama3-8b-uniform-split"  # the one the runs before it ran with
-H200 = "profiles/nvidia-h200/dummy-llama3-8b"
-# (run folder, the profile it ran with); not the superseded sweep_2xh200, router_validation_2xh200,
-# distserve_3of4xh200
-H200_RUNS = (("results/router/h200_bimodal_b0.5", H200), ("results/router/h200_bimodal", H200))
-H100_ROUTER_RUNS = (("results/router/h100_bimodal_b0.5", H100_UNIFORM), ("results/router/h100_bimodal_s1", H100_UNIFORM),
-                    ("results/router/h100_bal_bimodal_b0.5", H100_EQUAL), ("results/router/h100_bal_bimodal_s1", H100),
+# (run folder, the profile it ran with); not the superseded runs (SUPERSEDED, and sweep_2xh200,
+# router_validation_2xh200, distserve_3of4xh200)
+H100_ROUTER_RUNS = (("results/router/h100_bal_bimodal_b0.5", H100_EQUAL), ("results/router/h100_bal_bimodal_s1", H100),
                     ("results/router/h100_random_s1", H100))
 # sweeps begun (a mode's highest rate not yet bracketed: plan.validate lists it apart, its rows count)
 PARTIAL_RUNS = (("results/router/h100_bal_bimodal_s1_equal_share", H100_EQUAL),
@@ -30,12 +27,17 @@ PARTIAL_RUNS = (("results/router/h100_bal_bimodal_s1_equal_share", H100_EQUAL),
                 ("results/router/h100_bal_bimodal_s1_repeat", H100),  # seed 1 static rates measured again
                 ("results/router/h100_ttft_parts_s1", H100))  # seed 1 at 5 req/s with the first-token marks
 REPLAY_RUNS = (("results/bench/h100_sweep_fresh", H100_UNIFORM), ("results/multi_gpu/sweep_2xh100", H100_UNIFORM),
-               ("results/multi_gpu/distserve_2xh100", H100_UNIFORM), *H200_RUNS, *H100_ROUTER_RUNS, *PARTIAL_RUNS)
+               ("results/multi_gpu/distserve_2xh100", H100_UNIFORM), *H100_ROUTER_RUNS, *PARTIAL_RUNS)
 PLAN_RUNS = (("results/multi_gpu/sweep_2xh100", H100_UNIFORM), ("results/bench/h100_sweep_fresh", H100_UNIFORM),
-             ("results/multi_gpu/distserve_2xh100", H100_UNIFORM), *H200_RUNS, *H100_ROUTER_RUNS, *PARTIAL_RUNS)
+             ("results/multi_gpu/distserve_2xh100", H100_UNIFORM), *H100_ROUTER_RUNS, *PARTIAL_RUNS)
 NOT_VALIDATED = {"results/bench/h100_mps": "recorded no per-request records (no --save-detailed)",
                  "results/router/h200_bimodal_first": "a first look: 15 s of arrivals at one rate (issue 20 asks >= 30 s), "
                  "adaptive and threshold decided by router code since replaced, a profile without the sharing measured"}
+# bimodal runs of the engine before the balanced decode split (2026-12-05 16:49 UTC), which changed how a batch of
+# unequal lengths decodes (uniform-length runs stand: nothing changed for them); each NOTE.md says what replaced it
+_UNIFORM_SPLIT = "superseded: bimodal on the engine before the balanced decode split (2026-12-05 16:49 UTC)"
+SUPERSEDED = {f"results/router/{run}": _UNIFORM_SPLIT
+              for run in ("h100_bimodal_s1", "h100_bimodal_b0.5", "h200_bimodal", "h200_bimodal_b0.5")}
 
 
 def replay_committed(runs=REPLAY_RUNS) -> dict:
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
                    note="state 'rebuilt': these runs recorded no loads")
     print(f"replay -> {write(args.out + '/router', 'replay_committed_runs', replays)}")
     rows, summary = validate_committed()
-    path = write(args.out, "plan_validation", dict(summary=summary, rows=rows, not_validated=NOT_VALIDATED,
+    path = write(args.out, "plan_validation", dict(summary=summary, rows=rows, not_validated={**NOT_VALIDATED, **SUPERSEDED},
                                                    provenance=prov))
     print(f"plan validation -> {path}")
     print({k: v for k, v in summary.items() if k != "highest_rates"})
