@@ -24,6 +24,7 @@ H100_ROUTER_RUNS = (("results/router/h100_bal_bimodal_b0.5", H100_EQUAL), ("resu
 PARTIAL_RUNS = (("results/router/h100_bal_bimodal_s1_equal_share", H100_EQUAL),
                 ("results/router/h100_bal_bimodal_s1_router_b2506ba", H100_GRID),
                 ("results/router/h100_bal_bimodal_s2", H100),
+                ("results/router/h100_bal_bimodal_b0.5_r2", H100),  # seed 31 bursty again: this router and profile
                 ("results/router/h100_bal_bimodal_s1_repeat", H100),  # seed 1 static rates measured again
                 ("results/router/h100_ttft_parts_s1", H100))  # seed 1 at 5 req/s with the first-token marks
 REPLAY_RUNS = (("results/bench/h100_sweep_fresh", H100_UNIFORM), ("results/multi_gpu/sweep_2xh100", H100_UNIFORM),

@@ -56,8 +56,9 @@ def remake(folder: str, params_dir: str | None, plots: bool = True) -> None:
         from pdcli.router.fit import load_cost_model
         from pdcli.router.replay import load_runs, replay_table
 
+        table = replay_table(load_runs(folder), load_cost_model(params_dir))  # before replay.json is opened (emptied)
         with open(os.path.join(folder, "replay.json"), "w") as f:
-            json.dump(replay_table(load_runs(folder), load_cost_model(params_dir)), f, indent=1)
+            json.dump(table, f, indent=1)
             f.write("\n")
     if plots:
         subprocess.run([sys.executable, "-m", "pdcli", "plot", folder, "--out", os.path.join(folder, "plots")],
