@@ -269,7 +269,10 @@ def test_router_sweeps_runs_only_what_is_left_of_a_plan(tmp_path, monkeypatch, c
     (folder / "20261205-000000_adaptive_bimodal_rate4.5.json").write_text(json.dumps({"mode": "adaptive"}))
     lines = router_sweeps.parse_plan(str(plan))
     assert [router_sweeps.remaining_rates(x, "h100") for x in lines] == [["4.5", "5"], []]
-    router_sweeps.main([str(plan), "--gpu", "h100", "--dry-run"])
+    with pytest.raises(SystemExit) as stop:  # another kind of GPU than the plan's: nothing runs
+        router_sweeps.main([str(plan), "--gpu", "h200", "--expect-gpu", "h100", "--dry-run"])
+    assert stop.value.code == router_sweeps.WRONG_GPU and "nothing run" in capsys.readouterr().out
+    router_sweeps.main([str(plan), "--gpu", "h100", "--expect-gpu", "h100", "--dry-run"])
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "--arrival-rate 4.5,5 " in out[0] and "--resume" in out[0]
     assert "--params-dir profiles/nvidia-h100-80gb-hbm3/dummy-llama3-8b" in out[0]

@@ -9,6 +9,10 @@ TPOT 15 ms), 35 s of arrivals of which the first 5 s are the warm-up (30 s score
 
     python -m pdcli.benchmarks.router_sweeps results/router/plans/h100.txt --budget 520 --bundle $OUT/res.tgz
 
+A call for kind nvidia-h200 may land on an H100 and one for H100s may be refused for long: with `--expect-gpu h100`
+the driver exits 3 on any other GPU before it builds or runs anything, so `... --expect-gpu h100 || [ $? != 3 ] ||
+OTHER WORK` uses whichever GPU came.
+
 Back here: `python -m pdcli.benchmarks.sweep_ingest res.tgz --params-dir PROFILE` (untar, drop the cut runs, gzip,
 replay.json and plots), then commit: the next call resumes from them (a GPU call's tree is this one's: what a call
 wrote there is gone at the next).
@@ -31,6 +35,7 @@ PROFILES = {"h100": "profiles/nvidia-h100-80gb-hbm3/dummy-llama3-8b", "h200": "p
 SLO_ARGS = ["--slo-ttft-ms", "250", "--slo-ttft-per-token-ms", "0.1", "--slo-tpot-ms", "15"]
 START_S = 15.0  # s a line needs before its first rate: the workers' start
 RATE_S = 4.0  # s a rate needs beyond its arrivals: its drain and the next rate's set-up
+WRONG_GPU = 3  # exit status under --expect-gpu on another kind of GPU
 
 
 def rates_that_fit(rates: list[str], left: float, duration: float) -> list[str]:
@@ -105,6 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--duration", type=float, default=35.0, help="s of arrivals per rate")
     ap.add_argument("--warmup", type=float, default=5.0, help="s of arrivals not scored")
     ap.add_argument("--gpu", help="h100 or h200 (default: from the CUDA device's name)")
+    ap.add_argument("--expect-gpu", choices=sorted(PROFILES),
+                    help=f"on another GPU exit {WRONG_GPU} before anything runs (a plan's sweeps stay on one kind of GPU; "
+                         "a device call may land on either, and `|| ...` can then do other work)")
     ap.add_argument("--logs", default=os.environ.get("OUT", "."), help="folder for each line's console")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
     ap.add_argument("--bundle", help="at the end, a .tgz of the result files this call wrote (the GPU call's $OUT)")
@@ -116,6 +124,9 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         tag = gpu_tag(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
+    if args.expect_gpu and tag != args.expect_gpu:
+        print(f"this GPU is an {tag}, the plan's sweeps run on an {args.expect_gpu}: nothing run", flush=True)
+        sys.exit(WRONG_GPU)
     start = time.monotonic()
     if not args.dry_run:  # the kernels' JIT build once, before any worker (a failed build stops here, not per line)
         from pdcli.kernels import build
