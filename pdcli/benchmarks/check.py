@@ -56,6 +56,8 @@ def main() -> int:
     ap.add_argument("--results", default="results", help="the committed JSONs")
     ap.add_argument("--out", default="results")
     ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--bench-out", default=None,
+                    help="keep the fresh kernels_/engine_<device>.json here (default: a temporary folder, discarded)")
     args = ap.parse_args()
     import torch
 
@@ -67,7 +69,8 @@ def main() -> int:
     if not args.skip_tests and subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "tests"]).returncode:
         failed.append("CUDA tests")
     rows = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.bench_out or scratch
         for bench in ("kernels", "engine"):
             if subprocess.run([sys.executable, "-m", f"pdcli.benchmarks.{bench}", "--out", tmp]).returncode:
                 failed.append(f"{bench} benchmark")
