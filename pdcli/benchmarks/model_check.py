@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> None:
                    note="state 'rebuilt': these runs recorded no loads")
     print(f"replay -> {write(args.out + '/router', 'replay_committed_runs', replays)}")
     rows, summary = validate_committed()
-    path = write(args.out, "plan_validation", dict(summary=summary, rows=rows, not_validated={**NOT_VALIDATED, **SUPERSEDED},
-                                                   provenance=prov))
+    path = write(args.out, "plan_validation", dict(summary=summary, rows=rows,
+                                                   not_validated={**NOT_VALIDATED, **SUPERSEDED}, provenance=prov))
     print(f"plan validation -> {path}")
     print({k: v for k, v in summary.items() if k != "highest_rates"})
 

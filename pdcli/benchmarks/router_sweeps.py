@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=float, default=5.0, help="s of arrivals not scored")
     ap.add_argument("--gpu", help="h100 or h200 (default: from the CUDA device's name)")
     ap.add_argument("--expect-gpu", choices=sorted(PROFILES),
-                    help=f"on another GPU exit {WRONG_GPU} before anything runs (a plan's sweeps stay on one kind of GPU; "
-                         "a device call may land on either, and `|| ...` can then do other work)")
+                    help=f"on another GPU exit {WRONG_GPU} before anything runs (a plan's sweeps stay on one kind "
+                         "of GPU; a device call may land on either, and `|| ...` can then do other work)")
     ap.add_argument("--logs", default=os.environ.get("OUT", "."), help="folder for each line's console")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
     ap.add_argument("--bundle", help="at the end, a .tgz of the result files this call wrote (the GPU call's $OUT)")
