@@ -287,3 +287,41 @@ def test_a_step_that_samples_nothing_is_not_reported_until_one_that_does():
         c.hold(s)
     c.finish_step(c.plan(), 0.1)  # the first prompt whole, 1096 of the second: a first token, so a message
     assert c.queued_tokens == 3000 - 1096 and c.last_step_end == 0.1
+
+
+def test_a_closed_loop_sends_a_request_when_one_ends_and_times_it_from_then():
+    """max_concurrency (bench's, vLLM's): with one slot, the second request waits for the first to end, and
+    its TTFT starts when it is sent, as bench times it; without the cap both are in flight at once."""
+    spec = [SimSpec(0, "collocated", "n:cuda:0")]
+    a, b = one(spec, "collocated", [100, 100], [5, 5], [0.0, 0.0])
+    assert a.arrival == b.arrival == 0.0 and b.first_token < a.end  # both in flight at once
+    sim = Simulator(cost_model(), spec, "collocated", hops=NO_HOPS)
+    first, second = sim.run([100, 100], [5, 5], [0.0, 0.0], max_concurrency=1)
+    assert second.arrival == pytest.approx(first.end) and second.ttft_ms == pytest.approx(first.ttft_ms)
+    assert second.e2el_ms == pytest.approx(first.e2el_ms)  # the same work on an idle worker
+
+
+def test_validate_rebuilds_a_closed_loop_run_without_records(tmp_path):
+    """A `--arrival-rate inf --max-concurrency N` result from before --save-detailed: its requests from bench's
+    generator when their lengths add up to the recorded totals; time-sliced neighbours (--no-mps) and totals that
+    differ are left out, each with its reason."""
+    from pdcli.bench.workloads import make_requests
+    from pdcli.plan.validate import rebuilt_closed_loop, summarize_validation, validate_runs
+
+    reqs = make_requests("random", 8, 0, 32000, 1 << 20)
+    d = dict(mode="collocated", request_rate="inf", max_concurrency=4, workload="random", num_prompts=8, seed=0,
+             total_input_tokens=sum(len(r.prompt_ids) for r in reqs), total_output_tokens=sum(r.output_len for r in reqs),
+             layout=[dict(rank=0, role="collocated", device="cuda:0")], median_ttft_ms=900.0, median_tpot_ms=20.0,
+             request_throughput=2.0, slo_attainment=None)
+    run = rebuilt_closed_loop("f.json", d)
+    assert run.max_concurrency == 4 and [(r.input_len, r.output_len) for r in run.records] == [(1024, 128)] * 8
+    assert "totals differ" in rebuilt_closed_loop("f.json", dict(d, total_input_tokens=1))
+    two = [dict(rank=0, role="prefill", device="cuda:0"), dict(rank=1, role="decode", device="cuda:0")]
+    assert "--no-mps" in rebuilt_closed_loop("f.json", dict(d, mode="disaggregated", layout=two, mps=False))
+    (tmp_path / "20261126-000000_collocated_random_rateinf.json").write_text(json.dumps(d))
+    [row] = validate_runs(str(tmp_path), cost_model())
+    assert row["max_concurrency"] == 4 and row["request_throughput_sim"] > 0
+    s = summarize_validation([row])
+    assert s["rows_below_saturation"] == 0 and s["highest_rates_not_bracketed"] == {}
+    [c] = s["closed_loop"]
+    assert c["throughput_err"] == pytest.approx(abs(row["request_throughput_sim"] - 2.0) / 2.0)

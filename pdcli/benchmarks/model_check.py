@@ -30,9 +30,10 @@ PARTIAL_RUNS = (("results/router/h100_bal_bimodal_s1_equal_share", H100_EQUAL),
 REPLAY_RUNS = (("results/bench/h100_sweep_fresh", H100_UNIFORM), ("results/multi_gpu/sweep_2xh100", H100_UNIFORM),
                ("results/multi_gpu/distserve_2xh100", H100_UNIFORM), *H100_ROUTER_RUNS, *PARTIAL_RUNS)
 PLAN_RUNS = (("results/multi_gpu/sweep_2xh100", H100_UNIFORM), ("results/bench/h100_sweep_fresh", H100_UNIFORM),
-             ("results/multi_gpu/distserve_2xh100", H100_UNIFORM), *H100_ROUTER_RUNS, *PARTIAL_RUNS)
-NOT_VALIDATED = {"results/bench/h100_mps": "recorded no per-request records (no --save-detailed)",
-                 "results/router/h200_bimodal_first": "a first look: 15 s of arrivals at one rate (issue 20 asks >= 30 s), "
+             ("results/multi_gpu/distserve_2xh100", H100_UNIFORM),
+             ("results/bench/h100_mps", H100_UNIFORM),  # closed loops without records, rebuilt (plan.validate)
+             *H100_ROUTER_RUNS, *PARTIAL_RUNS)
+NOT_VALIDATED = {"results/router/h200_bimodal_first": "a first look: 15 s of arrivals at one rate (issue 20 asks >= 30 s), "
                  "adaptive and threshold decided by router code since replaced, a profile without the sharing measured"}
 # bimodal runs of the engine before the balanced decode split (2026-12-05 16:49 UTC), which changed how a batch of
 # unequal lengths decodes (uniform-length runs stand: nothing changed for them); each NOTE.md says what replaced it
@@ -48,14 +49,16 @@ def replay_committed(runs=REPLAY_RUNS) -> dict:
     return {folder: replay_table(load_runs(folder), load_cost_model(params)) for folder, params in runs}
 
 
-def validate_committed(runs=PLAN_RUNS) -> tuple[list[dict], dict]:
-    from pdcli.plan.validate import summarize_validation, validate_runs
+def validate_committed(runs=PLAN_RUNS) -> tuple[list[dict], dict, dict]:
+    """(rows, summary, {result file: why not validated} of the runs in those folders left out)."""
+    from pdcli.plan.validate import summarize_validation, unrecorded_runs, validate_runs
     from pdcli.router.fit import load_cost_model
 
-    rows = []
+    rows, left_out = [], {}
     for folder, params in runs:
         rows += [dict(r, params_dir=params) for r in validate_runs(folder, load_cost_model(params))]
-    return rows, summarize_validation(rows)
+        left_out.update(unrecorded_runs(folder)[1])
+    return rows, summarize_validation(rows), left_out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -66,9 +69,10 @@ def main(argv: list[str] | None = None) -> None:
     replays = dict(params_dir=dict(REPLAY_RUNS), runs=replay_committed(), provenance=prov,
                    note="state 'rebuilt': these runs recorded no loads")
     print(f"replay -> {write(args.out + '/router', 'replay_committed_runs', replays)}")
-    rows, summary = validate_committed()
+    rows, summary, left_out = validate_committed()
     path = write(args.out, "plan_validation", dict(summary=summary, rows=rows,
-                                                   not_validated={**NOT_VALIDATED, **SUPERSEDED}, provenance=prov))
+                                                   not_validated={**NOT_VALIDATED, **SUPERSEDED, **left_out},
+                                                   provenance=prov))
     print(f"plan validation -> {path}")
     print({k: v for k, v in summary.items() if k != "highest_rates"})
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
+from collections import deque
 from dataclasses import dataclass
 
 from pdcli.bench.metrics import RequestRecord
@@ -51,15 +52,17 @@ class Simulator:
         self.block_size = block_size
         self.prefixes = PrefixIndex(block_size, {})  # what each worker computed (no eviction: pools not modelled)
         self.now = 0.0
+        self.slots, self.waiting_for_slot = None, deque()
 
     def push(self, t: float, kind: str, *data) -> None:
         heapq.heappush(self.events, (t, next(self.order), kind, data))
 
     def run(self, prompt_lens: list[int], output_lens: list[int], arrivals, paths: list[str] | None = None,
-            prompts: list[list[int]] | None = None) -> list[RequestRecord]:
+            prompts: list[list[int]] | None = None, max_concurrency: int | None = None) -> list[RequestRecord]:
         """paths: the path each request took in a recorded run (validation follows them), else routed here;
         prompts: the token ids, for prefix caching (the leading blocks a worker computed before are not computed
-        again, their attention is), else every prompt is computed whole."""
+        again, their attention is), else every prompt is computed whole; max_concurrency (bench's, vLLM's): at most
+        that many requests in flight, one that finds none free sent when one ends and timed from then."""
         seqs = [SimSeq(i, float(a), n, o) for i, (a, n, o) in enumerate(zip(arrivals, prompt_lens, output_lens))]
         firsts = [tuple(ids[:self.block_size]) for ids in prompts or [] if len(ids) >= self.block_size]
         if len(set(firsts)) < len(firsts):  # else no two prompts share a first block: nothing can hit a cache
@@ -67,8 +70,12 @@ class Simulator:
                 s.hashes = prompt_hashes(ids, self.block_size)
         for s, path in zip(seqs, paths or []):
             s.path = path
+        self.slots, self.waiting_for_slot = max_concurrency or None, deque()  # free slots (None: no limit)
         for s in seqs:
-            self.push(s.arrival + self.hops.dispatch_ms / 1e3, "arrive", s)
+            if max_concurrency:
+                self.push(s.arrival, "request", s)
+            else:
+                self.push(s.arrival + self.hops.dispatch_ms / 1e3, "arrive", s)
         while self.events:
             self.now, _, kind, data = heapq.heappop(self.events)
             getattr(self, f"_on_{kind}")(*data)
@@ -79,6 +86,22 @@ class Simulator:
                 for s in seqs]
 
     # ---- events ----
+    def _on_request(self, seq: SimSeq) -> None:
+        """A request under max_concurrency: sent now if a slot is free, else when one frees (_ended)."""
+        if self.slots:
+            self.slots -= 1
+            seq.arrival = self.now
+            self.push(self.now + self.hops.dispatch_ms / 1e3, "arrive", seq)
+        else:
+            self.waiting_for_slot.append(seq)
+
+    def _ended(self) -> None:
+        if self.slots is None:
+            return
+        self.slots += 1
+        if self.waiting_for_slot:
+            self._on_request(self.waiting_for_slot.popleft())
+
     def _on_arrive(self, seq: SimSeq) -> None:
         first, second = self.route(seq)
         seq.workers = (first.spec.rank,) if second is None else (first.spec.rank, second.spec.rank)
@@ -109,8 +132,10 @@ class Simulator:
                 self.workers[seq.workers[-1]].inflight -= 1
                 if len(seq.workers) > 1:
                     self.workers[seq.workers[1]].incoming -= 1
+                self._ended()
         for seq in done:
             w.inflight -= 1
+            self._ended()
         if w.queued is not None:
             step, w.queued = w.queued, None
             self.start(w, step)

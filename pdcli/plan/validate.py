@@ -1,15 +1,18 @@
 """`pdcli plan --validate RUN_DIR`: simulate each recorded run (its layout, arrivals, lengths and the paths its
-requests took, with the profile it ran with) and compare with what it measured."""
+requests took, with the profile it ran with) and compare with what it measured. A closed-loop run that kept no
+per-request records (`--arrival-rate inf --max-concurrency N`, before `--save-detailed`) is rebuilt from bench's
+own request generator where the lengths it gives add up to the run's recorded totals."""
 from __future__ import annotations
 
 import numpy as np
 
 from pdcli.bench import result_files
 from pdcli.bench.metrics import max_rate_meeting, summarize
+from pdcli.bench.workloads import make_requests
 from pdcli.plan.sim import SimSpec
 from pdcli.plan.simulator import Simulator
 from pdcli.router.cost_model import CostModel
-from pdcli.router.replay import Run, load_runs
+from pdcli.router.replay import Record, Run, load_runs
 
 RATE_CLOSE = 0.15  # two layouts whose highest rates differ by more than this are ordered
 
@@ -30,18 +33,53 @@ def simulate_records(run: Run, cm: CostModel, sim: Simulator | None = None) -> l
     RequestRecord per record of run.records, in its order (arrival order, as load_runs sorts them)."""
     recs = run.records
     return (sim or run_simulator(run, cm)).run([r.input_len for r in recs], [r.output_len for r in recs],
-                                                [r.arrival for r in recs], [r.path for r in recs])
+                                                [r.arrival for r in recs], [r.path for r in recs],
+                                                max_concurrency=run.max_concurrency)
+
+
+def rebuilt_closed_loop(path: str, d: dict) -> Run | str:
+    """A closed-loop run without per-request records rebuilt (every request sent at 0 and held for a slot; lengths
+    from bench's generator with the run's workload, count and seed), or why it cannot be."""
+    if d.get("requests") or d.get("request_rate") not in ("inf", float("inf")) or not d.get("max_concurrency"):
+        return "not a closed-loop run without records"
+    devices = [w["device"] for w in d.get("layout") or []]
+    if len(set(devices)) < len(devices) and d.get("mps") is False:
+        return "workers time-sliced on one GPU (--no-mps): the simulator shares a GPU as MPS does"
+    reqs = make_requests(d["workload"], int(d["num_prompts"]), int(d["seed"]), 32000, 1 << 20)
+    lens = [(len(r.prompt_ids), r.output_len) for r in reqs]
+    if (sum(n for n, _ in lens), sum(o for _, o in lens)) != (d.get("total_input_tokens"), d.get("total_output_tokens")):
+        return "its lengths are not bench's generator's with the recorded workload and seed (totals differ)"
+    path_of = "collocated" if d["mode"] == "collocated" else "disaggregated"
+    return Run(path, d["mode"], float("inf"), d["layout"], bool(d.get("pd_on_collocated")),
+               [Record(0.0, n, o, None, None, path_of) for n, o in lens], d.get("goodput_slos") or {},
+               max_concurrency=int(d["max_concurrency"]))
+
+
+def unrecorded_runs(folder: str) -> tuple[list[Run], dict[str, str]]:
+    """folder's results without per-request records: (the closed-loop runs rebuilt, {file: why not} of the rest)."""
+    runs, skipped = [], {}
+    for path in result_files.find(folder):
+        d = result_files.read(path)
+        if not isinstance(d, dict) or d.get("requests") or "layout" not in d or d.get("interrupted"):
+            continue
+        run = rebuilt_closed_loop(path, d)
+        if isinstance(run, Run):
+            runs.append(run)
+        else:
+            skipped[path] = run
+    return runs, skipped
 
 
 def validate_runs(folder: str, cm: CostModel) -> list[dict]:
     """One row per (mode, rate): simulated and measured p50 TTFT / TPOT and SLO attainment."""
     rows = []
-    for run in load_runs(folder):
+    for run in load_runs(folder) + unrecorded_runs(folder)[0]:
         measured = result_files.read(run.file)
         sim = simulate_run(run, cm, measured.get("num_warmup_excluded", 0))
         rows.append(dict(run=folder, mode=run.mode, rate=run.rate,
+                         **({"max_concurrency": run.max_concurrency} if run.max_concurrency else {}),
                          **{f"{k}_{src}": d.get(k) for src, d in (("sim", sim), ("measured", measured))
-                            for k in ("median_ttft_ms", "median_tpot_ms", "slo_attainment")}))
+                            for k in ("median_ttft_ms", "median_tpot_ms", "slo_attainment", "request_throughput")}))
     return rows
 
 
@@ -52,9 +90,13 @@ def _rel(a: float, b: float) -> float:
 def summarize_validation(rows: list[dict]) -> dict:
     """The issue's measures: median p50 errors below saturation (rates up to each layout's measured highest
     rate with >= 90% attainment), the worst relative error of that highest rate, and how often the plan orders
-    two layouts as measured where their measured highest rates differ by more than 15%. A highest rate is known
+    two layouts as measured where their measured highest rates differ by more than 15%; closed-loop runs (saturated
+    by construction) apart, with their p50 and throughput errors. A highest rate is known
     only where the run has a rate above it (its top rate at >= 90% says only "at least"; no rate at >= 90%, "below
     the lowest"): the others' rows count for the errors, their highest rates are listed but not compared."""
+    num_runs, num_rows = len({r["run"] for r in rows}), len(rows)
+    closed = [r for r in rows if r.get("max_concurrency")]  # saturated by construction: p50s and throughput only
+    rows = [r for r in rows if not r.get("max_concurrency")]
     below, highest, unknown = [], {}, {}
     for (run, mode) in sorted({(r["run"], r["mode"]) for r in rows}):
         rs = sorted((r for r in rows if r["run"] == run and r["mode"] == mode), key=lambda r: r["rate"])
@@ -76,11 +118,15 @@ def summarize_validation(rows: list[dict]) -> dict:
                 if _rel(max(m1, m2), min(m1, m2)) > RATE_CLOSE:
                     pairs += 1
                     agree += (m1 > m2) == ((p1 or 0) > (p2 or 0))
-    return dict(runs=len({r["run"] for r in rows}), rows=len(rows), rows_below_saturation=len(below),
+    return dict(runs=num_runs, rows=num_rows, rows_below_saturation=len(below),
                 ttft_p50_err_median=float(np.median(errs["ttft"])) if below else None,
                 tpot_p50_err_median=float(np.median(errs["tpot"])) if below else None,
                 highest_rate_err_max=max(rate_errs) if rate_errs else None,
                 order_pairs=pairs, order_agreement=agree / pairs if pairs else None,
                 highest_rates={f"{k[0]} {k[1]}": dict(measured=v[0], predicted=v[1]) for k, v in highest.items()},
                 highest_rates_not_bracketed={f"{k[0]} {k[1]}": dict(measured_at_least=v[0], predicted=v[1])
-                                             for k, v in unknown.items()})
+                                             for k, v in unknown.items()},
+                closed_loop=[dict(run=r["run"], mode=r["mode"], max_concurrency=r["max_concurrency"],
+                                  **{f"{k}_err": _rel(r[f"{m}_sim"], r[f"{m}_measured"]) for k, m in
+                                     (("ttft_p50", "median_ttft_ms"), ("tpot_p50", "median_tpot_ms"),
+                                      ("throughput", "request_throughput"))}) for r in closed])

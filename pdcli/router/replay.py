@@ -73,6 +73,7 @@ class Run:
     records: list[Record] = field(default_factory=list)
     slo: dict = field(default_factory=dict)  # goodput_slos: ttft / tpot ms
     step_ends: dict | None = None  # rank -> when its steps are known to have ended (s), rebuilt (step_ends)
+    max_concurrency: int | None = None  # a closed loop rebuilt without its records (plan.validate): sent as slots free
 
 
 def _record(q: dict) -> Record:
