@@ -28,6 +28,9 @@ class SharingShapes:
     # each neighbour prompt (a short prompt's steps beside a long one's are not priced by the equal-length factor)
     grid_own: tuple = (256, 1024, 4096)
     grid_neighbour: tuple = (1024, 8192)
+    # more decode batches of the neighbour for the own prompts of the grid: is a prompt's share of a decode step
+    # keyed by their ratio alone? (served short prompts beside small batches ran 1.12-1.20x what batch 32 says)
+    grid_decode_batch: tuple = (4, 128)
 
     def within(self, limit: int) -> "SharingShapes":
         """The same without the grid's lengths past limit (an engine's longest prompt or token budget)."""
@@ -39,8 +42,11 @@ class SharingShapes:
     def prompt_lens(self) -> tuple:
         return tuple(sorted({self.prompt, *self.grid_own, *self.grid_neighbour}))
 
-    def kv_blocks(self) -> int:  # the decode batch and one prepared prompt of each length, held together
-        return self.batch * -(-self.ctx // self.block_size) + \
+    def decode_batches(self) -> tuple:
+        return tuple(sorted({self.batch, *self.grid_decode_batch}))
+
+    def kv_blocks(self) -> int:  # the largest decode batch and one prepared prompt of each length, held together
+        return max(self.decode_batches()) * -(-self.ctx // self.block_size) + \
             sum(-(-n // self.block_size) for n in self.prompt_lens()) + 8
 
 
@@ -66,9 +72,9 @@ def _longest(engine) -> int:
 IDLE, DECODING, PREFILLING = 0, 1, 2  # the neighbour's mode
 
 
-def _neighbour(model, device, engine_kwargs, shapes, env, ready, stop, mode, prompt_len) -> None:
-    """Steps without pause in the mode asked (a full decode batch, or prefills of a prompt of prompt_len tokens)
-    until `stop`."""
+def _neighbour(model, device, engine_kwargs, shapes, env, ready, stop, mode, size) -> None:
+    """Steps without pause in the mode asked (a decode batch of `size` sequences, or prefills of a prompt of `size`
+    tokens) until `stop`."""
     import time
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -78,25 +84,25 @@ def _neighbour(model, device, engine_kwargs, shapes, env, ready, stop, mode, pro
     engine = _engine(model, device, engine_kwargs, shapes, env)
     shapes = shapes.within(_longest(engine))
     timer = StepTimer(engine, seed=1)
-    seqs = [timer.prepared(shapes.ctx, shapes.ctx - 1) for _ in range(shapes.batch)]
-    steps = {(DECODING, 0): SchedulerOutput(seqs, [1] * len(seqs))}
+    seqs = [timer.prepared(shapes.ctx, shapes.ctx - 1) for _ in range(max(shapes.decode_batches()))]
+    steps = {(DECODING, b): SchedulerOutput(seqs[:b], [1] * b) for b in shapes.decode_batches()}
     for n in shapes.prompt_lens():
         steps[(PREFILLING, n)] = SchedulerOutput([timer.prepared(n, 0)], [n])
     for out in steps.values():
         engine.runner.execute(out)
     ready.set()
     while not stop.is_set():
-        m = mode.value
-        out = steps.get((m, prompt_len.value if m == PREFILLING else 0))
+        out = steps.get((mode.value, size.value))
         if out is None:
             time.sleep(0.001)
         else:
             engine.runner.execute(out)
 
 
-def _measured(model, device, engine_kwargs, shapes, env, ready, mode, prompt_len, stop, results) -> None:
+def _measured(model, device, engine_kwargs, shapes, env, ready, mode, size, stop, results) -> None:
     """Decode and prefill step times alone, beside the neighbour decoding, and beside it prefilling; prompts of
-    the grid's own lengths beside the neighbour decoding, and beside it prefilling the grid's neighbour lengths."""
+    the grid's own lengths beside the neighbour decoding (each of its decode batches), and beside it prefilling the
+    grid's neighbour lengths."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from pdcli.profiler import StepTimer
 
@@ -113,18 +119,24 @@ def _measured(model, device, engine_kwargs, shapes, env, ready, mode, prompt_len
         alone = both()
         lens = sorted({*shapes.grid_own, *shapes.grid_neighbour})
         prompt_alone = {n: timer.prefill_ms(n, 0, shapes.reps) for n in lens}
+        # the neighbour's decode steps have the shapes of ours: their times alone are ours alone
+        decode_alone = {b: alone[0] if b == shapes.batch else timer.decode_ms(b, shapes.ctx, shapes.reps)
+                        for b in shapes.decode_batches()}
+        size.value = shapes.batch
         mode.value = DECODING
         beside = both()
-        # the neighbour's decode step has the shape of ours: its time alone is ours alone
-        decode_grid = [dict(own=own, neighbour=0, own_alone_ms=prompt_alone[own],
-                            own_beside_ms=timer.prefill_ms(own, 0, shapes.reps), neighbour_ms=alone[0])
-                       for own in shapes.grid_own]
-        prompt_len.value = shapes.prompt
+        decode_grid = []
+        for b in (shapes.batch, *[b for b in shapes.decode_batches() if b != shapes.batch]):
+            size.value = b
+            decode_grid += [dict(own=own, neighbour=0, neighbour_batch=b, own_alone_ms=prompt_alone[own],
+                                 own_beside_ms=timer.prefill_ms(own, 0, shapes.reps), neighbour_ms=decode_alone[b])
+                            for own in shapes.grid_own]
+        size.value = shapes.prompt
         mode.value = PREFILLING
         beside_prefill = both()
         grid = []
         for nb in shapes.grid_neighbour:
-            prompt_len.value = nb
+            size.value = nb
             decode_ms = timer.decode_ms(shapes.batch, shapes.ctx, shapes.reps)
             grid.append(dict(own=0, neighbour=nb, own_alone_ms=alone[0], own_beside_ms=decode_ms,
                              neighbour_ms=prompt_alone[nb]))
@@ -146,7 +158,8 @@ def profile_sharing(model: str, device: str, engine_kwargs: dict, shapes: Sharin
     """{decode_beside_decode, prefill_beside_decode: step time beside a decoding neighbour over alone;
     decode_beside_prefill, prefill_beside_prefill: beside a prefilling one; beside_prefill_grid: [{own (prompt
     tokens, 0 for the decode batch), neighbour (its prompt tokens), own_alone_ms, own_beside_ms, neighbour_ms}];
-    beside_decode_grid: the same for own prompts beside the neighbour's decode batch (neighbour 0);
+    beside_decode_grid: the same for own prompts beside the neighbour's decode batch (neighbour 0, neighbour_batch
+    its sequences);
     plus the times and shapes};
     RuntimeError if the processes fail."""
     from pdcli.workers.layout import WorkerSpec
@@ -157,16 +170,16 @@ def profile_sharing(model: str, device: str, engine_kwargs: dict, shapes: Sharin
     env = daemon.env if daemon else {}
     ctx = mp.get_context("spawn")
     ready, stop, results = ctx.Event(), ctx.Event(), ctx.Queue()
-    mode, prompt_len = ctx.Value("i", IDLE), ctx.Value("i", shapes.prompt)
+    mode, size = ctx.Value("i", IDLE), ctx.Value("i", shapes.prompt)
     if device.startswith("cuda"):  # two engines on one GPU: each its share of the memory
         from pdcli.config import CacheConfig
 
         util = engine_kwargs.get("gpu_memory_utilization") or CacheConfig.gpu_memory_utilization
         engine_kwargs = dict(engine_kwargs, gpu_memory_utilization=util / 2)
     args = (model, device, engine_kwargs, shapes, env)
-    procs = [ctx.Process(target=_neighbour, args=(*args, ready, stop, mode, prompt_len), daemon=True,
+    procs = [ctx.Process(target=_neighbour, args=(*args, ready, stop, mode, size), daemon=True,
                          name="pdcli-neighbour"),
-             ctx.Process(target=_measured, args=(*args, ready, mode, prompt_len, stop, results), daemon=True,
+             ctx.Process(target=_measured, args=(*args, ready, mode, size, stop, results), daemon=True,
                          name="pdcli-measured")]
     try:
         for p in procs:

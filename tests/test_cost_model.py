@@ -442,7 +442,7 @@ def test_profiled_sharing_factors_reach_the_cost_model(tmp_path):
     from pdcli.profile_sharing import SharingShapes, profile_sharing
 
     shapes = SharingShapes(batch=4, ctx=32, prompt=64, reps=3, block_size=8, grid_own=(16, 64),
-                           grid_neighbour=(32, 128))
+                           grid_neighbour=(32, 128), grid_decode_batch=(2, 8))
     got = profile_sharing("dummy:tiny-llama", "cpu", {}, shapes, timeout_s=120)
     for k in ("decode_beside_decode", "prefill_beside_decode", "decode_beside_prefill", "prefill_beside_prefill"):
         assert 0.2 < got[k] < 20, got  # measured (noisy on 2 busy cores), not a constant
@@ -451,9 +451,10 @@ def test_profiled_sharing_factors_reach_the_cost_model(tmp_path):
     grid = got["beside_prefill_grid"]  # each own prompt (0: the decode batch) beside each neighbour prompt
     assert sorted((g["own"], g["neighbour"]) for g in grid) == [(o, n) for o in (0, 16, 64) for n in (32, 128)]
     assert all(g["own_alone_ms"] > 0 and g["own_beside_ms"] > 0 and g["neighbour_ms"] > 0 for g in grid)
-    beside_decode = got["beside_decode_grid"]  # each own prompt beside the neighbour's decode batch
-    assert [g["own"] for g in beside_decode] == [16, 64] and all(g["neighbour"] == 0 for g in beside_decode)
-    assert all(g["own_beside_ms"] > 0 and g["neighbour_ms"] == got["decode_alone_ms"] for g in beside_decode)
+    beside_decode = got["beside_decode_grid"]  # each own prompt beside each of the neighbour's decode batches
+    assert [(g["own"], g["neighbour_batch"]) for g in beside_decode] == [(o, b) for b in (4, 2, 8) for o in (16, 64)]
+    assert all(g["neighbour"] == 0 and g["own_beside_ms"] > 0 for g in beside_decode)
+    assert all((g["neighbour_ms"] == got["decode_alone_ms"]) == (g["neighbour_batch"] == 4) for g in beside_decode)
     torch.save(dict(synthetic_profile(), sharing=got), tmp_path / "profile_data.pt")
     write_params(str(tmp_path), fit_profile(load_profile(str(tmp_path))))
     cm = load_cost_model(str(tmp_path))
@@ -467,7 +468,7 @@ def test_profiled_sharing_factors_reach_the_cost_model(tmp_path):
     older = CostModel(**{**cm.__dict__, "sharing": {k: v for k, v in cm.sharing.items() if k != "prefill_beside_prefill"}})
     assert older.prompt_beside_prefill_share == older.beside_prefill_share  # profiles before it: the decode's share
     assert len(cm.sharing["prompt_beside_prefill_points"]) == 4 and len(cm.sharing["decode_beside_prefill_points"]) == 2
-    assert len(cm.sharing["prompt_beside_decode_points"]) == 2
+    assert len(cm.sharing["prompt_beside_decode_points"]) == 6  # one per ratio of own to neighbour step
 
 
 def test_unequal_prompts_beside_a_prefill_are_priced_from_the_profiled_grid():

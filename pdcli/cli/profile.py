@@ -176,7 +176,8 @@ def _measure_sharing(model: str, kw: dict, progress) -> dict:
                  f"prefill x{got['prefill_beside_prefill']:.2f}{' (MPS)' if got['mps'] else ''}")
     for g in got.get("beside_decode_grid", []) + got.get("beside_prefill_grid", []):
         own = f"{g['own']}-token prompt" if g["own"] else "decode batch"
-        theirs = f"{g['neighbour']}-token prefills" if g["neighbour"] else "a decode batch"
+        theirs = f"{g['neighbour']}-token prefills" if g["neighbour"] else \
+            f"a decode batch of {g['neighbour_batch']}" if g.get("neighbour_batch") else "a decode batch"
         progress.say(f"{own} beside {theirs}: {g['own_alone_ms']:.1f} -> "
                      f"{g['own_beside_ms']:.1f} ms (+{(g['own_beside_ms'] - g['own_alone_ms']) / g['neighbour_ms']:.2f}"
                      f" of their {g['neighbour_ms']:.1f} ms step)")
