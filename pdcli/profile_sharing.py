@@ -29,7 +29,8 @@ class SharingShapes:
     grid_own: tuple = (256, 1024, 4096)
     grid_neighbour: tuple = (1024, 8192)
     # more decode batches of the neighbour for the own prompts of the grid: is a prompt's share of a decode step
-    # keyed by their ratio alone? (served short prompts beside small batches ran 1.12-1.20x what batch 32 says)
+    # keyed by their ratio alone? (served 256-token prompts on a prefill worker: 1.09-1.21x their simulated TTFT,
+    # results/router/sim_residuals_ttft_nvidia-h100-80gb-hbm3.json)
     grid_decode_batch: tuple = (4, 128)
 
     def within(self, limit: int) -> "SharingShapes":

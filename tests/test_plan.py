@@ -325,3 +325,23 @@ def test_validate_rebuilds_a_closed_loop_run_without_records(tmp_path):
     assert s["rows_below_saturation"] == 0 and s["highest_rates_not_bracketed"] == {}
     [c] = s["closed_loop"]
     assert c["throughput_err"] == pytest.approx(abs(row["request_throughput_sim"] - 2.0) / 2.0)
+
+
+def test_sim_residuals_ttft_sets_each_request_against_its_simulated_self():
+    """`sim_residuals --ttft`: measured over simulated TTFT per request after the 5 s warm-up, short and long
+    prompts apart."""
+    from pdcli.benchmarks.sim_residuals import ttft_residuals
+    from pdcli.plan.validate import simulate_records
+    from pdcli.router.replay import Record, Run
+
+    layout = [dict(rank=0, role="prefill", device="cuda:0"), dict(rank=1, role="decode", device="cuda:0")]
+    lens = [(256, 8), (4000, 4), (256, 8), (256, 8)]
+    recs = [Record(5.0 + 2 * i, n, o, None, None, "disaggregated") for i, (n, o) in enumerate(lens)]
+    run = Run("f", "disaggregated", 0.5, layout, False, [Record(1.0, 256, 8, None, None, "disaggregated"), *recs])
+    sim = simulate_records(run, cost_model())
+    scale = [1.0, 1.5, 1.2, 1.1, 1.3]  # the first is in the warm-up
+    run.records = [Record(r.arrival, r.input_len, r.output_len, s.ttft_ms * k, s.e2el_ms * k, r.path)
+                   for r, s, k in zip(run.records, sim, scale)]
+    got = ttft_residuals(run, cost_model())["measured_over_simulated"]
+    assert got["long"]["requests"] == 1 and got["long"]["median"] == pytest.approx(1.2)
+    assert got["short"]["requests"] == 3 and got["short"]["median"] == pytest.approx(1.3)

@@ -3,9 +3,12 @@ simulated with the profile it ran with (`pdcli plan`'s simulator: step times fro
 decode step by its batch and summed context), and every short request's measured TPOT is set against its
 simulated one, split by what ran beside its decode: how many long prompts' prefills landed during it (k), and,
 among those with none, how much of its decode a long request was decoding beside it. A ratio near 1 is a step
-the model prices right; a ratio that grows with a neighbour is a cost the model does not have. CPU only; seconds.
+the model prices right; a ratio that grows with a neighbour is a cost the model does not have. With --ttft: each
+disaggregated run's requests' TTFT against their simulated one instead (a prefill worker beside its MPS decode
+neighbour), split by prompt length. CPU only; seconds.
 
     python -m pdcli.benchmarks.sim_residuals --params-dir DIR --device D FOLDER... -> results/router/sim_residuals_<D>.json
+    python -m pdcli.benchmarks.sim_residuals --ttft ... -> results/router/sim_residuals_ttft_<D>.json
 """
 from __future__ import annotations
 
@@ -42,17 +45,43 @@ def run_residuals(run, cm) -> dict:
                 no_long_prefill_by_long_decode_beside=summary(by_overlap))
 
 
+def ttft_residuals(run, cm) -> dict:
+    """Measured / simulated TTFT of the run's requests after the warm-up, short and long prompts apart: median and
+    10th / 90th percentiles."""
+    from pdcli.plan.validate import simulate_records
+
+    by_len = {}
+    for r, o in zip(run.records, simulate_records(run, cm)):
+        if r.ok and o.ok and r.arrival >= 5:
+            by_len.setdefault("long" if r.input_len >= LONG else "short", []).append(r.ttft_ms / o.ttft_ms)
+    return dict(file=run.file, mode=run.mode, rate=run.rate,
+                measured_over_simulated={k: dict(requests=len(v), median=float(np.median(v)),
+                                                 p10=float(np.percentile(v, 10)), p90=float(np.percentile(v, 90)))
+                                         for k, v in sorted(by_len.items())})
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params-dir", required=True)
     ap.add_argument("--device", required=True, help="its name in the output file, e.g. nvidia-h100-80gb-hbm3")
     ap.add_argument("--out", default="results/router")
+    ap.add_argument("--ttft", action="store_true", help="the disaggregated runs' TTFT (a prefill worker's) instead")
     ap.add_argument("folders", nargs="+")
     args = ap.parse_args(argv)
     from pdcli.router.fit import load_cost_model
     from pdcli.router.replay import load_runs
 
     cm = load_cost_model(args.params_dir)
+    if args.ttft:
+        rows = [ttft_residuals(run, cm) for folder in args.folders for run in load_runs(folder)
+                if run.mode == "disaggregated"]
+        for r in rows:
+            print(f"{r['file']}: " + ", ".join(f"{k} {v['median']:.3f} (p10 {v['p10']:.3f}, p90 {v['p90']:.3f}, "
+                                               f"{v['requests']})" for k, v in r["measured_over_simulated"].items()))
+        path = write(args.out, f"sim_residuals_ttft_{args.device}", dict(
+            params_dir=args.params_dir, rows=rows, provenance=provenance("pdcli.benchmarks.sim_residuals", argv)))
+        print(f"wrote {path}")
+        return
     rows = [run_residuals(run, cm) for folder in args.folders for run in load_runs(folder)
             if run.mode == "collocated" and any(r.input_len >= LONG for r in run.records)]
     for r in rows:
