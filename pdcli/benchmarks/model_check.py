@@ -51,13 +51,14 @@ def replay_committed(runs=REPLAY_RUNS) -> dict:
 
 def validate_committed(runs=PLAN_RUNS) -> tuple[list[dict], dict, dict]:
     """(rows, summary, {result file: why not validated} of the runs in those folders left out)."""
-    from pdcli.plan.validate import summarize_validation, unrecorded_runs, validate_runs
+    from pdcli.plan.validate import summarize_validation, validate_runs, validation_runs
     from pdcli.router.fit import load_cost_model
 
     rows, left_out = [], {}
     for folder, params in runs:
-        rows += [dict(r, params_dir=params) for r in validate_runs(folder, load_cost_model(params))]
-        left_out.update(unrecorded_runs(folder)[1])
+        found, skipped = validation_runs(folder)
+        rows += [dict(r, params_dir=params) for r in validate_runs(folder, load_cost_model(params), found)]
+        left_out.update(skipped)
     return rows, summarize_validation(rows), left_out
 
 

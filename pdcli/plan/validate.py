@@ -12,7 +12,7 @@ from pdcli.bench.workloads import make_requests
 from pdcli.plan.sim import SimSpec
 from pdcli.plan.simulator import Simulator
 from pdcli.router.cost_model import CostModel
-from pdcli.router.replay import Record, Run, load_runs
+from pdcli.router.replay import Record, Run, read_results, recorded_run
 
 RATE_CLOSE = 0.15  # two layouts whose highest rates differ by more than this are ordered
 
@@ -55,25 +55,28 @@ def rebuilt_closed_loop(path: str, d: dict) -> Run | str:
                max_concurrency=int(d["max_concurrency"]))
 
 
-def unrecorded_runs(folder: str) -> tuple[list[Run], dict[str, str]]:
-    """folder's results without per-request records: (the closed-loop runs rebuilt, {file: why not} of the rest)."""
-    runs, skipped = [], {}
-    for path in result_files.find(folder):
-        d = result_files.read(path)
-        if not isinstance(d, dict) or d.get("requests") or "layout" not in d or d.get("interrupted"):
-            continue
-        run = rebuilt_closed_loop(path, d)
-        if isinstance(run, Run):
+def validation_runs(folder: str) -> tuple[list[Run], dict[str, str]]:
+    """folder's runs to simulate, each file read once: those with per-request records (by mode then rate, as
+    load_runs), then the closed loops rebuilt; and {file: why not} of the other finished results."""
+    runs, rebuilt, skipped = [], [], {}
+    for path, d in read_results(folder):
+        run = recorded_run(path, d)
+        if run is not None:
             runs.append(run)
-        else:
-            skipped[path] = run
-    return runs, skipped
+        elif isinstance(d, dict) and "layout" in d and not d.get("interrupted"):
+            run = rebuilt_closed_loop(path, d)
+            if isinstance(run, Run):
+                rebuilt.append(run)
+            else:
+                skipped[path] = run
+    return sorted(runs, key=lambda r: (r.mode, r.rate)) + rebuilt, skipped
 
 
-def validate_runs(folder: str, cm: CostModel) -> list[dict]:
-    """One row per (mode, rate): simulated and measured p50 TTFT / TPOT and SLO attainment."""
+def validate_runs(folder: str, cm: CostModel, runs: list[Run] | None = None) -> list[dict]:
+    """One row per (mode, rate): simulated and measured p50 TTFT / TPOT and SLO attainment (runs: folder's
+    validation_runs, else read here)."""
     rows = []
-    for run in load_runs(folder) + unrecorded_runs(folder)[0]:
+    for run in validation_runs(folder)[0] if runs is None else runs:
         measured = result_files.read(run.file)
         sim = simulate_run(run, cm, measured.get("num_warmup_excluded", 0))
         rows.append(dict(run=folder, mode=run.mode, rate=run.rate,

@@ -87,20 +87,26 @@ def _record(q: dict) -> Record:
 def load_runs(folder: str) -> list[Run]:
     """Every finished bench result with per-request records in folder (an interrupted run's records are a cut
     sample: left out, as `--resume` reruns it), by mode then rate."""
-    runs = []
+    runs = [run for path, d in read_results(folder) if (run := recorded_run(path, d)) is not None]
+    return sorted(runs, key=lambda r: (r.mode, r.rate))
+
+
+def read_results(folder: str):
+    """(path, content) of each readable result file in folder."""
     for path in result_files.find(folder):
         try:
-            d = result_files.read(path)
+            yield path, result_files.read(path)
         except (ValueError, EOFError, OSError):  # not a result (e.g. a replay being written into the folder by a shell redirect)
             logger.warning("%s is not JSON: skipped", path)
-            continue
-        if not isinstance(d, dict) or not d.get("requests") or "layout" not in d or d.get("interrupted"):
-            continue
-        rate = float("inf") if d["request_rate"] == "inf" else float(d["request_rate"])
-        runs.append(Run(path, d["mode"], rate, d["layout"], bool(d.get("pd_on_collocated")),
-                        sorted((_record(q) for q in d["requests"]), key=lambda r: r.arrival),
-                        d.get("goodput_slos") or {}))
-    return sorted(runs, key=lambda r: (r.mode, r.rate))
+
+
+def recorded_run(path: str, d) -> Run | None:
+    """A finished bench result with per-request records as a Run, else None."""
+    if not isinstance(d, dict) or not d.get("requests") or "layout" not in d or d.get("interrupted"):
+        return None
+    rate = float("inf") if d["request_rate"] == "inf" else float(d["request_rate"])
+    return Run(path, d["mode"], rate, d["layout"], bool(d.get("pd_on_collocated")),
+               sorted((_record(q) for q in d["requests"]), key=lambda r: r.arrival), d.get("goodput_slos") or {})
 
 
 def simulated_run(specs, mode: str, rate: float, recs, slo: dict, loads: list | None = None) -> Run:
