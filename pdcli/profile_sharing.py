@@ -27,7 +27,10 @@ class SharingShapes:
     # prompts of unequal lengths: each own prompt timed beside the neighbour's decode batch and beside it prefilling
     # each neighbour prompt (a short prompt's steps beside a long one's are not priced by the equal-length factor)
     grid_own: tuple = (256, 1024, 4096)
-    grid_neighbour: tuple = (1024, 8192)
+    # the neighbour's prompts: 256 for bimodal's short ones (one H100, 1P1D on bimodal: short requests' TPOT 1.01-1.06x
+    # simulated whatever ran beside them, where the 1024-token point's share is held for 256-token neighbours;
+    # results/router/sim_residuals_nvidia-h100-80gb-hbm3_disaggregated.json)
+    grid_neighbour: tuple = (256, 1024, 8192)
     # more decode batches of the neighbour for the own prompts of the grid: is a prompt's share of a decode step
     # keyed by their ratio alone? (served 256-token prompts on a prefill worker: 1.09-1.21x their simulated TTFT,
     # results/router/sim_residuals_ttft_nvidia-h100-80gb-hbm3.json)

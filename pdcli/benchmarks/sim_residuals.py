@@ -3,11 +3,13 @@ simulated with the profile it ran with (`pdcli plan`'s simulator: step times fro
 decode step by its batch and summed context), and every short request's measured TPOT is set against its
 simulated one, split by what ran beside its decode: how many long prompts' prefills landed during it (k), and,
 among those with none, how much of its decode a long request was decoding beside it. A ratio near 1 is a step
-the model prices right; a ratio that grows with a neighbour is a cost the model does not have. With --ttft: each
-disaggregated run's requests' TTFT against their simulated one instead (a prefill worker beside its MPS decode
-neighbour), split by prompt length. CPU only; seconds.
+the model prices right; a ratio that grows with a neighbour is a cost the model does not have. With --mode
+disaggregated: the same for the disaggregated runs' decode worker (k: long prefills on its MPS neighbour). With
+--ttft: each disaggregated run's requests' TTFT against their simulated one instead (a prefill worker beside its
+MPS decode neighbour), split by prompt length. CPU only; seconds.
 
     python -m pdcli.benchmarks.sim_residuals --params-dir DIR --device D FOLDER... -> results/router/sim_residuals_<D>.json
+    python -m pdcli.benchmarks.sim_residuals --mode disaggregated ... -> results/router/sim_residuals_<D>_disaggregated.json
     python -m pdcli.benchmarks.sim_residuals --ttft ... -> results/router/sim_residuals_ttft_<D>.json
 """
 from __future__ import annotations
@@ -66,6 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", required=True, help="its name in the output file, e.g. nvidia-h100-80gb-hbm3")
     ap.add_argument("--out", default="results/router")
     ap.add_argument("--ttft", action="store_true", help="the disaggregated runs' TTFT (a prefill worker's) instead")
+    ap.add_argument("--mode", default="collocated", choices=("collocated", "disaggregated"),
+                    help="whose short requests' TPOT: a disaggregated run's decode worker beside its MPS prefill "
+                         "neighbour (k counts the long prefills on the prefill worker)")
     ap.add_argument("folders", nargs="+")
     args = ap.parse_args(argv)
     from pdcli.router.fit import load_cost_model
@@ -83,13 +88,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {path}")
         return
     rows = [run_residuals(run, cm) for folder in args.folders for run in load_runs(folder)
-            if run.mode == "collocated" and any(r.input_len >= LONG for r in run.records)]
+            if run.mode == args.mode and any(r.input_len >= LONG for r in run.records)]
     for r in rows:
         beside = r["no_long_prefill_by_long_decode_beside"]
         print(f"{r['file']}: k " + ", ".join(f"{k}: {v['measured_over_simulated']:.2f}" for k, v in
                                             r["by_long_prefills"].items()) + " | no long prefill, long decode beside "
               + ", ".join(f"{k}: {v['measured_over_simulated']:.2f} ({v['requests']})" for k, v in beside.items()))
-    path = write(args.out, f"sim_residuals_{args.device}", dict(params_dir=args.params_dir, rows=rows,
+    name = f"sim_residuals_{args.device}" + ("" if args.mode == "collocated" else f"_{args.mode}")
+    path = write(args.out, name, dict(params_dir=args.params_dir, rows=rows,
                                                                provenance=provenance("pdcli.benchmarks.sim_residuals", argv)))
     print(f"wrote {path}")
 
