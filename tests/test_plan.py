@@ -303,8 +303,9 @@ def test_a_closed_loop_sends_a_request_when_one_ends_and_times_it_from_then():
 
 def test_validate_rebuilds_a_closed_loop_run_without_records(tmp_path):
     """A `--arrival-rate inf --max-concurrency N` result from before --save-detailed: its requests from bench's
-    generator when their lengths add up to the recorded totals; time-sliced neighbours (--no-mps) and totals that
-    differ are left out, each with its reason."""
+    generator when their lengths add up to the recorded totals (totals that differ are left out, with the reason);
+    workers time-sliced on one GPU (--no-mps) step without the sharing MPS measured: a decode step waits for the
+    neighbour's prefill."""
     from pdcli.bench.workloads import make_requests
     from pdcli.plan.validate import rebuilt_closed_loop, summarize_validation, validate_runs
 
@@ -317,7 +318,17 @@ def test_validate_rebuilds_a_closed_loop_run_without_records(tmp_path):
     assert run.max_concurrency == 4 and [(r.input_len, r.output_len) for r in run.records] == [(1024, 128)] * 8
     assert "totals differ" in rebuilt_closed_loop("f.json", dict(d, total_input_tokens=1))
     two = [dict(rank=0, role="prefill", device="cuda:0"), dict(rank=1, role="decode", device="cuda:0")]
-    assert "--no-mps" in rebuilt_closed_loop("f.json", dict(d, mode="disaggregated", layout=two, mps=False))
+    pair = dict(d, mode="disaggregated", layout=two, num_prompts=8)
+    sliced, shared = rebuilt_closed_loop("f.json", dict(pair, mps=False)), rebuilt_closed_loop("f.json", dict(pair, mps=True))
+    assert sliced.time_sliced and not shared.time_sliced and not run.time_sliced
+    from dataclasses import replace
+
+    from pdcli.plan.validate import simulate_records
+    cm = replace(cost_model(), sharing=dict(decode_beside_decode=1.5, prefill_beside_decode=1.3,
+                                            decode_beside_prefill=1.2, prefill_beside_prefill=1.8))
+    as_sliced = [r.e2el_ms for r in simulate_records(sliced, cm)]
+    assert as_sliced == [r.e2el_ms for r in simulate_records(shared, replace(cm, sharing={}))]
+    assert as_sliced != [r.e2el_ms for r in simulate_records(shared, cm)]  # MPS's measured sharing is not used
     (tmp_path / "20261126-000000_collocated_random_rateinf.json").write_text(json.dumps(d))
     [row] = validate_runs(str(tmp_path), cost_model())
     assert row["max_concurrency"] == 4 and row["request_throughput_sim"] > 0

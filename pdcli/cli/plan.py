@@ -139,7 +139,8 @@ def _validate(folder: str, cm, as_json: bool) -> None:
         return
     for r in rows:
         closed = f" | req/s sim {r['request_throughput_sim']:6.2f} measured {r['request_throughput_measured']:6.2f}" \
-            f" (closed loop of {r['max_concurrency']})" if r.get("max_concurrency") else ""
+            f" (closed loop of {r['max_concurrency']}{', time-sliced' if r.get('time_sliced') else ''})" \
+            if r.get("max_concurrency") else ""
         Console().print(f"{r['mode']:13s} {r['rate']:7.1f} TTFT p50 sim {r['median_ttft_ms_sim']:8.1f} measured "
                         f"{r['median_ttft_ms_measured']:8.1f} | TPOT p50 sim {r['median_tpot_ms_sim']:6.2f} measured "
                         f"{r['median_tpot_ms_measured']:6.2f}{closed}")

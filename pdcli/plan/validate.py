@@ -4,6 +4,8 @@ per-request records (`--arrival-rate inf --max-concurrency N`, before `--save-de
 own request generator where the lengths it gives add up to the run's recorded totals."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from pdcli.bench import result_files
@@ -12,7 +14,7 @@ from pdcli.bench.workloads import make_requests
 from pdcli.plan.sim import SimSpec
 from pdcli.plan.simulator import Simulator
 from pdcli.router.cost_model import CostModel
-from pdcli.router.replay import Record, Run, read_results, recorded_run
+from pdcli.router.replay import Record, Run, read_results, recorded_run, time_sliced
 
 RATE_CLOSE = 0.15  # two layouts whose highest rates differ by more than this are ordered
 
@@ -23,9 +25,12 @@ def simulate_run(run: Run, cm: CostModel, warmup_excluded: int = 0) -> dict:
 
 
 def run_simulator(run: Run, cm: CostModel, cls=Simulator) -> Simulator:
-    """A simulator (cls: Simulator or a subclass) of the recorded run's layout and mode."""
+    """A simulator (cls: Simulator or a subclass) of the recorded run's layout and mode. Workers time-sliced on one
+    GPU (`--no-mps`) step without the profile's sharing, which MPS measured: as the simulator shares a GPU where
+    none was measured, a decode step waits for the neighbour's prefill step to end and a prefill step beside a
+    decode takes the default factor (`sim.shared_step_ms`)."""
     specs = [SimSpec(w["rank"], w["role"], "node0:" + w["device"]) for w in run.layout]
-    return cls(cm, specs, run.mode, run.pd_on_collocated)
+    return cls(replace(cm, sharing={}) if run.time_sliced else cm, specs, run.mode, run.pd_on_collocated)
 
 
 def simulate_records(run: Run, cm: CostModel, sim: Simulator | None = None) -> list:
@@ -42,9 +47,6 @@ def rebuilt_closed_loop(path: str, d: dict) -> Run | str:
     from bench's generator with the run's workload, count and seed), or why it cannot be."""
     if d.get("requests") or d.get("request_rate") not in ("inf", float("inf")) or not d.get("max_concurrency"):
         return "not a closed-loop run without records"
-    devices = [w["device"] for w in d.get("layout") or []]
-    if len(set(devices)) < len(devices) and d.get("mps") is False:
-        return "workers time-sliced on one GPU (--no-mps): the simulator shares a GPU as MPS does"
     reqs = make_requests(d["workload"], int(d["num_prompts"]), int(d["seed"]), 32000, 1 << 20)
     lens = [(len(r.prompt_ids), r.output_len) for r in reqs]
     if (sum(n for n, _ in lens), sum(o for _, o in lens)) != (d.get("total_input_tokens"), d.get("total_output_tokens")):
@@ -52,7 +54,7 @@ def rebuilt_closed_loop(path: str, d: dict) -> Run | str:
     path_of = "collocated" if d["mode"] == "collocated" else "disaggregated"
     return Run(path, d["mode"], float("inf"), d["layout"], bool(d.get("pd_on_collocated")),
                [Record(0.0, n, o, None, None, path_of) for n, o in lens], d.get("goodput_slos") or {},
-               max_concurrency=int(d["max_concurrency"]))
+               max_concurrency=int(d["max_concurrency"]), time_sliced=time_sliced(d))
 
 
 def validation_runs(folder: str) -> tuple[list[Run], dict[str, str]]:
@@ -81,6 +83,7 @@ def validate_runs(folder: str, cm: CostModel, runs: list[Run] | None = None) -> 
         sim = simulate_run(run, cm, measured.get("num_warmup_excluded", 0))
         rows.append(dict(run=folder, mode=run.mode, rate=run.rate,
                          **({"max_concurrency": run.max_concurrency} if run.max_concurrency else {}),
+                         **({"time_sliced": True} if run.time_sliced else {}),
                          **{f"{k}_{src}": d.get(k) for src, d in (("sim", sim), ("measured", measured))
                             for k in ("median_ttft_ms", "median_tpot_ms", "slo_attainment", "request_throughput")}))
     return rows
@@ -130,6 +133,7 @@ def summarize_validation(rows: list[dict]) -> dict:
                 highest_rates_not_bracketed={f"{k[0]} {k[1]}": dict(measured_at_least=v[0], predicted=v[1])
                                              for k, v in unknown.items()},
                 closed_loop=[dict(run=r["run"], mode=r["mode"], max_concurrency=r["max_concurrency"],
+                                  **({"time_sliced": True} if r.get("time_sliced") else {}),
                                   **{f"{k}_err": _rel(r[f"{m}_sim"], r[f"{m}_measured"]) for k, m in
                                      (("ttft_p50", "median_ttft_ms"), ("tpot_p50", "median_tpot_ms"),
                                       ("throughput", "request_throughput"))}) for r in closed])

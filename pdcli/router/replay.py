@@ -74,6 +74,13 @@ class Run:
     slo: dict = field(default_factory=dict)  # goodput_slos: ttft / tpot ms
     step_ends: dict | None = None  # rank -> when its steps are known to have ended (s), rebuilt (step_ends)
     max_concurrency: int | None = None  # a closed loop rebuilt without its records (plan.validate): sent as slots free
+    time_sliced: bool = False  # workers shared a GPU without MPS (bench --no-mps): their kernels never overlapped
+
+
+def time_sliced(d: dict) -> bool:
+    """Whether a bench result's workers shared a GPU without MPS (`--no-mps`)."""
+    devices = [w["device"] for w in d.get("layout") or [] if w["device"] != "cpu"]
+    return len(set(devices)) < len(devices) and d.get("mps") is False
 
 
 def _record(q: dict) -> Record:
@@ -106,7 +113,8 @@ def recorded_run(path: str, d) -> Run | None:
         return None
     rate = float("inf") if d["request_rate"] == "inf" else float(d["request_rate"])
     return Run(path, d["mode"], rate, d["layout"], bool(d.get("pd_on_collocated")),
-               sorted((_record(q) for q in d["requests"]), key=lambda r: r.arrival), d.get("goodput_slos") or {})
+               sorted((_record(q) for q in d["requests"]), key=lambda r: r.arrival), d.get("goodput_slos") or {},
+               time_sliced=time_sliced(d))
 
 
 def simulated_run(specs, mode: str, rate: float, recs, slo: dict, loads: list | None = None) -> Run:
