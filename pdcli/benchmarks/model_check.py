@@ -33,19 +33,20 @@ PLAN_RUNS = (("results/multi_gpu/sweep_2xh100", H100_UNIFORM), ("results/bench/h
              ("results/multi_gpu/distserve_2xh100", H100_UNIFORM),
              ("results/bench/h100_mps", H100_UNIFORM),  # closed loops without records, rebuilt (plan.validate)
              *H100_ROUTER_RUNS, *PARTIAL_RUNS)
-NOT_VALIDATED = {"results/router/h200_bimodal_first": "a first look: 15 s of arrivals at one rate (issue 20 asks >= 30 s), "
-                 "adaptive and threshold decided by router code since replaced, a profile without the sharing measured"}
 # bimodal runs of the engine before the balanced decode split (2026-12-05 16:49 UTC), which changed how a batch of
 # unequal lengths decodes (uniform-length runs stand: nothing changed for them); each NOTE.md says what replaced it
 _UNIFORM_SPLIT = "superseded: bimodal on the engine before the balanced decode split (2026-12-05 16:49 UTC)"
+NOT_VALIDATED = {"results/router/h200_bimodal_first": f"{_UNIFORM_SPLIT}; and a first look: 15 s of arrivals at "
+                 "one rate (issue 20 asks >= 30 s), adaptive and threshold decided by router code since replaced, a "
+                 "profile without the sharing measured"}
 SUPERSEDED = {**{f"results/router/{run}": _UNIFORM_SPLIT
                  for run in ("h100_bimodal_s1", "h100_bimodal_b0.5", "h200_bimodal", "h200_bimodal_b0.5")},
               "results/router/h100_bal_bimodal_b0.5": "superseded by results/router/h100_bal_bimodal_b0.5_r2, the same "
               "trace rerun whole (2026-12-06) on the engine, router and profile of the other sweeps: its adaptive runs "
               "were routed with the equal-share profile and an older router, all its runs on the engine before "
               "2026-12-05 18:38 UTC (a partly prefilled prompt's progress reported once its step ran); its static "
-              "lines measured from 0.6 points over to 5.4 under the rerun's at the same rates (disaggregated 6.5: 88.1% against 91.2%, "
-              "so its highest rate 5.0 against 6.5; collocated 6.5 both)"}
+              "lines measured from 0.6 points over to 5.4 under the rerun's at the same rates (disaggregated 6.5: "
+              "88.1% against 91.2%, so its highest rate 5.0 against 6.5; collocated 6.5 both)"}
 
 
 def replay_committed(runs=REPLAY_RUNS) -> dict:
