@@ -97,6 +97,33 @@ def test_prefix_caching_a_worker_computes_a_shared_prefix_once():
     assert prompt_hashes(prompts[0], 16) == chain
 
 
+def test_a_plan_draws_a_rates_requests_once_and_simulates_them_as_drawn():
+    """Every layout of a plan meets the same requests at a rate, drawn once as arrays (the same ids as bench's
+    lists) with their block hashes: the metrics are those of the requests simulated from their token ids."""
+    from pdcli.bench.arrivals import arrival_times
+    from pdcli.bench.metrics import summarize
+    from pdcli.bench.workloads import WORKLOADS, make_requests
+    from pdcli.plan import layouts
+    from pdcli.plan.search import at_rates
+
+    for w in WORKLOADS:
+        lists, arrays = make_requests(w, 40, 3, 32000, 4096), make_requests(w, 40, 3, 32000, 4096, as_arrays=True)
+        assert [(r.prompt_ids, r.output_len) for r in lists] == [(r.prompt_ids.tolist(), r.output_len) for r in arrays]
+    cm, slos = cost_model(), dict(ttft=300.0, tpot=25.0)
+    lay = layouts.parse_layouts("2C", 2)[0]
+    reqs = make_requests("shared-prefix", 60, 5, 32000, 16384)
+    direct = Simulator(cm, list(lay.specs), lay.mode, block_size=16).run(
+        [len(r.prompt_ids) for r in reqs], [r.output_len for r in reqs], arrival_times(60, 2.0, 1.0, 5),
+        prompts=[r.prompt_ids for r in reqs])
+    assert layouts.simulate(lay, cm, 2.0, "shared-prefix", 30.0, 5, slos) == summarize(direct, slos)
+    assert layouts.sim_requests("shared-prefix", 60, 5, 32000, 16384, 16)[2] is not None  # prefixes shared
+    assert layouts.sim_requests("random", 60, 5, 32000, 16384, 16)[2] is None  # nothing to look up
+    calls = []
+    rows = at_rates(layouts.parse_layouts("2C,1P1D", 2), [1.0, 2.0], lambda lay, r: calls.append((lay.name, r)) or {})
+    assert calls == [("2C", 1.0), ("1P1D", 1.0), ("2C", 2.0), ("1P1D", 2.0)]  # rate by rate
+    assert [(r["layout"], r["rate"]) for r in rows] == [("2C", 1.0), ("2C", 2.0), ("1P1D", 1.0), ("1P1D", 2.0)]
+
+
 def test_layouts_for_n_gpus():
     names = [lay.name for lay in enumerate_layouts(4, 2)]
     assert names == ["4C", "1P3D", "2P2D", "3P1D", "adaptive-4C"]

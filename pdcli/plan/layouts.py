@@ -1,13 +1,17 @@
 """The layouts `pdcli plan` compares on N GPUs, and simulating one of them at a rate."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from pdcli.bench.arrivals import arrival_times
 from pdcli.bench.metrics import summarize
+from pdcli.config import CacheConfig
 from pdcli.bench.workloads import make_requests
 from pdcli.plan.sim import SimSpec
-from pdcli.plan.simulator import Simulator
+from pdcli.plan.simulator import Simulator, block_hashes
+
+BLOCK_SIZE = CacheConfig.block_size  # the engine's default: prefix-cache hits come in whole blocks
 
 
 @dataclass(frozen=True)
@@ -77,9 +81,18 @@ def simulate(layout: Layout, cm, rate: float, workload: str, duration: float, se
              net_gbps: float | None = None) -> dict:
     """The layout's metrics at one rate over `duration` s of arrivals (pdcli bench's generators)."""
     n = max(1, int(rate * duration))
-    reqs = make_requests(workload, n, seed, vocab, max_model_len)
+    lens, outs, hashes = sim_requests(workload, n, seed, vocab, max_model_len, BLOCK_SIZE)
     router = router_factory() if router_factory and layout.mode == "adaptive" else None
-    sim = Simulator(cm, list(layout.specs), layout.mode, layout.pd_on_collocated, router, net_gbps=net_gbps)
-    recs = sim.run([len(r.prompt_ids) for r in reqs], [r.output_len for r in reqs],
-                   arrival_times(n, rate, burstiness, seed), prompts=[r.prompt_ids for r in reqs])
+    sim = Simulator(cm, list(layout.specs), layout.mode, layout.pd_on_collocated, router, net_gbps=net_gbps,
+                    block_size=BLOCK_SIZE)
+    recs = sim.run(lens, outs, arrival_times(n, rate, burstiness, seed), hashes=hashes)
     return summarize(recs, slos)
+
+
+@functools.lru_cache(maxsize=1)  # the layouts of a plan meet the same requests at a rate (search.at_rates)
+def sim_requests(workload: str, n: int, seed: int, vocab: int, max_model_len: int, block_size: int) -> tuple:
+    """(prompt lengths, output lengths, block hashes or None) of bench's n requests: what the simulator needs of
+    them, made once (a minute at 256 req/s is 15k prompts of random ids, seconds to draw)."""
+    reqs = make_requests(workload, n, seed, vocab, max_model_len, as_arrays=True)
+    return ([len(r.prompt_ids) for r in reqs], [r.output_len for r in reqs],
+            block_hashes([r.prompt_ids for r in reqs], block_size))

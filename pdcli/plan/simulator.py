@@ -36,6 +36,15 @@ class CoordinatorHops:
     report_ms: float = 0.25
 
 
+def block_hashes(prompts: list[list[int]], block_size: int) -> list[list[bytes]] | None:
+    """Each prompt's chained block hashes (prefix caching), or None where no two prompts share a first block:
+    then nothing can hit a cache, and the simulator skips the lookups."""
+    firsts = [tuple(ids[:block_size]) for ids in prompts if len(ids) >= block_size]
+    if len(set(firsts)) == len(firsts):
+        return None
+    return [prompt_hashes(ids, block_size) for ids in prompts]
+
+
 class Simulator:
     def __init__(self, cm: CostModel, specs: list[SimSpec], mode: str, pd_on_collocated: bool = False, router=None,
                  max_num_seqs: int = 256, net_gbps: float | None = None, block_size: int = 16,
@@ -58,16 +67,16 @@ class Simulator:
         heapq.heappush(self.events, (t, next(self.order), kind, data))
 
     def run(self, prompt_lens: list[int], output_lens: list[int], arrivals, paths: list[str] | None = None,
-            prompts: list[list[int]] | None = None, max_concurrency: int | None = None) -> list[RequestRecord]:
+            prompts: list[list[int]] | None = None, max_concurrency: int | None = None,
+            hashes: list[list[bytes]] | None = None) -> list[RequestRecord]:
         """paths: the path each request took in a recorded run (validation follows them), else routed here;
         prompts: the token ids, for prefix caching (the leading blocks a worker computed before are not computed
-        again, their attention is), else every prompt is computed whole; max_concurrency (bench's, vLLM's): at most
-        that many requests in flight, one that finds none free sent when one ends and timed from then."""
+        again, their attention is), else every prompt is computed whole; hashes: block_hashes(prompts) made before
+        (one set of requests simulated on several layouts); max_concurrency (bench's, vLLM's): at most that many
+        requests in flight, one that finds none free sent when one ends and timed from then."""
         seqs = [SimSeq(i, float(a), n, o) for i, (a, n, o) in enumerate(zip(arrivals, prompt_lens, output_lens))]
-        firsts = [tuple(ids[:self.block_size]) for ids in prompts or [] if len(ids) >= self.block_size]
-        if len(set(firsts)) < len(firsts):  # else no two prompts share a first block: nothing can hit a cache
-            for s, ids in zip(seqs, prompts):
-                s.hashes = prompt_hashes(ids, self.block_size)
+        for s, h in zip(seqs, hashes or block_hashes(prompts or [], self.block_size) or []):
+            s.hashes = h
         for s, path in zip(seqs, paths or []):
             s.path = path
         self.slots, self.waiting_for_slot = max_concurrency or None, deque()  # free slots (None: no limit)
