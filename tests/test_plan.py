@@ -346,7 +346,8 @@ def test_validate_rebuilds_a_closed_loop_run_without_records(tmp_path):
     assert "totals differ" in rebuilt_closed_loop("f.json", dict(d, total_input_tokens=1))
     two = [dict(rank=0, role="prefill", device="cuda:0"), dict(rank=1, role="decode", device="cuda:0")]
     pair = dict(d, mode="disaggregated", layout=two, num_prompts=8)
-    sliced, shared = rebuilt_closed_loop("f.json", dict(pair, mps=False)), rebuilt_closed_loop("f.json", dict(pair, mps=True))
+    sliced = rebuilt_closed_loop("f.json", dict(pair, mps=False))
+    shared = rebuilt_closed_loop("f.json", dict(pair, mps=True))
     assert sliced.time_sliced and not shared.time_sliced and not run.time_sliced
     from dataclasses import replace
 
