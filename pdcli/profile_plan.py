@@ -19,6 +19,8 @@ logger = logging.getLogger("pdcli.profile")
 FULL_CHUNK, FULL_CTX, FULL_BATCH, FULL_SEQ_CTX, FULL_MIXED_CTX = 8192, 16384, 256, 4096, 512  # tokens | seqs
 MIXED_SHORT_CHUNK = 256  # tokens: bimodal's short prompt (one H100: 16-256-token prefills alone took 9.1-9.6 ms,
 # launch-bound, where the mixed fit put a 256-token chunk at +1.5 ms over a batch-32 decode step)
+MIXED_MID_BATCH = 16  # sequences: served 1024-2048-token prompts ride on decode batches of ~20-40 (one H100,
+# random and mixed, 2026-12-06), where the fit, between its batch-4 and batch-64 points, ran ~6% over
 SCALES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 STEP_SHARES = dict(prefill=0.45, decode=0.25, mixed=0.30)  # of the step budget
 TRANSFER_SHARE = 0.25  # of the whole budget, when the KV transfer is measured
@@ -156,13 +158,16 @@ def mixed_grid(lim: Limits, s: int) -> list[Point]:
     """Decode batches beside chunks of every other size, beside the largest chunk and beside a short prompt's:
     a long prompt's steps ride on decode batches with a full chunk (8192 tokens), which the fit extrapolated to
     from 4096 until 2026-12-05; a short prompt (MIXED_SHORT_CHUNK) rides on them where its prefill alone sits on
-    the launch-bound floor, which the fit interpolated to from 64 and 1024 until 2026-12-05 night."""
+    the launch-bound floor, which the fit interpolated to from 64 and 1024 until 2026-12-05 night; and beside a
+    middle decode batch (MIXED_MID_BATCH), where served prompts ride, interpolated from 4 and 64 until 2026-12-06."""
     ctx = max(16, min(FULL_MIXED_CTX // s, lim.max_len))
     sizes = ladder(16, min(FULL_CHUNK // s, lim.max_tokens, lim.max_len - ctx), 7)
     short = [n for n in sizes if n == MIXED_SHORT_CHUNK // s]
     chunks = tuple(sorted({*every_other(sizes), sizes[-1], *short}))
+    batches = decode_batches(lim, s)
+    mid = [b for b in batches if b == MIXED_MID_BATCH // s]
     pts = {Point(n=max(1, min(n, lim.max_tokens - b)), batch=b, ctx=ctx)
-           for b in every_other(decode_batches(lim, s)) for n in chunks}
+           for b in {*every_other(batches), *mid} for n in chunks}
     return sorted(p for p in pts if p.batch * lim.blocks(ctx) + lim.blocks(p.n) <= lim.kv_blocks)
 
 
