@@ -9,19 +9,44 @@ from dataclasses import replace
 import numpy as np
 
 from pdcli.bench import result_files
+from pdcli.bench.runner import prompt_seed
 from pdcli.bench.metrics import max_rate_meeting, summarize
 from pdcli.bench.workloads import make_requests
 from pdcli.plan.sim import SimSpec
-from pdcli.plan.simulator import Simulator
+from pdcli.config import CacheConfig
+from pdcli.plan.simulator import Simulator, block_hashes
 from pdcli.router.cost_model import CostModel
 from pdcli.router.replay import Record, Run, read_results, recorded_run, time_sliced
 
 RATE_CLOSE = 0.15  # two layouts whose highest rates differ by more than this are ordered
 
 
-def simulate_run(run: Run, cm: CostModel, warmup_excluded: int = 0) -> dict:
-    """The simulated run's metrics, with the run's SLOs, less the first warmup_excluded arrivals (as measured)."""
-    return summarize(simulate_records(run, cm)[warmup_excluded:], run.slo)
+def simulate_run(run: Run, cm: CostModel, warmup_excluded: int = 0, hashes: list | None = None) -> dict:
+    """The simulated run's metrics, with the run's SLOs, less the first warmup_excluded arrivals (as measured);
+    hashes: each record's prompt block hashes (rebuilt_hashes), for prefix caching."""
+    return summarize(simulate_records(run, cm, hashes=hashes)[warmup_excluded:], run.slo)
+
+
+def rebuilt_hashes(run: Run, d: dict, block_size: int = CacheConfig.block_size) -> list | None:
+    """The block hashes of a recorded `shared-prefix` run's prompts, rebuilt from bench's generator (the run's
+    workload, seed, rate and model vocabulary: its records keep lengths, not tokens), where the rebuilt lengths
+    are the records'; None for other workloads or where they differ. Without them every prompt would be
+    simulated whole, its system prompt too."""
+    if d.get("workload") != "shared-prefix" or run.max_concurrency:
+        return None
+    try:
+        from pdcli.models.arch import ModelArch
+        from pdcli.models.loader import resolve
+
+        vocab = ModelArch.from_hf_config(resolve(d["model"]).hf_config).vocab_size
+    except Exception:  # a model that cannot be resolved here (a path on another machine): no rebuild
+        return None
+    recs = run.records
+    reqs = make_requests(d["workload"], len(recs), prompt_seed(int(d["seed"]), run.rate), vocab, 1 << 20,
+                         as_arrays=True)
+    if [len(r.prompt_ids) for r in reqs] != [r.input_len for r in recs]:
+        return None
+    return block_hashes([r.prompt_ids for r in reqs], block_size)
 
 
 def run_simulator(run: Run, cm: CostModel, cls=Simulator) -> Simulator:
@@ -33,13 +58,13 @@ def run_simulator(run: Run, cm: CostModel, cls=Simulator) -> Simulator:
     return cls(replace(cm, sharing={}) if run.time_sliced else cm, specs, run.mode, run.pd_on_collocated)
 
 
-def simulate_records(run: Run, cm: CostModel, sim: Simulator | None = None) -> list:
+def simulate_records(run: Run, cm: CostModel, sim: Simulator | None = None, hashes: list | None = None) -> list:
     """The recorded run re-run in the simulator (sim, else run_simulator's; its arrivals, lengths and paths): one
     RequestRecord per record of run.records, in its order (arrival order, as load_runs sorts them)."""
     recs = run.records
     return (sim or run_simulator(run, cm)).run([r.input_len for r in recs], [r.output_len for r in recs],
                                                 [r.arrival for r in recs], [r.path for r in recs],
-                                                max_concurrency=run.max_concurrency)
+                                                max_concurrency=run.max_concurrency, hashes=hashes)
 
 
 def rebuilt_closed_loop(path: str, d: dict) -> Run | str:
@@ -80,7 +105,7 @@ def validate_runs(folder: str, cm: CostModel, runs: list[Run] | None = None) -> 
     rows = []
     for run in validation_runs(folder)[0] if runs is None else runs:
         measured = result_files.read(run.file)
-        sim = simulate_run(run, cm, measured.get("num_warmup_excluded", 0))
+        sim = simulate_run(run, cm, measured.get("num_warmup_excluded", 0), rebuilt_hashes(run, measured))
         rows.append(dict(run=folder, mode=run.mode, rate=run.rate,
                          **({"max_concurrency": run.max_concurrency} if run.max_concurrency else {}),
                          **({"time_sliced": True} if run.time_sliced else {}),
