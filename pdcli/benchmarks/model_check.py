@@ -19,12 +19,12 @@ H100_UNIFORM = "profiles/nvidia-h100-80gb-hbm3/dummy-llama3-8b-uniform-split"  #
 # (run folder, the profile it ran with); not the superseded runs (SUPERSEDED, and sweep_2xh200,
 # router_validation_2xh200, distserve_3of4xh200)
 H100_ROUTER_RUNS = (("results/router/h100_bal_bimodal_b0.5_r2", H100), ("results/router/h100_bal_bimodal_s1", H100),
-                    ("results/router/h100_random_s1", H100))
+                    ("results/router/h100_random_s1", H100), ("results/router/h100_mixed_s1", H100))
 # sweeps begun (a mode's highest rate not yet bracketed: plan.validate lists it apart, its rows count)
 PARTIAL_RUNS = (("results/router/h100_bal_bimodal_s1_equal_share", H100_EQUAL),
                 ("results/router/h100_bal_bimodal_s1_router_b2506ba", H100_GRID),
                 ("results/router/h100_bal_bimodal_s2", H100),
-                ("results/router/h100_mixed_s1", H100),
+                ("results/router/h100_shared-prefix_s1", H100),
                 ("results/router/h100_bal_bimodal_s1_repeat", H100),  # seed 1 static rates measured again
                 ("results/router/h100_ttft_parts_s1", H100))  # seed 1 at 5 req/s with the first-token marks
 REPLAY_RUNS = (("results/bench/h100_sweep_fresh", H100_UNIFORM), ("results/multi_gpu/sweep_2xh100", H100_UNIFORM),
