@@ -102,3 +102,23 @@ def test_balanced_decode_makes_one_plan_per_step(monkeypatch):
         ops.decode_fn(mod, ctx)(None, q, k, k, ctx.block_tables, lens, 0.1, 0, 9000)
     ops.decode_fn(mod, ctx)(None, q, k, k, ctx.block_tables, lens, 0.1, 4, 9000)
     assert calls == [("plan", 132, 256), ("planned", True), ("planned", True), ("planned", True), ("uniform", 4)]
+
+
+def test_a_whole_prompt_is_attended_at_its_bucket_length_exactly():
+    """ops.fresh_prefill_attention pads a prompt's rows to a multiple of FRESH_PREFILL_BUCKET (few shapes for
+    cuDNN, which builds a graph per shape): its rows come out as unpadded causal attention's, on CPU here."""
+    import torch.nn.functional as F
+
+    assert [ops.fresh_prefill_len(t) for t in (1, 255, 256, 257, 2047)] == [256, 256, 256, 512, 2048]
+    gen = torch.Generator().manual_seed(0)
+    t, hq, hk, d, bs = 300, 8, 2, 64, 16
+    blocks = -(-t // bs)
+    k_cache, v_cache = (torch.randn(blocks + 3, bs, hk, d, generator=gen) for _ in range(2))
+    table = torch.randperm(blocks + 3, generator=gen)[:blocks]
+    q = torch.randn(t, hq, d, generator=gen)
+    out = ops.fresh_prefill_attention(q, k_cache, v_cache, table, d ** -0.5)
+    k, v = (c[table].flatten(0, 1)[:t].transpose(0, 1)[None] for c in (k_cache, v_cache))
+    ref = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, is_causal=True, scale=d ** -0.5,
+                                         enable_gqa=True)[0].transpose(0, 1)
+    assert out.shape == q.shape
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

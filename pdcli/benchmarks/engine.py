@@ -120,6 +120,29 @@ def ttft_ms(llm: LLM, prompt_len: int, reps: int = 5) -> float:
     return statistics.median(times[1:])
 
 
+def ttft_new_lengths(llm: LLM, log, n: int = 40) -> dict:
+    """TTFT of fresh prompts of n lengths in [64, 2048] this engine has not prefilled before (no multiple of 256),
+    each once, then of the same lengths again: a whole prompt's attention shape is new at first (cuDNN builds a
+    graph per shape; ops.FRESH_PREFILL_BUCKET), seen the second time. Medians, ms."""
+    rng = random.Random(2048)
+    lengths = rng.sample([x for x in range(64, 2049) if x % 256], n)
+    passes = []
+    for _ in range(2):
+        times = []
+        for m in lengths:
+            prompt = [rng.randrange(1000, 30000) for _ in range(m)]
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1))
+            times.append((time.perf_counter() - t) * 1e3)
+        passes.append(times)
+    res = dict(lengths=lengths, first_ms=passes[0], again_ms=passes[1], new_ms=statistics.median(passes[0]),
+               seen_ms=statistics.median(passes[1]))
+    log(f"TTFT llama3-8b, {n} prompt lengths of 64-2048 new to the engine: median {res['new_ms']:.1f} ms, "
+        f"the same lengths again {res['seen_ms']:.1f} ms")
+    return res
+
+
 def hf_decode_ms(preset: str, prompt_len: int = 256, new_tokens: int = 64) -> float:
     """transformers' own generate (bf16, sdpa, random weights in the same shapes), ms per new token at batch 1."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -228,7 +251,7 @@ def run_offline(which: str, quick: bool, log, bw: float | None = None, mm: float
     return res
 
 
-PARTS = ("hf", "decode", "breakdown", "ttft", "ttft32k", "offline", "nanovllm")
+PARTS = ("hf", "decode", "breakdown", "ttft", "ttftlens", "ttft32k", "offline", "nanovllm")
 
 
 def parse_args(argv) -> argparse.Namespace:
@@ -236,7 +259,7 @@ def parse_args(argv) -> argparse.Namespace:
     ap.add_argument("--out", default="results")
     ap.add_argument("--quick", action="store_true", help="smaller offline runs (for a smoke test)")
     ap.add_argument("--only", default=None, help="comma list of parts to run and print, no JSON: "
-                                                  "hf, decode, breakdown, ttft, offline, nanovllm")
+                                                  "hf, decode, breakdown, ttft, ttftlens, ttft32k, offline, nanovllm")
     ap.add_argument("--admission-reserve", type=float, default=None,
                     help="with --only offline: the qwen3-8b run's admission_reserve (an experiment; default the engine's)")
     ap.add_argument("--max-num-seqs", type=int, default=None, help="with --only offline: its max_num_seqs (default 256)")
@@ -317,7 +340,7 @@ def ttft_rows(llm: LLM, wbytes: int, arch: ModelArch, mm: float, log) -> list[di
 def bench_llama3_8b(parts: set[str], bw: float, mm: float, log) -> dict:
     """The decode, breakdown and ttft parts on dummy:llama3-8b (the LLM freed after): kernel_path, decode,
     breakdown, prefill_breakdown and prefill."""
-    llm = LLM("dummy:llama3-8b", device="cuda", max_model_len=8192 + 64) if parts & {"decode", "breakdown", "ttft"} \
+    llm = LLM("dummy:llama3-8b", device="cuda", max_model_len=8192 + 64) if parts & {"decode", "breakdown", "ttft", "ttftlens"} \
         else None
     wbytes = weight_bytes("llama3-8b")
     arch = ModelArch.from_hf_config(PRESETS["llama3-8b"])
@@ -325,6 +348,7 @@ def bench_llama3_8b(parts: set[str], bw: float, mm: float, log) -> dict:
     out["decode"] = decode_rows(llm, wbytes, arch, bw, mm, log) if "decode" in parts else []
     out["breakdown"], out["prefill_breakdown"] = breakdowns(llm, log) if "breakdown" in parts else ([], None)
     out["prefill"] = ttft_rows(llm, wbytes, arch, mm, log) if "ttft" in parts else []
+    out["ttft_new_lengths"] = ttft_new_lengths(llm, log) if "ttftlens" in parts else None
     del llm
     free_gpu()
     out["ttft_32k"] = ttft_32k(wbytes, arch, mm, log) if "ttft32k" in parts else None
@@ -376,6 +400,9 @@ def main(argv=None) -> int:
         if row["batch"] in (64, 256):
             summary[f"decode_step_llama3_8b_bs{row['batch']}_ms"] = row["step_ms"]
             summary[f"decode_step_llama3_8b_bs{row['batch']}_roofline_ms"] = row["op_roofline_ms"]
+    if llama["ttft_new_lengths"]:
+        summary["ttft_llama3_8b_new_lengths_ms"] = llama["ttft_new_lengths"]["new_ms"]
+        summary["ttft_llama3_8b_seen_lengths_ms"] = llama["ttft_new_lengths"]["seen_ms"]
     if llama["ttft_32k"]:
         summary["prefill_attn_kernel"] = prefill_attn_kernel()  # the paged prefill chunks after the first
         summary["ttft_llama3_8b_32k_ms"] = llama["ttft_32k"]["ttft_ms"]
@@ -384,6 +411,7 @@ def main(argv=None) -> int:
                decode_llama3_8b=llama["decode"], decode_llama3_8b_breakdown=llama["breakdown"],
                prefill_llama3_8b=llama["prefill"], prefill_llama3_8b_breakdown=llama["prefill_breakdown"],
                offline_qwen3_8b=q8, offline_nanovllm_protocol=nv, ttft_llama3_8b_32k=llama["ttft_32k"],
+               ttft_llama3_8b_new_lengths=llama["ttft_new_lengths"],
                provenance=provenance("pdcli.benchmarks.engine", argv, quick=args.quick))
     path = write(args.out, f"engine_{device_slug()}", res)
     log(f"wrote {path}")

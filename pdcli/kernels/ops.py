@@ -184,18 +184,33 @@ def reference_prefill(out, q, k_cache, v_cache, tables, lens, qsl, max_q, scale)
     out.copy_(reference.paged_attention(q, k_cache, v_cache, tables, lens, qsl, max_q, int(lens.max()), scale))
 
 
+# a whole prompt's SDPA runs at its length rounded up to this (tokens): cuDNN builds an execution graph for every
+# new shape (tens of ms each on an H100), which prompts of many lengths met again and again
+FRESH_PREFILL_BUCKET = 256
+
+
+def fresh_prefill_len(t: int) -> int:
+    """The length a whole prompt of t tokens is attended at (fresh_prefill_attention)."""
+    return -(-t // FRESH_PREFILL_BUCKET) * FRESH_PREFILL_BUCKET
+
+
 def fresh_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                             scale: float) -> torch.Tensor:
     """Causal attention of one sequence with no cached prefix (a whole prompt): its K/V rows are gathered from
     the cache, then torch's SDPA (cuDNN / FlashAttention on Hopper) runs it, faster than the paged kernel when
-    there is no prefix to page through (H100, 8k tokens: ~600 against ~330 TFLOP/s). q [T, Hq, D] -> [T, Hq, D]."""
+    there is no prefix to page through (H100, 8k tokens: ~600 against ~330 TFLOP/s). Rows are zero-padded at the
+    end to fresh_prefill_len, so a serving process meets few shapes: causally, a real row sees no padded key.
+    q [T, Hq, D] -> [T, Hq, D]."""
     t = q.shape[0]
     blocks = block_table[: -(-t // k_cache.shape[1])]
     k = k_cache[blocks].flatten(0, 1)[:t]  # [T, Hk, D]
     v = v_cache[blocks].flatten(0, 1)[:t]
+    pad = fresh_prefill_len(t) - t
+    if pad:
+        q, k, v = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                                          is_causal=True, scale=scale, enable_gqa=True)
-    return out[0].transpose(0, 1)
+    return out[0, :, :t].transpose(0, 1)
 
 
 def split_attention(q: torch.Tensor, ctx: Context, decode_fn, prefill_fn, k_cache: torch.Tensor, v_cache: torch.Tensor,
