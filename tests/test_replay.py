@@ -183,3 +183,19 @@ def test_a_static_policy_s_decisions_are_priced_and_recorded_too(tmp_path, mode,
     r = CliRunner().invoke(app, ["replay", str(out), "--params-dir", str(params), "--json"])
     assert r.exit_code == 0, r.stderr
     assert {row["state"] for row in json.loads(r.stdout)} == {"recorded"}
+
+
+def test_state_fit_scores_each_predictor_on_the_held_out_half():
+    """benchmarks/state_fit: a outcome the state explains is fitted (linear and nearest near exact), a constant
+    is not; the router's predictions are scored on the same held-out half."""
+    import numpy as np
+
+    from pdcli.benchmarks.state_fit import fits
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(1, 10, (400, 2))
+    y = 10 + 3 * x[:, 0] + 0.01 * rng.standard_normal(400)
+    r = fits(x, raw=np.full(400, 20.0), cal=y * 1.1, y=y)
+    assert r["requests"] == 200
+    assert r["linear"] < 0.01 and r["nearest"] < 0.1 < r["constant"]
+    assert abs(r["router"] - 0.1) < 1e-6
