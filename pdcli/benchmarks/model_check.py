@@ -41,6 +41,10 @@ NOT_VALIDATED = {"results/router/h200_bimodal_first": f"{_UNIFORM_SPLIT}; and a 
                  "profile without the sharing measured"}
 SUPERSEDED = {**{f"results/router/{run}": _UNIFORM_SPLIT
                  for run in ("h100_bimodal_s1", "h100_bimodal_b0.5", "h200_bimodal", "h200_bimodal_b0.5")},
+              "results/router/h100_mixed_s1_disagg_cudnn_shapes": "superseded: mixed seed 1's first disaggregated "
+              "line (2026-12-06 04:52-04:58 UTC), whose prefill worker attended each whole prompt through SDPA at its "
+              "own length, a new cuDNN graph for each new length (its short prompts' steps 63 ms at 16 req/s, 19 ms "
+              "from 20 on); rerun in results/router/h100_mixed_s1 with the lengths bucketed (commit f7dcbe8)",
               "results/router/h100_bal_bimodal_b0.5": "superseded by results/router/h100_bal_bimodal_b0.5_r2, the same "
               "trace rerun whole (2026-12-06) on the engine, router and profile of the other sweeps: its adaptive runs "
               "were routed with the equal-share profile and an older router, all its runs on the engine before "
