@@ -199,3 +199,39 @@ def test_state_fit_scores_each_predictor_on_the_held_out_half():
     assert r["requests"] == 200
     assert r["linear"] < 0.01 and r["nearest"] < 0.1 < r["constant"]
     assert abs(r["router"] - 0.1) < 1e-6
+
+
+def test_a_replay_of_loads_recorded_before_shared_hits_counted_takes_them_off_the_context():
+    """Runs recorded before the loads counted prefix-cache hits shared in a decode batch (load.shared_discount):
+    replay takes each decoding request's discount off its worker's recorded context, on a copy; runs that
+    recorded it are replayed as recorded."""
+    from pdcli.router.load import shared_discount
+    from pdcli.router.replay import _shared_decoding, _with_shared
+
+    lay = [dict(rank=0, role="collocated", device="cuda:0")]
+    recs = [Record(0.0, 2300, 10, 50.0, 1000.0, "collocated", (0,), {0: WorkerLoad()}),
+            Record(0.1, 2300, 10, 50.0, 1000.0, "collocated", (0,), {0: WorkerLoad(decode_batch=1, decode_ctx=2301)},
+                   cached={"collocated": 2048}),
+            Record(0.5, 300, 10, 50.0, 1000.0, "collocated", (0,), {0: WorkerLoad(decode_batch=2, decode_ctx=4700)})]
+    run = Run("r.json", "collocated", 2.0, lay, False, recs)
+    shared = _shared_decoding(run)
+    assert shared is not None
+    got = _with_shared(recs[2].loads, shared, 0.5)[0]
+    assert got.decode_shared_ctx == shared_discount(2048) and got.decode_ctx == 4700 - shared_discount(2048)
+    assert recs[2].loads[0].decode_ctx == 4700  # the record itself is left as it was
+    assert _with_shared(recs[1].loads, shared, 0.1)[0].decode_ctx == 2301  # its own first token came at 0.15 s
+    recs[2].loads[0].decode_shared_ctx = 100  # a run that recorded the discount
+    assert _shared_decoding(run) is None
+
+
+def test_the_simulator_counts_a_collocated_hit_shared_in_its_decode_steps():
+    from pdcli.plan.sim import SimSeq, SimSpec, SimWorker
+    from pdcli.router.load import shared_discount
+    from test_cost_model import cost_model
+
+    w = SimWorker(SimSpec(0, "collocated", "n:cuda:0"), cost_model(), 256, 8192)
+    hit, miss = SimSeq(0, 0.0, 2300, 10, workers=(0,), cached=2048), SimSeq(1, 0.0, 2300, 10, workers=(0, 1), cached=2048)
+    w.admit(hit)
+    assert w.decode_ctx == 2301 - shared_discount(2048)
+    w.admit(miss)  # handed off: its blocks came by transfer, shared with no one
+    assert w.decode_ctx == 2 * 2301 - shared_discount(2048)

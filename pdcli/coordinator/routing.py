@@ -89,7 +89,7 @@ class Routing:
             # its worker computes only what it has not cached: the prompt's load and forecast count the rest (a
             # shared-prefix run at 25 req/s, 2k of 2.3k tokens cached, was priced at a prefill share of 1.03)
             cached = self.cached(t, route.worker)
-            t.prefilled = max(t.prefilled, cached)
+            t.prefilled, t.cached_tokens = max(t.prefilled, cached), cached
             self.loads.routed(route.worker.spec.rank, decode.spec.rank, len(t.prompt_ids) - cached, out_len)
             if self.prefixes is not None:  # the prefill worker caches its blocks, the decode worker too
                 for w in {route.worker.spec.rank, decode.spec.rank}:

@@ -41,6 +41,7 @@ class Tracked:
     first_token_time: float | None = None
     prefilled: int = 0  # prompt tokens its prefilling worker has computed, as its steps report (chunked prefill),
     # from routing on at least what the router's prefix index holds of it there (its worker computes the rest)
+    cached_tokens: int = 0  # that part: its prompt's leading tokens in the prefix cache of the worker routed to
     token_times: list = field(default_factory=list)  # arrival time of each token of completion 0
     finish_time: float | None = None
     transfer_bytes: int = 0

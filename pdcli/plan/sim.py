@@ -10,6 +10,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from pdcli.router.cost_model import CostModel
+from pdcli.router.load import shared_discount
 
 
 @dataclass
@@ -27,6 +28,8 @@ class SimSeq:
     first: float | None = None  # s, first token
     end: float | None = None  # s, last token
     hashes: list = field(default_factory=list)  # its prompt's chained block hashes (prefix caching; none: off)
+    cached: int = 0  # its prompt's leading tokens in the prefix cache of the worker that prefills it
+    shared_ctx: int = 0  # context tokens its decode steps count less (load.shared_discount; collocated only)
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,7 @@ class SimWorker:
             seq = heapq.heappop(self.finishing)[2]
             ending.append(seq)
             self.num_decoding -= 1
-            self.decode_ctx -= seq.prompt_len + seq.output_len
+            self.decode_ctx -= seq.prompt_len + seq.output_len - seq.shared_ctx
         for seq, n, _ in chunks:
             seq.scheduled += n
             if seq.scheduled >= seq.prompt_len:
@@ -137,8 +140,9 @@ class SimWorker:
         """seq, with its first token on the way, decodes in the next output_len - 1 steps planned here."""
         if seq.output_len <= 1:
             return
+        seq.shared_ctx = shared_discount(seq.cached) if len(seq.workers) == 1 else 0  # its blocks shared here
         self.num_decoding += 1
-        self.decode_ctx += seq.prompt_len + 1
+        self.decode_ctx += seq.prompt_len + 1 - seq.shared_ctx
         heapq.heappush(self.finishing, (self.plans + seq.output_len - 2, next(self._order), seq))
 
     def finish_step(self, step: SimStep, now: float) -> tuple[list[SimSeq], list[SimSeq]]:

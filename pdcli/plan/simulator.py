@@ -115,7 +115,8 @@ class Simulator:
         first, second = self.route(seq)
         seq.workers = (first.spec.rank,) if second is None else (first.spec.rank, second.spec.rank)
         seq.path = "collocated" if second is None else "disaggregated"
-        seq.scheduled = seq.prefilled = seq.reported = self.prefixes.cached_tokens(first.spec.rank, seq.hashes)
+        seq.cached = self.prefixes.cached_tokens(first.spec.rank, seq.hashes)
+        seq.scheduled = seq.prefilled = seq.reported = seq.cached
         first.waiting.append(seq)
         first.hold(seq)
         first.inflight += 1

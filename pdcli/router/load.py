@@ -6,12 +6,28 @@ import time
 from dataclasses import dataclass, fields
 
 
+# Of a decoding sequence's prefix-cache hit (blocks it shares with the sequences of the same prefix), the share a
+# step is priced for: the batch reads shared blocks once per sequence, and they partly stay in the L2. One H100,
+# shared-prefix (8 system prompts of 2,048 tokens) at 22-39 req/s: the measured TPOT lay between the step priced at
+# the total context and at the unique one (39 req/s: 10.4 ms against 12.1 and 8.0); at 0.5 the replayed raw TPOT came
+# within 3-7% (13.6-34.1% at 1.0; 0.4: 4-10%, 0.6: 4-7%), results/router/h100_shared-prefix_s1/NOTE.md. Fitted on
+# those runs: a profile point of decode steps over shared prefixes would measure it per GPU.
+SHARED_CONTEXT_READ = 0.5
+
+
+def shared_discount(cached: int) -> int:
+    """Context tokens a decoding sequence whose first `cached` prompt tokens were prefix-cache hits on the worker
+    that decodes it counts less than its whole context (SHARED_CONTEXT_READ)."""
+    return int((1.0 - SHARED_CONTEXT_READ) * cached)
+
+
 @dataclass
 class WorkerLoad:
     queued_prefill_tokens: int = 0  # prompt tokens admitted but not yet prefilled
     queued_prefill_sq_tokens: int = 0  # the sum of those prompts' squared lengths (attention within each)
     decode_batch: int = 0  # sequences decoding
-    decode_ctx: int = 0  # their context tokens in all
+    decode_ctx: int = 0  # their context tokens in all, less decode_shared_ctx (what a step is priced for)
+    decode_shared_ctx: int = 0  # taken off decode_ctx for the prefix-cache hits the sequences share (shared_discount)
     inflight_transfers: int = 0
     incoming_decodes: int = 0  # requests routed to decode here whose prompts another worker still prefills
     sharing: int = 0  # other workers with work on the same GPU: time-sliced, each runs at 1 / (1 + sharing)
@@ -162,9 +178,11 @@ class LoadView:
             w.queued_prefill_tokens += n - done
             w.queued_prefill_sq_tokens += n ** 2 - done ** 2  # its attention pairs left, x 2
             pending[t.prefill_rank].append((t.arrival, n - done))
-        elif t.stage == "collocated":
-            loads[t.prefill_rank].decode_batch += 1
-            loads[t.prefill_rank].decode_ctx += len(t.prompt_ids) + generated
+        elif t.stage == "collocated":  # its cached prefix in blocks shared with the sequences that computed it
+            w, shared = loads[t.prefill_rank], shared_discount(t.cached_tokens)
+            w.decode_batch += 1
+            w.decode_ctx += len(t.prompt_ids) + generated - shared
+            w.decode_shared_ctx += shared
         elif t.stage == "handoff":
             loads[t.decode_rank].inflight_transfers += 1
         elif t.stage == "decode":

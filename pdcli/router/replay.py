@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import bisect
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pdcli.bench import result_files
-from pdcli.router.load import LoadForecast, WorkerLoad, mark_gpu_neighbours, mark_gpu_sharing, mark_step
+from pdcli.router.load import (LoadForecast, WorkerLoad, mark_gpu_neighbours, mark_gpu_sharing, mark_step,
+                               shared_discount)
 
 logger = logging.getLogger("pdcli.replay")
 
@@ -223,8 +224,10 @@ def rebuilt_loads(run: Run, i: int, forecast: LoadForecast, cm=None) -> dict[int
         elif r.end > t:
             w = loads[r.workers[-1]]
             made = 1 + (t - r.first) * 1e3 / r.tpot_ms if r.tpot_ms else 1
+            shared = shared_discount(r.cached.get("collocated", 0)) if r.path == "collocated" else 0
             w.decode_batch += 1
-            w.decode_ctx += r.input_len + int(min(made, r.output_len))
+            w.decode_ctx += r.input_len + int(min(made, r.output_len)) - shared
+            w.decode_shared_ctx += shared
     for rank, w in loads.items():
         ends = step_ends(run).get(rank, []) if cm is not None else []
         k = bisect.bisect_right(ends, t)
@@ -260,6 +263,7 @@ def replay_run(run: Run, router) -> list[Replayed]:
     """Re-predict every request of a run with `router` (an AdaptiveRouter), in arrival order; the router's
     output-length predictor and calibration learn from the requests that finished before each arrival."""
     assign_workers(run)
+    shared = _shared_decoding(run)
     clock = [0.0]
     router.calibration.clock = lambda: clock[0]  # the run's own time
     forecast, out, done = LoadForecast(), [], []
@@ -272,6 +276,8 @@ def replay_run(run: Run, router) -> list[Replayed]:
         if not r.ok or not r.workers:
             continue
         loads = r.loads or rebuilt_loads(run, i, forecast, router.cm)
+        if r.loads and shared is not None:
+            loads = _with_shared(loads, shared, r.arrival)
         if r.loads:  # runs recorded before the neighbour fields
             mark_gpu_neighbours(loads, {w["rank"]: w["device"] for w in run.layout})
         out_len = router.predictor.mean(r.input_len, r.output_len)
@@ -281,6 +287,29 @@ def replay_run(run: Run, router) -> list[Replayed]:
         out.append(Replayed(r, raw, pred))
         done.append((r, roles, raw))
         forecast.route(r.arrival, r.workers[0], r.workers[-1], r.input_len - r.cached.get(path, 0), out_len)
+    return out
+
+
+def _shared_decoding(run: Run):
+    """For a run recorded before the loads counted shared prefix-cache hits (load.shared_discount) that has such
+    hits: (first token, end, worker, discount) of each collocated request that had one, as arrays; else None."""
+    import numpy as np
+
+    hits = [r for r in run.records if r.ok and r.workers and r.path == "collocated" and r.cached.get("collocated")]
+    if not hits or any(w.decode_shared_ctx for r in run.records if r.loads for w in r.loads.values()):
+        return None
+    return (np.array([r.first for r in hits]), np.array([r.end for r in hits]),
+            np.array([r.workers[0] for r in hits]), np.array([shared_discount(r.cached["collocated"]) for r in hits]))
+
+
+def _with_shared(loads: dict[int, WorkerLoad], shared, t: float) -> dict[int, WorkerLoad]:
+    """Copies of recorded loads with the shared hits of the requests decoding at t taken off their context."""
+    first, end, rank, disc = shared
+    decoding = (first <= t) & (end > t)
+    out = {}
+    for k, w in loads.items():
+        n = int(disc[decoding & (rank == k)].sum())
+        out[k] = replace(w, decode_ctx=max(0, w.decode_ctx - n), decode_shared_ctx=n) if n else w
     return out
 
 
