@@ -25,6 +25,9 @@ def test_the_knee_and_the_maxima_below_it():
     assert s["min_path_share"] == 0.1 and s["bins_below_knee"] == 5
     assert s["bimodal_adaptive_highest_rate"] == 7 and s["bimodal_best_static_highest_rate"] == 5
     assert s["replay_below_outside_band"] == []  # no bin records its share under the measurement
+    old = dict(sweep, folder="results/bench/older", rows=[_row("adaptive", 4, 0.99, mix={"collocated": 1.0})])
+    s = summarize([sweep, old], "dev", None, online={"results/router/x_b0.5"})
+    assert s["min_path_share"] == 0.1 and s["min_path_share_replay_set"] == 0.0  # an older run's apart
 
 
 def test_the_bins_whose_predictions_lean_outside_35_to_65_percent_under():

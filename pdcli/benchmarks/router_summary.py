@@ -133,20 +133,31 @@ def _max(values) -> float | None:
     return max(values) if values else None
 
 
-def summarize(sweeps: list[dict], device: str, bimodal_bursty: str | None) -> dict:
+def _shares(sweeps: list[dict]) -> list[float]:
+    """The least used path's share of each adaptive bin below its sweep's knee."""
+    return [min(r["routing_mix"].get(p, 0.0) for p in ("collocated", "disaggregated"))
+            for s in sweeps if s["knee"] is not None for r in s["rows"]
+            if r["rate"] <= s["knee"] and r.get("bin", True) and r["mode"] == "adaptive" and r["routing_mix"]]
+
+
+def summarize(sweeps: list[dict], device: str, bimodal_bursty: str | None, online: set[str] | None = None) -> dict:
     """Maxima over the bins below each sweep's knee (rates of a mode with >= MIN_BIN_REQUESTS measured requests;
     fewer: reported apart, `short_rows_below_knee`), those bins whose replayed predictions fall under the measurement
-    less or more often than BELOW_BAND; the bimodal bursty sweep's highest rates (acceptance 3)."""
+    less or more often than BELOW_BAND; the bimodal bursty sweep's highest rates (acceptance 3). online: the folders
+    of the issue's own runs (acceptance 2's and 3's); min_path_share is theirs, the other folders' (the replay set,
+    run before the router explored its paths) apart."""
     rows = [r for s in sweeps if s["knee"] is not None for r in s["rows"] if r["rate"] <= s["knee"]]
     below = [r for r in rows if r.get("bin", True)]
-    shares = [min(r["routing_mix"].get(p, 0.0) for p in ("collocated", "disaggregated"))
-              for r in below if r["mode"] == "adaptive" and r["routing_mix"]]
+    mine = (lambda s: s["folder"].rstrip("/") in online) if online else (lambda s: True)  # noqa: E731
+    shares = _shares([s for s in sweeps if mine(s)])
+    others = _shares([s for s in sweeps if not mine(s)])
     out = dict(device=device,
                replay_ttft_err_max=_max(r["replay_ttft_err"] for r in below),
                replay_tpot_err_max=_max(r["replay_tpot_err"] for r in below),
                online_ttft_err_max=_max(r["online_ttft_err"] for r in below),
                online_tpot_err_max=_max(r["online_tpot_err"] for r in below),
-               min_path_share=min(shares) if shares else None, bins_below_knee=len(below),
+               min_path_share=min(shares) if shares else None,
+               min_path_share_replay_set=min(others) if others else None, bins_below_knee=len(below),
                short_rows_below_knee=len(rows) - len(below),
                short_rows_ttft_err_max=_max(r["replay_ttft_err"] for r in rows if not r.get("bin", True)),
                short_rows_tpot_err_max=_max(r["replay_tpot_err"] for r in rows if not r.get("bin", True)),
@@ -188,7 +199,8 @@ def main(argv: list[str] | None = None) -> None:
         if params_dir not in models:
             models[params_dir] = load_cost_model(params_dir)
         sweeps.append(dict(sweep(folder, models[params_dir]), params_dir=params_dir))
-    summary = summarize(sweeps, args.device, args.bimodal_bursty)
+    online = {f.rstrip("/") for f in args.versus_static + ([args.bimodal_bursty] if args.bimodal_bursty else [])}
+    summary = summarize(sweeps, args.device, args.bimodal_bursty, online or None)
     if args.versus_static:
         from pdcli.benchmarks.versus_static import versus_static
 
