@@ -2,6 +2,7 @@
 bandwidth and matmul rate (the rooflines the benchmarks compare against)."""
 from __future__ import annotations
 
+import gc
 import re
 import statistics
 
@@ -41,3 +42,9 @@ def matmul_rate() -> float:
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     us = time_us(lambda: a @ b, iters=10)
     return 2 * 8192**3 / (us * 1e-6)
+
+
+def free_gpu() -> None:
+    """Give back what a dropped engine's tensors held (between benchmark parts)."""
+    gc.collect()
+    torch.cuda.empty_cache()
