@@ -103,6 +103,28 @@ class StepTimer:
             self.free([s for s in [*seqs, extra] if s is not None])
 
 
+    def shared_decode_ms(self, batch: int, ctx: int, prefix: int, groups: int, reps: int) -> float | None:
+        """One token for each of batch sequences of ctx tokens whose first `prefix` tokens are the blocks of one of
+        `groups` prefixes (shared by reference, as prefix-cache hits are); None: no room in the KV pool."""
+        bm = self.engine.block_manager
+        owners = [self.prepared(prefix, prefix) for _ in range(groups)]
+        seqs = []
+        try:
+            if any(o is None for o in owners):
+                return None
+            for i in range(batch):
+                seq = self._seq(ctx)
+                bm.fork(owners[i % groups], seq)
+                seqs.append(seq)
+                seq.num_computed_tokens = prefix
+                if not bm.allocate(seq, ctx - prefix):
+                    return None
+                seq.num_computed_tokens = ctx - 1
+            return self.time_step([(s, 1) for s in seqs], reps)
+        finally:
+            self.free([*seqs, *(o for o in owners if o is not None)])
+
+
 class Pace:
     """Measured over estimated seconds of the points run so far, to correct the estimates of the rest."""
 
@@ -198,9 +220,41 @@ def plan_engine(engine: LLMEngine, max_seconds: float, transfer: bool = False) -
 
 def profile_engine(engine: LLMEngine, progress=None, max_seconds: float = 90.0,
                    plan: ProfilePlan | None = None) -> dict:
-    """Time prefill, decode and mixed steps: plan's points, else a plan for max_seconds (steps only)."""
+    """Time prefill, decode and mixed steps: plan's points, else a plan for max_seconds (steps only); then the
+    shared-decode points (shared_decode)."""
     plan = plan or plan_engine(engine, max_seconds)
-    return run_steps(StepTimer(engine), plan, progress)
+    timer = StepTimer(engine)
+    steps = run_steps(timer, plan, progress)
+    shared = shared_decode(timer, engine_limits(engine))
+    if shared["ms"]:
+        steps["shared_decode"] = shared
+    return steps
+
+
+SHARED_PREFIX = 2048  # tokens: the shared-prefix workload's system prompt
+SHARED_BATCHES = (16, 64)
+SHARED_GROUPS = (1, 8)  # distinct prefixes in a batch
+SHARED_REPS = 5
+
+
+def shared_decode(timer, lim: Limits) -> dict:
+    """Decode steps whose sequences share a prefix's blocks (as prefix-cache hits do) beside the same batch
+    unshared, per batch of SHARED_BATCHES that the limits hold, SHARED_PREFIX (at most half of max_model_len)
+    tokens of each sequence's ctx = prefix + 256 in one of SHARED_GROUPS prefixes: how much a step reads of shared
+    context (fit.shared_read). Points the KV pool cannot hold are left out."""
+    out = dict(batch=[], ctx=[], prefix=[], groups=[], ms=[], unique_ms=[])
+    prefix = min(SHARED_PREFIX, lim.max_len // 2) // lim.block_size * lim.block_size
+    ctx = prefix + 256
+    if prefix <= 0 or ctx > lim.max_len:
+        return out
+    for batch in (b for b in SHARED_BATCHES if b <= lim.max_seqs):
+        unique = timer.decode_ms(batch, ctx, SHARED_REPS)
+        for groups in (g for g in SHARED_GROUPS if g < batch):
+            ms = None if unique is None else timer.shared_decode_ms(batch, ctx, prefix, groups, SHARED_REPS)
+            if ms is not None:
+                for k, v in dict(batch=batch, ctx=ctx, prefix=prefix, groups=groups, ms=ms, unique_ms=unique).items():
+                    out[k].append(v)
+    return out
 
 
 def transfer_pairs(device: str, tp: int = 1) -> list[tuple[str, str]]:

@@ -189,3 +189,30 @@ def test_profile_on_a_tiny_model_keeps_its_budget_and_reports_progress(tmp_path)
     r = CliRunner().invoke(app, ["fit", out, "--no-plots"])
     assert r.exit_code == 0, r.stderr
     assert "R²" in r.stdout and "interference" in r.stdout
+
+
+def test_shared_decode_points_and_the_share_of_shared_context_a_step_reads():
+    """profiler.shared_decode times decode steps whose sequences hold one of a few prefixes by reference (as prefix
+    hits do) beside the same batch unshared, and gives every block back; fit.shared_read turns the saving into the
+    share of a shared token's cost (CostModel.shared_context_read, which the router's loads and the simulator use)."""
+    from pdcli import LLM
+    from pdcli.profiler import StepTimer, engine_limits, shared_decode
+    from pdcli.router.cost_model import SHARED_CONTEXT_READ, CostModel
+    from pdcli.router.fit import shared_read
+
+    llm = LLM("dummy:tiny-llama", device="cpu", max_model_len=512, num_kv_blocks=4096, block_size=16)
+    bm = llm.engine.block_manager
+    free = bm.num_free_blocks
+    got = shared_decode(StepTimer(llm.engine), engine_limits(llm.engine))
+    assert bm.num_free_blocks == free  # every block back, the shared ones' references too
+    assert got["batch"] == [16, 16, 64, 64] and got["groups"] == [1, 8, 1, 8] and set(got["prefix"]) == {256}
+    assert all(ms > 0 for ms in got["ms"] + got["unique_ms"])
+    d2 = 1e-3  # ms per context token
+    pts = dict(batch=[16, 64], ctx=[2304, 2304], prefix=[2048, 2048], groups=[1, 8], ms=[10.0, 20.0],
+               unique_ms=[10.0 + 0.5 * d2 * 15 * 2048, 20.0 + 0.5 * d2 * 56 * 2048])
+    assert shared_read(pts, [1.0, 0.01, d2]) == pytest.approx(0.5)
+    assert shared_read(dict(pts, unique_ms=[5.0, 5.0]), [1.0, 0.01, d2]) == 1.0  # slower shared: clamped
+    assert shared_read(None, [1.0, 0.01, d2]) is None
+    cm = CostModel([1.0] * 5, [1.0, 0.01, d2], [0.0] * 4, {}, 8192, 1)
+    assert cm.shared_context_read == SHARED_CONTEXT_READ
+    assert CostModel([1.0] * 5, [1.0, 0.01, d2], [0.0] * 4, {}, 8192, 1, shared_read=0.3).shared_context_read == 0.3

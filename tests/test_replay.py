@@ -208,20 +208,23 @@ def test_a_replay_of_loads_recorded_before_shared_hits_counted_takes_them_off_th
     from pdcli.router.load import shared_discount
     from pdcli.router.replay import _shared_decoding, _with_shared
 
+    def cut(cached):
+        return shared_discount(cached, 0.5)
+
     lay = [dict(rank=0, role="collocated", device="cuda:0")]
     recs = [Record(0.0, 2300, 10, 50.0, 1000.0, "collocated", (0,), {0: WorkerLoad()}),
             Record(0.1, 2300, 10, 50.0, 1000.0, "collocated", (0,), {0: WorkerLoad(decode_batch=1, decode_ctx=2301)},
                    cached={"collocated": 2048}),
             Record(0.5, 300, 10, 50.0, 1000.0, "collocated", (0,), {0: WorkerLoad(decode_batch=2, decode_ctx=4700)})]
     run = Run("r.json", "collocated", 2.0, lay, False, recs)
-    shared = _shared_decoding(run)
+    shared = _shared_decoding(run, 0.5)
     assert shared is not None
     got = _with_shared(recs[2].loads, shared, 0.5)[0]
-    assert got.decode_shared_ctx == shared_discount(2048) and got.decode_ctx == 4700 - shared_discount(2048)
+    assert got.decode_shared_ctx == cut(2048) == 1024 and got.decode_ctx == 4700 - 1024
     assert recs[2].loads[0].decode_ctx == 4700  # the record itself is left as it was
     assert _with_shared(recs[1].loads, shared, 0.1)[0].decode_ctx == 2301  # its own first token came at 0.15 s
     recs[2].loads[0].decode_shared_ctx = 100  # a run that recorded the discount
-    assert _shared_decoding(run) is None
+    assert _shared_decoding(run, 0.5) is None
 
 
 def test_the_simulator_counts_a_collocated_hit_shared_in_its_decode_steps():
@@ -229,9 +232,11 @@ def test_the_simulator_counts_a_collocated_hit_shared_in_its_decode_steps():
     from pdcli.router.load import shared_discount
     from test_cost_model import cost_model
 
-    w = SimWorker(SimSpec(0, "collocated", "n:cuda:0"), cost_model(), 256, 8192)
+    cm = cost_model()
+    w = SimWorker(SimSpec(0, "collocated", "n:cuda:0"), cm, 256, 8192)
     hit, miss = SimSeq(0, 0.0, 2300, 10, workers=(0,), cached=2048), SimSeq(1, 0.0, 2300, 10, workers=(0, 1), cached=2048)
     w.admit(hit)
-    assert w.decode_ctx == 2301 - shared_discount(2048)
+    cut = shared_discount(2048, cm.shared_context_read)
+    assert cut > 0 and w.decode_ctx == 2301 - cut
     w.admit(miss)  # handed off: its blocks came by transfer, shared with no one
-    assert w.decode_ctx == 2 * 2301 - shared_discount(2048)
+    assert w.decode_ctx == 2 * 2301 - cut

@@ -283,10 +283,11 @@ def test_a_prompt_s_load_and_forecast_count_only_what_its_worker_has_not_cached(
     rate = routing.loads.forecast.prefill[0]  # the first prompt opens its window; the second is counted
     assert rate.level == pytest.approx(256, rel=1e-3)  # the tokens its worker computes, not its 2304
     # decoding there, the second's hit (blocks shared with the first) counts at SHARED_CONTEXT_READ in its steps
-    from pdcli.router.load import SHARED_CONTEXT_READ, shared_discount
+    from pdcli.router.cost_model import SHARED_CONTEXT_READ
+    from pdcli.router.load import shared_discount
 
     first.tokens, second.tokens = {0: [7, 7, 7]}, {0: [7, 7, 7]}  # 3 tokens each
     both = routing.loads.snapshot([w], [first, second])[0]
     assert second.cached_tokens == 2048 and first.cached_tokens == 0
-    assert both.decode_batch == 2 and both.decode_shared_ctx == shared_discount(2048) == int((1 - SHARED_CONTEXT_READ) * 2048)
-    assert both.decode_ctx == 2 * (2048 + 256 + 3) - shared_discount(2048)
+    assert both.decode_batch == 2 and both.decode_shared_ctx == shared_discount(2048, SHARED_CONTEXT_READ) == 1024
+    assert both.decode_ctx == 2 * (2048 + 256 + 3) - 1024

@@ -140,7 +140,8 @@ class SimWorker:
         """seq, with its first token on the way, decodes in the next output_len - 1 steps planned here."""
         if seq.output_len <= 1:
             return
-        seq.shared_ctx = shared_discount(seq.cached) if len(seq.workers) == 1 else 0  # its blocks shared here
+        # its prefix's blocks shared here (a handoff's came by transfer, shared with no one)
+        seq.shared_ctx = shared_discount(seq.cached, self.cm.shared_context_read) if len(seq.workers) == 1 else 0
         self.num_decoding += 1
         self.decode_ctx += seq.prompt_len + 1 - seq.shared_ctx
         heapq.heappush(self.finishing, (self.plans + seq.output_len - 2, next(self._order), seq))

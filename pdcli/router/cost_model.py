@@ -186,6 +186,15 @@ DECODE_BESIDE_DECODE = 2.0
 PREFILL_BESIDE_DECODE = 1.35
 
 
+# Of a decoding sequence's prefix-cache hit (blocks it shares with the sequences of the same prefix), the share a
+# step is priced for where the profile did not measure it (`pdcli profile`'s shared-decode points, fit.shared_read):
+# the batch reads shared blocks once per sequence, and they partly stay in the L2. One H100, shared-prefix (8 system
+# prompts of 2,048 tokens) at 22-39 req/s: the measured TPOT lay between the step priced at the total context and at
+# the unique one (39 req/s: 10.4 ms against 12.1 and 8.0); at 0.5 the replayed raw TPOT came within 3-7% (13.6-34.1%
+# at 1.0; 0.4: 4-10%, 0.6: 4-7%), results/router/h100_shared-prefix_s1/NOTE.md.
+SHARED_CONTEXT_READ = 0.5
+
+
 @dataclass
 class CostModel:
     prefill: list[float]  # p0, a0, a1, a2, a3
@@ -200,6 +209,13 @@ class CostModel:
     # a prefill worker as it serves (its loop, the handoffs) over its profiled steps: `pdcli fit` from the
     # profile's burst through a real pair (profiler.time_served_prefill); absent: 1
     prefill_worker: dict = field(default_factory=dict)
+    # a decode step's time per shared context token over an unshared one's (`pdcli fit` from the profile's
+    # shared-decode points); None: unmeasured
+    shared_read: float | None = None
+
+    @property
+    def shared_context_read(self) -> float:
+        return SHARED_CONTEXT_READ if self.shared_read is None else min(1.0, max(0.0, float(self.shared_read)))
 
     @property
     def prefill_role_scale(self) -> float:

@@ -118,14 +118,31 @@ def fit_profile(data: dict, folder: str | None = None) -> dict:
         slope = max(f.params[1], 1e-15)
         transfer[pair] = dict(f.to_dict(), t0_ms=f.params[0], gb_s=1.0 / (slope * 1e6))
     prefill_worker = served_prefill_scale(data, prefill.params, decode.params, inter.params)
+    shared = shared_read(data.get("shared_decode"), decode.params)
     return dict(schema_version=PARAMS_SCHEMA_VERSION, model=data["model"], device=data.get("device"),
                 provenance=dict(data.get("provenance", {}), **({"sharing": data["sharing_provenance"]}
                                                                if "sharing_provenance" in data else {})),
                 max_num_batched_tokens=int(data["max_num_batched_tokens"]),
                 kv_bytes_per_token=int(data["kv_bytes_per_token"]), prefill=prefill.to_dict(),
-                decode=decode.to_dict(), interference=inter.to_dict(), transfer=transfer,
+                decode=dict(decode.to_dict(), **({} if shared is None else dict(shared_read=shared))),
+                interference=inter.to_dict(), transfer=transfer,
                 sharing=fit_sharing(data.get("sharing", {})),
                 prefill_worker=prefill_worker)
+
+
+def shared_read(points: dict | None, decode: list) -> float | None:
+    """The share of a shared context token a decode step costs against an unshared one, from the profile's
+    shared-decode points (profiler.shared_decode): each step's saving over the same batch unshared, against what
+    the fitted decode step (d2, ms per context token) gives for the context tokens sharing takes off, median over
+    the points, within [0, 1]; None without points."""
+    if not points or not points.get("ms"):
+        return None
+    d2, reads = float(decode[2]), []
+    for b, prefix, g, ms, unique in zip(*(points[k] for k in ("batch", "prefix", "groups", "ms", "unique_ms"))):
+        repeats = (b - g) * prefix  # context tokens read again from another sequence's blocks
+        if d2 > 0 and repeats > 0:
+            reads.append(1.0 - (unique - ms) / (d2 * repeats))
+    return float(min(1.0, max(0.0, np.median(reads)))) if reads else None
 
 
 def fit_sharing(got: dict) -> dict:
@@ -191,6 +208,7 @@ def load_cost_model(folder: str, model: str | None = None) -> CostModel:
                          interference=p["interference"]["params"],
                          transfer={k: (v["t0_ms"], v["gb_s"]) for k, v in p["transfer"].items()},
                          max_num_batched_tokens=p["max_num_batched_tokens"], kv_bytes_per_token=p["kv_bytes_per_token"],
-                         sharing=dict(p.get("sharing") or {}), prefill_worker=dict(p.get("prefill_worker") or {}))
+                         sharing=dict(p.get("sharing") or {}), prefill_worker=dict(p.get("prefill_worker") or {}),
+                         shared_read=p["decode"].get("shared_read"))
     except (KeyError, IndexError, TypeError) as e:
         raise ProfileError(f"{path} lacks {e}: {again}") from e

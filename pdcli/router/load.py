@@ -6,19 +6,11 @@ import time
 from dataclasses import dataclass, fields
 
 
-# Of a decoding sequence's prefix-cache hit (blocks it shares with the sequences of the same prefix), the share a
-# step is priced for: the batch reads shared blocks once per sequence, and they partly stay in the L2. One H100,
-# shared-prefix (8 system prompts of 2,048 tokens) at 22-39 req/s: the measured TPOT lay between the step priced at
-# the total context and at the unique one (39 req/s: 10.4 ms against 12.1 and 8.0); at 0.5 the replayed raw TPOT came
-# within 3-7% (13.6-34.1% at 1.0; 0.4: 4-10%, 0.6: 4-7%), results/router/h100_shared-prefix_s1/NOTE.md. Fitted on
-# those runs: a profile point of decode steps over shared prefixes would measure it per GPU.
-SHARED_CONTEXT_READ = 0.5
-
-
-def shared_discount(cached: int) -> int:
+def shared_discount(cached: int, read: float) -> int:
     """Context tokens a decoding sequence whose first `cached` prompt tokens were prefix-cache hits on the worker
-    that decodes it counts less than its whole context (SHARED_CONTEXT_READ)."""
-    return int((1.0 - SHARED_CONTEXT_READ) * cached)
+    that decodes it counts less than its whole context: those blocks are shared in the batch, a step is priced for
+    `read` of them (CostModel.shared_context_read)."""
+    return int((1.0 - read) * cached)
 
 
 @dataclass
@@ -139,9 +131,11 @@ BUSY_EMA = 0.1  # weight of the newest sample of a worker's busy fraction (~ the
 
 class LoadView:
     """Per-rank load from the requests the coordinator tracks; each snapshot also samples every worker's
-    busy fraction (an exponential average: Poisson arrivals see time averages)."""
+    busy fraction (an exponential average: Poisson arrivals see time averages). shared_read: the share of a
+    decoding sequence's shared prefix-cache hit its worker's context counts (CostModel.shared_context_read)."""
 
-    def __init__(self):
+    def __init__(self, shared_read: float = 1.0):
+        self.shared_read = shared_read
         self.busy_avg: dict[int, float] = {}  # rank -> average busy fraction, for the GPU-sharing slowdown
         self.forecast = LoadForecast()
 
@@ -167,8 +161,7 @@ class LoadView:
         self.forecast.apply(loads, now)
         return loads
 
-    @staticmethod
-    def _add(loads: dict[int, WorkerLoad], pending: dict[int, list], t) -> None:
+    def _add(self, loads: dict[int, WorkerLoad], pending: dict[int, list], t) -> None:
         generated = t.num_generated
         if t.stage == "prefill" and t.decode_rank is not None and t.decode_rank != t.prefill_rank:
             loads[t.decode_rank].incoming_decodes += 1
@@ -179,7 +172,7 @@ class LoadView:
             w.queued_prefill_sq_tokens += n ** 2 - done ** 2  # its attention pairs left, x 2
             pending[t.prefill_rank].append((t.arrival, n - done))
         elif t.stage == "collocated":  # its cached prefix in blocks shared with the sequences that computed it
-            w, shared = loads[t.prefill_rank], shared_discount(t.cached_tokens)
+            w, shared = loads[t.prefill_rank], shared_discount(t.cached_tokens, self.shared_read)
             w.decode_batch += 1
             w.decode_ctx += len(t.prompt_ids) + generated - shared
             w.decode_shared_ctx += shared

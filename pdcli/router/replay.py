@@ -26,6 +26,7 @@ import logging
 from dataclasses import dataclass, field, replace
 
 from pdcli.bench import result_files
+from pdcli.router.cost_model import SHARED_CONTEXT_READ
 from pdcli.router.load import (LoadForecast, WorkerLoad, mark_gpu_neighbours, mark_gpu_sharing, mark_step,
                                shared_discount)
 
@@ -224,7 +225,8 @@ def rebuilt_loads(run: Run, i: int, forecast: LoadForecast, cm=None) -> dict[int
         elif r.end > t:
             w = loads[r.workers[-1]]
             made = 1 + (t - r.first) * 1e3 / r.tpot_ms if r.tpot_ms else 1
-            shared = shared_discount(r.cached.get("collocated", 0)) if r.path == "collocated" else 0
+            shared = shared_discount(r.cached.get("collocated", 0), cm.shared_context_read if cm is not None
+                                     else SHARED_CONTEXT_READ) if r.path == "collocated" else 0
             w.decode_batch += 1
             w.decode_ctx += r.input_len + int(min(made, r.output_len)) - shared
             w.decode_shared_ctx += shared
@@ -263,7 +265,7 @@ def replay_run(run: Run, router) -> list[Replayed]:
     """Re-predict every request of a run with `router` (an AdaptiveRouter), in arrival order; the router's
     output-length predictor and calibration learn from the requests that finished before each arrival."""
     assign_workers(run)
-    shared = _shared_decoding(run)
+    shared = _shared_decoding(run, router.cm.shared_context_read)
     clock = [0.0]
     router.calibration.clock = lambda: clock[0]  # the run's own time
     forecast, out, done = LoadForecast(), [], []
@@ -290,16 +292,18 @@ def replay_run(run: Run, router) -> list[Replayed]:
     return out
 
 
-def _shared_decoding(run: Run):
-    """For a run recorded before the loads counted shared prefix-cache hits (load.shared_discount) that has such
-    hits: (first token, end, worker, discount) of each collocated request that had one, as arrays; else None."""
+def _shared_decoding(run: Run, read: float):
+    """For a run recorded before the loads counted shared prefix-cache hits (load.shared_discount, at `read`) that
+    has such hits: (first token, end, worker, discount) of each collocated request that had one, as arrays; else
+    None."""
     import numpy as np
 
     hits = [r for r in run.records if r.ok and r.workers and r.path == "collocated" and r.cached.get("collocated")]
     if not hits or any(w.decode_shared_ctx for r in run.records if r.loads for w in r.loads.values()):
         return None
     return (np.array([r.first for r in hits]), np.array([r.end for r in hits]),
-            np.array([r.workers[0] for r in hits]), np.array([shared_discount(r.cached["collocated"]) for r in hits]))
+            np.array([r.workers[0] for r in hits]), np.array([shared_discount(r.cached["collocated"], read)
+                                                              for r in hits]))
 
 
 def _with_shared(loads: dict[int, WorkerLoad], shared, t: float) -> dict[int, WorkerLoad]:
