@@ -8,8 +8,8 @@ import torch
 
 from pdcli.router.adaptive import AdaptiveRouter
 from pdcli.router.load import WorkerLoad
-from pdcli.router.cost_model import (CostModel, decode_features, fit_prefill, mixed_form, prefill_form,
-                                     prefill_marginal_features)
+from pdcli.router.cost_model import CostModel, decode_features, mixed_form, prefill_form, prefill_marginal_features
+from pdcli.router.fitters import fit_prefill
 from pdcli.router.fit import SCHEMA_VERSION, ProfileError, fit_profile, load_cost_model, load_profile, write_params
 from pdcli.router.predictor import NIG, OutputLengthPredictor
 from pdcli.plan.sim import SimStep

@@ -7,7 +7,8 @@ import os
 import numpy as np
 import torch
 
-from pdcli.router.cost_model import CostModel, decode_features, fit_linear, fit_mixed, fit_prefill, prefill_marginal_features
+from pdcli.router.cost_model import CostModel, decode_features, prefill_marginal_features
+from pdcli.router.fitters import fit_linear, fit_mixed, fit_prefill
 
 SCHEMA_VERSION = 1  # profile_data.pt
 PARAMS_SCHEMA_VERSION = 2  # params.json (2: prefill floor and separate prefix/self attention rates, mixed-step form)
