@@ -171,3 +171,38 @@ def test_fresh_prefill_sdpa_path_matches_reference(dtype, t, hq, hk, d, block_si
     ours_err = (out.double().cpu() - ref64).abs().max().item()
     torch_err = (ref.double().cpu() - ref64).abs().max().item()
     assert ours_err <= 2 * torch_err + 1e-3, (ours_err, torch_err)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("t, prefix, hq, hk", [(300, 8192, 8, 2), (256, 512, 32, 8), (1, 64, 4, 4)])
+def test_a_chunk_through_cudnn_with_its_prefix_matches_reference(dtype, t, prefix, hq, hk):
+    """kernels/chunk_sdpa on the GPU (cuDNN, log-sum-exps merged): the chunk's queries against the prefix and
+    themselves; the kernels' criterion against fp64. The engine's tuning checks the same before it takes the path."""
+    from pdcli.kernels import chunk_sdpa
+
+    d, bs = 128, 16
+    q, k_cache, v_cache, tables, context_lens, qsl = make_case([t], [prefix], hq, hk, d, bs, dtype, seed=t + prefix)
+    scale = d ** -0.5
+    out = chunk_sdpa.chunk_attention(q, k_cache, v_cache, tables[0], prefix, scale)
+    assert out.shape == q.shape and out.dtype == q.dtype and torch.isfinite(out).all()
+    ctx = prefix + t
+    cpu = [x.cpu() for x in (tables, context_lens, qsl)]
+    ref64 = reference.paged_attention(q.double().cpu(), k_cache.double().cpu(), v_cache.double().cpu(), *cpu, t, ctx,
+                                      scale)
+    ref = reference.paged_attention(q, k_cache, v_cache, tables, context_lens, qsl, t, ctx, scale)
+    ours_err = (out.double().cpu() - ref64).abs().max().item()
+    torch_err = (ref.double().cpu() - ref64).abs().max().item()
+    assert ours_err <= 2 * torch_err + 1e-3, (ours_err, torch_err)
+
+
+def test_the_engine_times_aligned_chunks_through_cudnn_against_the_paged_kernel(mod):
+    from pdcli.kernels import prefill_choice
+    from pdcli.kernels.ops import prefill_kernel_fn
+
+    before = prefill_choice.chunk_sdpa_on()
+    try:
+        row = prefill_choice.tune_chunk_sdpa(prefill_kernel_fn(mod, "mma"), 32, 8, 128, 16, torch.bfloat16, "cuda")
+        assert row["matches_reference"] and row["paged_us"] > 0 and row["chunk_sdpa_us"] > 0
+        assert prefill_choice.chunk_sdpa_on() == (row["choice"] == "chunk_sdpa")
+    finally:
+        prefill_choice._chunk_sdpa[0] = before

@@ -1,6 +1,7 @@
 """A mixed step's attention split into decode rows and prefill rows gives the one-call result (CPU: the
 reference in the kernels' signatures, which is the CPU path of a mixed step; the GPU kernels themselves are
 checked in test_kernels.py)."""
+import pytest
 import torch
 
 from pdcli.kernels import ops, reference
@@ -122,3 +123,30 @@ def test_a_whole_prompt_is_attended_at_its_bucket_length_exactly():
                                          enable_gqa=True)[0].transpose(0, 1)
     assert out.shape == q.shape
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("prefix, t", [(64, 40), (512, 256), (8192, 300)])
+def test_a_chunk_through_sdpa_with_its_prefix_is_paged_attention(prefix, t):
+    """kernels/chunk_sdpa: the chunk's queries against the prefix and against themselves (causal), merged by their
+    log-sum-exps, on CPU here (the CPU's flash kernel; cuDNN on a GPU, tests/test_kernel_prefill.py)."""
+    from pdcli.kernels import chunk_sdpa
+
+    gen = torch.Generator().manual_seed(prefix + t)
+    hq, hk, d, bs = 8, 2, 32, 16
+    nb = -(-(prefix + t) // bs)
+    k_cache, v_cache = (torch.randn(nb + 3, bs, hk, d, generator=gen) for _ in range(2))
+    table = torch.randperm(nb + 3, generator=gen)[:nb]
+    q = torch.randn(t, hq, d, generator=gen)
+    out = chunk_sdpa.chunk_attention(q, k_cache, v_cache, table, prefix, d ** -0.5)
+    lens, qsl = torch.tensor([prefix + t], dtype=torch.int32), torch.tensor([0, t], dtype=torch.int32)
+    ref = reference.paged_attention(q, k_cache, v_cache, table[None].int(), lens, qsl, t, prefix + t, d ** -0.5)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_the_chunks_that_go_through_sdpa():
+    from pdcli.kernels.chunk_sdpa import applies
+
+    assert applies(1, False, 8192, 16384) and applies(1, False, 300, 8492)
+    assert not applies(1, False, 8192, 8192)  # a whole prompt: the fresh path
+    assert not applies(1, False, 300, 5300)  # a prefix of another length: a new cuDNN shape
+    assert not applies(2, False, 8192, 16384) and not applies(1, True, 8192, 16384)

@@ -276,10 +276,12 @@ def bench_llama3_8b(parts: set[str], bw: float, mm: float, log) -> dict:
 
 def prefill_attn_kernel() -> str:
     """The paged prefill attention the engine runs here for the 32k prompt's chunks (ops.prefill_kernel_name)."""
-    from pdcli.kernels import build
+    from pdcli.kernels import build, prefill_choice
     from pdcli.kernels.ops import prefill_kernel_name
 
     mod = build.get()
+    if mod and prefill_choice.chunk_sdpa_on():
+        return "chunk_sdpa"  # the chunks after the first start at multiples of 8,192 tokens (kernels/chunk_sdpa.py)
     return prefill_kernel_name(mod, 128, 8192) if mod else "mma"
 
 

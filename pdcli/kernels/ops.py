@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pdcli import envs
-from pdcli.kernels import build, gemv_choice, prefill_choice, reference
+from pdcli.kernels import build, chunk_sdpa, gemv_choice, prefill_choice, reference
 from pdcli.models.context import Context
 
 _HALF = (torch.bfloat16, torch.float16)
@@ -115,6 +115,10 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx
         return out
     if mod is not None and ctx.block_tables.shape[0] == 1 and ctx.max_context_len == ctx.max_query_len == q.shape[0]:
         return fresh_prefill_attention(q, k_cache, v_cache, ctx.block_tables[0], scale)
+    if mod is not None and envs.prefill_kernel() == "auto" and prefill_choice.chunk_sdpa_on() and chunk_sdpa.applies(
+            ctx.block_tables.shape[0], ctx.num_decode_seqs > 0, q.shape[0], ctx.max_context_len):
+        return chunk_sdpa.chunk_attention(q, k_cache, v_cache, ctx.block_tables[0], ctx.max_context_len - q.shape[0],
+                                          scale)
     if mod is not None:
         return split_attention(q, ctx, decode_fn(mod, ctx), prefill_kernel(mod, q.shape[-1], ctx.max_query_len),
                                k_cache, v_cache, scale)

@@ -18,6 +18,12 @@ logger = logging.getLogger("pdcli.kernels")
 # max_query_len: <= 256, <= 1024, <= 4096, longer
 SHAPES = ((256, 0), (1024, 1024), (4096, 4096), (8192, 8192))
 _choice: list[str] = []  # kernel name per SHAPES bucket, once tuned
+_chunk_sdpa: list[bool] = [False]  # a long prompt's aligned later chunks through SDPA (chunk_sdpa), once tuned
+CHUNK_SDPA_SHAPE = (8192, 8192)  # (new tokens, prefix) timed against the paged kernel's choice for it
+
+
+def chunk_sdpa_on() -> bool:
+    return _chunk_sdpa[0]
 
 
 def kernel_for(max_query_len: int) -> str:
@@ -83,3 +89,28 @@ def tune(kernels: dict[str, Callable], num_heads: int, num_kv_heads: int, head_d
     logger.info("prefill attention per chunk length: %s",
                 ", ".join(f"<= {q}: {c}" for (q, _), c in zip(shapes, choice)))
     return rows
+
+
+def tune_chunk_sdpa(paged: Callable, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
+                    dtype: torch.dtype, device, time_us: Callable = cuda_time_us) -> dict:
+    """Whether an aligned later chunk goes through SDPA (chunk_sdpa) rather than `paged` (the paged kernel chosen
+    for it): on if it matches the reference on a small case and is faster at CHUNK_SDPA_SHAPE. The row."""
+    from pdcli.kernels import chunk_sdpa
+
+    scale = head_dim ** -0.5
+
+    def split(out, q, k, v, table, lens, qsl, max_q, s):
+        out.copy_(chunk_sdpa.chunk_attention(q, k, v, table[0], int(lens[0]) - q.shape[0], s))
+
+    ok = matches_reference(split, paged_case(300, 512, num_heads, num_kv_heads, head_dim, block_size, dtype, device),
+                           scale)
+    q_len, prefix = CHUNK_SDPA_SHAPE
+    q, k, v, table, lens, qsl = paged_case(q_len, prefix, num_heads, num_kv_heads, head_dim, block_size, dtype, device)
+    out = torch.empty_like(q)
+    row = dict(q_len=q_len, prefix=prefix, matches_reference=ok,
+               paged_us=time_us(lambda: paged(out, q, k, v, table, lens, qsl, q_len, scale)))
+    if ok:
+        row["chunk_sdpa_us"] = time_us(lambda: split(out, q, k, v, table, lens, qsl, q_len, scale))
+    _chunk_sdpa[0] = bool(ok and row["chunk_sdpa_us"] < row["paged_us"])
+    logger.info("aligned long-prompt chunks through SDPA: %s (%s)", "on" if _chunk_sdpa[0] else "off", row)
+    return dict(row, choice="chunk_sdpa" if _chunk_sdpa[0] else "paged")

@@ -41,7 +41,14 @@ def tune_prefill(num_heads: int, num_kv_heads: int, head_dim: int, block_size: i
         return []  # mma.sync is the only one: nothing to choose
     kernels = {n: prefill_kernel_fn(mod, n) for n in ("mma", "wgmma", "wgmma_ws")}
     try:
-        return prefill_choice.tune(kernels, num_heads, num_kv_heads, head_dim, block_size, dtype, device)
+        rows = prefill_choice.tune(kernels, num_heads, num_kv_heads, head_dim, block_size, dtype, device)
     except Exception as err:
         logger.warning("prefill kernel timing failed (%s): mma.sync", err)
         return []
+    try:
+        paged = kernels[prefill_choice.kernel_for(prefill_choice.CHUNK_SDPA_SHAPE[0])]
+        rows.append(prefill_choice.tune_chunk_sdpa(paged, num_heads, num_kv_heads, head_dim, block_size, dtype,
+                                                   device))
+    except Exception as err:  # e.g. a torch without cuDNN's attention op: the paged kernel
+        logger.warning("long-prompt chunks through SDPA not timed (%s): the paged kernel", err)
+    return rows
