@@ -26,15 +26,12 @@ def _expand(k: torch.Tensor, group: int) -> torch.Tensor:
 def sdpa_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
              scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """q [1, Hq, T, D], k / v [1, Hk, S, D] -> (out [1, Hq, T, D], natural log-sum-exp of each row's scores
-    [1, Hq, T] in fp32): cuDNN's SDPA on a GPU (K/V heads repeated if it refuses grouped ones), the CPU's
-    flash kernel elsewhere."""
+    [1, Hq, T] in fp32): cuDNN's SDPA on a GPU, the CPU's flash kernel elsewhere, both with the K/V heads repeated
+    to the query heads (the private ops take one head count; a grouped call is not checked there)."""
     group = q.shape[1] // k.shape[1]
     if q.is_cuda:
-        op = torch.ops.aten._scaled_dot_product_cudnn_attention
-        try:
-            res = op(q, k, v, None, True, 0.0, causal, False, scale=scale)
-        except RuntimeError:
-            res = op(q, _expand(k, group), _expand(v, group), None, True, 0.0, causal, False, scale=scale)
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, _expand(k, group), _expand(v, group), None, True,
+                                                                 0.0, causal, False, scale=scale)
     else:
         res = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, _expand(k, group), _expand(v, group),
                                                                           0.0, causal, scale=scale)
