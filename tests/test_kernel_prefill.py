@@ -164,10 +164,16 @@ def test_fresh_prefill_sdpa_path_matches_reference(dtype, t, hq, hk, d, block_si
                   max_query_len=t, max_context_len=t, logits_indices=torch.empty(0))
     out = ops.attention(q, k_cache, v_cache, ctx, scale)
     assert out.shape == q.shape and torch.isfinite(out).all()
+    assert_as_close_as_torch(out, q, k_cache, v_cache, tables, context_lens, qsl, t, t, scale)
+
+
+def assert_as_close_as_torch(out, q, k_cache, v_cache, tables, context_lens, qsl, max_q, max_ctx, scale):
+    """The kernels' criterion for one output: its max error against fp64 at most twice the reference's own in the
+    inputs' dtype, plus 1e-3."""
     cpu = [x.cpu() for x in (tables, context_lens, qsl)]
-    ref64 = reference.paged_attention(q.double().cpu(), k_cache.double().cpu(), v_cache.double().cpu(), *cpu, t, t,
-                                      scale)
-    ref = reference.paged_attention(q, k_cache, v_cache, tables, context_lens, qsl, t, t, scale)
+    ref64 = reference.paged_attention(q.double().cpu(), k_cache.double().cpu(), v_cache.double().cpu(), *cpu, max_q,
+                                      max_ctx, scale)
+    ref = reference.paged_attention(q, k_cache, v_cache, tables, context_lens, qsl, max_q, max_ctx, scale)
     ours_err = (out.double().cpu() - ref64).abs().max().item()
     torch_err = (ref.double().cpu() - ref64).abs().max().item()
     assert ours_err <= 2 * torch_err + 1e-3, (ours_err, torch_err)
@@ -185,14 +191,7 @@ def test_a_chunk_through_cudnn_with_its_prefix_matches_reference(dtype, t, prefi
     scale = d ** -0.5
     out = chunk_sdpa.chunk_attention(q, k_cache, v_cache, tables[0], prefix, scale)
     assert out.shape == q.shape and out.dtype == q.dtype and torch.isfinite(out).all()
-    ctx = prefix + t
-    cpu = [x.cpu() for x in (tables, context_lens, qsl)]
-    ref64 = reference.paged_attention(q.double().cpu(), k_cache.double().cpu(), v_cache.double().cpu(), *cpu, t, ctx,
-                                      scale)
-    ref = reference.paged_attention(q, k_cache, v_cache, tables, context_lens, qsl, t, ctx, scale)
-    ours_err = (out.double().cpu() - ref64).abs().max().item()
-    torch_err = (ref.double().cpu() - ref64).abs().max().item()
-    assert ours_err <= 2 * torch_err + 1e-3, (ours_err, torch_err)
+    assert_as_close_as_torch(out, q, k_cache, v_cache, tables, context_lens, qsl, t, prefix + t, scale)
 
 
 def test_the_engine_times_aligned_chunks_through_cudnn_against_the_paged_kernel(mod):
