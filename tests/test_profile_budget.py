@@ -189,6 +189,7 @@ def test_profile_on_a_tiny_model_keeps_its_budget_and_reports_progress(tmp_path)
     r = CliRunner().invoke(app, ["fit", out, "--no-plots"])
     assert r.exit_code == 0, r.stderr
     assert "R²" in r.stdout and "interference" in r.stdout
+    assert len(data["shared_decode"]["ms"]) == 4 and "shared prefix in" in r.stdout  # profiler.shared_decode
 
 
 def test_shared_decode_points_and_the_share_of_shared_context_a_step_reads():

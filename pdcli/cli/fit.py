@@ -51,6 +51,10 @@ def fit(
     for pair, f in params["transfer"].items():
         table.add_row(f"transfer {pair}", f"{f['t0_ms']:.3g} ms + bytes / {f['gb_s']:.3g} GB/s", f"{f['r2']:.4f}",
                       f"{f['max_rel_err']:.1%}", str(f["num_points"]))
+    if params["decode"].get("shared_read") is not None:
+        pts = data["shared_decode"]
+        table.add_row("shared prefix in decode", f"{params['decode']['shared_read']:.2f} of a shared context token's "
+                      "cost  (blocks shared in the batch)", "", "", str(len(pts["ms"])))
     sharing = params.get("sharing") or {}
     factors = {k: v for k, v in sharing.items() if not isinstance(v, list)}
     if factors:
