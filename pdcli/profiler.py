@@ -102,7 +102,6 @@ class StepTimer:
         finally:
             self.free([s for s in [*seqs, extra] if s is not None])
 
-
     def shared_decode_ms(self, batch: int, ctx: int, prefix: int, groups: int, reps: int) -> float | None:
         """One token for each of batch sequences of ctx tokens whose first `prefix` tokens are the blocks of one of
         `groups` prefixes (shared by reference, as prefix-cache hits are); None: no room in the KV pool."""
