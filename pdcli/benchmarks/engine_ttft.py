@@ -14,31 +14,24 @@ from pdcli.benchmarks.device import free_gpu
 from pdcli.models.arch import ModelArch
 
 
+def fresh_ttft_ms(llm: LLM, prompt_len: int, rng: random.Random) -> float:
+    """TTFT (ms) of one prompt of fresh random tokens (no prefix-cache hit), max_tokens 1."""
+    prompt = [rng.randrange(1000, 30000) for _ in range(prompt_len)]
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1))
+    return (time.perf_counter() - t) * 1e3
+
+
 def ttft_ms(llm: LLM, prompt_len: int, reps: int = 5) -> float:
     rng = random.Random(prompt_len)
-    times = []
-    for _ in range(reps + 1):
-        prompt = [rng.randrange(1000, 30000) for _ in range(prompt_len)]  # fresh tokens: no prefix-cache hit
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1))
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times[1:])
+    return statistics.median([fresh_ttft_ms(llm, prompt_len, rng) for _ in range(reps + 1)][1:])
 
 
 def _ttft_passes(llm: LLM, lengths: list[int], rng: random.Random) -> tuple[list[float], list[float]]:
     """TTFT (ms) of a fresh prompt of each length, then of another fresh prompt of each length again."""
-    passes = []
-    for _ in range(2):
-        times = []
-        for m in lengths:
-            prompt = [rng.randrange(1000, 30000) for _ in range(m)]
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1))
-            times.append((time.perf_counter() - t) * 1e3)
-        passes.append(times)
-    return passes[0], passes[1]
+    first = [fresh_ttft_ms(llm, m, rng) for m in lengths]
+    return first, [fresh_ttft_ms(llm, m, rng) for m in lengths]
 
 
 def ttft_new_lengths(llm: LLM, log, n: int = 40) -> dict:

@@ -10,7 +10,6 @@ from pdcli.coordinator.policy import RouteInput, make_policy
 from pdcli.coordinator.tracked import Tracked
 from pdcli.coordinator.worker_pool import WorkerHandle, WorkerPool
 from pdcli.router.adaptive import pair_candidates
-from pdcli.router.cost_model import SHARED_CONTEXT_READ
 from pdcli.router.load import LoadView, committed_batch, compact
 from pdcli.router.prefix import PrefixIndex, prompt_hashes
 from pdcli.workers.layout import WorkerSpec, transfer_pair
@@ -45,7 +44,7 @@ class Routing:
         """router: the cost-model router (AdaptiveRouter) for mode adaptive, when a params.json is given;
         block_size, prefix_caching: the workers' (prompts priced by their uncached part)."""
         self.pool, self.policy, self.router, self.pd_on_collocated = pool, make_policy(mode), router, pd_on_collocated
-        self.loads = LoadView(router.cm.shared_context_read if router is not None else SHARED_CONTEXT_READ)
+        self.loads = LoadView(*([router.cm.shared_context_read] if router is not None else []))
         self.prefixes = PrefixIndex(block_size, {w.spec.rank: w.info.num_blocks for w in pool.workers}) \
             if prefix_caching and block_size else None
         self._turn = itertools.count()

@@ -5,6 +5,8 @@ import math
 import time
 from dataclasses import dataclass, fields
 
+from pdcli.router.cost_model import SHARED_CONTEXT_READ
+
 
 def shared_discount(cached: int, read: float) -> int:
     """Context tokens a decoding sequence whose first `cached` prompt tokens were prefix-cache hits on the worker
@@ -134,7 +136,7 @@ class LoadView:
     busy fraction (an exponential average: Poisson arrivals see time averages). shared_read: the share of a
     decoding sequence's shared prefix-cache hit its worker's context counts (CostModel.shared_context_read)."""
 
-    def __init__(self, shared_read: float = 1.0):
+    def __init__(self, shared_read: float = SHARED_CONTEXT_READ):
         self.shared_read = shared_read
         self.busy_avg: dict[int, float] = {}  # rank -> average busy fraction, for the GPU-sharing slowdown
         self.forecast = LoadForecast()
