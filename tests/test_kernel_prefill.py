@@ -179,29 +179,63 @@ def assert_as_close_as_torch(out, q, k_cache, v_cache, tables, context_lens, qsl
     assert ours_err <= 2 * torch_err + 1e-3, (ours_err, torch_err)
 
 
+@pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("t, prefix, hq, hk", [(300, 8192, 8, 2), (256, 512, 32, 8), (1, 64, 4, 4)])
-def test_a_chunk_through_cudnn_with_its_prefix_matches_reference(dtype, t, prefix, hq, hk):
+def test_a_chunk_through_cudnn_with_its_prefix_matches_reference(dtype, t, prefix, hq, hk, grouped):
     """kernels/chunk_sdpa on the GPU (cuDNN, log-sum-exps merged): the chunk's queries against the prefix and
-    themselves; the kernels' criterion against fp64. The engine's tuning checks the same before it takes the path."""
+    themselves, the K/V heads repeated or given as they are (grouped); the kernels' criterion against fp64. The
+    engine's tuning checks the same before it takes the path."""
     from pdcli.kernels import chunk_sdpa
 
     d, bs = 128, 16
     q, k_cache, v_cache, tables, context_lens, qsl = make_case([t], [prefix], hq, hk, d, bs, dtype, seed=t + prefix)
     scale = d ** -0.5
-    out = chunk_sdpa.chunk_attention(q, k_cache, v_cache, tables[0], prefix, scale)
+    before = chunk_sdpa.grouped()
+    chunk_sdpa.set_grouped(grouped)
+    try:
+        out = chunk_sdpa.chunk_attention(q, k_cache, v_cache, tables[0], prefix, scale)
+    except RuntimeError as err:
+        if grouped and hq != hk:
+            pytest.skip(f"cuDNN refuses a grouped call here: {err}")
+        raise
+    finally:
+        chunk_sdpa.set_grouped(before)
     assert out.shape == q.shape and out.dtype == q.dtype and torch.isfinite(out).all()
     assert_as_close_as_torch(out, q, k_cache, v_cache, tables, context_lens, qsl, t, prefix + t, scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_merge_kernel_matches_the_reference_merge(mod, dtype):
+    """merge_attn_states (CUDA) against reference.merge_attn_states on strided [H, T, D] views like cuDNN's
+    outputs ([T, H, D] storage, a padded tail of rows) with log-sum-exps far apart and equal."""
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    h, t, pad, d = 8, 300, 212, 128
+    a, b = (torch.randn(t + pad, h, d, generator=gen, device="cuda").to(dtype).transpose(0, 1)[:, :t]
+            for _ in range(2))
+    la = torch.randn(h, t + pad, generator=gen, device="cuda")[:, :t] * 8
+    lb = torch.randn(h, t + pad, generator=gen, device="cuda")[:, :t] * 8
+    lb[:, :10] = la[:, :10]
+    out = torch.empty(t, h, d, dtype=dtype, device="cuda")
+    mod.merge_attn_states(out, a, la, b, lb)
+    ref = reference.merge_attn_states(a.double(), la.double(), b.double(), lb.double())
+    own = reference.merge_attn_states(a, la, b, lb).double()  # fp32 math, rounded to dtype: torch's own
+    err, torch_err = (out.double() - ref).abs().max().item(), (own - ref).abs().max().item()
+    assert err <= 2 * torch_err + 1e-3, (err, torch_err)
 
 
 def test_the_engine_times_aligned_chunks_through_cudnn_against_the_paged_kernel(mod):
     from pdcli.kernels import prefill_choice
     from pdcli.kernels.ops import prefill_kernel_fn
 
-    before = prefill_choice.chunk_sdpa_on()
+    from pdcli.kernels import chunk_sdpa
+
+    before, grouped = prefill_choice.chunk_sdpa_on(), chunk_sdpa.grouped()
     try:
         row = prefill_choice.tune_chunk_sdpa(prefill_kernel_fn(mod, "mma"), 32, 8, 128, 16, torch.bfloat16, "cuda")
         assert row["matches_reference"] and row["paged_us"] > 0 and row["chunk_sdpa_us"] > 0
         assert prefill_choice.chunk_sdpa_on() == (row["choice"] == "chunk_sdpa")
+        assert row["grouped"] == chunk_sdpa.grouped()
     finally:
         prefill_choice._chunk_sdpa[0] = before
+        chunk_sdpa.set_grouped(grouped)

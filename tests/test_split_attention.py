@@ -150,3 +150,27 @@ def test_the_chunks_that_go_through_sdpa():
     assert not applies(1, False, 8192, 8192)  # a whole prompt: the fresh path
     assert not applies(1, False, 300, 5300)  # a prefix of another length: a new cuDNN shape
     assert not applies(2, False, 8192, 16384) and not applies(1, True, 8192, 16384)
+
+
+def test_chunk_tuning_falls_back_to_repeated_heads_where_a_grouped_call_fails(monkeypatch):
+    """prefill_choice.tune_chunk_sdpa tries the K/V heads as they are first; a call that raises (or a wrong
+    output) leaves them repeated, and the path is on only where it matched and timed faster."""
+    from pdcli.kernels import chunk_sdpa, prefill_choice
+
+    real = chunk_sdpa.sdpa_lse
+
+    def refusing(q, k, v, causal, scale):
+        if chunk_sdpa.grouped():
+            raise RuntimeError("no grouped heads here")
+        return real(q, k, v, causal, scale)
+
+    monkeypatch.setattr(chunk_sdpa, "sdpa_lse", refusing)
+    monkeypatch.setattr(chunk_sdpa, "_grouped", [False])
+    monkeypatch.setattr(prefill_choice, "_chunk_sdpa", [False])
+    monkeypatch.setattr(prefill_choice, "CHUNK_SDPA_SHAPE", (64, 128))
+    times = iter([100.0, 50.0])  # the paged kernel, then the chunk path
+    row = prefill_choice.tune_chunk_sdpa(lambda *a: None, 8, 2, 32, 16, torch.float32, "cpu",
+                                         time_us=lambda fn: next(times))
+    assert row["matches_reference"] and not row["grouped"] and not chunk_sdpa.grouped()
+    assert row["choice"] == "chunk_sdpa" and prefill_choice.chunk_sdpa_on()
+    assert prefill_choice.chunk_sdpa_row() == row

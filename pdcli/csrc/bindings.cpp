@@ -35,6 +35,10 @@ void launch_rms_norm(void* out, void* residual, void* x, const void* weight, int
                      int64_t out_stride, int64_t res_stride, float eps, bool bf16, cudaStream_t stream);
 void launch_silu_and_mul(void* out, const void* x, int64_t rows, int d, int64_t x_stride, int64_t out_stride, bool bf16,
                          cudaStream_t stream);
+void launch_merge_attn_states(void* out, const void* a, const void* b, const float* la, const float* lb,
+                              int64_t tokens, int num_heads, int head_dim, int64_t a_st, int64_t a_sh, int64_t b_st,
+                              int64_t b_sh, int64_t la_sh, int64_t la_st, int64_t lb_sh, int64_t lb_st, bool bf16,
+                              cudaStream_t stream);
 void launch_gemv(void* y, const void* x, const void* w, const void* bias, int m, int n, int k, int64_t x_stride,
                  int64_t y_stride, bool bf16, cudaStream_t stream);
 void launch_qkv_rope_store(void* q_out, void* k_cache, void* v_cache, const void* qkv, const int64_t* positions,
@@ -136,6 +140,33 @@ void silu_and_mul(torch::Tensor out, torch::Tensor x) {
   const c10::cuda::CUDAGuard guard(x.device());
   launch_silu_and_mul(out.data_ptr(), x.data_ptr(), x.size(0), out.size(1), x.stride(0), out.stride(0),
                       x.scalar_type() == torch::kBFloat16, at::cuda::getCurrentCUDAStream());
+}
+
+// out [T, H, D] = a and b (attention outputs of the same queries over disjoint keys, each [H, T, D] with
+// contiguous head rows) merged by their log-sum-exps la, lb (fp32 [H, T]).
+void merge_attn_states(torch::Tensor out, torch::Tensor a, torch::Tensor la, torch::Tensor b, torch::Tensor lb) {
+  const char* op = "merge_attn_states";
+  TORCH_CHECK(out.is_cuda() && out.dim() == 3 && out.is_contiguous() && aligned16(out), op,
+              ": out must be a contiguous [T, H, D] GPU tensor");
+  TORCH_CHECK(out.scalar_type() == torch::kBFloat16 || out.scalar_type() == torch::kFloat16, op,
+              ": dtype must be bfloat16 or float16");
+  const int64_t T = out.size(0), H = out.size(1), D = out.size(2);
+  TORCH_CHECK(D % 8 == 0, op, ": head_dim must be a multiple of 8, got ", num(D));
+  for (const auto* x : {&a, &b}) {
+    TORCH_CHECK(x->device() == out.device() && x->scalar_type() == out.scalar_type() && x->dim() == 3 &&
+                    x->size(0) == H && x->size(1) == T && x->size(2) == D && x->stride(2) == 1 &&
+                    x->stride(0) % 8 == 0 && x->stride(1) % 8 == 0 && aligned16(*x),
+                op, ": a and b must be [H, T, D] of out's dtype with 16-byte aligned head rows");
+  }
+  for (const auto* l : {&la, &lb}) {
+    TORCH_CHECK(l->device() == out.device() && l->scalar_type() == torch::kFloat32 && l->dim() == 2 &&
+                    l->size(0) == H && l->size(1) == T, op, ": la and lb must be fp32 [H, T]");
+  }
+  const c10::cuda::CUDAGuard guard(out.device());
+  launch_merge_attn_states(out.data_ptr(), a.data_ptr(), b.data_ptr(), la.data_ptr<float>(), lb.data_ptr<float>(), T,
+                           H, D, a.stride(1), a.stride(0), b.stride(1), b.stride(0), la.stride(0), la.stride(1),
+                           lb.stride(0), lb.stride(1), out.scalar_type() == torch::kBFloat16,
+                           at::cuda::getCurrentCUDAStream());
 }
 
 // q_out [T, Hq, D] = rope(norm(q)); cache slots of each token get rope(norm(k)) and v. qkv [T, (Hq + 2 Hk) D];
@@ -419,6 +450,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm");
   m.def("fused_add_rms_norm", &fused_add_rms_norm, "residual add + RMSNorm, in place");
   m.def("silu_and_mul", &silu_and_mul, "SiLU(gate) * up");
+  m.def("merge_attn_states", &merge_attn_states, "two attention outputs over disjoint keys merged by their LSEs");
   m.def("gemv", &gemv, "x @ w.T (+ bias) for 1 to 4 rows of x");
   m.def("qkv_rope_store", &qkv_rope_store, "q/k norm + rotary + KV cache store, from the packed qkv");
 }

@@ -10,6 +10,17 @@ import torch
 
 PREFIX_ALIGN = 8192  # tokens: a chunk's prefix length must be a multiple of this
 CHUNK_ALIGN = 256  # tokens: a chunk's queries are zero-padded to a multiple of this
+# cuDNN's private op given the K/V heads as they are (fewer than the query heads), not repeated to them: set by
+# prefill_choice.tune_chunk_sdpa where that call matched the reference
+_grouped: list[bool] = [False]
+
+
+def set_grouped(on: bool) -> None:
+    _grouped[0] = on
+
+
+def grouped() -> bool:
+    return _grouped[0]
 
 
 def applies(num_seqs: int, has_decode_rows: bool, q_len: int, context_len: int) -> bool:
@@ -26,12 +37,13 @@ def _expand(k: torch.Tensor, group: int) -> torch.Tensor:
 def sdpa_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
              scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """q [1, Hq, T, D], k / v [1, Hk, S, D] -> (out [1, Hq, T, D], natural log-sum-exp of each row's scores
-    [1, Hq, T] in fp32): cuDNN's SDPA on a GPU, the CPU's flash kernel elsewhere, both with the K/V heads repeated
-    to the query heads (the private ops take one head count; a grouped call is not checked there)."""
+    [1, Hq, T] in fp32): cuDNN's SDPA on a GPU, the CPU's flash kernel elsewhere, with the K/V heads repeated to the
+    query heads unless grouped() (torch does not check a grouped call to the private ops: the tuning does)."""
     group = q.shape[1] // k.shape[1]
     if q.is_cuda:
-        res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, _expand(k, group), _expand(v, group), None, True,
-                                                                 0.0, causal, False, scale=scale)
+        if not _grouped[0]:
+            k, v = _expand(k, group), _expand(v, group)
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
     else:
         res = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, _expand(k, group), _expand(v, group),
                                                                           0.0, causal, scale=scale)
@@ -55,7 +67,19 @@ def chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     qh = heads(pad_rows(q))
     o_pre, lse_pre = sdpa_lse(qh, heads(k[:prefix]), heads(v[:prefix]), False, scale)
     o_own, lse_own = sdpa_lse(qh, heads(pad_rows(k[prefix:])), heads(pad_rows(v[prefix:])), True, scale)
-    m = torch.maximum(lse_pre, lse_own)
-    w_pre, w_own = torch.exp(lse_pre - m)[..., None], torch.exp(lse_own - m)[..., None]
-    out = (o_pre.float() * w_pre + o_own.float() * w_own) / (w_pre + w_own)
-    return out[0, :, :t].transpose(0, 1).to(q.dtype)
+    return merge(o_pre[0, :, :t], lse_pre[0, :, :t], o_own[0, :, :t], lse_own[0, :, :t])
+
+
+def merge(a: torch.Tensor, la: torch.Tensor, b: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
+    """a, b [H, T, D]: outputs of the same queries over disjoint keys; la, lb [H, T] fp32 their log-sum-exps ->
+    [T, H, D] contiguous: the CUDA kernel (one pass) where the build has it and the layout suits, else
+    reference.merge_attn_states."""
+    from pdcli.kernels import build, reference
+
+    mod = build.get() if a.is_cuda else None
+    if mod is not None and hasattr(mod, "merge_attn_states") and a.stride(-1) == 1 and b.stride(-1) == 1 and \
+            all(x.stride(i) % 8 == 0 for x in (a, b) for i in (0, 1)):
+        out = torch.empty(a.shape[1], a.shape[0], a.shape[2], dtype=a.dtype, device=a.device)
+        mod.merge_attn_states(out, a, la, b, lb)
+        return out
+    return reference.merge_attn_states(a, la, b, lb)

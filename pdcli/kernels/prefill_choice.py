@@ -19,11 +19,16 @@ logger = logging.getLogger("pdcli.kernels")
 SHAPES = ((256, 0), (1024, 1024), (4096, 4096), (8192, 8192))
 _choice: list[str] = []  # kernel name per SHAPES bucket, once tuned
 _chunk_sdpa: list[bool] = [False]  # a long prompt's aligned later chunks through SDPA (chunk_sdpa), once tuned
+_chunk_sdpa_row: list[dict] = [{}]  # the last tune_chunk_sdpa's row (for the benchmarks to report)
 CHUNK_SDPA_SHAPE = (8192, 8192)  # (new tokens, prefix) timed against the paged kernel's choice for it
 
 
 def chunk_sdpa_on() -> bool:
     return _chunk_sdpa[0]
+
+
+def chunk_sdpa_row() -> dict:
+    return dict(_chunk_sdpa_row[0])
 
 
 def kernel_for(max_query_len: int) -> str:
@@ -102,15 +107,25 @@ def tune_chunk_sdpa(paged: Callable, num_heads: int, num_kv_heads: int, head_dim
     def split(out, q, k, v, table, lens, qsl, max_q, s):
         out.copy_(chunk_sdpa.chunk_attention(q, k, v, table[0], int(lens[0]) - q.shape[0], s))
 
-    ok = matches_reference(split, paged_case(300, 512, num_heads, num_kv_heads, head_dim, block_size, dtype, device),
-                           scale)
+    check = paged_case(300, 512, num_heads, num_kv_heads, head_dim, block_size, dtype, device)
+
+    def checked(grouped: bool) -> bool:
+        chunk_sdpa.set_grouped(grouped)
+        try:
+            return matches_reference(split, check, scale)
+        except RuntimeError as err:  # e.g. a cuDNN that refuses fewer K/V heads than query heads
+            logger.info("long-prompt chunks through SDPA, %s K/V heads: %s", "grouped" if grouped else "repeated", err)
+            return False
+
+    ok = (num_kv_heads != num_heads and checked(True)) or checked(False)
     q_len, prefix = CHUNK_SDPA_SHAPE
     q, k, v, table, lens, qsl = paged_case(q_len, prefix, num_heads, num_kv_heads, head_dim, block_size, dtype, device)
     out = torch.empty_like(q)
-    row = dict(q_len=q_len, prefix=prefix, matches_reference=ok,
+    row = dict(q_len=q_len, prefix=prefix, matches_reference=ok, grouped=chunk_sdpa.grouped(),
                paged_us=time_us(lambda: paged(out, q, k, v, table, lens, qsl, q_len, scale)))
     if ok:
         row["chunk_sdpa_us"] = time_us(lambda: split(out, q, k, v, table, lens, qsl, q_len, scale))
     _chunk_sdpa[0] = bool(ok and row["chunk_sdpa_us"] < row["paged_us"])
     logger.info("aligned long-prompt chunks through SDPA: %s (%s)", "on" if _chunk_sdpa[0] else "off", row)
-    return dict(row, choice="chunk_sdpa" if _chunk_sdpa[0] else "paged")
+    _chunk_sdpa_row[0] = dict(row, choice="chunk_sdpa" if _chunk_sdpa[0] else "paged")
+    return dict(_chunk_sdpa_row[0])

@@ -78,6 +78,15 @@ def paged_attention_fp32_chunked(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     return out
 
 
+def merge_attn_states(a: torch.Tensor, la: torch.Tensor, b: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
+    """a, b [H, T, D]: attention outputs of the same queries over disjoint key sets; la, lb [H, T]: their rows'
+    natural log-sum-exps -> the attention over both key sets, [T, H, D] in a's dtype (fp32 math)."""
+    m = torch.maximum(la, lb)
+    wa, wb = torch.exp(la - m)[..., None], torch.exp(lb - m)[..., None]
+    out = (a.float() * wa + b.float() * wb) / (wa + wb)
+    return out.transpose(0, 1).contiguous().to(a.dtype)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # x [..., dim]: statistics in fp32, then back to x's dtype before the weight (as HF does)
     dtype = x.dtype
