@@ -17,7 +17,7 @@ from pdcli import LLM, SamplingParams
 from pdcli.benchmarks.roofline import decode_step_ops, offline_bound_tok_s, offline_run_bound_tok_s, roofline_ms
 from pdcli.benchmarks.results import provenance, write
 from pdcli.benchmarks.device import copy_bandwidth, device_slug, free_gpu, matmul_rate
-from pdcli.benchmarks.engine_ttft import ttft_32k, ttft_new_lengths, ttft_rows
+from pdcli.benchmarks.engine_ttft import gpu_rows, prefill_breakdown, ttft_32k, ttft_new_lengths, ttft_rows
 from pdcli.models.arch import ModelArch
 from pdcli.models.presets import PRESETS
 
@@ -60,13 +60,6 @@ def decode_steps(llm: LLM, batch: int, prompt_len: int, steps: int) -> float:
         return (time.perf_counter() - t) / steps * 1e3
 
 
-def gpu_rows(prof, reps: int) -> list[tuple[str, float, int]]:
-    """(kernel, ms per rep, calls per rep) from a torch profiler run of reps repetitions, longest first."""
-    rows = [(e.key, e.device_time_total / reps / 1e3, e.count // reps) for e in prof.key_averages()
-            if e.device_time_total > 0]
-    return sorted(rows, key=lambda r: -r[1])
-
-
 def kernel_breakdown(llm: LLM, batch: int, prompt_len: int = 256, steps: int = 5) -> dict:
     """GPU time per decode step by kernel (torch profiler), to show where a step's time goes."""
     from torch.profiler import ProfilerActivity, profile
@@ -83,23 +76,6 @@ def kernel_breakdown(llm: LLM, batch: int, prompt_len: int = 256, steps: int = 5
     gpu = sum(r[1] for r in rows)
     return dict(batch=batch, wall_ms=wall, gpu_ms=gpu,
                 kernels=[dict(name=k[:90], ms_per_step=ms, calls_per_step=c) for k, ms, c in rows[:15]])
-
-
-def prefill_breakdown(llm: LLM, prompt_len: int = 2048, reps: int = 3) -> dict:
-    """GPU time of one prefill (TTFT request) by kernel, to show where time to first token goes."""
-    from torch.profiler import ProfilerActivity, profile
-
-    rng = random.Random(prompt_len + 1)
-    prompts = [[rng.randrange(1000, 30000) for _ in range(prompt_len)] for _ in range(reps + 1)]
-    llm.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=1))
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for p in prompts[1:]:
-            llm.generate([p], SamplingParams(temperature=0, max_tokens=1))
-        torch.cuda.synchronize()
-    rows = gpu_rows(prof, reps)
-    return dict(prompt_len=prompt_len, gpu_ms=sum(r[1] for r in rows),
-                kernels=[dict(name=k[:90], ms=ms, calls=c) for k, ms, c in rows[:15]])
 
 
 def hf_decode_ms(preset: str, prompt_len: int = 256, new_tokens: int = 64) -> float:
@@ -217,7 +193,7 @@ def parse_args(argv) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="results")
     ap.add_argument("--quick", action="store_true", help="smaller offline runs (for a smoke test)")
-    ap.add_argument("--only", default=None, help="comma list of parts to run and print, no JSON: "
+    ap.add_argument("--only", default=None, help="comma list of parts to run, written to engine_parts_<device>.json: "
                                                   "hf, decode, breakdown, ttft, ttftlens, ttft32k, offline, nanovllm")
     ap.add_argument("--admission-reserve", type=float, default=None,
                     help="with --only offline: the qwen3-8b run's admission_reserve (an experiment; default the engine's)")
@@ -303,10 +279,16 @@ def main(argv=None) -> int:
         log(f"transformers generate llama3-8b bs1: {hf_ms:.2f} ms/token")
     llama = bench_llama3_8b(parts, bw, mm, log)
     if args.only:
-        for part in sorted(parts & {"offline", "nanovllm"}):
-            kw = {k: v for k, v in (("admission_reserve", args.admission_reserve), ("max_num_seqs", args.max_num_seqs))
-                  if v is not None}
-            log(f"{part}: {run_offline(part, args.quick, log, bw, mm, kw)['output_tok_s']:.0f} out tok/s")
+        kw = {k: v for k, v in (("admission_reserve", args.admission_reserve), ("max_num_seqs", args.max_num_seqs))
+              if v is not None}
+        offline_runs = {part: run_offline(part, args.quick, log, bw, mm, kw) for part in sorted(parts & {"offline",
+                                                                                                         "nanovllm"})}
+        for part, res in offline_runs.items():
+            log(f"{part}: {res['output_tok_s']:.0f} out tok/s")
+        path = write(args.out, f"engine_parts_{device_slug()}", dict(
+            parts=sorted(parts), copy_bw_bytes_s=bw, matmul_bf16_flop_s=mm, llama3_8b=llama, offline=offline_runs,
+            provenance=provenance("pdcli.benchmarks.engine", argv, quick=args.quick)))
+        log(f"wrote {path} (the parts alone; engine_{device_slug()}.json is the whole run's)")
         return 0
     q8 = run_offline("offline", args.quick, log, bw, mm)
     nv = run_offline("nanovllm", args.quick, log)

@@ -61,6 +61,30 @@ def ttft_new_lengths(llm: LLM, log, n: int = 40) -> dict:
     return res
 
 
+def gpu_rows(prof, reps: int) -> list[tuple[str, float, int]]:
+    """(kernel, ms per rep, calls per rep) from a torch profiler run of reps repetitions, longest first."""
+    rows = [(e.key, e.device_time_total / reps / 1e3, e.count // reps) for e in prof.key_averages()
+            if e.device_time_total > 0]
+    return sorted(rows, key=lambda r: -r[1])
+
+
+def prefill_breakdown(llm: LLM, prompt_len: int = 2048, reps: int = 3) -> dict:
+    """GPU time of one prefill (TTFT request) by kernel, to show where time to first token goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rng = random.Random(prompt_len + 1)
+    prompts = [[rng.randrange(1000, 30000) for _ in range(prompt_len)] for _ in range(reps + 1)]
+    llm.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=1))
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for p in prompts[1:]:
+            llm.generate([p], SamplingParams(temperature=0, max_tokens=1))
+        torch.cuda.synchronize()
+    rows = gpu_rows(prof, reps)
+    return dict(prompt_len=prompt_len, gpu_ms=sum(r[1] for r in rows),
+                kernels=[dict(name=k[:90], ms=ms, calls=c) for k, ms, c in rows[:15]])
+
+
 def sdpa_causal_flop_s(n: int, hq: int = 32, hk: int = 8, d: int = 128) -> float:
     """PyTorch's causal SDPA rate (bf16, contiguous, cuDNN or flash) on one n-token prompt, FLOP/s."""
     import torch.nn.functional as F
@@ -77,9 +101,13 @@ def sdpa_causal_flop_s(n: int, hq: int = 32, hk: int = 8, d: int = 128) -> float
 def ttft_32k(wbytes: int, arch: ModelArch, mm: float, log) -> dict:
     """TTFT of a fresh 32k-token prompt against its floor: the linear FLOPs at the matmul rate plus the attention
     FLOPs at SDPA's rate, both measured in this run."""
+    from pdcli.kernels import prefill_choice
+
     n = 32768
     llm = LLM("dummy:llama3-8b", device="cuda", max_model_len=n + 64)
     ms = ttft_ms(llm, n, reps=3)
+    chunks = prefill_choice.chunk_sdpa_row()  # the engine's start timed the aligned chunks' paths
+    kernels = prefill_breakdown(llm, n, reps=1)
     del llm
     free_gpu()
     sdpa = sdpa_causal_flop_s(n, arch.num_attention_heads, arch.num_key_value_heads, arch.head_dim)
@@ -87,8 +115,10 @@ def ttft_32k(wbytes: int, arch: ModelArch, mm: float, log) -> dict:
     attn = 4 * arch.num_hidden_layers * arch.num_attention_heads * arch.head_dim * n * (n + 1) / 2
     floor = (linear / mm + attn / sdpa) * 1e3
     log(f"TTFT llama3-8b 32k: {ms:.0f} ms (floor {floor:.0f} ms: linear at {mm / 1e12:.0f}, attention at SDPA's "
-        f"{sdpa / 1e12:.0f} TFLOP/s; {ms / floor:.2f}x)")
-    return dict(prompt_len=n, ttft_ms=ms, floor_ms=floor, sdpa_flop_s=sdpa)
+        f"{sdpa / 1e12:.0f} TFLOP/s; {ms / floor:.2f}x); later chunks: {chunks.get('choice', 'paged')} ({chunks})")
+    log("  32k prefill by kernel (ms): " + ", ".join(f"{k['name'][:60]} {k['ms']:.1f} x{k['calls']}"
+                                                     for k in kernels["kernels"]))
+    return dict(prompt_len=n, ttft_ms=ms, floor_ms=floor, sdpa_flop_s=sdpa, later_chunks=chunks, breakdown=kernels)
 
 
 def ttft_rows(llm: LLM, wbytes: int, arch: ModelArch, mm: float, log) -> list[dict]:
