@@ -31,10 +31,21 @@ namespace {
 
 using namespace pdcli;
 
-constexpr int kWarps = 4;
+// The CTA's shape; the macros exist for experiments that build other shapes beside the engine's
+// (results/kernel_experiments/decode_variants): the engine builds the defaults.
+#ifndef PDCLI_DECODE_WARPS
+#define PDCLI_DECODE_WARPS 4
+#endif
+#ifndef PDCLI_DECODE_STAGES
+#define PDCLI_DECODE_STAGES 3
+#endif
+#ifndef PDCLI_DECODE_MIN_CTAS
+#define PDCLI_DECODE_MIN_CTAS 2
+#endif
+constexpr int kWarps = PDCLI_DECODE_WARPS;
 constexpr int kThreads = kWarps * 32;
 constexpr int kBlockN = 16 * kWarps;  // keys per tile
-constexpr int kStages = 3;  // 2 tiles in flight per CTA; 2 CTAs per SM (96 KB of shared memory each at D = 128)
+constexpr int kStages = PDCLI_DECODE_STAGES;  // defaults: 2 tiles in flight per CTA; 2 CTAs per SM (96 KB each at D = 128)
 constexpr int kMaxGroup = 8;
 
 template <int D>
@@ -45,7 +56,7 @@ constexpr int smem_bytes() {
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, 2)
+__global__ void __launch_bounds__(kThreads, PDCLI_DECODE_MIN_CTAS)
 decode_attention_kernel(T* __restrict__ out,              // [B, Hq, D]
                         float* __restrict__ part_o,       // [B, Hq, S, D] when S > 1; planned: [slots, Hq, D]
                         float* __restrict__ part_lse,     // [B, Hq, S] (log2 domain); planned: [slots, Hq]
