@@ -157,9 +157,10 @@ def test_chunk_tuning_falls_back_to_repeated_heads_where_a_grouped_call_fails(mo
     output) leaves them repeated, and the path is on only where it matched and timed faster."""
     from pdcli.kernels import chunk_sdpa, prefill_choice
 
-    real = chunk_sdpa.sdpa_lse
+    real, tried = chunk_sdpa.sdpa_lse, []
 
     def refusing(q, k, v, causal, scale):
+        tried.append(chunk_sdpa.grouped())
         if chunk_sdpa.grouped():
             raise RuntimeError("no grouped heads here")
         return real(q, k, v, causal, scale)
@@ -171,6 +172,7 @@ def test_chunk_tuning_falls_back_to_repeated_heads_where_a_grouped_call_fails(mo
     times = iter([100.0, 50.0])  # the paged kernel, then the chunk path
     row = prefill_choice.tune_chunk_sdpa(lambda *a: None, 8, 2, 32, 16, torch.float32, "cpu",
                                          time_us=lambda fn: next(times))
+    assert tried[0] is True and False in tried  # the grouped call first, then the repeated heads
     assert row["matches_reference"] and not row["grouped"] and not chunk_sdpa.grouped()
     assert row["choice"] == "chunk_sdpa" and prefill_choice.chunk_sdpa_on()
     assert prefill_choice.chunk_sdpa_row() == row
