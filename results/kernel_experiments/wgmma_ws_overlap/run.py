@@ -1,0 +1,81 @@
+"""Issue 25 experiment: wgmma_ws with the intra-warpgroup overlap (tile n's softmax under tile n - 1's PV GEMM,
+both GEMMs issued in one turn, a 3-stage ring; the engine's build: "new") against the kernel before it (ws_old.cu,
+commit ee315e8), the overlap with two P buffers and the loop unrolled twice (ws_db.cu), and cuDNN's SDPA, causal
+8k / 16k / 32k, bf16, 32 q / 8 kv heads; each checked against the chunked fp32 reference. Prints JSON lines; from
+the repo root:
+    python results/kernel_experiments/wgmma_ws_overlap/run.py"""
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.cpp_extension import load
+
+sys.path.insert(0, os.getcwd())
+from pdcli.benchmarks.device import time_us  # noqa: E402
+from pdcli.benchmarks.kernels import make_paged, rel_err  # noqa: E402
+from pdcli.kernels import build, reference  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(os.getcwd(), "pdcli", "csrc")
+
+
+VARIANTS = ("ws_old", "ws_b", "ws_db")  # file stem = launch function's suffix
+
+
+def build_variant(name: str):
+    d = os.path.join(os.getcwd(), ".kernel_build", "experiments", name)  # git-ignored
+    os.makedirs(d, exist_ok=True)
+    return load(name=name, sources=[os.path.join(HERE, "bind.cpp"), os.path.join(HERE, name + ".cu")],
+                build_directory=d, extra_include_paths=[CSRC], verbose=False,
+                extra_cflags=["-O3", "-std=c++17", f"-DLAUNCH=launch_{name}"],
+                extra_cuda_cflags=["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
+                                   "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+                                   "-U__CUDA_NO_HALF_CONVERSIONS__", "-gencode=arch=compute_90a,code=sm_90a",
+                                   "-DPDCLI_SM90A"])
+
+
+def main():
+    t0 = time.time()
+    mod = build.load()
+    exps = {name: build_variant(name) for name in VARIANTS}
+    print(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                          build_s=round(time.time() - t0))), flush=True)
+    hq, hk, d, bs = 32, 8, 128, 16
+    for rep in range(2):
+        for n in (8192, 16384, 32768):
+            gen = torch.Generator(device="cuda").manual_seed(n)
+            kc, vc, tables, k, v = make_paged(1, n, hk, d, bs, torch.bfloat16, gen)
+            q = torch.randn(n, hq, d, generator=gen, device="cuda", dtype=torch.bfloat16)
+            lens = torch.tensor([n], dtype=torch.int32, device="cuda")
+            qsl = torch.tensor([0, n], dtype=torch.int32, device="cuda")
+            scale = d ** -0.5
+            flops = 4 * hq * d * n * (n + 1) / 2
+            sdpa = lambda: F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, is_causal=True,  # noqa: E731
+                                                          scale=scale, enable_gqa=True)
+            row = dict(rep=rep, seq_len=n, sdpa_tflops=round(flops / time_us(sdpa, iters=10) / 1e6, 1))
+            fns = dict(new=lambda o: mod.prefill_attention_wgmma_ws(o, q, kc, vc, tables, lens, qsl, n, scale))
+            for name, m in exps.items():
+                fns[name[3:]] = lambda o, m=m: m.run(o, q, kc, vc, tables, lens, qsl, n, scale)
+            if rep == 0:
+                ref32 = reference.paged_attention_fp32_chunked(q, kc, vc, tables, lens, qsl, scale)
+                row["sdpa_err"] = rel_err(sdpa()[0].transpose(0, 1), ref32)
+            for name, fn in fns.items():
+                out = torch.full_like(q, float("nan"))
+                fn(out)
+                torch.cuda.synchronize()
+                if rep == 0:
+                    row[name + "_err"] = rel_err(out, ref32)
+                    row[name + "_ok"] = bool(row[name + "_err"] <= 2 * row["sdpa_err"] + 1e-3
+                                             and not out.isnan().any())
+                row[name + "_tflops"] = round(flops / time_us(lambda: fn(out), iters=10) / 1e6, 1)
+            row["sdpa_tflops_after"] = round(flops / time_us(sdpa, iters=10) / 1e6, 1)
+            print(json.dumps(row), flush=True)
+            del kc, vc, k, v, q
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
