@@ -22,7 +22,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(os.getcwd(), "pdcli", "csrc")
 
 
-VARIANTS = ("ws_old", "ws_b", "ws_db")  # file stem = launch function's suffix
+# file stem = launch function's suffix; WS_VARIANTS="ws_old,ws_s3" picks some
+VARIANTS = tuple(os.environ.get("WS_VARIANTS", "ws_old,ws_b,ws_db,ws_s3,ws_s3a,ws_p").split(","))
 
 
 def build_variant(name: str):
@@ -37,6 +38,24 @@ def build_variant(name: str):
                                    "-DPDCLI_SM90A"])
 
 
+def varlen_check(mod, exps, hq, hk, d, bs):
+    """Three sequences of chunked prefill (new tokens 300 / 1,000 / 17 after 500 / 0 / 2,000 cached): each variant
+    against the engine's kernel, itself tested against the reference (tests/test_kernel_prefill.py)."""
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    kc, vc, tables, _, _ = make_paged(3, 2048, hk, d, bs, torch.bfloat16, gen)
+    lens = torch.tensor([800, 1000, 2017], dtype=torch.int32, device="cuda")
+    qsl = torch.tensor([0, 300, 1300, 1317], dtype=torch.int32, device="cuda")
+    q = torch.randn(1317, hq, d, generator=gen, device="cuda", dtype=torch.bfloat16)
+    ref = torch.empty_like(q)
+    mod.prefill_attention_wgmma_ws(ref, q, kc, vc, tables, lens, qsl, 1000, d ** -0.5)
+    row = {}
+    for name, m in exps.items():
+        out = torch.full_like(q, float("nan"))
+        m.run(out, q, kc, vc, tables, lens, qsl, 1000, d ** -0.5)
+        row[name] = rel_err(out, ref.float())
+    print(json.dumps(dict(varlen_rel_err_vs_engine=row)), flush=True)
+
+
 def main():
     t0 = time.time()
     mod = build.load()
@@ -44,6 +63,7 @@ def main():
     print(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                           build_s=round(time.time() - t0))), flush=True)
     hq, hk, d, bs = 32, 8, 128, 16
+    varlen_check(mod, exps, hq, hk, d, bs)
     for rep in range(2):
         for n in (8192, 16384, 32768):
             gen = torch.Generator(device="cuda").manual_seed(n)
