@@ -1,11 +1,18 @@
-"""Issue 25 experiment: wgmma_ws with the intra-warpgroup overlap (tile n's softmax under tile n - 1's PV GEMM,
-both GEMMs issued in one turn, a 3-stage ring; the engine's build: "new") against the kernel before it (ws_old.cu,
-commit ee315e8), the overlap with two P buffers and the loop unrolled twice (ws_db.cu), and cuDNN's SDPA, causal
-8k / 16k / 32k, bf16, 32 q / 8 kv heads; each checked against the chunked fp32 reference. Prints JSON lines; from
-the repo root:
+"""Issue 25 experiment: variants of pdcli's wgmma_ws kernel (pdcli/csrc/prefill_attention_sm90_ws.cu as of commit
+ee315e8, unchanged since) beside the engine's build and cuDNN's SDPA, causal 8k / 16k / 32k, bf16, 32 q / 8 kv heads;
+each checked against the chunked fp32 reference and, on a three-sequence chunked-prefill case, against the
+engine's kernel. Each variant is that file with its launch function renamed (ws_old: nothing else) and
+`<variant>.patch` applied (`patch`); ws_b / ws_db also take the softmax helpers of `wgmma_softmax_overlap.patch`
+(applied to pdcli/csrc/wgmma_softmax.cuh). The sources are written to .kernel_build/experiments/src (git-ignored):
+- ws_b: FA3's intra-warpgroup overlap (tile n's softmax under tile n - 1's PV GEMM, both GEMMs issued in one turn,
+  the PV wait at the top of the next step), a 3-stage ring; ws_db: the same with two P buffers, loop unrolled twice
+- ws_s3: main's loader with a 3-stage ring; ws_s3a: 3 stages, the next tile issued before the current is signalled
+- ws_p: a persistent grid (a CTA per SM walking the work items, two Q buffers, loads run ahead across items)
+Prints JSON lines; from the repo root (WS_VARIANTS="ws_old,ws_p" picks some):
     python results/kernel_experiments/wgmma_ws_overlap/run.py"""
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -22,14 +29,32 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(os.getcwd(), "pdcli", "csrc")
 
 
-# file stem = launch function's suffix; WS_VARIANTS="ws_old,ws_s3" picks some
 VARIANTS = tuple(os.environ.get("WS_VARIANTS", "ws_old,ws_b,ws_db,ws_s3,ws_s3a,ws_p").split(","))
+SRC = os.path.join(os.getcwd(), ".kernel_build", "experiments", "src")  # git-ignored
+
+
+def materialise(name: str) -> str:
+    """Writes the variant's source (and the overlap softmax header) under SRC; returns the .cu path."""
+    os.makedirs(SRC, exist_ok=True)
+    with open(os.path.join(CSRC, "prefill_attention_sm90_ws.cu")) as f:
+        base = f.read().replace("launch_prefill_attention_sm90_ws(", "launch_ws_old(")
+    old = os.path.join(SRC, "ws_old.cu")
+    with open(old, "w") as f:
+        f.write(base)
+    header = os.path.join(SRC, "wgmma_softmax_overlap.cuh")
+    subprocess.run(["patch", "-s", "-o", header, os.path.join(CSRC, "wgmma_softmax.cuh"),
+                    os.path.join(HERE, "wgmma_softmax_overlap.patch")], check=True)
+    if name == "ws_old":
+        return old
+    out = os.path.join(SRC, name + ".cu")
+    subprocess.run(["patch", "-s", "-o", out, old, os.path.join(HERE, name + ".patch")], check=True)
+    return out
 
 
 def build_variant(name: str):
     d = os.path.join(os.getcwd(), ".kernel_build", "experiments", name)  # git-ignored
     os.makedirs(d, exist_ok=True)
-    return load(name=name, sources=[os.path.join(HERE, "bind.cpp"), os.path.join(HERE, name + ".cu")],
+    return load(name=name, sources=[os.path.join(HERE, "bind.cpp"), materialise(name)],
                 build_directory=d, extra_include_paths=[CSRC], verbose=False,
                 extra_cflags=["-O3", "-std=c++17", f"-DLAUNCH=launch_{name}"],
                 extra_cuda_cflags=["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
