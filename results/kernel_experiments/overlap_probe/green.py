@@ -9,8 +9,7 @@ import json
 
 import torch
 
-from pdcli.benchmarks.kernels import make_paged
-from pdcli.kernels import build
+from run import decode_attention_call  # this folder's run.py
 
 
 def ms_per_rep(launch, reps: int) -> float:
@@ -43,13 +42,7 @@ def on_streams(jobs):
 
 
 def main(batch: int = 256, ctx: int = 1536, reps: int = 20):
-    mod = build.load()
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    kc, vc, tables, _, _ = make_paged(batch, ctx, 8, 128, 16, torch.bfloat16, gen)
-    q = torch.randn(batch, 32, 128, generator=gen, device="cuda", dtype=torch.bfloat16)
-    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
-    out = torch.empty_like(q)
-    attn = lambda: mod.decode_attention(out, q, kc, vc, tables, lens, 128 ** -0.5, 0, ctx)  # noqa: E731
+    attn, gen = decode_attention_call(batch, ctx)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     nop = lambda: None  # noqa: E731
     s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()

@@ -26,14 +26,20 @@ def ms_per_rep(fn, reps: int = 20) -> float:
     return start.elapsed_time(end) / reps
 
 
-def main(batch: int = 256, ctx: int = 1536, reps: int = 20):
+def decode_attention_call(batch: int, ctx: int):
+    """pdcli's paged decode attention over batch random sequences of ctx tokens (llama3-8b heads), as a call;
+    and the generator, for the GEMM's operands."""
     mod = build.load()
     gen = torch.Generator(device="cuda").manual_seed(0)
     kc, vc, tables, _, _ = make_paged(batch, ctx, 8, 128, 16, torch.bfloat16, gen)
     q = torch.randn(batch, 32, 128, generator=gen, device="cuda", dtype=torch.bfloat16)
     lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
     out = torch.empty_like(q)
-    attn = lambda: mod.decode_attention(out, q, kc, vc, tables, lens, 128 ** -0.5, 0, ctx)  # noqa: E731
+    return (lambda: mod.decode_attention(out, q, kc, vc, tables, lens, 128 ** -0.5, 0, ctx)), gen
+
+
+def main(batch: int = 256, ctx: int = 1536, reps: int = 20):
+    attn, gen = decode_attention_call(batch, ctx)
     main_s, s1, s2 = torch.cuda.current_stream(), torch.cuda.Stream(), torch.cuda.Stream()
     print(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, batch=batch, ctx=ctx,
                           kv_bytes=2 * batch * ctx * 8 * 128 * 2)), flush=True)
