@@ -8,6 +8,9 @@ engine's kernel. Each variant is that file with its launch function renamed (ws_
   the PV wait at the top of the next step), a 3-stage ring; ws_db: the same with two P buffers, loop unrolled twice
 - ws_s3: main's loader with a 3-stage ring; ws_s3a: 3 stages, the next tile issued before the current is signalled
 - ws_p: a persistent grid (a CTA per SM walking the work items, two Q buffers, loads run ahead across items)
+- ws_sleep: main's kernel with its mbarrier waits given a suspend-time hint (a waiting warp sleeps, not polls:
+  main's compute warps poll the K/V tile's barrier ~47 times a tile, ~330 instructions a warp and tile against
+  ~550 of work, `../ncu_prefill/source_stalls_h200.json`)
 Prints JSON lines; from the repo root (WS_VARIANTS="ws_old,ws_p" picks some):
     python results/kernel_experiments/wgmma_ws_overlap/run.py"""
 import json
@@ -29,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(os.getcwd(), "pdcli", "csrc")
 
 
-VARIANTS = tuple(os.environ.get("WS_VARIANTS", "ws_old,ws_b,ws_db,ws_s3,ws_s3a,ws_p").split(","))
+VARIANTS = tuple(os.environ.get("WS_VARIANTS", "ws_old,ws_b,ws_db,ws_s3,ws_s3a,ws_p,ws_sleep").split(","))
 SRC = os.path.join(os.getcwd(), ".kernel_build", "experiments", "src")  # git-ignored
 
 
