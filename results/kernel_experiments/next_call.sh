@@ -1,0 +1,18 @@
+#!/bin/bash
+# Issues 25 / 26: the next device call (~5 minutes), from the repo root (OUT: the device tool's output folder):
+#   bash results/kernel_experiments/next_call.sh
+# - sm_bandwidth: HBM bandwidth by SM count and way of reading (does a bulk-copy decode attention have room?)
+# - wgmma_ws with sleeping mbarrier waits (ws_sleep.patch) against main's, 8k-32k, plus the varlen check
+# - the decode step (batch 1-256) and its kernel breakdown with cuBLAS as is and with cuBLASLt preferred
+#   (TORCH_BLAS_PREFER_CUBLASLT=1): at 64 rows the down projection read 9% faster through cuBLASLt in isolation
+#   (skinny_blas/h100.jsonl)
+set -u
+X=results/kernel_experiments
+timeout 120 python $X/sm_bandwidth/run.py > "$OUT/sm_bandwidth.jsonl" 2>&1
+WS_VARIANTS=ws_old,ws_sleep timeout 200 python $X/wgmma_ws_overlap/run.py > "$OUT/ws_sleep.jsonl" 2>&1
+for blas in default cublaslt; do
+  if [ $blas = cublaslt ]; then export TORCH_BLAS_PREFER_CUBLASLT=1; else unset TORCH_BLAS_PREFER_CUBLASLT; fi
+  timeout 150 python -m pdcli.benchmarks.engine --only decode,breakdown > "$OUT/decode_$blas.log" 2>&1
+  cp results/engine_parts_*.json "$OUT/engine_parts_decode_$blas.json" 2>/dev/null
+done
+exit 0
