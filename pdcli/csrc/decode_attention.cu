@@ -301,13 +301,16 @@ __global__ void merge_splits_kernel(T* __restrict__ out, const float* __restrict
 }
 
 // The balanced plan's merge: row (b, h) weighs its sequence's parts seq_offset[b] .. + seq_parts[b] (slot-major
-// partials: part_o[slot, h]); a sequence of one part was written by the decode kernel.
+// partials: part_o[slot, h]); a sequence of one part was written by the decode kernel. CTA = (sequence, kv head),
+// threads (d, query head of the group): a step of short sequences launches batch x Hk CTAs that return at once,
+// not batch x Hq.
 template <typename T, int D>
 __global__ void merge_planned_kernel(T* __restrict__ out, const float* __restrict__ part_o,
                                      const float* __restrict__ part_lse, const int* __restrict__ plan, int plan_slots,
                                      int batch, int num_heads) {
-  const int64_t row = blockIdx.x;  // b * Hq + h
-  const int b = int(row / num_heads), h = int(row % num_heads);
+  const int b = int(blockIdx.x / (num_heads / blockDim.y));
+  const int h = int(blockIdx.x % (num_heads / blockDim.y)) * blockDim.y + threadIdx.y;
+  const int64_t row = int64_t(b) * num_heads + h;
   const int n = plan[2 + 2 * plan_slots + batch + b];
   if (n <= 1) return;
   const int off = plan[2 + 2 * plan_slots + b];
@@ -415,7 +418,7 @@ void launch(const DecodeArgs& a) {
       a.num_heads / a.num_kv_heads, a.q_stride, a.scale_log2, a.plan, a.plan_slots, a.batch);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (a.plan) {
-    merge_planned_kernel<T, D><<<a.batch * a.num_heads, D, 0, a.stream>>>(
+    merge_planned_kernel<T, D><<<a.batch * a.num_kv_heads, dim3(D, a.num_heads / a.num_kv_heads), 0, a.stream>>>(
         static_cast<T*>(a.out), a.part_o, a.part_lse, a.plan, a.plan_slots, a.batch, a.num_heads);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else if (a.splits > 1) {
