@@ -219,8 +219,8 @@ def decode_rows(llm: LLM, wbytes: int, arch: ModelArch, bw: float, mm: float, lo
 
 
 def breakdowns(llm: LLM, log) -> tuple[list[dict], dict]:
-    """GPU time by kernel of a decode step at batch 1 and 64, and of one prefill."""
-    breakdown = [kernel_breakdown(llm, b) for b in (1, 64)]
+    """GPU time by kernel of a decode step at batch 1, 64 and 256, and of one prefill."""
+    breakdown = [kernel_breakdown(llm, b) for b in (1, 64, 256)]
     for bd in breakdown:  # decode steps
         log(f"bs{bd['batch']}: wall {bd['wall_ms']:.2f} ms/step, GPU {bd['gpu_ms']:.2f} ms; top: " +
             ", ".join(f"{k['name'][:40]} {k['ms_per_step']:.2f}" for k in bd["kernels"][:6]))
