@@ -27,6 +27,12 @@ def prefill_kernel() -> str:
     return value if value in ("mma", "wgmma", "wgmma_ws") else "auto"
 
 
+def blas_choice() -> bool:
+    """cuBLASLt for the linears at the shapes and decode batch sizes where it was timed faster when the engine
+    started (default on, kernels/blas_choice.py); PDCLI_BLAS_CHOICE=0: torch's default library everywhere."""
+    return _bool("PDCLI_BLAS_CHOICE", default=True)
+
+
 def decode_split() -> str:
     """How the decode kernel cuts sequences into split-KV parts: "balanced" (default: parts of equal key counts,
     one wave of CTAs, so one long context beside many short ones is spread over as many CTAs as its share of the

@@ -147,6 +147,38 @@ def test_the_skinny_matmul_is_used_only_where_it_was_faster():
             gemv_choice._choice.pop((m, 48, 32), None)
 
 
+def test_cublaslt_is_preferred_only_at_the_shapes_and_batch_sizes_where_it_was_faster(monkeypatch):
+    import contextlib
+
+    from pdcli.kernels import blas_choice, ops
+
+    used = []
+
+    @contextlib.contextmanager
+    def prefer(lib):  # the CPU build has no cuBLASLt: record the switch instead
+        used.append(lib)
+        yield
+
+    w_lt, w_default = torch.randn(16, 32), torch.randn(48, 32)
+    # (default us, cuBLASLt us) at 8 and 16 rows: cuBLASLt clearly faster for the 16x32 weight at 8 rows only,
+    # within the margin at 16 rows, slower for the 48x32 one
+    timings = iter([10.0, 9.0, 10.0, 9.9, 10.0, 12.0, 10.0, 11.0])
+    rows = blas_choice.tune([w_lt, w_default], [8, 16], time_us=lambda fn: next(timings), prefer=prefer)
+    monkeypatch.setattr(blas_choice, "preferred", prefer)
+    try:
+        assert [r["library"] for r in rows] == ["cublaslt", "default", "default", "default"]
+        assert used == ["cublaslt"] * 4  # every shape timed with it
+        used.clear()
+        x8, x16 = torch.randn(8, 32), torch.randn(16, 32)
+        assert torch.allclose(ops.linear(x8, w_lt), x8 @ w_lt.T) and used == ["cublaslt"]
+        ops.linear(x16, w_lt)
+        ops.linear(x8, w_default)
+        assert used == ["cublaslt"]  # neither switched
+    finally:
+        for key in [(8, 16, 32), (16, 16, 32), (8, 48, 32), (16, 48, 32)]:
+            blas_choice._choice.pop(key, None)
+
+
 def test_the_prefill_kernel_is_chosen_per_chunk_length_among_those_that_match_the_reference():
     """PDCLI_PREFILL_KERNEL=auto: a kernel whose output disagrees with the reference is never used however fast
     it times; among the others the fastest per chunk-length bucket; untuned, mma.sync."""

@@ -7,7 +7,7 @@ import torch
 
 from pdcli.config import CacheConfig, SchedulerConfig
 from pdcli.distributed.tp import get_tp
-from pdcli.engine.cuda_graph import DecodeGraphs
+from pdcli.engine.cuda_graph import DecodeGraphs, graph_batch_sizes
 from pdcli.engine.logits_processors import PenaltyState, build_processors
 from pdcli.engine.sampler import Sampler, SamplingTensors, sample_key
 from pdcli.engine.scheduler import SchedulerOutput
@@ -60,6 +60,8 @@ class ModelRunner:
         self.tp_followers: list | None = None  # rank 0 of a TP group: pipes to ranks 1.. (distributed/followers.py)
         # per-shape kernel choices timed on this GPU, before any graph is captured (kernels/tuning.py)
         self.gemv_choice = tuning.tune_gemv(self.model) if self.kernel_path == "cuda" else []
+        self.blas_choice = tuning.tune_blas(self.model, graph_batch_sizes(sched.max_num_seqs)) \
+            if self.kernel_path == "cuda" else []
         self.prefill_choice = tuning.tune_prefill(self.num_heads, self.num_kv_heads, self.arch.head_dim,
                                                   self.block_size, self.dtype, self.device) \
             if self.kernel_path == "cuda" else []

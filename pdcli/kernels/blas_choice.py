@@ -1,0 +1,62 @@
+"""cuBLAS's own pick or cuBLASLt per linear shape at the decode graphs' batch sizes (5-512 rows): decided by
+timing both on this GPU when an engine starts (`tune`), before its CUDA graphs are captured (a captured graph
+keeps the library it was captured with). On one H100 at 64 rows the down projection read 9% faster through
+cuBLASLt and qkv / o slower (results/kernel_experiments/skinny_blas/h100.jsonl); other shapes level."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Callable
+
+import torch
+
+logger = logging.getLogger("pdcli.kernels")
+
+MARGIN = 0.97  # cuBLASLt only where it took at most this fraction of the default's time
+_choice: dict[tuple[int, int, int], str] = {}  # (rows, n, k) -> "cublaslt" where it was faster
+
+
+def library(rows: int, n: int, k: int) -> str | None:
+    """The BLAS library to prefer for x [rows, k] @ w [n, k]^T, or None: torch's default."""
+    return _choice.get((rows, n, k))
+
+
+@contextlib.contextmanager
+def preferred(lib: str):
+    """torch's preferred BLAS library set to lib inside, restored after (a process-wide setting)."""
+    prev = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library(lib)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_blas_library(prev)
+
+
+def cuda_time_us(fn: Callable[[], object], iters: int = 10, warmup: int = 2) -> float:
+    from pdcli.benchmarks.device import time_us
+
+    return time_us(fn, iters=iters, warmup=warmup)
+
+
+def tune(weights: list[torch.Tensor], rows: list[int], time_us: Callable = cuda_time_us,
+         prefer: Callable = preferred) -> list[dict]:
+    """Time torch's linear with the default library and with cuBLASLt for every distinct weight shape and each
+    of rows; record cuBLASLt where faster by MARGIN. Rows: rows, n, k, default_us, cublaslt_us, library."""
+    out = []
+    for w in {tuple(w.shape): w for w in weights}.values():
+        n, k = w.shape
+        for m in rows:
+            if (m, n, k) in _choice:
+                continue
+            x = torch.randn(m, k, dtype=w.dtype, device=w.device)
+            default = time_us(lambda: torch.nn.functional.linear(x, w))
+            with prefer("cublaslt"):
+                lt = time_us(lambda: torch.nn.functional.linear(x, w))
+            lib = "cublaslt" if lt <= MARGIN * default else "default"
+            if lib == "cublaslt":
+                _choice[(m, n, k)] = lib
+            out.append(dict(rows=m, n=n, k=k, default_us=default, cublaslt_us=lt, library=lib))
+    lt_shapes = [f"{r['rows']}x{r['n']}x{r['k']}" for r in out if r["library"] == "cublaslt"]
+    if lt_shapes:
+        logger.info("cuBLASLt for %s: faster there than the default", ", ".join(lt_shapes))
+    return out
