@@ -155,3 +155,27 @@ def test_engine_with_gemv_matches_without(dtype, tiny_model_dir, prompts, monkey
     graphed = LLM(path, device="cuda", dtype=dtype, num_kv_blocks=128, max_num_seqs=4)
     eager = LLM(path, device="cuda", dtype=dtype, num_kv_blocks=128, max_num_seqs=4, enforce_eager=True)
     assert [o.token_ids for o in graphed.generate(prompts, p)] == [o.token_ids for o in eager.generate(prompts, p)]
+
+
+@pytest.mark.parametrize("m, n, k", [(64, 4096, 14336), (8, 6144, 4096)])
+def test_linear_through_cublaslt_where_it_was_timed_faster(m, n, k):
+    """kernels/blas_choice: cuBLASLt's result is the default's within bf16 tolerance, and a shape recorded as
+    faster through it is computed through it by ops.linear (the tuning itself runs on the GPU)."""
+    from pdcli.kernels import blas_choice, ops
+
+    before = torch.backends.cuda.preferred_blas_library()
+    gen = torch.Generator(device="cuda").manual_seed(n + k)
+    x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
+    w = (torch.randn(n, k, generator=gen, device="cuda") * k ** -0.5).to(torch.bfloat16)
+    ref32 = torch.nn.functional.linear(x.float(), w.float())
+    with blas_choice.preferred("cublaslt"):
+        lt = torch.nn.functional.linear(x, w)
+    check(lt, torch.nn.functional.linear(x, w), ref32, "cublaslt")
+    rows = blas_choice.tune([w], [m])
+    try:
+        assert len(rows) == 1 and rows[0]["default_us"] > 0 and rows[0]["cublaslt_us"] > 0
+        assert blas_choice.library(m, n, k) == ("cublaslt" if rows[0]["library"] == "cublaslt" else None)
+        check(ops.linear(x, w), torch.nn.functional.linear(x, w), ref32, "ops.linear")
+        assert torch.backends.cuda.preferred_blas_library() == before  # restored
+    finally:
+        blas_choice._choice.pop((m, n, k), None)

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Issues 25 / 26: the next device call (~8 minutes), from the repo root (OUT: the device tool's output folder):
 #   bash results/kernel_experiments/next_call.sh
-# - first the decode CUDA tests: merge_planned_kernel's new grid (batch x Hk CTAs of (D, group) threads, session 26)
+# - first the decode and fused-kernel CUDA tests (blas_choice among them): merge_planned_kernel's new grid (batch x Hk CTAs of (D, group) threads, session 26)
 #   has not yet run on a GPU
 # - sm_bandwidth: HBM bandwidth by SM count and way of reading (does a bulk-copy decode attention have room?)
 # - wgmma_ws with sleeping mbarrier waits (ws_sleep.patch) against main's, 8k-32k, plus the varlen check
@@ -11,7 +11,7 @@
 #   cuBLASLt (skinny_blas/h100.jsonl)
 set -u
 X=results/kernel_experiments
-python -m pytest -q -x tests/test_kernels.py -k decode tests/test_split_attention.py > "$OUT/decode_tests.log" 2>&1
+python -m pytest -q -x tests/test_kernels.py -k decode tests/test_split_attention.py tests/test_kernel_fused.py > "$OUT/decode_tests.log" 2>&1
 timeout 120 python $X/sm_bandwidth/run.py > "$OUT/sm_bandwidth.jsonl" 2>&1
 WS_VARIANTS=ws_old,ws_sleep timeout 200 python $X/wgmma_ws_overlap/run.py > "$OUT/ws_sleep.jsonl" 2>&1
 for blas in choice off lt_everywhere; do
