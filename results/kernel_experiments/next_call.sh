@@ -11,7 +11,7 @@
 #   cuBLASLt (skinny_blas/h100.jsonl)
 set -u
 X=results/kernel_experiments
-python -m pytest -q -x tests/test_kernels.py -k decode tests/test_split_attention.py tests/test_kernel_fused.py > "$OUT/decode_tests.log" 2>&1
+python -m pytest -q -x tests/test_kernels.py tests/test_split_attention.py tests/test_kernel_fused.py > "$OUT/decode_tests.log" 2>&1
 timeout 120 python $X/sm_bandwidth/run.py > "$OUT/sm_bandwidth.jsonl" 2>&1
 WS_VARIANTS=ws_old,ws_sleep timeout 200 python $X/wgmma_ws_overlap/run.py > "$OUT/ws_sleep.jsonl" 2>&1
 for blas in choice off lt_everywhere; do
