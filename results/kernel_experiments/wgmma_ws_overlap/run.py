@@ -7,7 +7,9 @@ engine's kernel. Each variant is that file with its launch function renamed (ws_
 - ws_b: FA3's intra-warpgroup overlap (tile n's softmax under tile n - 1's PV GEMM, both GEMMs issued in one turn,
   the PV wait at the top of the next step), a 3-stage ring; ws_db: the same with two P buffers, loop unrolled twice
 - ws_s3: main's loader with a 3-stage ring; ws_s3a: 3 stages, the next tile issued before the current is signalled
-- ws_p: a persistent grid (a CTA per SM walking the work items, two Q buffers, loads run ahead across items)
+- ws_p: a persistent grid (a CTA per SM walking the work items, two Q buffers, loads run ahead across items);
+  ws_p2: the same with the loader reading an item's tile parameters from global memory once per item, not once
+  per tile (three dependent loads ahead of every tile's copies: ws_p's suspected flaw)
 - ws_sleep: main's kernel with its mbarrier waits given a suspend-time hint (a waiting warp sleeps, not polls:
   main's compute warps poll the K/V tile's barrier ~47 times a tile, ~330 instructions a warp and tile against
   ~550 of work, `../ncu_prefill/source_stalls_h200.json`)
@@ -32,7 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(os.getcwd(), "pdcli", "csrc")
 
 
-VARIANTS = tuple(os.environ.get("WS_VARIANTS", "ws_old,ws_b,ws_db,ws_s3,ws_s3a,ws_p,ws_sleep").split(","))
+VARIANTS = tuple(os.environ.get("WS_VARIANTS", "ws_old,ws_b,ws_db,ws_s3,ws_s3a,ws_p,ws_p2,ws_sleep").split(","))
 SRC = os.path.join(os.getcwd(), ".kernel_build", "experiments", "src")  # git-ignored
 
 
