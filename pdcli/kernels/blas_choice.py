@@ -10,10 +10,12 @@ from typing import Callable
 
 import torch
 
+from pdcli.kernels.gemv_choice import linear_inputs
+
 logger = logging.getLogger("pdcli.kernels")
 
 MARGIN = 0.97  # cuBLASLt only where it took at most this fraction of the default's time
-_choice: dict[tuple[int, int, int], str] = {}  # (rows, n, k) -> "cublaslt" where it was faster
+_choice: dict[tuple[int, int, int], str | None] = {}  # (rows, n, k) -> "cublaslt" where it was faster, else None
 
 
 def library(rows: int, n: int, k: int) -> str | None:
@@ -56,19 +58,13 @@ def tune(weights: list[torch.Tensor], rows: list[int], time_us: Callable = cold_
     """Time torch's linear with the default library and with cuBLASLt for every distinct weight shape and each
     of rows; record cuBLASLt where faster by MARGIN. Rows: rows, n, k, default_us, cublaslt_us, library."""
     out = []
-    for w in {tuple(w.shape): w for w in weights}.values():
-        n, k = w.shape
-        for m in rows:
-            if (m, n, k) in _choice:
-                continue
-            x = torch.randn(m, k, dtype=w.dtype, device=w.device)
-            default = time_us(lambda: torch.nn.functional.linear(x, w))
-            with prefer("cublaslt"):
-                lt = time_us(lambda: torch.nn.functional.linear(x, w))
-            lib = "cublaslt" if lt <= MARGIN * default else "default"
-            if lib == "cublaslt":
-                _choice[(m, n, k)] = lib
-            out.append(dict(rows=m, n=n, k=k, default_us=default, cublaslt_us=lt, library=lib))
+    for m, n, k, x, w in linear_inputs(weights, rows, _choice):
+        default = time_us(lambda: torch.nn.functional.linear(x, w))
+        with prefer("cublaslt"):
+            lt = time_us(lambda: torch.nn.functional.linear(x, w))
+        lib = "cublaslt" if lt <= MARGIN * default else "default"
+        _choice[(m, n, k)] = lib if lib == "cublaslt" else None
+        out.append(dict(rows=m, n=n, k=k, default_us=default, cublaslt_us=lt, library=lib))
     lt_shapes = [f"{r['rows']}x{r['n']}x{r['k']}" for r in out if r["library"] == "cublaslt"]
     if lt_shapes:
         logger.info("cuBLASLt for %s: faster there than the default", ", ".join(lt_shapes))
