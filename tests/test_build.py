@@ -147,33 +147,42 @@ def test_the_skinny_matmul_is_used_only_where_it_was_faster():
             gemv_choice._choice.pop((m, 48, 32), None)
 
 
-def test_cublaslt_is_preferred_only_at_the_shapes_and_batch_sizes_where_it_was_faster(monkeypatch):
-    import contextlib
+class FakeLt:
+    """The cuBLASLt extension's interface on the CPU: two candidates per shape, #1 wrong for the 16x32 weight."""
 
+    def __init__(self):
+        self.calls = []
+
+    def lt_algos(self, m, n, k, ldx, bf16, max_count, workspace_bytes):
+        return torch.tensor([[0] * 8, [1] * 8], dtype=torch.uint8), torch.tensor([0, 1024])
+
+    def lt_linear(self, y, x, w, blob, workspace):
+        self.calls.append(int(blob[0]))
+        y.copy_(x @ w.T + (1.0 if int(blob[0]) == 1 and w.shape[0] == 16 else 0.0))
+
+
+def test_a_cublaslt_algorithm_is_used_only_where_it_matched_and_was_timed_faster():
     from pdcli.kernels import blas_choice, ops
 
-    used = []
-
-    @contextlib.contextmanager
-    def prefer(lib):  # the CPU build has no cuBLASLt: record the switch instead
-        used.append(lib)
-        yield
-
-    w_lt, w_default = torch.randn(16, 32), torch.randn(48, 32)
-    # (default us, cuBLASLt us) at 8 and 16 rows: cuBLASLt clearly faster for the 16x32 weight at 8 rows only,
-    # within the margin at 16 rows, slower for the 48x32 one
-    timings = iter([10.0, 9.0, 10.0, 9.9, 10.0, 12.0, 10.0, 11.0])
-    rows = blas_choice.tune([w_lt, w_default], [8, 16], time_us=lambda fn: next(timings), prefer=prefer)
-    monkeypatch.setattr(blas_choice, "preferred", prefer)
+    fake = FakeLt()
+    w_lt, w_default = torch.randn(16, 32, dtype=torch.bfloat16), torch.randn(48, 32, dtype=torch.bfloat16)
+    # per (shape, rows): default, then each candidate that matched. 16x32 at 8 rows: #0 clearly faster (#1 is
+    # wrong: never timed); at 16 rows #0 within the margin. 48x32: #1 faster at 8 rows, neither at 16
+    timings = iter([10.0, 9.0, 10.0, 9.9, 10.0, 12.0, 8.0, 10.0, 11.0, 10.5])
+    rows = blas_choice.tune([w_lt, w_default], [8, 16], fake, time_us=lambda call, ws: next(timings))
     try:
-        assert [r["library"] for r in rows] == ["cublaslt", "default", "default", "default"]
-        assert used == ["cublaslt"] * 4  # every shape timed with it
-        used.clear()
-        x8, x16 = torch.randn(8, 32), torch.randn(16, 32)
-        assert torch.allclose(ops.linear(x8, w_lt), x8 @ w_lt.T) and used == ["cublaslt"]
+        assert [r["algo"] for r in rows] == [0, None, 1, None]
+        assert rows[0]["algos_us"] == [9.0, None] and rows[2]["algos_us"] == [12.0, 8.0]
+        assert [r["library"] for r in rows] == ["cublaslt", "default", "cublaslt", "default"]
+        fake.calls.clear()
+        x8, x16 = torch.randn(8, 32, dtype=torch.bfloat16), torch.randn(16, 32, dtype=torch.bfloat16)
+        assert torch.allclose(ops.linear(x8, w_lt), x8 @ w_lt.T) and fake.calls == [0]
+        assert torch.allclose(ops.linear(x8, w_default), x8 @ w_default.T) and fake.calls == [0, 1]
         ops.linear(x16, w_lt)
-        ops.linear(x8, w_default)
-        assert used == ["cublaslt"]  # neither switched
+        ops.linear(x8[:, :16].contiguous(), w_lt[:, :16].contiguous())  # a shape never timed
+        ops.linear(x8, w_lt, torch.zeros(16, dtype=torch.bfloat16))  # with a bias: torch's
+        ops.linear(x8.float(), w_lt.float())  # not half precision
+        assert fake.calls == [0, 1]
     finally:
         for key in [(8, 16, 32), (16, 16, 32), (8, 48, 32), (16, 48, 32)]:
             blas_choice._choice.pop(key, None)

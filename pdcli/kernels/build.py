@@ -136,6 +136,52 @@ def _build(name: str, build_dir: str, arch: str):
     return module
 
 
+@functools.cache
+def load_lt():
+    """The cuBLASLt extension (csrc/lt_matmul.cpp: heuristic candidates and a call through one), built apart
+    from the kernels since it links cuBLASLt; raises KernelUnavailable if it cannot be had."""
+    reason = unavailable_reason()
+    if reason:
+        raise KernelUnavailable(reason)
+    major, minor = torch.cuda.get_device_capability()
+    key = build_key(f"{major}.{minor}")
+    build_dir = os.path.join(build_root(), f"{key}_lt")
+    os.makedirs(build_dir, exist_ok=True)
+    name = f"pdcli_lt_{key}"
+    if os.path.exists(os.path.join(build_dir, f"{name}.so")):
+        return load_built(name, build_dir)
+
+    def build():
+        from torch.utils.cpp_extension import load as cpp_load
+
+        lib = loaded_library("libcublasLt.so")
+        ld = [f"-L{os.path.dirname(lib)}", f"-l:{os.path.basename(lib)}", f"-Wl,-rpath,{os.path.dirname(lib)}"] \
+            if lib else ["-lcublasLt"]
+        inc = os.path.join(os.path.dirname(os.path.dirname(lib)), "include") if lib else None
+        try:
+            return cpp_load(name=name, sources=[os.path.join(CSRC, "lt_matmul.cpp")], build_directory=build_dir,
+                            extra_cflags=["-O3", "-std=c++17"], extra_ldflags=ld, with_cuda=True,
+                            extra_include_paths=[inc] if inc and os.path.isdir(inc) else None, verbose=False)
+        except Exception as e:
+            raise KernelUnavailable(f"cuBLASLt extension build failed: {str(e).splitlines()[-1] if str(e) else e!r}")
+
+    return build_once(name, build_dir, build)
+
+
+def loaded_library(prefix: str) -> str | None:
+    """The path of a shared library this process has loaded whose name starts with prefix (torch's own
+    cuBLASLt: linking that one keeps a single copy in the process), or None."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.split()[-1]
+                if os.path.basename(path).startswith(prefix) and os.path.exists(path):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
 def arch_flags(arch: str) -> list[str]:
     """nvcc flags of the target: on Hopper (9.0) sm_90a, whose wgmma the prefill kernel uses (named here: an
     arch flag of ours makes torch add none of its own, and not every torch knows "9.0a"); else torch's from

@@ -53,8 +53,8 @@ def copy_blocks(dst: torch.Tensor, src: torch.Tensor, src_idx: torch.Tensor, dst
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [m, k] @ weight [n, k]^T (+ bias): the gemv kernel for 1-4 rows where it beats cuBLAS on this GPU
-    (kernels/gemv_choice.py) unless PDCLI_GEMV=0, else torch, through cuBLASLt at the shapes and decode batch
-    sizes where that was timed faster (kernels/blas_choice.py)."""
+    (kernels/gemv_choice.py) unless PDCLI_GEMV=0, else torch, or one of cuBLASLt's algorithms at the shapes and
+    decode batch sizes where that was timed faster (kernels/blas_choice.py)."""
     mode = envs.gemv_mode() if x.dim() == 2 and 1 <= x.shape[0] <= 4 and weight.is_contiguous() else "off"
     if mode == "always" or (mode == "tuned" and gemv_choice.use_gemv(x.shape[0], weight.shape[0], weight.shape[1])):
         mod = _elementwise_module(x)
@@ -62,10 +62,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
             mod.gemv(y, x, weight, bias)
             return y
-    lib = blas_choice.library(x.shape[0], weight.shape[0], weight.shape[1]) if x.dim() == 2 else None
-    if lib is not None:
-        with blas_choice.preferred(lib):
-            return F.linear(x, weight, bias)
+    algo = blas_choice.algo(x.shape[0], weight.shape[0], weight.shape[1]) if x.dim() == 2 and bias is None else None
+    if algo is not None and blas_choice.usable(x, weight):
+        return blas_choice.linear(x, weight, algo)
     return F.linear(x, weight, bias)
 
 

@@ -1,6 +1,6 @@
 """The per-shape kernel choices an engine times on its GPU when it starts (before any CUDA graph is captured):
-the skinny matmul or cuBLAS per linear shape (gemv_choice), cuBLAS's default or cuBLASLt per linear shape and
-decode batch size (blas_choice), the paged prefill attention kernel per chunk length (prefill_choice,
+the skinny matmul or cuBLAS per linear shape (gemv_choice), torch's default matmul or a cuBLASLt algorithm per linear
+shape and decode batch size (blas_choice), the paged prefill attention kernel per chunk length (prefill_choice,
 PDCLI_PREFILL_KERNEL=auto). A timing failure leaves the defaults, never the engine down."""
 from __future__ import annotations
 
@@ -30,16 +30,16 @@ def tune_gemv(model: torch.nn.Module) -> list[dict]:
 
 
 def tune_blas(model: torch.nn.Module, rows: list[int]) -> list[dict]:
-    """The default BLAS library or cuBLASLt per linear shape at the decode graphs' batch sizes."""
+    """torch's default matmul or a cuBLASLt algorithm per linear shape at the decode graphs' batch sizes."""
     from pdcli.kernels import blas_choice
 
     if not envs.blas_choice():
         return []
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     try:
-        return blas_choice.tune(weights, rows)
-    except Exception as err:  # e.g. a torch built without cuBLASLt
-        logger.warning("BLAS library timing failed (%s): torch's default", err)
+        return blas_choice.tune(weights, rows, build.load_lt())
+    except Exception as err:  # e.g. the cuBLASLt extension did not build
+        logger.warning("cuBLASLt algorithm timing failed (%s): torch's default matmul", err)
         return []
 
 
