@@ -28,9 +28,17 @@ def prefill_kernel() -> str:
 
 
 def blas_choice() -> bool:
-    """cuBLASLt for the linears at the shapes and decode batch sizes where it was timed faster when the engine
-    started (default on, kernels/blas_choice.py); PDCLI_BLAS_CHOICE=0: torch's default library everywhere."""
+    """A cuBLASLt algorithm for the linears at the shapes and decode batch sizes where one was timed faster than
+    torch's default when the engine started (default on, kernels/blas_choice.py); PDCLI_BLAS_CHOICE=0: torch's
+    default everywhere."""
     return _bool("PDCLI_BLAS_CHOICE", default=True)
+
+
+def pdl() -> bool:
+    """The decode step's own kernels (norms, RoPE + KV store, attention and its merge, SiLU-and-mul) launched to
+    overlap the kernel before them (programmatic dependent launch, sm_90+; csrc/launch.cuh): default on;
+    PDCLI_PDL=0: plain launches."""
+    return _bool("PDCLI_PDL", default=True)
 
 
 def decode_split() -> str:

@@ -79,13 +79,21 @@ def test_decode_attention_matches_reference(mod, dtype, d, hq, hk, ctx_lens, blo
     ref32 = reference.paged_attention(q.float(), kc.float(), vc.float(), *args)
     ref16 = reference.paged_attention(q, kc, vc, *args)
     rows = lens > 0  # a padded row (length 0) has no reference; its output must still be written
-    for splits in (0, 1, 3, 7, "balanced 1 0", "balanced 8 0", "balanced 300 0", "balanced 300 256"):
+    for splits in (0, 1, 3, 7, "balanced 1 0", "balanced 8 0", "balanced 300 0", "balanced 300 256",
+                   "fused 8 0", "fused 300 0"):
         out = torch.full_like(q, float("nan"))
         if isinstance(splits, str):  # parts of equal key counts (decode_plan), about target_slots of them
             target, min_chunk = map(int, splits.split()[1:])
             plan = mod.decode_plan(lens, target, min_chunk)
             check_decode_plan(plan.cpu().tolist(), ctx_lens, target, min_chunk)
-            mod.decode_attention_planned(out, q, kc, vc, tables, lens, scale, plan)
+            if splits.startswith("fused"):  # merged by each sequence's last part, as for a step's later layers
+                counters = torch.zeros(b * hk, dtype=torch.int32, device="cuda")
+                for _layer in range(2):  # the counts are left at zero for the next layer
+                    out.fill_(float("nan"))
+                    mod.decode_attention_planned(out, q, kc, vc, tables, lens, scale, plan, counters, True)
+                assert (counters == 0).all()
+            else:
+                mod.decode_attention_planned(out, q, kc, vc, tables, lens, scale, plan)
         else:
             mod.decode_attention(out, q, kc, vc, tables, lens, scale, splits, max(ctx_lens))
         torch.cuda.synchronize()

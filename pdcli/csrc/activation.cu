@@ -2,6 +2,7 @@
 #include <c10/cuda/CUDAException.h>
 
 #include "common.cuh"
+#include "launch.cuh"
 
 namespace {
 
@@ -12,6 +13,8 @@ using pdcli::to_float8;
 template <typename T>
 __global__ void silu_and_mul_kernel(T* __restrict__ out, const T* __restrict__ x, int d, int64_t x_stride,
                                     int64_t out_stride) {
+  pdcli::pdl_wait();
+  pdcli::pdl_trigger();
   const int64_t row = blockIdx.x;
   const int vecs = d / 8;
   const T* gate = x + row * x_stride;
@@ -35,10 +38,10 @@ void launch_silu_and_mul(void* out, const void* x, int64_t rows, int d, int64_t 
   const int threads = 256;
   const dim3 grid(rows, (d / 8 + threads - 1) / threads);
   if (bf16)
-    silu_and_mul_kernel<__nv_bfloat16><<<grid, threads, 0, stream>>>(
-        static_cast<__nv_bfloat16*>(out), static_cast<const __nv_bfloat16*>(x), d, x_stride, out_stride);
+    pdcli::launch_pdl(silu_and_mul_kernel<__nv_bfloat16>, grid, threads, 0, stream, static_cast<__nv_bfloat16*>(out),
+                      static_cast<const __nv_bfloat16*>(x), d, x_stride, out_stride);
   else
-    silu_and_mul_kernel<__half><<<grid, threads, 0, stream>>>(static_cast<__half*>(out), static_cast<const __half*>(x),
-                                                              d, x_stride, out_stride);
+    pdcli::launch_pdl(silu_and_mul_kernel<__half>, grid, threads, 0, stream, static_cast<__half*>(out),
+                      static_cast<const __half*>(x), d, x_stride, out_stride);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

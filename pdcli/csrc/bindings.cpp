@@ -18,10 +18,12 @@ void launch_decode_attention(void* out, float* part_o, float* part_lse, const vo
                              const void* v_cache, const int* block_tables, const int* context_lens, int batch,
                              int num_heads, int num_kv_heads, int head_dim, int table_width, int block_size,
                              int splits, int64_t q_stride, float scale, bool bf16, cudaStream_t stream,
-                             const int* plan = nullptr, int plan_slots = 0);
+                             const int* plan = nullptr, int plan_slots = 0, int* counters = nullptr,
+                             bool early_kv = false);
 void launch_decode_plan(int* plan, const int* context_lens, int batch, int plan_slots, int target_slots,
                         int min_chunk, cudaStream_t stream);
 int decode_attention_resident_ctas(int head_dim);
+void set_pdl(bool on);
 void launch_prefill_attention(void* out, const void* q, const void* k_cache, const void* v_cache,
                               const int* block_tables, const int* context_lens, const int* query_start_loc,
                               int num_heads, int num_kv_heads, int head_dim, int table_width, int block_size,
@@ -334,14 +336,20 @@ torch::Tensor decode_plan(torch::Tensor context_lens, int64_t target_slots, int6
 }
 
 // decode_attention with the balanced splits of a decode_plan made from the same context_lens.
+// counters: [B * Hk] int32 zeros (left zero), the merge done by each sequence's last part; early_kv: the plan
+// and tables were written before the kernel ahead of this one on the stream (its K/V tiles start loading early).
 void decode_attention_planned(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                              torch::Tensor block_tables, torch::Tensor context_lens, double scale, torch::Tensor plan) {
+                              torch::Tensor block_tables, torch::Tensor context_lens, double scale, torch::Tensor plan,
+                              c10::optional<torch::Tensor> counters, bool early_kv) {
   const char* op = "decode_attention_planned";
   check_decode(out, q, k_cache, v_cache, block_tables, context_lens, op);
   const int64_t B = q.size(0), Hq = q.size(1), Hk = k_cache.size(2), D = q.size(2);
   TORCH_CHECK(plan.device() == q.device() && plan.scalar_type() == torch::kInt32 && plan.is_contiguous() &&
                   plan.dim() == 1 && plan.size(0) >= 2 + 2 * B + 2 && (plan.size(0) - 2 - 2 * B) % 2 == 0,
               op, ": plan must be decode_plan's of these context_lens");
+  if (counters.has_value())
+    TORCH_CHECK(counters->device() == q.device() && counters->scalar_type() == torch::kInt32 &&
+                    counters->is_contiguous() && counters->numel() >= B * Hk, op, ": counters must be int32 [B * Hk]");
   if (B == 0) return;
   const int64_t S = (plan.size(0) - 2 - 2 * B) / 2;
   const c10::cuda::CUDAGuard guard(q.device());
@@ -351,7 +359,8 @@ void decode_attention_planned(torch::Tensor out, torch::Tensor q, torch::Tensor 
                           k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr<int>(),
                           context_lens.data_ptr<int>(), B, Hq, Hk, D, block_tables.size(1), k_cache.size(1), 0,
                           q.stride(0), float(scale), q.scalar_type() == torch::kBFloat16,
-                          at::cuda::getCurrentCUDAStream(), plan.data_ptr<int>(), S);
+                          at::cuda::getCurrentCUDAStream(), plan.data_ptr<int>(), S,
+                          counters.has_value() ? counters->data_ptr<int>() : nullptr, early_kv);
 }
 
 // Varlen chunked prefill: sequence b's new tokens q[query_start_loc[b]:query_start_loc[b+1]] attend causally
@@ -435,9 +444,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "paged GQA decode attention, split-KV");
   m.def("decode_plan", &decode_plan, "balanced split-KV plan of a decode step (parts of equal key counts)",
         py::arg("context_lens"), py::arg("target_slots"), py::arg("min_chunk") = 0);
+  m.def("set_pdl", &set_pdl, "launch the decode step's own kernels with programmatic dependent launch (sm_90+)");
   m.def("decode_attention_resident_ctas", &decode_attention_resident_ctas,
         "decode kernel CTAs resident on the current GPU at once for this head_dim");
-  m.def("decode_attention_planned", &decode_attention_planned, "decode_attention with a decode_plan's splits");
+  m.def("decode_attention_planned", &decode_attention_planned, "decode_attention with a decode_plan's splits",
+        py::arg("out"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"),
+        py::arg("context_lens"), py::arg("scale"), py::arg("plan"), py::arg("counters") = py::none(),
+        py::arg("early_kv") = false);
   m.def("decode_attention_num_splits", &decode_attention_num_splits,
         "split-KV count decode_attention picks for (batch, kv heads, max context, head_dim)");
   m.def("prefill_attention", &prefill_attention, "paged varlen causal prefill attention");

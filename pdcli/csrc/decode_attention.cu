@@ -25,6 +25,7 @@
 #include <tuple>
 
 #include "common.cuh"
+#include "launch.cuh"
 #include "mma.cuh"
 
 namespace {
@@ -55,6 +56,43 @@ constexpr int smem_bytes() {
   return ring > merge ? ring : merge;
 }
 
+// The planned merge inside the decode kernel: each part's CTA, its partials written, counts itself done; the
+// last of sequence b's parts for kv head kvh merges the group's rows (as merge_planned_kernel) and resets the
+// count for the next layer. Partials are read from L2 (other SMs wrote them).
+template <typename T, int D>
+__device__ __forceinline__ void merge_if_last(T* __restrict__ out, const float* part_o, const float* part_lse,
+                                              const int* __restrict__ plan, int plan_slots, int batch, int b, int kvh,
+                                              int group, int num_heads, int* counter) {
+  __shared__ int last;
+  __syncthreads();  // every thread's partials are written ...
+  if (threadIdx.x == 0) {
+    __threadfence();  // ... and visible GPU-wide before the count
+    const int n = plan[2 + 2 * plan_slots + batch + b];
+    last = atomicAdd(counter, 1) == n - 1;
+    if (last) {
+      *counter = 0;
+      __threadfence();
+    }
+  }
+  __syncthreads();
+  if (!last) return;
+  const int off = plan[2 + 2 * plan_slots + b], n = plan[2 + 2 * plan_slots + batch + b];
+  for (int idx = threadIdx.x; idx < group * D; idx += blockDim.x) {
+    const int h = kvh * group + idx / D, d = idx % D;
+    float mx = -INFINITY;
+    for (int s = 0; s < n; ++s) mx = fmaxf(mx, __ldcg(part_lse + int64_t(off + s) * num_heads + h));
+    const float ref = mx == -INFINITY ? 0.f : mx;
+    float sum = 0.f, acc = 0.f;
+    for (int s = 0; s < n; ++s) {
+      const int64_t r = int64_t(off + s) * num_heads + h;
+      const float w = exp2f(__ldcg(part_lse + r) - ref);
+      sum += w;
+      acc += w * __ldcg(part_o + r * D + d);
+    }
+    out[int64_t(b) * num_heads * D + int64_t(h) * D + d] = from_float<T>(sum > 0.f ? acc / sum : 0.f);
+  }
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, PDCLI_DECODE_MIN_CTAS)
 decode_attention_kernel(T* __restrict__ out,              // [B, Hq, D]
@@ -68,7 +106,13 @@ decode_attention_kernel(T* __restrict__ out,              // [B, Hq, D]
                         int table_width, int block_shift, int num_kv_heads, int group, int64_t q_stride,
                         float scale_log2,
                         const int* __restrict__ plan,  // balanced splits (see the top), or nullptr: uniform
-                        int plan_slots, int batch) {
+                        int plan_slots, int batch,
+                        int* __restrict__ counters,  // planned, [B * Hk] zeros: parts done; the last one merges
+                        bool early_kv) {             // plan and tables were written before the kernel ahead
+  if (!early_kv) {
+    pdcli::pdl_wait();
+    pdcli::pdl_trigger();
+  }
   constexpr int kChunks = D / 8, kRowBytes = D * 2, BN = kBlockN;
   constexpr int kTileBytes = BN * kRowBytes;
   constexpr int kRowPasses = 4;               // a warp's 16 rows, 4 per sweep (8 lanes per 128-byte run)
@@ -142,8 +186,17 @@ decode_attention_kernel(T* __restrict__ out,              // [B, Hq, D]
       }
     }
   };
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
+  int s = 0;
+  if (early_kv) {  // the tiles before the newest key (the kernel ahead writes its K/V and Q) load meanwhile
+    for (; s < kStages - 1 && s < n_tiles && start + (s + 1) * BN < ctx; ++s) {
+      slots_of(s);
+      issue(s);
+      cp_async_commit();
+    }
+    pdcli::pdl_wait();
+    pdcli::pdl_trigger();
+  }
+  for (; s < kStages - 1; ++s) {
     if (s < n_tiles) {
       slots_of(s);
       issue(s);
@@ -278,12 +331,16 @@ decode_attention_kernel(T* __restrict__ out,              // [B, Hq, D]
       if (d == 0) part_lse[row] = sum > 0.f ? mx + log2f(sum) : -INFINITY;
     }
   }
+  if (counters != nullptr && !direct) merge_if_last<T, D>(out, part_o, part_lse, plan, plan_slots, batch, b, kvh,
+                                                          group, num_heads, counters + b * num_kv_heads + kvh);
 }
 
 // out[b, h] = sum_s w_s * part_o[b, h, s] with w_s = 2^(lse_s - max lse) / sum of those weights.
 template <typename T, int D>
 __global__ void merge_splits_kernel(T* __restrict__ out, const float* __restrict__ part_o,
                                     const float* __restrict__ part_lse, int num_splits) {
+  pdcli::pdl_wait();
+  pdcli::pdl_trigger();
   const int64_t row = blockIdx.x;  // b * Hq + h
   const float* lse = part_lse + row * num_splits;
   float mx = -INFINITY;
@@ -308,6 +365,8 @@ template <typename T, int D>
 __global__ void merge_planned_kernel(T* __restrict__ out, const float* __restrict__ part_o,
                                      const float* __restrict__ part_lse, const int* __restrict__ plan, int plan_slots,
                                      int batch, int num_heads) {
+  pdcli::pdl_wait();
+  pdcli::pdl_trigger();
   const int b = int(blockIdx.x / (num_heads / blockDim.y));
   const int h = int(blockIdx.x % (num_heads / blockDim.y)) * blockDim.y + threadIdx.y;
   const int64_t row = int64_t(b) * num_heads + h;
@@ -401,6 +460,8 @@ struct DecodeArgs {
   cudaStream_t stream;
   const int* plan;  // balanced splits: grid.x = plan_slots CTAs per kv head; nullptr: uniform, grid.x = splits
   int plan_slots;
+  int* counters;  // planned: [B * Hk] zeros, the merge done in the decode kernel; nullptr: merge_planned_kernel
+  bool early_kv;  // planned: the plan was made before the kernel ahead (decode_attention_kernel's early_kv)
 };
 
 template <typename T, int D>
@@ -412,18 +473,19 @@ void launch(const DecodeArgs& a) {
   }();
   (void)attr_set;
   const dim3 grid = a.plan ? dim3(a.plan_slots, a.num_kv_heads, 1) : dim3(a.splits, a.num_kv_heads, a.batch);
-  kernel<<<grid, kThreads, smem_bytes<D>(), a.stream>>>(
+  launch_pdl(kernel, grid, dim3(kThreads), smem_bytes<D>(), a.stream,
       static_cast<T*>(a.out), a.part_o, a.part_lse, static_cast<const T*>(a.q), static_cast<const T*>(a.k_cache),
       static_cast<const T*>(a.v_cache), a.block_tables, a.context_lens, a.table_width, a.block_shift, a.num_kv_heads,
-      a.num_heads / a.num_kv_heads, a.q_stride, a.scale_log2, a.plan, a.plan_slots, a.batch);
+      a.num_heads / a.num_kv_heads, a.q_stride, a.scale_log2, a.plan, a.plan_slots, a.batch, a.counters,
+      a.early_kv);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (a.plan) {
-    merge_planned_kernel<T, D><<<a.batch * a.num_kv_heads, dim3(D, a.num_heads / a.num_kv_heads), 0, a.stream>>>(
-        static_cast<T*>(a.out), a.part_o, a.part_lse, a.plan, a.plan_slots, a.batch, a.num_heads);
+  if (a.plan && a.counters == nullptr) {
+    launch_pdl(merge_planned_kernel<T, D>, dim3(a.batch * a.num_kv_heads), dim3(D, a.num_heads / a.num_kv_heads), 0,
+               a.stream, static_cast<T*>(a.out), a.part_o, a.part_lse, a.plan, a.plan_slots, a.batch, a.num_heads);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else if (a.splits > 1) {
-    merge_splits_kernel<T, D><<<a.batch * a.num_heads, D, 0, a.stream>>>(static_cast<T*>(a.out), a.part_o,
-                                                                          a.part_lse, a.splits);
+    launch_pdl(merge_splits_kernel<T, D>, dim3(a.batch * a.num_heads), dim3(D), 0, a.stream, static_cast<T*>(a.out),
+               a.part_o, a.part_lse, a.splits);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -475,6 +537,8 @@ int choose_num_splits(int64_t num_items, int64_t max_context_len, int resident) 
 
 int decode_attention_resident_ctas(int head_dim) { return resident_ctas(head_dim); }
 
+void set_pdl(bool on) { pdcli::pdl_on() = on; }
+
 int decode_attention_num_splits(int64_t batch, int64_t num_kv_heads, int64_t max_context_len, int head_dim) {
   return choose_num_splits(batch * num_kv_heads, max_context_len, resident_ctas(head_dim));
 }
@@ -484,12 +548,12 @@ void launch_decode_attention(void* out, float* part_o, float* part_lse, const vo
                              const void* v_cache, const int* block_tables, const int* context_lens, int batch,
                              int num_heads, int num_kv_heads, int head_dim, int table_width, int block_size,
                              int splits, int64_t q_stride, float scale, bool bf16, cudaStream_t stream,
-                             const int* plan, int plan_slots) {
+                             const int* plan, int plan_slots, int* counters, bool early_kv) {
   int shift = 0;
   while ((1 << shift) < block_size) ++shift;
   const DecodeArgs a{out, part_o, part_lse, q, k_cache, v_cache, block_tables, context_lens, batch, num_heads,
                      num_kv_heads, table_width, shift, splits, q_stride, scale * 1.4426950408889634f, stream, plan,
-                     plan_slots};
+                     plan_slots, counters, plan != nullptr && early_kv};
   if (bf16) {
     if (head_dim == 128) launch<__nv_bfloat16, 128>(a); else launch<__nv_bfloat16, 64>(a);
   } else {

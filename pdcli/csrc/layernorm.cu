@@ -6,6 +6,7 @@
 #include <algorithm>
 
 #include "common.cuh"
+#include "launch.cuh"
 
 namespace {
 
@@ -31,6 +32,8 @@ template <typename T, bool kAdd>
 __global__ void rms_norm_kernel(T* __restrict__ out, T* __restrict__ residual, T* __restrict__ x,
                                 const T* __restrict__ weight, int dim, int64_t x_stride, int64_t out_stride,
                                 int64_t res_stride, float eps) {
+  pdcli::pdl_wait();
+  pdcli::pdl_trigger();
   __shared__ float smem[32];
   const int64_t row = blockIdx.x;
   const int vecs = dim / 8;
@@ -69,9 +72,9 @@ template <typename T, bool kAdd>
 void launch(void* out, void* residual, void* x, const void* weight, int64_t rows, int dim, int64_t x_stride,
             int64_t out_stride, int64_t res_stride, float eps, cudaStream_t stream) {
   const int threads = std::min(1024, std::max(32, ((dim / 8 + 31) / 32) * 32));
-  rms_norm_kernel<T, kAdd><<<rows, threads, 0, stream>>>(static_cast<T*>(out), static_cast<T*>(residual),
-                                                         static_cast<T*>(x), static_cast<const T*>(weight), dim,
-                                                         x_stride, out_stride, res_stride, eps);
+  pdcli::launch_pdl(rms_norm_kernel<T, kAdd>, dim3(rows), dim3(threads), 0, stream, static_cast<T*>(out),
+                    static_cast<T*>(residual), static_cast<T*>(x), static_cast<const T*>(weight), dim, x_stride,
+                    out_stride, res_stride, eps);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAException.h>
 
 #include "common.cuh"
+#include "launch.cuh"
 
 namespace {
 
@@ -20,6 +21,8 @@ __global__ void qkv_rope_store_kernel(T* __restrict__ q_out, T* __restrict__ k_c
                                       const float* __restrict__ sin, const T* __restrict__ q_norm,
                                       const T* __restrict__ k_norm, float eps, int64_t num_rows, int num_heads,
                                       int num_kv_heads, int64_t qkv_stride) {
+  pdcli::pdl_wait();
+  pdcli::pdl_trigger();
   constexpr int kLanes = D / 8;  // lanes per row, a power of two <= 32
   const int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / kLanes;
   const int lane = threadIdx.x % kLanes;
@@ -82,7 +85,7 @@ void launch(void* q_out, void* k_cache, void* v_cache, const void* qkv, const in
   const int64_t rows = num_tokens * (num_heads + 2 * num_kv_heads);
   const int threads = 256;
   const int64_t blocks = (rows * (D / 8) + threads - 1) / threads;
-  qkv_rope_store_kernel<T, D><<<blocks, threads, 0, stream>>>(
+  pdcli::launch_pdl(qkv_rope_store_kernel<T, D>, dim3(blocks), dim3(threads), 0, stream,
       static_cast<T*>(q_out), static_cast<T*>(k_cache), static_cast<T*>(v_cache), static_cast<const T*>(qkv),
       positions, slot_mapping, cos, sin, static_cast<const T*>(q_norm), static_cast<const T*>(k_norm), eps, rows,
       num_heads, num_kv_heads, qkv_stride);

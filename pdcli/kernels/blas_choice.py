@@ -54,7 +54,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, a: Algo, module=None) -> torch.Tens
     return y
 
 
-def stream_time_us(call: Callable[[torch.Tensor], object], weights: list[torch.Tensor], iters: int = 3,
+def stream_time_us(call: Callable[[torch.Tensor], object], weights: list[torch.Tensor], iters: int = 5,
                    warmup: int = 1) -> float:
     """Median over passes of the CUDA-event time (us) of call(w) for each of weights in turn, per call."""
     times = []

@@ -78,8 +78,12 @@ def load():
     os.makedirs(build_dir, exist_ok=True)
     name = f"pdcli_kernels_{key}"
     if os.path.exists(os.path.join(build_dir, f"{name}.so")):  # the key covers every input: no need to ask ninja
-        return load_built(name, build_dir)
-    return build_once(name, build_dir, lambda: _build(name, build_dir, arch))
+        module = load_built(name, build_dir)
+    else:
+        module = build_once(name, build_dir, lambda: _build(name, build_dir, arch))
+    if hasattr(module, "set_pdl"):
+        module.set_pdl(major >= 9 and envs.pdl())
+    return module
 
 
 def load_built(name: str, build_dir: str):

@@ -163,9 +163,12 @@ def decode_fn(mod, ctx: Context):
         if splits:
             mod.decode_attention(out, q, k_cache, v_cache, tables, lens, scale, splits, max_ctx)
             return
-        if ctx.decode_plan is None:
+        first = ctx.decode_plan is None
+        if first:
             ctx.decode_plan = mod.decode_plan(lens, *decode_plan_target(mod, k_cache.shape[2], q.shape[-1]))
-        mod.decode_attention_planned(out, q, k_cache, v_cache, tables, lens, scale, ctx.decode_plan)
+            ctx.decode_counters = torch.zeros(len(lens) * k_cache.shape[2], dtype=torch.int32, device=lens.device)
+        mod.decode_attention_planned(out, q, k_cache, v_cache, tables, lens, scale, ctx.decode_plan,
+                                     ctx.decode_counters, not first)
 
     return planned
 

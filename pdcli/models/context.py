@@ -26,6 +26,7 @@ class Context:
     # the balanced split-KV plan of this step's decode rows (kernels/ops.decode_fn), made by the first layer and
     # reused by the rest: in a CUDA graph it is made inside the graph, from that replay's context lengths
     decode_plan: torch.Tensor | None = None
+    decode_counters: torch.Tensor | None = None  # [B * Hk] int32 zeros with the plan: the kernel's merge counts
 
     @property
     def is_decode(self) -> bool:

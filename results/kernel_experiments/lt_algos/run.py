@@ -13,6 +13,8 @@ from pdcli.kernels import blas_choice, build  # noqa: E402
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096), "q3_gate_up": (24576, 4096), "q3_down": (4096, 12288)}
 ROWS = [int(r) for r in (sys.argv[1] if len(sys.argv) > 1 else "16,32,64,128,192,256").split(",")]
+if len(sys.argv) > 2:  # more of the heuristic's candidates than the engine asks for
+    blas_choice.MAX_ALGOS = int(sys.argv[2])
 
 start = time.perf_counter()
 mod = build.load_lt()
