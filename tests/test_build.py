@@ -104,7 +104,8 @@ def test_the_regression_check_flags_figures_worse_by_more_than_5_percent():
 
 
 def test_per_op_roofline():
-    from pdcli.benchmarks.roofline import decode_step_ops, offline_bound_tok_s, offline_run_bound_tok_s, roofline_ms
+    from pdcli.benchmarks.roofline import (decode_step_ops, offline_bound_tok_s, offline_run_bound_tok_s,
+                                           offline_serial_bound_tok_s, roofline_ms)
     from pdcli.models.arch import ModelArch
     from pdcli.models.presets import PRESETS
 
@@ -125,6 +126,14 @@ def test_per_op_roofline():
     prefill_s = 2 * linear * 512 * 1024 / mm
     decode_s = 2 * 1023 * roofline_ms(decode_step_ops(arch, 256, 1536), bw, mm) / 1e3
     assert 512 * 1024 / (prefill_s * 1.2 + decode_s) < run < 512 * 1024 / (prefill_s + decode_s) < tok_s
+    # any schedule of one kernel at a time: the prefill as above, the decode's linears (FLOP-bound at 256 rows
+    # here) and every generated token's context K/V read once; no schedule of waves beats it
+    serial = offline_serial_bound_tok_s(arch, 512, 1024, 1024, bw, mm, 256)
+    kv_s = 512 * sum(range(1025, 2048)) * 2 * arch.num_key_value_heads * arch.head_dim * 2 * \
+        arch.num_hidden_layers / bw
+    decode_linear_s = 512 * 1023 * 2 * (linear + arch.vocab_size * arch.hidden_size) / mm
+    assert 512 * 1024 / (prefill_s * 1.2 + decode_linear_s + kv_s) < serial
+    assert serial < 512 * 1024 / (prefill_s + decode_linear_s + kv_s) and run < serial
 
 
 def test_the_skinny_matmul_is_used_only_where_it_was_faster():

@@ -73,3 +73,22 @@ def offline_run_bound_tok_s(arch: ModelArch, num_prompts: int, input_len: int, o
         ms += (output_len - 1) * step  # the first token comes with the prefill
     return num_prompts * output_len / ms * 1e3
 
+
+def offline_serial_bound_tok_s(arch: ModelArch, num_prompts: int, input_len: int, output_len: int,
+                               copy_bw: float, matmul_rate: float, max_num_seqs: int, dtype_bytes: int = 2) -> float:
+    """Output tokens/s at best for the whole run under any schedule whose kernels run one at a time (as every
+    engine's do), the KV pool unlimited: the prompts' prefill at its ops' roofline; the decode's linears at
+    max(all their FLOPs / matmul rate, the fewest steps (max_num_seqs rows each) x weight bytes / copy bandwidth);
+    its attention at every generated token's context K/V read once (bytes / copy bandwidth)."""
+    ms = roofline_ms(prefill_ops(arch, num_prompts, input_len, dtype_bytes), copy_bw, matmul_rate)
+    linear = [o for o in decode_step_ops(arch, 1, 0, dtype_bytes) if o["flops"] > 0]
+    weight_bytes, flops_per_token = sum(o["bytes"] for o in linear), sum(o["flops"] for o in linear)
+    tokens = num_prompts * (output_len - 1)  # the first token comes with the prefill
+    steps = -(-tokens // max_num_seqs)
+    ms += max(tokens * flops_per_token / matmul_rate, steps * weight_bytes / copy_bw) * 1e3
+    a = arch
+    kv_token_bytes = 2 * a.num_key_value_heads * a.head_dim * dtype_bytes * a.num_hidden_layers
+    contexts = num_prompts * sum(input_len + j for j in range(1, output_len))
+    ms += contexts * kv_token_bytes / copy_bw * 1e3
+    return num_prompts * output_len / ms * 1e3
+
