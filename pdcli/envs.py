@@ -41,6 +41,12 @@ def pdl() -> bool:
     return _bool("PDCLI_PDL", default=True)
 
 
+def decode_persistent() -> bool:
+    """The balanced decode as one wave of CTAs that each take several parts in turn, the next part's K/V loading
+    while this one's ends (default on, csrc/decode_attention.cu); PDCLI_DECODE_PERSISTENT=0: a CTA per part."""
+    return _bool("PDCLI_DECODE_PERSISTENT", default=True)
+
+
 def decode_split() -> str:
     """How the decode kernel cuts sequences into split-KV parts: "balanced" (default: parts of equal key counts,
     one wave of CTAs, so one long context beside many short ones is spread over as many CTAs as its share of the

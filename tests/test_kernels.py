@@ -80,20 +80,22 @@ def test_decode_attention_matches_reference(mod, dtype, d, hq, hk, ctx_lens, blo
     ref16 = reference.paged_attention(q, kc, vc, *args)
     rows = lens > 0  # a padded row (length 0) has no reference; its output must still be written
     for splits in (0, 1, 3, 7, "balanced 1 0", "balanced 8 0", "balanced 300 0", "balanced 300 256",
-                   "fused 8 0", "fused 300 0"):
+                   "fused 8 0", "fused 300 0", "persistent 1 0", "persistent 8 0", "persistent 300 256",
+                   "persistent-fused 8 0", "persistent-fused 300 0"):
         out = torch.full_like(q, float("nan"))
         if isinstance(splits, str):  # parts of equal key counts (decode_plan), about target_slots of them
             target, min_chunk = map(int, splits.split()[1:])
             plan = mod.decode_plan(lens, target, min_chunk)
             check_decode_plan(plan.cpu().tolist(), ctx_lens, target, min_chunk)
-            if splits.startswith("fused"):  # merged by each sequence's last part, as for a step's later layers
+            persistent = splits.startswith("persistent")  # one wave of CTAs taking parts in turn
+            if splits.split()[0].endswith("fused"):  # merged by each sequence's last part, as in later layers
                 counters = torch.zeros(b * hk, dtype=torch.int32, device="cuda")
                 for _layer in range(2):  # the counts are left at zero for the next layer
                     out.fill_(float("nan"))
-                    mod.decode_attention_planned(out, q, kc, vc, tables, lens, scale, plan, counters, True)
+                    mod.decode_attention_planned(out, q, kc, vc, tables, lens, scale, plan, counters, True, persistent)
                 assert (counters == 0).all()
             else:
-                mod.decode_attention_planned(out, q, kc, vc, tables, lens, scale, plan)
+                mod.decode_attention_planned(out, q, kc, vc, tables, lens, scale, plan, persistent=persistent)
         else:
             mod.decode_attention(out, q, kc, vc, tables, lens, scale, splits, max(ctx_lens))
         torch.cuda.synchronize()

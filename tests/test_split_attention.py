@@ -85,7 +85,7 @@ def test_balanced_decode_makes_one_plan_per_step(monkeypatch):
             calls.append(("plan", target, min_chunk))
             return torch.zeros(1)
 
-        def decode_attention_planned(self, out, q, k, v, tables, lens, scale, plan, counters, early_kv):
+        def decode_attention_planned(self, out, q, k, v, tables, lens, scale, plan, counters, early_kv, persistent):
             calls.append(("planned", plan is ctx.decode_plan, counters is ctx.decode_counters, early_kv))
 
     mod = FakeKernels()

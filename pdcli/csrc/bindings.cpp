@@ -19,7 +19,7 @@ void launch_decode_attention(void* out, float* part_o, float* part_lse, const vo
                              int num_heads, int num_kv_heads, int head_dim, int table_width, int block_size,
                              int splits, int64_t q_stride, float scale, bool bf16, cudaStream_t stream,
                              const int* plan = nullptr, int plan_slots = 0, int* counters = nullptr,
-                             bool early_kv = false);
+                             bool early_kv = false, bool persistent = false);
 void launch_decode_plan(int* plan, const int* context_lens, int batch, int plan_slots, int target_slots,
                         int min_chunk, cudaStream_t stream);
 int decode_attention_resident_ctas(int head_dim);
@@ -337,10 +337,11 @@ torch::Tensor decode_plan(torch::Tensor context_lens, int64_t target_slots, int6
 
 // decode_attention with the balanced splits of a decode_plan made from the same context_lens.
 // counters: [B * Hk] int32 zeros (left zero), the merge done by each sequence's last part; early_kv: the plan
-// and tables were written before the kernel ahead of this one on the stream (its K/V tiles start loading early).
+// and tables were written before the kernel ahead of this one on the stream (its K/V tiles start loading early);
+// persistent: one wave of CTAs, each taking several parts in turn (decode_attention_persistent_kernel).
 void decode_attention_planned(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                               torch::Tensor block_tables, torch::Tensor context_lens, double scale, torch::Tensor plan,
-                              c10::optional<torch::Tensor> counters, bool early_kv) {
+                              c10::optional<torch::Tensor> counters, bool early_kv, bool persistent) {
   const char* op = "decode_attention_planned";
   check_decode(out, q, k_cache, v_cache, block_tables, context_lens, op);
   const int64_t B = q.size(0), Hq = q.size(1), Hk = k_cache.size(2), D = q.size(2);
@@ -360,7 +361,7 @@ void decode_attention_planned(torch::Tensor out, torch::Tensor q, torch::Tensor 
                           context_lens.data_ptr<int>(), B, Hq, Hk, D, block_tables.size(1), k_cache.size(1), 0,
                           q.stride(0), float(scale), q.scalar_type() == torch::kBFloat16,
                           at::cuda::getCurrentCUDAStream(), plan.data_ptr<int>(), S,
-                          counters.has_value() ? counters->data_ptr<int>() : nullptr, early_kv);
+                          counters.has_value() ? counters->data_ptr<int>() : nullptr, early_kv, persistent);
 }
 
 // Varlen chunked prefill: sequence b's new tokens q[query_start_loc[b]:query_start_loc[b+1]] attend causally
@@ -450,7 +451,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention_planned", &decode_attention_planned, "decode_attention with a decode_plan's splits",
         py::arg("out"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"),
         py::arg("context_lens"), py::arg("scale"), py::arg("plan"), py::arg("counters") = py::none(),
-        py::arg("early_kv") = false);
+        py::arg("early_kv") = false, py::arg("persistent") = false);
   m.def("decode_attention_num_splits", &decode_attention_num_splits,
         "split-KV count decode_attention picks for (batch, kv heads, max context, head_dim)");
   m.def("prefill_attention", &prefill_attention, "paged varlen causal prefill attention");

@@ -93,6 +93,122 @@ __device__ __forceinline__ void merge_if_last(T* __restrict__ out, const float* 
   }
 }
 
+// One tile for warp `warp`: S = Q K^T of its 16 keys (ring stage offset `stage`), keys at or past `room`
+// (counted from the warp's first key of the tile, per lane pair) masked, the online softmax update, O += P V.
+template <typename T, int D>
+__device__ __forceinline__ void attend_tile(float (&o)[D / 8][4], float& m_run, float& l_run,
+                                            const uint32_t (&qa)[D / 16][2], uint32_t sK, uint32_t sV,
+                                            const uint32_t (&frag)[4], int room, float scale_log2) {
+  constexpr int DT = D / 8;
+  float s[2][4];  // S[g][key 2t, 2t+1] of keys 16w + [0, 8) and [8, 16) in [.][0..1]
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t kb[4];
+    ldmatrix_x4(kb, sK + frag[kk & 3] + (kk >> 2) * 128);
+    const uint32_t a[4] = {qa[kk][0], 0u, qa[kk][1], 0u};
+    mma_16816<T>(s[0], a, kb[0], kb[2]);
+    mma_16816<T>(s[1], a, kb[1], kb[3]);
+  }
+  float mx = m_run;
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      if (j * 8 + e >= room) s[j][e] = -INFINITY;
+      mx = fmaxf(mx, s[j][e]);
+    }
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+  const float m_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;  // avoids (-inf) - (-inf)
+  const float corr = exp2f(m_run * scale_log2 - m_scaled);
+  m_run = mx;
+  l_run *= corr;
+#pragma unroll
+  for (int dt = 0; dt < DT; ++dt) {
+    o[dt][0] *= corr;
+    o[dt][1] *= corr;
+  }
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      s[j][e] = exp2f(fmaf(s[j][e], scale_log2, -m_scaled));
+      l_run += s[j][e];
+    }
+  const uint32_t pa[4] = {pack2<T>(s[0][0], s[0][1]), 0u, pack2<T>(s[1][0], s[1][1]), 0u};
+#pragma unroll
+  for (int dj = 0; dj < D / 16; ++dj) {
+    uint32_t vb[4];
+    ldmatrix_x4_trans(vb, sV + frag[dj & 3] + (dj >> 2) * 128);
+    mma_16816<T>(o[2 * dj], pa, vb[0], vb[1]);
+    mma_16816<T>(o[2 * dj + 1], pa, vb[2], vb[3]);
+  }
+}
+
+// Where a part's result goes: out (the sequence is one part) or its rows of the partials.
+struct PartOut {
+  int b;
+  bool direct;
+  int64_t part_base;  // query head h's row in part_o / part_lse: part_base + h * part_stride
+  int part_stride;
+};
+
+// The warps' states of one part merged through shared memory sm (kWarps * kMaxGroup * (D + 2) floats, free
+// for it: every thread syncs before and after) and written as p says.
+template <typename T, int D>
+__device__ __forceinline__ void write_part(float* sm, const float (&o)[D / 8][4], float m_run, float l_run,
+                                          const PartOut& p, T* __restrict__ out, float* __restrict__ part_o,
+                                          float* __restrict__ part_lse, int kvh, int group, int num_heads,
+                                          float scale_log2) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  float* sm_o = sm;                                  // [kWarps][kMaxGroup][D]
+  float* sm_m = sm_o + kWarps * kMaxGroup * D;       // [kWarps][kMaxGroup], scaled max (log2 domain)
+  float* sm_l = sm_m + kWarps * kMaxGroup;           // [kWarps][kMaxGroup]
+  l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
+  l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
+  __syncthreads();  // sm is free (the previous part's readers are done)
+  if (g < group) {
+    if (t == 0) {
+      sm_m[warp * kMaxGroup + g] = m_run == -INFINITY ? -INFINITY : m_run * scale_log2;
+      sm_l[warp * kMaxGroup + g] = l_run;
+    }
+    float* row = sm_o + (warp * kMaxGroup + g) * D + 2 * t;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      row[dt * 8] = o[dt][0];
+      row[dt * 8 + 1] = o[dt][1];
+    }
+  }
+  __syncthreads();
+  for (int idx = tid; idx < group * D; idx += kThreads) {
+    const int h = idx / D, d = idx % D;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, sm_m[w * kMaxGroup + h]);
+    const float ref = mx == -INFINITY ? 0.f : mx;
+    float sum = 0.f, acc = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float wt = exp2f(sm_m[w * kMaxGroup + h] - ref);
+      sum += sm_l[w * kMaxGroup + h] * wt;
+      acc += sm_o[(w * kMaxGroup + h) * D + d] * wt;
+    }
+    const int head = kvh * group + h;
+    const float val = sum > 0.f ? acc / sum : 0.f;
+    if (p.direct) {
+      out[int64_t(p.b) * num_heads * D + head * D + d] = from_float<T>(val);
+    } else {
+      const int64_t row = p.part_base + int64_t(head) * p.part_stride;
+      part_o[row * D + d] = val;
+      if (d == 0) part_lse[row] = sum > 0.f ? mx + log2f(sum) : -INFINITY;
+    }
+  }
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, PDCLI_DECODE_MIN_CTAS)
 decode_attention_kernel(T* __restrict__ out,              // [B, Hq, D]
@@ -237,102 +353,153 @@ decode_attention_kernel(T* __restrict__ out,              // [B, Hq, D]
     cp_async_commit();
 
     const uint32_t stage = (n % kStages) * kTileBytes + warp * 16 * kRowBytes;
-    float s[2][4];  // S[g][key 2t, 2t+1] of keys 16w + [0, 8) and [8, 16) in [.][0..1]
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t kb[4];
-      ldmatrix_x4(kb, sK + stage + frag[kk & 3] + (kk >> 2) * 128);
-      const uint32_t a[4] = {qa[kk][0], 0u, qa[kk][1], 0u};
-      mma_16816<T>(s[0], a, kb[0], kb[2]);
-      mma_16816<T>(s[1], a, kb[1], kb[3]);
-    }
     const int room = end - (start + n * BN + warp * 16 + 2 * t);  // keys past end are masked
-    float mx = m_run;
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        if (j * 8 + e >= room) s[j][e] = -INFINITY;
-        mx = fmaxf(mx, s[j][e]);
-      }
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float m_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;  // avoids (-inf) - (-inf)
-    const float corr = exp2f(m_run * scale_log2 - m_scaled);
-    m_run = mx;
-    l_run *= corr;
-#pragma unroll
-    for (int dt = 0; dt < DT; ++dt) {
-      o[dt][0] *= corr;
-      o[dt][1] *= corr;
-    }
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        s[j][e] = exp2f(fmaf(s[j][e], scale_log2, -m_scaled));
-        l_run += s[j][e];
-      }
-    const uint32_t pa[4] = {pack2<T>(s[0][0], s[0][1]), 0u, pack2<T>(s[1][0], s[1][1]), 0u};
-#pragma unroll
-    for (int dj = 0; dj < D / 16; ++dj) {
-      uint32_t vb[4];
-      ldmatrix_x4_trans(vb, sV + stage + frag[dj & 3] + (dj >> 2) * 128);
-      mma_16816<T>(o[2 * dj], pa, vb[0], vb[1]);
-      mma_16816<T>(o[2 * dj + 1], pa, vb[2], vb[3]);
-    }
+    attend_tile<T, D>(o, m_run, l_run, qa, sK + stage, sV + stage, frag, room, scale_log2);
   }
-  cp_async_wait<0>();
-  __syncthreads();  // the ring is free: reuse it for the merge
-
-  // ---- merge the warps' states through shared memory ----
-  float* sm_o = reinterpret_cast<float*>(smem);          // [kWarps][kMaxGroup][D]
-  float* sm_m = sm_o + kWarps * kMaxGroup * D;           // [kWarps][kMaxGroup], scaled max (log2 domain)
-  float* sm_l = sm_m + kWarps * kMaxGroup;               // [kWarps][kMaxGroup]
-  l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
-  l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
-  if (g < group) {
-    if (t == 0) {
-      sm_m[warp * kMaxGroup + g] = m_run == -INFINITY ? -INFINITY : m_run * scale_log2;
-      sm_l[warp * kMaxGroup + g] = l_run;
-    }
-    float* row = sm_o + (warp * kMaxGroup + g) * D + 2 * t;
-#pragma unroll
-    for (int dt = 0; dt < DT; ++dt) {
-      row[dt * 8] = o[dt][0];
-      row[dt * 8 + 1] = o[dt][1];
-    }
-  }
-  __syncthreads();
-  for (int idx = tid; idx < group * D; idx += kThreads) {
-    const int h = idx / D, d = idx % D;
-    float mx = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, sm_m[w * kMaxGroup + h]);
-    const float ref = mx == -INFINITY ? 0.f : mx;
-    float sum = 0.f, acc = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      const float wt = exp2f(sm_m[w * kMaxGroup + h] - ref);
-      sum += sm_l[w * kMaxGroup + h] * wt;
-      acc += sm_o[(w * kMaxGroup + h) * D + d] * wt;
-    }
-    const int head = kvh * group + h;
-    const float val = sum > 0.f ? acc / sum : 0.f;
-    if (direct) {
-      out[int64_t(b) * num_heads * D + head * D + d] = from_float<T>(val);
-    } else {
-      const int64_t row = part_base + int64_t(head) * part_stride;
-      part_o[row * D + d] = val;
-      if (d == 0) part_lse[row] = sum > 0.f ? mx + log2f(sum) : -INFINITY;
-    }
-  }
+  cp_async_wait<0>();  // the ring is free: the merge area
+  write_part<T, D>(reinterpret_cast<float*>(smem), o, m_run, l_run, PartOut{b, direct, part_base, part_stride}, out,
+                   part_o, part_lse, kvh, group, num_heads, scale_log2);
   if (counters != nullptr && !direct) merge_if_last<T, D>(out, part_o, part_lse, plan, plan_slots, batch, b, kvh,
                                                           group, num_heads, counters + b * num_kv_heads + kvh);
+}
+
+// The planned decode as one wave (grid: CTAs per kv head x Hk, as many as are resident): CTA x takes the plan's
+// parts x, x + gridDim.x, ... of its kv head in turn, and the K/V tiles of all of them are one stream through
+// the ring, so the next part's first tiles load while this part's last ones compute and its result is written
+// (one CTA per part instead: a second wave of CTAs that start cold, their first tiles' latency exposed). The
+// warps' merge area lies past the ring.
+template <int D>
+constexpr int persistent_smem_bytes() {
+  return 2 * kStages * kBlockN * D * 2 + kWarps * kMaxGroup * (D + 2) * 4;
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, PDCLI_DECODE_MIN_CTAS)
+decode_attention_persistent_kernel(T* __restrict__ out, float* __restrict__ part_o, float* __restrict__ part_lse,
+                                   const T* __restrict__ q, const T* __restrict__ k_cache,
+                                   const T* __restrict__ v_cache, const int* __restrict__ block_tables,
+                                   const int* __restrict__ context_lens, int table_width, int block_shift,
+                                   int num_kv_heads, int group, int64_t q_stride, float scale_log2,
+                                   const int* __restrict__ plan, int plan_slots, int batch, int* __restrict__ counters,
+                                   bool early_kv) {
+  if (!early_kv) {
+    pdcli::pdl_wait();
+    pdcli::pdl_trigger();
+  }
+  constexpr int kChunks = D / 8, kRowBytes = D * 2, BN = kBlockN;
+  constexpr int kTileBytes = BN * kRowBytes;
+  constexpr int kRowPasses = 4;  // a warp's 16 rows, 4 per sweep (8 lanes per 128-byte run)
+  constexpr int kChunkHi = kChunks / 8;
+  constexpr int DT = D / 8;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const uint32_t sK = smem_u32(smem);  // [kStages][BN, D]
+  const uint32_t sV = sK + kStages * kTileBytes;
+  float* sm_merge = reinterpret_cast<float*>(smem + 2 * kStages * kTileBytes);
+
+  const int kvh = blockIdx.y, num_heads = num_kv_heads * group;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int parts = plan[1], chunk = plan[0];
+  if (int(blockIdx.x) >= parts) return;
+
+  struct Part {  // keys [start, end) of sequence b; n_tiles >= 1 (an empty part: one masked tile, zeros out)
+    int slot, b, start, end, n_tiles;
+  };
+  auto part_at = [&](int slot) {
+    Part p;
+    p.slot = slot;
+    p.b = plan[2 + slot];
+    const int ctx = context_lens[p.b];
+    p.start = min(ctx, plan[2 + plan_slots + slot] * chunk);
+    p.end = min(ctx, p.start + chunk);
+    p.n_tiles = max(1, (p.end - p.start + BN - 1) / BN);
+    return p;
+  };
+
+  // ---- the tile stream: `ahead` is the part whose tile ahead_tile is issued next; slot[] its rows' slots ----
+  const int block_mask = (1 << block_shift) - 1;
+  const int64_t slot_stride = int64_t(num_kv_heads) * D;
+  const int kv_row = warp * 16 + (lane >> 3), c_lo = lane & 7;
+  const T* k_head = k_cache + int64_t(kvh) * D + c_lo * 8;
+  const T* v_head = v_cache + int64_t(kvh) * D + c_lo * 8;
+  int slot[kRowPasses];
+  auto slots_of = [&](const Part& p, int tile) {
+    const int* table = block_tables + int64_t(p.b) * table_width;
+#pragma unroll
+    for (int i = 0; i < kRowPasses; ++i) {
+      const int key = p.start + tile * BN + kv_row + 4 * i;
+      slot[i] = key < p.end ? (__ldg(table + (key >> block_shift)) << block_shift) + (key & block_mask) : -1;
+    }
+  };
+  Part ahead = part_at(blockIdx.x);
+  int ahead_tile = 0;
+  slots_of(ahead, 0);
+  auto issue_next = [&](int stage) {  // one commit group per call (empty past the stream's end)
+    if (ahead.slot < parts) {
+#pragma unroll
+      for (int i = 0; i < kRowPasses; ++i) {
+        const bool valid = slot[i] >= 0;
+        const int64_t off = valid ? slot[i] * slot_stride : 0;
+        const int row = kv_row + 4 * i;
+        const uint32_t dst = stage * kTileBytes + (row * D + ((c_lo ^ (row & 7)) << 3)) * 2;
+#pragma unroll
+        for (int h = 0; h < kChunkHi; ++h) {
+          cp_async_16(sK + dst + h * 128, k_head + off + h * 64, valid);
+          cp_async_16(sV + dst + h * 128, v_head + off + h * 64, valid);
+        }
+      }
+      if (++ahead_tile == ahead.n_tiles) {
+        ahead_tile = 0;
+        ahead.slot += gridDim.x;
+        if (ahead.slot < parts) ahead = part_at(ahead.slot);
+      }
+      if (ahead.slot < parts) slots_of(ahead, ahead_tile);  // the table reads land while a tile computes
+    }
+    cp_async_commit();
+  };
+  int s = 0;
+  if (early_kv) {  // the first part's tiles before the newest key (the kernel ahead writes its K/V and Q)
+    const int ctx = context_lens[ahead.b];
+    for (; s < kStages - 1 && ahead.slot == int(blockIdx.x) && ahead.start + (ahead_tile + 1) * BN < ctx; ++s)
+      issue_next(s);
+    pdcli::pdl_wait();
+    pdcli::pdl_trigger();
+  }
+  for (; s < kStages - 1; ++s) issue_next(s);
+
+  uint32_t frag[4];
+  ldmatrix_offsets<kRowBytes>(frag, lane);
+  int tiles_done = 0;  // of the stream: tile i is in ring stage i % kStages, commit group i
+  for (int part = blockIdx.x; part < parts; part += gridDim.x) {
+    const Part cur = part_at(part);
+    uint32_t qa[D / 16][2];  // Q as A fragments (rows 8..15 zero)
+    const T* qrow = q + int64_t(cur.b) * q_stride + int64_t(kvh * group + g) * D + 2 * t;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      qa[kk][0] = g < group ? *reinterpret_cast<const uint32_t*>(qrow + kk * 16) : 0u;
+      qa[kk][1] = g < group ? *reinterpret_cast<const uint32_t*>(qrow + kk * 16 + 8) : 0u;
+    }
+    float o[DT][4];
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[dt][e] = 0.f;
+    float m_run = -INFINITY, l_run = 0.f;
+    for (int n = 0; n < cur.n_tiles; ++n, ++tiles_done) {
+      cp_async_wait<kStages - 2>();  // tile tiles_done has landed (this lane's copies) ...
+      __syncwarp();                  // ... and the warp's; the warp is done with the stage issued next
+      issue_next((tiles_done + kStages - 1) % kStages);
+      const uint32_t stage = (tiles_done % kStages) * kTileBytes + warp * 16 * kRowBytes;
+      const int room = cur.end - (cur.start + n * BN + warp * 16 + 2 * t);
+      attend_tile<T, D>(o, m_run, l_run, qa, sK + stage, sV + stage, frag, room, scale_log2);
+    }
+    const bool direct = plan[2 + 2 * plan_slots + batch + cur.b] == 1;
+    write_part<T, D>(sm_merge, o, m_run, l_run, PartOut{cur.b, direct, int64_t(part) * num_heads, 1}, out, part_o,
+                     part_lse, kvh, group, num_heads, scale_log2);
+    if (counters != nullptr && !direct)
+      merge_if_last<T, D>(out, part_o, part_lse, plan, plan_slots, batch, cur.b, kvh, group, num_heads,
+                          counters + cur.b * num_kv_heads + kvh);
+  }
+  cp_async_wait<0>();
 }
 
 // out[b, h] = sum_s w_s * part_o[b, h, s] with w_s = 2^(lse_s - max lse) / sum of those weights.
@@ -462,10 +629,44 @@ struct DecodeArgs {
   int plan_slots;
   int* counters;  // planned: [B * Hk] zeros, the merge done in the decode kernel; nullptr: merge_planned_kernel
   bool early_kv;  // planned: the plan was made before the kernel ahead (decode_attention_kernel's early_kv)
+  bool persistent;  // planned: one wave of decode_attention_persistent_kernel
 };
+
+// CTAs per kv head of the persistent kernel: as many as are resident at once (queried once per device).
+template <typename T, int D>
+int persistent_ctas_per_head(int num_kv_heads) {
+  static std::mutex mu;
+  static std::map<int, int> resident;  // device -> CTAs resident on it
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mu);
+  auto it = resident.find(device);
+  if (it == resident.end()) {
+    auto fn = decode_attention_persistent_kernel<T, D>;
+    int per_sm = 0, sms = 1;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, persistent_smem_bytes<D>()));
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, kThreads, persistent_smem_bytes<D>()));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    it = resident.emplace(device, std::max(1, per_sm) * sms).first;
+  }
+  return std::max(1, it->second / num_kv_heads);
+}
 
 template <typename T, int D>
 void launch(const DecodeArgs& a) {
+  if (a.plan && a.persistent) {
+    const int ctas = std::min(a.plan_slots, persistent_ctas_per_head<T, D>(a.num_kv_heads));  // sets the smem limit
+    launch_pdl(decode_attention_persistent_kernel<T, D>, dim3(ctas, a.num_kv_heads), dim3(kThreads),
+               persistent_smem_bytes<D>(), a.stream, static_cast<T*>(a.out), a.part_o, a.part_lse,
+               static_cast<const T*>(a.q), static_cast<const T*>(a.k_cache), static_cast<const T*>(a.v_cache),
+               a.block_tables, a.context_lens, a.table_width, a.block_shift, a.num_kv_heads,
+               a.num_heads / a.num_kv_heads, a.q_stride, a.scale_log2, a.plan, a.plan_slots, a.batch, a.counters,
+               a.early_kv);
+    if (a.counters == nullptr)
+      launch_pdl(merge_planned_kernel<T, D>, dim3(a.batch * a.num_kv_heads), dim3(D, a.num_heads / a.num_kv_heads), 0,
+                 a.stream, static_cast<T*>(a.out), a.part_o, a.part_lse, a.plan, a.plan_slots, a.batch, a.num_heads);
+    return;
+  }
   auto kernel = decode_attention_kernel<T, D>;
   static const bool attr_set = [&] {  // once per instantiation (the attribute is per function, all devices)
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes<D>()));
@@ -548,12 +749,12 @@ void launch_decode_attention(void* out, float* part_o, float* part_lse, const vo
                              const void* v_cache, const int* block_tables, const int* context_lens, int batch,
                              int num_heads, int num_kv_heads, int head_dim, int table_width, int block_size,
                              int splits, int64_t q_stride, float scale, bool bf16, cudaStream_t stream,
-                             const int* plan, int plan_slots, int* counters, bool early_kv) {
+                             const int* plan, int plan_slots, int* counters, bool early_kv, bool persistent) {
   int shift = 0;
   while ((1 << shift) < block_size) ++shift;
   const DecodeArgs a{out, part_o, part_lse, q, k_cache, v_cache, block_tables, context_lens, batch, num_heads,
                      num_kv_heads, table_width, shift, splits, q_stride, scale * 1.4426950408889634f, stream, plan,
-                     plan_slots, counters, plan != nullptr && early_kv};
+                     plan_slots, counters, plan != nullptr && early_kv, plan != nullptr && persistent};
   if (bf16) {
     if (head_dim == 128) launch<__nv_bfloat16, 128>(a); else launch<__nv_bfloat16, 64>(a);
   } else {

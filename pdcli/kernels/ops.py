@@ -22,6 +22,7 @@ def _kernels_for(device_type: str, dtype: torch.dtype, head_dim: int, group: int
 
 # PDCLI_DECODE_SPLIT, read once per process (not per layer of every step); tests clear it when they change it
 _decode_split = functools.cache(envs.decode_split)
+_decode_persistent = functools.cache(envs.decode_persistent)
 
 
 def kernel_module(q: torch.Tensor, k_cache: torch.Tensor):
@@ -168,7 +169,7 @@ def decode_fn(mod, ctx: Context):
             ctx.decode_plan = mod.decode_plan(lens, *decode_plan_target(mod, k_cache.shape[2], q.shape[-1]))
             ctx.decode_counters = torch.zeros(len(lens) * k_cache.shape[2], dtype=torch.int32, device=lens.device)
         mod.decode_attention_planned(out, q, k_cache, v_cache, tables, lens, scale, ctx.decode_plan,
-                                     ctx.decode_counters, not first)
+                                     ctx.decode_counters, not first, _decode_persistent())
 
     return planned
 
