@@ -6,7 +6,7 @@ void launch_read(const char* p, int64_t per_cta, int n_ctas, int method, int chu
                  cudaStream_t stream);
 
 // Reads src (bytes on the GPU) once with n_ctas CTAs; returns their checksums.
-torch::Tensor read(torch::Tensor src, int64_t n_ctas, int64_t method, int64_t chunk, int64_t stages) {
+torch::Tensor read_all(torch::Tensor src, int64_t n_ctas, int64_t method, int64_t chunk, int64_t stages) {
   TORCH_CHECK(src.is_cuda() && src.is_contiguous());
   const int64_t per_cta = src.numel() / n_ctas / chunk * chunk;
   auto sums = torch::zeros({n_ctas}, src.options().dtype(torch::kInt32));
@@ -15,4 +15,4 @@ torch::Tensor read(torch::Tensor src, int64_t n_ctas, int64_t method, int64_t ch
   return sums;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("read", &read); }
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("read_all", &read_all); }

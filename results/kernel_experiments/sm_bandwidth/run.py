@@ -44,7 +44,7 @@ def expected(buf: torch.Tensor, n_ctas: int, method: int, chunk: int) -> np.ndar
 def main():
     mod = build()
     small = torch.randint(-2 ** 31, 2 ** 31 - 1, (16 << 20,), dtype=torch.int32, device="cuda").view(torch.uint8)
-    checks = {f"{m}/{c}/{s}": bool((mod.read(small, 8, m, c, s).cpu().numpy() == expected(small, 8, m, c)).all())
+    checks = {f"{m}/{c}/{s}": bool((mod.read_all(small, 8, m, c, s).cpu().numpy() == expected(small, 8, m, c)).all())
               for m, c, s in WAYS}
     bw = copy_bandwidth()
     print(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
@@ -55,11 +55,11 @@ def main():
     for n in SMS:
         row = dict(sms=n)
         for m, c, s in WAYS:
-            mod.read(big, n, m, c, s)
+            mod.read_all(big, n, m, c, s)
             torch.cuda.synchronize()
             start.record()
             for _ in range(3):
-                mod.read(big, n, m, c, s)
+                mod.read_all(big, n, m, c, s)
             end.record()
             torch.cuda.synchronize()
             nbytes = big.numel() // n // c * c * n
