@@ -21,10 +21,10 @@ def cache_dir() -> str:
 def prefill_kernel() -> str:
     """The paged prefill attention kernel: "auto" (default: per chunk length, the fastest of those that matched
     the reference when the engine started, kernels/prefill_choice.py; mma.sync alone off Hopper), "mma"
-    (mma.sync, any sm_80+ GPU), "wgmma" or "wgmma_ws" (Hopper's tensor cores, plain or warp-specialised, where
-    the build has them), through PDCLI_PREFILL_KERNEL."""
+    (mma.sync, any sm_80+ GPU), "wgmma", "wgmma_ws" or "wgmma_tma" (Hopper's tensor cores, plain, warp-specialised,
+    or that with K/V loaded by TMA, where the build has them), through PDCLI_PREFILL_KERNEL."""
     value = os.environ.get("PDCLI_PREFILL_KERNEL", "").strip().lower()
-    return value if value in ("mma", "wgmma", "wgmma_ws") else "auto"
+    return value if value in ("mma", "wgmma", "wgmma_ws", "wgmma_tma") else "auto"
 
 
 def blas_choice() -> bool:

@@ -108,9 +108,10 @@ def test_prefill_rejects_bad_head_dim(mod):
         mod.prefill_attention(torch.empty_like(q), q, k_cache, v_cache, tables, context_lens, qsl, 4, 0.1)
 
 
-@pytest.fixture(scope="module", params=["wgmma", "wgmma_ws"])
+@pytest.fixture(scope="module", params=["wgmma", "wgmma_ws", "wgmma_tma"])
 def wgmma(mod, request):
-    """The Hopper kernels: plain, and warp-specialised (a loader warpgroup, two compute warpgroups in turn)."""
+    """The Hopper kernels: plain, warp-specialised (a loader warpgroup, two compute warpgroups in turn), and that
+    with its K/V tiles loaded by TMA."""
     if not mod.has_prefill_attention_wgmma(128):
         pytest.skip("this build has no wgmma prefill kernel (it needs an sm_90a GPU)")
     return getattr(mod, f"prefill_attention_{request.param}")
@@ -121,6 +122,15 @@ def wgmma(mod, request):
 @pytest.mark.parametrize("block_size", [16, 32])
 def test_wgmma_prefill_matches_reference(mod, wgmma, dtype, group, block_size):
     check(mod, Q_LENS, PREFIXES, 2 * group, 2, 128, block_size, dtype, fn=wgmma)
+
+
+@pytest.mark.parametrize("block_size", [8, 64, 128, 256])
+def test_tma_loader_at_every_box_height(mod, block_size):
+    """TMA boxes of min(block_size, 128) cache rows: 16 boxes a tile down to one, and a box inside a larger block."""
+    if not mod.has_prefill_attention_wgmma(128):
+        pytest.skip("this build has no wgmma prefill kernel (it needs an sm_90a GPU)")
+    check(mod, [300, 5, 129], [200, 700, 0], 8, 2, 128, block_size, torch.bfloat16, seed=3,
+          fn=mod.prefill_attention_wgmma_tma)
 
 
 def test_wgmma_prefill_long_and_padded(mod, wgmma):

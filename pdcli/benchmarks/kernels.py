@@ -133,9 +133,9 @@ PREFILL_LENS = (2048, 8192, 32768)
 
 
 def prefill_kernels(mod, head_dim: int = 128) -> list[str]:
-    """The prefill attention kernels this build has: "mma" (mma.sync), and on an sm_90a GPU "wgmma" and its
-    warp-specialised variant "wgmma_ws"."""
-    return ["mma", *(["wgmma", "wgmma_ws"] if mod.has_prefill_attention_wgmma(head_dim) else [])]
+    """The prefill attention kernels this build has: "mma" (mma.sync), and on an sm_90a GPU "wgmma", its
+    warp-specialised variant "wgmma_ws", and that with K/V loaded by TMA "wgmma_tma"."""
+    return ["mma", *(["wgmma", "wgmma_ws", "wgmma_tma"] if mod.has_prefill_attention_wgmma(head_dim) else [])]
 
 
 def bench_prefill(mod, seq_len, hq=32, hk=8, d=128, block_size=16, dtype=torch.bfloat16, kernel="mma"):

@@ -30,7 +30,8 @@ void set_pdl(bool on);
 void launch_prefill_attention(void* out, const void* q, const void* k_cache, const void* v_cache,
                               const int* block_tables, const int* context_lens, const int* query_start_loc,
                               int num_heads, int num_kv_heads, int head_dim, int table_width, int block_size,
-                              int batch, int max_query_len, float scale, bool bf16, int impl, cudaStream_t stream);
+                              int batch, int max_query_len, float scale, bool bf16, int impl, cudaStream_t stream,
+                              int64_t kv_slots);
 namespace pdcli {
 bool prefill_attention_sm90_available(int head_dim);
 void launch_wgmma_probe(const void* a, const void* k, const void* v, float* s_out, float* o_out, bool bf16,
@@ -402,7 +403,10 @@ void decode_attention_planned(torch::Tensor out, torch::Tensor q, torch::Tensor 
 void prefill_attention_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                             torch::Tensor block_tables, torch::Tensor context_lens, torch::Tensor query_start_loc,
                             int64_t max_query_len, double scale, int impl) {
-  const char* op = impl == 2 ? "prefill_attention_wgmma_ws" : impl == 1 ? "prefill_attention_wgmma" : "prefill_attention";
+  const char* op = impl == 3   ? "prefill_attention_wgmma_tma"
+                   : impl == 2 ? "prefill_attention_wgmma_ws"
+                   : impl == 1 ? "prefill_attention_wgmma"
+                               : "prefill_attention";
   check_cache(q, k_cache, v_cache, op);
   check_heads(q, k_cache, op);
   TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && out.sizes() == q.sizes() &&
@@ -416,6 +420,8 @@ void prefill_attention_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k_
   TORCH_CHECK(T * q.size(1) * q.size(2) < (int64_t(1) << 62), op, ": q too large");
   TORCH_CHECK(impl == 0 || pdcli::prefill_attention_sm90_available(int(q.size(2))), op,
               ": this build has no wgmma kernel for head_dim ", num(q.size(2)), " (it needs sm_90a and head_dim 128)");
+  TORCH_CHECK(impl != 3 || (k_cache.size(1) >= 8 && k_cache.is_contiguous() && v_cache.is_contiguous()), op,
+              ": the TMA loader needs block_size >= 8 and contiguous caches");
   if (T == 0 || B == 0 || max_query_len <= 0) return;
   TORCH_CHECK(max_query_len <= T && max_query_len <= 65535LL * 128, op, ": max_query_len ", num(max_query_len),
               " exceeds the number of tokens ", num(T), " or 65535 * 128");
@@ -423,7 +429,8 @@ void prefill_attention_impl(torch::Tensor out, torch::Tensor q, torch::Tensor k_
   launch_prefill_attention(out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr<int>(),
                            context_lens.data_ptr<int>(), query_start_loc.data_ptr<int>(), q.size(1), k_cache.size(2),
                            q.size(2), block_tables.size(1), k_cache.size(1), B, max_query_len, float(scale),
-                           q.scalar_type() == torch::kBFloat16, impl, at::cuda::getCurrentCUDAStream());
+                           q.scalar_type() == torch::kBFloat16, impl, at::cuda::getCurrentCUDAStream(),
+                           k_cache.size(0) * k_cache.size(1));
 }
 
 void prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
@@ -445,6 +452,13 @@ void prefill_attention_wgmma_ws(torch::Tensor out, torch::Tensor q, torch::Tenso
                                 torch::Tensor query_start_loc, int64_t max_query_len, double scale) {
   prefill_attention_impl(out, q, k_cache, v_cache, block_tables, context_lens, query_start_loc, max_query_len, scale,
                          2);
+}
+
+void prefill_attention_wgmma_tma(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                 torch::Tensor block_tables, torch::Tensor context_lens,
+                                 torch::Tensor query_start_loc, int64_t max_query_len, double scale) {
+  prefill_attention_impl(out, q, k_cache, v_cache, block_tables, context_lens, query_start_loc, max_query_len, scale,
+                         3);
 }
 
 bool has_prefill_attention_wgmma(int64_t head_dim) { return pdcli::prefill_attention_sm90_available(int(head_dim)); }
@@ -489,6 +503,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("prefill_attention_wgmma", &prefill_attention_wgmma, "the same on Hopper tensor cores (wgmma, sm_90a)");
   m.def("prefill_attention_wgmma_ws", &prefill_attention_wgmma_ws,
         "the same, warp-specialised: a loader warpgroup, two compute warpgroups in turn");
+  m.def("prefill_attention_wgmma_tma", &prefill_attention_wgmma_tma,
+        "the warp-specialised one with K/V tiles loaded by TMA (block_size >= 8)");
   m.def("has_prefill_attention_wgmma", &has_prefill_attention_wgmma,
         "whether this build has prefill_attention_wgmma for head_dim");
   m.def("wgmma_probe", &wgmma_probe, "the wgmma prefill kernel's two products on one tile (bring-up)");

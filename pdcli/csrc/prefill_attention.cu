@@ -335,12 +335,15 @@ void dispatch_head_dim(const PrefillParams& p, int head_dim, int batch, int max_
 
 // Inputs are validated by the caller (bindings.cpp); errors here come only from the CUDA runtime. impl: 0 the
 // mma.sync kernel, 1 the sm_90a wgmma kernel (prefill_attention_sm90.cu), 2 its warp-specialised variant
-// (prefill_attention_sm90_ws.cu); for 1 and 2 the caller checked prefill_attention_sm90_available.
+// (prefill_attention_sm90_ws.cu), 3 that one with K/V loaded by TMA (block_size >= 8); for 1-3 the caller checked
+// prefill_attention_sm90_available.
 void launch_prefill_attention(void* out, const void* q, const void* k_cache, const void* v_cache,
                               const int* block_tables, const int* context_lens, const int* query_start_loc,
                               int num_heads, int num_kv_heads, int head_dim, int table_width, int block_size,
-                              int batch, int max_query_len, float scale, bool bf16, int impl, cudaStream_t stream) {
+                              int batch, int max_query_len, float scale, bool bf16, int impl, cudaStream_t stream,
+                              int64_t kv_slots) {
   PrefillParams p;
+  p.kv_slots = kv_slots;
   p.out = out;
   p.q = q;
   p.k_cache = k_cache;
@@ -360,8 +363,8 @@ void launch_prefill_attention(void* out, const void* q, const void* k_cache, con
     pdcli::launch_prefill_attention_sm90(p, batch, max_query_len, bf16, stream);
     return;
   }
-  if (impl == 2) {
-    pdcli::launch_prefill_attention_sm90_ws(p, batch, max_query_len, bf16, stream);
+  if (impl == 2 || impl == 3) {
+    pdcli::launch_prefill_attention_sm90_ws(p, batch, max_query_len, bf16, impl == 3, block_size, stream);
     return;
   }
   if (bf16)

@@ -6,10 +6,18 @@
 // an mbarrier. The two compute warpgroups take turns issuing their GEMMs (two named barriers), so one's softmax
 // runs while the other's GEMMs hold the tensor cores (pingpong); setmaxnreg moves registers from the loader to
 // them. Same tile layout and descriptor strides (PDCLI_WGMMA_DESC) as the other wgmma kernel.
+// kTma: one loader thread fills each stage by TMA instead, boxes of min(block_size, 128) cache rows x 64 values
+// (two per row of 128) through 2-D tensor maps over the caches [slots, Hk * D] with the 128-byte swizzle the
+// tiles use; the stage's mbarrier counts the bytes. A box past the sequence's keys reads its first block instead
+// (causally masked; the pool's unwritten rows are zeros, so nothing loaded is NaN).
 #include <c10/cuda/CUDAException.h>
+#include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+
+#include <algorithm>
+#include <string>
 
 #include "mma.cuh"
 #include "prefill_params.cuh"
@@ -32,10 +40,25 @@ static_assert(kBM == 128 && kBN == 128, "tiles of 128 rows: the halves' layout a
 struct WsParams {
   PrefillParams p;
   uint32_t k_sbo, v_lbo, v_sbo;  // descriptor strides, bytes (prefill_attention_sm90.cu)
+  CUtensorMap tmap_k, tmap_v;    // kTma: the caches as [slots, Hk * D], boxes of box_rows x 64
+  int box_rows;
 };
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const WsParams wp) {
+#ifdef PDCLI_HAS_WGMMA
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+
+// Box (c0: value, c1: row) of the map into shared memory at dst; its bytes count on mbarrier bar.
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
+      ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar) : "memory");
+}
+#endif
+
+template <typename T, bool kTma>
+__global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const __grid_constant__ WsParams wp) {
 #ifdef PDCLI_HAS_WGMMA
   const PrefillParams& p = wp.p;
   extern __shared__ unsigned char smem_raw[];
@@ -56,8 +79,8 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
   if (tid == 0) {
-    mbar_init(full(0), 128);
-    mbar_init(full(1), 128);
+    mbar_init(full(0), kTma ? 1 : 128);
+    mbar_init(full(1), kTma ? 1 : 128);
     mbar_init(empty(0), 256);
     mbar_init(empty(1), 256);
     mbar_init(q_full, 128);
@@ -101,6 +124,38 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const
         cp_async_16(sV(stage) + dst0 + j * 1024, v_head + off, valid);
       }
     };
+    if constexpr (kTma) {
+      cp_async_commit();
+      cp_async_wait<0>();  // Q
+      fence_proxy_async_shared();
+      mbar_arrive(q_full);
+      if (tid == 0) {
+        const int rows = wp.box_rows;
+        int blocks[kBN / 8];  // the next tile's boxes' blocks, read while the stage is still busy
+        auto read_blocks = [&](int n) {
+          for (int r = 0, i = 0; r < kBN; r += rows, ++i) {
+            const int key = n * kBN + r;
+            blocks[i] = __ldg(table + (key < key_end ? key >> p.block_shift : 0));
+          }
+        };
+        read_blocks(0);
+        for (int n = 0; n < n_tiles; ++n) {
+          const int stage = n & 1;
+          mbar_wait(empty(stage), ((n >> 1) & 1) ^ 1);  // both computers are done with tile n - 2
+          mbar_arrive_expect_tx(full(stage), 2 * kTileBytes);
+          for (int r = 0, i = 0; r < kBN; r += rows, ++i) {
+            const int slot = (blocks[i] << p.block_shift) + ((n * kBN + r) & block_mask);
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const uint32_t off = h * kHalfBytes + r * 128;
+              tma_load_2d(sK(stage) + off, &wp.tmap_k, kv_head * kD + h * 64, slot, full(stage));
+              tma_load_2d(sV(stage) + off, &wp.tmap_v, kv_head * kD + h * 64, slot, full(stage));
+            }
+          }
+          if (n + 1 < n_tiles) read_blocks(n + 1);
+        }
+      }
+    } else {
     load_kv(0);
     cp_async_commit();  // Q + tile 0
     for (int n = 0; n < n_tiles; ++n) {
@@ -113,6 +168,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const
         load_kv(n + 1);
         cp_async_commit();
       }
+    }
     }
   } else {
     // ---- compute warpgroup cw: rows [64 cw, 64 cw + 64) of the tile; turn barriers 1 (cw 0) and 2 (cw 1) ----
@@ -149,9 +205,39 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const
 #endif
 }
 
-template <typename T>
+// A 2-D tensor map over a cache [slots, Hk * D] (row stride Hk * D values), boxes of box_rows x 64 values,
+// 128-byte swizzle. cuTensorMapEncodeTiled comes from the driver through the runtime (no libcuda link).
+CUtensorMap cache_map(const void* base, int64_t slots, int64_t row_values, int box_rows, bool bf16) {
+  using Encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                              const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                              CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+  static Encode encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found;
+#if CUDART_VERSION >= 12050
+    C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found));
+#else
+    C10_CUDA_CHECK(cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &fn, cudaEnableDefault, &found));
+#endif
+    TORCH_CHECK(fn != nullptr && found == cudaDriverEntryPointSuccess, "cuTensorMapEncodeTiled is not available");
+    return reinterpret_cast<Encode>(fn);
+  }();
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {cuuint64_t(row_values), cuuint64_t(slots)};
+  const cuuint64_t strides[1] = {cuuint64_t(row_values) * 2};
+  const cuuint32_t box[2] = {64, cuuint32_t(box_rows)};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  const CUresult r = encode(&map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2,
+                            const_cast<void*>(base), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TORCH_CHECK(r == CUDA_SUCCESS, "cuTensorMapEncodeTiled failed: ", std::to_string(int(r)));
+  return map;
+}
+
+template <typename T, bool kTma>
 void launch(const WsParams& wp, int batch, int max_query_len, cudaStream_t stream) {
-  auto kernel = prefill_attention_ws_kernel<T>;
+  auto kernel = prefill_attention_ws_kernel<T, kTma>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
   const dim3 grid(wp.p.num_heads, batch, (max_query_len + kBM - 1) / kBM);
   kernel<<<grid, kThreads, kSmemBytes, stream>>>(wp);
@@ -163,13 +249,25 @@ void launch(const WsParams& wp, int batch, int max_query_len, cudaStream_t strea
 namespace pdcli {
 
 // Inputs are validated by the caller (bindings.cpp), prefill_attention_sm90_available included.
-void launch_prefill_attention_sm90_ws(const PrefillParams& p, int batch, int max_query_len, bool bf16,
-                                      cudaStream_t stream) {
-  const WsParams wp{p, wgmma_desc_override(0, 1024), wgmma_desc_override(1, kHalfBytes), wgmma_desc_override(2, 1024)};
-  if (bf16)
-    launch<__nv_bfloat16>(wp, batch, max_query_len, stream);
-  else
-    launch<__half>(wp, batch, max_query_len, stream);
+void launch_prefill_attention_sm90_ws(const PrefillParams& p, int batch, int max_query_len, bool bf16, bool tma,
+                                      int block_size, cudaStream_t stream) {
+  WsParams wp{};
+  wp.p = p;
+  wp.k_sbo = wgmma_desc_override(0, 1024);
+  wp.v_lbo = wgmma_desc_override(1, kHalfBytes);
+  wp.v_sbo = wgmma_desc_override(2, 1024);
+  if (tma) {
+    wp.box_rows = std::min(block_size, kBN);
+    const int64_t row_values = int64_t(p.num_kv_heads) * kD;
+    wp.tmap_k = cache_map(p.k_cache, p.kv_slots, row_values, wp.box_rows, bf16);
+    wp.tmap_v = cache_map(p.v_cache, p.kv_slots, row_values, wp.box_rows, bf16);
+    if (bf16) launch<__nv_bfloat16, true>(wp, batch, max_query_len, stream);
+    else launch<__half, true>(wp, batch, max_query_len, stream);
+  } else if (bf16) {
+    launch<__nv_bfloat16, false>(wp, batch, max_query_len, stream);
+  } else {
+    launch<__half, false>(wp, batch, max_query_len, stream);
+  }
 }
 
 }  // namespace pdcli

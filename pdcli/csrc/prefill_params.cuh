@@ -20,6 +20,7 @@ struct PrefillParams {
   int table_width;   // W
   int block_shift;   // log2(block_size)
   float scale_log2;  // softmax scale * log2(e)
+  int64_t kv_slots;  // num_blocks * block_size: the caches' rows of Hk * D values (the TMA loader's tensor maps)
 };
 
 // Where one CTA's tile of bm query rows of sequence b sits (tiles are scheduled longest first: m_block counts from
@@ -53,9 +54,10 @@ __device__ __forceinline__ bool prefill_tile(const PrefillParams& p, int b, int 
 // prefill_attention_sm90.cu: whether this build has the wgmma kernel for head_dim (built for sm_90a), and its launch.
 bool prefill_attention_sm90_available(int head_dim);
 void launch_prefill_attention_sm90(const PrefillParams& p, int batch, int max_query_len, bool bf16, cudaStream_t stream);
-// prefill_attention_sm90_ws.cu: the warp-specialised variant (a loader warpgroup, two compute warpgroups in turn).
-void launch_prefill_attention_sm90_ws(const PrefillParams& p, int batch, int max_query_len, bool bf16,
-                                      cudaStream_t stream);
+// prefill_attention_sm90_ws.cu: the warp-specialised variant (a loader warpgroup, two compute warpgroups in turn);
+// tma: K/V tiles loaded by TMA (one thread, boxes of min(block_size, 128) rows; block_size >= 8).
+void launch_prefill_attention_sm90_ws(const PrefillParams& p, int batch, int max_query_len, bool bf16, bool tma,
+                                      int block_size, cudaStream_t stream);
 // The wgmma descriptor stride i (0: K-major 8-row step, 1: N-major next-64-columns step, 2: N-major 8-row step),
 // bytes: PDCLI_WGMMA_DESC="k_sbo,v_lbo,v_sbo" when set, else fallback.
 uint32_t wgmma_desc_override(int i, uint32_t fallback);

@@ -154,7 +154,7 @@ def prefill_kernel_name(mod, head_dim: int, max_query_len: int) -> str:
 
 
 def prefill_kernel_fn(mod, name: str):
-    """The compiled paged prefill attention called `name` ("mma", "wgmma", "wgmma_ws")."""
+    """The compiled paged prefill attention called `name` ("mma", "wgmma", "wgmma_ws", "wgmma_tma")."""
     return mod.prefill_attention if name == "mma" else getattr(mod, f"prefill_attention_{name}")
 
 

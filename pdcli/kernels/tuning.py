@@ -54,7 +54,7 @@ def tune_prefill(num_heads: int, num_kv_heads: int, head_dim: int, block_size: i
         return []
     if not mod.has_prefill_attention_wgmma(head_dim):
         return []  # mma.sync is the only one: nothing to choose
-    kernels = {n: prefill_kernel_fn(mod, n) for n in ("mma", "wgmma", "wgmma_ws")}
+    kernels = {n: prefill_kernel_fn(mod, n) for n in ("mma", "wgmma", "wgmma_ws", "wgmma_tma")}
     try:
         rows = prefill_choice.tune(kernels, num_heads, num_kv_heads, head_dim, block_size, dtype, device)
     except Exception as err:
