@@ -34,7 +34,11 @@ constexpr int kBN = 128;       // keys per K/V tile
 constexpr int kThreads = 384;  // warpgroup 0 loads, 1 and 2 compute
 constexpr int kTileBytes = 128 * kD * 2;
 constexpr int kHalfBytes = kTileBytes / 2;
-constexpr int kSmemBytes = 1024 + 5 * kTileBytes + 64;  // alignment slack, Q, 2 x (K, V), 5 mbarriers
+// Ring stages: 2 with cp.async (its 128 loaders keep one tile in flight), 3 with TMA (227 KB of the 228).
+template <bool kTma>
+constexpr int stages() { return kTma ? 3 : 2; }
+template <bool kTma>
+constexpr int smem_bytes() { return 1024 + (1 + 2 * stages<kTma>()) * kTileBytes + 64; }  // slack, Q, ring, mbarriers
 static_assert(kBM == 128 && kBN == 128, "tiles of 128 rows: the halves' layout and the loads assume it");
 
 struct WsParams {
@@ -65,10 +69,11 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const
   const uint32_t sQ = (smem_u32(smem_raw) + 1023) & ~1023u;  // swizzle atoms are 1024-byte aligned
   auto sK = [&](int stage) { return sQ + (1 + 2 * stage) * kTileBytes; };
   auto sV = [&](int stage) { return sQ + (2 + 2 * stage) * kTileBytes; };
-  const uint32_t bars = sQ + 5 * kTileBytes;
-  auto full = [&](int stage) { return bars + 8 * stage; };        // the stage's tile landed (128 loaders)
-  auto empty = [&](int stage) { return bars + 16 + 8 * stage; };  // both compute warpgroups are done with it
-  const uint32_t q_full = bars + 32;
+  constexpr int S = stages<kTma>();
+  const uint32_t bars = sQ + (1 + 2 * S) * kTileBytes;
+  auto full = [&](int stage) { return bars + 8 * stage; };         // the stage's tile landed
+  auto empty = [&](int stage) { return bars + 8 * (S + stage); };  // both compute warpgroups are done with it
+  const uint32_t q_full = bars + 16 * S;
 
   const int head = blockIdx.x;
   const int b = blockIdx.y;
@@ -79,10 +84,10 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
   if (tid == 0) {
-    mbar_init(full(0), kTma ? 1 : 128);
-    mbar_init(full(1), kTma ? 1 : 128);
-    mbar_init(empty(0), 256);
-    mbar_init(empty(1), 256);
+    for (int st = 0; st < S; ++st) {
+      mbar_init(full(st), kTma ? 1 : 128);  // TMA: the loader thread's expect_tx, then the bytes
+      mbar_init(empty(st), 256);
+    }
     mbar_init(q_full, 128);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -140,8 +145,8 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const
         };
         read_blocks(0);
         for (int n = 0; n < n_tiles; ++n) {
-          const int stage = n & 1;
-          mbar_wait(empty(stage), ((n >> 1) & 1) ^ 1);  // both computers are done with tile n - 2
+          const int stage = n % S;
+          mbar_wait(empty(stage), ((n / S) & 1) ^ 1);  // both computers are done with tile n - S
           mbar_arrive_expect_tx(full(stage), 2 * kTileBytes);
           for (int r = 0, i = 0; r < kBN; r += rows, ++i) {
             const int slot = (blocks[i] << p.block_shift) + ((n * kBN + r) & block_mask);
@@ -183,8 +188,8 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const
     if (cw == 1) named_arrive(1);  // compute warpgroup 0 issues first
     mbar_wait(q_full, 0);
     for (int n = 0; n < n_tiles; ++n) {
-      const int stage = n & 1;
-      mbar_wait(full(stage), (n >> 1) & 1);
+      const int stage = n % S;
+      mbar_wait(full(stage), (n / S) & 1);
       named_sync(1 + cw);  // my turn for the tensor cores
       issue_qk<T>(s, sQ + cw * 64 * 128, sK(stage), kHalfBytes, wp.k_sbo);
       named_arrive(1 + (cw ^ 1));  // the other's turn
@@ -238,9 +243,9 @@ CUtensorMap cache_map(const void* base, int64_t slots, int64_t row_values, int b
 template <typename T, bool kTma>
 void launch(const WsParams& wp, int batch, int max_query_len, cudaStream_t stream) {
   auto kernel = prefill_attention_ws_kernel<T, kTma>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes<kTma>()));
   const dim3 grid(wp.p.num_heads, batch, (max_query_len + kBM - 1) / kBM);
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(wp);
+  kernel<<<grid, kThreads, smem_bytes<kTma>(), stream>>>(wp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
