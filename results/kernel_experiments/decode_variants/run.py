@@ -28,7 +28,8 @@ def build_variant(w: int, s: int, c: int):
     name = f"dec_w{w}_s{s}_c{c}"
     d = os.path.join(os.getcwd(), ".kernel_build", "experiments", name)  # git-ignored, kept between calls
     os.makedirs(d, exist_ok=True)
-    return load(name=name, sources=[os.path.join(HERE, "bind.cpp"), os.path.join(CSRC, "decode_attention.cu")],
+    return load(name=name, sources=[os.path.join(HERE, "bind.cpp"), os.path.join(CSRC, "decode_attention.cu"),
+                                        os.path.join(CSRC, "decode_attention_persistent.cu")],
                 build_directory=d, extra_include_paths=[CSRC], verbose=False,
                 extra_cuda_cflags=["-O3", "-std=c++17", "--use_fast_math", "-U__CUDA_NO_HALF_OPERATORS__",
                                    "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
