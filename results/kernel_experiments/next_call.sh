@@ -5,7 +5,8 @@
 # Session 27's last calls (results/kernel_experiments/next_gpu_run/) ran the branch's tests (all passed: wgmma_tma,
 # argmax, RMSNorm) and found wgmma_tma right but slower (405 / 434 against wgmma_ws's 486 / 491 TFLOP/s at 8k / 32k,
 # block_size 16) and the argmax's parts kernel 40 us at 256 rows (one load in flight a thread; now 4).
-# - the CUDA tests again (the argmax changed; wgmma_tma's ring is now 3 stages, its first run was 2)
+# - the CUDA tests again (the argmax changed; wgmma_tma's ring is now 3 stages, its first run was 2; main's decode
+#   attention moved into three files after its last GPU build: decode_attention{.cu,.cuh,_persistent.cu})
 # - prefill_tma/run.py: wgmma_tma against wgmma_ws at block sizes 16 / 64 / 128 (do 32 small boxes a tile cost it?)
 # - the kernels benchmark, then the decode step (batch 1-256) and its breakdown: argmax_parts + argmax_final
 #   against torch's reduce_kernel (0.036-0.051 ms a step on main's H100 runs); RMSNorm's 64 calls (0.146 ms at
