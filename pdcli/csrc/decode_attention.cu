@@ -47,14 +47,8 @@ decode_attention_kernel(T* __restrict__ out,              // [B, Hq, D]
                         int plan_slots, int batch,
                         int* __restrict__ counters,  // planned, [B * Hk] zeros: parts done; the last one merges
                         bool early_kv) {             // plan and tables were written before the kernel ahead
-  if (!early_kv) {
-    pdcli::pdl_wait();
-    pdcli::pdl_trigger();
-  }
-  constexpr int kChunks = D / 8, kRowBytes = D * 2, BN = kBlockN;
-  constexpr int kTileBytes = BN * kRowBytes;
-  constexpr int kRowPasses = 4;               // a warp's 16 rows, 4 per sweep (8 lanes per 128-byte run)
-  constexpr int kChunkHi = kChunks / 8;
+  wait_ahead(early_kv);
+  constexpr int kRowBytes = D * 2, BN = kBlockN, kTileBytes = tile_bytes<D>();
   constexpr int DT = D / 8;                    // n8 tiles of O
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t sK = smem_u32(smem);          // [kStages][BN, D]
@@ -110,20 +104,7 @@ decode_attention_kernel(T* __restrict__ out,              // [B, Hq, D]
       slot[i] = key < end ? (__ldg(table + (key >> block_shift)) << block_shift) + (key & block_mask) : -1;
     }
   };
-  auto issue = [&](int stage) {
-#pragma unroll
-    for (int i = 0; i < kRowPasses; ++i) {
-      const bool valid = slot[i] >= 0;
-      const int64_t off = valid ? slot[i] * slot_stride : 0;
-      const int row = kv_row + 4 * i;
-      const uint32_t dst = stage * kTileBytes + (row * D + ((c_lo ^ (row & 7)) << 3)) * 2;
-#pragma unroll
-      for (int h = 0; h < kChunkHi; ++h) {
-        cp_async_16(sK + dst + h * 128, k_head + off + h * 64, valid);
-        cp_async_16(sV + dst + h * 128, v_head + off + h * 64, valid);
-      }
-    }
-  };
+  auto issue = [&](int stage) { issue_tile<T, D>(sK, sV, stage, slot, slot_stride, kv_row, c_lo, k_head, v_head); };
   int s = 0;
   if (early_kv) {  // the tiles before the newest key (the kernel ahead writes its K/V and Q) load meanwhile
     for (; s < kStages - 1 && s < n_tiles && start + (s + 1) * BN < ctx; ++s) {

@@ -6,6 +6,7 @@
 #include <stdint.h>
 
 #include "common.cuh"
+#include "launch.cuh"
 #include "mma.cuh"
 
 namespace pdcli_decode {
@@ -126,6 +127,40 @@ __device__ __forceinline__ void attend_tile(float (&o)[D / 8][4], float& m_run, 
     ldmatrix_x4_trans(vb, sV + frag[dj & 3] + (dj >> 2) * 128);
     mma_16816<T>(o[2 * dj], pa, vb[0], vb[1]);
     mma_16816<T>(o[2 * dj + 1], pa, vb[2], vb[3]);
+  }
+}
+
+constexpr int kRowPasses = 4;  // a warp's 16 rows of a tile, 4 per sweep (8 lanes per 128-byte run)
+template <int D>
+constexpr int tile_bytes() { return kBlockN * D * 2; }
+
+// The kernel ahead done and its writes visible, and this kernel's successor free to be placed (launch.cuh) --
+// unless early_kv: the caller then waits once its first K/V tiles are on their way.
+__device__ __forceinline__ void wait_ahead(bool early_kv) {
+  if (!early_kv) {
+    pdcli::pdl_wait();
+    pdcli::pdl_trigger();
+  }
+}
+
+// This lane's rows of one K/V tile into ring stage `stage` by 16-byte cp.async: rows kv_row + 4i of slots
+// slot[i] (< 0: zero-filled), chunks c_lo + 8h, swizzled as the warps' ldmatrix reads expect.
+template <typename T, int D>
+__device__ __forceinline__ void issue_tile(uint32_t sK, uint32_t sV, int stage, const int (&slot)[4],
+                                           int64_t slot_stride, int kv_row, int c_lo, const T* k_head,
+                                           const T* v_head) {
+  constexpr int kTileBytes = tile_bytes<D>(), kChunkHi = D / 64;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const bool valid = slot[i] >= 0;
+    const int64_t off = valid ? slot[i] * slot_stride : 0;
+    const int row = kv_row + 4 * i;
+    const uint32_t dst = stage * kTileBytes + (row * D + ((c_lo ^ (row & 7)) << 3)) * 2;
+#pragma unroll
+    for (int h = 0; h < kChunkHi; ++h) {
+      cp_async_16(sK + dst + h * 128, k_head + off + h * 64, valid);
+      cp_async_16(sV + dst + h * 128, v_head + off + h * 64, valid);
+    }
   }
 }
 

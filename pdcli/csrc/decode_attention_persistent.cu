@@ -31,14 +31,8 @@ decode_attention_persistent_kernel(T* __restrict__ out, float* __restrict__ part
                                    int num_kv_heads, int group, int64_t q_stride, float scale_log2,
                                    const int* __restrict__ plan, int plan_slots, int batch, int* __restrict__ counters,
                                    bool early_kv) {
-  if (!early_kv) {
-    pdcli::pdl_wait();
-    pdcli::pdl_trigger();
-  }
-  constexpr int kChunks = D / 8, kRowBytes = D * 2, BN = kBlockN;
-  constexpr int kTileBytes = BN * kRowBytes;
-  constexpr int kRowPasses = 4;  // a warp's 16 rows, 4 per sweep (8 lanes per 128-byte run)
-  constexpr int kChunkHi = kChunks / 8;
+  wait_ahead(early_kv);
+  constexpr int kRowBytes = D * 2, BN = kBlockN, kTileBytes = tile_bytes<D>();
   constexpr int DT = D / 8;
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t sK = smem_u32(smem);  // [kStages][BN, D]
@@ -84,18 +78,7 @@ decode_attention_persistent_kernel(T* __restrict__ out, float* __restrict__ part
   slots_of(ahead, 0);
   auto issue_next = [&](int stage) {  // one commit group per call (empty past the stream's end)
     if (ahead.slot < parts) {
-#pragma unroll
-      for (int i = 0; i < kRowPasses; ++i) {
-        const bool valid = slot[i] >= 0;
-        const int64_t off = valid ? slot[i] * slot_stride : 0;
-        const int row = kv_row + 4 * i;
-        const uint32_t dst = stage * kTileBytes + (row * D + ((c_lo ^ (row & 7)) << 3)) * 2;
-#pragma unroll
-        for (int h = 0; h < kChunkHi; ++h) {
-          cp_async_16(sK + dst + h * 128, k_head + off + h * 64, valid);
-          cp_async_16(sV + dst + h * 128, v_head + off + h * 64, valid);
-        }
-      }
+      issue_tile<T, D>(sK, sV, stage, slot, slot_stride, kv_row, c_lo, k_head, v_head);
       if (++ahead_tile == ahead.n_tiles) {
         ahead_tile = 0;
         ahead.slot += gridDim.x;
