@@ -43,7 +43,8 @@ def pdl() -> bool:
 
 def decode_persistent() -> bool:
     """The balanced decode as one wave of CTAs that each take several parts in turn, the next part's K/V loading
-    while this one's ends (default on, csrc/decode_attention.cu); PDCLI_DECODE_PERSISTENT=0: a CTA per part."""
+    while this one's ends (default on, csrc/decode_attention_persistent.cu); PDCLI_DECODE_PERSISTENT=0: a CTA per
+    part."""
     return _bool("PDCLI_DECODE_PERSISTENT", default=True)
 
 
