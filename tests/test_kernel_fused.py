@@ -172,7 +172,7 @@ def test_every_cublaslt_candidate_matches_and_the_timed_choice_is_what_linear_ru
     blobs, sizes = mod.lt_algos(m, n, k, k, True, blas_choice.MAX_ALGOS, blas_choice.WORKSPACE_BYTES)
     assert blobs.shape[0] >= 1 and (sizes <= blas_choice.WORKSPACE_BYTES).all()
     for i in range(blobs.shape[0]):
-        a = blas_choice.Algo(i, blobs[i].contiguous(), int(sizes[i]))
+        a = blas_choice.Algo(i, blobs[i].contiguous())
         check(blas_choice.linear(x, w, a, mod), torch.nn.functional.linear(x, w), ref32, f"cuBLASLt #{i}")
     rows = blas_choice.tune([w, w.clone()], [m], mod)
     try:

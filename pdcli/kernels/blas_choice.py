@@ -25,7 +25,6 @@ STREAM_WEIGHTS = 8  # distinct weights of a shape per timed pass: more than L2 h
 class Algo:
     index: int  # rank in the heuristic's list
     blob: torch.Tensor  # uint8 [sizeof(cublasLtMatmulAlgo_t)] on the CPU: the opaque algorithm
-    workspace_bytes: int
 
 
 _choice: dict[tuple[int, int, int], Algo | None] = {}  # (rows, n, k) -> the algorithm timed faster, else None
@@ -102,10 +101,10 @@ def _tune_one(m: int, n: int, k: int, ws: list[torch.Tensor], module, time_us: C
     x = torch.randn(m, k, dtype=ws[0].dtype, device=ws[0].device)
     ref = F.linear(x, ws[0])
     default = time_us(lambda w: F.linear(x, w), ws)
-    blobs, sizes = module.lt_algos(m, n, k, k, x.dtype == torch.bfloat16, MAX_ALGOS, WORKSPACE_BYTES)
+    blobs, _ = module.lt_algos(m, n, k, k, x.dtype == torch.bfloat16, MAX_ALGOS, WORKSPACE_BYTES)
     best, best_us, algos_us = None, MARGIN * default, []
     for i in range(blobs.shape[0]):
-        a = Algo(i, blobs[i].contiguous(), int(sizes[i]))
+        a = Algo(i, blobs[i].contiguous())  # its workspace fits WORKSPACE_BYTES (asked so)
         if not agrees(linear(x, ws[0], a, module), ref):
             logger.warning("cuBLASLt algorithm #%d for %dx%dx%d disagrees with the default: not used", i, m, n, k)
             algos_us.append(None)
