@@ -27,7 +27,8 @@ def check(out, ref_half, ref32, what):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows, dim", [(1, 4096), (37, 4096), (300, 896), (5, 8192)])
+@pytest.mark.parametrize("rows, dim", [(1, 4096), (37, 4096), (300, 896), (5, 8192), (4, 24), (3, 16392),
+                                       (2, 32768)])  # up to 4 vectors a thread
 def test_rms_norm(mod, dtype, rows, dim):
     gen = torch.Generator(device="cuda").manual_seed(rows * dim)
     x = torch.randn(rows, dim, generator=gen, device="cuda").to(dtype)
@@ -38,7 +39,7 @@ def test_rms_norm(mod, dtype, rows, dim):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows, dim", [(1, 4096), (64, 4096), (513, 1024)])
+@pytest.mark.parametrize("rows, dim", [(1, 4096), (64, 4096), (513, 1024), (3, 16392)])
 def test_fused_add_rms_norm(mod, dtype, rows, dim):
     gen = torch.Generator(device="cuda").manual_seed(rows + dim)
     x = torch.randn(rows, dim, generator=gen, device="cuda").to(dtype)
@@ -183,3 +184,22 @@ def test_every_cublaslt_candidate_matches_and_the_timed_choice_is_what_linear_ru
         check(ops.linear(x, w), torch.nn.functional.linear(x, w), ref32, "ops.linear")
     finally:
         blas_choice._choice.pop((m, n, k), None)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows, vocab", [(1, 128256), (3, 151936), (64, 128256), (300, 32000), (5, 24), (2, 1000)])
+def test_argmax_is_torchs(mod, dtype, rows, vocab):
+    """The greedy sampler's argmax: torch.argmax's index on every row, ties (the first index), -inf rows, a NaN
+    (above every number) and a largest value in a row's last, partial vector among them."""
+    gen = torch.Generator(device="cuda").manual_seed(rows * vocab)
+    x = torch.randn(rows, vocab, generator=gen, device="cuda").to(dtype)
+    if rows >= 3:
+        x[0, 7] = x[0, vocab - 3] = x[0].max() + 1  # a tie: the first index
+        x[1] = float("-inf")
+        x[2, vocab // 2] = float("nan")
+    x[-1, vocab - 1] = x[-1].max() + 2
+    got = mod.argmax(x)
+    assert got.dtype == torch.int64 and torch.equal(got, x.argmax(dim=-1))
+    from pdcli.kernels import ops
+
+    assert torch.equal(ops.argmax(x[:, : vocab - 1]), x[:, : vocab - 1].argmax(dim=-1))  # a view, V - 1 wide

@@ -23,6 +23,9 @@ void launch_decode_attention(void* out, float* part_o, float* part_lse, const vo
 void launch_decode_plan(int* plan, const int* context_lens, int batch, int plan_slots, int target_slots,
                         int min_chunk, cudaStream_t stream);
 int decode_attention_resident_ctas(int head_dim);
+void argmax_parts(int64_t rows, int vocab, int elem_bytes, int sms, int* parts, int* part_len);
+void launch_argmax(const void* logits, int64_t rows, int vocab, int64_t stride, int dtype, float* part_v,
+                   int* part_i, int parts, int part_len, int64_t* out, cudaStream_t stream);
 void set_pdl(bool on);
 void launch_prefill_attention(void* out, const void* q, const void* k_cache, const void* v_cache,
                               const int* block_tables, const int* context_lens, const int* query_start_loc,
@@ -101,12 +104,39 @@ void check_rows(const torch::Tensor& t, const torch::Tensor& like, const char* n
 }
 
 void check_norm_weight(const torch::Tensor& w, const torch::Tensor& x, int64_t dim, const char* op) {
+  TORCH_CHECK(dim <= 32768, op, ": the hidden size must be at most 32768, got ", num(dim));
   TORCH_CHECK(w.device() == x.device() && w.scalar_type() == x.scalar_type() && w.dim() == 1 && w.is_contiguous() &&
                   w.size(0) == dim && aligned16(w), op, ": weight must be a contiguous [", num(dim),
               "] tensor of the input's dtype");
 }
 
 }  // namespace
+
+// torch.argmax(logits, dim=-1) of logits [rows, V] (bf16, fp16, fp32; rows 16-byte aligned): int64 [rows].
+torch::Tensor argmax(torch::Tensor logits) {
+  const char* op = "argmax";
+  TORCH_CHECK(logits.is_cuda() && logits.dim() == 2 && logits.stride(1) == 1, op,
+              ": logits must be a 2-D GPU tensor with contiguous rows");
+  const auto t = logits.scalar_type();
+  TORCH_CHECK(t == torch::kBFloat16 || t == torch::kFloat16 || t == torch::kFloat32, op,
+              ": dtype must be bfloat16, float16 or float32, got ", c10::toString(t));
+  TORCH_CHECK(aligned16(logits) && (logits.stride(0) * logits.element_size()) % 16 == 0, op,
+              ": rows must start 16-byte aligned");
+  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  TORCH_CHECK(vocab > 0 && vocab < (int64_t(1) << 31) && rows <= 65535, op, ": needs 1 <= V < 2^31 and rows <= 65535");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  auto out = torch::empty({rows}, logits.options().dtype(torch::kInt64));
+  if (rows == 0) return out;
+  int parts = 1, part_len = 1;
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  argmax_parts(rows, int(vocab), int(logits.element_size()), sms, &parts, &part_len);
+  auto part_v = torch::empty({rows, parts}, logits.options().dtype(torch::kFloat32));
+  auto part_i = torch::empty({rows, parts}, logits.options().dtype(torch::kInt32));
+  const int dtype = t == torch::kBFloat16 ? 0 : t == torch::kFloat16 ? 1 : 2;
+  launch_argmax(logits.data_ptr(), rows, int(vocab), logits.stride(0), dtype, part_v.data_ptr<float>(),
+                part_i.data_ptr<int>(), parts, part_len, out.data_ptr<int64_t>(), at::cuda::getCurrentCUDAStream());
+  return out;
+}
 
 // out = RMSNorm(x) * weight; x, out [rows, dim].
 void rms_norm(torch::Tensor out, torch::Tensor x, torch::Tensor weight, double eps) {
@@ -445,6 +475,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "paged GQA decode attention, split-KV");
   m.def("decode_plan", &decode_plan, "balanced split-KV plan of a decode step (parts of equal key counts)",
         py::arg("context_lens"), py::arg("target_slots"), py::arg("min_chunk") = 0);
+  m.def("argmax", &argmax, "torch.argmax(logits, dim=-1) for greedy sampling");
   m.def("set_pdl", &set_pdl, "launch the decode step's own kernels with programmatic dependent launch (sm_90+)");
   m.def("decode_attention_resident_ctas", &decode_attention_resident_ctas,
         "decode kernel CTAs resident on the current GPU at once for this head_dim");

@@ -26,45 +26,57 @@ __device__ __forceinline__ float block_sum(float v, float* smem) {
   return v;
 }
 
+constexpr int kMaxVecs = 4;  // 8-value vectors per thread, kept in registers between the two passes
+
 // kAdd: residual[row] = T(x + residual); x[row] = norm(residual[row]) (both in place).
-// else: out[row] = norm(x[row]).
+// else: out[row] = norm(x[row]). dim <= kMaxVecs * 8 * blockDim.x; the row is read once and kept in registers.
 template <typename T, bool kAdd>
-__global__ void rms_norm_kernel(T* __restrict__ out, T* __restrict__ residual, T* __restrict__ x,
-                                const T* __restrict__ weight, int dim, int64_t x_stride, int64_t out_stride,
-                                int64_t res_stride, float eps) {
-  pdcli::pdl_wait();
-  pdcli::pdl_trigger();
+__global__ void __launch_bounds__(1024)
+rms_norm_kernel(T* __restrict__ out, T* __restrict__ residual, T* __restrict__ x, const T* __restrict__ weight, int dim,
+                int64_t x_stride, int64_t out_stride, int64_t res_stride, float eps) {
   __shared__ float smem[32];
   const int64_t row = blockIdx.x;
   const int vecs = dim / 8;
+  pdcli::pdl_wait();
+  pdcli::pdl_trigger();
+  uint4 w[kMaxVecs];  // issued with the row's loads (a kernel just ahead may have written the weight too)
+#pragma unroll
+  for (int k = 0; k < kMaxVecs; ++k) {
+    const int i = threadIdx.x + k * blockDim.x;
+    if (i < vecs) w[k] = *reinterpret_cast<const uint4*>(weight + i * 8);
+  }
   T* xr = x + row * x_stride;
   T* rr = kAdd ? residual + row * res_stride : nullptr;
+  float f[kMaxVecs][8];
   float ss = 0.f;
-  for (int i = threadIdx.x; i < vecs; i += blockDim.x) {
-    float f[8];
-    to_float8<T>(*reinterpret_cast<const uint4*>(xr + i * 8), f);
+#pragma unroll
+  for (int k = 0; k < kMaxVecs; ++k) {
+    const int i = threadIdx.x + k * blockDim.x;
+    if (i >= vecs) continue;
+    to_float8<T>(*reinterpret_cast<const uint4*>(xr + i * 8), f[k]);
     if constexpr (kAdd) {
       float r[8];
       to_float8<T>(*reinterpret_cast<const uint4*>(rr + i * 8), r);
 #pragma unroll
-      for (int j = 0; j < 8; ++j) f[j] += r[j];
-      const uint4 u = pack8<T>(f);
+      for (int j = 0; j < 8; ++j) f[k][j] += r[j];
+      const uint4 u = pack8<T>(f[k]);
       *reinterpret_cast<uint4*>(rr + i * 8) = u;
-      to_float8<T>(u, f);  // the rounded sum is what gets normalised
+      to_float8<T>(u, f[k]);  // the rounded sum is what gets normalised
     }
 #pragma unroll
-    for (int j = 0; j < 8; ++j) ss += f[j] * f[j];
+    for (int j = 0; j < 8; ++j) ss += f[k][j] * f[k][j];
   }
   const float rstd = rsqrtf(block_sum(ss, smem) / float(dim) + eps);
-  const T* src = kAdd ? rr : xr;
   T* dst = kAdd ? xr : out + row * out_stride;
-  for (int i = threadIdx.x; i < vecs; i += blockDim.x) {
-    float f[8], w[8];
-    to_float8<T>(*reinterpret_cast<const uint4*>(src + i * 8), f);
-    to_float8<T>(*reinterpret_cast<const uint4*>(weight + i * 8), w);
 #pragma unroll
-    for (int j = 0; j < 8; ++j) f[j] = w[j] * round_to<T>(f[j] * rstd);
-    *reinterpret_cast<uint4*>(dst + i * 8) = pack8<T>(f);
+  for (int k = 0; k < kMaxVecs; ++k) {
+    const int i = threadIdx.x + k * blockDim.x;
+    if (i >= vecs) continue;
+    float wf[8];
+    to_float8<T>(w[k], wf);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) f[k][j] = wf[j] * round_to<T>(f[k][j] * rstd);
+    *reinterpret_cast<uint4*>(dst + i * 8) = pack8<T>(f[k]);
   }
 }
 

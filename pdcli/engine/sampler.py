@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from pdcli.kernels.ops import argmax
+
 if TYPE_CHECKING:
     from pdcli.engine.logits_processors import LogitsProcessors
 
@@ -69,7 +71,7 @@ class Sampler:
     def forward(self, logits: torch.Tensor, t: SamplingTensors | None) -> SamplerOutput:
         """Processors (in place on an fp32 copy), log-probabilities of the processed logits, then sampling."""
         if t is None:
-            return SamplerOutput(logits.argmax(dim=-1))
+            return SamplerOutput(argmax(logits))
         if t.processors is not None:
             logits = logits.to(torch.float32, copy=True)
             t.processors.apply(logits)
@@ -84,9 +86,9 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
         if t.all_greedy:
-            return logits.argmax(dim=-1)
+            return argmax(logits)
         logits = logits.float()
-        greedy = logits.argmax(dim=-1)
+        greedy = argmax(logits)
         logits = logits / t.temperatures.clamp_min(1e-5)[:, None]
         if t.any_top_k or t.any_top_p:
             logits = self._top_k_top_p(logits, t)
@@ -95,7 +97,7 @@ class Sampler:
             logits = logits.masked_fill(probs < t.min_p[:, None] * probs.amax(dim=-1, keepdim=True), float("-inf"))
         h = mix32(t.keys[:, None] ^ self.vocab_hash[None, : logits.shape[1]])
         u = ((h >> 9).float() + 0.5) * (1.0 / 8388608.0)  # uniform in (0, 1): 23 bits + 0.5 are exact in fp32
-        sampled = (logits - torch.log(-torch.log(u))).argmax(dim=-1)  # Gumbel-max
+        sampled = argmax(logits - torch.log(-torch.log(u)))  # Gumbel-max
         return torch.where(t.temperatures == 0, greedy, sampled)
 
     @staticmethod

@@ -69,6 +69,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(logits, dim=-1) of logits [rows, V]: greedy sampling's reduction, by the kernel on a GPU (parts
+    of every row at once: torch's ran one CTA a row), else torch's."""
+    mod = build.get() if logits.is_cuda and logits.dim() == 2 else None
+    if (mod is not None and logits.dtype in (torch.bfloat16, torch.float16, torch.float32) and logits.stride(-1) == 1
+            and logits.data_ptr() % 16 == 0 and logits.stride(0) * logits.element_size() % 16 == 0
+            and 0 < logits.shape[0] <= 65535 and logits.shape[1] > 0):
+        return mod.argmax(logits)
+    return logits.argmax(dim=-1)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     mod = _elementwise_module(x)
     if mod is None or x.dim() != 2 or x.stride(-1) != 1:
