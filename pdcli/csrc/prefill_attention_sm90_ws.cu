@@ -6,10 +6,11 @@
 // an mbarrier. The two compute warpgroups take turns issuing their GEMMs (two named barriers), so one's softmax
 // runs while the other's GEMMs hold the tensor cores (pingpong); setmaxnreg moves registers from the loader to
 // them. Same tile layout and descriptor strides (PDCLI_WGMMA_DESC) as the other wgmma kernel.
-// kTma: one loader thread fills each stage by TMA instead, boxes of min(block_size, 128) cache rows x 64 values
-// (two per row of 128) through 2-D tensor maps over the caches [slots, Hk * D] with the 128-byte swizzle the
-// tiles use; the stage's mbarrier counts the bytes. A box past the sequence's keys reads its first block instead
-// (causally masked; the pool's unwritten rows are zeros, so nothing loaded is NaN).
+// kTma: the loader's first warp fills each stage by TMA instead (box j from lane j mod 32, so their issue
+// overlaps), boxes of min(block_size, 128) cache rows x 64 values (two per row of 128) through 2-D tensor maps over
+// the caches [slots, Hk * D] with the 128-byte swizzle the tiles use; the stage's mbarrier counts the bytes. A box
+// past the sequence's keys reads its first block instead (causally masked; the pool's unwritten rows are zeros, so
+// nothing loaded is NaN).
 #include <c10/cuda/CUDAException.h>
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -134,28 +135,31 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const
       cp_async_wait<0>();  // Q
       fence_proxy_async_shared();
       mbar_arrive(q_full);
-      if (tid == 0) {
-        const int rows = wp.box_rows;
-        int blocks[kBN / 8];  // the next tile's boxes' blocks, read while the stage is still busy
+      if (warp == 0) {  // box j of a tile (K / V, half, rows) from lane j, j + 32, ...: their issue overlaps
+        const int rows = wp.box_rows, n_boxes = 4 * (kBN / rows);
+        int blocks[kBN / 8 / 8];  // lane's boxes' blocks for the next tile, read while the stage is still busy
         auto read_blocks = [&](int n) {
-          for (int r = 0, i = 0; r < kBN; r += rows, ++i) {
-            const int key = n * kBN + r;
-            blocks[i] = __ldg(table + (key < key_end ? key >> p.block_shift : 0));
+#pragma unroll
+          for (int i = 0; i < kBN / 8 / 8; ++i) {
+            const int box = lane + 32 * i, key = n * kBN + (box >> 2) * rows;
+            if (box < n_boxes) blocks[i] = __ldg(table + (key < key_end ? key >> p.block_shift : 0));
           }
         };
         read_blocks(0);
         for (int n = 0; n < n_tiles; ++n) {
           const int stage = n % S;
           mbar_wait(empty(stage), ((n / S) & 1) ^ 1);  // both computers are done with tile n - S
-          mbar_arrive_expect_tx(full(stage), 2 * kTileBytes);
-          for (int r = 0, i = 0; r < kBN; r += rows, ++i) {
-            const int slot = (blocks[i] << p.block_shift) + ((n * kBN + r) & block_mask);
+          if (lane == 0) mbar_arrive_expect_tx(full(stage), 2 * kTileBytes);
+          __syncwarp();
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              const uint32_t off = h * kHalfBytes + r * 128;
-              tma_load_2d(sK(stage) + off, &wp.tmap_k, kv_head * kD + h * 64, slot, full(stage));
-              tma_load_2d(sV(stage) + off, &wp.tmap_v, kv_head * kD + h * 64, slot, full(stage));
-            }
+          for (int i = 0; i < kBN / 8 / 8; ++i) {
+            const int box = lane + 32 * i;
+            if (box >= n_boxes) break;
+            const int r = (box >> 2) * rows, h = (box >> 1) & 1;
+            const int slot = (blocks[i] << p.block_shift) + ((n * kBN + r) & block_mask);
+            const uint32_t off = h * kHalfBytes + r * 128;
+            if (box & 1) tma_load_2d(sV(stage) + off, &wp.tmap_v, kv_head * kD + h * 64, slot, full(stage));
+            else tma_load_2d(sK(stage) + off, &wp.tmap_k, kv_head * kD + h * 64, slot, full(stage));
           }
           if (n + 1 < n_tiles) read_blocks(n + 1);
         }
