@@ -18,6 +18,7 @@
 #include <stdint.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <string>
 
 #include "mma.cuh"
@@ -39,7 +40,7 @@ constexpr int kHalfBytes = kTileBytes / 2;
 template <bool kTma>
 constexpr int stages() { return kTma ? 3 : 2; }
 template <bool kTma>
-constexpr int smem_bytes() { return 1024 + (1 + 2 * stages<kTma>()) * kTileBytes + 64; }  // slack, Q, ring, mbarriers
+constexpr int smem_bytes() { return 1024 + (1 + 2 * stages<kTma>()) * kTileBytes + 128; }  // slack, Q, ring, mbarriers
 static_assert(kBM == 128 && kBN == 128, "tiles of 128 rows: the halves' layout and the loads assume it");
 
 struct WsParams {
@@ -62,7 +63,7 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
 }
 #endif
 
-template <typename T, bool kTma>
+template <typename T, bool kTma, bool kSplit>
 __global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const __grid_constant__ WsParams wp) {
 #ifdef PDCLI_HAS_WGMMA
   const PrefillParams& p = wp.p;
@@ -72,9 +73,13 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const
   auto sV = [&](int stage) { return sQ + (2 + 2 * stage) * kTileBytes; };
   constexpr int S = stages<kTma>();
   const uint32_t bars = sQ + (1 + 2 * S) * kTileBytes;
-  auto full = [&](int stage) { return bars + 8 * stage; };         // the stage's tile landed
+  // kSplit: K and V land and are released on barriers of their own (K once both QK GEMMs are done); else the
+  // K barriers count both
+  auto full = [&](int stage) { return bars + 8 * stage; };         // the stage's K (and V) landed
   auto empty = [&](int stage) { return bars + 8 * (S + stage); };  // both compute warpgroups are done with it
-  const uint32_t q_full = bars + 16 * S;
+  auto full_v = [&](int stage) { return bars + 8 * (2 * S + stage); };
+  auto empty_v = [&](int stage) { return bars + 8 * (3 * S + stage); };
+  const uint32_t q_full = bars + 32 * S;
 
   const int head = blockIdx.x;
   const int b = blockIdx.y;
@@ -88,6 +93,8 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const
     for (int st = 0; st < S; ++st) {
       mbar_init(full(st), kTma ? 1 : 128);  // TMA: the loader thread's expect_tx, then the bytes
       mbar_init(empty(st), 256);
+      mbar_init(full_v(st), 1);
+      mbar_init(empty_v(st), 256);
     }
     mbar_init(q_full, 128);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -145,21 +152,32 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const
             if (box < n_boxes) blocks[i] = __ldg(table + (key < key_end ? key >> p.block_shift : 0));
           }
         };
-        read_blocks(0);
-        for (int n = 0; n < n_tiles; ++n) {
-          const int stage = n % S;
-          mbar_wait(empty(stage), ((n / S) & 1) ^ 1);  // both computers are done with tile n - S
-          if (lane == 0) mbar_arrive_expect_tx(full(stage), 2 * kTileBytes);
-          __syncwarp();
+        // boxes j with (j & 1) == v: K's (v 0) or V's (v 1)
+        auto issue = [&](int n, int stage, int v, uint32_t bar) {
 #pragma unroll
           for (int i = 0; i < kBN / 8 / 8; ++i) {
             const int box = lane + 32 * i;
             if (box >= n_boxes) break;
+            if (v >= 0 && (box & 1) != v) continue;
             const int r = (box >> 2) * rows, h = (box >> 1) & 1;
             const int slot = (blocks[i] << p.block_shift) + ((n * kBN + r) & block_mask);
             const uint32_t off = h * kHalfBytes + r * 128;
-            if (box & 1) tma_load_2d(sV(stage) + off, &wp.tmap_v, kv_head * kD + h * 64, slot, full(stage));
-            else tma_load_2d(sK(stage) + off, &wp.tmap_k, kv_head * kD + h * 64, slot, full(stage));
+            if (box & 1) tma_load_2d(sV(stage) + off, &wp.tmap_v, kv_head * kD + h * 64, slot, bar);
+            else tma_load_2d(sK(stage) + off, &wp.tmap_k, kv_head * kD + h * 64, slot, bar);
+          }
+        };
+        read_blocks(0);
+        for (int n = 0; n < n_tiles; ++n) {
+          const int stage = n % S, parity = ((n / S) & 1) ^ 1;
+          mbar_wait(empty(stage), parity);  // both computers are done with tile n - S (kSplit: its K)
+          if (lane == 0) mbar_arrive_expect_tx(full(stage), (kSplit ? 1 : 2) * kTileBytes);
+          __syncwarp();
+          issue(n, stage, kSplit ? 0 : -1, full(stage));
+          if constexpr (kSplit) {
+            mbar_wait(empty_v(stage), parity);
+            if (lane == 0) mbar_arrive_expect_tx(full_v(stage), kTileBytes);
+            __syncwarp();
+            issue(n, stage, 1, full_v(stage));
           }
           if (n + 1 < n_tiles) read_blocks(n + 1);
         }
@@ -193,20 +211,23 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const
     mbar_wait(q_full, 0);
     for (int n = 0; n < n_tiles; ++n) {
       const int stage = n % S;
-      mbar_wait(full(stage), (n / S) & 1);
+      // kSplit: warpgroup 1 waits for no tile: its turn comes after warpgroup 0 issued on it (FA3 does so)
+      if (!kSplit || cw == 0) mbar_wait(full(stage), (n / S) & 1);
       named_sync(1 + cw);  // my turn for the tensor cores
       issue_qk<T>(s, sQ + cw * 64 * 128, sK(stage), kHalfBytes, wp.k_sbo);
       named_arrive(1 + (cw ^ 1));  // the other's turn
       wait_acc(s);
+      if constexpr (kSplit) mbar_arrive(empty(stage));
       if (n >= n_unmasked) mask_causal(s, ctx_off + m0 + warp_row0 + (lane >> 2) - n * kBN - (lane & 3) * 2);
       softmax_tile(s, o, st, p.scale_log2);
       uint32_t pa[kBN / 16][4];
       pack_p<T>(s, pa, o);
+      if (kSplit && cw == 0) mbar_wait(full_v(stage), (n / S) & 1);
       named_sync(1 + cw);
       issue_pv<T>(o, pa, sV(stage), wp.v_lbo, wp.v_sbo);
       if (cw == 0 || n + 1 < n_tiles) named_arrive(1 + (cw ^ 1));  // warpgroup 1's last turn goes to no one
       wait_acc(o);
-      mbar_arrive(empty(stage));
+      mbar_arrive(kSplit ? empty_v(stage) : empty(stage));
     }
     store_o<T>(o, st, reinterpret_cast<T*>(p.out) + ((int64_t)(q_begin + m0) * p.num_heads + head) * kD,
                (int64_t)p.num_heads * kD, warp_row0, rows_here, lane);
@@ -246,7 +267,11 @@ CUtensorMap cache_map(const void* base, int64_t slots, int64_t row_values, int b
 
 template <typename T, bool kTma>
 void launch(const WsParams& wp, int batch, int max_query_len, cudaStream_t stream) {
-  auto kernel = prefill_attention_ws_kernel<T, kTma>;
+  static const bool split = [] {
+    const char* e = std::getenv("PDCLI_TMA_SPLIT");
+    return e != nullptr && e[0] == '1';
+  }();
+  auto kernel = split && kTma ? prefill_attention_ws_kernel<T, kTma, true> : prefill_attention_ws_kernel<T, kTma, false>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes<kTma>()));
   const dim3 grid(wp.p.num_heads, batch, (max_query_len + kBM - 1) / kBM);
   kernel<<<grid, kThreads, smem_bytes<kTma>(), stream>>>(wp);
