@@ -63,7 +63,7 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
 }
 #endif
 
-template <typename T, bool kTma, bool kSplit>
+template <typename T, bool kTma, bool kSplit, bool kOverlap>
 __global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const __grid_constant__ WsParams wp) {
 #ifdef PDCLI_HAS_WGMMA
   const PrefillParams& p = wp.p;
@@ -209,6 +209,51 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const
     softmax_init(st);
     if (cw == 1) named_arrive(1);  // compute warpgroup 0 issues first
     mbar_wait(q_full, 0);
+    if constexpr (kOverlap) {
+      // FA3's intra-warpgroup overlap: a turn issues tile n's QK GEMM and tile n - 1's PV GEMM, tile n's softmax
+      // runs under the latter; its wait sits at the top of the next step, after the ring's spin-wait (ptxas
+      // hoists a wgmma wait to the top of its basic block). n_tiles + 1 turns: QK alone first, PV alone last.
+      const uint32_t q_rows = sQ + cw * 64 * 128;
+      const int mask_limit = ctx_off + m0 + warp_row0 + (lane >> 2) - (lane & 3) * 2;  // minus n * kBN: tile n
+      uint32_t pa[kBN / 16][4];
+      float corr[2];
+      mbar_wait(full(0), 0);
+      named_sync(1 + cw);
+      issue_qk<T>(s, q_rows, sK(0), kHalfBytes, wp.k_sbo);
+      named_arrive(1 + (cw ^ 1));
+      wait_acc(s);
+      mbar_arrive(empty(0));
+      if (n_unmasked == 0) mask_causal(s, mask_limit);
+      softmax_scores(s, st, p.scale_log2, corr);
+      for (int n = 1; n < n_tiles; ++n) {
+        const int stage = n % S, prev = (n - 1) % S;
+        mbar_wait(full(stage), (n / S) & 1);
+        wait_acc(o);  // tile n - 2's PV
+        if (n >= 2) mbar_arrive(empty_v((n - 2) % S));
+        pack_p<T>(s, pa, o);
+        mbar_wait(full_v(prev), ((n - 1) / S) & 1);
+        named_sync(1 + cw);
+        issue_qk<T>(s, q_rows, sK(stage), kHalfBytes, wp.k_sbo);
+        rescale_o(o, corr);
+        issue_pv<T>(o, pa, sV(prev), wp.v_lbo, wp.v_sbo);
+        named_arrive(1 + (cw ^ 1));
+        wait_acc<1>(s);  // tile n's QK; the PV GEMM runs on
+        mbar_arrive(empty(stage));
+        if (n >= n_unmasked) mask_causal(s, mask_limit - n * kBN);
+        softmax_scores(s, st, p.scale_log2, corr);
+      }
+      const int last = (n_tiles - 1) % S;
+      wait_acc(o);
+      if (n_tiles >= 2) mbar_arrive(empty_v((n_tiles - 2) % S));
+      pack_p<T>(s, pa, o);
+      mbar_wait(full_v(last), ((n_tiles - 1) / S) & 1);
+      named_sync(1 + cw);
+      rescale_o(o, corr);
+      issue_pv<T>(o, pa, sV(last), wp.v_lbo, wp.v_sbo);
+      if (cw == 0) named_arrive(2);  // warpgroup 1's last turn goes to no one
+      wait_acc(o);
+      mbar_arrive(empty_v(last));
+    } else {
     for (int n = 0; n < n_tiles; ++n) {
       const int stage = n % S;
       // kSplit: warpgroup 1 waits for no tile: its turn comes after warpgroup 0 issued on it (FA3 does so)
@@ -228,6 +273,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const
       if (cw == 0 || n + 1 < n_tiles) named_arrive(1 + (cw ^ 1));  // warpgroup 1's last turn goes to no one
       wait_acc(o);
       mbar_arrive(kSplit ? empty_v(stage) : empty(stage));
+    }
     }
     store_o<T>(o, st, reinterpret_cast<T*>(p.out) + ((int64_t)(q_begin + m0) * p.num_heads + head) * kD,
                (int64_t)p.num_heads * kD, warp_row0, rows_here, lane);
@@ -267,11 +313,14 @@ CUtensorMap cache_map(const void* base, int64_t slots, int64_t row_values, int b
 
 template <typename T, bool kTma>
 void launch(const WsParams& wp, int batch, int max_query_len, cudaStream_t stream) {
-  static const bool split = [] {
+  static const int mode = [] {
     const char* e = std::getenv("PDCLI_TMA_SPLIT");
-    return e != nullptr && e[0] == '1';
+    return e == nullptr ? 0 : std::atoi(e);
   }();
-  auto kernel = split && kTma ? prefill_attention_ws_kernel<T, kTma, true> : prefill_attention_ws_kernel<T, kTma, false>;
+  auto kernel = !kTma      ? prefill_attention_ws_kernel<T, false, false, false>
+                : mode == 2 ? prefill_attention_ws_kernel<T, true, true, true>
+                : mode == 1 ? prefill_attention_ws_kernel<T, true, true, false>
+                            : prefill_attention_ws_kernel<T, true, false, false>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes<kTma>()));
   const dim3 grid(wp.p.num_heads, batch, (max_query_len + kBM - 1) / kBM);
   kernel<<<grid, kThreads, smem_bytes<kTma>(), stream>>>(wp);

@@ -30,9 +30,10 @@ __device__ __forceinline__ void mask_causal(float (&s)[64], int limit) {
       if (j * 8 + (e & 1) > limit + (e >> 1) * 8) s[4 * j + e] = -INFINITY;
 }
 
-// One tile of online softmax in the exp2 domain: s becomes P (unnormalised), o is rescaled. A row with no
-// visible key so far keeps max -inf and sum 0.
-__device__ __forceinline__ void softmax_tile(float (&s)[64], float (&o)[64], SoftmaxState& st, float sl2) {
+// One tile of online softmax in the exp2 domain: s becomes P (unnormalised); corr[hh] is the factor O and the
+// sums so far take for the new max (rescale_o applies it to O). A row with no visible key so far keeps max -inf
+// and sum 0.
+__device__ __forceinline__ void softmax_scores(float (&s)[64], SoftmaxState& st, float sl2, float (&corr)[2]) {
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     float mx = st.row_max[hh];
@@ -41,14 +42,9 @@ __device__ __forceinline__ void softmax_tile(float (&s)[64], float (&o)[64], Sof
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
     const float m_scaled = mx == -INFINITY ? 0.f : mx * sl2;
-    const float corr = exp2f(st.row_max[hh] * sl2 - m_scaled);
+    corr[hh] = exp2f(st.row_max[hh] * sl2 - m_scaled);
     st.row_max[hh] = mx;
-    st.row_sum[hh] *= corr;
-#pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      o[4 * j + 2 * hh] *= corr;
-      o[4 * j + 2 * hh + 1] *= corr;
-    }
+    st.row_sum[hh] *= corr[hh];
 #pragma unroll
     for (int j = 0; j < 16; ++j)
 #pragma unroll
@@ -58,6 +54,20 @@ __device__ __forceinline__ void softmax_tile(float (&s)[64], float (&o)[64], Sof
         s[4 * j + e] = pr;
       }
   }
+}
+
+__device__ __forceinline__ void rescale_o(float (&o)[64], const float (&corr)[2]) {
+#pragma unroll
+  for (int j = 0; j < 16; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[4 * j + e] *= corr[e >> 1];
+}
+
+// softmax_scores, then O rescaled.
+__device__ __forceinline__ void softmax_tile(float (&s)[64], float (&o)[64], SoftmaxState& st, float sl2) {
+  float corr[2];
+  softmax_scores(s, st, sl2, corr);
+  rescale_o(o, corr);
 }
 
 // S = Q K^T issued (not waited for): q_rows = this warpgroup's 64 rows of the Q tile, k_tile = the 128-key K
@@ -88,9 +98,11 @@ __device__ __forceinline__ void issue_pv(float (&o)[64], const uint32_t (&pa)[8]
   wgmma_commit();
 }
 
-// Waits for this warpgroup's issued GEMMs; acc is then safe to read.
+// Waits until at most `pending` of this warpgroup's committed GEMM groups are in flight (the newest); with 0,
+// acc is then safe to read.
+template <int pending = 0>
 __device__ __forceinline__ void wait_acc(float (&acc)[64]) {
-  wgmma_wait<0>();
+  wgmma_wait<pending>();
 #pragma unroll
   for (int i = 0; i < 64; ++i) fence_operand(acc[i]);
 }

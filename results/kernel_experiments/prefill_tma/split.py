@@ -1,6 +1,8 @@
-"""wgmma_tma with K and V on one barrier per stage or, with PDCLI_TMA_SPLIT=1 (read once per process), on barriers
-of their own (K released once both QK GEMMs are done; warpgroup 1 waits on none, FA3's order): 8k / 32k causal
-prefill at block sizes 16 / 64, beside SDPA; one JSON line per shape. From the repo root with PYTHONPATH=$PWD:
+"""wgmma_tma with K and V on one barrier per stage (PDCLI_TMA_SPLIT=0, read once per process), on barriers of their
+own (1: K released once both QK GEMMs are done; warpgroup 1 waits on none, FA3's order), or those and FA3's
+intra-warpgroup overlap (2: tile n's QK and tile n - 1's PV GEMM issued in one turn, tile n's softmax under the
+latter): 8k / 32k causal prefill at block sizes 16 / 64, beside SDPA; one JSON line per shape. From the repo root
+with PYTHONPATH=$PWD:
     for s in 0 1 0 1; do PDCLI_TMA_SPLIT=$s python results/kernel_experiments/prefill_tma/split.py; done"""
 import json
 import os
