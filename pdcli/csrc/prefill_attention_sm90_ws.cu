@@ -48,6 +48,7 @@ struct WsParams {
   uint32_t k_sbo, v_lbo, v_sbo;  // descriptor strides, bytes (prefill_attention_sm90.cu)
   CUtensorMap tmap_k, tmap_v;    // kTma: the caches as [slots, Hk * D], boxes of box_rows x 64
   int box_rows;
+  int v_cp;                      // kOverlap: V by cp.async from loader warps 1-2 (box_rows < 64), not TMA
 };
 
 #ifdef PDCLI_HAS_WGMMA
@@ -93,7 +94,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const
     for (int st = 0; st < S; ++st) {
       mbar_init(full(st), kTma ? 1 : 128);  // TMA: the loader thread's expect_tx, then the bytes
       mbar_init(empty(st), 256);
-      mbar_init(full_v(st), 1);
+      mbar_init(full_v(st), kOverlap && wp.v_cp ? 64 : 1);  // the V loaders' cp.async arrivals, or expect_tx
       mbar_init(empty_v(st), 256);
     }
     mbar_init(q_full, 128);
@@ -173,13 +174,33 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const
           if (lane == 0) mbar_arrive_expect_tx(full(stage), (kSplit ? 1 : 2) * kTileBytes);
           __syncwarp();
           issue(n, stage, kSplit ? 0 : -1, full(stage));
-          if constexpr (kSplit) {
+          if (kSplit && !(kOverlap && wp.v_cp)) {
             mbar_wait(empty_v(stage), parity);
             if (lane == 0) mbar_arrive_expect_tx(full_v(stage), kTileBytes);
             __syncwarp();
             issue(n, stage, 1, full_v(stage));
           }
           if (n + 1 < n_tiles) read_blocks(n + 1);
+        }
+      } else if (kOverlap && wp.v_cp && warp <= 2) {
+        // V by cp.async: thread t of 64 copies chunk t % 16 of rows t / 16 + 4 j; the stage's barrier arrives
+        // as each thread's copies land (no wait here); keys past key_end are zero-filled
+        const int t = tid - 32, vc = t & 15, vr0 = t >> 4;
+        const T* v_base = reinterpret_cast<const T*>(p.v_cache) + (int64_t)kv_head * kD + vc * 8;
+        for (int n = 0; n < n_tiles; ++n) {
+          const int stage = n % S;
+          mbar_wait(empty_v(stage), ((n / S) & 1) ^ 1);
+#pragma unroll 4
+          for (int j = 0; j < kBN / 4; ++j) {
+            const int r = vr0 + 4 * j, key = n * kBN + r;
+            const bool valid = key < key_end;
+            const int64_t off =
+                valid ? (int64_t)((__ldg(table + (key >> p.block_shift)) << p.block_shift) + (key & block_mask)) *
+                            kv_slot_stride
+                      : 0;
+            cp_async_16(sV(stage) + sw128_tile_off(r, vc, kHalfBytes), v_base + off, valid);
+          }
+          asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(full_v(stage)) : "memory");
         }
       }
     } else {
@@ -232,6 +253,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const
         if (n >= 2) mbar_arrive(empty_v((n - 2) % S));
         pack_p<T>(s, pa, o);
         mbar_wait(full_v(prev), ((n - 1) / S) & 1);
+        fence_proxy_async_shared();  // V by cp.async: its writes before this warpgroup's wgmma reads
         named_sync(1 + cw);
         issue_qk<T>(s, q_rows, sK(stage), kHalfBytes, wp.k_sbo);
         rescale_o(o, corr);
@@ -247,6 +269,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const
       if (n_tiles >= 2) mbar_arrive(empty_v((n_tiles - 2) % S));
       pack_p<T>(s, pa, o);
       mbar_wait(full_v(last), ((n_tiles - 1) / S) & 1);
+      fence_proxy_async_shared();
       named_sync(1 + cw);
       rescale_o(o, corr);
       issue_pv<T>(o, pa, sV(last), wp.v_lbo, wp.v_sbo);
@@ -341,6 +364,7 @@ void launch_prefill_attention_sm90_ws(const PrefillParams& p, int batch, int max
   wp.v_sbo = wgmma_desc_override(2, 1024);
   if (tma) {
     wp.box_rows = std::min(block_size, kBN);
+    wp.v_cp = wp.box_rows < 64 && std::getenv("PDCLI_TMA_VCP") != nullptr && std::getenv("PDCLI_TMA_VCP")[0] == '1';
     const int64_t row_values = int64_t(p.num_kv_heads) * kD;
     wp.tmap_k = cache_map(p.k_cache, p.kv_slots, row_values, wp.box_rows, bf16);
     wp.tmap_v = cache_map(p.v_cache, p.kv_slots, row_values, wp.box_rows, bf16);
