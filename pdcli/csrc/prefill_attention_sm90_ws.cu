@@ -6,11 +6,13 @@
 // an mbarrier. The two compute warpgroups take turns issuing their GEMMs (two named barriers), so one's softmax
 // runs while the other's GEMMs hold the tensor cores (pingpong); setmaxnreg moves registers from the loader to
 // them. Same tile layout and descriptor strides (PDCLI_WGMMA_DESC) as the other wgmma kernel.
-// kTma: the loader's first warp fills each stage by TMA instead (box j from lane j mod 32, so their issue
+// kTma: the loader's first warp fills a 3-stage ring by TMA instead (box j from lane j mod 32, so their issue
 // overlaps), boxes of min(block_size, 128) cache rows x 64 values (two per row of 128) through 2-D tensor maps over
-// the caches [slots, Hk * D] with the 128-byte swizzle the tiles use; the stage's mbarrier counts the bytes. A box
-// past the sequence's keys reads its first block instead (causally masked; the pool's unwritten rows are zeros, so
-// nothing loaded is NaN).
+// the caches [slots, Hk * D] with the 128-byte swizzle the tiles use; K and V land on mbarriers of their own that
+// count the bytes, and K is released once both QK GEMMs are done. A box past the sequence's keys reads its first
+// block instead (causally masked; the pool's unwritten rows are zeros, so nothing loaded is NaN).
+// kOverlap (TMA with boxes of 64+ rows): FA3's intra-warpgroup overlap on top of the pingpong. With 16-row boxes
+// (32 a tile) the loads bound it and the plain pingpong is faster (results/kernel_experiments/prefill_tma/).
 #include <c10/cuda/CUDAException.h>
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -18,7 +20,6 @@
 #include <stdint.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <string>
 
 #include "mma.cuh"
@@ -48,7 +49,6 @@ struct WsParams {
   uint32_t k_sbo, v_lbo, v_sbo;  // descriptor strides, bytes (prefill_attention_sm90.cu)
   CUtensorMap tmap_k, tmap_v;    // kTma: the caches as [slots, Hk * D], boxes of box_rows x 64
   int box_rows;
-  int v_cp;                      // kOverlap: V by cp.async from loader warps 1-2 (box_rows < 64), not TMA
 };
 
 #ifdef PDCLI_HAS_WGMMA
@@ -64,7 +64,7 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
 }
 #endif
 
-template <typename T, bool kTma, bool kSplit, bool kOverlap>
+template <typename T, bool kTma, bool kOverlap>
 __global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const __grid_constant__ WsParams wp) {
 #ifdef PDCLI_HAS_WGMMA
   const PrefillParams& p = wp.p;
@@ -74,10 +74,9 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const
   auto sV = [&](int stage) { return sQ + (2 + 2 * stage) * kTileBytes; };
   constexpr int S = stages<kTma>();
   const uint32_t bars = sQ + (1 + 2 * S) * kTileBytes;
-  // kSplit: K and V land and are released on barriers of their own (K once both QK GEMMs are done); else the
-  // K barriers count both
-  auto full = [&](int stage) { return bars + 8 * stage; };         // the stage's K (and V) landed
-  auto empty = [&](int stage) { return bars + 8 * (S + stage); };  // both compute warpgroups are done with it
+  // full / empty: the stage's tile (kTma: its K) landed / both compute warpgroups are done with it; kTma: V's own
+  auto full = [&](int stage) { return bars + 8 * stage; };
+  auto empty = [&](int stage) { return bars + 8 * (S + stage); };
   auto full_v = [&](int stage) { return bars + 8 * (2 * S + stage); };
   auto empty_v = [&](int stage) { return bars + 8 * (3 * S + stage); };
   const uint32_t q_full = bars + 32 * S;
@@ -94,7 +93,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const
     for (int st = 0; st < S; ++st) {
       mbar_init(full(st), kTma ? 1 : 128);  // TMA: the loader thread's expect_tx, then the bytes
       mbar_init(empty(st), 256);
-      mbar_init(full_v(st), kOverlap && wp.v_cp ? 64 : 1);  // the V loaders' cp.async arrivals, or expect_tx
+      mbar_init(full_v(st), 1);
       mbar_init(empty_v(st), 256);
     }
     mbar_init(q_full, 128);
@@ -159,7 +158,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const
           for (int i = 0; i < kBN / 8 / 8; ++i) {
             const int box = lane + 32 * i;
             if (box >= n_boxes) break;
-            if (v >= 0 && (box & 1) != v) continue;
+            if ((box & 1) != v) continue;
             const int r = (box >> 2) * rows, h = (box >> 1) & 1;
             const int slot = (blocks[i] << p.block_shift) + ((n * kBN + r) & block_mask);
             const uint32_t off = h * kHalfBytes + r * 128;
@@ -170,37 +169,15 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const
         read_blocks(0);
         for (int n = 0; n < n_tiles; ++n) {
           const int stage = n % S, parity = ((n / S) & 1) ^ 1;
-          mbar_wait(empty(stage), parity);  // both computers are done with tile n - S (kSplit: its K)
-          if (lane == 0) mbar_arrive_expect_tx(full(stage), (kSplit ? 1 : 2) * kTileBytes);
+          mbar_wait(empty(stage), parity);  // both computers are done with tile n - S's K
+          if (lane == 0) mbar_arrive_expect_tx(full(stage), kTileBytes);
           __syncwarp();
-          issue(n, stage, kSplit ? 0 : -1, full(stage));
-          if (kSplit && !(kOverlap && wp.v_cp)) {
-            mbar_wait(empty_v(stage), parity);
-            if (lane == 0) mbar_arrive_expect_tx(full_v(stage), kTileBytes);
-            __syncwarp();
-            issue(n, stage, 1, full_v(stage));
-          }
+          issue(n, stage, 0, full(stage));
+          mbar_wait(empty_v(stage), parity);
+          if (lane == 0) mbar_arrive_expect_tx(full_v(stage), kTileBytes);
+          __syncwarp();
+          issue(n, stage, 1, full_v(stage));
           if (n + 1 < n_tiles) read_blocks(n + 1);
-        }
-      } else if (kOverlap && wp.v_cp && warp <= 2) {
-        // V by cp.async: thread t of 64 copies chunk t % 16 of rows t / 16 + 4 j; the stage's barrier arrives
-        // as each thread's copies land (no wait here); keys past key_end are zero-filled
-        const int t = tid - 32, vc = t & 15, vr0 = t >> 4;
-        const T* v_base = reinterpret_cast<const T*>(p.v_cache) + (int64_t)kv_head * kD + vc * 8;
-        for (int n = 0; n < n_tiles; ++n) {
-          const int stage = n % S;
-          mbar_wait(empty_v(stage), ((n / S) & 1) ^ 1);
-#pragma unroll 4
-          for (int j = 0; j < kBN / 4; ++j) {
-            const int r = vr0 + 4 * j, key = n * kBN + r;
-            const bool valid = key < key_end;
-            const int64_t off =
-                valid ? (int64_t)((__ldg(table + (key >> p.block_shift)) << p.block_shift) + (key & block_mask)) *
-                            kv_slot_stride
-                      : 0;
-            cp_async_16(sV(stage) + sw128_tile_off(r, vc, kHalfBytes), v_base + off, valid);
-          }
-          asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(full_v(stage)) : "memory");
         }
       }
     } else {
@@ -253,7 +230,6 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const
         if (n >= 2) mbar_arrive(empty_v((n - 2) % S));
         pack_p<T>(s, pa, o);
         mbar_wait(full_v(prev), ((n - 1) / S) & 1);
-        fence_proxy_async_shared();  // V by cp.async: its writes before this warpgroup's wgmma reads
         named_sync(1 + cw);
         issue_qk<T>(s, q_rows, sK(stage), kHalfBytes, wp.k_sbo);
         rescale_o(o, corr);
@@ -269,7 +245,6 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const
       if (n_tiles >= 2) mbar_arrive(empty_v((n_tiles - 2) % S));
       pack_p<T>(s, pa, o);
       mbar_wait(full_v(last), ((n_tiles - 1) / S) & 1);
-      fence_proxy_async_shared();
       named_sync(1 + cw);
       rescale_o(o, corr);
       issue_pv<T>(o, pa, sV(last), wp.v_lbo, wp.v_sbo);
@@ -279,23 +254,23 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const
     } else {
     for (int n = 0; n < n_tiles; ++n) {
       const int stage = n % S;
-      // kSplit: warpgroup 1 waits for no tile: its turn comes after warpgroup 0 issued on it (FA3 does so)
-      if (!kSplit || cw == 0) mbar_wait(full(stage), (n / S) & 1);
+      // kTma: warpgroup 1 waits for no tile: its turn comes after warpgroup 0 issued on it (FA3 does so)
+      if (!kTma || cw == 0) mbar_wait(full(stage), (n / S) & 1);
       named_sync(1 + cw);  // my turn for the tensor cores
       issue_qk<T>(s, sQ + cw * 64 * 128, sK(stage), kHalfBytes, wp.k_sbo);
       named_arrive(1 + (cw ^ 1));  // the other's turn
       wait_acc(s);
-      if constexpr (kSplit) mbar_arrive(empty(stage));
+      if constexpr (kTma) mbar_arrive(empty(stage));
       if (n >= n_unmasked) mask_causal(s, ctx_off + m0 + warp_row0 + (lane >> 2) - n * kBN - (lane & 3) * 2);
       softmax_tile(s, o, st, p.scale_log2);
       uint32_t pa[kBN / 16][4];
       pack_p<T>(s, pa, o);
-      if (kSplit && cw == 0) mbar_wait(full_v(stage), (n / S) & 1);
+      if (kTma && cw == 0) mbar_wait(full_v(stage), (n / S) & 1);
       named_sync(1 + cw);
       issue_pv<T>(o, pa, sV(stage), wp.v_lbo, wp.v_sbo);
       if (cw == 0 || n + 1 < n_tiles) named_arrive(1 + (cw ^ 1));  // warpgroup 1's last turn goes to no one
       wait_acc(o);
-      mbar_arrive(kSplit ? empty_v(stage) : empty(stage));
+      mbar_arrive(kTma ? empty_v(stage) : empty(stage));
     }
     }
     store_o<T>(o, st, reinterpret_cast<T*>(p.out) + ((int64_t)(q_begin + m0) * p.num_heads + head) * kD,
@@ -336,14 +311,9 @@ CUtensorMap cache_map(const void* base, int64_t slots, int64_t row_values, int b
 
 template <typename T, bool kTma>
 void launch(const WsParams& wp, int batch, int max_query_len, cudaStream_t stream) {
-  static const int mode = [] {
-    const char* e = std::getenv("PDCLI_TMA_SPLIT");
-    return e == nullptr ? 0 : std::atoi(e);
-  }();
-  auto kernel = !kTma      ? prefill_attention_ws_kernel<T, false, false, false>
-                : mode == 2 ? prefill_attention_ws_kernel<T, true, true, true>
-                : mode == 1 ? prefill_attention_ws_kernel<T, true, true, false>
-                            : prefill_attention_ws_kernel<T, true, false, false>;
+  auto kernel = !kTma ? prefill_attention_ws_kernel<T, false, false>
+                : wp.box_rows >= 64 ? prefill_attention_ws_kernel<T, true, true>
+                                    : prefill_attention_ws_kernel<T, true, false>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes<kTma>()));
   const dim3 grid(wp.p.num_heads, batch, (max_query_len + kBM - 1) / kBM);
   kernel<<<grid, kThreads, smem_bytes<kTma>(), stream>>>(wp);
@@ -364,7 +334,6 @@ void launch_prefill_attention_sm90_ws(const PrefillParams& p, int batch, int max
   wp.v_sbo = wgmma_desc_override(2, 1024);
   if (tma) {
     wp.box_rows = std::min(block_size, kBN);
-    wp.v_cp = wp.box_rows < 64 && std::getenv("PDCLI_TMA_VCP") != nullptr && std::getenv("PDCLI_TMA_VCP")[0] == '1';
     const int64_t row_values = int64_t(p.num_kv_heads) * kD;
     wp.tmap_k = cache_map(p.k_cache, p.kv_slots, row_values, wp.box_rows, bf16);
     wp.tmap_v = cache_map(p.v_cache, p.kv_slots, row_values, wp.box_rows, bf16);
