@@ -7,7 +7,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class CacheConfig:
-    block_size: int = 16  # tokens per KV block
+    block_size: int = 64  # tokens per KV block
     gpu_memory_utilization: float = 0.9  # fraction of GPU memory the engine may use in all
     num_kv_blocks: int | None = None  # fixed pool size; overrides the memory-based sizing
     cpu_kv_cache_gib: float = 0.5  # KV pool bound on CPU

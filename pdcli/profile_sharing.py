@@ -14,6 +14,8 @@ import os
 import signal
 from dataclasses import dataclass
 
+from pdcli.config import CacheConfig
+
 logger = logging.getLogger("pdcli.profile")
 
 
@@ -23,7 +25,7 @@ class SharingShapes:
     ctx: int = 512  # their tokens per sequence
     prompt: int = 1024  # the measured prefill step
     reps: int = 10
-    block_size: int = 16
+    block_size: int = CacheConfig.block_size  # the engine's
     # prompts of unequal lengths: each own prompt timed beside the neighbour's decode batch and beside it prefilling
     # each neighbour prompt (a short prompt's steps beside a long one's are not priced by the equal-length factor)
     grid_own: tuple = (256, 1024, 4096)

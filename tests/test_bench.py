@@ -15,6 +15,7 @@ from pdcli.coordinator.routing import can_hand_off
 from pdcli.workers.layout import collocated_only, parse_layout, pd_on_collocated
 from pdcli.bench.workloads import make_requests
 from pdcli.cli import app
+from pdcli.config import CacheConfig
 
 
 @pytest.mark.parametrize("burstiness, cv", [(1.0, 1.0), (4.0, 0.5), (0.25, 2.0)])
@@ -127,7 +128,8 @@ def test_bench_runs_and_plot_makes_pngs(tmp_path):
             assert key in d, key
         assert d["request_rate"] == 0.3 and d["completed"] == 3 and d["failed"] == 0
         assert {x["device"] for x in d["layout"]} == {"cpu"}
-        assert all(x["num_kv_blocks"] == 1024 and x["kv_capacity_tokens"] == 1024 * 16 for x in d["layout"])
+        assert all(x["num_kv_blocks"] == 1024 and x["kv_capacity_tokens"] == 1024 * CacheConfig().block_size
+                   for x in d["layout"])
         assert d["mps"] is False  # CPU workers never run under MPS
         ranks = {x["rank"]: x["role"] for x in d["layout"]}
         for q in d["requests"]:  # the workers that ran each request: one collocated, or a prefill then a decode

@@ -58,6 +58,7 @@ DECODE_CASES = [  # (context lengths, block size)
     ([33000], 16),  # one long sequence: many splits
     ([50, 9, 130], 8),
     ([16384] + [300] * 40 + [0], 16),  # one long context beside many short ones (and a padded row)
+    ([1, 63, 64, 65, 700, 4100], 64),  # the engine's default block size
 ]
 
 

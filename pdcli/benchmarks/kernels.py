@@ -14,8 +14,11 @@ import torch.nn.functional as F
 from pdcli import envs
 from pdcli.benchmarks.device import copy_bandwidth, device_slug, matmul_rate, time_us
 from pdcli.benchmarks.results import provenance, write
+from pdcli.config import CacheConfig
 from pdcli.kernels import build, reference
 from pdcli.kernels.ops import prefill_kernel_fn
+
+BLOCK_SIZE = CacheConfig().block_size  # the engine's: every paged kernel is timed at it
 
 
 def graph_us(fns, calls: int = 10) -> float:
@@ -54,7 +57,7 @@ def make_paged(batch: int, ctx: int, hk: int, d: int, block_size: int, dtype, ge
     return kc, vc, tables, k[:, :, :ctx], v[:, :, :ctx]
 
 
-def bench_decode(mod, batch, ctx, hq=32, hk=8, d=128, block_size=16, dtype=torch.bfloat16, copy_bw=None,
+def bench_decode(mod, batch, ctx, hq=32, hk=8, d=128, block_size=BLOCK_SIZE, dtype=torch.bfloat16, copy_bw=None,
                  num_splits=0, shuffle=True):
     """Paged decode attention (num_splits 0: the kernel's own choice) against SDPA on a contiguous cache,
     both timed from CUDA graphs."""
@@ -138,7 +141,7 @@ def prefill_kernels(mod, head_dim: int = 128) -> list[str]:
     return ["mma", *(["wgmma", "wgmma_ws", "wgmma_tma"] if mod.has_prefill_attention_wgmma(head_dim) else [])]
 
 
-def bench_prefill(mod, seq_len, hq=32, hk=8, d=128, block_size=16, dtype=torch.bfloat16, kernel="mma"):
+def bench_prefill(mod, seq_len, hq=32, hk=8, d=128, block_size=BLOCK_SIZE, dtype=torch.bfloat16, kernel="mma"):
     fn = prefill_kernel_fn(mod, kernel)
     gen = torch.Generator(device="cuda").manual_seed(seq_len)
     kc, vc, tables, k, v = make_paged(1, seq_len, hk, d, block_size, dtype, gen)
@@ -149,7 +152,8 @@ def bench_prefill(mod, seq_len, hq=32, hk=8, d=128, block_size=16, dtype=torch.b
     flops = 4 * hq * d * seq_len * (seq_len + 1) / 2  # causal: QK^T and PV over the lower triangle
     sdpa = lambda: F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, is_causal=True, scale=scale,  # noqa: E731
                                                   enable_gqa=True)
-    row = dict(seq_len=seq_len, kernel=kernel, hq=hq, hk=hk, head_dim=d, sdpa_us=time_us(sdpa, iters=10))
+    row = dict(seq_len=seq_len, kernel=kernel, hq=hq, hk=hk, head_dim=d, block_size=block_size,
+               sdpa_us=time_us(sdpa, iters=10))
     row["sdpa_tflops"] = flops / row["sdpa_us"] / 1e6
     out = torch.full_like(q, float("nan"))
     fn(out, q, kc, vc, tables, lens, qsl, seq_len, scale)
@@ -235,7 +239,7 @@ def summary(decode: list[dict], prefill: list[dict]) -> dict:
     engine = p8["kernel"] if p8["kernel"] == p32["kernel"] else f"{p8['kernel']} (8k), {p32['kernel']} (32k)"
     wgmma = {f"prefill_attn_{n // 1024}k_{r['kernel']}_tflops": r["tflops"] for r in prefill for n in (8192, 32768)
              if r["kernel"] != "mma" and r["seq_len"] == n}
-    return dict(device=torch.cuda.get_device_name(), kernel_path="cuda",
+    return dict(device=torch.cuda.get_device_name(), kernel_path="cuda", block_size=BLOCK_SIZE,
                 decode_attn_b64_ctx4k_us=d64["us"], decode_attn_b64_ctx4k_sdpa_us=d64["sdpa_contiguous_us"],
                 decode_attn_b64_ctx4k_in_order_us=d64_in_order["us"],
                 decode_attn_b64_ctx4k_in_order_sdpa_us=d64_in_order["sdpa_contiguous_us"],

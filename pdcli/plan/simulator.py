@@ -10,6 +10,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from pdcli.bench.metrics import RequestRecord
+from pdcli.config import CacheConfig
 from pdcli.coordinator.policy import RouteInput, make_policy
 from pdcli.coordinator.routing import can_hand_off
 from pdcli.plan.sim import SimSeq, SimSpec, SimStep, SimWorker, shared_step_ms
@@ -47,7 +48,7 @@ def block_hashes(prompts: list[list[int]], block_size: int) -> list[list[bytes]]
 
 class Simulator:
     def __init__(self, cm: CostModel, specs: list[SimSpec], mode: str, pd_on_collocated: bool = False, router=None,
-                 max_num_seqs: int = 256, net_gbps: float | None = None, block_size: int = 16,
+                 max_num_seqs: int = 256, net_gbps: float | None = None, block_size: int = CacheConfig.block_size,
                  hops: CoordinatorHops = CoordinatorHops()):
         self.cm, self.policy, self.router, self.hops = cm, make_policy(mode), router, hops
         cm.assume_net(net_gbps)
