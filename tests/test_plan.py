@@ -81,7 +81,7 @@ def test_prefix_caching_a_worker_computes_a_shared_prefix_once():
     cm = cost_model()
     prefix = list(range(100, 164))  # 4 blocks of 16
     prompts = [prefix + [7] * 40, prefix + [9] * 40]
-    sim = Simulator(cm, [SimSpec(0, "collocated", "n:cuda:0")], "collocated", hops=NO_HOPS)
+    sim = Simulator(cm, [SimSpec(0, "collocated", "n:cuda:0")], "collocated", hops=NO_HOPS, block_size=16)
     a, b = sim.run([104, 104], [2, 2], [0.0, 10.0], prompts=prompts)
     assert a.ttft_ms == pytest.approx(cm.step_ms(0, 0, [(104, 0)]))
     assert b.ttft_ms == pytest.approx(cm.step_ms(0, 0, [(40, 64)])) and b.ttft_ms < a.ttft_ms
