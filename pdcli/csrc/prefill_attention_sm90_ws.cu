@@ -26,6 +26,7 @@
 #include "prefill_params.cuh"
 #include "wgmma.cuh"
 #include "wgmma_softmax.cuh"
+#include "wgmma_ws_turns.cuh"
 
 namespace {
 
@@ -35,13 +36,13 @@ constexpr int kD = 128;        // head dim
 constexpr int kBM = 128;       // query rows per CTA: 2 compute warpgroups x 64
 constexpr int kBN = 128;       // keys per K/V tile
 constexpr int kThreads = 384;  // warpgroup 0 loads, 1 and 2 compute
-constexpr int kTileBytes = 128 * kD * 2;
-constexpr int kHalfBytes = kTileBytes / 2;
+constexpr int kTileBytes = WsRing<2>::kTileBytes;
+constexpr int kHalfBytes = WsRing<2>::kHalfBytes;
 // Ring stages: 2 with cp.async (its 128 loaders keep one tile in flight), 3 with TMA (227 KB of the 228).
 template <bool kTma>
 constexpr int stages() { return kTma ? 3 : 2; }
 template <bool kTma>
-constexpr int smem_bytes() { return 1024 + (1 + 2 * stages<kTma>()) * kTileBytes + 128; }  // slack, Q, ring, mbarriers
+constexpr int smem_bytes() { return 1024 + WsRing<stages<kTma>()>::kBytes; }  // alignment slack, the ring
 static_assert(kBM == 128 && kBN == 128, "tiles of 128 rows: the halves' layout and the loads assume it");
 
 struct WsParams {
@@ -69,17 +70,8 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const
 #ifdef PDCLI_HAS_WGMMA
   const PrefillParams& p = wp.p;
   extern __shared__ unsigned char smem_raw[];
-  const uint32_t sQ = (smem_u32(smem_raw) + 1023) & ~1023u;  // swizzle atoms are 1024-byte aligned
-  auto sK = [&](int stage) { return sQ + (1 + 2 * stage) * kTileBytes; };
-  auto sV = [&](int stage) { return sQ + (2 + 2 * stage) * kTileBytes; };
   constexpr int S = stages<kTma>();
-  const uint32_t bars = sQ + (1 + 2 * S) * kTileBytes;
-  // full / empty: the stage's tile (kTma: its K) landed / both compute warpgroups are done with it; kTma: V's own
-  auto full = [&](int stage) { return bars + 8 * stage; };
-  auto empty = [&](int stage) { return bars + 8 * (S + stage); };
-  auto full_v = [&](int stage) { return bars + 8 * (2 * S + stage); };
-  auto empty_v = [&](int stage) { return bars + 8 * (3 * S + stage); };
-  const uint32_t q_full = bars + 32 * S;
+  const WsRing<S> ring{(smem_u32(smem_raw) + 1023) & ~1023u};  // swizzle atoms are 1024-byte aligned
 
   const int head = blockIdx.x;
   const int b = blockIdx.y;
@@ -91,12 +83,12 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
   if (tid == 0) {
     for (int st = 0; st < S; ++st) {
-      mbar_init(full(st), kTma ? 1 : 128);  // TMA: the loader thread's expect_tx, then the bytes
-      mbar_init(empty(st), 256);
-      mbar_init(full_v(st), 1);
-      mbar_init(empty_v(st), 256);
+      mbar_init(ring.full(st), kTma ? 1 : 128);  // TMA: the loader thread's expect_tx, then the bytes
+      mbar_init(ring.empty(st), 256);
+      mbar_init(ring.full_v(st), 1);
+      mbar_init(ring.empty_v(st), 256);
     }
-    mbar_init(q_full, 128);
+    mbar_init(ring.q_full(), 128);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
@@ -113,7 +105,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const
       for (int j = 0; j < 16; ++j) {
         const int row = r0 + 8 * j;
         const bool valid = row < rows_here;
-        cp_async_16(sQ + dst0 + j * 1024, valid ? q_base + row * q_row_stride : reinterpret_cast<const T*>(p.q),
+        cp_async_16(ring.q + dst0 + j * 1024, valid ? q_base + row * q_row_stride : reinterpret_cast<const T*>(p.q),
                     valid);
       }
     }
@@ -133,15 +125,15 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const
             valid ? (int64_t)((__ldg(table + (key >> p.block_shift)) << p.block_shift) + (key & block_mask)) *
                         kv_slot_stride
                   : 0;
-        cp_async_16(sK(stage) + dst0 + j * 1024, k_head + off, valid);
-        cp_async_16(sV(stage) + dst0 + j * 1024, v_head + off, valid);
+        cp_async_16(ring.k(stage) + dst0 + j * 1024, k_head + off, valid);
+        cp_async_16(ring.v(stage) + dst0 + j * 1024, v_head + off, valid);
       }
     };
     if constexpr (kTma) {
       cp_async_commit();
       cp_async_wait<0>();  // Q
       fence_proxy_async_shared();
-      mbar_arrive(q_full);
+      mbar_arrive(ring.q_full());
       if (warp == 0) {  // box j of a tile (K / V, half, rows) from lane j, j + 32, ...: their issue overlaps
         const int rows = wp.box_rows, n_boxes = 4 * (kBN / rows);
         int blocks[kBN / 8 / 8];  // lane's boxes' blocks for the next tile, read while the stage is still busy
@@ -162,21 +154,21 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const
             const int r = (box >> 2) * rows, h = (box >> 1) & 1;
             const int slot = (blocks[i] << p.block_shift) + ((n * kBN + r) & block_mask);
             const uint32_t off = h * kHalfBytes + r * 128;
-            if (box & 1) tma_load_2d(sV(stage) + off, &wp.tmap_v, kv_head * kD + h * 64, slot, bar);
-            else tma_load_2d(sK(stage) + off, &wp.tmap_k, kv_head * kD + h * 64, slot, bar);
+            if (box & 1) tma_load_2d(ring.v(stage) + off, &wp.tmap_v, kv_head * kD + h * 64, slot, bar);
+            else tma_load_2d(ring.k(stage) + off, &wp.tmap_k, kv_head * kD + h * 64, slot, bar);
           }
         };
         read_blocks(0);
         for (int n = 0; n < n_tiles; ++n) {
           const int stage = n % S, parity = ((n / S) & 1) ^ 1;
-          mbar_wait(empty(stage), parity);  // both computers are done with tile n - S's K
-          if (lane == 0) mbar_arrive_expect_tx(full(stage), kTileBytes);
+          mbar_wait(ring.empty(stage), parity);  // both computers are done with tile n - S's K
+          if (lane == 0) mbar_arrive_expect_tx(ring.full(stage), kTileBytes);
           __syncwarp();
-          issue(n, stage, 0, full(stage));
-          mbar_wait(empty_v(stage), parity);
-          if (lane == 0) mbar_arrive_expect_tx(full_v(stage), kTileBytes);
+          issue(n, stage, 0, ring.full(stage));
+          mbar_wait(ring.empty_v(stage), parity);
+          if (lane == 0) mbar_arrive_expect_tx(ring.full_v(stage), kTileBytes);
           __syncwarp();
-          issue(n, stage, 1, full_v(stage));
+          issue(n, stage, 1, ring.full_v(stage));
           if (n + 1 < n_tiles) read_blocks(n + 1);
         }
       }
@@ -186,10 +178,10 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const
     for (int n = 0; n < n_tiles; ++n) {
       cp_async_wait<0>();  // tile n (and, first, Q): this thread's copies landed
       fence_proxy_async_shared();
-      if (n == 0) mbar_arrive(q_full);
-      mbar_arrive(full(n & 1));
+      if (n == 0) mbar_arrive(ring.q_full());
+      mbar_arrive(ring.full(n & 1));
       if (n + 1 < n_tiles) {  // tile n + 1 into the stage of tile n - 1, once both computers released it
-        mbar_wait(empty((n + 1) & 1), (((n + 1) >> 1) & 1) ^ 1);
+        mbar_wait(ring.empty((n + 1) & 1), (((n + 1) >> 1) & 1) ^ 1);
         load_kv(n + 1);
         cp_async_commit();
       }
@@ -206,73 +198,11 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const
     SoftmaxState st;
     softmax_init(st);
     if (cw == 1) named_arrive(1);  // compute warpgroup 0 issues first
-    mbar_wait(q_full, 0);
-    if constexpr (kOverlap) {
-      // FA3's intra-warpgroup overlap: a turn issues tile n's QK GEMM and tile n - 1's PV GEMM, tile n's softmax
-      // runs under the latter; its wait sits at the top of the next step, after the ring's spin-wait (ptxas
-      // hoists a wgmma wait to the top of its basic block). n_tiles + 1 turns: QK alone first, PV alone last.
-      const uint32_t q_rows = sQ + cw * 64 * 128;
-      const int mask_limit = ctx_off + m0 + warp_row0 + (lane >> 2) - (lane & 3) * 2;  // minus n * kBN: tile n
-      uint32_t pa[kBN / 16][4];
-      float corr[2];
-      mbar_wait(full(0), 0);
-      named_sync(1 + cw);
-      issue_qk<T>(s, q_rows, sK(0), kHalfBytes, wp.k_sbo);
-      named_arrive(1 + (cw ^ 1));
-      wait_acc(s);
-      mbar_arrive(empty(0));
-      if (n_unmasked == 0) mask_causal(s, mask_limit);
-      softmax_scores(s, st, p.scale_log2, corr);
-      for (int n = 1; n < n_tiles; ++n) {
-        const int stage = n % S, prev = (n - 1) % S;
-        mbar_wait(full(stage), (n / S) & 1);
-        wait_acc(o);  // tile n - 2's PV
-        if (n >= 2) mbar_arrive(empty_v((n - 2) % S));
-        pack_p<T>(s, pa, o);
-        mbar_wait(full_v(prev), ((n - 1) / S) & 1);
-        named_sync(1 + cw);
-        issue_qk<T>(s, q_rows, sK(stage), kHalfBytes, wp.k_sbo);
-        rescale_o(o, corr);
-        issue_pv<T>(o, pa, sV(prev), wp.v_lbo, wp.v_sbo);
-        named_arrive(1 + (cw ^ 1));
-        wait_acc<1>(s);  // tile n's QK; the PV GEMM runs on
-        mbar_arrive(empty(stage));
-        if (n >= n_unmasked) mask_causal(s, mask_limit - n * kBN);
-        softmax_scores(s, st, p.scale_log2, corr);
-      }
-      const int last = (n_tiles - 1) % S;
-      wait_acc(o);
-      if (n_tiles >= 2) mbar_arrive(empty_v((n_tiles - 2) % S));
-      pack_p<T>(s, pa, o);
-      mbar_wait(full_v(last), ((n_tiles - 1) / S) & 1);
-      named_sync(1 + cw);
-      rescale_o(o, corr);
-      issue_pv<T>(o, pa, sV(last), wp.v_lbo, wp.v_sbo);
-      if (cw == 0) named_arrive(2);  // warpgroup 1's last turn goes to no one
-      wait_acc(o);
-      mbar_arrive(empty_v(last));
-    } else {
-    for (int n = 0; n < n_tiles; ++n) {
-      const int stage = n % S;
-      // kTma: warpgroup 1 waits for no tile: its turn comes after warpgroup 0 issued on it (FA3 does so)
-      if (!kTma || cw == 0) mbar_wait(full(stage), (n / S) & 1);
-      named_sync(1 + cw);  // my turn for the tensor cores
-      issue_qk<T>(s, sQ + cw * 64 * 128, sK(stage), kHalfBytes, wp.k_sbo);
-      named_arrive(1 + (cw ^ 1));  // the other's turn
-      wait_acc(s);
-      if constexpr (kTma) mbar_arrive(empty(stage));
-      if (n >= n_unmasked) mask_causal(s, ctx_off + m0 + warp_row0 + (lane >> 2) - n * kBN - (lane & 3) * 2);
-      softmax_tile(s, o, st, p.scale_log2);
-      uint32_t pa[kBN / 16][4];
-      pack_p<T>(s, pa, o);
-      if (kTma && cw == 0) mbar_wait(full_v(stage), (n / S) & 1);
-      named_sync(1 + cw);
-      issue_pv<T>(o, pa, sV(stage), wp.v_lbo, wp.v_sbo);
-      if (cw == 0 || n + 1 < n_tiles) named_arrive(1 + (cw ^ 1));  // warpgroup 1's last turn goes to no one
-      wait_acc(o);
-      mbar_arrive(kTma ? empty_v(stage) : empty(stage));
-    }
-    }
+    mbar_wait(ring.q_full(), 0);
+    const WsTurns turns{cw, n_tiles, n_unmasked, ctx_off + m0 + warp_row0 + (lane >> 2) - (lane & 3) * 2,
+                        p.scale_log2, wp.k_sbo, wp.v_lbo, wp.v_sbo};
+    if constexpr (kOverlap) overlapped_turns<T>(ring, turns, o, s, st);
+    else pingpong_turns<T, S, kTma>(ring, turns, o, s, st);
     store_o<T>(o, st, reinterpret_cast<T*>(p.out) + ((int64_t)(q_begin + m0) * p.num_heads + head) * kD,
                (int64_t)p.num_heads * kD, warp_row0, rows_here, lane);
   }
