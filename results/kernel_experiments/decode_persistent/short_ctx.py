@@ -9,10 +9,11 @@ import sys
 import torch
 
 from pdcli.benchmarks.kernels import copies_past_l2, graph_us, make_paged
+from pdcli.config import CacheConfig
 from pdcli.kernels import build, ops
 
 mod = build.load()
-HQ, HK, D, BS = 32, 8, 128, 16
+HQ, HK, D, BS = 32, 8, 128, CacheConfig().block_size  # the engine's
 
 
 def case(batch: int, gen):
