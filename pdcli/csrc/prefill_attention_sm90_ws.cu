@@ -83,7 +83,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
   if (tid == 0) {
     for (int st = 0; st < S; ++st) {
-      mbar_init(ring.full(st), kTma ? 1 : 128);  // TMA: the loader thread's expect_tx, then the bytes
+      mbar_init(ring.full(st), kTma ? 1 : 128);  // TMA: the loader warp lane 0's expect_tx, then the bytes
       mbar_init(ring.empty(st), 256);
       mbar_init(ring.full_v(st), 1);
       mbar_init(ring.empty_v(st), 256);
