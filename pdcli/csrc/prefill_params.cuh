@@ -55,7 +55,7 @@ __device__ __forceinline__ bool prefill_tile(const PrefillParams& p, int b, int 
 bool prefill_attention_sm90_available(int head_dim);
 void launch_prefill_attention_sm90(const PrefillParams& p, int batch, int max_query_len, bool bf16, cudaStream_t stream);
 // prefill_attention_sm90_ws.cu: the warp-specialised variant (a loader warpgroup, two compute warpgroups in turn);
-// tma: K/V tiles loaded by TMA (one thread, boxes of min(block_size, 128) rows; block_size >= 8).
+// tma: K/V tiles loaded by TMA (the loader warp's lanes, boxes of min(block_size, 128) rows; block_size >= 8).
 void launch_prefill_attention_sm90_ws(const PrefillParams& p, int batch, int max_query_len, bool bf16, bool tma,
                                       int block_size, cudaStream_t stream);
 // The wgmma descriptor stride i (0: K-major 8-row step, 1: N-major next-64-columns step, 2: N-major 8-row step),
