@@ -203,3 +203,52 @@ def test_argmax_is_torchs(mod, dtype, rows, vocab):
     from pdcli.kernels import ops
 
     assert torch.equal(ops.argmax(x[:, : vocab - 1]), x[:, : vocab - 1].argmax(dim=-1))  # a view, V - 1 wide
+
+
+def test_l2_prefetch_between_pdl_kernels_changes_nothing(mod):
+    """l2_prefetch (no output) between kernels launched to overlap their predecessors: each kernel behind it still
+    reads what the kernels ahead wrote (the prefetch kernel waits for its predecessor before it ends)."""
+    from pdcli.kernels import ops
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    w = torch.randn(6144, 4096, generator=gen, device="cuda").to(torch.bfloat16)
+    norm_w = torch.rand(28672, generator=gen, device="cuda").to(torch.bfloat16) + 0.5
+    for _ in range(3):
+        x = torch.randn(64, 28672, generator=gen, device="cuda").to(torch.bfloat16)
+        res = torch.randn_like(x)
+        ref_h, ref_r = ops.fused_add_rms_norm(x.clone(), res.clone(), norm_w, 1e-6)
+        ref = ops.silu_and_mul(ref_h)
+        ops.l2_prefetch(w, 8 << 20)
+        h, r = ops.fused_add_rms_norm(x, res, norm_w, 1e-6)
+        ops.l2_prefetch(w, 1 << 30)  # every row whole
+        out = ops.silu_and_mul(h)
+        ops.l2_prefetch(w, 4096)  # under 128 bytes a row: no launch
+        assert torch.equal(r, ref_r) and torch.equal(out, ref)
+
+
+def test_l2_prefetch_bad_inputs_raise(mod):
+    w = torch.zeros(16, 64, device="cuda", dtype=torch.bfloat16)
+    for bad in (0, 24, 64 * 2 + 16):  # empty, not a multiple of 16, past the row
+        with pytest.raises(RuntimeError, match="bytes must be"):
+            mod.l2_prefetch(w, bad)
+    with pytest.raises(RuntimeError, match="contiguous 2-D"):
+        mod.l2_prefetch(w.t(), 32)
+    with pytest.raises(RuntimeError, match="16-byte aligned"):
+        mod.l2_prefetch(w.view(-1)[4:4 + 60 * 16].view(16, 60), 32)
+
+
+def test_engine_with_l2_prefetch_equals_without(tiny_model_dir, prompts, monkeypatch):
+    """PDCLI_L2_PREFETCH_MB (each decoder weight's first lines into L2 ahead of its GEMM): the same logits, bit for
+    bit, and the same greedy tokens through the CUDA graphs."""
+    from pdcli import LLM, SamplingParams
+    from tiny_models import pdcli_decode_logits
+
+    path = tiny_model_dir("qwen3-gqa64")
+    forced, p = prompts[3][:16], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    runs = []
+    for spec in ("0", "1", "qkv=1,o=0,gate_up=0.001,down=1"):
+        monkeypatch.setenv("PDCLI_L2_PREFETCH_MB", spec)
+        llm = LLM(path, device="cuda", dtype="bfloat16", num_kv_blocks=128, max_num_seqs=4)
+        runs.append((pdcli_decode_logits(llm, prompts[2], forced), [o.token_ids for o in llm.generate(prompts, p)]))
+    for logits, tokens in runs[1:]:
+        assert torch.equal(logits, runs[0][0]) and tokens == runs[0][1]
