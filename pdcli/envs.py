@@ -62,26 +62,3 @@ def gemv_mode() -> str:
     per shape at start), "off" (PDCLI_GEMV=0: cuBLAS always), "always" (PDCLI_GEMV=always: A/B runs, tests)."""
     value = os.environ.get("PDCLI_GEMV", "1").strip().lower()
     return "always" if value == "always" else "tuned" if _bool("PDCLI_GEMV", default=True) else "off"
-
-
-L2_PREFETCH_POINTS = ("qkv", "o", "gate_up", "down")
-
-
-def l2_prefetch_bytes() -> dict[str, int]:
-    """Bytes of each decoder linear's weight read into L2 ahead of its GEMM in decode-sized steps
-    (models/decoder.py, csrc/l2_prefetch.cu), from PDCLI_L2_PREFETCH_MB: one number (MB) for all four, or
-    name=MB pairs ("qkv=8,o=0,gate_up=16,down=8"); unset or 0: none."""
-    spec = os.environ.get("PDCLI_L2_PREFETCH_MB", "").strip()
-    out = dict.fromkeys(L2_PREFETCH_POINTS, 0)
-    try:
-        if spec and "=" not in spec:
-            return dict.fromkeys(L2_PREFETCH_POINTS, int(float(spec) * 1e6))
-        for item in filter(None, (p.strip() for p in spec.split(","))):
-            name, mb = item.split("=")
-            if name.strip() not in out:
-                raise ValueError(name)
-            out[name.strip()] = int(float(mb) * 1e6)
-    except ValueError as e:
-        raise ValueError(f"PDCLI_L2_PREFETCH_MB={spec!r}: use MB or name=MB pairs of {', '.join(L2_PREFETCH_POINTS)}"
-                         ) from e
-    return out

@@ -259,18 +259,3 @@ def test_the_prefill_kernel_the_engine_calls_and_the_one_its_benchmark_names_are
         assert prefill_kernel_name(hopper, 128, 300) == "mma"
     finally:
         prefill_choice._choice.clear()
-
-def test_l2_prefetch_setting_parses_and_is_nothing_on_cpu(monkeypatch):
-    from pdcli import envs
-
-    monkeypatch.delenv("PDCLI_L2_PREFETCH_MB", raising=False)
-    assert envs.l2_prefetch_bytes() == {"qkv": 0, "o": 0, "gate_up": 0, "down": 0}
-    monkeypatch.setenv("PDCLI_L2_PREFETCH_MB", "8")
-    assert set(envs.l2_prefetch_bytes().values()) == {8_000_000}
-    monkeypatch.setenv("PDCLI_L2_PREFETCH_MB", "qkv=4, down=0.5")
-    assert envs.l2_prefetch_bytes() == {"qkv": 4_000_000, "o": 0, "gate_up": 0, "down": 500_000}
-    for bad in ("lm_head=4", "qkv=x", "8,"):
-        monkeypatch.setenv("PDCLI_L2_PREFETCH_MB", bad)
-        with pytest.raises(ValueError, match="PDCLI_L2_PREFETCH_MB"):
-            envs.l2_prefetch_bytes()
-    ops.l2_prefetch(torch.zeros(64, 64), 1 << 20)  # CPU: returns, nothing to warm

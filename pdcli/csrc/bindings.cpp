@@ -41,7 +41,6 @@ void launch_rms_norm(void* out, void* residual, void* x, const void* weight, int
                      int64_t out_stride, int64_t res_stride, float eps, bool bf16, cudaStream_t stream);
 void launch_silu_and_mul(void* out, const void* x, int64_t rows, int d, int64_t x_stride, int64_t out_stride, bool bf16,
                          cudaStream_t stream);
-void launch_l2_prefetch(const void* base, int64_t rows, int64_t row_bytes, int bytes, cudaStream_t stream);
 void launch_merge_attn_states(void* out, const void* a, const void* b, const float* la, const float* lb,
                               int64_t tokens, int num_heads, int head_dim, int64_t a_st, int64_t a_sh, int64_t b_st,
                               int64_t b_sh, int64_t la_sh, int64_t la_st, int64_t lb_sh, int64_t lb_st, bool bf16,
@@ -174,19 +173,6 @@ void silu_and_mul(torch::Tensor out, torch::Tensor x) {
   const c10::cuda::CUDAGuard guard(x.device());
   launch_silu_and_mul(out.data_ptr(), x.data_ptr(), x.size(0), out.size(1), x.stride(0), out.stride(0),
                       x.scalar_type() == torch::kBFloat16, at::cuda::getCurrentCUDAStream());
-}
-
-// Starts reading the first `bytes` of every row of w [rows, cols] (contiguous) into L2; no output.
-void l2_prefetch(torch::Tensor w, int64_t bytes) {
-  const char* op = "l2_prefetch";
-  TORCH_CHECK(w.is_cuda() && w.dim() == 2 && w.is_contiguous(), op, ": w must be a contiguous 2-D CUDA tensor");
-  const int64_t row_bytes = w.size(1) * w.element_size();
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0 && row_bytes % 16 == 0, op,
-              ": w's start and rows must be 16-byte aligned");
-  TORCH_CHECK(bytes > 0 && bytes <= row_bytes && bytes % 16 == 0, op, ": bytes must be a multiple of 16 in (0, ",
-              num(row_bytes), "]");
-  const c10::cuda::CUDAGuard guard(w.device());
-  launch_l2_prefetch(w.data_ptr(), w.size(0), row_bytes, int(bytes), at::cuda::getCurrentCUDAStream());
 }
 
 // out [T, H, D] = a and b (attention outputs of the same queries over disjoint keys, each [H, T, D] with
@@ -525,7 +511,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm");
   m.def("fused_add_rms_norm", &fused_add_rms_norm, "residual add + RMSNorm, in place");
   m.def("silu_and_mul", &silu_and_mul, "SiLU(gate) * up");
-  m.def("l2_prefetch", &l2_prefetch, "the first bytes of every row of a weight read into L2 (no output)");
   m.def("merge_attn_states", &merge_attn_states, "two attention outputs over disjoint keys merged by their LSEs");
   m.def("gemv", &gemv, "x @ w.T (+ bias) for 1 to 4 rows of x");
   m.def("qkv_rope_store", &qkv_rope_store, "q/k norm + rotary + KV cache store, from the packed qkv");

@@ -80,18 +80,6 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-def l2_prefetch(weight: torch.Tensor, nbytes: int) -> None:
-    """Start reading about nbytes of a linear's weight [n, k] into L2, the first bytes of every row (the lines a
-    GEMM over few rows reads first; csrc/l2_prefetch.cu). No effect on any value; nothing on CPU."""
-    if nbytes <= 0 or not weight.is_cuda or weight.dim() != 2 or not weight.is_contiguous():
-        return
-    mod = build.get()
-    row_bytes = weight.shape[1] * weight.element_size()
-    per_row = min(row_bytes, nbytes // weight.shape[0] // 16 * 16)
-    if mod is not None and per_row >= 128 and row_bytes % 16 == 0 and weight.data_ptr() % 16 == 0:
-        mod.l2_prefetch(weight, per_row)
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     mod = _elementwise_module(x)
     if mod is None or x.dim() != 2 or x.stride(-1) != 1:

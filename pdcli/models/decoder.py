@@ -7,15 +7,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pdcli import envs
 from pdcli.distributed.tp import get_tp, kv_head_range, shard_range
 from pdcli.kernels import ops
 from pdcli.models.arch import ModelArch
 from pdcli.models.context import get_context
 from pdcli.models.layers import Embedding, LMHead, PackedLinear, RMSNorm, RowLinear, SiluAndMul
 from pdcli.models.rotary import RotaryEmbedding
-
-L2_PREFETCH_MAX_ROWS = 256  # steps up to this many rows (decode): their GEMMs are bound by reading the weights
 
 
 class Attention(nn.Module):
@@ -35,17 +32,13 @@ class Attention(nn.Module):
         self.qk_norm = arch.qk_norm
         self.rotary = rotary
         self.k_cache = self.v_cache = torch.empty(0)  # [num_blocks, block_size, Hk, D], set by the runner
-        self.o_prefetch = 0  # bytes of o_proj's weight read into L2 ahead (DecoderLayer sets it)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]; with keep (row indices), every row's K/V is stored but only the kept
         rows attend and come out: [len(keep), hidden]."""
         ctx = get_context()
         norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else (None, None, 0.0)
-        qkv = self.qkv_proj(x)
-        if x.shape[0] <= L2_PREFETCH_MAX_ROWS:
-            ops.l2_prefetch(self.o_proj.weight, self.o_prefetch)  # under RoPE and attention
-        q = ops.qkv_rope_store(qkv, positions, self.rotary.cos, self.rotary.sin, *norms, self.k_cache,
+        q = ops.qkv_rope_store(self.qkv_proj(x), positions, self.rotary.cos, self.rotary.sin, *norms, self.k_cache,
                                self.v_cache, ctx.slot_mapping, self.num_heads)
         if keep is not None:
             q, ctx = q[keep], ctx.last_layer
@@ -61,13 +54,9 @@ class MLP(nn.Module):
         self.gate_up_proj = PackedLinear(arch.hidden_size, {"gate": (lo, hi), "up": (lo, hi)}, bias=False)
         self.down_proj = RowLinear(i, arch.hidden_size, bias=False)
         self.act = SiluAndMul()
-        self.down_prefetch = 0  # bytes of down_proj's weight read into L2 ahead (DecoderLayer sets it)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.gate_up_proj(x)
-        if x.shape[0] <= L2_PREFETCH_MAX_ROWS:
-            ops.l2_prefetch(self.down_proj.weight, self.down_prefetch)  # under SiLU-and-mul
-        return self.down_proj(self.act(y))
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -77,17 +66,11 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(arch)
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        warm = envs.l2_prefetch_bytes()
-        self.qkv_prefetch, self.gate_up_prefetch = warm["qkv"], warm["gate_up"]
-        self.self_attn.o_prefetch, self.mlp.down_prefetch = warm["o"], warm["down"]
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x is the previous layer's output before its residual add (vLLM's convention), so each add
         is fused into the norm that follows it. With keep, only those rows leave the layer."""
-        prefetch = x.shape[0] <= L2_PREFETCH_MAX_ROWS  # each weight's first lines under the norm ahead of its GEMM
-        if prefetch:
-            ops.l2_prefetch(self.self_attn.qkv_proj.weight, self.qkv_prefetch)
         if residual is None:
             x, residual = self.input_layernorm(x), x
         else:
@@ -95,8 +78,6 @@ class DecoderLayer(nn.Module):
         x = self.self_attn(positions, x, keep)
         if keep is not None:
             residual = residual[keep]
-        if prefetch:
-            ops.l2_prefetch(self.mlp.gate_up_proj.weight, self.gate_up_prefetch)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
