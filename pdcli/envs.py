@@ -62,10 +62,3 @@ def gemv_mode() -> str:
     per shape at start), "off" (PDCLI_GEMV=0: cuBLAS always), "always" (PDCLI_GEMV=always: A/B runs, tests)."""
     value = os.environ.get("PDCLI_GEMV", "1").strip().lower()
     return "always" if value == "always" else "tuned" if _bool("PDCLI_GEMV", default=True) else "off"
-
-
-def skinny_min_n() -> int | None:
-    """Experiment (session 29): the tensor-core skinny matmul (csrc/skinny_wgmma.cu) for 5-64 rows on weights of at
-    least PDCLI_SKINNY_MIN_N output features; unset: never."""
-    value = os.environ.get("PDCLI_SKINNY_MIN_N", "").strip()
-    return int(value) if value else None

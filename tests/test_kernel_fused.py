@@ -128,40 +128,6 @@ def test_gemv(mod, dtype, m, n, k, bias):
     check(y, torch.nn.functional.linear(x, w, b), ref32, "gemv")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m", [1, 5, 16, 33, 64])
-@pytest.mark.parametrize("n, k, bias, splits", [(6144, 4096, False, 0), (4096, 14336, False, 0), (4095, 4096, True, 3),
-                                                (1000, 200, True, 1), (130, 72, False, 2), (28672, 4096, False, 8)])
-def test_skinny_wgmma(mod, dtype, m, n, k, bias, splits):
-    """The tensor-core skinny matmul against fp32: K split over clusters of 1-8 CTAs (0: its own choice), n and k
-    not multiples of its tiles (the boxes' parts past the matrices read as zeros), x with a row stride of its own."""
-    if not mod.has_skinny_wgmma():
-        pytest.skip("skinny_wgmma needs sm_90a")
-    gen = torch.Generator(device="cuda").manual_seed(m * n + k)
-    x = torch.randn(m, k + 8, generator=gen, device="cuda").to(dtype)[:, :k]
-    w = (torch.randn(n, k, generator=gen, device="cuda") * k ** -0.5).to(dtype)
-    b = torch.randn(n, generator=gen, device="cuda").to(dtype) if bias else None
-    y = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
-    ran = mod.skinny_wgmma(y, x, w, b, splits)
-    assert ran == splits or (splits == 0 and 1 <= ran <= 8)
-    ref32 = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
-    check(y, torch.nn.functional.linear(x, w, b), ref32, f"skinny_wgmma splits={ran}")
-
-
-def test_skinny_wgmma_bad_inputs_raise(mod):
-    if not mod.has_skinny_wgmma():
-        pytest.skip("skinny_wgmma needs sm_90a")
-    x = torch.randn(65, 64, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match="1 to 64 rows"):
-        mod.skinny_wgmma(torch.empty(65, 32, device="cuda", dtype=torch.bfloat16), x, w, None, 0)
-    with pytest.raises(RuntimeError, match="splits must be"):
-        mod.skinny_wgmma(torch.empty(4, 32, device="cuda", dtype=torch.bfloat16), x[:4], w, None, 2)
-    with pytest.raises(RuntimeError, match="16-byte aligned"):
-        mod.skinny_wgmma(torch.empty(4, 32, device="cuda", dtype=torch.bfloat16), x[:4, :60], w[:, :60].contiguous(),
-                         None, 1)
-
-
 def test_gemv_bad_inputs_raise(mod):
     x = torch.randn(5, 64, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(16, 64, device="cuda", dtype=torch.bfloat16)

@@ -47,12 +47,6 @@ void launch_merge_attn_states(void* out, const void* a, const void* b, const flo
                               cudaStream_t stream);
 void launch_gemv(void* y, const void* x, const void* w, const void* bias, int m, int n, int k, int64_t x_stride,
                  int64_t y_stride, bool bf16, cudaStream_t stream);
-namespace pdcli {
-bool skinny_wgmma_available();
-int skinny_wgmma_splits(int64_t n, int64_t k);
-void launch_skinny_wgmma(void* y, const void* x, const void* w, const void* bias, int m, int64_t n, int64_t k,
-                         int64_t x_stride, int64_t y_stride, int splits, bool bf16, cudaStream_t stream);
-}
 void launch_qkv_rope_store(void* q_out, void* k_cache, void* v_cache, const void* qkv, const int64_t* positions,
                            const int64_t* slot_mapping, const float* cos, const float* sin, const void* q_norm,
                            const void* k_norm, float eps, int64_t num_tokens, int num_heads, int num_kv_heads,
@@ -262,40 +256,6 @@ void gemv(torch::Tensor y, torch::Tensor x, torch::Tensor w, c10::optional<torch
   launch_gemv(y.data_ptr(), x.data_ptr(), w.data_ptr(), bias ? bias->data_ptr() : nullptr, int(m), int(n), int(k),
               x.stride(0), y.stride(0), x.scalar_type() == torch::kBFloat16, at::cuda::getCurrentCUDAStream());
 }
-
-// y [m, n] = x [m, k] w [n, k]^T (+ bias [n]) on Hopper tensor cores, 1 <= m <= 64 (has_skinny_wgmma says whether
-// this build has it); K split over a cluster of `splits` CTAs (0: the kernel's own choice). Returns the splits run.
-int64_t skinny_wgmma(torch::Tensor y, torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias,
-                     int64_t splits) {
-  const char* op = "skinny_wgmma";
-  TORCH_CHECK(pdcli::skinny_wgmma_available(), op, ": this build has no wgmma kernel (it needs sm_90a)");
-  check_rows(x, x, "x", op);
-  check_rows(w, x, "w", op);
-  TORCH_CHECK(w.is_contiguous(), op, ": w must be contiguous [n, k]");
-  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
-  TORCH_CHECK(m >= 1 && m <= 64, op, ": x must have 1 to 64 rows, got ", num(m));
-  TORCH_CHECK(w.size(1) == k, op, ": x has ", num(k), " columns but w has ", num(w.size(1)));
-  TORCH_CHECK(k % 8 == 0 && x.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
-                  reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0, op,
-              ": x and w need 16-byte aligned starts and rows (k and x's row stride multiples of 8)");
-  TORCH_CHECK(n <= INT32_MAX && k <= INT32_MAX, op, ": matrix too large");
-  TORCH_CHECK(y.device() == x.device() && y.scalar_type() == x.scalar_type() && y.is_contiguous() && y.dim() == 2 &&
-                  y.size(0) == m && y.size(1) == n, op, ": y must be contiguous [m, n] of x's dtype");
-  if (bias)
-    TORCH_CHECK(bias->device() == x.device() && bias->scalar_type() == x.scalar_type() && bias->dim() == 1 &&
-                    bias->is_contiguous() && bias->size(0) == n, op, ": bias must be a contiguous [n] of x's dtype");
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t k_tiles = (k + 63) / 64;
-  if (splits == 0) splits = pdcli::skinny_wgmma_splits(n, k);
-  TORCH_CHECK(splits >= 1 && splits <= 8 && splits <= k_tiles, op, ": splits must be in [1, min(8, k / 64)], got ",
-              num(splits));
-  pdcli::launch_skinny_wgmma(y.data_ptr(), x.data_ptr(), w.data_ptr(), bias ? bias->data_ptr() : nullptr, int(m), n, k,
-                             x.stride(0), y.stride(0), int(splits), x.scalar_type() == torch::kBFloat16,
-                             at::cuda::getCurrentCUDAStream());
-  return splits;
-}
-
-bool has_skinny_wgmma() { return pdcli::skinny_wgmma_available(); }
 
 // dst [G, Nd, ...], src [G, Ns, ...] contiguous, one dtype, the same G and block size (the dims after the
 // second); src_idx, dst_idx [P] int64 on the GPU: dst[:, dst_idx[i]] = src[:, src_idx[i]]. Indices out of
@@ -553,7 +513,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_and_mul", &silu_and_mul, "SiLU(gate) * up");
   m.def("merge_attn_states", &merge_attn_states, "two attention outputs over disjoint keys merged by their LSEs");
   m.def("gemv", &gemv, "x @ w.T (+ bias) for 1 to 4 rows of x");
-  m.def("skinny_wgmma", &skinny_wgmma, "x @ w.T (+ bias) for 1 to 64 rows of x on Hopper tensor cores");
-  m.def("has_skinny_wgmma", &has_skinny_wgmma, "whether this build has skinny_wgmma (sm_90a)");
   m.def("qkv_rope_store", &qkv_rope_store, "q/k norm + rotary + KV cache store, from the packed qkv");
 }

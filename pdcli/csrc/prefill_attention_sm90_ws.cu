@@ -24,7 +24,6 @@
 
 #include "mma.cuh"
 #include "prefill_params.cuh"
-#include "tensor_map.cuh"
 #include "wgmma.cuh"
 #include "wgmma_softmax.cuh"
 #include "wgmma_ws_turns.cuh"
@@ -52,6 +51,19 @@ struct WsParams {
   CUtensorMap tmap_k, tmap_v;    // kTma: the caches as [slots, Hk * D], boxes of box_rows x 64
   int box_rows;
 };
+
+#ifdef PDCLI_HAS_WGMMA
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+
+// Box (c0: value, c1: row) of the map into shared memory at dst; its bytes count on mbarrier bar.
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
+      ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar) : "memory");
+}
+#endif
 
 template <typename T, bool kTma, bool kOverlap>
 __global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const __grid_constant__ WsParams wp) {
@@ -197,6 +209,36 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_ws_kernel(const
 #endif
 }
 
+// A 2-D tensor map over a cache [slots, Hk * D] (row stride Hk * D values), boxes of box_rows x 64 values,
+// 128-byte swizzle. cuTensorMapEncodeTiled comes from the driver through the runtime (no libcuda link).
+CUtensorMap cache_map(const void* base, int64_t slots, int64_t row_values, int box_rows, bool bf16) {
+  using Encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                              const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                              CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+  static Encode encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found;
+#if CUDART_VERSION >= 12050
+    C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found));
+#else
+    C10_CUDA_CHECK(cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &fn, cudaEnableDefault, &found));
+#endif
+    TORCH_CHECK(fn != nullptr && found == cudaDriverEntryPointSuccess, "cuTensorMapEncodeTiled is not available");
+    return reinterpret_cast<Encode>(fn);
+  }();
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {cuuint64_t(row_values), cuuint64_t(slots)};
+  const cuuint64_t strides[1] = {cuuint64_t(row_values) * 2};
+  const cuuint32_t box[2] = {64, cuuint32_t(box_rows)};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  const CUresult r = encode(&map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2,
+                            const_cast<void*>(base), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TORCH_CHECK(r == CUDA_SUCCESS, "cuTensorMapEncodeTiled failed: ", std::to_string(int(r)));
+  return map;
+}
+
 template <typename T, bool kTma>
 void launch(const WsParams& wp, int batch, int max_query_len, cudaStream_t stream) {
   auto kernel = !kTma ? prefill_attention_ws_kernel<T, false, false>
@@ -223,8 +265,8 @@ void launch_prefill_attention_sm90_ws(const PrefillParams& p, int batch, int max
   if (tma) {
     wp.box_rows = std::min(block_size, kBN);
     const int64_t row_values = int64_t(p.num_kv_heads) * kD;
-    wp.tmap_k = tensor_map_2d(p.k_cache, p.kv_slots, row_values, row_values, wp.box_rows, bf16);
-    wp.tmap_v = tensor_map_2d(p.v_cache, p.kv_slots, row_values, row_values, wp.box_rows, bf16);
+    wp.tmap_k = cache_map(p.k_cache, p.kv_slots, row_values, wp.box_rows, bf16);
+    wp.tmap_v = cache_map(p.v_cache, p.kv_slots, row_values, wp.box_rows, bf16);
     if (bf16) launch<__nv_bfloat16, true>(wp, batch, max_query_len, stream);
     else launch<__half, true>(wp, batch, max_query_len, stream);
   } else if (bf16) {

@@ -22,7 +22,7 @@ CSRC = os.path.join(os.path.dirname(os.path.dirname(__file__)), "csrc")
 SOURCES = ("bindings.cpp", "store_kvcache.cu", "decode_attention.cu", "decode_attention_persistent.cu",
            "prefill_attention.cu", "prefill_attention_sm90.cu", "prefill_attention_sm90_ws.cu", "wgmma_probe.cu",
            "layernorm.cu", "activation.cu", "rotary.cu", "gemv.cu", "copy_blocks.cu", "merge_attn_states.cu",
-           "argmax.cu", "skinny_wgmma.cu")
+           "argmax.cu")
 
 
 class KernelUnavailable(RuntimeError):

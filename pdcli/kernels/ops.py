@@ -63,14 +63,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
             mod.gemv(y, x, weight, bias)
             return y
-    min_n = envs.skinny_min_n()
-    if min_n is not None and x.dim() == 2 and x.shape[0] <= 64 and weight.shape[0] >= min_n:
-        mod = _elementwise_module(x)
-        if (mod is not None and mod.has_skinny_wgmma() and x.stride(-1) == 1 and x.stride(0) % 8 == 0
-                and x.data_ptr() % 16 == 0 and weight.is_contiguous() and weight.data_ptr() % 16 == 0):
-            y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-            mod.skinny_wgmma(y, x, weight, bias, 0)
-            return y
     algo = blas_choice.algo(x.shape[0], weight.shape[0], weight.shape[1]) if x.dim() == 2 and bias is None else None
     if algo is not None and blas_choice.usable(x, weight):
         return blas_choice.linear(x, weight, algo)
