@@ -379,3 +379,15 @@ def test_sweep_ingest_brings_a_bundle_in_and_drops_the_runs_a_budget_cut(tmp_pat
     with pytest.raises(ValueError, match="not a sweep bundle"):
         sweep_ingest.extract(str(evil), str(repo))
     assert not (tmp_path / "outside.json").exists()
+
+
+def test_engine_benchmark_decode_steps_keep_every_sequence_to_the_end():
+    """benchmarks.engine.decode_steps times a full batch: sequences that decode while later prompts are still being
+    prefilled (chunked: 16 prompts of 32 tokens at 32 tokens a step) must not end inside the timed steps (they
+    did, and a step of fewer sequences counted as one of the batch)."""
+    from pdcli import LLM
+    from pdcli.benchmarks.engine import decode_steps
+
+    llm = LLM("dummy:tiny-llama", device="cpu", max_num_batched_tokens=32, max_num_seqs=16)
+    assert decode_steps(llm, 16, 32, 6) > 0
+    assert not llm.engine.has_unfinished_requests()

@@ -29,12 +29,16 @@ def weight_bytes(preset: str) -> int:
 
 @contextlib.contextmanager
 def decoding(llm: LLM, batch: int, prompt_len: int, max_tokens: int, warmup_steps: int):
-    """`batch` sequences past their prompts and `warmup_steps` decode steps into their outputs; drained
-    and popped on exit."""
+    """`batch` sequences past their prompts and `warmup_steps` decode steps into their outputs, each with room for
+    max_tokens more (past what it decodes while later prompts are still prefilling, chunked); drained and popped
+    on exit."""
     eng = llm.engine
-    p = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    prefill_steps = -(-batch * prompt_len // eng.config.scheduler.max_num_batched_tokens) + 1
+    p = SamplingParams(temperature=0, max_tokens=max_tokens + warmup_steps + prefill_steps, ignore_eos=True)
     rng = random.Random(batch)
-    ids = [eng.add_request([rng.randrange(1000, 30000) for _ in range(prompt_len)], p) for _ in range(batch)]
+    hi = min(30000, eng.arch.vocab_size)  # token ids 1000-30000 (a tiny test vocabulary: its upper half)
+    lo = min(1000, hi // 2)
+    ids = [eng.add_request([rng.randrange(lo, hi) for _ in range(prompt_len)], p) for _ in range(batch)]
     while eng.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in eng.scheduler.running):
         eng.step()
     for _ in range(warmup_steps):
@@ -49,16 +53,23 @@ def decoding(llm: LLM, batch: int, prompt_len: int, max_tokens: int, warmup_step
             eng.pop_finished(rid)
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def decode_steps(llm: LLM, batch: int, prompt_len: int, steps: int) -> float:
     """Decode step time (ms) with `batch` running sequences, in steady state: the wall time of `steps`
     back-to-back engine steps (async scheduling overlaps the host's work with the device's), divided."""
     with decoding(llm, batch, prompt_len, steps + 8, warmup_steps=2) as eng:
-        torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         for _ in range(steps):
             eng.step()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - t) / steps * 1e3
+        sync()
+        ms = (time.perf_counter() - t) / steps * 1e3
+        assert len(eng.scheduler.running) == batch, "a sequence ended inside the timed steps"
+        return ms
 
 
 def kernel_breakdown(llm: LLM, batch: int, prompt_len: int = 256, steps: int = 5) -> dict:
