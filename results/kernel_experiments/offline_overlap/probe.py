@@ -4,8 +4,11 @@ steps of dummy:qwen3-8b (the engine's CUDA graph, batch B at 1,536-token context
 passes (eager, 8 prompts of 1,024 tokens a pass), in rounds of 48 decode steps to one prefill pass (about the
 offline run's ratio of decode time to prefill time). Each half alone on the whole GPU, the two one after the other,
 together on two plain streams, and together with the SMs split by CUDA green contexts (decode on S SMs, prefill on
-the rest), each half alone in its partition too. Timing only: the KV pool's contents are whatever it holds; the
-decode sequences' blocks and the prefill's are disjoint. JSON lines; from the repo root:
+the rest), each half alone in its partition too. On one H100 (session 29) the engine's graph, captured outside
+the partitions, ran as fast on every partition as on the whole GPU: rows with "captured_in_partition" replay a
+decode graph captured on the partition's own stream instead (written after that run; not yet run). Timing only:
+the KV pool's contents are whatever it holds; the decode sequences' blocks and the prefill's are disjoint. JSON
+lines; from the repo root:
     PYTHONPATH=$PWD python results/kernel_experiments/offline_overlap/probe.py [B]"""
 import json
 import sys
@@ -14,6 +17,7 @@ import torch
 
 from pdcli import LLM, SamplingParams
 from pdcli.engine.sequence import Sequence
+from pdcli.models.context import set_context
 
 sys.path.insert(0, "results/kernel_experiments/overlap_probe")
 from green import ms_per_rep, on_streams  # noqa: E402
@@ -74,6 +78,47 @@ for decode_sms in (66, 80, 96, 112) if GreenContext is not None else ():
     try:
         gd, gp = GreenContext.create(num_sms=decode_sms), GreenContext.create(num_sms=sms - decode_sms)
         jd = (gd.Stream(), decode_round, gd.set_context, gd.pop_context)
+        jp = (gp.Stream(), prefill_pass, gp.set_context, gp.pop_context)
+        row.update(decode_ms=timed([jd]), prefill_ms=timed([jp]), both_ms=timed([jd, jp]))
+        row["both_vs_in_turn"] = round(row["both_ms"] / (d_full + p_full), 3)
+    except Exception as e:  # noqa: BLE001
+        row["error"] = repr(e)[:300]
+    print(json.dumps(row), flush=True)
+
+
+def decode_round_captured_in(green):
+    """A decode round replaying a graph of the step captured on the partition's own stream (warmed up there
+    first: cuBLAS makes its handles and workspace outside the capture); lm_head after it, eagerly, as the engine."""
+    graphs = runner.graphs
+    bs = graphs.bucket(B)
+    stream = green.Stream()
+    graph = torch.cuda.CUDAGraph()
+    green.set_context()
+    try:
+        with torch.inference_mode(), torch.cuda.stream(stream):
+            set_context(graphs._context(bs))
+            graphs.model(graphs.input_ids[:bs], graphs.positions[:bs])
+            set_context(graphs._context(bs))
+            with torch.cuda.graph(graph, stream=stream):
+                hidden = graphs.model(graphs.input_ids[:bs], graphs.positions[:bs])
+        stream.synchronize()
+    finally:
+        set_context(None)
+        green.pop_context()
+
+    @torch.inference_mode()
+    def rounds():
+        for _ in range(DECODES_PER_PREFILL):
+            graph.replay()
+            runner.model.compute_logits(hidden[:B])
+    return rounds
+
+
+for decode_sms in (66, 80, 96) if GreenContext is not None else ():
+    row = dict(decode_sms=decode_sms, captured_in_partition=True)
+    try:
+        gd, gp = GreenContext.create(num_sms=decode_sms), GreenContext.create(num_sms=sms - decode_sms)
+        jd = (gd.Stream(), decode_round_captured_in(gd), gd.set_context, gd.pop_context)
         jp = (gp.Stream(), prefill_pass, gp.set_context, gp.pop_context)
         row.update(decode_ms=timed([jd]), prefill_ms=timed([jp]), both_ms=timed([jd, jp]))
         row["both_vs_in_turn"] = round(row["both_ms"] / (d_full + p_full), 3)
