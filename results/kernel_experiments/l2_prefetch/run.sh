@@ -1,4 +1,5 @@
 #!/bin/bash
+# Needs the code of the experiment's commit (daad9a8 / 9d0441d), reverted after the run.
 # Issue 26, session 29: L2 prefetch of the decoder weights' first lines under the short kernels ahead of their GEMMs.
 # CUDA tests of the new kernel and the fused kernels, the decode sweep, then session 27's short-context attention
 # experiment. From the repo root: bash results/kernel_experiments/l2_prefetch/run.sh   (OUT: the device tool's folder)

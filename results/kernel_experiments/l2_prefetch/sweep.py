@@ -1,6 +1,7 @@
 """The engine benchmark's decode step (dummy:llama3-8b, batch 1-256, context 256) with each decoder weight's first
 lines read into L2 ahead of its GEMM (PDCLI_L2_PREFETCH_MB, csrc/l2_prefetch.cu) at several sizes, one LLM at a
-time in one process, the settings in turn and repeated. From the repo root with PYTHONPATH=$PWD; JSON lines.
+time in one process, the settings in turn and repeated. Needs commit daad9a8's code (reverted after this run).
+From the repo root with PYTHONPATH=$PWD; JSON lines.
     python results/kernel_experiments/l2_prefetch/sweep.py [SPEC ...]"""
 import json
 import os

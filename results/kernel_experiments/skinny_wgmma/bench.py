@@ -1,6 +1,7 @@
 """The tensor-core skinny matmul (csrc/skinny_wgmma.cu) against torch's linear (cuBLAS) on dummy:llama3-8b's decode
 linears at 8-64 rows: CUDA-graph replays over weight copies cycled past L2, each K split the kernel allows beside
-its own choice; GB/s of the weight read. From the repo root with PYTHONPATH=$PWD; JSON lines."""
+its own choice; GB/s of the weight read. Needs commit 9d0441d's code (reverted after this run). From the repo
+root with PYTHONPATH=$PWD; JSON lines."""
 import json
 
 import torch

@@ -1,4 +1,5 @@
 #!/bin/bash
+# Needs the code of the experiment's commit (daad9a8 / 9d0441d), reverted after the run.
 # Issue 26, session 29: the tensor-core skinny matmul for 5-64 rows. Its CUDA tests (and the fused kernels'), then
 # its timing against cuBLAS. From the repo root: bash results/kernel_experiments/skinny_wgmma/run.sh
 set -u
