@@ -73,17 +73,24 @@ try:
     from torch.cuda.green_contexts import GreenContext
 except ImportError:
     GreenContext = None
-for decode_sms in (66, 80, 96, 112) if GreenContext is not None else ():
-    row = dict(decode_sms=decode_sms)
-    try:
-        gd, gp = GreenContext.create(num_sms=decode_sms), GreenContext.create(num_sms=sms - decode_sms)
-        jd = (gd.Stream(), decode_round, gd.set_context, gd.pop_context)
-        jp = (gp.Stream(), prefill_pass, gp.set_context, gp.pop_context)
-        row.update(decode_ms=timed([jd]), prefill_ms=timed([jp]), both_ms=timed([jd, jp]))
-        row["both_vs_in_turn"] = round(row["both_ms"] / (d_full + p_full), 3)
-    except Exception as e:  # noqa: BLE001
-        row["error"] = repr(e)[:300]
-    print(json.dumps(row), flush=True)
+
+
+def green_rows(decode_sms_list, make_decode, **tags) -> None:
+    """Per split: the decode (make_decode(its green context) -> a round) on decode_sms SMs, prefill on the rest."""
+    for decode_sms in decode_sms_list if GreenContext is not None else ():
+        row = dict(decode_sms=decode_sms, **tags)
+        try:
+            gd, gp = GreenContext.create(num_sms=decode_sms), GreenContext.create(num_sms=sms - decode_sms)
+            jd = (gd.Stream(), make_decode(gd), gd.set_context, gd.pop_context)
+            jp = (gp.Stream(), prefill_pass, gp.set_context, gp.pop_context)
+            row.update(decode_ms=timed([jd]), prefill_ms=timed([jp]), both_ms=timed([jd, jp]))
+            row["both_vs_in_turn"] = round(row["both_ms"] / (d_full + p_full), 3)
+        except Exception as e:  # noqa: BLE001
+            row["error"] = repr(e)[:300]
+        print(json.dumps(row), flush=True)
+
+
+green_rows((66, 80, 96, 112), lambda g: decode_round)
 
 
 def decode_round_captured_in(green):
@@ -114,14 +121,4 @@ def decode_round_captured_in(green):
     return rounds
 
 
-for decode_sms in (66, 80, 96) if GreenContext is not None else ():
-    row = dict(decode_sms=decode_sms, captured_in_partition=True)
-    try:
-        gd, gp = GreenContext.create(num_sms=decode_sms), GreenContext.create(num_sms=sms - decode_sms)
-        jd = (gd.Stream(), decode_round_captured_in(gd), gd.set_context, gd.pop_context)
-        jp = (gp.Stream(), prefill_pass, gp.set_context, gp.pop_context)
-        row.update(decode_ms=timed([jd]), prefill_ms=timed([jp]), both_ms=timed([jd, jp]))
-        row["both_vs_in_turn"] = round(row["both_ms"] / (d_full + p_full), 3)
-    except Exception as e:  # noqa: BLE001
-        row["error"] = repr(e)[:300]
-    print(json.dumps(row), flush=True)
+green_rows((66, 80, 96), decode_round_captured_in, captured_in_partition=True)
