@@ -11,7 +11,7 @@ from pdcli.benchmarks.device import copy_bandwidth
 from pdcli.benchmarks.engine import kernel_breakdown
 from pdcli.benchmarks.kernels import copies_past_l2, graph_us, make_paged, rel_err
 from pdcli.config import CacheConfig
-from pdcli.kernels import build, ops, reference
+from pdcli.kernels import build, ops
 
 bw = copy_bandwidth()
 mod = build.load()
