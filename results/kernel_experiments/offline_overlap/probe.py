@@ -22,7 +22,7 @@ from pdcli.models.context import set_context
 sys.path.insert(0, "results/kernel_experiments/overlap_probe")
 from green import ms_per_rep, on_streams  # noqa: E402
 
-B = int(sys.argv[1]) if len(sys.argv) > 1 else 128
+B = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 128
 CTX, PROMPT, PREFILL_SEQS, DECODES_PER_PREFILL, REPS = 1536, 1024, 8, 48, 3
 llm = LLM("dummy:qwen3-8b", device="cuda", max_model_len=2048 + 16)
 eng, runner = llm.engine, llm.engine.runner
@@ -90,7 +90,8 @@ def green_rows(decode_sms_list, make_decode, **tags) -> None:
         print(json.dumps(row), flush=True)
 
 
-green_rows((66, 80, 96, 112), lambda g: decode_round)
+if "--carveout-only" not in sys.argv:
+    green_rows((66, 80, 96, 112), lambda g: decode_round)
 
 
 def decode_round_captured_in(green):
@@ -121,4 +122,25 @@ def decode_round_captured_in(green):
     return rounds
 
 
-green_rows((66, 80, 96), decode_round_captured_in, captured_in_partition=True)
+if "--carveout-only" not in sys.argv:
+    green_rows((66, 80, 96), decode_round_captured_in, captured_in_partition=True)
+
+
+def carveout_rows(carveouts) -> None:
+    """Plain streams, the prefill's cuBLAS GEMMs leaving `carveout` SMs free (torch's experimental SM carve-out) so
+    the decode graph's kernels can run beside them; the prefill alone with the carve-out too."""
+    for carveout in carveouts:
+        row = dict(carveout_sms=carveout)
+        try:
+            torch._C._set_sm_carveout_experimental(carveout)
+            row.update(prefill_ms=timed([(s2, prefill_pass, nop, nop)]),
+                       both_ms=timed([(s1, decode_round, nop, nop), (s2, prefill_pass, nop, nop)]))
+            row["both_vs_in_turn"] = round(row["both_ms"] / (d_full + p_full), 3)
+        except Exception as e:  # noqa: BLE001
+            row["error"] = repr(e)[:300]
+        finally:
+            torch._C._set_sm_carveout_experimental(None)
+        print(json.dumps(row), flush=True)
+
+
+carveout_rows((16, 32, 48, 66))

@@ -13,7 +13,8 @@ by the per-op roofline at an H100's measured rates (the committed engine file's)
            to grow): the short contexts keep the batch large; the copies run on the copy engines beside the steps
            at PCIE bytes/s (both ways counted), a step lasting at least as long as its copies. (Parking the
            youngest and bringing back the oldest first gave 8,074 tok/s.)
-One JSON line per policy; from the repo root: PYTHONPATH=$PWD python results/kernel_experiments/offline_schedule/sim.py"""
+One JSON line per policy; from the repo root: PYTHONPATH=$PWD python results/kernel_experiments/offline_schedule/sim.py
+(`--pools`: waves, greedy and park at larger pools and max_num_seqs, h100_pools.jsonl)."""
 import json
 
 from pdcli.benchmarks.roofline import decode_step_ops
@@ -120,7 +121,18 @@ def simulate(policy: str, rate: float = MAX_SEQS, headroom: int = 64) -> dict:
                 mean_decode_batch=round(N * (OUT - 1) / steps, 1), preemptions=preempted)
 
 
-if __name__ == "__main__":
+def pool_sweep() -> None:
+    """Larger pools (gpu_memory_utilization 0.9 gives 401,408 tokens on an H100; 0.95 about 430,000) and max_num_seqs."""
+    global POOL, MAX_SEQS
+    for POOL in (401408, 430080, 458752):
+        for MAX_SEQS in (256, 384, 512):
+            for row in (simulate("waves"), simulate("greedy"), simulate("park")):
+                print(json.dumps(dict(row, pool_tokens=POOL, max_num_seqs=MAX_SEQS)), flush=True)
+
+
+if __name__ == "__main__" and "--pools" in __import__("sys").argv:
+    pool_sweep()
+elif __name__ == "__main__":
     print(json.dumps(dict(copy_bw_gb_s=round(BW / 1e9), matmul_tflop_s=round(MM / 1e12), pool_tokens=POOL)))
     print(json.dumps(simulate("waves")), flush=True)
     print(json.dumps(simulate("greedy")), flush=True)
