@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(kThreads, 1) cp_async_kernel(const char* __res
 
 // The same ring filled by one thread with cp.async.bulk, a chunk's arrival counted on its mbarrier in bytes.
 __global__ void __launch_bounds__(kThreads, 1) bulk_kernel(const char* __restrict__ src, int64_t per_cta, int chunk,
-                                                           int stages, int* sums) {
+                                                           int stages, int* sums, bool evict_first) {
   extern __shared__ __align__(128) char ring[];
   __shared__ __align__(8) uint64_t full[16];
   const char* p = src + blockIdx.x * per_cta;
@@ -77,12 +77,18 @@ __global__ void __launch_bounds__(kThreads, 1) bulk_kernel(const char* __restric
       asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(smem_u32(full + s)));
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   __syncthreads();
+  uint64_t policy;  // method 3: the reads marked first to leave L2 (a GEMM beside them keeps its tiles there)
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
   auto issue = [&](int64_t c) {  // thread 0
     const int s = int(c % stages);
     const uint32_t bar = smem_u32(full + s);
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(chunk) : "memory");
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
-                 ::"r"(smem_u32(ring + s * chunk)), "l"(p + c * chunk), "r"(chunk), "r"(bar) : "memory");
+    if (evict_first)
+      asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;\n"
+                   ::"r"(smem_u32(ring + s * chunk)), "l"(p + c * chunk), "r"(chunk), "r"(bar), "l"(policy) : "memory");
+    else
+      asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+                   ::"r"(smem_u32(ring + s * chunk)), "l"(p + c * chunk), "r"(chunk), "r"(bar) : "memory");
   };
   if (threadIdx.x == 0)
     for (int64_t c = 0; c < stages && c < chunks; ++c) issue(c);
@@ -103,7 +109,8 @@ __global__ void __launch_bounds__(kThreads, 1) bulk_kernel(const char* __restric
 
 }  // namespace
 
-// Reads per_cta bytes per CTA from p with n_ctas CTAs (one per SM) by `method` (0 ldg, 1 cp.async, 2 bulk), each
+// Reads per_cta bytes per CTA from p with n_ctas CTAs (one per SM) by `method` (0 ldg, 1 cp.async, 2 bulk, 3 bulk
+// marked L2 evict-first), each
 // CTA's checksum to sums[CTA] (zeroed by the caller). chunk: bytes a ring slot, a multiple of 4,096.
 void launch_read(const char* p, int64_t per_cta, int n_ctas, int method, int chunk, int stages, int* sums,
                  cudaStream_t stream) {
@@ -119,7 +126,7 @@ void launch_read(const char* p, int64_t per_cta, int n_ctas, int method, int chu
     kernel<<<n_ctas, kThreads, kSmem, stream>>>(p, per_cta, chunk, sums);
   } else {
     C10_CUDA_CHECK(cudaFuncSetAttribute(bulk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
-    bulk_kernel<<<n_ctas, kThreads, kSmem, stream>>>(p, per_cta, chunk, stages, sums);
+    bulk_kernel<<<n_ctas, kThreads, kSmem, stream>>>(p, per_cta, chunk, stages, sums, method == 3);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
