@@ -9,7 +9,8 @@ the partitions, ran as fast on every partition as on the whole GPU: rows with "c
 decode graph captured on the partition's own stream instead (written after that run; not yet run). Timing only:
 the KV pool's contents are whatever it holds; the decode sequences' blocks and the prefill's are disjoint. JSON
 lines; from the repo root:
-    PYTHONPATH=$PWD python results/kernel_experiments/offline_overlap/probe.py [B]"""
+    PYTHONPATH=$PWD python results/kernel_experiments/offline_overlap/probe.py [B] [--carveout-only | --captured-only]
+(session 30: the carve-out rows; --captured-only: the baseline and the rows captured in their partition alone)."""
 import json
 import sys
 
@@ -90,7 +91,7 @@ def green_rows(decode_sms_list, make_decode, **tags) -> None:
         print(json.dumps(row), flush=True)
 
 
-if "--carveout-only" not in sys.argv:
+if "--carveout-only" not in sys.argv and "--captured-only" not in sys.argv:
     green_rows((66, 80, 96, 112), lambda g: decode_round)
 
 
@@ -143,4 +144,5 @@ def carveout_rows(carveouts) -> None:
         print(json.dumps(row), flush=True)
 
 
-carveout_rows((16, 32, 48, 66))
+if "--captured-only" not in sys.argv:
+    carveout_rows((16, 32, 48, 66))
